@@ -1,0 +1,129 @@
+"""What every image source gives the converter: parts of rows in canonical order, readable at random.
+
+A source is a list of parts (an NPZ member, a pickle batch, a block of JPEG files). A part's rows are either
+readable in place (`row_file()`: an uncompressed NPZ member) or must first be materialized into a raw scratch
+file by a stage-1 task (`materialize()`: inflate, unpickle, decode and resize).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from schemas.errors import ImzarrError
+from schemas.image_store import pread_items
+
+
+class SourceError(ImzarrError):
+    """Bad input: the message names the file and the reason."""
+
+    def __init__(self, path: object, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path, self.reason = str(path), reason
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    """One input file as recorded in the store's `sources` attribute."""
+
+    path: str  # relative to the source root
+    size: int
+    fingerprint: str
+
+
+@dataclass(frozen=True)
+class RowFile:
+    """Uncompressed rows in a local file: row r is bytes [offset + r·row_bytes, +row_bytes)."""
+
+    path: str
+    offset: int
+    num_rows: int
+    resolution: int
+    layout: str = "chw"  # "chw": R, G, B planes; "hwc": interleaved pixels (ADM sample files)
+
+    @property
+    def row_bytes(self) -> int:
+        return 3 * self.resolution * self.resolution
+
+    def read(self, rows: np.ndarray) -> np.ndarray:
+        """Rows (sorted or not) as uint8 (n, 3, S, S)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        flat = np.empty((rows.size, self.row_bytes), dtype=np.uint8)
+        order = np.argsort(rows, kind="stable")
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            pread_items(fd, self.offset + rows[order] * self.row_bytes, self.row_bytes, flat, order)
+        finally:
+            os.close(fd)
+        s = self.resolution
+        if self.layout == "hwc":
+            return np.ascontiguousarray(flat.reshape(-1, s, s, 3).transpose(0, 3, 1, 2))
+        return flat.reshape(-1, 3, s, s)
+
+
+@dataclass(frozen=True)
+class MaterializedPart:
+    """A stage-1 result: the rows in a scratch file, which rows are usable, and why the others are not."""
+
+    row_file: RowFile
+    kept: np.ndarray  # bool [num_rows]
+    rejected: list[tuple[str, str]] = field(default_factory=list)
+
+
+class SourcePart(Protocol):
+    relpath: str
+    num_rows: int
+    resolution: int
+
+    def labels(self) -> np.ndarray:
+        """Labels in sorted-WNID order (int16, -1 unknown), one per row."""
+
+    def row_sources(self) -> tuple[np.ndarray, np.ndarray]:
+        """(source_file object array, source_row int64 array), one per row."""
+
+    def row_file(self) -> RowFile | None:
+        """Rows readable in place, or None when the part must be materialized first."""
+
+    def materialize(self, dest: str) -> MaterializedPart:
+        """Write the part's rows to the raw file `dest` (atomically) and report unusable rows."""
+
+
+@dataclass(frozen=True)
+class ImageSource:
+    """An opened source: its parts in canonical order and what the store records about it."""
+
+    format: str
+    label_order: str
+    resolution: int
+    parts: list[SourcePart]
+    files: list[SourceFile]
+    attrs: dict = field(default_factory=dict)  # format-specific attributes for the store
+    settings: dict = field(default_factory=dict)  # format-specific options that change the output
+    ignored: list[str] = field(default_factory=list)
+    parallel_processes: bool = False  # materialization is CPU-bound Python: use processes, not threads
+
+
+def fingerprint_file(path: str | os.PathLike) -> str:
+    """sha256 of the size, the first and the last MiB: cheap on 1.5 GB shards, yet changes with any re-export."""
+    import hashlib
+
+    size = os.path.getsize(path)
+    digest = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        digest.update(f.read(1 << 20))
+        if size > 2 << 20:
+            f.seek(size - (1 << 20))
+            digest.update(f.read())
+    return "sha256-head-tail-1MiB:" + digest.hexdigest()
+
+
+def write_atomically(dest: str, chunks) -> None:
+    """Write an iterable of byte-like chunks to dest via a temporary name, so a crash never leaves a partial file."""
+    tmp = dest + ".partial"
+    with open(tmp, "wb") as f:
+        for chunk in chunks:
+            f.write(chunk)
+    os.replace(tmp, dest)

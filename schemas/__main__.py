@@ -1,0 +1,5 @@
+import sys
+
+from schemas.imzarr_cli import main
+
+sys.exit(main())

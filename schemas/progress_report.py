@@ -1,0 +1,40 @@
+"""Progress for long work: a tqdm bar on a terminal, plain log lines every few seconds otherwise."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import TextIO
+
+from tqdm import tqdm
+
+
+class ProgressReport:
+    """Counts items (images) done out of a total and shows rate and ETA."""
+
+    def __init__(self, total: int, desc: str, unit: str = "img", stream: TextIO | None = None, every_s: float = 10.0):
+        self.stream = stream or sys.stderr
+        self.total, self.desc, self.unit, self.every_s = total, desc, unit, every_s
+        self.done, self.start, self._last_log = 0, time.monotonic(), 0.0
+        interactive = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self._bar = tqdm(total=total, desc=desc, unit=unit, unit_scale=True, file=self.stream) if interactive else None
+
+    def update(self, n: int) -> None:
+        self.done += n
+        if self._bar is not None:
+            self._bar.update(n)
+            return
+        now = time.monotonic()
+        if now - self._last_log >= self.every_s or self.done >= self.total:
+            self._last_log = now
+            rate = self.done / max(now - self.start, 1e-9)
+            eta = (self.total - self.done) / rate if rate > 0 else float("inf")
+            print(f"{self.desc}: {self.done}/{self.total} {self.unit} ({rate:,.0f} {self.unit}/s, ETA {eta:,.0f} s)", file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+    @property
+    def rate(self) -> float:
+        return self.done / max(time.monotonic() - self.start, 1e-9)
