@@ -1,0 +1,185 @@
+"""Opening ImageNet image files by content and the resize recipes that turn them into S×S uint8 arrays.
+
+Each recipe reproduces a published preprocessing pixel for pixel (with the same Pillow):
+
+- ``edm-center-crop``: EDM's ``dataset_tool.py --transform=center-crop`` (what EDM and DMD2 ImageNet-64 use).
+- ``adm-center-crop``: guided-diffusion's ``center_crop_arr`` (also EDM2's ``center-crop-dhariwal``).
+- ``box``: a whole-image BOX resize, as in the downsampled-ImageNet release.
+
+Recipes take an RGB ``PIL.Image`` and return a channel-first ``(3, S, S)`` uint8 array.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from schemas.errors import ImzarrError
+
+DEFAULT_RECIPE = "edm-center-crop"
+
+# fast_draft asks libjpeg for at least this many times the target size on the short side, so the exact
+# recipe still does the final (anti-aliased) reduction from a moderately oversampled image.
+DRAFT_OVERSAMPLE = 2
+
+Recipe = Callable[[Image.Image, int], np.ndarray]
+
+_SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
+
+
+class ImageDecodeError(ImzarrError):
+    """An image file that cannot be opened and fully decoded."""
+
+    def __init__(self, path: str | os.PathLike[str], reason: str) -> None:
+        self.path = Path(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
+
+
+class RecipeError(ImzarrError):
+    """A resize recipe asked for by a name that does not exist, or with an unusable size or input."""
+
+    def __init__(self, recipe: str, reason: str) -> None:
+        self.recipe = recipe
+        self.reason = reason
+        super().__init__(f"recipe {recipe!r}: {reason}")
+
+
+def open_rgb(
+    path: str | os.PathLike[str], *, fast_draft: bool = False, draft_size: int | None = None
+) -> Image.Image:
+    """Open an image by its content, decode it completely and return it in RGB mode.
+
+    With ``fast_draft=True`` a JPEG is decoded at a reduced DCT scale that keeps each side at least
+    ``DRAFT_OVERSAMPLE * draft_size`` pixels; results then differ slightly from the exact recipes.
+    """
+    if fast_draft and draft_size is None:
+        raise ValueError("fast_draft=True needs draft_size (the recipe's output size)")
+    path = Path(path)
+    try:
+        if path.stat().st_size == 0:
+            raise ImageDecodeError(path, "empty file")
+    except OSError as exc:
+        raise ImageDecodeError(path, f"cannot read file ({exc.strerror or exc})") from None
+    # Only the decoding below may warn (corrupt EXIF, palette transparency, large images); those must not
+    # stop a run, but warnings elsewhere in the process stay untouched.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            # No `formats=` restriction: the content decides, whatever the file's extension claims.
+            with Image.open(path) as img:
+                keep = None
+                if fast_draft:
+                    side = DRAFT_OVERSAMPLE * int(draft_size)  # type: ignore[arg-type]
+                    drafted = img.draft("RGB", (side, side))  # None for formats without DCT scaling
+                    if drafted is not None:
+                        _, (_, _, scaled_w, scaled_h) = drafted
+                        keep = (max(1, int(scaled_w)), max(1, int(scaled_h)))
+                img.load()
+                rgb = _to_rgb(img)
+        except Exception as exc:  # Pillow raises a zoo of types (OSError, SyntaxError, ValueError, ...)
+            raise ImageDecodeError(path, _reason(exc)) from exc
+    if keep is not None and keep != rgb.size:
+        # libjpeg rounds the scaled size up, adding a partial edge block; trimming it gives (w//s, h//s),
+        # the size that repeated floor-halving reaches, which keeps adm-center-crop's crop geometry.
+        rgb = rgb.crop((0, 0) + keep)
+    return rgb
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode == "RGB":
+        return img.copy()
+    if img.mode in _SIXTEEN_BIT_MODES:
+        # Pillow's own I;16→RGB conversion clips at 255, which turns most 16-bit images white;
+        # keeping the high byte preserves the picture.
+        eight_bit = (np.asarray(img).astype(np.uint32) >> 8).astype(np.uint8)
+        return Image.fromarray(eight_bit, "L").convert("RGB")
+    # CMYK, L, 1, P/PA, LA, RGBA, YCbCr, I, F ...: Pillow's conversion; alpha is dropped, not composited,
+    # as guided-diffusion's `convert("RGB")` does.
+    return img.convert("RGB")
+
+
+def _reason(exc: Exception) -> str:
+    message = str(exc)
+    if isinstance(exc, Image.DecompressionBombError):
+        return "decompression bomb (image too large)"
+    if isinstance(exc, UnidentifiedImageError):
+        return "not an image (cannot identify image file)"
+    if "truncated" in message or isinstance(exc, EOFError):
+        return "truncated image"
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"cannot read file ({exc.strerror})"
+    return f"corrupt image ({type(exc).__name__}: {message})" if message else f"corrupt image ({type(exc).__name__})"
+
+
+def _check(img: Image.Image, size: int, recipe: str) -> None:
+    if img.mode != "RGB":
+        raise RecipeError(recipe, f"expects an RGB image, got mode {img.mode!r}")
+    if size < 1:
+        raise RecipeError(recipe, f"size must be a positive integer, got {size}")
+
+
+def _channel_first(img: Image.Image) -> np.ndarray:
+    return np.ascontiguousarray(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1))
+
+
+def edm_center_crop(img: Image.Image, size: int) -> np.ndarray:
+    """EDM: crop the centred min(h, w) square, then LANCZOS to size×size."""
+    _check(img, size, "edm-center-crop")
+    width, height = img.size
+    side = min(width, height)
+    # EDM slices rows (h-c)//2:(h+c)//2; both bounds differ by exactly c because h-c and h+c share parity.
+    top = (height - side) // 2
+    left = (width - side) // 2
+    square = img.crop((left, top, left + side, top + side))
+    return _channel_first(square.resize((size, size), Image.Resampling.LANCZOS))
+
+
+def adm_center_crop(img: Image.Image, size: int) -> np.ndarray:
+    """guided-diffusion: halve with BOX while the short side is ≥ 2·size, BICUBIC to short side = size, crop."""
+    _check(img, size, "adm-center-crop")
+    while min(img.size) >= 2 * size:
+        img = img.resize((img.size[0] // 2, img.size[1] // 2), Image.Resampling.BOX)
+    scale = size / min(img.size)
+    # Python's round() (half to even), exactly as the reference; the short side lands on `size`.
+    img = img.resize((round(img.size[0] * scale), round(img.size[1] * scale)), Image.Resampling.BICUBIC)
+    width, height = img.size
+    top = (height - size) // 2
+    left = (width - size) // 2
+    return _channel_first(img.crop((left, top, left + size, top + size)))
+
+
+def box_resize(img: Image.Image, size: int) -> np.ndarray:
+    """Downsampled-ImageNet: BOX-resize the whole image to size×size (aspect ratio not kept)."""
+    _check(img, size, "box")
+    return _channel_first(img.resize((size, size), Image.Resampling.BOX))
+
+
+RECIPES: dict[str, Recipe] = {
+    "edm-center-crop": edm_center_crop,
+    "adm-center-crop": adm_center_crop,
+    "box": box_resize,
+}
+
+
+def get_recipe(name: str) -> Recipe:
+    """The recipe registered under `name`, or a RecipeError listing the valid names."""
+    try:
+        return RECIPES[name]
+    except KeyError:
+        raise RecipeError(name, f"unknown recipe; valid recipes are {', '.join(sorted(RECIPES))}") from None
+
+
+def load_and_resize(
+    path: str | os.PathLike[str], recipe: str, size: int, *, fast_draft: bool = False
+) -> np.ndarray:
+    """Open `path` by content and apply `recipe`: a (3, size, size) uint8 array."""
+    resize = get_recipe(recipe)
+    if size < 1:
+        raise RecipeError(recipe, f"size must be a positive integer, got {size}")
+    return resize(open_rgb(path, fast_draft=fast_draft, draft_size=size), size)

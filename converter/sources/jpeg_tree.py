@@ -1,0 +1,309 @@
+"""Discovering the image files of an ImageNet JPEG tree and the 1000-class label of each.
+
+Two layouts are understood:
+
+- ``train-folders``: ``ROOT/<wnid>/**/<file>`` (the train split, Kaggle's ``ILSVRC/Data/CLS-LOC/train``, or
+  val reorganised into class folders); labels come from the folder names.
+- ``val-flat``: ``ROOT/ILSVRC2012_val_%08d.JPEG``; labels come from the devkit's ground-truth text file or
+  Kaggle's ``LOC_val_solution.csv``.
+
+The canonical order of a tree is its sorted relative POSIX paths; an image's global index is its position.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from schemas.classes import UnknownClassError, class_table
+from schemas.errors import ImzarrError
+
+# Extensions only decide what counts as an image; decoding later goes by content.
+IMAGE_EXTENSIONS = frozenset({".jpeg", ".jpg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm"})
+
+_KAGGLE_CLS_LOC = Path("ILSVRC", "Data", "CLS-LOC")
+_VAL_NAME = re.compile(r"ILSVRC2012_val_(\d+)")
+
+
+class JpegTreeError(ImzarrError):
+    """A JPEG tree or label file that cannot be read as a labelled ImageNet split."""
+
+    def __init__(self, path: str | os.PathLike[str], reason: str) -> None:
+        self.path = Path(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
+
+
+@dataclass(frozen=True, eq=False)
+class JpegTree:
+    root: Path
+    layout: str  # "train-folders" | "val-flat"
+    files: tuple[str, ...]  # sorted relative POSIX paths; the canonical order
+    labels: np.ndarray  # int16, one per file
+    label_source: str  # "wnid-folders" | "folder-names-sorted" | "devkit-ground-truth" | "kaggle-loc-val-solution"
+    folder_classes: tuple[str, ...] | None
+    ignored: tuple[str, ...]  # relative paths of non-image and hidden files
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+
+def scan_jpeg_tree(
+    root: str | os.PathLike[str],
+    val_labels: str | os.PathLike[str] | None = None,
+    label_from_folders: bool = False,
+) -> JpegTree:
+    """Find every image under `root`, sort them canonically and label each with its class index."""
+    root = _resolve_root(Path(root), want_val=val_labels is not None)
+    top_images, top_ignored, folders = _scan_top(root)
+    if top_images and folders:
+        raise JpegTreeError(
+            root,
+            f"mixed layout: image files at the top level (e.g. {sorted(top_images)[0]!r}) "
+            f"and folders (e.g. {folders[0]!r})",
+        )
+    if folders:
+        return _scan_folders(root, folders, top_ignored, val_labels, label_from_folders)
+    if not top_images:
+        raise JpegTreeError(root, "no image files found")
+    return _label_flat(root, sorted(top_images), top_ignored, val_labels, label_from_folders)
+
+
+def _resolve_root(root: Path, want_val: bool) -> Path:
+    if not root.is_dir():
+        raise JpegTreeError(root, "not a directory" if root.exists() else "does not exist")
+    split = "val" if want_val else "train"
+    # Kaggle's download nests the splits: descend from the archive root or from CLS-LOC itself.
+    for base in (root / _KAGGLE_CLS_LOC, root):
+        if base.name == "CLS-LOC" and (base / split).is_dir():
+            return base / split
+    return root
+
+
+def _is_image(name: str) -> bool:
+    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def _entries(directory: Path) -> list[os.DirEntry[str]]:
+    try:
+        with os.scandir(directory) as entries:
+            return list(entries)
+    except OSError as exc:
+        raise JpegTreeError(directory, f"cannot list directory ({exc.strerror or exc})") from None
+
+
+def _scan_top(root: Path) -> tuple[list[str], list[str], list[str]]:
+    images: list[str] = []
+    ignored: list[str] = []
+    folders: list[str] = []
+    for entry in _entries(root):
+        if entry.is_dir():
+            if not entry.name.startswith("."):
+                folders.append(entry.name)
+        elif entry.is_file():
+            if entry.name.startswith(".") or not _is_image(entry.name):
+                ignored.append(entry.name)
+            else:
+                images.append(entry.name)
+    folders.sort()
+    return images, ignored, folders
+
+
+def _dir_key(path: Path) -> tuple[int, int]:
+    info = path.stat()
+    return info.st_dev, info.st_ino
+
+
+def _walk_images(
+    folder: Path, prefix: str, images: list[str], ignored: list[str], above: frozenset[tuple[int, int]]
+) -> None:
+    """Append the relative paths of images below `folder`, recursively, following directory links."""
+    stack = [(folder, prefix, above | {_dir_key(folder)})]
+    while stack:
+        directory, rel, ancestors = stack.pop()
+        for entry in _entries(directory):
+            name = entry.name
+            if entry.is_dir():
+                if name.startswith("."):
+                    continue
+                # One stat per directory (never per file): a link back to an ancestor would loop forever.
+                info = entry.stat()
+                key = (info.st_dev, info.st_ino)
+                if key not in ancestors:
+                    stack.append((Path(entry.path), f"{rel}/{name}", ancestors | {key}))
+            elif entry.is_file():
+                if name.startswith(".") or not _is_image(name):
+                    ignored.append(f"{rel}/{name}")
+                else:
+                    images.append(f"{rel}/{name}")
+
+
+def _scan_folders(
+    root: Path,
+    folders: list[str],
+    top_ignored: list[str],
+    val_labels: str | os.PathLike[str] | None,
+    label_from_folders: bool,
+) -> JpegTree:
+    if val_labels is not None:
+        raise JpegTreeError(
+            root, "is organised in class folders, so its labels come from the folder names; drop val_labels"
+        )
+    table = class_table()
+    if label_from_folders:
+        if len(folders) > np.iinfo(np.int16).max + 1:
+            raise JpegTreeError(root, f"{len(folders)} folders do not fit int16 labels")
+        folder_index = {name: i for i, name in enumerate(folders)}
+        source, folder_classes = "folder-names-sorted", tuple(folders)
+    else:
+        for name in folders:
+            if not table.is_wnid(name):
+                raise JpegTreeError(
+                    root / name,
+                    "folder name is not an ImageNet-1k WNID (use label_from_folders to number sorted folders)",
+                )
+        # The 1000-class index, never a numbering of whichever folders happen to exist.
+        folder_index = {name: table.index_of_wnid(name) for name in folders}
+        source, folder_classes = "wnid-folders", None
+
+    files: list[str] = []
+    labels: list[int] = []
+    ignored = list(top_ignored)
+    root_key = frozenset({_dir_key(root)})
+    for name in folders:
+        start = len(files)
+        _walk_images(root / name, name, files, ignored, root_key)
+        labels.extend([folder_index[name]] * (len(files) - start))
+    if not files:
+        raise JpegTreeError(root, "no image files found in its folders")
+    order = sorted(range(len(files)), key=files.__getitem__)
+    return JpegTree(
+        root=root,
+        layout="train-folders",
+        files=tuple(files[i] for i in order),
+        labels=_frozen(np.asarray(labels, dtype=np.int16)[order]),
+        label_source=source,
+        folder_classes=folder_classes,
+        ignored=tuple(sorted(ignored)),
+    )
+
+
+def _label_flat(
+    root: Path,
+    files: list[str],
+    ignored: list[str],
+    val_labels: str | os.PathLike[str] | None,
+    label_from_folders: bool,
+) -> JpegTree:
+    if label_from_folders:
+        raise JpegTreeError(root, "is a flat folder of images: label_from_folders needs class folders")
+    if val_labels is None:
+        raise JpegTreeError(
+            root,
+            "is a flat folder of images without class folders: pass val_labels "
+            "(ILSVRC2012_validation_ground_truth.txt or LOC_val_solution.csv)",
+        )
+    label_path = Path(val_labels)
+    try:
+        text = label_path.read_text(encoding="utf-8-sig")
+    except OSError as exc:
+        raise JpegTreeError(label_path, f"cannot read label file ({exc.strerror or exc})") from None
+    first = next((line for line in text.splitlines() if line.strip()), "")
+    if first.replace(" ", "").startswith("ImageId,"):
+        labels, source = _kaggle_labels(label_path, text, files), "kaggle-loc-val-solution"
+    else:
+        labels, source = _devkit_labels(label_path, text, files), "devkit-ground-truth"
+    return JpegTree(
+        root=root,
+        layout="val-flat",
+        files=tuple(files),
+        labels=_frozen(labels),
+        label_source=source,
+        folder_classes=None,
+        ignored=tuple(sorted(ignored)),
+    )
+
+
+def _image_id(name: str) -> str:
+    return os.path.splitext(name)[0]
+
+
+def _devkit_labels(label_path: Path, text: str, files: list[str]) -> np.ndarray:
+    """Line i of the devkit ground truth is the 1-based ILSVRC2012_ID of ILSVRC2012_val_{i+1:08d}."""
+    lines = text.splitlines()
+    while lines and not lines[-1].strip():
+        lines.pop()
+    ids = np.empty(len(lines), dtype=np.int64)
+    for i, line in enumerate(lines):
+        try:
+            ids[i] = int(line.strip())
+        except ValueError:
+            raise JpegTreeError(
+                label_path,
+                f"line {i + 1} is {line.strip()!r}, not an ILSVRC2012_ID "
+                "(expected the devkit ground truth or a CSV with header ImageId,PredictionString)",
+            ) from None
+    numbers = []
+    for name in files:
+        match = _VAL_NAME.fullmatch(_image_id(name))
+        if match is None:
+            raise JpegTreeError(
+                label_path, f"cannot label {name!r}: the devkit ground truth only labels ILSVRC2012_val_NNNNNNNN files"
+            )
+        number = int(match.group(1))
+        if not 1 <= number <= len(ids):
+            raise JpegTreeError(
+                label_path, f"has {len(ids)} lines but {name!r} is image number {number}"
+            )
+        numbers.append(number)
+    chosen = ids[np.asarray(numbers, dtype=np.int64) - 1]
+    try:
+        return class_table().from_downsampled(chosen).astype(np.int16)
+    except UnknownClassError:
+        bad = int(np.flatnonzero((chosen < 1) | (chosen > 1000))[0])
+        raise JpegTreeError(
+            label_path, f"line {numbers[bad]} holds {chosen[bad]}, outside the ILSVRC2012_ID range 1..1000"
+        ) from None
+
+
+def _kaggle_labels(label_path: Path, text: str, files: list[str]) -> np.ndarray:
+    """Kaggle rows are keyed by ImageId (any order); the class is PredictionString's first token, a WNID."""
+    table = class_table()
+    reader = csv.reader(text.splitlines())
+    header = [column.strip() for column in next(reader)]
+    try:
+        id_col, pred_col = header.index("ImageId"), header.index("PredictionString")
+    except ValueError:
+        raise JpegTreeError(label_path, f"header {header} lacks ImageId or PredictionString") from None
+    by_id: dict[str, int] = {}
+    for row_number, row in enumerate(reader, start=2):
+        if not row or not any(cell.strip() for cell in row):
+            continue
+        try:
+            image_id, tokens = row[id_col].strip(), row[pred_col].split()
+        except IndexError:
+            raise JpegTreeError(label_path, f"row {row_number} has too few columns") from None
+        if not tokens or not table.is_wnid(tokens[0]):
+            raise JpegTreeError(
+                label_path, f"row {row_number} ({image_id}): PredictionString does not start with an ImageNet-1k WNID"
+            )
+        label = table.index_of_wnid(tokens[0])
+        if by_id.setdefault(image_id, label) != label:
+            raise JpegTreeError(label_path, f"row {row_number}: {image_id} is listed with two different classes")
+    labels = np.empty(len(files), dtype=np.int16)
+    for i, name in enumerate(files):
+        try:
+            labels[i] = by_id[_image_id(name)]
+        except KeyError:
+            raise JpegTreeError(label_path, f"has no row for image {name!r}") from None
+    return labels
+
+
+def _frozen(array: np.ndarray) -> np.ndarray:
+    array.setflags(write=False)
+    return array
