@@ -84,6 +84,7 @@ def convert(source: ImageSource, options: ConvertOptions, log: TextIO | None = N
         num_shards,
         lambda g: create_image_arrays(g, n, source.resolution, shard, options.inner_chunk),
         options.overwrite,
+        initial_attrs=_final_attrs(source, options, n, rejected),
     )
     row_files = {i: m.row_file for i, m in materialized.items()}
     for i, part in enumerate(source.parts):
@@ -93,7 +94,7 @@ def convert(source: ImageSource, options: ConvertOptions, log: TextIO | None = N
         for k in state.pending
     ]
     _run(tasks, "threads", options.workers, ProgressReport(n, f"writing {Path(options.output).name}"), done=(num_shards - len(state.pending)) * shard)
-    finalize_store(options.output, _final_attrs(source, options, n, rejected))
+    finalize_store(options.output, {})
     shutil.rmtree(scratch, ignore_errors=True)
     return ConvertResult(options.output, n, rejected, False, time.monotonic() - started)
 

@@ -56,13 +56,13 @@ def validate_image_store(url: str, require_complete: bool = True) -> "ImageStore
     attrs = dict(group.attrs)
     if attrs.get("schema") != IMAGE_SCHEMA:
         raise StoreValidationError(f"{url}: schema is {attrs.get('schema')!r}, expected {IMAGE_SCHEMA!r}")
-    missing = [a for a in REQUIRED_ATTRS if a not in attrs]
-    if missing:
-        raise StoreValidationError(f"{url}: missing group attributes {missing}")
-    if require_complete and attrs["complete"] is not True:
+    if require_complete and attrs.get("complete") is not True:
         raise StoreValidationError(
             f"{url}: store is not complete (a conversion is unfinished or died); re-run the same command to finish it"
         )
+    missing = [a for a in REQUIRED_ATTRS if a not in attrs]
+    if missing:
+        raise StoreValidationError(f"{url}: missing group attributes {missing}")
     if IMAGE_VAR not in group:
         raise StoreValidationError(f"{url}: no '{IMAGE_VAR}' array")
     image = group[IMAGE_VAR]
