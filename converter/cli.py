@@ -81,7 +81,8 @@ def _report(result: ConvertResult, strict: bool = False) -> int:
     for path, reason in result.rejected:
         print(f"rejected: {path}: {reason}", file=sys.stderr)
     rate = result.num_samples / max(result.seconds, 1e-9)
-    print(f"{result.url}: {result.num_samples} converted, {len(result.rejected)} rejected in {result.seconds:.1f} s ({rate:,.0f} images/s)")
+    ignored = f", {result.ignored} non-image files ignored" if result.ignored else ""
+    print(f"{result.url}: {result.num_samples} converted, {len(result.rejected)} rejected{ignored} in {result.seconds:.1f} s ({rate:,.0f} images/s)")
     return 1 if strict and result.rejected else 0
 
 

@@ -46,6 +46,7 @@ class ConvertResult:
     rejected: list[tuple[str, str]]
     already_complete: bool
     seconds: float
+    ignored: int = 0
 
 
 def store_settings(source: ImageSource, options: ConvertOptions) -> dict[str, Any]:
@@ -96,7 +97,7 @@ def convert(source: ImageSource, options: ConvertOptions, log: TextIO | None = N
     _run(tasks, "threads", options.workers, ProgressReport(n, f"writing {Path(options.output).name}"), done=(num_shards - len(state.pending)) * shard)
     finalize_store(options.output, {})
     shutil.rmtree(scratch, ignore_errors=True)
-    return ConvertResult(options.output, n, rejected, False, time.monotonic() - started)
+    return ConvertResult(options.output, n, rejected, False, time.monotonic() - started, len(source.ignored))
 
 
 def _scratch_dir(options: ConvertOptions, settings: dict[str, Any]) -> Path:
@@ -176,9 +177,13 @@ def _plan_rows(source: ImageSource, materialized: dict[int, MaterializedPart], s
     if shuffle_seed is not None:
         perm = np.random.default_rng(shuffle_seed).permutation(plan["part"].size)
         plan = {k: v[perm] for k, v in plan.items()}
-    table = class_table()
-    plan["synset"] = table.synsets_of(plan["label"])
-    plan["class_name"] = table.names_of(plan["label"])
+    if source.label_synsets is not None:
+        names = np.array(list(source.label_synsets) + [""], dtype=object)
+        plan["synset"] = plan["class_name"] = names[np.where(plan["label"] < 0, -1, plan["label"])]
+    else:
+        table = class_table()
+        plan["synset"] = table.synsets_of(plan["label"])
+        plan["class_name"] = table.names_of(plan["label"])
     return plan
 
 

@@ -104,6 +104,8 @@ class ImageSource:
     settings: dict = field(default_factory=dict)  # format-specific options that change the output
     ignored: list[str] = field(default_factory=list)
     parallel_processes: bool = False  # materialization is CPU-bound Python: use processes, not threads
+    # Labels numbered from folder names (not ImageNet classes): synset and class_name come from here.
+    label_synsets: tuple[str, ...] | None = None
 
 
 def fingerprint_file(path: str | os.PathLike) -> str:

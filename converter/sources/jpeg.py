@@ -1,0 +1,117 @@
+"""JPEG trees as an image source: blocks of files decoded and resized by a recipe in stage-1 tasks."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import PIL
+
+from converter.sources.base import ImageSource, MaterializedPart, RowFile, SourceFile, fingerprint_file, write_atomically
+from converter.sources.jpeg_recipes import DEFAULT_RECIPE, ImageDecodeError, get_recipe, load_and_resize
+from converter.sources.jpeg_tree import scan_jpeg_tree
+
+FILES_PER_BLOCK = 256  # ~1 s of decoding per task: coarse enough for Dask, fine enough for even load
+
+
+@dataclass(frozen=True)
+class JpegBlock:
+    """A run of consecutive files of the tree (canonical order)."""
+
+    root: str
+    files: tuple[str, ...]
+    label_values: np.ndarray
+    recipe: str
+    resolution: int
+    fast_draft: bool
+
+    @property
+    def relpath(self) -> str:
+        return self.files[0]
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.files)
+
+    def labels(self) -> np.ndarray:
+        return self.label_values
+
+    def row_sources(self) -> tuple[np.ndarray, np.ndarray]:
+        return np.array(self.files, dtype=object), np.zeros(self.num_rows, dtype=np.int64)
+
+    def row_file(self) -> RowFile | None:
+        return None
+
+    def materialize(self, dest: str) -> MaterializedPart:
+        """Decode and resize every file; undecodable ones keep a zero slot and are reported, never dropped silently."""
+        kept = np.ones(self.num_rows, dtype=bool)
+        rejected: list[tuple[str, str]] = []
+        blank = np.zeros((3, self.resolution, self.resolution), dtype=np.uint8)
+
+        def rows():
+            for i, rel in enumerate(self.files):
+                try:
+                    yield load_and_resize(os.path.join(self.root, rel), self.recipe, self.resolution, fast_draft=self.fast_draft).data
+                except ImageDecodeError as exc:
+                    kept[i] = False
+                    rejected.append((rel, exc.reason))
+                    yield blank.data
+
+        write_atomically(dest, rows())
+        return MaterializedPart(RowFile(dest, 0, self.num_rows, self.resolution), kept, rejected)
+
+
+def _tree_fingerprint(root: Path, files: tuple[str, ...]) -> SourceFile:
+    """One entry for the whole tree: file count, total bytes, and a hash of every (path, size)."""
+    digest = hashlib.sha256()
+    total = 0
+    for rel in files:
+        size = os.stat(root / rel).st_size
+        total += size
+        digest.update(f"{rel}\0{size}\n".encode())
+    return SourceFile(f". ({len(files)} image files)", total, "sha256-paths-sizes:" + digest.hexdigest())
+
+
+def open_jpeg_source(
+    root: str | Path,
+    recipe: str | None = None,
+    size: int = 64,
+    val_labels: str | Path | None = None,
+    label_from_folders: bool = False,
+    fast_draft: bool = False,
+) -> ImageSource:
+    """Scan the tree and split it into blocks; decoding happens later, in parallel processes."""
+    recipe = recipe or DEFAULT_RECIPE
+    get_recipe(recipe)  # unknown names fail now, naming the valid ones
+    tree = scan_jpeg_tree(root, val_labels=val_labels, label_from_folders=label_from_folders)
+    files = [_tree_fingerprint(tree.root, tree.files)]
+    if val_labels is not None:
+        files.append(SourceFile(Path(val_labels).name, os.path.getsize(val_labels), fingerprint_file(val_labels)))
+    parts = [
+        JpegBlock(str(tree.root), tree.files[a : a + FILES_PER_BLOCK], tree.labels[a : a + FILES_PER_BLOCK], recipe, size, fast_draft)
+        for a in range(0, len(tree.files), FILES_PER_BLOCK)
+    ]
+    attrs = {
+        "recipe": recipe,
+        "fast_draft": fast_draft,
+        "pillow_version": PIL.__version__,
+        "layout": tree.layout,
+        "label_source": tree.label_source,
+        "folder_classes": list(tree.folder_classes) if tree.folder_classes else None,
+        "image_files_found": len(tree.files),
+    }
+    return ImageSource(
+        format="jpeg",
+        label_order="folder-names-sorted" if label_from_folders else "sorted",
+        resolution=size,
+        parts=parts,
+        files=files,
+        attrs=attrs,
+        settings={"recipe": recipe, "fast_draft": fast_draft, "label_source": tree.label_source, "pillow": PIL.__version__},
+        ignored=list(tree.ignored),
+        parallel_processes=True,
+        label_synsets=tree.folder_classes if label_from_folders else None,
+    )
