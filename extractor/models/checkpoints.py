@@ -1,0 +1,430 @@
+"""Safe loading of EDM / DMD2 generator checkpoints into `EDMPrecond`.
+
+Nothing here ever runs code from a checkpoint: torch files go through `torch.load(weights_only=True)`,
+safetensors through `safetensors`, and EDM's network pickles (which embed their Python source) through a
+restricted unpickler that only rebuilds tensors and plain containers (see /work/shared/notes/edm-checkpoints.md).
+"""
+
+from __future__ import annotations
+
+import collections
+import io
+import pickle
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from extractor.models.edm import CONFIG_KEYS, EDMPrecond
+
+__all__ = [
+    "CheckpointError",
+    "CheckpointMismatchError",
+    "UnsafeCheckpointError",
+    "infer_config",
+    "load_checkpoint",
+    "normalize_state_dict",
+    "read_checkpoint",
+    "resolve_checkpoint_file",
+]
+
+# In a DMD2/accelerate checkpoint folder the generator is model 0; `*_1` files hold the guidance/critic.
+_FOLDER_CANDIDATES = ("pytorch_model.bin", "model.safetensors")
+_TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+_PICKLE_SUFFIXES = (".pkl", ".pickle")
+# Keys under which training scripts nest the generator's state dict, most specific first.
+_CONTAINER_KEYS = ("ema", "generator", "state_dict", "model")
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+_GENERATOR_PREFIX = "feedforward_model."
+_MAX_LISTED_KEYS = 5
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not hold an EDMPrecond/DhariwalUNet state dict."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A checkpoint whose unpickling would need to run code (refused, never executed)."""
+
+
+class CheckpointMismatchError(CheckpointError):
+    """A state dict whose keys or shapes do not fit the model config."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Locating and reading files.
+
+
+def resolve_checkpoint_file(path: str | Path) -> Path:
+    """The weights file for `path`: the file itself, or the generator file inside a DMD2 checkpoint folder."""
+    path = Path(path)
+    if path.is_dir():
+        for name in _FOLDER_CANDIDATES:
+            if (path / name).is_file():
+                return path / name
+        present = sorted(p.name for p in path.iterdir())[:20]
+        raise CheckpointError(
+            f"{path}: folder holds none of {list(_FOLDER_CANDIDATES)} (the generator); found {present}"
+        )
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file or folder")
+    return path
+
+
+def read_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any] | None]:
+    """Read a checkpoint safely: (normalised `model.*` state dict, constructor kwargs if the file records them)."""
+    file = resolve_checkpoint_file(path)
+    suffix = file.suffix.lower()
+    init_kwargs: dict[str, Any] | None = None
+    if suffix == ".safetensors":
+        obj: Any = _read_safetensors(file)
+    elif suffix in _PICKLE_SUFFIXES:
+        obj, init_kwargs = _read_edm_pickle(file)
+    else:
+        obj = _read_torch(file)
+    return normalize_state_dict(obj, file), init_kwargs
+
+
+def _read_safetensors(file: Path) -> dict[str, Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(file), device="cpu")
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{file}: not a readable safetensors file ({exc})") from exc
+
+
+def _read_torch(file: Path) -> Any:
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise UnsafeCheckpointError(
+            f"{file}: refused; torch.load(weights_only=True) cannot read it without running code "
+            f"(only plain state dicts and containers of tensors are accepted): {_first_line(exc)}"
+        ) from exc
+    except (RuntimeError, OSError, EOFError, ValueError) as exc:
+        raise CheckpointError(f"{file}: not a readable torch checkpoint ({_first_line(exc)})") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# EDM network pickles: a restricted unpickler that rebuilds weights without executing the embedded source.
+
+
+class _PersistentObj:
+    """Stands in for an EDM persistent-class instance: keeps only its class name and __dict__ state."""
+
+    def __init__(self, class_name: str, state: Mapping[str, Any]) -> None:
+        self.class_name = class_name
+        self.state = state
+
+
+def _reconstruct_persistent_obj(meta: Any) -> _PersistentObj:
+    # Replaces torch_utils.persistence._reconstruct_persistent_obj, which would exec(meta['module_src']).
+    if not isinstance(meta, Mapping) or not isinstance(meta.get("state"), Mapping):
+        raise pickle.UnpicklingError("persistent object without a state dict")
+    return _PersistentObj(str(meta.get("class_name", "?")), meta["state"])
+
+
+class _TorchModuleStub:
+    """Stands in for a torch.nn module (e.g. ModuleDict): keeps the state pickle hands to __setstate__."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.state: Mapping[str, Any] = {}
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state if isinstance(state, Mapping) else {}
+
+
+class _PlainDict(dict):
+    """dnnlib.util.EasyDict without attribute access; tolerates a BUILD state."""
+
+    def __setstate__(self, state: Any) -> None:
+        if isinstance(state, Mapping):
+            self.update(state)
+
+
+class _NumpyDtype:
+    """Inert record of a numpy dtype constructor call; only its type code is used."""
+
+    def __init__(self, code: Any = None, *args: Any) -> None:
+        self.code = code if isinstance(code, str) else None
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+
+_NUMPY_SCALAR_CODES = {"f2", "f4", "f8", "i1", "i2", "i4", "i8", "u1", "u2", "u4", "u8", "b1"}
+
+
+def _numpy_scalar(dtype: Any, data: Any = None) -> Any:
+    """Decode a pickled numpy scalar of a plain numeric dtype into a Python number; anything else becomes None."""
+    if isinstance(dtype, _NumpyDtype) and dtype.code in _NUMPY_SCALAR_CODES and isinstance(data, bytes):
+        return np.frombuffer(data, dtype=np.dtype(dtype.code))[0].item()
+    return None
+
+
+def _load_storage_bytes(data: bytes) -> Any:
+    # The original (torch.storage._load_from_bytes) uses a full unpickler; the bytes are a torch.save'd storage.
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+
+def _rebuild_tensor(storage: Any, offset: int, size: Any, stride: Any, *_ignored: Any) -> Tensor:
+    # Drops requires_grad and backward hooks: only the values matter.
+    return torch._utils._rebuild_tensor_v2(storage, offset, size, stride, False, collections.OrderedDict())
+
+
+def _rebuild_parameter(data: Tensor, *_ignored: Any) -> Tensor:
+    if not isinstance(data, Tensor):
+        raise pickle.UnpicklingError("parameter data is not a tensor")
+    return data
+
+
+_ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
+    ("torch_utils.persistence", "_reconstruct_persistent_obj"): _reconstruct_persistent_obj,
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("builtins", "set"): set,
+    ("builtins", "frozenset"): frozenset,
+    ("_codecs", "encode"): lambda text, encoding="latin1": str(text).encode(str(encoding)),
+    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
+    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+    ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
+    ("torch.storage", "_load_from_bytes"): _load_storage_bytes,
+    ("dnnlib.util", "EasyDict"): _PlainDict,
+    ("numpy", "dtype"): _NumpyDtype,
+    ("numpy.core.multiarray", "scalar"): _numpy_scalar,
+    ("numpy._core.multiarray", "scalar"): _numpy_scalar,
+}
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Resolves only the globals in _ALLOWED_GLOBALS (all replaced by inert stand-ins) and torch.nn classes."""
+
+    def __init__(self, file: Any, path: Path) -> None:
+        super().__init__(file)
+        self._path = path
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _ALLOWED_GLOBALS:
+            return _ALLOWED_GLOBALS[(module, name)]
+        if module.startswith("torch.nn.modules.") and re.fullmatch(r"[A-Z][A-Za-z0-9_]*", name):
+            return _TorchModuleStub
+        raise UnsafeCheckpointError(
+            f"{self._path}: refused; the pickle references {module}.{name}, which is not an allowed "
+            "weights-only global (nothing was executed)"
+        )
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise UnsafeCheckpointError(f"{self._path}: refused; unexpected persistent id {pid!r} in pickle")
+
+
+def _read_edm_pickle(file: Path) -> tuple[dict[str, Tensor], dict[str, Any] | None]:
+    try:
+        with file.open("rb") as fh:
+            obj = _RestrictedUnpickler(fh, file).load()
+    except UnsafeCheckpointError:
+        raise
+    except Exception as exc:  # a malformed pickle can fail in many ways; none of them ran foreign code
+        raise CheckpointError(f"{file}: not a readable EDM network pickle ({type(exc).__name__}: {exc})") from exc
+
+    root = obj.get("ema") if isinstance(obj, Mapping) else obj
+    if isinstance(root, Mapping) and all(isinstance(v, Tensor) for v in root.values()):
+        return dict(root), None
+    if not isinstance(root, (_PersistentObj, _TorchModuleStub)):
+        raise CheckpointError(f"{file}: pickle holds no EDM network under 'ema' (got {type(root).__name__})")
+    state_dict: dict[str, Tensor] = {}
+    _collect_module_state(root, "", state_dict, file)
+    init_kwargs = root.state.get("_init_kwargs")
+    return state_dict, dict(init_kwargs) if isinstance(init_kwargs, Mapping) else None
+
+
+def _collect_module_state(node: Any, prefix: str, out: dict[str, Tensor], file: Path) -> None:
+    """Walk pickled module states in nn.Module.state_dict order: parameters, persistent buffers, submodules."""
+    state = node.state
+    skipped = state.get("_non_persistent_buffers_set") or set()
+    for group in ("_parameters", "_buffers"):
+        for name, value in (state.get(group) or {}).items():
+            if value is None or (group == "_buffers" and name in skipped):
+                continue
+            if not isinstance(value, Tensor):
+                raise CheckpointError(f"{file}: {prefix}{name} is a {type(value).__name__}, not a tensor")
+            out[prefix + name] = value
+    for name, child in (state.get("_modules") or {}).items():
+        if child is None:
+            continue
+        if not isinstance(child, (_PersistentObj, _TorchModuleStub)):
+            raise CheckpointError(f"{file}: submodule {prefix}{name} is a {type(child).__name__}")
+        _collect_module_state(child, f"{prefix}{name}.", out, file)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Normalising containers and key prefixes.
+
+
+def _is_state_dict(obj: Any) -> bool:
+    return isinstance(obj, Mapping) and len(obj) > 0 and all(
+        isinstance(k, str) and isinstance(v, Tensor) for k, v in obj.items()
+    )
+
+
+def _strip_wrappers(keys_to_tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Drop DDP (`module.`) and torch.compile (`_orig_mod.`) segments wherever they wrap a submodule."""
+    out = {}
+    for key, value in keys_to_tensors.items():
+        parts = [p for p in key.split(".") if p not in ("module", "_orig_mod")]
+        out[".".join(parts)] = value
+    return out
+
+
+def normalize_state_dict(obj: Any, path: str | Path = "<memory>") -> dict[str, Tensor]:
+    """Find the generator state dict in a loaded checkpoint object and give it EDMPrecond's `model.*` keys."""
+    found = obj
+    for _ in range(4):  # containers nest at most a few levels (e.g. {'state_dict': {'ema': {...}}})
+        if _is_state_dict(found):
+            break
+        if not isinstance(found, Mapping):
+            raise CheckpointError(f"{path}: expected a state dict or a dict holding one, got {type(found).__name__}")
+        key = next((k for k in _CONTAINER_KEYS if k in found and isinstance(found[k], Mapping)), None)
+        if key is None:
+            tensors = {k: v for k, v in found.items() if isinstance(k, str) and isinstance(v, Tensor)}
+            if tensors:
+                found = tensors  # a state dict with a few extra non-tensor entries
+                break
+            raise CheckpointError(
+                f"{path}: no state dict found; top-level keys {sorted(map(str, found))[:10]}, "
+                f"expected tensors or one of {list(_CONTAINER_KEYS)}"
+            )
+        found = found[key]
+    if not _is_state_dict(found):
+        raise CheckpointError(f"{path}: no state dict found within {len(_CONTAINER_KEYS)} levels of nesting")
+
+    state = _strip_wrappers(dict(found))
+    if any(k.startswith(_GENERATOR_PREFIX) for k in state):
+        # A whole DMD2 training model: keep the generator, drop the guidance/critic networks.
+        state = {k[len(_GENERATOR_PREFIX):]: v for k, v in state.items() if k.startswith(_GENERATOR_PREFIX)}
+    if not any(k.startswith("model.") for k in state):
+        if not any(k.startswith(("map_layer0.", "enc.", "dec.")) for k in state):
+            raise CheckpointError(
+                f"{path}: does not look like an EDM DhariwalUNet state dict (first keys {list(state)[:_MAX_LISTED_KEYS]})"
+            )
+        state = {f"model.{k}": v for k, v in state.items()}
+    return state
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Config inference and strict loading.
+
+_ENC_CONV = re.compile(r"model\.enc\.(\d+)x\1_conv\.weight")
+_DEC_BLOCK = re.compile(r"model\.dec\.(\d+)x\1_block(\d+)\.conv1\.weight")
+_ATTN = re.compile(r"model\.(?:enc|dec)\.(\d+)x\1_block\d+\.qkv\.weight")
+
+
+def infer_config(state_dict: Mapping[str, Tensor], path: str | Path = "<memory>") -> dict[str, Any]:
+    """EDMPrecond kwargs implied by the tensor shapes of a normalised (`model.*`) state dict.
+
+    Not recoverable from shapes (and set to inference defaults): dropout 0, label_dropout 0, sigma_data 0.5,
+    use_fp16 False. Attention requested at widths below 64 channels has no parameters and is left out
+    (it computes nothing, so the network is the same).
+    """
+    convs = [(m, state_dict[m.group(0)]) for k in state_dict if (m := _ENC_CONV.fullmatch(k))]
+    if len(convs) != 1 or "model.map_layer0.weight" not in state_dict:
+        raise CheckpointError(
+            f"{path}: cannot infer the config: expected one model.enc.RxR_conv.weight and model.map_layer0.weight"
+        )
+    match, conv = convs[0]
+    resolution = int(match.group(1))
+    model_channels = int(state_dict["model.map_layer0.weight"].shape[1])
+    emb_channels = int(state_dict["model.map_layer0.weight"].shape[0])
+
+    dec_blocks: dict[int, dict[int, int]] = collections.defaultdict(dict)
+    for key, tensor in state_dict.items():
+        if m := _DEC_BLOCK.fullmatch(key):
+            dec_blocks[int(m.group(1))][int(m.group(2))] = int(tensor.shape[0])
+    levels = []
+    res = resolution
+    while res in dec_blocks:
+        levels.append(res)
+        res //= 2
+    if not levels or len(levels) != len(dec_blocks):
+        raise CheckpointError(f"{path}: decoder block resolutions {sorted(dec_blocks)} do not halve from {resolution}")
+    num_blocks = len(dec_blocks[resolution]) - 1
+    channel_mult = []
+    for res in levels:
+        width = dec_blocks[res][0]
+        if width % model_channels or len(dec_blocks[res]) != num_blocks + 1:
+            raise CheckpointError(f"{path}: decoder blocks at {res}x{res} do not fit model_channels {model_channels}")
+        channel_mult.append(width // model_channels)
+
+    label = state_dict.get("model.map_label.weight")
+    augment = state_dict.get("model.map_augment.weight")
+    attn = sorted({int(m.group(1)) for k in state_dict if (m := _ATTN.fullmatch(k))}, reverse=True)
+    return dict(
+        img_resolution=resolution,
+        img_channels=int(conv.shape[1]),
+        label_dim=int(label.shape[1]) if label is not None else 0,
+        use_fp16=False,
+        sigma_min=0.0,
+        sigma_max=float("inf"),
+        sigma_data=0.5,
+        model_type="DhariwalUNet",
+        augment_dim=int(augment.shape[1]) if augment is not None else 0,
+        model_channels=model_channels,
+        channel_mult=channel_mult,
+        channel_mult_emb=emb_channels // model_channels,
+        num_blocks=num_blocks,
+        attn_resolutions=attn,
+        dropout=0.0,
+        label_dropout=0.0,
+    )
+
+
+def check_state_dict(model: torch.nn.Module, state_dict: Mapping[str, Tensor], path: str | Path) -> None:
+    """Raise CheckpointMismatchError naming the first missing, unexpected and mis-shaped keys, if any."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    misshaped = [
+        f"{k} {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape)
+    ]
+    if not (missing or unexpected or misshaped):
+        return
+    parts = []
+    for label, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
+        if items:
+            shown = ", ".join(items[:_MAX_LISTED_KEYS])
+            more = f" (+{len(items) - _MAX_LISTED_KEYS} more)" if len(items) > _MAX_LISTED_KEYS else ""
+            parts.append(f"{len(items)} {label}: {shown}{more}")
+    raise CheckpointMismatchError(f"{path}: state dict does not fit the config; " + "; ".join(parts))
+
+
+def _config_from_init_kwargs(init_kwargs: Mapping[str, Any], path: Path) -> dict[str, Any]:
+    if init_kwargs.get("model_type", "DhariwalUNet") != "DhariwalUNet":
+        raise CheckpointError(f"{path}: model_type {init_kwargs.get('model_type')!r} is not supported")
+    return {k: v for k, v in init_kwargs.items() if k in CONFIG_KEYS}
+
+
+def load_checkpoint(
+    path: str | Path, config: Mapping[str, Any] | None = None, device: torch.device | str = "cpu"
+) -> EDMPrecond:
+    """Build an EDMPrecond from a checkpoint file or DMD2 folder (config: given, recorded, or inferred); eval mode."""
+    file = resolve_checkpoint_file(path)
+    state_dict, init_kwargs = read_checkpoint(file)
+    if config is None:
+        config = _config_from_init_kwargs(init_kwargs, file) if init_kwargs else infer_config(state_dict, file)
+    with torch.device("meta"):
+        model = EDMPrecond(**dict(config))
+    check_state_dict(model, state_dict, file)
+    state_dict = {k: v.to(device=device, dtype=torch.float32) for k, v in state_dict.items()}
+    model.load_state_dict(state_dict, strict=True, assign=True)
+    return model.eval()
