@@ -17,14 +17,13 @@ from typing import Any, TextIO
 import dask
 import fsspec
 import numpy as np
-from dask.callbacks import Callback
 
 from converter.image_writer import DEFAULT_INNER, DEFAULT_SHARD, create_image_arrays, write_image_shard
 from converter.sources.base import ImageSource, MaterializedPart, RowFile
 from schemas.classes import class_table
 from schemas.errors import ImzarrError
 from schemas.image_store import IMAGE_SCHEMA
-from schemas.progress_report import ProgressReport
+from schemas.progress_report import DaskProgress, ProgressReport
 from schemas.store_lifecycle import finalize_store, inspect_existing, mark_done, prepare_store, settings_fingerprint
 
 
@@ -205,21 +204,11 @@ def _write_shard(url: str, k: int, start: int, plan: dict[str, np.ndarray], row_
     return {"images": n}
 
 
-class _ProgressCallback(Callback):
-    def __init__(self, report: ProgressReport):
-        super().__init__()
-        self.report = report
-
-    def _posttask(self, key, result, dsk, state, worker_id):
-        if isinstance(result, dict) and "images" in result:
-            self.report.update(result["images"])
-
-
 def _run(tasks: list, scheduler: str, workers: int | None, report: ProgressReport, done: int = 0) -> None:
     if done:
         report.update(min(done, report.total))
     try:
-        with _ProgressCallback(report):
+        with DaskProgress(report):
             dask.compute(*tasks, scheduler=scheduler, num_workers=workers or os.cpu_count() or 1)
     finally:
         report.close()

@@ -6,6 +6,7 @@ import sys
 import time
 from typing import TextIO
 
+from dask.callbacks import Callback
 from tqdm import tqdm
 
 
@@ -38,3 +39,15 @@ class ProgressReport:
     @property
     def rate(self) -> float:
         return self.done / max(time.monotonic() - self.start, 1e-9)
+
+
+class DaskProgress(Callback):
+    """Feeds a ProgressReport from a local Dask scheduler: tasks return receipts like {"images": n}."""
+
+    def __init__(self, report: ProgressReport):
+        super().__init__()
+        self.report = report
+
+    def _posttask(self, key, result, dsk, state, worker_id):
+        if isinstance(result, dict) and "images" in result:
+            self.report.update(result["images"])
