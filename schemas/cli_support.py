@@ -8,11 +8,11 @@ from typing import Callable
 from schemas.errors import ImzarrError
 
 
-def run_cli(prog: str, body: Callable[[], int | None]) -> int:
-    """Run a command body; an ImzarrError (bad input) becomes `prog: error: message` and exit 2."""
+def run_cli(prog: str, body: Callable[[], int | None], user_errors: tuple[type[BaseException], ...] = ()) -> int:
+    """Run a command body; an ImzarrError or one of `user_errors` becomes `prog: error: message` and exit 2."""
     try:
         return int(body() or 0)
-    except ImzarrError as exc:
+    except (ImzarrError, *user_errors) as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

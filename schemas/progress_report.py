@@ -26,7 +26,7 @@ class ProgressReport:
             self._bar.update(n)
             return
         now = time.monotonic()
-        if now - self._last_log >= self.every_s or self.done >= self.total:
+        if n and (now - self._last_log >= self.every_s or self.done >= self.total):
             self._last_log = now
             rate = self.done / max(now - self.start, 1e-9)
             eta = (self.total - self.done) / rate if rate > 0 else float("inf")

@@ -1,0 +1,135 @@
+"""`imzarr extract|layers|generate|compare|show` (also `python -m extractor …`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from extractor.models import PRESETS, CheckpointError, InvalidSigmaError, ModelSpec, UnknownLayerError
+from extractor.models.registry import UnknownPresetError
+from schemas.cli_support import run_cli
+
+# Errors of the model package are plain ValueErrors/KeyErrors (it is usable without imzarr); here they are user errors.
+MODEL_ERRORS = (CheckpointError, InvalidSigmaError, UnknownLayerError, UnknownPresetError)
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--checkpoint", help="DMD2 pytorch_model.bin / model.safetensors (or their folder), a .pt/.pth state dict, or an EDM network .pkl (read without running its code)")
+    group.add_argument("--preset", choices=sorted(PRESETS), help="a built-in architecture with seeded random weights (UNTRAINED: for demos and tests)")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
+    p.add_argument("--compute-dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="network precision (bf16/fp16 autocast is for CUDA; default fp32)")
+    p.add_argument("--batch-size", type=int, default=64, help="samples per forward pass (values do not depend on it)")
+
+
+def _model_spec(args: argparse.Namespace) -> ModelSpec:
+    return ModelSpec(preset=args.preset) if args.preset else ModelSpec(checkpoint=args.checkpoint)
+
+
+def _scheduler_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--scheduler", default=None, help="tcp://host:port of a running dask.distributed scheduler (default: local threads); see README")
+    p.add_argument("--resources", default=None, help="resources each task needs on a distributed worker, e.g. GPU=1")
+    p.add_argument("--workers", type=int, default=2, help="local threads: one computes while another reads or writes (default 2)")
+    p.add_argument("--overwrite", action="store_true", help="replace a store made with other settings")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="imzarr", description="Run image stores through EDM/DMD2 networks.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    ex = sub.add_parser(
+        "extract",
+        help="image store → activation store",
+        description=(
+            "Stream an image store through the network and store named layers' activations, labeled by sample and "
+            "class, as a Zarr v3 activation store (imzarr.activations/1). Re-running the same command resumes an "
+            "interrupted run; other settings on an existing store are refused unless --overwrite."
+        ),
+    )
+    ex.add_argument("store", help="image store (made by `imzarr convert` or `imzarr generate`)")
+    ex.add_argument("-o", "--output", required=True, help="activation store path or fsspec URL")
+    ex.add_argument("--layers", required=True, help="comma-separated layer names or aliases (encoder_bottleneck, midblock); `imzarr layers` lists them")
+    _model_args(ex)
+    ex.add_argument("--sigma", type=float, default=80.0, help="noise level σ the network is conditioned on (default 80, the generator's own)")
+    ex.add_argument("--seed", type=int, default=0, help="seed of the per-sample noise (and of --per-class sampling)")
+    ex.add_argument("--no-noise", action="store_true", help="feed the clean image (still conditioned on σ)")
+    ex.add_argument("--class-free", action="store_true", help="zero class labels instead of the one-hot of each sample's label")
+    ex.add_argument("--pool", default="none", choices=["none", "mean", "max"], help="spatial reduction on the device before storing")
+    ex.add_argument("--dtype", default="float16", choices=["float16", "float32"], help="storage dtype (default float16)")
+    ex.add_argument("--reconstructions", action="store_true", help="also store D(x) as uint8 images (runs the whole network)")
+    ex.add_argument("--num-samples", type=int, default=None, help="the first N samples (a uniform random sample if the store was written shuffled)")
+    ex.add_argument("--indices", default=None, help="file of store positions (.npy or one integer per line)")
+    ex.add_argument("--classes", default=None, help="comma-separated WNIDs to keep")
+    ex.add_argument("--per-class", type=int, default=None, help="K samples per class, chosen with --seed")
+    ex.add_argument("--shard-size", type=int, default=None, help="samples per output shard/task (default: ~64 MB of the largest layer)")
+    ex.add_argument("--dry-run", action="store_true", help="one batch through the hooks, then a table of shapes, sizes and memory; writes nothing")
+    _scheduler_args(ex)
+
+    layers = sub.add_parser("layers", help="list a network's layers and output shapes", description="List every layer name (module paths and aliases) with its output shape for one sample.")
+    _model_args(layers)
+    return parser
+
+
+def _print_layers(args: argparse.Namespace) -> int:
+    from extractor.models import cached_model, describe_layers, resolve_layer
+
+    loaded = cached_model(_model_spec(args), "cpu")
+    if not loaded.trained:
+        print(f"note: {loaded.name} is an UNTRAINED preset (seeded random weights)")
+    print(f"{'layer':<28} {'module':<26} output shape (per sample)")
+    for name, shape in describe_layers(loaded.module):
+        print(f"{name:<28} {resolve_layer(loaded.module, name):<26} {tuple(shape[1:])}")
+    return 0
+
+
+def _extract(args: argparse.Namespace) -> int:
+    from extractor.extract import ExtractOptions, ForwardSettings, extract
+    from extractor.scheduling import SchedulerSpec, parse_resources
+    from extractor.selection import SelectionSpec
+
+    forward = ForwardSettings(
+        model=_model_spec(args),
+        layers=tuple(x.strip() for x in args.layers.split(",") if x.strip()),
+        sigma=args.sigma,
+        noise_seed=None if args.no_noise else args.seed,
+        class_free=args.class_free,
+        pool=args.pool,
+        storage_dtype=args.dtype,
+        compute_dtype=args.compute_dtype,
+        reconstructions=args.reconstructions,
+    )
+    options = ExtractOptions(
+        store=args.store,
+        output=args.output,
+        forward=forward,
+        selection=SelectionSpec(
+            num_samples=args.num_samples,
+            indices_file=args.indices,
+            classes=tuple(args.classes.split(",")) if args.classes else None,
+            per_class=args.per_class,
+            seed=args.seed,
+        ),
+        batch_size=args.batch_size,
+        device=args.device,
+        scheduler=SchedulerSpec(args.scheduler, args.workers, parse_resources(args.resources)),
+        overwrite=args.overwrite,
+        shard_size=args.shard_size,
+    )
+    if args.dry_run:
+        from extractor.dry_run import dry_run_table
+
+        print(dry_run_table(options))
+        return 0
+    result = extract(options)
+    untrained = "" if result.trained else "\nNOTE: these activations come from an UNTRAINED network (random weights of a preset); pass --checkpoint for real ones."
+    if result.already_complete:
+        print(f"{result.url}: already complete ({result.num_samples} samples) with these settings; nothing to do{untrained}")
+        return 0
+    print(f"{result.url}: {result.num_samples} samples in {result.seconds:.1f} s ({result.num_samples / max(result.seconds, 1e-9):,.1f} images/s){untrained}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    commands = {"extract": _extract, "layers": _print_layers}
+    return run_cli(f"imzarr {args.command}", lambda: commands[args.command](args), user_errors=MODEL_ERRORS)

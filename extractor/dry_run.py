@@ -1,0 +1,56 @@
+"""`imzarr extract --dry-run`: one batch through the hooks, then shapes, sizes and memory — nothing written."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from extractor.activation_writer import default_shard_size
+from extractor.extract import ExtractOptions, check_forward_settings, probe_layers, resolve_device
+from extractor.selection import select_samples
+from schemas.image_store import validate_image_store
+
+
+def _size(nbytes: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if nbytes < 1024 or unit == "TB":
+            return f"{nbytes:,.1f} {unit}"
+        nbytes /= 1024
+    return ""
+
+
+def dry_run_table(options: ExtractOptions) -> str:
+    fwd = options.forward
+    check_forward_settings(fwd)
+    device = resolve_device(options.device)
+    images = validate_image_store(options.store)
+    chosen = select_samples(options.selection, images.coordinate("label"), images.coordinate("synset"))
+    batch = min(options.batch_size, int(chosen.size))
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    shapes, paths, loaded = probe_layers(fwd, device, batch=batch)
+    itemsize = np.dtype(fwd.storage_dtype).itemsize
+    n = int(chosen.size)
+    rows = [("layer", "module", "shape / sample", "bytes / sample", f"store for {n:,} samples")]
+    total = 0
+    for name, shape in shapes.items():
+        per = int(np.prod(shape)) * itemsize
+        total += per
+        rows.append((name, paths[name], str(shape), f"{per:,}", _size(per * n)))
+    if fwd.reconstructions:
+        per = 3 * images.resolution**2
+        total += per
+        rows.append(("reconstruction", "D(x) as uint8", str((3, images.resolution, images.resolution)), f"{per:,}", _size(per * n)))
+    rows.append(("total", "", "", f"{total:,}", _size(total * n)))
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    shard = options.shard_size or default_shard_size(max(int(np.prod(s)) * itemsize for s in shapes.values()))
+    params = sum(p.numel() * p.element_size() for p in loaded.module.parameters())
+    host = (3 * images.resolution**2 + total) * shard * 2 * options.scheduler.workers  # inputs + outputs, twice while writing
+    lines.append("")
+    lines.append(f"model {loaded.name} ({'trained' if loaded.trained else 'UNTRAINED preset'}), {_size(params)} of weights on {device}")
+    lines.append(f"output shards of {shard} samples: {-(-n // shard)} tasks; host memory ≈ {_size(host + params)} with {options.scheduler.workers} local workers")
+    if device.startswith("cuda"):
+        lines.append(f"device memory at batch {batch}: peak {_size(torch.cuda.max_memory_allocated())}")
+    lines.append("dry run: nothing written")
+    return "\n".join(lines)

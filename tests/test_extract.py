@@ -1,0 +1,224 @@
+"""Extractor: values equal a direct forward, independent of batching and scheduling; resumable; clear errors."""
+
+import signal
+import subprocess
+import sys
+import time
+
+import dask.array
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+import zarr
+from distributed import LocalCluster
+
+from converter.convert import ConvertOptions, convert
+from converter.sample import write_sample_shards
+from converter.sources.npz import open_npz_source
+from extractor.cli import main as extractor_main
+from extractor.extract import ExtractOptions, ForwardSettings, extract
+from extractor.models import ModelSpec, build_preset
+from extractor.scheduling import SchedulerSpec
+from extractor.selection import SelectionSpec
+from schemas.activation_store import validate_activation_store
+from schemas.image_store import validate_image_store
+from tests.conftest import stores_identical
+
+PRESET = ModelSpec(preset="tiny-random")
+LAYERS = ("encoder_bottleneck", "model.enc.32x32_block0")
+
+
+@pytest.fixture(scope="module")
+def image_store(tmp_path_factory):
+    root = tmp_path_factory.mktemp("images")
+    write_sample_shards(root / "npz", per_shard=60, train_shards=2, val_size=10)
+    url = str(root / "images.zarr")
+    convert(open_npz_source([root / "npz" / "train"]), ConvertOptions(url, shuffle_seed=5, shard_size=32, inner_chunk=8))
+    return url
+
+
+def direct_forward(store_url, positions, layers, sigma=80.0, seed=0, pool="none"):
+    """The reference: the network called directly with hooks written here, on the same inputs."""
+    model = build_preset("tiny-random").eval()
+    store = validate_image_store(store_url)
+    images = store.image[:][positions]
+    gidx = store.coordinate("global_index")[positions]
+    labels = store.coordinate("label")[positions]
+    x = torch.from_numpy(images).float() / 127.5 - 1
+    if seed is not None:
+        noise = np.stack([np.random.default_rng([seed, int(g)]).standard_normal((3, 64, 64), dtype=np.float32) for g in gidx])
+        x = x + sigma * torch.from_numpy(noise)
+    one_hot = torch.nn.functional.one_hot(torch.from_numpy(labels.astype(np.int64)), 1000).float()
+    paths = {"encoder_bottleneck": "model.enc.16x16_block0", "midblock": "model.dec.16x16_in0"}
+    got = {}
+    handles = [
+        model.get_submodule(paths.get(name, name)).register_forward_hook(lambda m, i, o, name=name: got.__setitem__(name, o))
+        for name in layers
+    ]
+    with torch.no_grad():
+        out = model(x, torch.full((len(positions),), sigma), one_hot)
+    for h in handles:
+        h.remove()
+    if pool == "mean":
+        got = {k: v.mean(dim=(2, 3)) for k, v in got.items()}
+    elif pool == "max":
+        got = {k: v.amax(dim=(2, 3)) for k, v in got.items()}
+    recon = ((out + 1) * 127.5).clamp(0, 255).to(torch.uint8).numpy()
+    return {k: v.numpy() for k, v in got.items()}, recon
+
+
+def run(image_store, out, batch_size=64, **kw):
+    selection = kw.pop("selection", SelectionSpec())
+    scheduler = kw.pop("scheduler", SchedulerSpec())
+    shard = kw.pop("shard_size", 32)
+    fwd = ForwardSettings(model=PRESET, layers=kw.pop("layers", LAYERS), **kw)
+    return extract(ExtractOptions(image_store, str(out), fwd, selection, batch_size, "cpu", scheduler, shard_size=shard))
+
+
+def test_full_layers_and_reconstructions_equal_direct_forward(image_store, tmp_path):
+    run(image_store, tmp_path / "a.zarr", storage_dtype="float32", reconstructions=True, layers=LAYERS + ("midblock",))
+    group = validate_activation_store(str(tmp_path / "a.zarr"))
+    expected, recon = direct_forward(image_store, np.arange(120), LAYERS + ("midblock",))
+    for name in LAYERS + ("midblock",):
+        np.testing.assert_allclose(group[name][:], expected[name], rtol=1e-4, atol=1e-5, err_msg=name)
+    assert np.abs(group["reconstruction"][:].astype(int) - recon).max() <= 1  # truncation of values within 1e-5
+    attrs = dict(group.attrs)
+    assert attrs["model"]["trained"] is False and attrs["layers"]["encoder_bottleneck"] == "model.enc.16x16_block0"
+    assert attrs["sigma"] == 80.0 and attrs["noise"]["seed"] == 0 and attrs["pooling"] == "none"
+    images = validate_image_store(image_store)
+    np.testing.assert_array_equal(group["global_index"][:], images.coordinate("global_index"))
+    np.testing.assert_array_equal(group["label"][:], images.coordinate("label"))
+
+
+@pytest.mark.parametrize("pool", ["mean", "max"])
+def test_pooled_equal_direct_forward(image_store, tmp_path, pool):
+    run(image_store, tmp_path / "p.zarr", pool=pool, storage_dtype="float32", selection=SelectionSpec(num_samples=40))
+    group = validate_activation_store(str(tmp_path / "p.zarr"))
+    expected, _ = direct_forward(image_store, np.arange(40), LAYERS, pool=pool)
+    for name in LAYERS:
+        assert group[name].shape == (40, expected[name].shape[1])
+        np.testing.assert_allclose(group[name][:], expected[name], rtol=1e-4, atol=1e-5)
+
+
+def test_batch_size_does_not_change_values(image_store, tmp_path):
+    for b in (1, 7, 64):
+        run(image_store, tmp_path / f"b{b}.zarr", batch_size=b, selection=SelectionSpec(num_samples=50))
+    ref = zarr.open_group(str(tmp_path / "b64.zarr"), mode="r")
+    for b in (1, 7):
+        other = zarr.open_group(str(tmp_path / f"b{b}.zarr"), mode="r")
+        for name in LAYERS:
+            np.testing.assert_allclose(other[name][:].astype(np.float32), ref[name][:].astype(np.float32), rtol=2e-3, atol=2e-3)
+
+
+def test_selection_per_class_and_classes(image_store, tmp_path):
+    run(image_store, tmp_path / "k.zarr", selection=SelectionSpec(per_class=3, seed=1), layers=("encoder_bottleneck",), pool="mean")
+    ds = xr.open_zarr(str(tmp_path / "k.zarr"))
+    labels, counts = np.unique(ds.label.values, return_counts=True)
+    assert len(labels) == 10 and (counts == 3).all()
+    src = ds.source_sample.values
+    assert (np.diff(src) > 0).all()
+    store_labels = validate_image_store(image_store).coordinate("label")
+    np.testing.assert_array_equal(ds.label.values, store_labels[src])
+    run(image_store, tmp_path / "c.zarr", selection=SelectionSpec(classes=("n01440764",)), layers=("encoder_bottleneck",), pool="mean")
+    assert set(xr.open_zarr(str(tmp_path / "c.zarr")).synset.values.tolist()) == {"n01440764"}
+
+
+def test_opens_in_xarray_and_groupby_is_lazy(image_store, tmp_path):
+    run(image_store, tmp_path / "x.zarr")
+    ds = xr.open_zarr(str(tmp_path / "x.zarr"))
+    var = ds["encoder_bottleneck"]
+    assert var.dims == ("sample", "encoder_bottleneck_channel", "encoder_bottleneck_y", "encoder_bottleneck_x")
+    # xarray refuses to group by a dask-backed coordinate without knowing its values; loading the small label
+    # coordinate (in place) is enough, and the activations stay lazy.
+    ds.label.load()
+    means = ds.groupby("label").mean()
+    assert isinstance(means["encoder_bottleneck"].data, dask.array.Array)  # still lazy
+    lab = ds.label.values[0]
+    np.testing.assert_allclose(
+        means["encoder_bottleneck"].sel(label=lab).values,
+        var.values[ds.label.values == lab].astype(np.float32).mean(0),
+        rtol=1e-2, atol=1e-2,
+    )
+
+
+def test_distributed_cluster_equals_local(image_store, tmp_path):
+    run(image_store, tmp_path / "local.zarr", selection=SelectionSpec(num_samples=64))
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        run(image_store, tmp_path / "dist.zarr", selection=SelectionSpec(num_samples=64), scheduler=SchedulerSpec(address=cluster.scheduler_address))
+    local, dist = (zarr.open_group(str(tmp_path / f"{n}.zarr"), mode="r") for n in ("local", "dist"))
+    for name in LAYERS:
+        np.testing.assert_allclose(dist[name][:].astype(np.float32), local[name][:].astype(np.float32), rtol=2e-3, atol=2e-3)
+    assert dict(local.attrs)["selection"] == dict(dist.attrs)["selection"]
+
+
+def test_changed_settings_refused_then_overwrite(image_store, tmp_path, capsys):
+    out = str(tmp_path / "o.zarr")
+    base = [image_store, "-o", out, "--preset", "tiny-random", "--layers", "encoder_bottleneck", "--num-samples", "16", "--device", "cpu"]
+    assert extractor_main(["extract", *base]) == 0
+    assert "UNTRAINED" in capsys.readouterr().out
+    assert extractor_main(["extract", *base]) == 0
+    assert "nothing to do" in capsys.readouterr().out
+    assert extractor_main(["extract", *base, "--sigma", "2.5"]) == 2
+    assert "sigma" in capsys.readouterr().err
+    assert extractor_main(["extract", *base, "--sigma", "2.5", "--overwrite"]) == 0
+    assert zarr.open_group(out, mode="r").attrs["sigma"] == 2.5
+
+
+def test_killed_then_rerun_equals_uninterrupted(image_store, tmp_path):
+    args = [sys.executable, "-m", "extractor", "extract", image_store, "--preset", "tiny-random", "--layers", ",".join(LAYERS),
+            "--shard-size", "8", "--device", "cpu", "--workers", "1", "--batch-size", "4"]
+    subprocess.run([*args, "-o", str(tmp_path / "ref.zarr")], check=True, capture_output=True)
+    crashed = tmp_path / "crashed.zarr"
+    proc = subprocess.Popen([*args, "-o", str(crashed)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    done_dir = crashed / "_progress" / "done" / "c"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if done_dir.exists() and len(list(done_dir.iterdir())) >= 2:
+            break
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "extraction finished before it could be killed"
+    with pytest.raises(Exception, match="not complete"):
+        validate_activation_store(str(crashed))
+    rerun = subprocess.run([*args, "-o", str(crashed)], capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr
+    stores_identical(str(tmp_path / "ref.zarr"), str(crashed))
+
+
+def _unfinished_store(tmp_path):
+    url = str(tmp_path / "unfinished.zarr")
+    write_sample_shards(tmp_path / "npz", per_shard=20, train_shards=1, val_size=5)
+    convert(open_npz_source([tmp_path / "npz" / "train"]), ConvertOptions(url))
+    group = zarr.open_group(url, mode="r+", use_consolidated=False)
+    group.attrs["complete"] = False
+    zarr.consolidate_metadata(url)
+    return url
+
+
+def _bad_checkpoint(tmp_path):
+    state = build_preset("tiny-random").state_dict()
+    state.pop("model.enc.64x64_conv.bias")
+    path = tmp_path / "bad.pt"
+    torch.save(state, path)
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "case,args,message",
+    [
+        ("missing store", lambda s, t: [str(t / "nope.zarr"), "--layers", "midblock", "--preset", "tiny-random"], "not a Zarr group"),
+        ("incomplete store", lambda s, t: [_unfinished_store(t), "--layers", "midblock", "--preset", "tiny-random"], "not complete"),
+        ("unknown layer", lambda s, t: [s, "--layers", "model.enc.bogus", "--preset", "tiny-random"], "valid layers: model.enc.64x64_conv"),
+        ("sigma zero", lambda s, t: [s, "--layers", "midblock", "--preset", "tiny-random", "--sigma", "0"], "0.002"),
+        ("bad checkpoint", lambda s, t: [s, "--layers", "midblock", "--checkpoint", _bad_checkpoint(t)], "model.enc.64x64_conv.bias"),
+    ],
+)
+def test_bad_input_one_clear_line(image_store, tmp_path, case, args, message):
+    proc = subprocess.run(
+        [sys.executable, "-m", "extractor", "extract", *args(image_store, tmp_path), "-o", str(tmp_path / "o.zarr"), "--device", "cpu"],
+        capture_output=True, text=True,
+    )
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("imzarr extract: error:") and message in lines[0], proc.stderr
