@@ -8,7 +8,7 @@ import sys
 import zarr
 
 from converter.convert import ConvertOptions, ConvertResult, convert
-from converter.image_writer import DEFAULT_INNER, DEFAULT_SHARD
+from schemas.image_layout import DEFAULT_INNER, DEFAULT_SHARD
 from converter.sample import write_sample_shards
 from schemas.cli_support import run_cli
 

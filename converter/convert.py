@@ -18,7 +18,7 @@ import dask
 import fsspec
 import numpy as np
 
-from converter.image_writer import DEFAULT_INNER, DEFAULT_SHARD, create_image_arrays, write_image_shard
+from schemas.image_layout import DEFAULT_INNER, DEFAULT_SHARD, create_image_arrays, write_image_shard
 from converter.sources.base import ImageSource, MaterializedPart, RowFile
 from schemas.classes import class_table
 from schemas.errors import ImzarrError

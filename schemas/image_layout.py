@@ -1,4 +1,6 @@
-"""Creates the image-store arrays and writes one output shard (images and coordinates) per call."""
+"""The image store's array layout as code: creating its arrays, and writing one output shard per call.
+
+Shared by every writer of image stores (the converter, and the generator in the extractor)."""
 
 from __future__ import annotations
 
