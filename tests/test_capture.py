@@ -93,7 +93,8 @@ def test_early_stop_gives_same_activations_and_skips_decoder(ref: dict, model: E
     assert out is None
     assert decoder_calls == []
     assert list(acts) == layers
-    torch.testing.assert_close(acts["encoder_bottleneck"], ref["activations"]["model.enc.8x8_block0"], rtol=1e-4, atol=1e-5)
+    bottleneck = ref["activations"]["model.enc.8x8_block0"]
+    torch.testing.assert_close(acts["encoder_bottleneck"], bottleneck, rtol=1e-4, atol=1e-5)
     for name in ("model.enc.16x16_block0", "model.enc.32x32_conv"):
         torch.testing.assert_close(acts[name], ref["activations"][name], rtol=1e-4, atol=1e-5)
     assert _no_hooks(model)

@@ -202,7 +202,9 @@ def edm_modules(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
 
 def _edm_style(module: torch.nn.Module, reconstruct, marker: Path, init_kwargs: dict | None) -> object:
     """Rebuild a module tree the way EDM pickles it: persistent classes for ours, torch.nn classes as is."""
-    children = collections.OrderedDict((n, _edm_style(c, reconstruct, marker, None)) for n, c in module._modules.items())
+    children = collections.OrderedDict(
+        (n, _edm_style(c, reconstruct, marker, None)) for n, c in module._modules.items()
+    )
     if isinstance(module, torch.nn.ModuleDict):
         plain = torch.nn.ModuleDict()
         plain._modules.update(children)  # bypasses type checks: values are persistent stand-ins
@@ -248,7 +250,9 @@ def test_edm_network_pickle_loads_without_running_embedded_code(
     assert marker.read_text() == "embedded code ran"
 
 
-def test_edm_pickle_init_kwargs_take_precedence_over_inference(tmp_path: Path, ref: dict, sd: dict, edm_modules) -> None:
+def test_edm_pickle_init_kwargs_take_precedence_over_inference(
+    tmp_path: Path, ref: dict, sd: dict, edm_modules
+) -> None:
     reconstruct, _ = edm_modules
     config = {**ref["config"], "dropout": 0.1, "use_fp16": True, "attn_resolutions": [16, 4]}
     net = EDMPrecond(**config)

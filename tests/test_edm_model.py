@@ -475,3 +475,28 @@ def test_dmd2_full_size_forward_on_cpu() -> None:
     assert torch.isfinite(out).all()
     # EDM's init zeroes out_conv, so a fresh network is the pure skip path: D = c_skip x.
     torch.testing.assert_close(out, x * 0.25 / (80.0**2 + 0.25))
+
+
+def test_construction_init_follows_edm_weight_init() -> None:
+    """kaiming_uniform weight and bias scaled by sqrt(1/3), drawn from the global RNG in that order."""
+    torch.manual_seed(5)
+    gain = math.sqrt(1 / 3)
+    conv = Conv2d(8, 16, kernel=3, init_mode="kaiming_uniform", init_weight=gain, init_bias=gain)
+    torch.manual_seed(5)
+    bound = math.sqrt(3 / 72)
+    weight = bound * (torch.rand(16, 8, 3, 3) * 2 - 1) * math.sqrt(1 / 3)
+    bias = bound * (torch.rand(16) * 2 - 1) * math.sqrt(1 / 3)
+    torch.testing.assert_close(conv.weight.detach(), weight, rtol=0, atol=0)
+    torch.testing.assert_close(conv.bias.detach(), bias, rtol=0, atol=0)
+    zero = UNetBlock(8, 8, emb_channels=4).conv1
+    assert zero.weight.abs().sum() == 0 and zero.bias.abs().sum() == 0
+
+
+def test_config_round_trips_through_the_constructor() -> None:
+    from extractor.models.edm import CONFIG_KEYS
+
+    model = EDMPrecond(**FOUR_LEVEL)
+    assert tuple(model.config) == CONFIG_KEYS
+    with torch.device("meta"):
+        again = EDMPrecond(**model.config)
+    assert again.config == model.config

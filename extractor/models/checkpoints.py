@@ -25,6 +25,7 @@ __all__ = [
     "CheckpointError",
     "CheckpointMismatchError",
     "UnsafeCheckpointError",
+    "check_state_dict",
     "infer_config",
     "load_checkpoint",
     "normalize_state_dict",
@@ -314,7 +315,8 @@ def normalize_state_dict(obj: Any, path: str | Path = "<memory>") -> dict[str, T
     if not any(k.startswith("model.") for k in state):
         if not any(k.startswith(("map_layer0.", "enc.", "dec.")) for k in state):
             raise CheckpointError(
-                f"{path}: does not look like an EDM DhariwalUNet state dict (first keys {list(state)[:_MAX_LISTED_KEYS]})"
+                f"{path}: does not look like an EDM DhariwalUNet state dict "
+                f"(first keys {list(state)[:_MAX_LISTED_KEYS]})"
             )
         state = {f"model.{k}": v for k, v in state.items()}
     return state

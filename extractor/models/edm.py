@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "COMPUTE_DTYPES",
+    "CONFIG_KEYS",
     "Conv2d",
     "DhariwalUNet",
     "EDMPrecond",
@@ -35,6 +36,7 @@ __all__ = [
     "UNetBlock",
     "UnsupportedConfigError",
     "autocast_context",
+    "pixel_attention",
     "resolve_compute_dtype",
 ]
 
@@ -99,15 +101,15 @@ class UnsupportedConfigError(ValueError):
 # Initialisation (EDM's `weight_init`), drawing from an explicit generator so presets are reproducible.
 
 
-def _init_tensor(
-    shape: Sequence[int], mode: str, fan_in: int, generator: torch.Generator | None
-) -> Tensor:
-    """EDM's weight_init on CPU float32 (CPU generators give the same numbers on every machine)."""
+def _draw_(target: Tensor, mode: str, fan_in: int, gain: float, generator: torch.Generator | None) -> None:
+    """EDM's weight_init times `gain`, written into a float32 CPU tensor in place (no large temporaries)."""
     if mode == "kaiming_uniform":
-        return math.sqrt(3 / fan_in) * (torch.rand(*shape, generator=generator) * 2 - 1)
-    if mode == "kaiming_normal":
-        return math.sqrt(1 / fan_in) * torch.randn(*shape, generator=generator)
-    raise UnsupportedConfigError(f"unsupported init mode {mode!r}")
+        target.uniform_(0, 1, generator=generator).mul_(2).sub_(1).mul_(math.sqrt(3 / fan_in))
+    elif mode == "kaiming_normal":
+        target.normal_(0, 1, generator=generator).mul_(math.sqrt(1 / fan_in))
+    else:
+        raise UnsupportedConfigError(f"unsupported init mode {mode!r}")
+    target.mul_(gain)
 
 
 class _Initialisable(nn.Module):
@@ -121,14 +123,23 @@ class _Initialisable(nn.Module):
     fan_in: int
 
     def reset_parameters(self, generator: torch.Generator | None = None, zero_init_scale: float = 0.0) -> None:
-        """Re-draw weight and bias; layers EDM zero-initialises get `zero_init_scale` times a kaiming draw."""
+        """Re-draw weight and bias; layers EDM zero-initialises get `zero_init_scale` times a kaiming draw.
+
+        Draws happen on the CPU (from `generator`, or the global CPU RNG), so seeded weights are the same on
+        every machine and device. Every tensor is drawn, even for zero gains, as in the original, so the RNG
+        sequence matches EDM's construction-time init.
+        """
         for param, gain in ((self.weight, self.init_weight), (self.bias, self.init_bias)):
             if param is None or param.device.type == "meta":
                 continue
-            # Always draw (as the original does, even for zero gains) so the RNG sequence matches EDM's.
-            value = _init_tensor(param.shape, self.init_mode, self.fan_in, generator)
+            scale = gain if gain != 0 else zero_init_scale
             with torch.no_grad():
-                param.copy_(value * (gain if gain != 0 else zero_init_scale))
+                if param.device.type == "cpu" and param.dtype == torch.float32:
+                    _draw_(param.data, self.init_mode, self.fan_in, scale, generator)
+                else:
+                    value = torch.empty(param.shape)
+                    _draw_(value, self.init_mode, self.fan_in, scale, generator)
+                    param.copy_(value)
 
 
 def _box_filter() -> Tensor:
@@ -220,7 +231,9 @@ class GroupNorm(nn.Module):
         super().__init__()
         self.num_groups = min(num_groups, num_channels // min_channels_per_group)
         if self.num_groups < 1:
-            raise UnsupportedConfigError(f"GroupNorm needs at least {min_channels_per_group} channels, got {num_channels}")
+            raise UnsupportedConfigError(
+                f"GroupNorm needs at least {min_channels_per_group} channels, got {num_channels}"
+            )
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(num_channels))
         self.bias = nn.Parameter(torch.zeros(num_channels))
@@ -246,33 +259,25 @@ def _autocast_disabled(device_type: str) -> Iterator[None]:
         yield
 
 
-def attention(qkv: Tensor, num_heads: int) -> Tensor:
+def pixel_attention(qkv: Tensor, num_heads: int) -> Tensor:
     """Multi-head self-attention over pixels from EDM's interleaved qkv map [N, 3C, H, W] -> [N, C, H, W].
 
     Channel layout of `qkv`: (head, channel-in-head, q|k|v), i.e. q, k, v are interleaved per channel (not ADM's
-    [q|k|v] blocks). Softmax over keys of q.k / sqrt(C / heads), with logits and softmax in float32.
+    [q|k|v] blocks). Softmax over keys of q.k / sqrt(C / heads) (SDPA's default scale). A float32 `qkv` gets
+    exact float32 attention even inside autocast; a half-precision one (under autocast) goes to the fused
+    kernels, which keep logits and softmax in float32 as the original's AttentionOp does.
     """
     n, c3, h, w = qkv.shape
     c = c3 // 3
     ch = c // num_heads
-    q, k, v = qkv.reshape(n, num_heads, ch, 3, h * w).unbind(3)  # each [N, heads, ch, HW]
-    out_dtype = qkv.dtype
-    with _autocast_disabled(qkv.device.type):
-        # SDPA with float32 inputs is exact float32 attention (scale 1/sqrt(ch) is its default).
-        a = F.scaled_dot_product_attention(
-            q.transpose(-1, -2).float(), k.transpose(-1, -2).float(), v.transpose(-1, -2).float()
-        )
+    # [N, heads, ch, 3, HW] -> q, k, v as [N, heads, HW, ch], contiguous as the fused kernels want.
+    q, k, v = (t.transpose(-1, -2).contiguous() for t in qkv.reshape(n, num_heads, ch, 3, h * w).unbind(3))
+    if qkv.dtype == torch.float32:
+        with _autocast_disabled(qkv.device.type):
+            a = F.scaled_dot_product_attention(q, k, v)
+    else:
+        a = F.scaled_dot_product_attention(q, k, v)
     # [N, heads, HW, ch] -> [N, heads, ch, HW] -> [N, C, H, W]: channel index = head * ch + c, as the original.
-    return a.transpose(-1, -2).reshape(n, c, h, w).to(out_dtype)
-
-
-def attention_low_precision(qkv: Tensor, num_heads: int) -> Tensor:
-    """Same as `attention` but keeps q, k, v in their (autocast) dtype; fused kernels accumulate in float32."""
-    n, c3, h, w = qkv.shape
-    c = c3 // 3
-    ch = c // num_heads
-    q, k, v = qkv.reshape(n, num_heads, ch, 3, h * w).unbind(3)
-    a = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
     return a.transpose(-1, -2).reshape(n, c, h, w)
 
 
@@ -333,12 +338,8 @@ class UNetBlock(nn.Module):
         x = x * self.skip_scale
 
         if self.num_heads:
-            qkv = self.qkv(self.norm2(x))
-            if qkv.dtype == torch.float32:
-                a = attention(qkv, self.num_heads)
-            else:
-                a = attention_low_precision(qkv, self.num_heads)
-            x = self.proj(a.to(x.dtype)) + x
+            a = pixel_attention(self.qkv(self.norm2(x)), self.num_heads)
+            x = self.proj(a) + x
             x = x * self.skip_scale
         return x
 
@@ -436,7 +437,9 @@ class DhariwalUNet(nn.Module):
         self.out_norm = GroupNorm(cout)
         self.out_conv = Conv2d(cout, out_channels, kernel=3, **init_zero)
 
-    def embedding(self, noise_labels: Tensor, class_labels: Tensor | None, augment_labels: Tensor | None = None) -> Tensor:
+    def embedding(
+        self, noise_labels: Tensor, class_labels: Tensor | None, augment_labels: Tensor | None = None
+    ) -> Tensor:
         """The shared block embedding (after the final silu)."""
         emb = self.map_noise(noise_labels)
         if self.map_augment is not None and augment_labels is not None:
@@ -469,24 +472,12 @@ class DhariwalUNet(nn.Module):
         return self.out_conv(F.silu(self.out_norm(x)))
 
 
-# Constructor arguments of EDMPrecond, with the original's defaults for the DhariwalUNet model.
-_PRECOND_DEFAULTS: dict[str, Any] = dict(
-    label_dim=0,
-    use_fp16=False,
-    sigma_min=0.0,
-    sigma_max=float("inf"),
-    sigma_data=0.5,
-    model_type="DhariwalUNet",
-    augment_dim=0,
-    model_channels=192,
-    channel_mult=[1, 2, 3, 4],
-    channel_mult_emb=4,
-    num_blocks=3,
-    attn_resolutions=[32, 16, 8],
-    dropout=0.10,
-    label_dropout=0.0,
-)
-CONFIG_KEYS: tuple[str, ...] = ("img_resolution", "img_channels", *_PRECOND_DEFAULTS)
+# The keyword arguments EDMPrecond takes (the original's names), i.e. the keys of `EDMPrecond.config`.
+CONFIG_KEYS: tuple[str, ...] = (
+    "img_resolution", "img_channels", "label_dim", "use_fp16", "sigma_min", "sigma_max", "sigma_data",
+    "model_type", "augment_dim", "model_channels", "channel_mult", "channel_mult_emb", "num_blocks",
+    "attn_resolutions", "dropout", "label_dropout",
+)  # fmt: skip
 
 
 class EDMPrecond(nn.Module):
@@ -567,7 +558,9 @@ class EDMPrecond(nn.Module):
             elif isinstance(module, GroupNorm):
                 module.reset_parameters()
 
-    def condition(self, x: Tensor, sigma: Tensor | float, class_labels: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
+    def condition(
+        self, x: Tensor, sigma: Tensor | float, class_labels: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
         """Validate and normalise inputs: x float32, sigma [N,1,1,1] float32 > 0, labels [N, label_dim] or None."""
         x = x.to(torch.float32)
         if x.ndim != 4 or x.shape[1] != self.img_channels:
