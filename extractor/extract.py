@@ -183,12 +183,12 @@ def extract(options: ExtractOptions) -> ExtractResult:
     report = ProgressReport(n, f"extracting {options.output}")
     report.update(n - sum(min(shard, n - k * shard) for k in state.pending))
     receipts = run_tasks(tasks, options.scheduler, report)
-    _integrity_pass(options.output, num_shards, receipts)
+    integrity_pass(options.output, num_shards, receipts)
     finalize_store(options.output, {})
     return ExtractResult(options.output, n, False, time.monotonic() - started, loaded.trained)
 
 
-def _integrity_pass(url: str, num_shards: int, receipts: list[dict]) -> None:
+def integrity_pass(url: str, num_shards: int, receipts: list[dict]) -> None:
     bad = [r for r in receipts if r.get("nonfinite")]
     if bad:
         lines = [f"{layer}: samples {samples[:10]}{' …' if len(samples) > 10 else ''}" for r in bad for layer, samples in r["nonfinite"].items()]
@@ -198,28 +198,47 @@ def _integrity_pass(url: str, num_shards: int, receipts: list[dict]) -> None:
         raise ExtractionError(f"{url}: shards {np.flatnonzero(~done)[:10].tolist()} were not written; re-run to finish")
 
 
-def _attrs(options: ExtractOptions, images: ImageStore, loaded, paths: dict[str, str], selection: dict, device: str) -> dict[str, Any]:
-    fwd = options.forward
+def model_attrs(fwd: ForwardSettings, loaded) -> dict[str, Any]:
+    """How a store records the network that made its values."""
     return {
-        "model": {
-            "name": loaded.name,
-            "preset": fwd.model.preset,
-            "checkpoint": fwd.model.checkpoint,
-            "sha256": loaded.sha256,
-            "config": loaded.config,
-            "trained": loaded.trained,
-        },
+        "name": loaded.name,
+        "preset": fwd.model.preset,
+        "checkpoint": fwd.model.checkpoint,
+        "sha256": loaded.sha256,
+        "config": {k: (str(v) if isinstance(v, float) and not np.isfinite(v) else v) for k, v in loaded.config.items()},
+        "trained": loaded.trained,
+    }
+
+
+def versions() -> dict[str, str]:
+    return {"imzarr": version("imzarr"), "torch": torch.__version__, "zarr": zarr.__version__, "numpy": np.__version__}
+
+
+def device_name(device: str) -> str:
+    return torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else "cpu"
+
+
+def run_attrs(fwd: ForwardSettings, loaded, paths: dict[str, str], device: str) -> dict[str, Any]:
+    """Attributes every activation store carries: model, layers, σ, noise, pooling, dtypes, versions, device."""
+    return {
+        "model": model_attrs(fwd, loaded),
         "layers": paths,
         "sigma": fwd.sigma,
         "noise": None if fwd.noise_seed is None else {"seed": fwd.noise_seed, "per_sample": "numpy default_rng([seed, global_index]).standard_normal"},
         "class_conditioning": "none (zero labels)" if fwd.class_free else "one-hot of label",
-        "input_scaling": "uint8 / 127.5 - 1, then + sigma * noise",
         "pooling": fwd.pool,
         "dtypes": {"storage": fwd.storage_dtype, "compute": fwd.compute_dtype},
+        "versions": versions(),
+        "device": device_name(device),
+    }
+
+
+def _attrs(options: ExtractOptions, images: ImageStore, loaded, paths: dict[str, str], selection: dict, device: str) -> dict[str, Any]:
+    return {
+        **run_attrs(options.forward, loaded, paths, device),
+        "input_scaling": "uint8 / 127.5 - 1, then + sigma * noise",
         "selection": selection,
         "source": {"url": options.store, "schema": images.attrs.get("schema"), "fingerprint": images.attrs.get("settings_fingerprint"), "source_format": images.attrs.get("source_format")},
-        "versions": {"imzarr": version("imzarr"), "torch": torch.__version__, "zarr": zarr.__version__, "numpy": np.__version__},
-        "device": torch.cuda.get_device_name(0) if device.startswith("cuda") else "cpu",
     }
 
 
@@ -258,19 +277,37 @@ def run_forward(loaded, images: np.ndarray, labels: np.ndarray, global_index: np
     if fwd.noise_seed is not None:
         x = x + fwd.sigma * torch.from_numpy(sample_noise(fwd.noise_seed, global_index, images.shape[1:])).to(device)
     sigma = torch.full((images.shape[0],), fwd.sigma, device=device)
-    one_hot = torch.zeros(images.shape[0], loaded.label_dim, device=device)
-    if not fwd.class_free:
-        known = np.flatnonzero(labels >= 0)
-        one_hot[torch.from_numpy(known).to(device), torch.from_numpy(labels[known].astype(np.int64)).to(device)] = 1
+    one_hot = one_hot_labels(labels, loaded.label_dim, device, fwd.class_free)
     store_dtype = getattr(torch, fwd.storage_dtype)
     with torch.no_grad(), _model_lock(device), autocast_context(device, fwd.compute_dtype):
         acts, out = capture_layers(loaded.module, x, sigma, one_hot, list(fwd.layers), fwd.pool, need_output=fwd.reconstructions)
         host = {name: a.to(store_dtype).cpu().numpy() for name, a in acts.items()}
-        recon = None
-        if out is not None:
-            # DMD2's own conversion: truncation after clamping, not rounding
-            recon = ((out.float() + 1) * 127.5).clamp(0, 255).to(torch.uint8).cpu().numpy()
+        recon = None if out is None else to_uint8_images(out)
     return host, recon
+
+
+def find_nonfinite(variables: dict[str, np.ndarray], start: int) -> dict[str, list[int]]:
+    """{layer: sample positions} of rows holding NaN or Inf."""
+    found = {}
+    for name, arr in variables.items():
+        bad = ~np.isfinite(arr.reshape(arr.shape[0], -1)).all(axis=1)
+        if bad.any():
+            found[name] = (start + np.flatnonzero(bad)).tolist()
+    return found
+
+
+def one_hot_labels(labels: np.ndarray, label_dim: int, device: str, class_free: bool = False) -> torch.Tensor:
+    """One-hot rows for labels ≥ 0; unknown labels (-1) and class-free runs get zero rows."""
+    one_hot = torch.zeros(labels.shape[0], label_dim, device=device)
+    if not class_free:
+        known = np.flatnonzero(labels >= 0)
+        one_hot[torch.from_numpy(known).to(device), torch.from_numpy(labels[known].astype(np.int64)).to(device)] = 1
+    return one_hot
+
+
+def to_uint8_images(d: torch.Tensor) -> np.ndarray:
+    """DMD2's own conversion of D(x) to images: clamp((D + 1) · 127.5), then truncate (not round)."""
+    return ((d.float() + 1) * 127.5).clamp(0, 255).to(torch.uint8).cpu().numpy()
 
 
 def extract_shard(task: ShardTask) -> dict:
@@ -291,11 +328,7 @@ def extract_shard(task: ShardTask) -> dict:
         if recon is not None:
             recons.append(recon)
     variables = {name: np.concatenate(parts) for name, parts in outputs.items()}
-    nonfinite = {}
-    for name, arr in variables.items():
-        bad = ~np.isfinite(arr.reshape(arr.shape[0], -1)).all(axis=1)
-        if bad.any():
-            nonfinite[name] = (task.start + np.flatnonzero(bad)).tolist()
+    nonfinite = find_nonfinite(variables, task.start)
     if nonfinite:
         return {"images": int(images.shape[0]), "nonfinite": nonfinite}
     if recons:
