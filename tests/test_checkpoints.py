@@ -383,3 +383,9 @@ def test_load_model_from_checkpoint(tmp_path: Path, ref: dict, sd: dict) -> None
     assert not any(p.requires_grad for p in loaded.module.parameters())
     _assert_reproduces_fixture(loaded.module, ref)
     assert cached_model(spec) is cached_model(spec, "cpu")
+
+
+def test_torch_zip_named_pkl_goes_through_weights_only_load(tmp_path: Path, sd: dict) -> None:
+    path = tmp_path / "generator.pkl"
+    torch.save({"ema": sd}, path)
+    _assert_same_weights(load_checkpoint(path), sd)

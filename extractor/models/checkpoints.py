@@ -83,11 +83,17 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]
     init_kwargs: dict[str, Any] | None = None
     if suffix == ".safetensors":
         obj: Any = _read_safetensors(file)
-    elif suffix in _PICKLE_SUFFIXES:
+    elif suffix in _PICKLE_SUFFIXES and not _is_zip(file):
         obj, init_kwargs = _read_edm_pickle(file)
     else:
         obj = _read_torch(file)
     return normalize_state_dict(obj, file), init_kwargs
+
+
+def _is_zip(file: Path) -> bool:
+    """torch.save's default container (whatever the file is called)."""
+    with file.open("rb") as fh:
+        return fh.read(4) == b"PK\x03\x04"
 
 
 def _read_safetensors(file: Path) -> dict[str, Tensor]:
