@@ -31,8 +31,13 @@ convert: $(BIN)/imzarr $(if $(filter $(DATA)/sample/train,$(SRC)),$(DATA)/sample
 	$(BIN)/imzarr convert npz $(SRC) -o $(STORE)
 	$(BIN)/imzarr info $(STORE)
 
-extract: $(BIN)/imzarr
+extract: $(BIN)/imzarr $(if $(filter $(DATA)/sample.zarr,$(STORE)),$(DATA)/sample.zarr/zarr.json)
 	$(BIN)/imzarr extract $(STORE) -o $(ACTS) $(MODEL_ARGS) --layers $(LAYERS)
+	$(BIN)/python -c "import xarray as xr; print(xr.open_zarr('$(ACTS)'))"
+
+# `make extract` on a fresh clone converts the sample first.
+$(DATA)/sample.zarr/zarr.json: | $(DATA)/sample/train/train_data_batch_1.npz
+	$(BIN)/imzarr convert npz $(DATA)/sample/train -o $(DATA)/sample.zarr
 
 test: $(BIN)/imzarr
 	$(BIN)/python -m pytest -q
