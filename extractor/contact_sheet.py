@@ -1,0 +1,146 @@
+"""`imzarr show`: a contact sheet PNG of a store's images, one row per class with its name at the row start.
+
+Works on an image store (`image`) or on an activation store's `reconstruction` variable. Rows group samples by
+the `synset` coordinate, so stores whose folder-named classes have no ImageNet label (-1) are shown too.
+Tiles are upscaled by an integer factor (nearest neighbour: every stored pixel stays visible as a square).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import zarr
+from PIL import Image, ImageDraw
+
+from schemas.activation_store import ACTIVATION_SCHEMA, RECONSTRUCTION_VAR, validate_activation_store
+from schemas.classes import class_table
+from schemas.errors import ImzarrError
+from schemas.image_store import IMAGE_SCHEMA, IMAGE_VAR, validate_image_store
+
+MIN_TILE = 64  # pixels: smaller stored images are upscaled to at least this
+GAP = 4
+LABEL_WIDTH = 180
+BACKGROUND = (24, 24, 24)
+TEXT = (235, 235, 235)
+MUTED = (150, 150, 150)
+
+
+class ContactSheetError(ImzarrError):
+    """The sheet cannot be made: wrong variable, no reconstructions, or a class the store does not hold."""
+
+
+def write_contact_sheet(
+    store_url: str,
+    output_png: str | Path,
+    classes: list[str] | None = None,
+    per_class: int = 8,
+    max_classes: int = 10,
+    variable: str = "image",
+) -> Path:
+    """Write a grid PNG: one row per class (the given WNIDs, or the store's first `max_classes` classes in label
+    order), the first `per_class` samples of each. On an activation store `variable` "image" means its
+    reconstructions."""
+    if per_class < 1 or max_classes < 1:
+        raise ContactSheetError(f"per_class and max_classes must be positive, got {per_class} and {max_classes}")
+    synsets, names, read = _open(store_url, variable)
+    chosen = _choose_classes(store_url, synsets, classes, max_classes)
+    rows = [np.flatnonzero(synsets == wnid)[:per_class] for wnid in chosen]
+    images = read(np.concatenate(rows)) if rows else np.zeros((0, 3, 1, 1), np.uint8)
+    size = int(images.shape[-1])
+    scale = max(1, math.ceil(MIN_TILE / size))
+    tile = size * scale
+    width, height = sheet_size(len(chosen), per_class, tile)
+    sheet = Image.new("RGB", (width, height), BACKGROUND)
+    draw = ImageDraw.Draw(sheet)
+    pos = 0
+    for r, (wnid, idx) in enumerate(zip(chosen, rows)):
+        _draw_label(draw, r, tile, str(names[idx[0]]), wnid, idx.size)
+        for c in range(idx.size):
+            hwc = images[pos].transpose(1, 2, 0)
+            big = np.repeat(np.repeat(hwc, scale, axis=0), scale, axis=1)
+            sheet.paste(Image.fromarray(np.ascontiguousarray(big), "RGB"), tile_origin(r, c, tile))
+            pos += 1
+    out = Path(output_png)
+    sheet.save(out, format="PNG")
+    return out
+
+
+def sheet_size(num_rows: int, per_class: int, tile: int) -> tuple[int, int]:
+    """(width, height) in pixels of a sheet with these rows, columns and tile size."""
+    return LABEL_WIDTH + per_class * (tile + GAP), GAP + num_rows * (tile + GAP)
+
+
+def tile_origin(row: int, col: int, tile: int) -> tuple[int, int]:
+    """(x, y) of the top-left pixel of a tile."""
+    return LABEL_WIDTH + col * (tile + GAP), GAP + row * (tile + GAP)
+
+
+def _open(url: str, variable: str):
+    """Per-sample synsets and class names, and a reader of uint8 (n, 3, S, S) images at given indices."""
+    try:
+        schema = dict(zarr.open_group(url, mode="r").attrs).get("schema")
+    except Exception:  # let the validator word the "not a store" error
+        schema = IMAGE_SCHEMA
+    if schema == ACTIVATION_SCHEMA:
+        if variable not in (IMAGE_VAR, RECONSTRUCTION_VAR):
+            raise ContactSheetError(f"{url}: an activation store's only images are {RECONSTRUCTION_VAR!r}, not {variable!r}")
+        group = validate_activation_store(url)
+        if RECONSTRUCTION_VAR not in group:
+            raise ContactSheetError(f"{url}: no {RECONSTRUCTION_VAR!r} variable; it was extracted without --reconstructions")
+        array = group[RECONSTRUCTION_VAR]
+        return (
+            np.asarray(group["synset"][:]).astype(object),
+            np.asarray(group["class_name"][:]).astype(object),
+            lambda idx: _take(array, idx),
+        )
+    if variable != IMAGE_VAR:
+        raise ContactSheetError(f"{url}: an image store shows {IMAGE_VAR!r}; {variable!r} exists only in activation stores")
+    store = validate_image_store(url)
+    return store.coordinate("synset"), store.coordinate("class_name"), store.take
+
+
+def _choose_classes(url: str, synsets: np.ndarray, classes: list[str] | None, max_classes: int) -> list[str]:
+    present = set(synsets.tolist()) - {""}
+    if classes is None:
+        return sorted(present)[:max_classes]  # sorted WNIDs are label order
+    table = class_table()
+    for wnid in classes:
+        if wnid in present:
+            continue
+        if not table.is_wnid(wnid):
+            raise ContactSheetError(f"{url}: {wnid!r} is not an ImageNet-1k WNID (nor a class of this store)")
+        name = table.names[table.index_of_wnid(wnid)]
+        raise ContactSheetError(f"{url}: no samples of {wnid} ({name}); the store has {len(present)} classes, e.g. {sorted(present)[:5]}")
+    return list(classes)
+
+
+def _take(array: zarr.Array, indices: np.ndarray) -> np.ndarray:
+    """Rows at any indices, each run of adjacent sorted indices read as one slice."""
+    out = np.empty((indices.size, *array.shape[1:]), dtype=array.dtype)
+    order = np.argsort(indices, kind="stable")
+    sorted_idx = indices[order]
+    breaks = np.flatnonzero(np.diff(sorted_idx) > 1) + 1
+    for run in np.split(np.arange(sorted_idx.size), breaks):
+        if run.size:
+            lo, hi = int(sorted_idx[run[0]]), int(sorted_idx[run[-1]]) + 1
+            out[order[run]] = array[lo:hi][sorted_idx[run] - lo]
+    return out
+
+
+def _draw_label(draw: ImageDraw.ImageDraw, row: int, tile: int, name: str, wnid: str, count: int) -> None:
+    x, y = GAP, tile_origin(row, 0, tile)[1] + 2
+    lines = [(_fit(draw, name.split(",")[0]), TEXT), (wnid, MUTED), (f"{count} shown", MUTED)]
+    for text, colour in lines:
+        draw.text((x, y), text, fill=colour)
+        y += 14
+
+
+def _fit(draw: ImageDraw.ImageDraw, text: str) -> str:
+    limit = LABEL_WIDTH - 2 * GAP
+    if draw.textlength(text) <= limit:
+        return text
+    while text and draw.textlength(text + "...") > limit:  # ASCII: every default font has it
+        text = text[:-1]
+    return text + "..."

@@ -1,0 +1,280 @@
+"""Distribution metrics between two feature sets: Fréchet distance, streaming Gaussian statistics, and k-NN
+precision/recall (Kynkäänniemi et al. 2019) and density/coverage (Naeem et al. 2020), in memory or blocked.
+
+Everything here is NumPy/torch on the CPU and needs no SciPy. Features are rows of 2-D arrays.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+from schemas.errors import ImzarrError
+
+# Rows of one distance tile in the blocked passes: 2048 × block_size float64 stays ≈128 MB at block_size 8192.
+TILE_ROWS = 2048
+
+# (start, stop) -> float rows [start, stop) of a feature set, shape (stop - start, dim).
+RowReader = Callable[[int, int], np.ndarray]
+
+
+class MetricInputError(ImzarrError):
+    """Features a metric cannot be computed on (too few samples, mismatched dimensions, wrong shape)."""
+
+
+# ---------------------------------------------------------------- Fréchet distance
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
+    """||μ1−μ2||² + Tr(Σ1 + Σ2 − 2(Σ1Σ2)^½) in float64.
+
+    Tr((Σ1Σ2)^½) = Σ √λ over the eigenvalues of the symmetric PSD matrix Σ1^½ Σ2 Σ1^½ (similar to Σ1Σ2), so
+    two symmetric eigendecompositions replace a general matrix square root; rounding can make tiny
+    eigenvalues negative, and those are clipped to 0.
+    """
+    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
+    s1, s2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
+    d = mu1.shape[0]
+    if mu1.shape != (d,) or mu2.shape != (d,) or s1.shape != (d, d) or s2.shape != (d, d):
+        raise MetricInputError(f"Fréchet distance: shapes μ1 {mu1.shape}, Σ1 {s1.shape}, μ2 {mu2.shape}, Σ2 {s2.shape} do not match")
+    root1 = _psd_sqrt(s1)
+    middle = root1 @ s2 @ root1
+    eig = np.linalg.eigvalsh((middle + middle.T) / 2)
+    tr_sqrt = float(np.sqrt(np.clip(eig, 0.0, None)).sum())
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * tr_sqrt)
+
+
+def frechet_distance_from_samples(x1: np.ndarray, x2: np.ndarray) -> float:
+    """Fréchet distance between the Gaussians fitted (mean, unbiased covariance) to two sample sets.
+
+    With few samples (n ≤ dim) the covariances have rank < n, and with centred samples A1, A2 the eigenvalues of
+    Σ1Σ2 are the squared singular values of A1·A2ᵀ / √((n1−1)(n2−1)): an n1×n2 SVD instead of dim×dim
+    eigendecompositions, exact in exact arithmetic. Larger sets go through the covariance form.
+    """
+    x1, x2 = _as_rows(x1, "first set"), _as_rows(x2, "second set")
+    n1, n2 = x1.shape[0], x2.shape[0]
+    if x1.shape[1] != x2.shape[1]:
+        raise MetricInputError(f"Fréchet distance: feature dims differ ({x1.shape[1]} vs {x2.shape[1]})")
+    if n1 < 2 or n2 < 2:
+        raise MetricInputError(f"Fréchet distance needs at least 2 samples per set, got {n1} and {n2}")
+    if max(n1, n2) > x1.shape[1]:
+        return frechet_distance(x1.mean(0), np.cov(x1, rowvar=False), x2.mean(0), np.cov(x2, rowvar=False))
+    mu1, mu2 = x1.mean(0), x2.mean(0)
+    a1, a2 = x1 - mu1, x2 - mu2
+    c1, c2 = n1 - 1, n2 - 1
+    singular = np.linalg.svd(a1 @ a2.T, compute_uv=False)
+    tr_sqrt = float(singular.sum()) / np.sqrt(c1 * c2)
+    diff = mu1 - mu2
+    return float(diff @ diff + np.einsum("ij,ij->", a1, a1) / c1 + np.einsum("ij,ij->", a2, a2) / c2 - 2.0 * tr_sqrt)
+
+
+def _psd_sqrt(s: np.ndarray) -> np.ndarray:
+    eig, vec = np.linalg.eigh((s + s.T) / 2)
+    return (vec * np.sqrt(np.clip(eig, 0.0, None))) @ vec.T
+
+
+def _as_rows(x: np.ndarray, what: str) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim != 2:
+        raise MetricInputError(f"{what}: features must be 2-D (samples, dim), got shape {x.shape}")
+    return x
+
+
+# ---------------------------------------------------------------- streaming statistics
+
+
+class GaussianAccumulator:
+    """Mean and unbiased covariance of rows seen block by block, in float64.
+
+    Sums are taken about a shift (the first block's mean): the textbook Σxxᵀ − nμμᵀ loses every digit when the
+    mean is large next to the spread, the shifted form does not, and the result is the same.
+    """
+
+    def __init__(self, dim: int):
+        self.dim = int(dim)
+        self.count = 0
+        self._shift: np.ndarray | None = None
+        self._sum = np.zeros(self.dim, dtype=np.float64)
+        self._outer = np.zeros((self.dim, self.dim), dtype=np.float64)
+
+    def update(self, x_block: np.ndarray) -> None:
+        """Add rows (n, dim) of any float dtype."""
+        x = np.asarray(x_block, dtype=np.float64)
+        if x.ndim != 2 or x.shape[1] != self.dim:
+            raise MetricInputError(f"GaussianAccumulator({self.dim}): block has shape {x.shape}")
+        if x.shape[0] == 0:
+            return
+        if self._shift is None:
+            self._shift = x.mean(axis=0)
+        x = x - self._shift
+        self._sum += x.sum(axis=0)
+        self._outer += x.T @ x
+        self.count += x.shape[0]
+
+    @property
+    def mean(self) -> np.ndarray:
+        if self.count == 0:
+            raise MetricInputError("GaussianAccumulator: no rows were added")
+        return self._shift + self._sum / self.count
+
+    @property
+    def cov(self) -> np.ndarray:
+        if self.count < 2:
+            raise MetricInputError(f"GaussianAccumulator: covariance needs at least 2 rows, got {self.count}")
+        centred_sum = self._sum / self.count
+        cov = (self._outer - self.count * np.outer(centred_sum, centred_sum)) / (self.count - 1)
+        return (cov + cov.T) / 2
+
+
+# ---------------------------------------------------------------- precision, recall, density, coverage
+
+
+@dataclass(frozen=True)
+class PRDC:
+    """k-NN precision and recall (Kynkäänniemi et al. 2019), density and coverage (Naeem et al. 2020)."""
+
+    precision: float
+    recall: float
+    density: float
+    coverage: float
+
+    def as_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+def prdc(real: np.ndarray, fake: np.ndarray, k: int = 5, dtype: torch.dtype = torch.float64) -> PRDC:
+    """All four metrics with every pairwise distance in memory: for small sets (a class)."""
+    real_t, fake_t = _tensor(real, dtype, "real"), _tensor(fake, dtype, "fake")
+    _check_sets(real_t.shape, fake_t.shape, k)
+    r_real = _kth_nn_sq(_sq_dists(real_t, real_t), k)
+    r_fake = _kth_nn_sq(_sq_dists(fake_t, fake_t), k)
+    cross = _sq_dists(real_t, fake_t)  # (real, fake)
+    inside_real = cross <= r_real[:, None]
+    inside_fake = cross <= r_fake[None, :]
+    return PRDC(
+        precision=float(inside_real.any(dim=0).double().mean()),
+        recall=float(inside_fake.any(dim=1).double().mean()),
+        density=float(inside_real.sum(dim=0).double().sum()) / (k * fake_t.shape[0]),
+        coverage=float(inside_real.any(dim=1).double().mean()),
+    )
+
+
+def _kth_nn_sq(d_same: torch.Tensor, k: int) -> torch.Tensor:
+    d_same.fill_diagonal_(float("inf"))  # a sample is not its own neighbour
+    return torch.topk(d_same, k, dim=1, largest=False).values[:, -1]
+
+
+def prdc_blocked(
+    read_real: RowReader,
+    n_real: int,
+    read_fake: RowReader,
+    n_fake: int,
+    k: int = 5,
+    block_size: int = 8192,
+    dtype: torch.dtype = torch.float64,
+    shift: np.ndarray | None = None,
+) -> PRDC:
+    """The same four metrics from two row readers, holding two blocks and per-row state (never a whole set).
+
+    Three passes: k-th neighbour radii among reals and among fakes (each block pair once, both directions
+    updated), then one real×fake pass counting ball memberships. `shift` (e.g. the real mean) is subtracted from
+    every row first: distances do not change, and with float32 the ||a||²+||b||²−2ab form loses less.
+    """
+    if block_size < 1:
+        raise MetricInputError(f"block_size must be positive, got {block_size}")
+    probe_r, probe_f = read_real(0, min(1, n_real)), read_fake(0, min(1, n_fake))
+    _check_sets((n_real, probe_r.shape[-1]), (n_fake, probe_f.shape[-1]), k)
+    shift_t = None if shift is None else torch.as_tensor(np.asarray(shift, np.float64)).to(dtype)
+
+    def loader(read: RowReader, name: str) -> Callable[[int, int], torch.Tensor]:
+        def load(a: int, b: int) -> torch.Tensor:
+            t = _tensor(read(a, b), dtype, name)
+            return t if shift_t is None else t - shift_t
+
+        return load
+
+    load_real, load_fake = loader(read_real, "real"), loader(read_fake, "fake")
+    r_real = _kth_nn_sq_blocked(load_real, n_real, k, block_size, dtype)
+    r_fake = _kth_nn_sq_blocked(load_fake, n_fake, k, block_size, dtype)
+
+    density_count = torch.zeros(n_fake, dtype=torch.int64)
+    covered = torch.zeros(n_real, dtype=torch.bool)
+    recalled = torch.zeros(n_real, dtype=torch.bool)
+    for ra, rb in _blocks(n_real, block_size):
+        real_block = load_real(ra, rb)
+        for fa, fb in _blocks(n_fake, block_size):
+            fake_block = load_fake(fa, fb)
+            for ta, tb in _blocks(rb - ra, TILE_ROWS):
+                d = _sq_dists(real_block[ta:tb], fake_block)
+                inside_real = d <= r_real[ra + ta : ra + tb, None]
+                density_count[fa:fb] += inside_real.sum(dim=0)
+                covered[ra + ta : ra + tb] |= inside_real.any(dim=1)
+                recalled[ra + ta : ra + tb] |= (d <= r_fake[None, fa:fb]).any(dim=1)
+    return PRDC(
+        precision=float((density_count > 0).double().mean()),
+        recall=float(recalled.double().mean()),
+        density=float(density_count.sum()) / (k * n_fake),
+        coverage=float(covered.double().mean()),
+    )
+
+
+def _kth_nn_sq_blocked(load: Callable[[int, int], torch.Tensor], n: int, k: int, block_size: int, dtype: torch.dtype) -> torch.Tensor:
+    """Squared distance of every row to its k-th nearest other row; each pair of blocks is computed once."""
+    best = torch.full((n, k), float("inf"), dtype=dtype)  # k smallest squared distances so far, per row
+    blocks = list(_blocks(n, block_size))
+    for i, (ia, ib) in enumerate(blocks):
+        outer = load(ia, ib)
+        for ja, jb in blocks[i:]:
+            inner = outer if ja == ia else load(ja, jb)
+            for ta, tb in _blocks(ib - ia, TILE_ROWS):
+                d = _sq_dists(outer[ta:tb], inner)
+                if ja == ia:
+                    rows = torch.arange(tb - ta)
+                    d[rows, rows + ta] = float("inf")  # a sample is not its own neighbour
+                _merge_smallest(best, ia + ta, ia + tb, d, k)
+                if ja != ia:
+                    # The same tile read down its columns gives the inner rows' distances to these outer rows.
+                    _merge_smallest(best, ja, jb, d.T, k)
+    return best[:, -1]
+
+
+def _merge_smallest(best: torch.Tensor, a: int, b: int, d: torch.Tensor, k: int) -> None:
+    kk = min(k, d.shape[1])
+    candidates = torch.cat([best[a:b], torch.topk(d, kk, dim=1, largest=False).values], dim=1)
+    best[a:b] = torch.topk(candidates, k, dim=1, largest=False).values  # ascending: column k-1 is the k-th
+
+
+def _sq_dists(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Squared Euclidean distances (len(a), len(b)) as ||a||² + ||b||² − 2ab, clamped at 0 (rounding)."""
+    d = a @ b.T
+    d.mul_(-2.0)
+    d.add_((a * a).sum(dim=1)[:, None])
+    d.add_((b * b).sum(dim=1)[None, :])
+    return d.clamp_(min=0.0)
+
+
+def _blocks(n: int, size: int):
+    for a in range(0, n, size):
+        yield a, min(n, a + size)
+
+
+def _tensor(x: np.ndarray, dtype: torch.dtype, name: str) -> torch.Tensor:
+    arr = np.asarray(x)
+    if arr.ndim != 2:
+        raise MetricInputError(f"{name} features must be 2-D (samples, dim), got shape {arr.shape}")
+    if not arr.flags.writeable:
+        arr = arr.copy()  # torch warns on read-only buffers (np.frombuffer, some zarr reads)
+    return torch.from_numpy(np.ascontiguousarray(arr)).to(dtype)
+
+
+def _check_sets(real_shape: tuple[int, ...], fake_shape: tuple[int, ...], k: int) -> None:
+    if k < 1:
+        raise MetricInputError(f"k must be at least 1, got {k}")
+    if real_shape[1] != fake_shape[1]:
+        raise MetricInputError(f"real and fake feature dims differ ({real_shape[1]} vs {fake_shape[1]})")
+    if real_shape[0] < k + 1 or fake_shape[0] < k + 1:
+        raise MetricInputError(f"k-NN metrics with k={k} need at least {k + 1} samples per set, got {real_shape[0]} real and {fake_shape[0]} fake")
