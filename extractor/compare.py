@@ -130,7 +130,8 @@ def compare_stores(
     Overall: Fréchet distance of Gaussians fitted to each store, and k-NN precision/recall/density/coverage
     (attrs). Per class (classes present in both stores): the same metrics plus sample counts (variables on dim
     `class`); NaN with a note where a side has too few samples. Unpooled layers are reduced spatially with `pool`
-    ("mean"/"max"), or flattened with "none" (at most 4096 values). `output` writes the report as Zarr v3,
+    ("mean"/"max"), or flattened with "none" (at most 4096 values); layers pooled at extraction keep their pooling.
+    `output` writes the report as Zarr v3,
     `plot` a PNG (projection "pca" or "umap"); `scratch_dir` holds the spilled float32 features.
     """
     started = time.monotonic()
@@ -138,6 +139,10 @@ def compare_stores(
         raise CompareError(f"pool must be one of {POOLS}, got {pool!r}")
     if k < 1 or block_size < 1:
         raise CompareError(f"k and block_size must be positive, got k={k}, block_size={block_size}")
+    if plot is not None:
+        from extractor.plots import check_plotting
+
+        check_plotting(projection)
     real = _open_side("real", a_url, layer, pool)
     fake = _open_side("generated", b_url, layer, pool)
     _check_compatible(real, fake, layer)

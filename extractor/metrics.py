@@ -14,8 +14,8 @@ import torch
 
 from schemas.errors import ImzarrError
 
-# Rows of one distance tile in the blocked passes: 2048 × block_size float64 stays ≈128 MB at block_size 8192.
-TILE_ROWS = 2048
+# Rows of one distance tile in the blocked passes: 1024 × block_size float32 is 32 MB at block_size 8192.
+TILE_ROWS = 1024
 
 # (start, stop) -> float rows [start, stop) of a feature set, shape (stop - start, dim).
 RowReader = Callable[[int, int], np.ndarray]
@@ -90,7 +90,7 @@ def _as_rows(x: np.ndarray, what: str) -> np.ndarray:
 class GaussianAccumulator:
     """Mean and unbiased covariance of rows seen block by block, in float64.
 
-    Sums are taken about a shift (the first block's mean): the textbook Σxxᵀ − nμμᵀ loses every digit when the
+    Sums are taken about a shift (the first rows' mean): the textbook Σxxᵀ − nμμᵀ loses every digit when the
     mean is large next to the spread, the shifted form does not, and the result is the same.
     """
 
@@ -103,17 +103,19 @@ class GaussianAccumulator:
 
     def update(self, x_block: np.ndarray) -> None:
         """Add rows (n, dim) of any float dtype."""
-        x = np.asarray(x_block, dtype=np.float64)
-        if x.ndim != 2 or x.shape[1] != self.dim:
-            raise MetricInputError(f"GaussianAccumulator({self.dim}): block has shape {x.shape}")
-        if x.shape[0] == 0:
-            return
-        if self._shift is None:
-            self._shift = x.mean(axis=0)
-        x = x - self._shift
-        self._sum += x.sum(axis=0)
-        self._outer += x.T @ x
-        self.count += x.shape[0]
+        block = np.asarray(x_block)
+        if block.ndim != 2 or block.shape[1] != self.dim:
+            raise MetricInputError(f"GaussianAccumulator({self.dim}): block has shape {block.shape}")
+        # float64 copies of ~16 MB at a time, not of the whole block
+        step = max(1, (16 << 20) // (8 * self.dim))
+        for a in range(0, block.shape[0], step):
+            x = np.array(block[a : a + step], dtype=np.float64)  # always a copy: shifted in place
+            if self._shift is None:
+                self._shift = x.mean(axis=0)
+            x -= self._shift
+            self._sum += x.sum(axis=0)
+            self._outer += x.T @ x
+            self.count += x.shape[0]
 
     @property
     def mean(self) -> np.ndarray:
@@ -150,9 +152,10 @@ def prdc(real: np.ndarray, fake: np.ndarray, k: int = 5, dtype: torch.dtype = to
     """All four metrics with every pairwise distance in memory: for small sets (a class)."""
     real_t, fake_t = _tensor(real, dtype, "real"), _tensor(fake, dtype, "fake")
     _check_sets(real_t.shape, fake_t.shape, k)
-    r_real = _kth_nn_sq(_sq_dists(real_t, real_t), k)
-    r_fake = _kth_nn_sq(_sq_dists(fake_t, fake_t), k)
-    cross = _sq_dists(real_t, fake_t)  # (real, fake)
+    real_sq, fake_sq = _sq_norms(real_t), _sq_norms(fake_t)
+    r_real = _kth_nn_sq(_sq_dists(real_t, real_sq, real_t, real_sq), k)
+    r_fake = _kth_nn_sq(_sq_dists(fake_t, fake_sq, fake_t, fake_sq), k)
+    cross = _sq_dists(real_t, real_sq, fake_t, fake_sq)  # (real, fake)
     inside_real = cross <= r_real[:, None]
     inside_fake = cross <= r_fake[None, :]
     return PRDC(
@@ -190,30 +193,38 @@ def prdc_blocked(
     _check_sets((n_real, probe_r.shape[-1]), (n_fake, probe_f.shape[-1]), k)
     shift_t = None if shift is None else torch.as_tensor(np.asarray(shift, np.float64)).to(dtype)
 
-    def loader(read: RowReader, name: str) -> Callable[[int, int], torch.Tensor]:
-        def load(a: int, b: int) -> torch.Tensor:
-            t = _tensor(read(a, b), dtype, name)
-            return t if shift_t is None else t - shift_t
+    block_rows = min(block_size, max(n_real, n_fake))
+    work = _Workspace(dtype, probe_r.shape[-1], min(TILE_ROWS, block_rows), block_rows)
+
+    def loader(read: RowReader, name: str) -> Callable[[int, int, int], tuple[torch.Tensor, torch.Tensor]]:
+        def load(a: int, b: int, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+            rows = _tensor(read(a, b), dtype, name)
+            if rows.shape[0] != b - a:
+                raise MetricInputError(f"{name} reader returned {rows.shape[0]} rows for [{a}, {b})")
+            # Copied into a reused buffer: the reader's array may be the caller's own data, and is not shifted.
+            return work.load(slot, rows, shift_t)
 
         return load
 
     load_real, load_fake = loader(read_real, "real"), loader(read_fake, "fake")
-    r_real = _kth_nn_sq_blocked(load_real, n_real, k, block_size, dtype)
-    r_fake = _kth_nn_sq_blocked(load_fake, n_fake, k, block_size, dtype)
+    r_real = _kth_nn_sq_blocked(load_real, n_real, k, block_size, work)
+    r_fake = _kth_nn_sq_blocked(load_fake, n_fake, k, block_size, work)
 
     density_count = torch.zeros(n_fake, dtype=torch.int64)
     covered = torch.zeros(n_real, dtype=torch.bool)
     recalled = torch.zeros(n_real, dtype=torch.bool)
     for ra, rb in _blocks(n_real, block_size):
-        real_block = load_real(ra, rb)
+        real_block, real_sq = load_real(ra, rb, 0)
         for fa, fb in _blocks(n_fake, block_size):
-            fake_block = load_fake(fa, fb)
+            fake_block, fake_sq = load_fake(fa, fb, 1)
             for ta, tb in _blocks(rb - ra, TILE_ROWS):
-                d = _sq_dists(real_block[ta:tb], fake_block)
-                inside_real = d <= r_real[ra + ta : ra + tb, None]
-                density_count[fa:fb] += inside_real.sum(dim=0)
-                covered[ra + ta : ra + tb] |= inside_real.any(dim=1)
-                recalled[ra + ta : ra + tb] |= (d <= r_fake[None, fa:fb]).any(dim=1)
+                rows = slice(ra + ta, ra + tb)
+                d = work.sq_dists(real_block[ta:tb], real_sq[ta:tb], fake_block, fake_sq)
+                inside = torch.le(d, r_real[rows, None], out=work.mask(tb - ta, fb - fa))
+                density_count[fa:fb] += _column_counts(inside)
+                covered[rows] |= inside.any(dim=1)
+                inside = torch.le(d, r_fake[None, fa:fb], out=inside)
+                recalled[rows] |= inside.any(dim=1)
     return PRDC(
         precision=float((density_count > 0).double().mean()),
         recall=float(recalled.double().mean()),
@@ -222,38 +233,86 @@ def prdc_blocked(
     )
 
 
-def _kth_nn_sq_blocked(load: Callable[[int, int], torch.Tensor], n: int, k: int, block_size: int, dtype: torch.dtype) -> torch.Tensor:
+class _Workspace:
+    """Two row blocks (with their squared norms), a distance tile and a mask tile, reused throughout.
+
+    Fresh large allocations are mapped anew by the allocator each time, and first-touching new pages is slow on
+    these machines (~0.5 GB/s); reusing buffers also keeps the peak at two blocks and one tile.
+    """
+
+    def __init__(self, dtype: torch.dtype, dim: int, tile_rows: int, block_rows: int):
+        self.dtype = dtype
+        self._blocks = [torch.empty((block_rows, dim), dtype=dtype) for _ in range(2)]
+        self._norms = [torch.empty(block_rows, dtype=dtype) for _ in range(2)]
+        self._dist = torch.empty(tile_rows * block_rows, dtype=dtype)
+        self._mask = torch.empty(tile_rows * block_rows, dtype=torch.bool)
+
+    def load(self, slot: int, rows: torch.Tensor, shift: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        n = rows.shape[0]
+        block, norms = self._blocks[slot][:n], self._norms[slot][:n]
+        if shift is None:
+            block.copy_(rows)
+        else:
+            torch.sub(rows, shift, out=block)
+        for a in range(0, n, TILE_ROWS):  # in slices: x*x of a whole block would be one more block-sized temporary
+            norms[a : a + TILE_ROWS] = _sq_norms(block[a : a + TILE_ROWS])
+        return block, norms
+
+    def sq_dists(self, a: torch.Tensor, a_sq: torch.Tensor, b: torch.Tensor, b_sq: torch.Tensor) -> torch.Tensor:
+        out = self._dist[: a.shape[0] * b.shape[0]].view(a.shape[0], b.shape[0])
+        return _sq_dists(a, a_sq, b, b_sq, out=out)
+
+    def mask(self, rows: int, cols: int) -> torch.Tensor:
+        return self._mask[: rows * cols].view(rows, cols)
+
+
+def _kth_nn_sq_blocked(
+    load: Callable[[int, int, int], tuple[torch.Tensor, torch.Tensor]], n: int, k: int, block_size: int, work: _Workspace
+) -> torch.Tensor:
     """Squared distance of every row to its k-th nearest other row; each pair of blocks is computed once."""
-    best = torch.full((n, k), float("inf"), dtype=dtype)  # k smallest squared distances so far, per row
+    best = torch.full((n, k), float("inf"), dtype=work.dtype)  # k smallest squared distances so far, per row
     blocks = list(_blocks(n, block_size))
     for i, (ia, ib) in enumerate(blocks):
-        outer = load(ia, ib)
+        outer, outer_sq = load(ia, ib, 0)
         for ja, jb in blocks[i:]:
-            inner = outer if ja == ia else load(ja, jb)
+            inner, inner_sq = (outer, outer_sq) if ja == ia else load(ja, jb, 1)
             for ta, tb in _blocks(ib - ia, TILE_ROWS):
-                d = _sq_dists(outer[ta:tb], inner)
+                d = work.sq_dists(outer[ta:tb], outer_sq[ta:tb], inner, inner_sq)
                 if ja == ia:
                     rows = torch.arange(tb - ta)
                     d[rows, rows + ta] = float("inf")  # a sample is not its own neighbour
-                _merge_smallest(best, ia + ta, ia + tb, d, k)
+                _merge_smallest(best, ia + ta, ia + tb, torch.topk(d, min(k, d.shape[1]), dim=1, largest=False).values)
                 if ja != ia:
                     # The same tile read down its columns gives the inner rows' distances to these outer rows.
-                    _merge_smallest(best, ja, jb, d.T, k)
+                    down = torch.topk(d, min(k, d.shape[0]), dim=0, largest=False).values
+                    _merge_smallest(best, ja, jb, down.T)
     return best[:, -1]
 
 
-def _merge_smallest(best: torch.Tensor, a: int, b: int, d: torch.Tensor, k: int) -> None:
-    kk = min(k, d.shape[1])
-    candidates = torch.cat([best[a:b], torch.topk(d, kk, dim=1, largest=False).values], dim=1)
-    best[a:b] = torch.topk(candidates, k, dim=1, largest=False).values  # ascending: column k-1 is the k-th
+def _merge_smallest(best: torch.Tensor, a: int, b: int, candidates: torch.Tensor) -> None:
+    k = best.shape[1]
+    both = torch.cat([best[a:b], candidates], dim=1)
+    best[a:b] = torch.topk(both, k, dim=1, largest=False).values  # ascending: column k-1 is the k-th
 
 
-def _sq_dists(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def _column_counts(mask: torch.Tensor, rows: int = 64) -> torch.Tensor:
+    """True entries per column; summed in row slices because a bool sum first casts the whole tile to int64."""
+    counts = torch.zeros(mask.shape[1], dtype=torch.int64)
+    for a in range(0, mask.shape[0], rows):
+        counts += mask[a : a + rows].sum(dim=0)
+    return counts
+
+
+def _sq_norms(x: torch.Tensor) -> torch.Tensor:
+    return (x * x).sum(dim=1)
+
+
+def _sq_dists(a: torch.Tensor, a_sq: torch.Tensor, b: torch.Tensor, b_sq: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """Squared Euclidean distances (len(a), len(b)) as ||a||² + ||b||² − 2ab, clamped at 0 (rounding)."""
-    d = a @ b.T
+    d = torch.mm(a, b.T, out=out) if out is not None else a @ b.T
     d.mul_(-2.0)
-    d.add_((a * a).sum(dim=1)[:, None])
-    d.add_((b * b).sum(dim=1)[None, :])
+    d.add_(a_sq[:, None])
+    d.add_(b_sq[None, :])
     return d.clamp_(min=0.0)
 
 

@@ -24,17 +24,24 @@ class PlotError(ImzarrError):
     """The figure cannot be drawn: a missing optional package or an unknown projection."""
 
 
+def check_plotting(projection: str) -> None:
+    """Fail before any heavy work when the figure could not be drawn: unknown projection or missing package."""
+    if projection not in PROJECTIONS:
+        raise PlotError(f"projection must be one of {PROJECTIONS}, got {projection!r}")
+    if importlib.util.find_spec("matplotlib") is None:
+        raise PlotError("plotting needs matplotlib (pip install 'imzarr[plot]')")
+    if projection == "umap" and importlib.util.find_spec("umap") is None:
+        raise PlotError("projection 'umap' needs the optional umap-learn package (pip install umap-learn); or use 'pca'")
+
+
 def project_2d(real: np.ndarray, fake: np.ndarray, projection: str = "pca") -> tuple[np.ndarray, np.ndarray, tuple[str, str]]:
     """Both sets in one shared 2-D embedding, plus axis labels.
 
     PCA: the top two principal axes of the pooled, centred features (NumPy eigh of the dim×dim scatter matrix).
     """
-    if projection not in PROJECTIONS:
-        raise PlotError(f"projection must be one of {PROJECTIONS}, got {projection!r}")
+    check_plotting(projection)
     both = np.concatenate([real, fake]).astype(np.float64)
     if projection == "umap":
-        if importlib.util.find_spec("umap") is None:
-            raise PlotError("projection 'umap' needs the optional umap-learn package (pip install umap-learn); or use 'pca'")
         import umap
 
         emb = umap.UMAP(n_components=2, random_state=0).fit_transform(both)

@@ -1,6 +1,7 @@
 """compare_stores: overall and per-class metrics equal reference computations on the stored values, pooling and
 flattening of unpooled layers, the Zarr report, the terminal table, the PNG, and clear errors."""
 
+import importlib.util
 import warnings
 
 import numpy as np
@@ -12,6 +13,7 @@ from scipy.spatial.distance import cdist
 
 from extractor import compare as compare_module
 from extractor.compare import CompareError, LayerMismatchError, NonFiniteFeaturesError, compare_stores, format_report_table
+from extractor.plots import PlotError
 from schemas.classes import class_table
 from tests.benchmarks.bench_compare import write_activation_store
 
@@ -194,6 +196,11 @@ def test_errors_name_store_and_reason(tmp_path, stores):
         compare_stores(real_url, overflow, "feat")
     with pytest.raises(CompareError, match="pool must be one of"):
         compare_stores(real_url, fake_url, "feat", pool="median")
+    with pytest.raises(PlotError, match="projection must be one of"):
+        compare_stores(real_url, fake_url, "feat", plot=str(tmp_path / "x.png"), projection="tsne")
+    if importlib.util.find_spec("umap") is None:
+        with pytest.raises(PlotError, match="umap-learn"):
+            compare_stores(real_url, fake_url, "feat", plot=str(tmp_path / "x.png"), projection="umap")
 
 
 def test_without_per_class(stores, tmp_path):
