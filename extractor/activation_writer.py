@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import zarr
 
-from schemas.activation_store import COORDINATES, RECONSTRUCTION_DIMS, RECONSTRUCTION_VAR, SAMPLE_DIM, layer_dims
+from schemas.activation_store import COORDINATES, RECONSTRUCTION_DIMS, RECONSTRUCTION_VAR, layer_dims
+from schemas.image_layout import create_coordinate_arrays
 
 TARGET_SHARD_BYTES = 64 << 20  # per variable: few files, and a task's working set stays ~100 MB
 INNER_CHUNK = 64
@@ -52,15 +53,7 @@ def create_activation_arrays(
             dimension_names=RECONSTRUCTION_DIMS,
             attributes={"coordinates": coord_names},
         )
-    for name, kind in COORDINATES.items():
-        group.create_array(
-            name,
-            shape=(num_samples,),
-            dtype=str if kind == "U" else kind,
-            chunks=(shard,),
-            fill_value="" if kind == "U" else -1,
-            dimension_names=(SAMPLE_DIM,),
-        )
+    create_coordinate_arrays(group, COORDINATES, num_samples, shard)
 
 
 def write_activation_shard(url: str, start: int, variables: dict[str, np.ndarray], coords: dict[str, np.ndarray]) -> None:

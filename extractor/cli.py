@@ -89,9 +89,50 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--shard-size", type=int, default=None, help="samples per shard/task (default 1024 or less)")
     _scheduler_args(gen)
 
+    cmp = sub.add_parser(
+        "compare",
+        help="compare two activation stores per class",
+        description=(
+            "Fréchet distance, precision/recall (Kynkäänniemi et al. 2019) and density/coverage (Naeem et al. 2020) "
+            "between two activation stores in one layer's feature space, overall and per class; streaming, bounded memory. "
+            "A is taken as the real set, B as the generated one."
+        ),
+    )
+    cmp.add_argument("real", help="activation store A (real samples)")
+    cmp.add_argument("generated", help="activation store B (generated samples)")
+    cmp.add_argument("--layer", required=True, help="layer variable present in both stores")
+    cmp.add_argument("--pool", default="mean", choices=["none", "mean", "max"], help="spatial reduction of unpooled layers (default mean)")
+    cmp.add_argument("--no-per-class", action="store_true", help="overall metrics only")
+    cmp.add_argument("-k", type=int, default=5, help="nearest neighbours for precision/recall/density/coverage (default 5)")
+    cmp.add_argument("-o", "--output", default=None, help="write the report (an xarray dataset, per-class table on dim `class`) to this Zarr store")
+    cmp.add_argument("--plot", default=None, help="write a PNG: 2-D projection coloured by source, and per-class coverage bars")
+    cmp.add_argument("--projection", default="pca", choices=["pca", "umap"], help="projection for --plot (umap needs the optional umap-learn)")
+
+    show = sub.add_parser("show", help="contact sheet of a store's images", description="A grid of images, one row per class, with class names: real, generated or reconstructions.")
+    show.add_argument("store", help="image store, or activation store with reconstructions")
+    show.add_argument("-o", "--output", default="grid.png", help="PNG to write (default grid.png)")
+    show.add_argument("--classes", default=None, help="comma-separated WNIDs (default: the first classes in the store)")
+    show.add_argument("--per-class", type=int, default=8, help="images per row (default 8)")
+    show.add_argument("--max-classes", type=int, default=10, help="rows when --classes is not given (default 10)")
+
     layers = sub.add_parser("layers", help="list a network's layers and output shapes", description="List every layer name (module paths and aliases) with its output shape for one sample.")
     _model_args(layers)
     return parser
+
+
+def _forward_settings(args: argparse.Namespace, noise_seed: int | None, **extra):
+    from extractor.extract import ForwardSettings
+
+    return ForwardSettings(
+        model=_model_spec(args),
+        layers=tuple(x.strip() for x in (args.layers or "").split(",") if x.strip()),
+        sigma=args.sigma,
+        noise_seed=noise_seed,
+        pool=args.pool,
+        storage_dtype=args.dtype,
+        compute_dtype=args.compute_dtype,
+        **extra,
+    )
 
 
 def _print_layers(args: argparse.Namespace) -> int:
@@ -107,21 +148,11 @@ def _print_layers(args: argparse.Namespace) -> int:
 
 
 def _extract(args: argparse.Namespace) -> int:
-    from extractor.extract import ExtractOptions, ForwardSettings, extract
+    from extractor.extract import ExtractOptions, extract
     from extractor.scheduling import SchedulerSpec, parse_resources
     from extractor.selection import SelectionSpec
 
-    forward = ForwardSettings(
-        model=_model_spec(args),
-        layers=tuple(x.strip() for x in args.layers.split(",") if x.strip()),
-        sigma=args.sigma,
-        noise_seed=None if args.no_noise else args.seed,
-        class_free=args.class_free,
-        pool=args.pool,
-        storage_dtype=args.dtype,
-        compute_dtype=args.compute_dtype,
-        reconstructions=args.reconstructions,
-    )
+    forward = _forward_settings(args, None if args.no_noise else args.seed, class_free=args.class_free, reconstructions=args.reconstructions)
     options = ExtractOptions(
         store=args.store,
         output=args.output,
@@ -154,19 +185,10 @@ def _extract(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from extractor.extract import ForwardSettings
     from extractor.generate import GenerateOptions, generate
     from extractor.scheduling import SchedulerSpec, parse_resources
 
-    forward = ForwardSettings(
-        model=_model_spec(args),
-        layers=tuple(x.strip() for x in (args.layers or "").split(",") if x.strip()),
-        sigma=args.sigma,
-        noise_seed=args.seed,
-        pool=args.pool,
-        storage_dtype=args.dtype,
-        compute_dtype=args.compute_dtype,
-    )
+    forward = _forward_settings(args, args.seed)
     result = generate(
         GenerateOptions(
             output=args.output,
@@ -191,7 +213,36 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compare(args: argparse.Namespace) -> int:
+    from extractor.compare import compare_stores, format_report_table
+
+    report = compare_stores(
+        args.real, args.generated, args.layer, per_class=not args.no_per_class, pool=args.pool, k=args.k,
+        output=args.output, plot=args.plot, projection=args.projection,
+    )
+    print(format_report_table(report))
+    for label, path in (("report", args.output), ("plot", args.plot)):
+        if path:
+            print(f"{label}: {path}")
+    return 0
+
+
+def _show(args: argparse.Namespace) -> int:
+    from extractor.contact_sheet import write_contact_sheet
+
+    from schemas.activation_store import RECONSTRUCTION_VAR
+    import zarr
+
+    variable = RECONSTRUCTION_VAR if RECONSTRUCTION_VAR in zarr.open_group(args.store, mode="r") else "image"
+    path = write_contact_sheet(
+        args.store, args.output, classes=args.classes.split(",") if args.classes else None,
+        per_class=args.per_class, max_classes=args.max_classes, variable=variable,
+    )
+    print(path)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    commands = {"extract": _extract, "layers": _print_layers, "generate": _generate}
+    commands = {"extract": _extract, "layers": _print_layers, "generate": _generate, "compare": _compare, "show": _show}
     return run_cli(f"imzarr {args.command}", lambda: commands[args.command](args), user_errors=MODEL_ERRORS)

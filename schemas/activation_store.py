@@ -14,19 +14,14 @@ import numpy as np
 import zarr
 
 from schemas.errors import StoreValidationError
+from schemas.image_store import COORDINATES as IMAGE_COORDINATES
 
 ACTIVATION_SCHEMA = "imzarr.activations/1"
 SAMPLE_DIM = "sample"
 RECONSTRUCTION_VAR = "reconstruction"
 RECONSTRUCTION_DIMS = (SAMPLE_DIM, "channel", "y", "x")
-COORDINATES: dict[str, str] = {
-    "label": "int16",
-    "synset": "U",
-    "class_name": "U",
-    "global_index": "int64",
-    "source_file": "U",
-    "source_sample": "int64",  # position of the sample in the source image store
-}
+# The image store's sample coordinates, except source_row; source_sample = position in the source image store.
+COORDINATES: dict[str, str] = {k: v for k, v in IMAGE_COORDINATES.items() if k != "source_row"} | {"source_sample": "int64"}
 REQUIRED_ATTRS = (
     "schema", "complete", "model", "layers", "sigma", "noise", "pooling", "dtypes", "selection", "source", "versions", "device",
 )

@@ -31,7 +31,12 @@ def create_image_arrays(group: zarr.Group, num_samples: int, resolution: int, sh
         dimension_names=IMAGE_DIMS,
         attributes={"coordinates": " ".join(COORDINATES)},
     )
-    for name, kind in COORDINATES.items():
+    create_coordinate_arrays(group, COORDINATES, num_samples, shard)
+
+
+def create_coordinate_arrays(group: zarr.Group, coordinates: dict[str, str], num_samples: int, shard: int) -> None:
+    """1-D arrays on `sample`, one chunk per output shard (so each task writes only its own chunks)."""
+    for name, kind in coordinates.items():
         group.create_array(
             name,
             shape=(num_samples,),

@@ -149,8 +149,22 @@ def _read_small_member(path: Path, name: str) -> np.ndarray:
         raise SourceError(path, f"cannot read {name} ({exc})") from None
 
 
+class _RowsOfOneFile:
+    """Parts whose rows are one file's rows: source_file is that file, source_row the row."""
+
+    relpath: str
+    num_rows: int
+    label_values: np.ndarray
+
+    def labels(self) -> np.ndarray:
+        return self.label_values
+
+    def row_sources(self) -> tuple[np.ndarray, np.ndarray]:
+        return np.full(self.num_rows, self.relpath, dtype=object), np.arange(self.num_rows, dtype=np.int64)
+
+
 @dataclass(frozen=True)
-class NpzPart:
+class NpzPart(_RowsOfOneFile):
     """The image member of one `.npz` file (`data` rows of planes, or `arr_0` NHWC samples)."""
 
     path: str
@@ -161,12 +175,6 @@ class NpzPart:
     member: _Member
     header_len: int
     label_values: np.ndarray
-
-    def labels(self) -> np.ndarray:
-        return self.label_values
-
-    def row_sources(self) -> tuple[np.ndarray, np.ndarray]:
-        return np.full(self.num_rows, self.relpath, dtype=object), np.arange(self.num_rows, dtype=np.int64)
 
     def _row_file(self, path: str, offset: int) -> RowFile:
         return RowFile(path, offset, self.num_rows, self.resolution, self.layout)
@@ -207,7 +215,7 @@ class NpzPart:
 
 
 @dataclass(frozen=True)
-class PicklePart:
+class PicklePart(_RowsOfOneFile):
     """A legacy extension-less batch (a pickled dict with `data`, `labels`); loaded only on explicit opt-in."""
 
     path: str
@@ -215,12 +223,6 @@ class PicklePart:
     num_rows: int
     resolution: int
     label_values: np.ndarray
-
-    def labels(self) -> np.ndarray:
-        return self.label_values
-
-    def row_sources(self) -> tuple[np.ndarray, np.ndarray]:
-        return np.full(self.num_rows, self.relpath, dtype=object), np.arange(self.num_rows, dtype=np.int64)
 
     def row_file(self) -> RowFile | None:
         return None
