@@ -4,6 +4,9 @@ Every pipeline that is compared (the converter, the bare np.load + zarr write, t
 own readers) runs in a child process of its own, timed from spawn to exit, so each pays its own interpreter
 start and imports and its peak memory can be measured; the children's internal timers go into the notes.
 In-process reads (ImageStore, the old np.load way, xarray) run in this process on page-cache-warm files.
+Cold is the first run of a pipeline in this process's life; warm follows a warm-up conversion of a small shard.
+Each timed run first waits (within a budget) until other users' jobs leave the cores free, and its note says
+how busy they were meanwhile: this machine is shared, and a neighbour holding one of two cores halves scaling.
 
 Sizes: shards of 128,116 images of 64×64 (`quick`: 12,000) and 2,000 JPEGs (`quick`: 400). Generated inputs
 are kept in the workdir with a `ready.json` marker, so a kept `--workdir` skips the (minute-long) generation.
@@ -35,8 +38,8 @@ ZARR_REFERENCE_TIMEOUT_S = 30.0  # the brief: skip zarr-python's own readers whe
 ZARR_REFERENCE_RSS_LIMIT = 6_000_000_000  # oindex on sharded arrays has reached 12.5 GB here; stop it well before
 CHECK_ROWS = 1_000  # rows kept at generation time to check every store's pixels without reloading a shard
 
-# JPEG inputs: ImageNet-typical sizes (most are 500×375 or 375×500) and a noise level that gives files of
-# roughly ImageNet's size at quality 90, so decoding costs what it costs on real photos.
+# JPEG inputs: ImageNet-typical sizes (most are 500×375 or 375×500) and enough noise for ~85 kB files at
+# quality 90 (ImageNet's mean is ~110 kB), so entropy decoding is not unrealistically cheap.
 JPEG_QUALITY = 90
 JPEG_NOISE_SIGMA = 16.0
 JPEG_BASE_SIZE = 96

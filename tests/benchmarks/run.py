@@ -264,7 +264,7 @@ class QuietGate:
     makes runs comparable; the budget keeps a permanently busy machine from stalling the benchmark.
     """
 
-    budget_s: float = 180.0
+    budget_s: float = 150.0
     per_call_s: float = 30.0
     threshold_cores: float = 0.3
     waited_s: float = 0.0
