@@ -21,6 +21,7 @@ def _common_output_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shard-size", type=int, default=DEFAULT_SHARD, help=f"samples per shard file and per write task (default {DEFAULT_SHARD})")
     p.add_argument("--inner-chunk", type=int, default=DEFAULT_INNER, help=f"samples per inner chunk, the unit zarr reads (default {DEFAULT_INNER})")
     p.add_argument("--workers", type=int, default=None, help="parallel tasks (default: all cores)")
+    p.add_argument("--processes", action="store_true", help="decode/inflate in worker processes instead of threads (threads are faster here: Pillow and zlib release the GIL)")
     p.add_argument("--overwrite", action="store_true", help="replace an imzarr store made with other inputs or options")
     p.add_argument("--scratch-dir", default=None, help="where compressed inputs are inflated/decoded before writing (default: beside the output)")
 
@@ -70,6 +71,7 @@ def _options(args: argparse.Namespace) -> ConvertOptions:
         overwrite=args.overwrite,
         workers=args.workers,
         scratch_dir=args.scratch_dir,
+        processes=args.processes,
     )
 
 

@@ -210,16 +210,16 @@ def pread_items(fd: int, byte_pos: np.ndarray, item_bytes: int, flat: np.ndarray
     ends = np.concatenate([breaks, [byte_pos.size]])
     for a, b in zip(starts.tolist(), ends.tolist()):
         n = b - a
+        if n == 1 or np.all(np.diff(dest[a:b]) == 1):
+            # destination rows are contiguous too: read straight into them, no intermediate bytes object
+            got = os.preadv(fd, [flat[dest[a] : dest[a] + n]], int(byte_pos[a]))
+            if got != n * item_bytes:
+                raise StoreValidationError(f"file is shorter than expected: {got} of {n * item_bytes} bytes (fd {fd})")
+            continue
         buf = os.pread(fd, n * item_bytes, int(byte_pos[a]))
         if len(buf) != n * item_bytes:
-            raise StoreValidationError(f"shard file is shorter than its index says (fd {fd})")
-        block = np.frombuffer(buf, dtype=np.uint8).reshape(n, item_bytes)
-        if n == 1:
-            flat[dest[a]] = block[0]
-        elif np.all(np.diff(dest[a:b]) == 1):
-            flat[dest[a] : dest[a] + n] = block
-        else:
-            flat[dest[a:b]] = block
+            raise StoreValidationError(f"file is shorter than expected: {len(buf)} of {n * item_bytes} bytes (fd {fd})")
+        flat[dest[a:b]] = np.frombuffer(buf, dtype=np.uint8).reshape(n, item_bytes)
 
 
 def _shard_file_reader(store: ImageStore) -> _ShardFileReader | None:

@@ -123,3 +123,11 @@ def test_crash_then_rerun_equals_uninterrupted(tmp_path):
     rerun = subprocess.run([*args, "-o", str(crashed)], capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr
     stores_identical(str(tmp_path / "ref.zarr"), str(crashed))
+
+
+def test_processes_equal_threads(odd_tree, tmp_path):
+    assert convert_main(["jpeg", str(odd_tree), "-o", str(tmp_path / "t.zarr"), "--workers", "2"]) == 0
+    assert convert_main(["jpeg", str(odd_tree), "-o", str(tmp_path / "p.zarr"), "--workers", "2", "--processes"]) == 0
+    threads, procs = (validate_image_store(str(tmp_path / f"{n}.zarr")) for n in "tp")
+    np.testing.assert_array_equal(threads.image[:], procs.image[:])
+    assert threads.attrs["rejected"] == procs.attrs["rejected"]

@@ -50,18 +50,26 @@ class RowFile:
 
     def read(self, rows: np.ndarray) -> np.ndarray:
         """Rows (sorted or not) as uint8 (n, 3, S, S)."""
+        out = np.empty((len(rows), 3, self.resolution, self.resolution), dtype=np.uint8)
+        self.read_into(rows, out, np.arange(len(rows)))
+        return out
+
+    def read_into(self, rows: np.ndarray, out: np.ndarray, dest: np.ndarray) -> None:
+        """out[dest[i]] = row rows[i]; `out` is a C-contiguous uint8 (m, 3, S, S) buffer."""
         rows = np.asarray(rows, dtype=np.int64)
-        flat = np.empty((rows.size, self.row_bytes), dtype=np.uint8)
         order = np.argsort(rows, kind="stable")
         fd = os.open(self.path, os.O_RDONLY)
         try:
+            if self.layout == "chw":
+                flat = out.reshape(out.shape[0], self.row_bytes)
+                pread_items(fd, self.offset + rows[order] * self.row_bytes, self.row_bytes, flat, np.asarray(dest)[order])
+                return
+            flat = np.empty((rows.size, self.row_bytes), dtype=np.uint8)
             pread_items(fd, self.offset + rows[order] * self.row_bytes, self.row_bytes, flat, order)
         finally:
             os.close(fd)
         s = self.resolution
-        if self.layout == "hwc":
-            return np.ascontiguousarray(flat.reshape(-1, s, s, 3).transpose(0, 3, 1, 2))
-        return flat.reshape(-1, 3, s, s)
+        out[dest] = flat.reshape(-1, s, s, 3).transpose(0, 3, 1, 2)
 
 
 @dataclass(frozen=True)
@@ -103,7 +111,6 @@ class ImageSource:
     attrs: dict = field(default_factory=dict)  # format-specific attributes for the store
     settings: dict = field(default_factory=dict)  # format-specific options that change the output
     ignored: list[str] = field(default_factory=list)
-    parallel_processes: bool = False  # materialization is CPU-bound Python: use processes, not threads
     # Labels numbered from folder names (not ImageNet classes): synset and class_name come from here.
     label_synsets: tuple[str, ...] | None = None
 

@@ -112,6 +112,5 @@ def open_jpeg_source(
         attrs=attrs,
         settings={"recipe": recipe, "fast_draft": fast_draft, "label_source": tree.label_source, "pillow": PIL.__version__},
         ignored=list(tree.ignored),
-        parallel_processes=True,
         label_synsets=tree.folder_classes if label_from_folders else None,
     )
