@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import dask
+import dask.multiprocessing
+import dask.threaded
 import fsspec
 import numpy as np
 
@@ -96,7 +98,7 @@ def convert(source: ImageSource, options: ConvertOptions, log: TextIO | None = N
         dask.delayed(_write_shard, pure=False)(options.output, k, k * shard, _shard_plan(plan, k * shard, shard), row_files)
         for k in state.pending
     ]
-    _run(tasks, "threads", options.workers, ProgressReport(n, f"writing {Path(options.output).name}"), done=(num_shards - len(state.pending)) * shard)
+    _run(tasks, dask.threaded.get, options.workers, ProgressReport(n, f"writing {Path(options.output).name}"), done=(num_shards - len(state.pending)) * shard)
     finalize_store(options.output, {})
     shutil.rmtree(scratch, ignore_errors=True)
     return ConvertResult(options.output, n, rejected, False, time.monotonic() - started, len(source.ignored))
@@ -127,7 +129,7 @@ def _materialize_parts(source: ImageSource, scratch: Path, options: ConvertOptio
         scratch.mkdir(parents=True, exist_ok=True)
         tasks = [dask.delayed(_materialize_one, pure=False)(source.parts[i], str(scratch), i) for i in todo]
         total = sum(source.parts[i].num_rows for i in todo)
-        scheduler = "processes" if options.processes else "threads"
+        scheduler = dask.multiprocessing.get if options.processes else dask.threaded.get
         _run(tasks, scheduler, options.workers, ProgressReport(total, "reading sources"))
         for i in todo:
             done[i] = _load_receipt(scratch, i, source.parts[i])
@@ -207,12 +209,13 @@ def _write_shard(url: str, k: int, start: int, plan: dict[str, np.ndarray], row_
     return {"images": n}
 
 
-def _run(tasks: list, scheduler: str, workers: int | None, report: ProgressReport, done: int = 0) -> None:
+def _run(tasks: list, scheduler, workers: int | None, report: ProgressReport, done: int = 0) -> None:
     if done:
         report.update(min(done, report.total))
     try:
         with DaskProgress(report):
-            # chunksize=1: the process scheduler otherwise hands out ready tasks six at a time, leaving workers idle
+            # chunksize=1: the process scheduler otherwise hands out ready tasks six at a time, leaving workers idle.
+            # The scheduler is passed as a function: naming it makes dask import distributed to look for a client.
             dask.compute(*tasks, scheduler=scheduler, num_workers=workers or os.cpu_count() or 1, chunksize=1)
     finally:
         report.close()

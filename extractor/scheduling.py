@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import dask
+import dask.threaded
 
 from schemas.progress_report import DaskProgress, ProgressReport
 
@@ -25,7 +26,7 @@ def run_tasks(tasks: list, spec: SchedulerSpec, report: ProgressReport) -> list[
     try:
         if spec.address is None:
             with DaskProgress(report):
-                return list(dask.compute(*tasks, scheduler="threads", num_workers=spec.workers))
+                return list(dask.compute(*tasks, scheduler=dask.threaded.get, num_workers=spec.workers))
         return _run_distributed(tasks, spec, report)
     finally:
         report.close()

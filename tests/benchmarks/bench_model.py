@@ -36,7 +36,7 @@ def _inputs(batch: int, res: int, device: torch.device) -> tuple[torch.Tensor, t
 
 def _row(name: str, value: float, note: str, goal: str = "") -> dict:
     return dict(group="model", name=name, value=float(value), unit="img/s", baseline=None, ratio=None, goal=goal,
-                note=note)  # fmt: skip
+                met=None, note=note)  # fmt: skip
 
 
 def _forward_rate(
