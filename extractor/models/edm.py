@@ -63,25 +63,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         label_dropout=0.0,
         augment_dim=0,
     ),
-    # Small random network with the same interface, for demos and tests (never trained).
-    "tiny-random": dict(
-        img_resolution=64,
-        img_channels=3,
-        label_dim=1000,
-        use_fp16=False,
-        sigma_min=0.0,
-        sigma_max=float("inf"),
-        sigma_data=0.5,
-        model_type="DhariwalUNet",
-        model_channels=32,
-        channel_mult=[1, 2, 2],
-        channel_mult_emb=4,
-        num_blocks=1,
-        attn_resolutions=[16],
-        dropout=0.0,
-        label_dropout=0.0,
-        augment_dim=0,
-    ),
+}
+# Small random network with the same interface, for demos and tests (never trained).
+PRESETS["tiny-random"] = {
+    **PRESETS["dmd2-imagenet64"],
+    "model_channels": 32,
+    "channel_mult": [1, 2, 2],
+    "num_blocks": 1,
+    "attn_resolutions": [16],
 }
 
 
