@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-import zarr
-
 from converter.convert import ConvertOptions, ConvertResult, convert
 from schemas.image_layout import DEFAULT_INNER, DEFAULT_SHARD
 from converter.sample import write_sample_shards
@@ -77,8 +75,7 @@ def _options(args: argparse.Namespace) -> ConvertOptions:
 
 def _report(result: ConvertResult, strict: bool = False) -> int:
     if result.already_complete:
-        n = zarr.open_group(result.url, mode="r").attrs.get("num_samples")
-        print(f"{result.url}: already complete ({n} samples) with these inputs and options; nothing to do")
+        print(f"{result.url}: already complete ({result.num_samples} samples) with these inputs and options; nothing to do")
         return 0
     for path, reason in result.rejected:
         print(f"rejected: {path}: {reason}", file=sys.stderr)

@@ -12,13 +12,14 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 import dask
 import dask.multiprocessing
 import dask.threaded
 import fsspec
 import numpy as np
+import zarr
 
 from schemas.image_layout import DEFAULT_INNER, DEFAULT_SHARD, create_image_arrays, write_image_shard
 from converter.sources.base import ImageSource, MaterializedPart, RowFile
@@ -67,14 +68,15 @@ def store_settings(source: ImageSource, options: ConvertOptions) -> dict[str, An
     }
 
 
-def convert(source: ImageSource, options: ConvertOptions, log: TextIO | None = None) -> ConvertResult:
+def convert(source: ImageSource, options: ConvertOptions) -> ConvertResult:
     """Convert (or resume, or confirm) one store; idempotent for the same source and options."""
     started = time.monotonic()
     settings = store_settings(source, options)
     if inspect_existing(options.output, IMAGE_SCHEMA, settings, options.overwrite) == "complete":
-        return ConvertResult(options.output, -1, [], True, time.monotonic() - started)
+        num_samples = int(zarr.open_group(options.output, mode="r").attrs["num_samples"])
+        return ConvertResult(options.output, num_samples, [], True, time.monotonic() - started)
     scratch = _scratch_dir(options, settings)
-    materialized = _materialize_parts(source, scratch, options, log)
+    materialized = _materialize_parts(source, scratch, options)
     plan = _plan_rows(source, materialized, options.shuffle_seed)
     n = plan["global_index"].size
     rejected = [r for m in materialized.values() for r in m.rejected]
@@ -114,7 +116,7 @@ def _scratch_dir(options: ConvertOptions, settings: dict[str, Any]) -> Path:
     return Path(tempfile.gettempdir()) / f"imzarr-scratch-{hashlib.sha256(options.output.encode()).hexdigest()[:12]}-{tag}"
 
 
-def _materialize_parts(source: ImageSource, scratch: Path, options: ConvertOptions, log: TextIO | None) -> dict[int, MaterializedPart]:
+def _materialize_parts(source: ImageSource, scratch: Path, options: ConvertOptions) -> dict[int, MaterializedPart]:
     """Stage 1: parts without in-place rows are written to scratch files; finished ones are reused on a re-run."""
     needed = [i for i, p in enumerate(source.parts) if p.row_file() is None]
     done: dict[int, MaterializedPart] = {}
@@ -139,7 +141,7 @@ def _materialize_parts(source: ImageSource, scratch: Path, options: ConvertOptio
 def _materialize_one(part, scratch: str, i: int) -> dict:
     result = part.materialize(os.path.join(scratch, f"part-{i:06d}.raw"))
     receipt = {
-        "kept": np.flatnonzero(~result.kept).tolist(),  # rows NOT kept: usually none
+        "unusable_rows": np.flatnonzero(~result.kept).tolist(),  # usually none
         "rejected": result.rejected,
         "num_rows": part.num_rows,
     }
@@ -157,7 +159,7 @@ def _load_receipt(scratch: Path, i: int, part) -> MaterializedPart | None:
         return None
     receipt = json.loads(path.read_text())
     kept = np.ones(part.num_rows, dtype=bool)
-    kept[np.asarray(receipt["kept"], dtype=np.int64)] = False
+    kept[np.asarray(receipt["unusable_rows"], dtype=np.int64)] = False
     rejected = [tuple(r) for r in receipt["rejected"]]
     return MaterializedPart(RowFile(str(raw), 0, part.num_rows, part.resolution), kept, rejected)
 

@@ -44,7 +44,7 @@ def dry_run_table(options: ExtractOptions) -> str:
     rows.append(("total", "", "", f"{total:,}", _size(total * n)))
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
-    shard = options.shard_size or default_shard_size(max(int(np.prod(s)) * itemsize for s in shapes.values()))
+    shard = options.shard_size or default_shard_size(shapes, fwd.storage_dtype)
     params = sum(p.numel() * p.element_size() for p in loaded.module.parameters())
     host = (3 * images.resolution**2 + total) * shard * 2 * options.scheduler.workers  # inputs + outputs, twice while writing
     lines.append("")

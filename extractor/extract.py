@@ -98,8 +98,6 @@ def check_forward_settings(fwd: ForwardSettings) -> None:
         raise ExtractionError(f"--pool {fwd.pool!r}: choose none, mean or max")
     if fwd.storage_dtype not in STORAGE_DTYPES:
         raise ExtractionError(f"--dtype {fwd.storage_dtype!r}: choose one of {STORAGE_DTYPES}")
-    if not fwd.layers:
-        raise ExtractionError("no layers requested (--layers L1,L2)")
     try:
         resolve_compute_dtype(fwd.compute_dtype)
     except ValueError as exc:
@@ -141,6 +139,8 @@ def extract(options: ExtractOptions) -> ExtractResult:
     started = time.monotonic()
     fwd = options.forward
     check_forward_settings(fwd)
+    if not fwd.layers:
+        raise ExtractionError("no layers requested (--layers L1,L2)")
     device = resolve_device(options.device)
     images = validate_image_store(options.store)
     labels, synsets = images.coordinate("label"), images.coordinate("synset")
@@ -152,8 +152,7 @@ def extract(options: ExtractOptions) -> ExtractResult:
     settings = _settings(options, images.attrs, selection, loaded.sha256)
     if inspect_existing(options.output, ACTIVATION_SCHEMA, settings, options.overwrite) == "complete":
         return ExtractResult(options.output, int(chosen.size), True, time.monotonic() - started, loaded.trained)
-    itemsize = np.dtype(fwd.storage_dtype).itemsize
-    shard = options.shard_size or default_shard_size(max(int(np.prod(s)) * itemsize for s in shapes.values()))
+    shard = options.shard_size or default_shard_size(shapes, fwd.storage_dtype)
     n = int(chosen.size)
     num_shards = -(-n // shard)
     rec_shape = (3, images.resolution, images.resolution) if fwd.reconstructions else None
@@ -180,9 +179,8 @@ def extract(options: ExtractOptions) -> ExtractResult:
         )
         for k in state.pending
     ]
-    report = ProgressReport(n, f"extracting {options.output}")
-    report.update(n - sum(min(shard, n - k * shard) for k in state.pending))
-    receipts = run_tasks(tasks, options.scheduler, report)
+    done = n - sum(min(shard, n - k * shard) for k in state.pending)
+    receipts = run_tasks(tasks, options.scheduler, ProgressReport(n, f"extracting {options.output}"), done)
     integrity_pass(options.output, num_shards, receipts)
     finalize_store(options.output, {})
     return ExtractResult(options.output, n, False, time.monotonic() - started, loaded.trained)

@@ -150,7 +150,7 @@ def generate(options: GenerateOptions) -> GenerateResult:
         raise ExtractionError("--layers needs --activations-out ACTS.zarr")
     if options.activations_out and not fwd.layers:
         raise ExtractionError("--activations-out needs --layers")
-    check_forward_settings(ForwardSettings(**{**fwd.__dict__, "layers": fwd.layers or ("midblock",)}))
+    check_forward_settings(fwd)
     device = resolve_device(options.device)
     labels = generation_labels(options.per_class, options.num_samples, options.classes, fwd.noise_seed)
     n = labels.size
@@ -158,8 +158,7 @@ def generate(options: GenerateOptions) -> GenerateResult:
     shapes, paths = ({}, {})
     if fwd.layers:
         shapes, paths, _ = probe_layers(fwd, device)
-    itemsize = np.dtype(fwd.storage_dtype).itemsize
-    shard = options.shard_size or min(DEFAULT_GENERATE_SHARD, default_shard_size(max([int(np.prod(v)) * itemsize for v in shapes.values()], default=0)))
+    shard = options.shard_size or min(DEFAULT_GENERATE_SHARD, default_shard_size(shapes, fwd.storage_dtype))
     num_shards = -(-n // shard)
     selection = {"per_class": options.per_class, "num_samples": options.num_samples, "classes": list(options.classes) if options.classes else None, "count": int(n)}
     image_settings = {"schema": IMAGE_SCHEMA, "format": "generated", "model_sha256": loaded.sha256, "sigma": fwd.sigma, "seed": fwd.noise_seed,
@@ -199,9 +198,8 @@ def generate(options: GenerateOptions) -> GenerateResult:
         )
         for k in sorted(pending)
     ]
-    report = ProgressReport(n, f"generating {options.output}")
-    report.update(n - sum(min(shard, n - k * shard) for k in pending))
-    receipts = run_tasks(tasks, options.scheduler, report)
+    done = n - sum(min(shard, n - k * shard) for k in pending)
+    receipts = run_tasks(tasks, options.scheduler, ProgressReport(n, f"generating {options.output}"), done)
     integrity_pass(options.output, num_shards, receipts)
     if options.activations_out:
         integrity_pass(options.activations_out, num_shards, receipts)

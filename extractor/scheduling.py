@@ -21,8 +21,9 @@ class SchedulerSpec:
     resources: tuple[tuple[str, float], ...] = ()  # e.g. (("GPU", 1),): each task needs one worker GPU
 
 
-def run_tasks(tasks: list, spec: SchedulerSpec, report: ProgressReport) -> list[dict]:
-    """Compute the tasks and return their receipts (in task order)."""
+def run_tasks(tasks: list, spec: SchedulerSpec, report: ProgressReport, already_done: int = 0) -> list[dict]:
+    """Compute the tasks and return their receipts (in task order); `already_done` items count as finished."""
+    report.update(already_done)
     try:
         if spec.address is None:
             with DaskProgress(report):

@@ -58,13 +58,14 @@ def test_generator_activations_and_extraction_of_generated_store(tmp_path):
     np.testing.assert_array_equal(ext["label"][:], acts["label"][:])
 
 
-def test_killed_generation_resumes_to_identical(tmp_path):
+def test_unfinished_generation_resumes_to_identical(tmp_path):
+    """A store left with some shards unrecorded (as a crash leaves it) is finished identically by a re-run."""
     from tests.conftest import stores_identical
     from schemas.store_lifecycle import mark_done
 
     gen(tmp_path / "ref.zarr", shard=2)
     gen(tmp_path / "x.zarr", shard=2)
-    # simulate a crash after the fact: forget two finished shards and the completion
+    # forget two finished shards and the completion, and damage one of the forgotten shards
     group = zarr.open_group(str(tmp_path / "x.zarr"), mode="r+", use_consolidated=False)
     group.attrs["complete"] = False
     group.create_array("_progress/done", shape=(5,), chunks=(1,), dtype="int8", fill_value=0, compressors=None)
