@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import dask
-import dask.multiprocessing
 import dask.threaded
 import fsspec
 import numpy as np
@@ -131,7 +130,10 @@ def _materialize_parts(source: ImageSource, scratch: Path, options: ConvertOptio
         scratch.mkdir(parents=True, exist_ok=True)
         tasks = [dask.delayed(_materialize_one, pure=False)(source.parts[i], str(scratch), i) for i in todo]
         total = sum(source.parts[i].num_rows for i in todo)
-        scheduler = dask.multiprocessing.get if options.processes else dask.threaded.get
+        if options.processes:
+            from dask.multiprocessing import get as scheduler  # only on request: brings multiprocessing, cloudpickle
+        else:
+            scheduler = dask.threaded.get
         _run(tasks, scheduler, options.workers, ProgressReport(total, "reading sources"))
         for i in todo:
             done[i] = _load_receipt(scratch, i, source.parts[i])

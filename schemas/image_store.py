@@ -186,7 +186,7 @@ class _ShardFileReader:
             sel = np.flatnonzero(shard_of == k)
             path = self._shard_path(int(k))
             if not os.path.exists(path):
-                continue  # an all-zero shard is never written: fill value 0
+                continue  # zarr's default skips writing all-zero shards: they read as the fill value 0
             fd = os.open(path, os.O_RDONLY)
             try:
                 index = self._index(int(k), fd)

@@ -8,6 +8,8 @@ from __future__ import annotations
 import importlib
 import sys
 
+from schemas.cli_support import exit_process
+
 COMMANDS: dict[str, tuple[str, list[str], str]] = {
     # name: (module with main(argv), argv prefix, help)
     "convert": ("converter.cli", [], "NPZ shards or a JPEG tree → image store (convert npz|jpeg --help)"),
@@ -40,5 +42,10 @@ def main(argv: list[str] | None = None) -> int:
     return int(importlib.import_module(module).main(prefix + rest) or 0)
 
 
+def run() -> None:
+    """The `imzarr` console script."""
+    exit_process(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

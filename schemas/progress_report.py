@@ -7,7 +7,6 @@ import time
 from typing import TextIO
 
 from dask.callbacks import Callback
-from tqdm import tqdm
 
 
 class ProgressReport:
@@ -18,7 +17,11 @@ class ProgressReport:
         self.total, self.desc, self.unit, self.every_s = total, desc, unit, every_s
         self.done, self.start, self._last_log = 0, time.monotonic(), 0.0
         interactive = hasattr(self.stream, "isatty") and self.stream.isatty()
-        self._bar = tqdm(total=total, desc=desc, unit=unit, unit_scale=True, file=self.stream) if interactive else None
+        self._bar = None
+        if interactive:
+            from tqdm import tqdm  # only a terminal shows a bar; batch jobs skip the import
+
+            self._bar = tqdm(total=total, desc=desc, unit=unit, unit_scale=True, file=self.stream)
 
     def update(self, n: int) -> None:
         self.done += n

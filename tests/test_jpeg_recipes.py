@@ -194,6 +194,35 @@ def test_open_by_content_not_extension(tmp_path):
     np.testing.assert_array_equal(np.array(img), photo_like(257, 190, 4))
 
 
+def open_file_paths() -> set[str]:
+    """Paths this process holds open (Linux); empty where /proc is missing."""
+    import os
+
+    paths = set()
+    for fd in os.listdir("/proc/self/fd") if os.path.isdir("/proc/self/fd") else []:
+        try:
+            paths.add(os.readlink(f"/proc/self/fd/{fd}"))
+        except OSError:  # the descriptor listdir itself used
+            pass
+    return paths
+
+
+@pytest.mark.parametrize("case", ["rgb-500x375", "cmyk-jpeg", "png-named-jpeg", "palette-png"])
+def test_opened_images_hold_no_file_open(tmp_path, case):
+    """An RGB JPEG is returned as decoded (no copy); every image is usable after its file is closed."""
+    import gc
+
+    path = make_case(tmp_path, case)
+    with Image.open(path) as raw:
+        expected = np.array(raw.convert("RGB"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ResourceWarning)
+        img = open_rgb(path)
+        gc.collect()
+    assert str(path) not in open_file_paths()
+    np.testing.assert_array_equal(np.array(img), expected)
+
+
 @pytest.mark.parametrize(
     "case, pil_mode",
     [("cmyk-jpeg", "CMYK"), ("gray-jpeg", "L"), ("rgba-png", "RGBA"), ("palette-png", "P")],
