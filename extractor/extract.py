@@ -316,21 +316,22 @@ def extract_shard(task: ShardTask) -> dict:
     coords = task.coords
     images = store.take(coords["source_sample"])
     labels, gidx = coords["label"], coords["global_index"]
-    outputs: dict[str, list[np.ndarray]] = {name: [] for name in task.forward.layers}
-    recons: list[np.ndarray] = []
-    for a in range(0, images.shape[0], task.batch_size):
+    n = images.shape[0]
+    # Filled batch by batch: one shard-sized buffer per variable, no list of batches to concatenate (that copy
+    # doubled a task's peak memory).
+    variables: dict[str, np.ndarray] = {}
+    for a in range(0, n, task.batch_size):
         b = a + task.batch_size
         host, recon = run_forward(loaded, images[a:b], labels[a:b], gidx[a:b], task.forward, device)
-        for name, arr in host.items():
-            outputs[name].append(arr)
         if recon is not None:
-            recons.append(recon)
-    variables = {name: np.concatenate(parts) for name, parts in outputs.items()}
-    nonfinite = find_nonfinite(variables, task.start)
+            host[RECONSTRUCTION_VAR] = recon
+        for name, arr in host.items():
+            if name not in variables:
+                variables[name] = np.empty((n, *arr.shape[1:]), dtype=arr.dtype)
+            variables[name][a:b] = arr
+    nonfinite = find_nonfinite({name: variables[name] for name in task.forward.layers}, task.start)
     if nonfinite:
-        return {"images": int(images.shape[0]), "nonfinite": nonfinite}
-    if recons:
-        variables[RECONSTRUCTION_VAR] = np.concatenate(recons)
+        return {"images": int(n), "nonfinite": nonfinite}
     write_activation_shard(task.output, task.start, variables, coords)
     mark_done(task.output, task.shard)
-    return {"images": int(images.shape[0])}
+    return {"images": int(n)}
