@@ -102,7 +102,8 @@ def prepare_store(
     if status == "resume":
         return StoreState(url, read_done(url, num_units), already_complete=False)
     group = zarr.open_group(url, mode="w", zarr_format=3)
-    group.attrs.update(
+    # One metadata write: `group.attrs.update` would rewrite zarr.json once per key.
+    group.update_attributes(
         {
             "schema": schema,
             "complete": False,
@@ -138,7 +139,8 @@ def mark_done(url: str, unit: int) -> None:
 def finalize_store(url: str, final_attrs: dict[str, Any]) -> None:
     """Set the final attributes, drop the progress record, consolidate, then mark complete."""
     group = zarr.open_group(url, mode="r+", use_consolidated=False)
-    group.attrs.update(final_attrs)
+    if final_attrs:
+        group.update_attributes(final_attrs)
     if PROGRESS_GROUP in group:
         del group[PROGRESS_GROUP]
     group.attrs["complete"] = True

@@ -68,8 +68,9 @@ def _tree_fingerprint(root: Path, files: tuple[str, ...]) -> SourceFile:
     """One entry for the whole tree: file count, total bytes, and a hash of every (path, size)."""
     digest = hashlib.sha256()
     total = 0
+    root_str = str(root)  # os.path.join on strings: pathlib objects per file cost ~10 µs each, 13 s per 1.28 M
     for rel in files:
-        size = os.stat(root / rel).st_size
+        size = os.stat(os.path.join(root_str, rel)).st_size
         total += size
         digest.update(f"{rel}\0{size}\n".encode())
     return SourceFile(f". ({len(files)} image files)", total, "sha256-paths-sizes:" + digest.hexdigest())
