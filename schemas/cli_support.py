@@ -21,7 +21,7 @@ def run_cli(prog: str, body: Callable[[], int | None], user_errors: tuple[type[B
         return 130
 
 
-def exit_process(code: int) -> NoReturn:
+def exit_process(code: int | None) -> NoReturn:
     """Exit a command's process with `code`, sparing it the interpreter's final garbage collections.
 
     Those walk every object numpy, zarr, dask and torch created at import (~70 ms per command, measured);

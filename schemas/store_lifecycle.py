@@ -143,7 +143,7 @@ def finalize_store(url: str, final_attrs: dict[str, Any]) -> None:
         group.update_attributes(final_attrs)
     if PROGRESS_GROUP in group:
         del group[PROGRESS_GROUP]
-    group.attrs["complete"] = True
+    group.attrs["complete"] = True  # a write of its own, after everything else: a crash before it leaves "incomplete"
     with warnings.catch_warnings():
         # Consolidated metadata is not in the v3 spec yet; xarray opens v3 stores without warnings only with it.
         warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
