@@ -1,7 +1,17 @@
 # imzarr: `make convert extract` runs the embedded sample end to end; `make test` runs the whole suite.
-PYTHON ?= python3.11
-VENV   := .venv
+# The interpreter: PYTHON=… if given, else the first of python3, python3.13, python3.12, python3.11 that runs and
+# is a supported version (3.11–3.13). Each interpreter gets its own virtual environment, .venv-3.X.
+PYTHON ?= $(shell for p in python3 python3.13 python3.12 python3.11; do \
+	$$p -c 'import sys; sys.exit(not (3, 11) <= sys.version_info[:2] <= (3, 13))' >/dev/null 2>&1 && { echo $$p; break; }; done)
+PYVER  := $(shell $(PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null)
+ifeq ($(PYVER),)
+$(error no supported Python found (3.11, 3.12 or 3.13); pass one, e.g. make test PYTHON=/path/to/python3.12)
+endif
+VENV   ?= .venv-$(PYVER)
 BIN    := $(VENV)/bin
+# The torch release the suite is tested with. pip takes its default wheel for the platform: a CUDA build on Linux
+# (several GB; it runs on CPU too), or a CPU build where a local wheel index provides one. TORCH=… overrides.
+TORCH  ?= torch==2.13.0
 DATA   := data
 # Override for your own data, e.g. `make convert SRC=~/imagenet64/train STORE=train64.zarr`.
 SRC        ?= $(DATA)/sample/train
@@ -21,12 +31,12 @@ CMP_ARGS       ?= --sigma 0.5 --pool mean
 
 install: $(BIN)/imzarr
 
-# torch is installed first as the CPU build 2.13.0; pyproject's range then installs nothing more.
-# GPU users: see README ("Installing with CUDA").
+# torch is installed first, pinned; pyproject's range then installs nothing more.
 $(BIN)/imzarr: pyproject.toml
+	@echo "imzarr: installing with $(PYTHON) (Python $(PYVER)) into $(VENV)"
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet '$(TORCH)'
 	$(BIN)/pip install --quiet -e '.[dev,plot]'
 	touch $@
 
@@ -55,6 +65,7 @@ compare: $(BIN)/imzarr $(DATA)/sample.zarr/zarr.json
 	$(BIN)/imzarr show $(DATA)/generated.zarr -o $(DATA)/generated_grid.png
 
 test: $(BIN)/imzarr
+	@echo "imzarr: testing with Python $(PYVER) ($(VENV))"
 	$(BIN)/python -m pytest -q
 
 test-slow: $(BIN)/imzarr

@@ -1,0 +1,144 @@
+"""What the Zarr v3 specification says about an array, read from its `zarr.json` alone.
+
+Readers and writers that bypass zarr-python (the image store's fast reader, raw shard writers) decide from this
+documented format, never from zarr-python's in-memory classes, which change between releases. Spec sections:
+array metadata (`shape`, `data_type`, `chunk_grid`, `chunk_key_encoding`, `fill_value`, `codecs`,
+`dimension_names`) and the `sharding_indexed` codec (`chunk_shape`, `codecs`, `index_codecs`, `index_location`;
+the index is one (offset, nbytes) little-endian uint64 pair per inner chunk, 2⁶⁴−1 for an empty chunk).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+
+from schemas.errors import StoreValidationError
+
+METADATA_FILE = "zarr.json"
+EMPTY_CHUNK = (1 << 64) - 1
+INDEX_ENTRY_BYTES = 16  # offset and nbytes, uint64 each
+CRC32C_BYTES = 4
+# Spellings of the variable-length UTF-8 string type: "string" in current zarr-python, the longer one in 3.0.x.
+STRING_DATA_TYPES = frozenset({"string", "variable_length_utf8"})
+
+
+def read_node_metadata(url: str, path: str = "", storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The parsed `zarr.json` of the group or array at `path` inside the store at `url`."""
+    fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    location = "/".join(p for p in (root.rstrip("/"), path.strip("/"), METADATA_FILE) if p)
+    try:
+        return json.loads(fs.cat_file(location))
+    except FileNotFoundError:
+        raise StoreValidationError(f"{url}: no {METADATA_FILE} at {path or 'the root'}") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise StoreValidationError(f"{url}: {path or 'root'}/{METADATA_FILE} is not valid JSON ({exc})") from None
+
+
+def is_string_data_type(data_type: Any) -> bool:
+    """Whether an array metadata `data_type` is variable-length UTF-8 text."""
+    name = data_type.get("name") if isinstance(data_type, dict) else data_type
+    return name in STRING_DATA_TYPES
+
+
+def chunk_key(metadata: dict[str, Any], chunk_coords: tuple[int, ...]) -> str:
+    """The store key, relative to the array, of the chunk (or shard) at `chunk_coords`."""
+    encoding = metadata.get("chunk_key_encoding") or {"name": "default"}
+    name = encoding.get("name")
+    separator = (encoding.get("configuration") or {}).get("separator")
+    parts = [str(int(c)) for c in chunk_coords]
+    if name == "default":
+        return (separator or "/").join(["c", *parts])
+    if name == "v2":
+        return (separator or ".").join(parts) if parts else "0"
+    raise StoreValidationError(f"unknown chunk_key_encoding {name!r}")
+
+
+@dataclass(frozen=True)
+class UncompressedShardLayout:
+    """A sharded array whose inner chunks are raw bytes: one sample is one contiguous byte range of a shard file.
+
+    Holds only for a regular chunk grid sharded along the first axis alone, with the `bytes` codec inside the
+    shard and the index (`bytes` little-endian then `crc32c`) at the start or end of the file.
+    """
+
+    shape: tuple[int, ...]
+    shard_shape: tuple[int, ...]
+    inner_shape: tuple[int, ...]
+    index_at_end: bool
+    item_bytes: int  # bytes of one sample (one index along the first axis)
+    fill_value: Any
+    metadata: dict[str, Any]
+
+    @property
+    def samples_per_shard(self) -> int:
+        return self.shard_shape[0]
+
+    @property
+    def samples_per_inner(self) -> int:
+        return self.inner_shape[0]
+
+    @property
+    def inner_per_shard(self) -> int:
+        return -(-self.shard_shape[0] // self.inner_shape[0])
+
+    @property
+    def index_bytes(self) -> int:
+        return self.inner_per_shard * INDEX_ENTRY_BYTES + CRC32C_BYTES
+
+    def shard_key(self, shard: int) -> str:
+        return chunk_key(self.metadata, (shard, *([0] * (len(self.shape) - 1))))
+
+
+_ITEMSIZE = {"uint8": 1, "int8": 1, "uint16": 2, "int16": 2, "float16": 2, "uint32": 4, "int32": 4, "float32": 4,
+             "uint64": 8, "int64": 8, "float64": 8}
+
+
+def uncompressed_shard_layout(metadata: dict[str, Any]) -> UncompressedShardLayout | None:
+    """The layout when `metadata` (an array's zarr.json) allows direct byte-range access, else None."""
+    if metadata.get("node_type") != "array" or metadata.get("zarr_format") != 3:
+        return None
+    if metadata.get("storage_transformers") or metadata.get("data_type") not in _ITEMSIZE:
+        return None
+    grid = metadata.get("chunk_grid") or {}
+    codecs = metadata.get("codecs") or []
+    if grid.get("name") != "regular" or len(codecs) != 1 or codecs[0].get("name") != "sharding_indexed":
+        return None
+    shape = tuple(int(s) for s in metadata["shape"])
+    shard_shape = tuple(int(s) for s in grid["configuration"]["chunk_shape"])
+    config = codecs[0].get("configuration") or {}
+    inner_shape = tuple(int(s) for s in config.get("chunk_shape", ()))
+    inner_codecs = config.get("codecs") or []
+    index_codecs = config.get("index_codecs") or []
+    itemsize = _ITEMSIZE[metadata["data_type"]]
+    inner_ok = len(inner_codecs) == 1 and inner_codecs[0].get("name") == "bytes" and (
+        itemsize == 1 or (inner_codecs[0].get("configuration") or {}).get("endian", "little") == "little"
+    )
+    index_ok = [c.get("name") for c in index_codecs] == ["bytes", "crc32c"] and (
+        (index_codecs[0].get("configuration") or {}).get("endian", "little") == "little"
+    )
+    rest = shape[1:]
+    if not (
+        inner_ok
+        and index_ok
+        and len(shard_shape) == len(shape) == len(inner_shape)
+        and shard_shape[1:] == rest
+        and inner_shape[1:] == rest
+        and shard_shape[0] % inner_shape[0] == 0
+        and config.get("index_location", "end") in ("start", "end")
+    ):
+        return None
+    item_bytes = itemsize
+    for s in rest:
+        item_bytes *= s
+    return UncompressedShardLayout(
+        shape=shape,
+        shard_shape=shard_shape,
+        inner_shape=inner_shape,
+        index_at_end=config.get("index_location", "end") == "end",
+        item_bytes=item_bytes,
+        fill_value=metadata.get("fill_value", 0),
+        metadata=metadata,
+    )
