@@ -11,9 +11,9 @@ import xarray as xr
 from PIL import Image
 from scipy.spatial.distance import cdist
 
-from extractor import compare as compare_module
-from extractor.compare import CompareError, LayerMismatchError, NonFiniteFeaturesError, compare_stores, format_report_table
-from extractor.plots import PlotError
+from extractor.analysis import compare as compare_module
+from extractor.analysis.compare import CompareError, LayerMismatchError, NonFiniteFeaturesError, compare_stores, format_report_table
+from extractor.analysis.plots import PlotError
 from schemas.classes import class_table
 from tests.benchmarks.bench_compare import write_activation_store
 

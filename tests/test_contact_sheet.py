@@ -8,7 +8,7 @@ from PIL import Image
 from converter.convert import ConvertOptions, convert
 from converter.sample import write_sample_shards
 from converter.sources.npz import open_npz_source
-from extractor.contact_sheet import ContactSheetError, sheet_size, tile_origin, write_contact_sheet
+from extractor.analysis.contact_sheet import ContactSheetError, sheet_size, tile_origin, write_contact_sheet
 from schemas.classes import class_table
 from schemas.image_store import validate_image_store
 from tests.benchmarks.bench_compare import write_activation_store

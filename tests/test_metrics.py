@@ -6,8 +6,8 @@ import pytest
 import scipy.linalg
 from scipy.spatial.distance import cdist
 
-from extractor import metrics
-from extractor.metrics import (
+from extractor.analysis import metrics
+from extractor.analysis.metrics import (
     PRDC,
     GaussianAccumulator,
     MetricInputError,

@@ -34,14 +34,14 @@ CHILD_TIMEOUT_S = 1800.0
 CHILD = """
 import json, sys, time
 t0 = time.perf_counter()
-from extractor.compare import compare_stores
+from extractor.analysis.compare import compare_stores
 t1 = time.perf_counter()
 ds = compare_stores(sys.argv[1], sys.argv[2], sys.argv[3], per_class=True, output=sys.argv[4], log=sys.stderr)
 t2 = time.perf_counter()
 keys = ("fd", "precision", "recall", "density", "coverage")
 print(json.dumps({"import_s": t1 - t0, "compare_s": t2 - t1, "classes": int(ds.sizes["class"]), **{k: ds.attrs[k] for k in keys}}))
 """
-IMPORT_ONLY = "import extractor.compare, extractor.metrics, torch, xarray, zarr"
+IMPORT_ONLY = "import extractor.analysis.compare, extractor.analysis.metrics, torch, xarray, zarr"
 
 
 def write_activation_store(

@@ -23,7 +23,7 @@ import torch
 import xarray as xr
 import zarr
 
-from extractor.metrics import (
+from extractor.analysis.metrics import (
     PRDC,
     GaussianAccumulator,
     frechet_distance,
@@ -140,7 +140,7 @@ def compare_stores(
     if k < 1 or block_size < 1:
         raise CompareError(f"k and block_size must be positive, got k={k}, block_size={block_size}")
     if plot is not None:
-        from extractor.plots import check_plotting
+        from extractor.analysis.plots import check_plotting
 
         check_plotting(projection)
     real = _open_side("real", a_url, layer, pool)
@@ -162,7 +162,7 @@ def compare_stores(
         report = _report(real, fake, layer, k, fd, overall, classes, per_class_values, per_class)
         report.attrs["seconds"] = round(time.monotonic() - started, 3)
         if plot is not None:
-            from extractor.plots import plot_comparison
+            from extractor.analysis.plots import plot_comparison
 
             plot_comparison(_plot_sample(real_rows), _plot_sample(fake_rows), report, plot, projection=projection)
     if output is not None:

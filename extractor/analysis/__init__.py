@@ -1,0 +1,1 @@
+"""Analysis of finished stores: comparing activation stores (metrics, report, figure) and contact sheets."""
