@@ -1,28 +1,45 @@
 """Crash-safety contract shared by every imzarr store writer.
 
-A store is created with its settings and a fingerprint of them, `complete: false`, and a per-unit done record
-(`_progress/done`, one chunk per unit of work, so concurrent tasks never share a chunk). Tasks mark their unit
-after their data is written; the writer sets `complete: true` last, after removing the record and consolidating
-metadata. Zarr skips all-zero chunks by default, so which chunks exist never tells what work is finished: only
-the done record does.
+A store is, at every instant, absent, resumable, or complete — whatever kills the writer:
+1. Creation: the group is made with only an `imzarr_under_construction` marker, then its arrays and a per-unit
+   done record (`_progress/done`, one chunk per unit, so concurrent tasks never share a chunk); only then are
+   `schema`, settings and their fingerprint written, in one metadata write. A store still carrying the marker
+   is one of ours that never finished being created: a rerun rebuilds it.
+2. Work: tasks mark their unit done after their data is written. Zarr skips all-zero chunks by default, so which
+   chunks exist never tells what work is finished: only the done record does. A rerun with the same settings
+   resumes the units not marked; a store whose done record is missing is rebuilt.
+3. Finish: the final attributes and `complete: true` are one write; then the done record is removed and metadata
+   consolidated. A rerun that finds a complete store with either step missing (or zarr's `*.partial` temporary
+   files) tidies it.
+One writer at a time: a local store holds a lock file naming the writer's pid and host while it is written; a
+lock left by a dead process on this host is taken over. Object stores offer no atomic create-if-absent through
+fsspec, so there one writer per store is the user's responsibility (README, "Safety").
 """
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
+import os
+import shutil
+import socket
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import fsspec
 import numpy as np
 import zarr
 
-from schemas.errors import ImzarrError
+from schemas.errors import ImzarrError, StoreLockedError
+from schemas.output_paths import check_output_location, local_path
 
 PROGRESS_GROUP = "_progress"
 DONE_ARRAY = f"{PROGRESS_GROUP}/done"
+UNDER_CONSTRUCTION = "imzarr_under_construction"
+LOCK_FILE = ".imzarr-writer.lock"
+PARTIAL_SUFFIX = ".partial"  # zarr-python's local store writes each file under this suffix, then renames it
 
 
 class StoreExistsError(ImzarrError):
@@ -55,7 +72,8 @@ def path_state(url: str) -> str:
         return "missing"
     if fs.isfile(path):
         return "foreign"
-    if not fs.ls(path, detail=False):
+    entries = [e for e in fs.ls(path, detail=False) if e.rstrip("/").rsplit("/", 1)[-1] != LOCK_FILE]
+    if not entries:
         return "missing"
     try:
         zarr.open_group(url, mode="r", use_consolidated=False)
@@ -64,8 +82,15 @@ def path_state(url: str) -> str:
     return "store"
 
 
-def inspect_existing(url: str, schema: str, settings: dict[str, Any], overwrite: bool) -> str:
-    """'new' (nothing there, or replace it), 'resume' (same settings, unfinished) or 'complete'; refuse the rest."""
+def inspect_existing(
+    url: str, schema: str, settings: dict[str, Any], overwrite: bool, inputs: Iterable[str] = ()
+) -> str:
+    """'new' (nothing there, or replace it), 'resume' (same settings, unfinished) or 'complete'; refuse the rest.
+
+    Refuses an output that overlaps an input first, so no message ever suggests a flag that would destroy one.
+    A complete store with leftovers of an interrupted finish is tidied here.
+    """
+    check_output_location(url, inputs)
     state = path_state(url)
     if state == "missing":
         return "new"
@@ -73,9 +98,14 @@ def inspect_existing(url: str, schema: str, settings: dict[str, Any], overwrite:
         raise StoreExistsError(f"{url}: exists and is not an imzarr store; choose another output path")
     attrs = dict(zarr.open_group(url, mode="r", use_consolidated=False).attrs)
     if "schema" not in attrs:
+        if UNDER_CONSTRUCTION in attrs:
+            return "new"  # ours, killed while being created: nothing in it is finished work
         raise StoreExistsError(f"{url}: holds a Zarr group that is not an imzarr store; choose another output path")
     if attrs["schema"] == schema and attrs.get("settings_fingerprint") == settings_fingerprint(settings):
-        return "complete" if attrs.get("complete") is True else "resume"
+        if attrs.get("complete") is True:
+            tidy_complete_store(url)
+            return "complete"
+        return "resume"
     if overwrite:
         return "new"
     if attrs["schema"] != schema:
@@ -94,16 +124,32 @@ def prepare_store(
     create_arrays: Callable[[zarr.Group], None],
     overwrite: bool,
     initial_attrs: dict[str, Any] | None = None,
+    inputs: Iterable[str] = (),
 ) -> StoreState:
-    """Create the store, or reopen one made with the same settings to resume; refuse anything else."""
-    status = inspect_existing(url, schema, settings, overwrite)
+    """Create the store, or reopen one made with the same settings to resume; refuse anything else.
+
+    Takes the store's writer lock (held until `finalize_store` or the end of the process).
+    """
+    inputs = tuple(inputs)
+    inspect_existing(url, schema, settings, overwrite, inputs)  # refuse before creating even a lock file
+    acquire_writer_lock(url)
+    status = inspect_existing(url, schema, settings, overwrite, inputs)  # again, now that no one else writes
     if status == "complete":
+        release_writer_lock(url)
         return StoreState(url, np.ones(num_units, dtype=bool), already_complete=True)
     if status == "resume":
-        return StoreState(url, read_done(url, num_units), already_complete=False)
-    group = zarr.open_group(url, mode="w", zarr_format=3)
-    # One metadata write: `group.attrs.update` would rewrite zarr.json once per key.
-    group.update_attributes(
+        if _has_done_record(url):
+            remove_partial_files(url)
+            return StoreState(url, read_done(url, num_units), already_complete=False)
+        # Same settings but no done record: nothing says which units finished, so start over (it is our store).
+    clear_store(url)
+    group = zarr.open_group(url, mode="a", zarr_format=3, attributes={UNDER_CONSTRUCTION: schema, "complete": False})
+    create_arrays(group)
+    group.create_array(
+        DONE_ARRAY, shape=(max(num_units, 1),), chunks=(1,), dtype="int8", fill_value=0, compressors=None
+    )
+    # One metadata write that replaces the marker: from here on the store is resumable.
+    group.attrs.put(
         {
             "schema": schema,
             "complete": False,
@@ -111,10 +157,6 @@ def prepare_store(
             "settings": settings,
             **(initial_attrs or {}),
         }
-    )
-    create_arrays(group)
-    group.create_array(
-        DONE_ARRAY, shape=(max(num_units, 1),), chunks=(1,), dtype="int8", fill_value=0, compressors=None
     )
     return StoreState(url, np.zeros(num_units, dtype=bool), already_complete=False)
 
@@ -124,6 +166,14 @@ def _settings_diff(old: Any, new: dict[str, Any]) -> str:
         return "settings unknown"
     changed = sorted(k for k in set(old) | set(new) if json.dumps(old.get(k), default=str) != json.dumps(new.get(k), default=str))
     return "changed: " + ", ".join(changed[:6]) if changed else "same settings, different fingerprint"
+
+
+def _has_done_record(url: str) -> bool:
+    try:
+        zarr.open_array(url, path=DONE_ARRAY, mode="r")
+    except Exception:  # zarr raises several types for "no such array"
+        return False
+    return True
 
 
 def read_done(url: str, num_units: int) -> np.ndarray:
@@ -137,14 +187,162 @@ def mark_done(url: str, unit: int) -> None:
 
 
 def finalize_store(url: str, final_attrs: dict[str, Any]) -> None:
-    """Set the final attributes, drop the progress record, consolidate, then mark complete."""
+    """Mark complete (with the final attributes, one write), drop the progress record, consolidate."""
     group = zarr.open_group(url, mode="r+", use_consolidated=False)
-    if final_attrs:
-        group.update_attributes(final_attrs)
+    group.update_attributes({**final_attrs, "complete": True})
+    _drop_progress_and_consolidate(url, group)
+    release_writer_lock(url)
+
+
+def _drop_progress_and_consolidate(url: str, group: zarr.Group) -> None:
     if PROGRESS_GROUP in group:
         del group[PROGRESS_GROUP]
-    group.attrs["complete"] = True  # a write of its own, after everything else: a crash before it leaves "incomplete"
     with warnings.catch_warnings():
         # Consolidated metadata is not in the v3 spec yet; xarray opens v3 stores without warnings only with it.
         warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
+        # Our writer lock is the one non-Zarr file in the store while it is written.
+        warnings.filterwarnings("ignore", message=f"Object at {LOCK_FILE} is not recognized", category=UserWarning)
         zarr.consolidate_metadata(url)
+
+
+def tidy_complete_store(url: str) -> None:
+    """Finish what a kill during `finalize_store` left: the progress record, temp files, consolidated metadata."""
+    group = zarr.open_group(url, mode="r", use_consolidated=False)
+    stale = PROGRESS_GROUP in group or not _consolidated_matches(url)
+    partial = _partial_files(url)
+    if not stale and not partial:
+        return
+    acquire_writer_lock(url)
+    try:
+        for path in partial:
+            os.remove(path)
+        if stale:
+            _drop_progress_and_consolidate(url, zarr.open_group(url, mode="r+", use_consolidated=False))
+    finally:
+        release_writer_lock(url)
+
+
+def _consolidated_matches(url: str) -> bool:
+    fs, root = fsspec.core.url_to_fs(url)
+    try:
+        meta = json.loads(fs.cat_file(f"{root.rstrip('/')}/zarr.json"))
+    except (FileNotFoundError, ValueError):
+        return False
+    listed = ((meta.get("consolidated_metadata") or {}).get("metadata")) or {}
+    return bool(listed) and PROGRESS_GROUP not in listed and meta.get("attributes", {}).get("complete") is True
+
+
+def _partial_files(url: str) -> list[str]:
+    root = local_path(url)
+    if root is None or not os.path.isdir(root):
+        return []
+    return [os.path.join(d, f) for d, _, files in os.walk(root) for f in files if f.endswith(PARTIAL_SUFFIX)]
+
+
+def remove_partial_files(url: str) -> None:
+    """Delete zarr's temporary `*.partial` files that a kill left inside one of our stores."""
+    for path in _partial_files(url):
+        os.remove(path)
+
+
+def clear_store(url: str) -> None:
+    """Empty a store we made (or an empty folder), keeping our writer lock; callers have checked it is ours."""
+    root = local_path(url)
+    if root is None:
+        fs, path = fsspec.core.url_to_fs(url)
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
+        return
+    if not os.path.isdir(root):
+        return
+    for entry in os.scandir(root):
+        if entry.name == LOCK_FILE:
+            continue
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path)
+        else:
+            os.remove(entry.path)
+
+
+# --- one writer at a time ------------------------------------------------------------------------------------
+
+_HELD_LOCKS: set[str] = set()
+
+
+def _lock_owner() -> str:
+    return f"{os.getpid()} {socket.gethostname()}"
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def acquire_writer_lock(url: str) -> None:
+    """Take the store's writer lock (re-entrant within a process); refuse while another live process holds it."""
+    root = local_path(url)
+    if root is None or root in _HELD_LOCKS:
+        return
+    os.makedirs(root, exist_ok=True)
+    lock = os.path.join(root, LOCK_FILE)
+    me = _lock_owner()
+    for _ in range(3):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = _read_lock(lock)
+            if holder is None:
+                continue  # removed between our open and read
+            pid, host = holder
+            if host == socket.gethostname() and (pid == os.getpid() or not _process_alive(pid)):
+                try:
+                    os.remove(lock)  # left by a dead process (or an earlier run in this one)
+                except FileNotFoundError:
+                    pass
+                continue
+            raise StoreLockedError(
+                f"{url}: another imzarr process (pid {pid} on {host}) is writing this store; wait for it to end "
+                f"(or, if it is gone, remove {lock})"
+            ) from None
+        with os.fdopen(fd, "w") as fh:
+            fh.write(me + "\n")
+        _HELD_LOCKS.add(root)
+        return
+    raise StoreLockedError(f"{url}: could not take the writer lock {lock}; another process keeps taking it")
+
+
+def _read_lock(lock: str) -> tuple[int, str] | None:
+    try:
+        with open(lock) as fh:
+            pid, host = fh.read().split()[:2]
+        return int(pid), host
+    except FileNotFoundError:
+        return None
+    except (ValueError, OSError):
+        return -1, "unknown"
+
+
+def release_writer_lock(url: str) -> None:
+    """Give up the store's writer lock if this process holds it."""
+    root = local_path(url)
+    if root is None or root not in _HELD_LOCKS:
+        return
+    _HELD_LOCKS.discard(root)
+    lock = os.path.join(root, LOCK_FILE)
+    holder = _read_lock(lock)
+    if holder is not None and holder == (os.getpid(), socket.gethostname()):
+        try:
+            os.remove(lock)
+        except FileNotFoundError:
+            pass
+
+
+@atexit.register
+def _release_all_locks() -> None:
+    for root in list(_HELD_LOCKS):
+        release_writer_lock(root)

@@ -1,0 +1,58 @@
+"""Where a command may write: never into, onto or around one of its inputs, never a URL that vanishes on exit.
+
+Paths are compared after resolving symlinks, `file://` URLs and relative paths, so `-o ./in.zarr/../in.zarr`
+and `-o file:///abs/in.zarr` are the input itself.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+from schemas.errors import ImzarrError
+
+
+class OutputOverlapsInputError(ImzarrError):
+    """The output equals, lies inside, or contains one of the command's inputs."""
+
+
+class UnsupportedOutputError(ImzarrError):
+    """An output URL that cannot hold a result past the end of the command (memory://)."""
+
+
+def location(url: str) -> tuple[str, str]:
+    """(protocol, absolute path) of a path or URL; local paths are resolved through symlinks."""
+    fs, path = fsspec.core.url_to_fs(str(url))
+    if isinstance(fs, LocalFileSystem):
+        return "file", os.path.realpath(os.path.abspath(path))
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return protocol, "/" + path.strip("/")
+
+
+def local_path(url: str) -> str | None:
+    """The absolute local path of a `file://` URL or plain path; None for other filesystems."""
+    fs, path = fsspec.core.url_to_fs(str(url))
+    return os.path.abspath(path) if isinstance(fs, LocalFileSystem) else None
+
+
+def _inside(child: str, parent: str) -> bool:
+    return child == parent or child.startswith(parent.rstrip("/") + "/")
+
+
+def check_output_location(output: str, inputs: Iterable[str] = (), allow_memory: bool = True) -> None:
+    """Refuse an output that equals, lies inside, or contains any input (before anything is touched)."""
+    out_protocol, out_path = location(output)
+    if out_protocol == "memory" and not allow_memory:
+        raise UnsupportedOutputError(f"{output}: memory:// lives only as long as this process; write to a path or a persistent URL")
+    for source in inputs:
+        if source is None:
+            continue
+        in_protocol, in_path = location(source)
+        if in_protocol != out_protocol:
+            continue
+        if _inside(out_path, in_path) or _inside(in_path, out_path):
+            how = "is" if out_path == in_path else ("lies inside" if _inside(out_path, in_path) else "contains")
+            raise OutputOverlapsInputError(f"{output}: the output {how} the input {source}; choose an output path outside every input")

@@ -1,0 +1,158 @@
+"""The one store lifecycle: absent, resumable or complete at every instant; one writer; inputs never touched."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import zarr
+
+from schemas.errors import StoreLockedError
+from schemas.output_paths import OutputOverlapsInputError, UnsupportedOutputError, check_output_location
+from schemas.store_lifecycle import (
+    LOCK_FILE,
+    PROGRESS_GROUP,
+    UNDER_CONSTRUCTION,
+    StoreExistsError,
+    acquire_writer_lock,
+    finalize_store,
+    inspect_existing,
+    mark_done,
+    prepare_store,
+    release_writer_lock,
+)
+
+SCHEMA = "imzarr.test/1"
+SETTINGS = {"a": 1}
+
+
+def _create(group: zarr.Group) -> None:
+    group.create_array("x", shape=(8,), chunks=(4,), dtype="int32", fill_value=0)
+
+
+def _prepare(url: str, overwrite: bool = False, inputs=()):
+    return prepare_store(url, SCHEMA, SETTINGS, 2, _create, overwrite, {"extra": "y"}, inputs=inputs)
+
+
+def _run_to_completion(url: str) -> None:
+    state = _prepare(url)
+    for unit in state.pending:
+        zarr.open_array(url, path="x", mode="r+")[unit * 4 : unit * 4 + 4] = unit + 1
+        mark_done(url, unit)
+    finalize_store(url, {"final": True})
+
+
+def test_fresh_run_resume_and_complete(tmp_path):
+    url = str(tmp_path / "s.zarr")
+    state = _prepare(url)
+    assert state.pending == [0, 1] and (tmp_path / "s.zarr" / LOCK_FILE).exists()
+    mark_done(url, 0)
+    release_writer_lock(url)
+    assert _prepare(url).pending == [1]
+    finalize_store(url, {"final": True})
+    assert not (tmp_path / "s.zarr" / LOCK_FILE).exists()
+    attrs = dict(zarr.open_group(url, mode="r").attrs)
+    assert attrs["complete"] is True and attrs["final"] is True and attrs["extra"] == "y" and UNDER_CONSTRUCTION not in attrs
+    assert _prepare(url).already_complete
+
+
+def test_killed_during_creation_is_rebuilt(tmp_path):
+    """Only the marker (the group's first write) and some arrays exist: the rerun starts over, no crash."""
+    url = str(tmp_path / "s.zarr")
+    group = zarr.open_group(url, mode="w", zarr_format=3, attributes={UNDER_CONSTRUCTION: SCHEMA, "complete": False})
+    _create(group)
+    assert inspect_existing(url, SCHEMA, SETTINGS, overwrite=False) == "new"
+    _run_to_completion(url)
+    np.testing.assert_array_equal(zarr.open_array(url, path="x", mode="r")[:], [1, 1, 1, 1, 2, 2, 2, 2])
+
+
+def test_resumable_store_without_done_record_is_rebuilt(tmp_path):
+    url = str(tmp_path / "s.zarr")
+    _prepare(url)
+    release_writer_lock(url)
+    del zarr.open_group(url, mode="r+", use_consolidated=False)[PROGRESS_GROUP]
+    assert _prepare(url).pending == [0, 1]
+
+
+def test_kill_between_complete_and_consolidation_is_tidied(tmp_path):
+    """complete is set, but the progress record and consolidated metadata are not done: a rerun finishes them."""
+    url = str(tmp_path / "s.zarr")
+    state = _prepare(url)
+    for unit in state.pending:
+        mark_done(url, unit)
+    zarr.open_group(url, mode="r+", use_consolidated=False).update_attributes({"complete": True})
+    release_writer_lock(url)
+    (tmp_path / "s.zarr" / "x" / "zarr.json.partial").write_bytes(b"half")
+    assert inspect_existing(url, SCHEMA, SETTINGS, overwrite=False) == "complete"
+    root = json.loads((tmp_path / "s.zarr" / "zarr.json").read_text())
+    assert PROGRESS_GROUP not in zarr.open_group(url, mode="r", use_consolidated=False)
+    assert "x" in root["consolidated_metadata"]["metadata"] and PROGRESS_GROUP not in root["consolidated_metadata"]["metadata"]
+    assert not (tmp_path / "s.zarr" / "x" / "zarr.json.partial").exists()
+
+
+def test_partial_files_removed_on_resume(tmp_path):
+    url = str(tmp_path / "s.zarr")
+    _prepare(url)
+    release_writer_lock(url)
+    leftover = tmp_path / "s.zarr" / "x" / "c" / "0.partial"
+    leftover.parent.mkdir(parents=True, exist_ok=True)
+    leftover.write_bytes(b"x")
+    _prepare(url)
+    assert not leftover.exists()
+
+
+def test_live_writer_lock_refuses_a_second_writer_and_stale_lock_is_taken_over(tmp_path):
+    url = str(tmp_path / "s.zarr")
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / "s.zarr").mkdir()
+        (tmp_path / "s.zarr" / LOCK_FILE).write_text(f"{holder.pid} {os.uname().nodename}\n")
+        with pytest.raises(StoreLockedError, match=f"pid {holder.pid}"):
+            _prepare(url)
+    finally:
+        holder.kill()
+        holder.wait()
+    # The holder is dead now: its lock is stale and is taken over.
+    assert _prepare(url).pending == [0, 1]
+    assert (tmp_path / "s.zarr" / LOCK_FILE).read_text().split()[0] == str(os.getpid())
+
+
+def test_lock_is_reentrant_and_released(tmp_path):
+    url = str(tmp_path / "s.zarr")
+    acquire_writer_lock(url)
+    acquire_writer_lock(url)
+    release_writer_lock(url)
+    assert not (tmp_path / "s.zarr" / LOCK_FILE).exists()
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_foreign_folder_is_never_replaced(tmp_path, overwrite):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("keep me")
+    with pytest.raises(StoreExistsError, match="not an imzarr store"):
+        _prepare(str(folder), overwrite=overwrite)
+    assert (folder / "notes.txt").read_text() == "keep me" and sorted(os.listdir(folder)) == ["notes.txt"]
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_output_overlapping_an_input_is_refused_before_anything_is_touched(tmp_path, overwrite):
+    src = tmp_path / "in.zarr"
+    _run_to_completion(str(src))
+    before = {p: p.read_bytes() for p in src.rglob("*") if p.is_file()}
+    (tmp_path / "link.zarr").symlink_to(src)
+    for output in (str(src), f"file://{src}", str(tmp_path / "link.zarr"), str(src / "inner.zarr"), str(tmp_path), str(tmp_path / "x" / ".." / "in.zarr")):
+        with pytest.raises(OutputOverlapsInputError) as info:
+            _prepare(output, overwrite=overwrite, inputs=[str(src)])
+        assert "--overwrite" not in str(info.value)
+    assert {p: p.read_bytes() for p in src.rglob("*") if p.is_file()} == before
+
+
+def test_memory_output_refused_where_it_would_vanish():
+    with pytest.raises(UnsupportedOutputError, match="memory://"):
+        check_output_location("memory://x/y.zarr", allow_memory=False)
+    check_output_location("memory://x/y.zarr")  # the Python API may use it
