@@ -1,123 +1,67 @@
-"""`imzarr extract|layers|generate|compare|show` (also `python -m extractor …`)."""
+"""`imzarr extract|layers|generate|compare|show` (also `python -m extractor …`).
+
+Building these parsers imports nothing heavy (no torch): choices come from `extractor.vocabulary`; each
+handler imports what it runs.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from extractor.models import PRESETS, CheckpointError, InvalidSigmaError, ModelSpec, UnknownLayerError
-from extractor.models.registry import UnknownPresetError
-from schemas.cli_support import run_cli
+from extractor.vocabulary import COMPUTE_DTYPES, POOL_MODES, PRESET_NAMES, STORAGE_DTYPES
+from schemas.cli import HelpFormatter, add_command, comma_list, dispatch, non_negative_int, positive_int
+from schemas.errors import ImzarrError
+from schemas.output_paths import check_output_location
 
-# Errors of the model package are plain ValueErrors/KeyErrors (it is usable without imzarr); here they are user errors.
-MODEL_ERRORS = (CheckpointError, InvalidSigmaError, UnknownLayerError, UnknownPresetError)
+
+class CommandLineError(ImzarrError):
+    """Options that contradict each other or the machine (checked before any output exists)."""
+
+
+def add_commands(sub) -> None:
+    """Every extractor command, for the `imzarr` tree (and `python -m extractor`)."""
+    _add_extract(sub)
+    _add_layers(sub)
+    _add_generate(sub)
+    _add_compare(sub)
+    _add_show(sub)
+
+
+# --- shared option groups -------------------------------------------------------------------------------------
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
     group = p.add_mutually_exclusive_group(required=True)
     group.add_argument("--checkpoint", help="DMD2 pytorch_model.bin / model.safetensors (or their folder), a .pt/.pth state dict, or an EDM network .pkl (read without running its code)")
-    group.add_argument("--preset", choices=sorted(PRESETS), help="a built-in architecture with seeded random weights (UNTRAINED: for demos and tests)")
+    group.add_argument("--preset", choices=PRESET_NAMES, help="a built-in architecture with seeded random weights (UNTRAINED: for demos and tests)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
-    p.add_argument("--compute-dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="network precision (bf16/fp16 autocast is for CUDA; default fp32)")
-    p.add_argument("--batch-size", type=int, default=64, help="samples per forward pass (values do not depend on it)")
+    p.add_argument("--compute-dtype", default="fp32", choices=COMPUTE_DTYPES, help="network precision (bf16/fp16 autocast needs CUDA)")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="samples per forward pass (README: what values depend on)")
 
 
-def _model_spec(args: argparse.Namespace) -> ModelSpec:
+def _run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--scheduler", default=None, help="tcp://host:port of a running dask.distributed scheduler (default: local threads); see README")
+    p.add_argument("--resources", default=None, help="resources each task needs on a distributed worker, e.g. GPU=1 (default: none)")
+    p.add_argument("--workers", type=positive_int, default=2, help="local threads: one computes while another reads or writes")
+    p.add_argument("--overwrite", action="store_true", help="replace an imzarr store made with other settings (never an input, never anything else)")
+
+
+def _model_spec(args: argparse.Namespace):
+    from extractor.models import ModelSpec
+
     return ModelSpec(preset=args.preset) if args.preset else ModelSpec(checkpoint=args.checkpoint)
 
 
-def _scheduler_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--scheduler", default=None, help="tcp://host:port of a running dask.distributed scheduler (default: local threads); see README")
-    p.add_argument("--resources", default=None, help="resources each task needs on a distributed worker, e.g. GPU=1")
-    p.add_argument("--workers", type=int, default=2, help="local threads: one computes while another reads or writes (default 2)")
-    p.add_argument("--overwrite", action="store_true", help="replace a store made with other settings")
+def _check_device_and_dtype(args: argparse.Namespace) -> None:
+    """fp16/bf16 autocast is a CUDA feature here; refuse it on CPU before anything is written."""
+    if args.compute_dtype == "fp32":
+        return
+    import torch
 
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="imzarr", description="Run image stores through EDM/DMD2 networks.")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    ex = sub.add_parser(
-        "extract",
-        help="image store → activation store",
-        description=(
-            "Stream an image store through the network and store named layers' activations, labeled by sample and "
-            "class, as a Zarr v3 activation store (imzarr.activations/1). Re-running the same command resumes an "
-            "interrupted run; other settings on an existing store are refused unless --overwrite."
-        ),
-    )
-    ex.add_argument("store", help="image store (made by `imzarr convert` or `imzarr generate`)")
-    ex.add_argument("-o", "--output", required=True, help="activation store path or fsspec URL")
-    ex.add_argument("--layers", required=True, help="comma-separated layer names or aliases (encoder_bottleneck, midblock); `imzarr layers` lists them")
-    _model_args(ex)
-    ex.add_argument("--sigma", type=float, default=80.0, help="noise level σ the network is conditioned on (default 80, the generator's own)")
-    ex.add_argument("--seed", type=int, default=0, help="seed of the per-sample noise (and of --per-class sampling)")
-    ex.add_argument("--no-noise", action="store_true", help="feed the clean image (still conditioned on σ)")
-    ex.add_argument("--class-free", action="store_true", help="zero class labels instead of the one-hot of each sample's label")
-    ex.add_argument("--pool", default="none", choices=["none", "mean", "max"], help="spatial reduction on the device before storing")
-    ex.add_argument("--dtype", default="float16", choices=["float16", "float32"], help="storage dtype (default float16)")
-    ex.add_argument("--reconstructions", action="store_true", help="also store D(x) as uint8 images (runs the whole network)")
-    ex.add_argument("--num-samples", type=int, default=None, help="the first N samples (a uniform random sample if the store was written shuffled)")
-    ex.add_argument("--indices", default=None, help="file of store positions (.npy or one integer per line)")
-    ex.add_argument("--classes", default=None, help="comma-separated WNIDs to keep")
-    ex.add_argument("--per-class", type=int, default=None, help="K samples per class, chosen with --seed")
-    ex.add_argument("--shard-size", type=int, default=None, help="samples per output shard/task (default: ~64 MB of the largest layer)")
-    ex.add_argument("--dry-run", action="store_true", help="one batch through the hooks, then a table of shapes, sizes and memory; writes nothing")
-    _scheduler_args(ex)
-
-    gen = sub.add_parser(
-        "generate",
-        help="sample the one-step generator into an image store",
-        description=(
-            "DMD2 one-step sampling: image = D(σ·ε; σ, one-hot(label)), ε seeded per sample from (seed, sample index), "
-            "converted to uint8 as DMD2 does. Writes an image store (imzarr.images/1, source_format generated) that "
-            "`imzarr extract` reads like real data; with --layers, also the generator's own activations while sampling."
-        ),
-    )
-    gen.add_argument("-o", "--output", required=True, help="generated image store path or fsspec URL")
-    _model_args(gen)
-    count = gen.add_mutually_exclusive_group(required=True)
-    count.add_argument("--per-class", type=int, help="K samples of each class (class-major order)")
-    count.add_argument("--num-samples", type=int, help="N samples with classes drawn uniformly (seeded)")
-    gen.add_argument("--classes", default=None, help="comma-separated WNIDs (default: all 1000)")
-    gen.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
-    gen.add_argument("--sigma", type=float, default=80.0, help="the generator's input σ (default 80)")
-    gen.add_argument("--layers", default=None, help="also capture these layers during sampling (needs --activations-out)")
-    gen.add_argument("--activations-out", default=None, help="activation store for --layers")
-    gen.add_argument("--pool", default="none", choices=["none", "mean", "max"])
-    gen.add_argument("--dtype", default="float16", choices=["float16", "float32"])
-    gen.add_argument("--shard-size", type=int, default=None, help="samples per shard/task (default 1024 or less)")
-    _scheduler_args(gen)
-
-    cmp = sub.add_parser(
-        "compare",
-        help="compare two activation stores per class",
-        description=(
-            "Fréchet distance, precision/recall (Kynkäänniemi et al. 2019) and density/coverage (Naeem et al. 2020) "
-            "between two activation stores in one layer's feature space, overall and per class; streaming, bounded memory. "
-            "A is taken as the real set, B as the generated one."
-        ),
-    )
-    cmp.add_argument("real", help="activation store A (real samples)")
-    cmp.add_argument("generated", help="activation store B (generated samples)")
-    cmp.add_argument("--layer", required=True, help="layer variable present in both stores")
-    cmp.add_argument("--pool", default="mean", choices=["none", "mean", "max"], help="spatial reduction of unpooled layers (default mean)")
-    cmp.add_argument("--no-per-class", action="store_true", help="overall metrics only")
-    cmp.add_argument("-k", type=int, default=5, help="nearest neighbours for precision/recall/density/coverage (default 5)")
-    cmp.add_argument("-o", "--output", default=None, help="write the report (an xarray dataset, per-class table on dim `class`) to this Zarr store")
-    cmp.add_argument("--plot", default=None, help="write a PNG: 2-D projection coloured by source, and per-class coverage bars")
-    cmp.add_argument("--projection", default="pca", choices=["pca", "umap"], help="projection for --plot (umap needs the optional umap-learn)")
-
-    show = sub.add_parser("show", help="contact sheet of a store's images", description="A grid of images, one row per class, with class names: real, generated or reconstructions.")
-    show.add_argument("store", help="image store, or activation store with reconstructions")
-    show.add_argument("-o", "--output", default="grid.png", help="PNG to write (default grid.png)")
-    show.add_argument("--classes", default=None, help="comma-separated WNIDs (default: the first classes in the store)")
-    show.add_argument("--per-class", type=int, default=8, help="images per row (default 8)")
-    show.add_argument("--max-classes", type=int, default=10, help="rows when --classes is not given (default 10)")
-
-    layers = sub.add_parser("layers", help="list a network's layers and output shapes", description="List every layer name (module paths and aliases) with its output shape for one sample.")
-    _model_args(layers)
-    return parser
+    on_cpu = args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available())
+    if on_cpu:
+        raise CommandLineError(f"--compute-dtype {args.compute_dtype}: needs a CUDA device (this run is on the CPU); use fp32")
 
 
 def _forward_settings(args: argparse.Namespace, noise_seed: int | None, **extra):
@@ -125,7 +69,7 @@ def _forward_settings(args: argparse.Namespace, noise_seed: int | None, **extra)
 
     return ForwardSettings(
         model=_model_spec(args),
-        layers=tuple(x.strip() for x in (args.layers or "").split(",") if x.strip()),
+        layers=tuple(args.layers or ()),
         sigma=args.sigma,
         noise_seed=noise_seed,
         pool=args.pool,
@@ -133,6 +77,99 @@ def _forward_settings(args: argparse.Namespace, noise_seed: int | None, **extra)
         compute_dtype=args.compute_dtype,
         **extra,
     )
+
+
+def _scheduler(args: argparse.Namespace):
+    from extractor.scheduling import SchedulerSpec, parse_resources
+
+    return SchedulerSpec(args.scheduler, args.workers, parse_resources(args.resources))
+
+
+def _print_outcome(result, what: str, untrained_note: str) -> None:
+    """One summary line (or "nothing to do"), then a plain warning when the network was not trained."""
+    if result.already_complete:
+        print(f"{result.url}: already complete ({result.num_samples} samples) with these settings; nothing to do")
+    else:
+        rate = result.num_samples / max(result.seconds, 1e-9)
+        print(f"{what}: {result.num_samples} samples in {result.seconds:.1f} s ({rate:,.1f} images/s)")
+    if not result.trained:
+        print(f"NOTE: {untrained_note}.")
+
+
+# --- extract ----------------------------------------------------------------------------------------------------
+
+
+def _add_extract(sub) -> None:
+    ex = add_command(
+        sub,
+        "extract",
+        "image store → activation store",
+        "Stream an image store through the network and store named layers' activations, labeled by sample and "
+        "class, as a Zarr v3 activation store (imzarr.activations/1). Re-running the same command resumes an "
+        "interrupted run; other settings on an existing store are refused unless --overwrite.",
+    )
+    ex.add_argument("store", help="image store (made by `imzarr convert` or `imzarr generate`)")
+    ex.add_argument("-o", "--output", required=True, help="activation store path or fsspec URL")
+    ex.add_argument("--layers", type=comma_list, required=True, help="comma-separated layer names or aliases (encoder_bottleneck, midblock); `imzarr layers` lists them")
+    _model_args(ex)
+    ex.add_argument("--sigma", type=float, default=80.0, help="noise level σ the network is conditioned on (80 is the generator's own)")
+    ex.add_argument("--seed", type=non_negative_int, default=0, help="seed of the per-sample noise (and of --per-class sampling)")
+    ex.add_argument("--no-noise", action="store_true", help="feed the clean image (still conditioned on σ)")
+    ex.add_argument("--class-free", action="store_true", help="zero class labels instead of the one-hot of each sample's label")
+    ex.add_argument("--pool", default="none", choices=POOL_MODES, help="spatial reduction on the device before storing")
+    ex.add_argument("--dtype", default="float16", choices=STORAGE_DTYPES, help="storage dtype")
+    ex.add_argument("--reconstructions", action="store_true", help="also store D(x) as uint8 images (runs the whole network)")
+    ex.add_argument("--num-samples", type=positive_int, default=None, help="the first N samples (a uniform random sample if the store was written shuffled; default: all)")
+    ex.add_argument("--indices", default=None, help="file of store positions (.npy or one integer per line; default: all)")
+    ex.add_argument("--classes", type=comma_list, default=None, help="classes to keep: WNIDs, class names or indices, comma-separated (default: all)")
+    ex.add_argument("--per-class", type=positive_int, default=None, help="K samples per class, chosen with --seed (default: all)")
+    ex.add_argument("--shard-size", type=positive_int, default=None, help="samples per output shard/task (default: ~64 MB of the largest layer)")
+    ex.add_argument("--dry-run", action="store_true", help="one batch through the hooks, then a table of shapes, sizes and memory; writes nothing")
+    _run_args(ex)
+    ex.set_defaults(handler=_extract)
+
+
+def _extract(args: argparse.Namespace) -> int:
+    from extractor.extract import ExtractOptions, extract
+    from extractor.selection import SelectionSpec
+
+    check_output_location(args.output, [args.store], allow_memory=False)
+    _check_device_and_dtype(args)
+    forward = _forward_settings(args, None if args.no_noise else args.seed, class_free=args.class_free, reconstructions=args.reconstructions)
+    options = ExtractOptions(
+        store=args.store,
+        output=args.output,
+        forward=forward,
+        selection=SelectionSpec(
+            num_samples=args.num_samples,
+            indices_file=args.indices,
+            classes=args.classes,
+            per_class=args.per_class,
+            seed=args.seed,
+        ),
+        batch_size=args.batch_size,
+        device=args.device,
+        scheduler=_scheduler(args),
+        overwrite=args.overwrite,
+        shard_size=args.shard_size,
+    )
+    if args.dry_run:
+        from extractor.dry_run import dry_run_table
+
+        print(dry_run_table(options))
+        return 0
+    result = extract(options)
+    _print_outcome(result, result.url, "these activations come from an UNTRAINED network (random weights of a preset); pass --checkpoint for real ones")
+    return 0
+
+
+# --- layers -----------------------------------------------------------------------------------------------------
+
+
+def _add_layers(sub) -> None:
+    layers = add_command(sub, "layers", "list a network's layers and output shapes", "List every layer name (module paths and aliases) with its output shape for one sample.")
+    _model_args(layers)
+    layers.set_defaults(handler=_print_layers)
 
 
 def _print_layers(args: argparse.Namespace) -> int:
@@ -147,66 +184,55 @@ def _print_layers(args: argparse.Namespace) -> int:
     return 0
 
 
-def _extract(args: argparse.Namespace) -> int:
-    from extractor.extract import ExtractOptions, extract
-    from extractor.scheduling import SchedulerSpec, parse_resources
-    from extractor.selection import SelectionSpec
+# --- generate ---------------------------------------------------------------------------------------------------
 
-    forward = _forward_settings(args, None if args.no_noise else args.seed, class_free=args.class_free, reconstructions=args.reconstructions)
-    options = ExtractOptions(
-        store=args.store,
-        output=args.output,
-        forward=forward,
-        selection=SelectionSpec(
-            num_samples=args.num_samples,
-            indices_file=args.indices,
-            classes=tuple(args.classes.split(",")) if args.classes else None,
-            per_class=args.per_class,
-            seed=args.seed,
-        ),
-        batch_size=args.batch_size,
-        device=args.device,
-        scheduler=SchedulerSpec(args.scheduler, args.workers, parse_resources(args.resources)),
-        overwrite=args.overwrite,
-        shard_size=args.shard_size,
+
+def _add_generate(sub) -> None:
+    gen = add_command(
+        sub,
+        "generate",
+        "sample the one-step generator into an image store",
+        "DMD2 one-step sampling: image = D(σ·ε; σ, one-hot(label)), ε seeded per sample from (seed, sample index), "
+        "converted to uint8 as DMD2 does. Writes an image store (imzarr.images/1, source_format generated) that "
+        "`imzarr extract` reads like real data; with --layers, also the generator's own activations while sampling.",
     )
-    if args.dry_run:
-        from extractor.dry_run import dry_run_table
-
-        print(dry_run_table(options))
-        return 0
-    result = extract(options)
-    _print_outcome(result, result.url, "these activations come from an UNTRAINED network (random weights of a preset); pass --checkpoint for real ones")
-    return 0
-
-
-def _print_outcome(result, what: str, untrained_note: str) -> None:
-    """One summary line (or "nothing to do"), then a plain warning when the network was not trained."""
-    if result.already_complete:
-        print(f"{result.url}: already complete ({result.num_samples} samples) with these settings; nothing to do")
-    else:
-        rate = result.num_samples / max(result.seconds, 1e-9)
-        print(f"{what}: {result.num_samples} samples in {result.seconds:.1f} s ({rate:,.1f} images/s)")
-    if not result.trained:
-        print(f"NOTE: {untrained_note}.")
+    gen.add_argument("-o", "--output", required=True, help="generated image store path or fsspec URL")
+    _model_args(gen)
+    count = gen.add_mutually_exclusive_group(required=True)
+    count.add_argument("--per-class", type=positive_int, help="K samples of each class (class-major order)")
+    count.add_argument("--num-samples", type=positive_int, help="N samples with classes drawn uniformly (seeded)")
+    gen.add_argument("--classes", type=comma_list, default=None, help="classes: WNIDs, class names or indices, comma-separated (default: all 1000)")
+    gen.add_argument("--seed", type=non_negative_int, default=0, help="noise seed")
+    gen.add_argument("--sigma", type=float, default=80.0, help="the generator's input σ")
+    gen.add_argument("--layers", type=comma_list, default=None, help="also capture these layers during sampling (needs --activations-out; default: none)")
+    gen.add_argument("--activations-out", default=None, help="activation store for --layers (default: none)")
+    gen.add_argument("--pool", default="none", choices=POOL_MODES, help="spatial reduction of captured layers")
+    gen.add_argument("--dtype", default="float16", choices=STORAGE_DTYPES, help="storage dtype of captured layers")
+    gen.add_argument("--shard-size", type=positive_int, default=None, help="samples per shard/task (default 1024 or less)")
+    _run_args(gen)
+    gen.set_defaults(handler=_generate)
 
 
 def _generate(args: argparse.Namespace) -> int:
     from extractor.generate import GenerateOptions, generate
-    from extractor.scheduling import SchedulerSpec, parse_resources
 
-    forward = _forward_settings(args, args.seed)
+    check_output_location(args.output, allow_memory=False)
+    if args.layers and not args.activations_out:
+        raise CommandLineError("--layers needs --activations-out (the activation store to write them to)")
+    if args.activations_out:
+        check_output_location(args.activations_out, [args.output], allow_memory=False)
+    _check_device_and_dtype(args)
     result = generate(
         GenerateOptions(
             output=args.output,
-            forward=forward,
+            forward=_forward_settings(args, args.seed),
             per_class=args.per_class,
             num_samples=args.num_samples,
-            classes=tuple(args.classes.split(",")) if args.classes else None,
+            classes=args.classes,
             activations_out=args.activations_out,
             batch_size=args.batch_size,
             device=args.device,
-            scheduler=SchedulerSpec(args.scheduler, args.workers, parse_resources(args.resources)),
+            scheduler=_scheduler(args),
             overwrite=args.overwrite,
             shard_size=args.shard_size,
         )
@@ -216,9 +242,41 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _compare(args: argparse.Namespace) -> int:
-    from extractor.compare import compare_stores, format_report_table
+# --- compare ----------------------------------------------------------------------------------------------------
 
+
+def _add_compare(sub) -> None:
+    cmp = add_command(
+        sub,
+        "compare",
+        "compare two activation stores per class",
+        "Fréchet distance, precision/recall (Kynkäänniemi et al. 2019) and density/coverage (Naeem et al. 2020) "
+        "between two activation stores in one layer's feature space, overall and per class; streaming, bounded "
+        "memory. A is taken as the real set, B as the generated one.",
+    )
+    cmp.add_argument("real", help="activation store A (real samples)")
+    cmp.add_argument("generated", help="activation store B (generated samples)")
+    cmp.add_argument("--layer", required=True, help="layer variable present in both stores")
+    cmp.add_argument("--pool", default="mean", choices=POOL_MODES, help="spatial reduction of unpooled layers")
+    cmp.add_argument("--no-per-class", action="store_true", help="overall metrics only")
+    cmp.add_argument("-k", type=positive_int, default=5, help="nearest neighbours for precision/recall/density/coverage")
+    cmp.add_argument("-o", "--output", default=None, help="write the report (an xarray dataset, per-class table on dim `class`) to this Zarr store; an earlier report there is replaced (default: none)")
+    cmp.add_argument("--plot", default=None, help="write a PNG: 2-D projection and per-class panels (default: none)")
+    cmp.add_argument("--projection", default="pca", choices=["pca", "umap"], help="projection for --plot (umap needs the optional umap-learn)")
+    cmp.add_argument("--overwrite", action="store_true", help="replace another imzarr store at --output (never an input, never anything else)")
+    cmp.set_defaults(handler=_compare)
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from extractor.analysis.compare import REPORT_SCHEMA, compare_stores, format_report_table
+    from schemas.store_lifecycle import claim_report_output
+
+    inputs = [args.real, args.generated]
+    if args.output:
+        check_output_location(args.output, inputs, allow_memory=False)
+        claim_report_output(args.output, REPORT_SCHEMA, args.overwrite, inputs)
+    if args.plot:
+        _check_file_output(args.plot, inputs + ([args.output] if args.output else []))
     report = compare_stores(
         args.real, args.generated, args.layer, per_class=not args.no_per_class, pool=args.pool, k=args.k,
         output=args.output, plot=args.plot, projection=args.projection,
@@ -230,15 +288,39 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _show(args: argparse.Namespace) -> int:
-    from extractor.contact_sheet import write_contact_sheet
+def _check_file_output(path: str, inputs: list[str]) -> None:
+    """A single output file (a PNG): never an input or inside one, never an existing folder."""
+    import fsspec
 
-    from schemas.activation_store import RECONSTRUCTION_VAR
+    check_output_location(path, inputs, allow_memory=False)
+    fs, p = fsspec.core.url_to_fs(path)
+    if fs.isdir(p):
+        raise CommandLineError(f"{path}: is a folder; give a file name such as {path.rstrip('/')}/grid.png")
+
+
+# --- show -------------------------------------------------------------------------------------------------------
+
+
+def _add_show(sub) -> None:
+    show = add_command(sub, "show", "contact sheet of a store's images", "A grid of images, one row per class, with class names: real, generated or reconstructions.")
+    show.add_argument("store", help="image store, or activation store with reconstructions")
+    show.add_argument("-o", "--output", default="grid.png", help="PNG to write")
+    show.add_argument("--classes", type=comma_list, default=None, help="classes: WNIDs, class names or indices, comma-separated (default: the first classes in the store)")
+    show.add_argument("--per-class", type=positive_int, default=8, help="images per row")
+    show.add_argument("--max-classes", type=positive_int, default=10, help="rows when --classes is not given")
+    show.set_defaults(handler=_show)
+
+
+def _show(args: argparse.Namespace) -> int:
     import zarr
 
+    from extractor.analysis.contact_sheet import write_contact_sheet
+    from schemas.activation_store import RECONSTRUCTION_VAR
+
+    _check_file_output(args.output, [args.store])
     variable = RECONSTRUCTION_VAR if RECONSTRUCTION_VAR in zarr.open_group(args.store, mode="r") else "image"
     path = write_contact_sheet(
-        args.store, args.output, classes=args.classes.split(",") if args.classes else None,
+        args.store, args.output, classes=list(args.classes) if args.classes else None,
         per_class=args.per_class, max_classes=args.max_classes, variable=variable,
     )
     print(path)
@@ -246,6 +328,7 @@ def _show(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    commands = {"extract": _extract, "layers": _print_layers, "generate": _generate, "compare": _compare, "show": _show}
-    return run_cli(f"imzarr {args.command}", lambda: commands[args.command](args), user_errors=MODEL_ERRORS)
+    """`python -m extractor COMMAND …` (the same as `imzarr COMMAND …`)."""
+    parser = argparse.ArgumentParser(prog="python -m extractor", description="Run image stores through networks; compare and show the results.", formatter_class=HelpFormatter)
+    add_commands(parser.add_subparsers(dest="command", metavar="COMMAND", required=True))
+    return dispatch(parser, list(sys.argv[1:] if argv is None else argv))

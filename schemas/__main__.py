@@ -1,5 +1,4 @@
-from schemas.cli_support import exit_process
-from schemas.imzarr_cli import main
+from schemas.cli.dispatch import run
 
-if __name__ == "__main__":  # spawned worker processes import this module too
-    exit_process(main())
+if __name__ == "__main__":  # `python -m schemas` is the `imzarr` command
+    run()

@@ -9,7 +9,7 @@ from collections import Counter
 import zarr
 
 from schemas.classes import class_table
-from schemas.cli_support import run_cli
+from schemas.cli import add_command
 from schemas.errors import StoreValidationError
 from schemas.image_store import IMAGE_SCHEMA, validate_image_store
 
@@ -57,13 +57,14 @@ def _describe_images(url: str, attrs: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="imzarr info", description="Validate an imzarr store (images or activations) and summarise it.")
-    parser.add_argument("store", help="store path or fsspec URL")
-    args = parser.parse_args(argv)
+def add_commands(sub) -> None:
+    """`imzarr info STORE`."""
+    info = add_command(sub, "info", "validate a store (images or activations) and summarise it")
+    info.add_argument("store", help="store path or fsspec URL")
+    info.set_defaults(handler=_info)
 
-    def body() -> int:
-        print(describe_store(args.store))
-        return 0
 
-    return run_cli("imzarr info", body)
+def _info(args: argparse.Namespace) -> int:
+    print(describe_store(args.store))
+    return 0
+

@@ -116,6 +116,25 @@ def inspect_existing(
     )
 
 
+def claim_report_output(url: str, schema: str, overwrite: bool, inputs: Iterable[str] = ()) -> None:
+    """Check that a store written whole in one go (a report) may be (re)written at `url`; refuse otherwise.
+
+    Nothing there, or an earlier store of the same schema (a report is re-made from its inputs), may be
+    replaced; another imzarr store only with `overwrite`; anything else never.
+    """
+    check_output_location(url, inputs, allow_memory=True)
+    state = path_state(url)
+    if state == "missing":
+        return
+    if state == "foreign":
+        raise StoreExistsError(f"{url}: exists and is not an imzarr store; choose another output path")
+    found = dict(zarr.open_group(url, mode="r", use_consolidated=False).attrs).get("schema")
+    if found is None:
+        raise StoreExistsError(f"{url}: holds a Zarr group that is not an imzarr store; choose another output path")
+    if found != schema and not overwrite:
+        raise StoreExistsError(f"{url}: holds a {found} store, not {schema}; pass --overwrite to replace it")
+
+
 def prepare_store(
     url: str,
     schema: str,

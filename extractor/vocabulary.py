@@ -1,0 +1,17 @@
+"""The extractor's words, in one place and free of torch: what the command line offers and the stores record.
+
+The model modules check against these same tuples, so a choice offered by `--help` is always one they accept.
+"""
+
+from __future__ import annotations
+
+from schemas.activation_store import STORAGE_DTYPES
+
+# Built-in architectures with seeded random weights (never trained): `--preset NAME`.
+PRESET_NAMES: tuple[str, ...] = ("dmd2-imagenet64", "tiny-random")
+# Spatial reduction of a captured layer, on the device, before storing.
+POOL_MODES: tuple[str, ...] = ("none", "mean", "max")
+# Network precision: fp32, or bf16/fp16 autocast (CUDA).
+COMPUTE_DTYPES: tuple[str, ...] = ("fp32", "bf16", "fp16")
+
+__all__ = ["COMPUTE_DTYPES", "POOL_MODES", "PRESET_NAMES", "STORAGE_DTYPES"]

@@ -1,0 +1,18 @@
+"""What every imzarr command line shares: the `imzarr` dispatcher, argument types and help, and one way to run
+a command so that every error is one clear line with a meaningful exit code."""
+
+from schemas.cli.arguments import HelpFormatter, add_debug_option, comma_list, non_negative_int, positive_int
+from schemas.cli.dispatch import add_command, dispatch
+from schemas.cli.running import exit_process, run_command
+
+__all__ = [
+    "HelpFormatter",
+    "add_command",
+    "dispatch",
+    "add_debug_option",
+    "comma_list",
+    "exit_process",
+    "non_negative_int",
+    "positive_int",
+    "run_command",
+]

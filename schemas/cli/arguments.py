@@ -1,0 +1,48 @@
+"""Argument types and help formatting shared by every imzarr command."""
+
+from __future__ import annotations
+
+import argparse
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Keeps descriptions as written and shows each option's default, unless its help already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        unset = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        if "default" in text.lower() or unset or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def positive_int(text: str) -> int:
+    """An integer ≥ 1 (sizes and counts)."""
+    value = _int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be a whole number ≥ 1")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """An integer ≥ 0 (seeds)."""
+    value = _int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be a whole number ≥ 0")
+    return value
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: not a whole number") from None
+
+
+def comma_list(text: str) -> tuple[str, ...]:
+    """'a, b,c' → ('a', 'b', 'c'); empty items dropped."""
+    return tuple(item.strip() for item in text.split(",") if item.strip())
+
+
+def add_debug_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an unexpected error")
