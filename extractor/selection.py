@@ -1,14 +1,21 @@
-"""Which samples of an image store to run: first N, an index file, some classes, or K per class."""
+"""Which samples of an image store to run: first N, an index file, some classes, or K per class.
+
+Classes may be named by WNID (n01440764), by class name (`tench`, `Great White Shark`: case-insensitive, exact,
+or a prefix that only one class has) or by 0-based label index (`0`); all resolve to WNIDs.
+"""
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 
+from schemas.classes import NUM_CLASSES, class_table
 from schemas.errors import ImzarrError
 
 
@@ -16,11 +23,62 @@ class SelectionError(ImzarrError):
     """A selection that cannot be made from this store."""
 
 
+class UnknownClassNameError(SelectionError):
+    """A --classes entry that names no ImageNet-1k class (or more than one); the message lists candidates."""
+
+
+def resolve_class(name: str) -> str:
+    """One class given by WNID, label index or (case-insensitive, exact or uniquely prefixing) name → its WNID."""
+    table = class_table()
+    text = name.strip()
+    if table.is_wnid(text):
+        return text
+    if text.isdigit():
+        index = int(text)
+        if index >= NUM_CLASSES:
+            raise UnknownClassNameError(f"--classes {name!r}: label index {index} is outside 0..{NUM_CLASSES - 1}")
+        return table.wnids[index]
+    key = text.casefold()
+    by_name = _names_casefolded()
+    exact = by_name.get(key, [])
+    if len(exact) == 1:
+        return table.wnids[exact[0]]
+    if len(exact) > 1:
+        raise UnknownClassNameError(f"--classes {name!r}: {len(exact)} classes have that name; give the WNID: {_listing(exact)}")
+    prefixed = sorted(i for folded, indices in by_name.items() if folded.startswith(key) for i in indices)
+    if len(prefixed) == 1:
+        return table.wnids[prefixed[0]]
+    if len(prefixed) > 1:
+        raise UnknownClassNameError(f"--classes {name!r} begins {len(prefixed)} class names; say more or give a WNID: {_listing(prefixed[:8])}")
+    close = difflib.get_close_matches(key, list(by_name), n=5, cutoff=0.6)
+    hint = f"; close matches: {_listing([i for c in close for i in by_name[c]])}" if close else ""
+    raise UnknownClassNameError(f"--classes {name!r} is not an ImageNet-1k WNID, label index or class name{hint}")
+
+
+def resolve_classes(names: Iterable[str]) -> tuple[str, ...]:
+    """WNIDs of every entry (see resolve_class), in the given order, repeats dropped."""
+    return tuple(dict.fromkeys(resolve_class(n) for n in names if n.strip()))
+
+
+@lru_cache(maxsize=1)
+def _names_casefolded() -> dict[str, list[int]]:
+    """Case-folded class name → indices (a few names, such as crane and maillot, belong to two classes)."""
+    found: dict[str, list[int]] = {}
+    for index, class_name in enumerate(class_table().names):
+        found.setdefault(class_name.casefold(), []).append(index)
+    return found
+
+
+def _listing(indices: list[int]) -> str:
+    table = class_table()
+    return ", ".join(f"{table.wnids[i]} ({table.names[i]}, {i})" for i in indices)
+
+
 @dataclass(frozen=True)
 class SelectionSpec:
     num_samples: int | None = None
     indices_file: str | None = None
-    classes: tuple[str, ...] | None = None  # WNIDs
+    classes: tuple[str, ...] | None = None  # WNIDs, class names or label indices (resolve_classes)
     per_class: int | None = None
     seed: int = 0
 
@@ -33,10 +91,12 @@ def select_samples(spec: SelectionSpec, labels: np.ndarray, synsets: np.ndarray)
         chosen = _read_indices(spec.indices_file, n)
     if spec.classes:
         known = set(synsets[chosen].tolist())
-        unknown = [w for w in spec.classes if w not in known]
+        # A store's own folder-named classes (not in ImageNet-1k) are taken as given.
+        wnids = tuple(dict.fromkeys(c if c in known else resolve_class(c) for c in spec.classes))
+        unknown = [w for w in wnids if w not in known]
         if unknown:
             raise SelectionError(f"classes {unknown} have no samples in this store")
-        chosen = chosen[np.isin(synsets[chosen], np.array(spec.classes, dtype=object))]
+        chosen = chosen[np.isin(synsets[chosen], np.array(wnids, dtype=object))]
     if spec.per_class is not None:
         if spec.per_class < 1:
             raise SelectionError(f"--per-class must be ≥ 1, got {spec.per_class}")
@@ -68,12 +128,21 @@ def _read_indices(path: str, n: int) -> np.ndarray:
     return np.unique(idx)
 
 
+def _recorded_class(name: str) -> str:
+    """The WNID of an ImageNet-1k class; a store's own folder-named class (select_samples checked it) as given."""
+    try:
+        return resolve_class(name)
+    except UnknownClassNameError:
+        return name
+
+
 def describe_selection(spec: SelectionSpec, chosen: np.ndarray) -> dict[str, Any]:
     """What the store records about its selection (the positions themselves are the source_sample coordinate)."""
     return {
         "num_samples": spec.num_samples,
         "indices_file": spec.indices_file,
-        "classes": list(spec.classes) if spec.classes else None,
+        # As WNIDs: `--classes tench` and `--classes n01440764` are the same selection (and settings).
+        "classes": [_recorded_class(c) for c in dict.fromkeys(spec.classes)] if spec.classes else None,
         "per_class": spec.per_class,
         "seed": spec.seed if spec.per_class is not None else None,
         "count": int(chosen.size),

@@ -4,17 +4,37 @@ A Zarr v3 group with one variable per requested layer, named as requested (`enco
 `model.dec.8x8_in1`), dims (sample, <var>_channel, <var>_y, <var>_x), or (sample, <var>_channel) when pooled;
 optionally `reconstruction` uint8 (sample, channel, y, x); coordinates copied from the image store for the
 selected samples; attributes that say exactly how the values were made (REQUIRED_ATTRS).
+
+Per-array attributes (stores whose group has `Conventions`, see schemas/variable_attrs.py):
+- every layer variable: `long_name`, `description`, `module_path` (the module whose output it is), `pooling`
+  ("none", "mean", "max" over y and x), `sigma` (noise level σ of the input, in units of the [-1, 1] pixel
+  scale), and `coordinates` naming its numeric per-sample coordinates (`label global_index source_sample`);
+- float16 layers also `scale_factor` = 1.0: CF "packing" that leaves every value as stored but makes xarray
+  decode the variable lazily to float64 (the type of a JSON number), because Dask sums float16 chunks in
+  float16, so `xr.open_zarr(acts).layer.mean()` overflowed to NaN. Readers that ignore CF packing (zarr,
+  TensorStore, NumPy) read the float16 values unchanged; float32 layers need no packing;
+- `reconstruction`, coordinates and text variables: `long_name` and `description`;
+- group attribute `classes`: label → WNID and class name of every label present.
 """
 
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import numpy as np
 import zarr
 
 from schemas.errors import StoreValidationError
 from schemas.image_store import COORDINATES as IMAGE_COORDINATES
+from schemas.variable_attrs import (
+    CONVENTIONS,
+    REQUIRED_ARRAY_ATTRS,
+    class_table_attrs,
+    coordinate_attrs,
+    coordinates_attribute,
+    missing_array_attrs,
+)
 
 ACTIVATION_SCHEMA = "imzarr.activations/1"
 SAMPLE_DIM = "sample"
@@ -26,11 +46,66 @@ REQUIRED_ATTRS = (
     "schema", "complete", "model", "layers", "sigma", "noise", "pooling", "dtypes", "selection", "source", "versions", "device",
 )
 STORAGE_DTYPES = ("float16", "float32")
+POOLINGS = ("none", "mean", "max")
+LAYER_ATTRS = (*REQUIRED_ARRAY_ATTRS, "module_path", "pooling", "sigma", "coordinates")
+# CF packing of float16 layers (see the module docstring): values unchanged, decoded by xarray as float64.
+FLOAT16_SCALE_FACTOR = 1.0
+_POOLING_WORDS = {
+    "none": "the full map (channel, y, x)",
+    "mean": "the mean over spatial positions (y, x) of each channel",
+    "max": "the maximum over spatial positions (y, x) of each channel",
+}
 
 
 def layer_dims(var: str, pooled: bool) -> tuple[str, ...]:
     """Dimension names of one layer's variable."""
     return (SAMPLE_DIM, f"{var}_channel") if pooled else (SAMPLE_DIM, f"{var}_channel", f"{var}_y", f"{var}_x")
+
+
+def activation_variable_attrs(layer: str, module_path: str, pool: str, sigma: float, storage_dtype: str) -> dict[str, Any]:
+    """Attributes of one layer variable: what it is, which module, pooling, σ, its coordinates, and CF packing."""
+    if pool not in POOLINGS:
+        raise StoreValidationError(f"layer {layer}: pooling {pool!r} is not one of {POOLINGS}")
+    if storage_dtype not in STORAGE_DTYPES:
+        raise StoreValidationError(f"layer {layer}: storage dtype {storage_dtype!r} is not one of {STORAGE_DTYPES}")
+    attrs: dict[str, Any] = {
+        "long_name": f"activations of {module_path}",
+        "description": (
+            f"output of network module {module_path} (layer {layer!r}): {_POOLING_WORDS[pool]}, for the input "
+            f"image scaled to [-1, 1] plus σ·noise at σ = {sigma:g}; stored as {storage_dtype}"
+        ),
+        "module_path": module_path,
+        "pooling": pool,
+        "sigma": float(sigma),
+        "coordinates": coordinates_attribute(list(COORDINATES)),
+    }
+    if storage_dtype == "float16":
+        attrs["scale_factor"] = FLOAT16_SCALE_FACTOR
+    return attrs
+
+
+def reconstruction_attrs() -> dict[str, Any]:
+    """Attributes of the optional `reconstruction` variable."""
+    return {
+        "long_name": "network output D(x) as an image",
+        "description": "the denoised image D(x; σ) the network returns, as uint8 clamp((D + 1) · 127.5), RGB channel-first",
+        "coordinates": coordinates_attribute(list(COORDINATES)),
+    }
+
+
+def activation_array_attrs(
+    layers: dict[str, str], pool: str, sigma: float, storage_dtype: str, reconstructions: bool
+) -> dict[str, dict[str, Any]]:
+    """{array name: attributes} of every array of an activation store; `layers` maps variable → module path."""
+    arrays = {var: activation_variable_attrs(var, path, pool, sigma, storage_dtype) for var, path in layers.items()}
+    if reconstructions:
+        arrays[RECONSTRUCTION_VAR] = reconstruction_attrs()
+    return arrays | coordinate_attrs(list(COORDINATES))
+
+
+def activation_group_attrs(labels: np.ndarray) -> dict[str, Any]:
+    """Group attributes that go with the per-array ones: `Conventions`, and `classes` for the labels stored."""
+    return {"Conventions": CONVENTIONS, **class_table_attrs(labels)}
 
 
 def validate_activation_store(url: str, require_complete: bool = True) -> zarr.Group:
@@ -80,7 +155,27 @@ def validate_activation_store(url: str, require_complete: bool = True) -> zarr.G
             raise StoreValidationError(f"{url}: {name} has dtype {arr.dtype}, expected {kind}")
     if attrs["selection"].get("count") != n:
         raise StoreValidationError(f"{url}: selection count {attrs['selection'].get('count')} ≠ {n} samples stored")
+    if "Conventions" in attrs:
+        _check_array_attrs(url, group, layers)
     return group
+
+
+def _check_array_attrs(url: str, group: zarr.Group, layers: dict[str, str]) -> None:
+    """Stores that declare `Conventions` must describe every array (older stores are accepted without: they
+    predate the attributes, and refusing them would lock their owners out of their own data)."""
+    arrays = {var: dict(group[var].attrs) for var in layers}
+    missing = missing_array_attrs(arrays, LAYER_ATTRS)
+    others = [name for name in (RECONSTRUCTION_VAR, *COORDINATES) if name in group]
+    missing += missing_array_attrs({name: dict(group[name].attrs) for name in others})
+    if missing:
+        raise StoreValidationError(f"{url}: declares Conventions {group.attrs['Conventions']!r} but lacks attributes {missing[:8]}")
+    for var, path in layers.items():
+        if arrays[var]["module_path"] != path:
+            raise StoreValidationError(f"{url}: {var} says module_path {arrays[var]['module_path']!r}, the group's layers say {path!r}")
+        if group[var].dtype == np.float16 and arrays[var].get("scale_factor") != FLOAT16_SCALE_FACTOR:
+            raise StoreValidationError(f"{url}: float16 layer {var} needs scale_factor {FLOAT16_SCALE_FACTOR} (CF packing, so xarray reductions do not overflow)")
+    if "classes" not in group.attrs:
+        raise StoreValidationError(f"{url}: declares Conventions but has no `classes` attribute (label → WNID, name)")
 
 
 def describe_activation_store(url: str) -> str:
@@ -100,6 +195,8 @@ def describe_activation_store(url: str) -> str:
         lines.append(f"layer        {var} ({path}): {arr.shape} {arr.dtype}")
     if RECONSTRUCTION_VAR in group:
         lines.append(f"reconstruct  {group[RECONSTRUCTION_VAR].shape} uint8")
+    if "Conventions" not in attrs:
+        lines.append("attributes   none per array (written before they existed): in xarray reduce float16 layers as .astype('float32')")
     lines.append(f"selection    {json.dumps(attrs['selection'])}")
     lines.append(f"device       {attrs['device']}")
     return "\n".join(lines)

@@ -140,11 +140,43 @@ def test_report_zarr_table_and_png(stores):
     assert "1 classes have too few samples" in table
 
     with Image.open(png) as img:
-        assert img.format == "PNG" and img.size == (1500, 800)
+        assert img.format == "PNG" and img.size == (1800, 900)
         pixels = np.asarray(img.convert("RGB"))
     assert pixels.std() > 10  # something was drawn
-    # The generated points' orange appears on the image.
-    assert ((pixels[..., 0] > 240) & (pixels[..., 1] > 120) & (pixels[..., 1] < 150) & (pixels[..., 2] < 60)).sum() > 50
+    # Coverage bars in orange, and the untrained model's warning in red below the panels.
+    assert ((pixels[..., 0] > 240) & (pixels[..., 1] > 140) & (pixels[..., 1] < 175) & (pixels[..., 2] < 90)).sum() > 50
+    bottom = pixels[-40:]
+    assert ((bottom[..., 0] > 190) & (bottom[..., 1] < 70) & (bottom[..., 2] < 70)).sum() > 100
+
+
+def test_report_states_its_provenance(stores, tmp_path):
+    """Model (preset/checkpoint, short sha256, trained), σ, layer and module, both stores: in the report and table."""
+    real_url, fake_url, *_ = stores
+    ds = compare_stores(real_url, fake_url, "feat", per_class=False)
+    a = ds.attrs
+    assert a["real_store"] == real_url and a["fake_store"] == fake_url and a["layer"] == "feat"
+    assert a["module_path"] == "synthetic.feat" and a["sigma"] == 80.0 and a["trained"] is False
+    assert "UNTRAINED" in a["model"] and a["real_trained"] is False
+    table = format_report_table(ds)
+    assert "UNTRAINED" in table and "synthetic.feat" in table and "σ = 80.0" in table
+
+    rng = np.random.default_rng(3)
+    labels = np.repeat([1, 2], 10)
+    trained = {"name": "ckpt", "preset": None, "checkpoint": "/ckpt/dmd2/pytorch_model.bin", "sha256": "f" * 64, "trained": True}
+    a_url = store(tmp_path / "a.zarr", rng.normal(size=(20, 4)), labels)
+    b_url = write_activation_store(str(tmp_path / "b.zarr"), labels, lambda a, b: rng.normal(size=(b - a, 4)), (4,), layer="feat", shard=64, sigma=0.5, model=trained)
+    mixed = compare_stores(a_url, b_url, "feat", per_class=False).attrs
+    assert mixed["trained"] is False and mixed["fake_trained"] is True
+    assert mixed["fake_model"] == "checkpoint …/dmd2/pytorch_model.bin, sha256 ffffffffffff, trained"
+    assert mixed["model"].startswith("real: synthetic") and "generated: checkpoint" in mixed["model"]
+    assert mixed["sigma"] == "real 80.0, generated 0.5"
+
+
+def test_report_variables_describe_themselves(stores):
+    real_url, fake_url, *_ = stores
+    ds = compare_stores(real_url, fake_url, "feat")
+    for name in ds.variables:
+        assert ds[name].attrs.get("long_name") and ds[name].attrs.get("description"), name
 
 
 def test_large_classes_take_the_blocked_path(stores, monkeypatch):

@@ -112,3 +112,29 @@ def test_errors(small_store, tmp_path):
         write_contact_sheet(small_store, tmp_path / "e.png", variable="reconstruction")
     with pytest.raises(ContactSheetError, match="must be positive"):
         write_contact_sheet(small_store, tmp_path / "e.png", per_class=0)
+
+
+def test_classes_by_name_or_index_header_and_counts(small_store, tmp_path):
+    """Rows named by class name or label index as by WNID; the header and "k of N" are drawn as text."""
+    store = validate_image_store(small_store)
+    synsets = store.coordinate("synset")
+    table = class_table()
+    wnids = sorted(set(synsets.tolist()))
+    first, second = table.index_of_wnid(wnids[0]), table.index_of_wnid(wnids[1])
+    by_wnid = np.asarray(Image.open(write_contact_sheet(small_store, tmp_path / "w.png", classes=[wnids[0], wnids[1]], per_class=2)).convert("RGB"))
+    by_name = np.asarray(Image.open(write_contact_sheet(small_store, tmp_path / "n.png", classes=[table.names[first].upper(), str(second)], per_class=2)).convert("RGB"))
+    np.testing.assert_array_equal(by_name, by_wnid)
+    header = by_wnid[: tile_origin(0, 0, 64)[1]]
+    assert header.max() > 200  # the store name is written above the rows
+    with pytest.raises(ContactSheetError, match="close matches"):
+        write_contact_sheet(small_store, tmp_path / "e.png", classes=["tenchh"])
+
+
+def test_row_counts_say_k_of_n(small_store, tmp_path, monkeypatch):
+    from extractor.analysis import contact_sheet
+
+    drawn = []
+    monkeypatch.setattr(contact_sheet, "_draw_label", lambda draw, row, tile, name, wnid, count, total: drawn.append((wnid, count, total)))
+    write_contact_sheet(small_store, tmp_path / "k.png", per_class=3)
+    synsets = validate_image_store(small_store).coordinate("synset")
+    assert drawn == [(w, min(3, int((synsets == w).sum())), int((synsets == w).sum())) for w in sorted(set(synsets.tolist()))]

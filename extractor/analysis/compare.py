@@ -23,6 +23,7 @@ import torch
 import xarray as xr
 import zarr
 
+from extractor.analysis.provenance import describe_model, short_sha
 from extractor.analysis.metrics import (
     PRDC,
     GaussianAccumulator,
@@ -49,6 +50,20 @@ PER_CLASS_FD_NOTE = (
     "feature dimensions; compare it only across classes of similar size"
 )
 METRICS = ("fd", "precision", "recall", "density", "coverage")
+# The report describes itself (long_name, description) like the stores it compares.
+REPORT_VARIABLE_ATTRS: dict[str, dict[str, str]] = {
+    "fd": {"long_name": "Fréchet distance", "description": "||μr−μg||² + Tr(Σr + Σg − 2(ΣrΣg)^½) of Gaussians fitted to the class's real and generated features"},
+    "precision": {"long_name": "k-NN precision", "description": "fraction of generated samples inside some real sample's k-NN ball (Kynkäänniemi et al. 2019)"},
+    "recall": {"long_name": "k-NN recall", "description": "fraction of real samples inside some generated sample's k-NN ball (Kynkäänniemi et al. 2019)"},
+    "density": {"long_name": "density", "description": "mean count of real k-NN balls holding a generated sample, divided by k (Naeem et al. 2020)"},
+    "coverage": {"long_name": "coverage", "description": "fraction of real samples whose k-NN ball holds a generated sample (Naeem et al. 2020)"},
+    "n_real": {"long_name": "real samples of the class", "description": "samples of this class in the real store"},
+    "n_fake": {"long_name": "generated samples of the class", "description": "samples of this class in the generated store"},
+    "note": {"long_name": "note", "description": "why a metric is NaN for this class (too few samples), else empty"},
+    "class": {"long_name": "ImageNet-1k class index", "description": "0-based index in sorted-WNID order"},
+    "synset": {"long_name": "WordNet ID of the class", "description": "WNID such as n01440764"},
+    "class_name": {"long_name": "class name", "description": "ImageNet-1k class name from the packaged class table"},
+}
 
 
 class CompareError(ImzarrError):
@@ -75,6 +90,7 @@ class _Side:
     reduction: str  # what each feature is, whoever did it: "mean", "max" or "none" (flattened)
     dim: int
     labels: np.ndarray
+    attrs: dict  # the store's group attributes: model, σ, layers (provenance)
 
     @property
     def n(self) -> int:
@@ -164,7 +180,9 @@ def compare_stores(
         if plot is not None:
             from extractor.analysis.plots import plot_comparison
 
-            plot_comparison(_plot_sample(real_rows), _plot_sample(fake_rows), report, plot, projection=projection)
+            real_x, real_y = _plot_sample(real_rows, real.labels)
+            fake_x, fake_y = _plot_sample(fake_rows, fake.labels)
+            plot_comparison(real_x, fake_x, report, plot, projection=projection, real_labels=real_y, fake_labels=fake_y)
     if output is not None:
         write_report(report, output)
     _log(log, f"done in {time.monotonic() - started:.1f} s")
@@ -184,14 +202,14 @@ def _open_side(role: str, url: str, layer: str, pool: str) -> _Side:
         raise LayerMismatchError(f"{url}: no layer {layer!r}; this {role} store has {sorted(layers)}")
     array = group[var]
     if array.ndim == 2:
-        return _Side(role, url, var, array, None, str(attrs["pooling"]), int(array.shape[1]), group["label"][:])
+        return _Side(role, url, var, array, None, str(attrs["pooling"]), int(array.shape[1]), group["label"][:], attrs)
     dim = int(np.prod(array.shape[1:])) if pool == "none" else int(array.shape[1])
     if dim > MAX_FLAT_DIM:
         raise LayerMismatchError(
             f"{url}: layer {var} flattened is {dim} values per sample (shape {tuple(array.shape[1:])}), over {MAX_FLAT_DIM}; "
             f"use --pool mean (or max) to compare its channel means"
         )
-    return _Side(role, url, var, array, pool, pool, dim, group["label"][:])
+    return _Side(role, url, var, array, pool, pool, dim, group["label"][:], attrs)
 
 
 def _check_compatible(real: _Side, fake: _Side, layer: str) -> None:
@@ -255,10 +273,11 @@ def _reduce(block: np.ndarray, reduce: str | None) -> np.ndarray:
     return block.reshape(block.shape[0], -1).astype(np.float32)
 
 
-def _plot_sample(rows: _RowFile) -> np.ndarray:
+def _plot_sample(rows: _RowFile, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Up to PLOT_SAMPLE_ROWS feature rows drawn at random (seeded), with their labels."""
     rng = np.random.default_rng(0)
     idx = np.sort(rng.choice(rows.n, size=min(rows.n, PLOT_SAMPLE_ROWS), replace=False))
-    return rows.take(idx)
+    return rows.take(idx), labels[idx]
 
 
 # ---------------------------------------------------------------- per class
@@ -361,14 +380,39 @@ def _report(
         "classes_only_in_fake": len(known_f - known_r),
         "per_class_fd_note": PER_CLASS_FD_NOTE,
         "blocked_knn_dtype": str(BLOCKED_DTYPE).removeprefix("torch."),
+        **_provenance(real, fake),
     }
-    data_vars = {name: ("class", values[name]) for name in (*METRICS, "n_real", "n_fake", "note")}
+    data_vars = {name: ("class", values[name], dict(REPORT_VARIABLE_ATTRS[name])) for name in (*METRICS, "n_real", "n_fake", "note")}
     coords = {
-        "class": ("class", classes.astype(np.int16)),
-        "synset": ("class", table.synsets_of(labels).astype(object)),
-        "class_name": ("class", table.names_of(labels).astype(object)),
+        "class": ("class", classes.astype(np.int16), dict(REPORT_VARIABLE_ATTRS["class"])),
+        "synset": ("class", table.synsets_of(labels).astype(object), dict(REPORT_VARIABLE_ATTRS["synset"])),
+        "class_name": ("class", table.names_of(labels).astype(object), dict(REPORT_VARIABLE_ATTRS["class_name"])),
     }
     return xr.Dataset(data_vars, coords=coords, attrs=attrs)
+
+
+def _provenance(real: _Side, fake: _Side) -> dict:
+    """Where both feature sets came from: model (preset or checkpoint, short sha256, trained), σ, module, stores.
+
+    Flat keys per side (`real_…`, `fake_…`), plus `model` (one line, or both when they differ) and `trained`
+    (true only when both models were trained), so the figure and any reader can state them without the stores.
+    """
+    out: dict = {}
+    for prefix, side in (("real", real), ("fake", fake)):
+        model = side.attrs.get("model") or {}
+        out |= {
+            f"{prefix}_model": describe_model(model),
+            f"{prefix}_model_sha256": short_sha(model.get("sha256")),
+            f"{prefix}_trained": model.get("trained") is True,
+            f"{prefix}_sigma": side.attrs.get("sigma"),
+            f"{prefix}_module_path": side.attrs["layers"][side.var],
+        }
+    same_model = out["real_model"] == out["fake_model"]
+    out["model"] = out["real_model"] if same_model else f"real: {out['real_model']}; generated: {out['fake_model']}"
+    out["trained"] = out["real_trained"] and out["fake_trained"]
+    out["module_path"] = out["real_module_path"]
+    out["sigma"] = out["real_sigma"] if out["real_sigma"] == out["fake_sigma"] else f"real {out['real_sigma']}, generated {out['fake_sigma']}"
+    return out
 
 
 def write_report(report: xr.Dataset, output: str) -> None:
@@ -387,7 +431,8 @@ def format_report_table(ds: xr.Dataset, worst: int = 15) -> str:
     """A short terminal table: the overall line, then the worst-covered classes first."""
     a = ds.attrs
     lines = [
-        f"layer {a['layer']} (features: {a['pool']}, k={a['k']})",
+        f"layer {a['layer']} ({a.get('module_path', '?')}; features: {a['pool']}, k={a['k']}, σ = {a.get('sigma', '?')})",
+        f"  model      {a.get('model', 'not recorded')}",
         f"  real       {a['real_store']}  ({a['n_real']:,} samples)",
         f"  generated  {a['fake_store']}  ({a['n_fake']:,} samples)",
         f"overall  FD {a['fd']:.4g}  precision {a['precision']:.3f}  recall {a['recall']:.3f}  "

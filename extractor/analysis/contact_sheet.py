@@ -1,5 +1,8 @@
 """`imzarr show`: a contact sheet PNG of a store's images, one row per class with its name at the row start.
 
+A header names the store and where its images came from (source format, or the model with its short sha256,
+"UNTRAINED" in red for random weights, and σ); each row says how many of the class's samples it shows ("8 of 300").
+
 Works on an image store (`image`) or on an activation store's `reconstruction` variable. Rows group samples by
 the `synset` coordinate, so stores whose folder-named classes have no ImageNet label (-1) are shown too.
 Tiles are upscaled by an integer factor (nearest neighbour: every stored pixel stays visible as a square).
@@ -14,7 +17,9 @@ import numpy as np
 import zarr
 from PIL import Image, ImageDraw
 
+from extractor.analysis.provenance import describe_model
 from schemas.activation_store import ACTIVATION_SCHEMA, RECONSTRUCTION_VAR, validate_activation_store
+from extractor.selection import UnknownClassNameError, resolve_class
 from schemas.classes import class_table
 from schemas.errors import ImzarrError
 from schemas.image_store import IMAGE_SCHEMA, IMAGE_VAR, validate_image_store
@@ -25,6 +30,10 @@ LABEL_WIDTH = 180
 BACKGROUND = (24, 24, 24)
 TEXT = (235, 235, 235)
 MUTED = (150, 150, 150)
+WARNING = (240, 90, 80)
+LINE_HEIGHT = 14
+HEADER_LINES = 3
+HEADER_HEIGHT = GAP + HEADER_LINES * LINE_HEIGHT + GAP
 
 
 class ContactSheetError(ImzarrError):
@@ -39,14 +48,15 @@ def write_contact_sheet(
     max_classes: int = 10,
     variable: str = "image",
 ) -> Path:
-    """Write a grid PNG: one row per class (the given WNIDs, or the store's first `max_classes` classes in label
-    order), the first `per_class` samples of each. On an activation store `variable` "image" means its
-    reconstructions."""
+    """Write a grid PNG: one row per class (the given classes — WNIDs, names or label indices — or the store's first
+    `max_classes` classes in label order), the first `per_class` samples of each, under a header naming the
+    store and its provenance. On an activation store `variable` "image" means its reconstructions."""
     if per_class < 1 or max_classes < 1:
         raise ContactSheetError(f"per_class and max_classes must be positive, got {per_class} and {max_classes}")
-    synsets, names, read = _open(store_url, variable)
+    synsets, names, read, attrs = _open(store_url, variable)
     chosen = _choose_classes(store_url, synsets, classes, max_classes)
-    rows = [np.flatnonzero(synsets == wnid)[:per_class] for wnid in chosen]
+    members = [np.flatnonzero(synsets == wnid) for wnid in chosen]
+    rows = [m[:per_class] for m in members]
     images = read(np.concatenate(rows)) if rows else np.zeros((0, 3, 1, 1), np.uint8)
     size = int(images.shape[-1])
     scale = max(1, math.ceil(MIN_TILE / size))
@@ -54,9 +64,10 @@ def write_contact_sheet(
     width, height = sheet_size(len(chosen), per_class, tile)
     sheet = Image.new("RGB", (width, height), BACKGROUND)
     draw = ImageDraw.Draw(sheet)
+    _draw_header(draw, width, store_url, attrs, variable, len(synsets))
     pos = 0
     for r, (wnid, idx) in enumerate(zip(chosen, rows)):
-        _draw_label(draw, r, tile, str(names[idx[0]]), wnid, idx.size)
+        _draw_label(draw, r, tile, str(names[idx[0]]), wnid, idx.size, members[r].size)
         for c in range(idx.size):
             hwc = images[pos].transpose(1, 2, 0)
             big = np.repeat(np.repeat(hwc, scale, axis=0), scale, axis=1)
@@ -68,17 +79,17 @@ def write_contact_sheet(
 
 
 def sheet_size(num_rows: int, per_class: int, tile: int) -> tuple[int, int]:
-    """(width, height) in pixels of a sheet with these rows, columns and tile size."""
-    return LABEL_WIDTH + per_class * (tile + GAP), GAP + num_rows * (tile + GAP)
+    """(width, height) in pixels of a sheet with these rows, columns and tile size (header included)."""
+    return LABEL_WIDTH + per_class * (tile + GAP), HEADER_HEIGHT + GAP + num_rows * (tile + GAP)
 
 
 def tile_origin(row: int, col: int, tile: int) -> tuple[int, int]:
     """(x, y) of the top-left pixel of a tile."""
-    return LABEL_WIDTH + col * (tile + GAP), GAP + row * (tile + GAP)
+    return LABEL_WIDTH + col * (tile + GAP), HEADER_HEIGHT + GAP + row * (tile + GAP)
 
 
 def _open(url: str, variable: str):
-    """Per-sample synsets and class names, and a reader of uint8 (n, 3, S, S) images at given indices."""
+    """Per-sample synsets and class names, a reader of uint8 (n, 3, S, S) images at given indices, group attrs."""
     try:
         schema = dict(zarr.open_group(url, mode="r").attrs).get("schema")
     except Exception:  # let the validator word the "not a store" error
@@ -94,11 +105,12 @@ def _open(url: str, variable: str):
             np.asarray(group["synset"][:]).astype(object),
             np.asarray(group["class_name"][:]).astype(object),
             lambda idx: _take(array, idx),
+            dict(group.attrs),
         )
     if variable != IMAGE_VAR:
         raise ContactSheetError(f"{url}: an image store shows {IMAGE_VAR!r}; {variable!r} exists only in activation stores")
     store = validate_image_store(url)
-    return store.coordinate("synset"), store.coordinate("class_name"), store.take
+    return store.coordinate("synset"), store.coordinate("class_name"), store.take, store.attrs
 
 
 def _choose_classes(url: str, synsets: np.ndarray, classes: list[str] | None, max_classes: int) -> list[str]:
@@ -106,14 +118,20 @@ def _choose_classes(url: str, synsets: np.ndarray, classes: list[str] | None, ma
     if classes is None:
         return sorted(present)[:max_classes]  # sorted WNIDs are label order
     table = class_table()
-    for wnid in classes:
-        if wnid in present:
+    chosen = []
+    for given in classes:
+        if given in present:  # the store's own classes first: folder-named ones need not be ImageNet-1k
+            chosen.append(given)
             continue
-        if not table.is_wnid(wnid):
-            raise ContactSheetError(f"{url}: {wnid!r} is not an ImageNet-1k WNID (nor a class of this store)")
-        name = table.names[table.index_of_wnid(wnid)]
-        raise ContactSheetError(f"{url}: no samples of {wnid} ({name}); the store has {len(present)} classes, e.g. {sorted(present)[:5]}")
-    return list(classes)
+        try:
+            wnid = resolve_class(given)
+        except UnknownClassNameError as exc:
+            raise ContactSheetError(f"{url}: {exc} (nor a class of this store)") from None
+        if wnid not in present:
+            name = table.names[table.index_of_wnid(wnid)]
+            raise ContactSheetError(f"{url}: no samples of {wnid} ({name}); the store has {len(present)} classes, e.g. {sorted(present)[:5]}")
+        chosen.append(wnid)
+    return list(dict.fromkeys(chosen))
 
 
 def _take(array: zarr.Array, indices: np.ndarray) -> np.ndarray:
@@ -129,16 +147,36 @@ def _take(array: zarr.Array, indices: np.ndarray) -> np.ndarray:
     return out
 
 
-def _draw_label(draw: ImageDraw.ImageDraw, row: int, tile: int, name: str, wnid: str, count: int) -> None:
+def _draw_header(draw: ImageDraw.ImageDraw, width: int, url: str, attrs: dict, variable: str, num_samples: int) -> None:
+    """Three lines: the store, what its images are, and the model that made them (UNTRAINED in red); ASCII only,
+    since PIL's default bitmap font has no σ."""
+    limit = width - 2 * GAP
+    name = url.rstrip("/").rsplit("/", 1)[-1] or url
+    model = attrs.get("model")
+    if attrs.get("schema") == ACTIVATION_SCHEMA:
+        what = f"reconstructions D(x) at sigma = {attrs.get('sigma')}, {num_samples:,} samples"
+    elif model:
+        what = f"generated images (sigma = {attrs.get('sigma')}), {num_samples:,} samples"
+    else:
+        what = f"{attrs.get('source_format', 'images')} images, {num_samples:,} samples"
+    lines = [(_fit(draw, name, limit), TEXT), (_fit(draw, what, limit), MUTED)]
+    if model:
+        lines.append((_fit(draw, "model: " + describe_model(model), limit), TEXT if model.get("trained") is True else WARNING))
+    y = GAP
+    for text, colour in lines:
+        draw.text((GAP, y), text, fill=colour)
+        y += LINE_HEIGHT
+
+
+def _draw_label(draw: ImageDraw.ImageDraw, row: int, tile: int, name: str, wnid: str, count: int, total: int) -> None:
     x, y = GAP, tile_origin(row, 0, tile)[1] + 2
-    lines = [(_fit(draw, name.split(",")[0]), TEXT), (wnid, MUTED), (f"{count} shown", MUTED)]
+    lines = [(_fit(draw, name.split(",")[0]), TEXT), (wnid, MUTED), (f"{count} of {total:,}", MUTED)]
     for text, colour in lines:
         draw.text((x, y), text, fill=colour)
-        y += 14
+        y += LINE_HEIGHT
 
 
-def _fit(draw: ImageDraw.ImageDraw, text: str) -> str:
-    limit = LABEL_WIDTH - 2 * GAP
+def _fit(draw: ImageDraw.ImageDraw, text: str, limit: int = LABEL_WIDTH - 2 * GAP) -> str:
     if draw.textlength(text) <= limit:
         return text
     while text and draw.textlength(text + "...") > limit:  # ASCII: every default font has it

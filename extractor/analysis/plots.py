@@ -1,4 +1,5 @@
-"""The comparison figure: a 2-D projection of real and generated features, and the worst-covered classes.
+"""The comparison figure: a 2-D projection of real and generated features coloured by class, and the per-class
+Fréchet distance and coverage of the worst-covered classes, under a title that says where everything came from.
 
 Drawn on a bare matplotlib Figure with the Agg canvas: no pyplot, so no global figure state or backend switch
 leaks into the caller. matplotlib is the optional `plot` extra; UMAP needs the optional `umap-learn`.
@@ -12,12 +13,17 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
+from schemas.classes import class_table
 from schemas.errors import ImzarrError
 
 MAX_POINTS = 5000  # per side: more only hides the structure under overplotting and slows the SVD
 WORST_CLASSES = 30
 PROJECTIONS = ("pca", "umap")
-REAL_COLOR, FAKE_COLOR = "#1f77b4", "#ff7f0e"
+LEGEND_CLASSES = 20  # beyond this a legend of classes hides the points
+FIGURE_WIDTH_IN, FIGURE_HEIGHT_IN, DPI = 18, 9, 100
+FD_COLOR, COVERAGE_COLOR, MUTED_COLOR = "#7f7f7f", "#ff7f0e", "#444444"
+UNTRAINED_COLOR = "#d62728"
+UNTRAINED_BANNER = "UNTRAINED MODEL (random weights): these features say nothing about real or generated images"
 
 
 class PlotError(ImzarrError):
@@ -66,76 +72,163 @@ def plot_comparison(
     report_ds: xr.Dataset,
     path: str | Path,
     projection: str = "pca",
+    real_labels: np.ndarray | None = None,
+    fake_labels: np.ndarray | None = None,
 ) -> Path:
-    """Write the PNG: projection coloured by source (left) and per-class coverage of the worst classes (right)."""
+    """Write the PNG: the projection coloured by class with source as marker (left), per-class Fréchet distance
+    and coverage of the worst-covered classes (middle, right), and the provenance in the title."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError:
         raise PlotError("plotting needs matplotlib (pip install 'imzarr[plot]')") from None
-    real, fake = _subsample(np.asarray(real_feats_sample)), _subsample(np.asarray(fake_feats_sample))
+    real, real_labels = _subsample(np.asarray(real_feats_sample), real_labels)
+    fake, fake_labels = _subsample(np.asarray(fake_feats_sample), fake_labels)
     emb_r, emb_f, axis_labels = project_2d(real, fake, projection)
 
-    fig = Figure(figsize=(15, 8), dpi=100, layout="constrained")
+    fig = Figure(figsize=(FIGURE_WIDTH_IN, FIGURE_HEIGHT_IN), dpi=DPI, layout="constrained")
     FigureCanvasAgg(fig)
-    ax_points, ax_bars = fig.subplots(1, 2, width_ratios=[1.1, 1])
-    ax_points.scatter(emb_r[:, 0], emb_r[:, 1], s=5, alpha=0.4, color=REAL_COLOR, label=f"real ({len(real):,} shown)", rasterized=True)
-    ax_points.scatter(emb_f[:, 0], emb_f[:, 1], s=5, alpha=0.4, color=FAKE_COLOR, label=f"generated ({len(fake):,} shown)", rasterized=True)
-    ax_points.set_xlabel(axis_labels[0])
-    ax_points.set_ylabel(axis_labels[1])
-    ax_points.set_title(f"{projection.upper()} of the features")
-    ax_points.legend(loc="best", markerscale=3)
-    _coverage_bars(ax_bars, report_ds)
-
-    a = report_ds.attrs
-    fig.suptitle(
-        f"layer {a.get('layer')}: {_short(a.get('real_store'))} (real) vs {_short(a.get('fake_store'))} (generated)\n"
-        f"FD {a.get('fd', np.nan):.4g}   precision {a.get('precision', np.nan):.3f}   recall {a.get('recall', np.nan):.3f}   "
-        f"density {a.get('density', np.nan):.3f}   coverage {a.get('coverage', np.nan):.3f}   "
-        f"(k={a.get('k')}, features: {a.get('pool')}, {a.get('n_real', 0):,} vs {a.get('n_fake', 0):,} samples)",
-        fontsize=11,
-    )
+    ax_points, ax_fd, ax_cov = fig.subplots(1, 3, width_ratios=[1.25, 0.6, 0.75])
+    _projection_panel(ax_points, emb_r, emb_f, real_labels, fake_labels, report_ds, projection, axis_labels)
+    order = _worst_covered(report_ds)
+    _fd_bars(ax_fd, report_ds, order)
+    _coverage_bars(ax_cov, report_ds, order)
+    _title(fig, report_ds)
     out = Path(path)
     fig.savefig(out, format="png")
     return out
 
 
-def _coverage_bars(ax, ds: xr.Dataset) -> None:
+def _projection_panel(ax, emb_r, emb_f, real_labels, fake_labels, ds: xr.Dataset, projection: str, axis_labels) -> None:
+    """Points coloured by class (the same colour on both sides), real as dots and generated as crosses."""
+    if real_labels is None or fake_labels is None:
+        real_labels, fake_labels = np.full(len(emb_r), -1), np.full(len(emb_f), -1)
+    classes = np.unique(np.concatenate([real_labels, fake_labels]))
+    names = _class_names(classes)
+    colours = _class_colours(classes)
+    for marker, emb, labels, size in (("o", emb_r, real_labels, 9), ("x", emb_f, fake_labels, 14)):
+        colour = np.array([colours[int(c)] for c in labels]).reshape(-1, 4)
+        ax.scatter(emb[:, 0], emb[:, 1], s=size, alpha=0.55, c=colour, marker=marker, linewidths=0.8, rasterized=True)
+    handles = [ax.scatter([], [], marker="o", color=MUTED_COLOR, s=20, label=f"real ({len(emb_r):,} shown)"),
+               ax.scatter([], [], marker="x", color=MUTED_COLOR, s=30, label=f"generated ({len(emb_f):,} shown)")]
+    if classes.size <= LEGEND_CLASSES:
+        handles += [ax.scatter([], [], marker="s", color=colours[int(c)], s=30, label=names[int(c)])
+                    for c in classes.tolist()]
+    ax.legend(handles=handles, loc="best", fontsize=7, framealpha=0.8, ncols=1 if len(handles) <= 8 else 2)
+    ax.set_xlabel(axis_labels[0])
+    ax.set_ylabel(axis_labels[1])
+    by_class = "coloured by class" if classes.size <= LEGEND_CLASSES else f"coloured by class ({classes.size} classes, no legend)"
+    ax.set_title(f"{projection.upper()} of the features, {by_class}", fontsize=10)
+
+
+def _class_colours(classes: np.ndarray) -> dict[int, tuple[float, float, float, float]]:
+    """A colour per class: tab10/tab20 while they are distinguishable, an evenly spread colour wheel beyond."""
+    from matplotlib import colormaps
+
+    n = max(int(classes.size), 1)
+    if n <= 10:
+        cmap, positions = colormaps["tab10"], np.arange(n) / 10 + 0.05
+    elif n <= 20:
+        cmap, positions = colormaps["tab20"], np.arange(n) / 20 + 0.025
+    else:
+        cmap, positions = colormaps["hsv"], np.arange(n) / n
+    return {int(c): tuple(cmap(float(x))) for c, x in zip(classes.tolist(), positions)}
+
+
+def _class_names(labels: np.ndarray) -> dict[int, str]:
+    """Names of the labels plotted, from the class table (classes in one store only are not in the report)."""
+    names = class_table().names
+    return {int(c): names[int(c)] if c >= 0 else "unknown class" for c in labels.tolist()}
+
+
+def _worst_covered(ds: xr.Dataset) -> np.ndarray:
+    """Positions along `class` of the classes with the lowest defined coverage, worst first."""
     if "coverage" not in ds or ds.sizes.get("class", 0) == 0:
-        ax.text(0.5, 0.5, "no per-class metrics", ha="center", va="center", transform=ax.transAxes)
-        ax.set_axis_off()
-        return
+        return np.zeros(0, dtype=np.int64)
     coverage = ds["coverage"].values
     defined = np.flatnonzero(~np.isnan(coverage))
-    order = defined[np.argsort(coverage[defined], kind="stable")][:WORST_CLASSES]
+    return defined[np.argsort(coverage[defined], kind="stable")][:WORST_CLASSES]
+
+
+def _row_names(ds: xr.Dataset, order: np.ndarray) -> list[str]:
+    return [f"{str(ds['class_name'].values[i])[:28]} ({ds['synset'].values[i]})" for i in order.tolist()]
+
+
+def _empty_panel(ax, ds: xr.Dataset, what: str) -> None:
+    message = "no per-class metrics" if ds.sizes.get("class", 0) == 0 else "every class is too small for k-NN metrics"
+    ax.text(0.5, 0.5, message, ha="center", va="center", transform=ax.transAxes)
+    ax.set_title(what, fontsize=10)
+    ax.set_axis_off()
+
+
+def _fd_bars(ax, ds: xr.Dataset, order: np.ndarray) -> None:
+    """Per-class Fréchet distance of the same classes as the coverage panel, in the same rows."""
     if order.size == 0:
-        ax.text(0.5, 0.5, "every class is too small for k-NN metrics", ha="center", va="center", transform=ax.transAxes)
-        ax.set_axis_off()
+        _empty_panel(ax, ds, "per-class Fréchet distance")
         return
-    names = [f"{str(ds['class_name'].values[i]).split(',')[0][:28]} ({ds['synset'].values[i]})" for i in order.tolist()]
+    fd = ds["fd"].values[order]
     y = np.arange(order.size)
-    ax.barh(y, coverage[order], color=FAKE_COLOR, alpha=0.8)
+    shown = np.where(np.isfinite(fd), fd, 0.0)
+    ax.barh(y, shown, color=FD_COLOR, alpha=0.8)
+    right = float(shown.max()) if shown.size and shown.max() > 0 else 1.0
+    for row, value in enumerate(fd.tolist()):
+        ax.text(max(value, 0.0) + right * 0.02 if np.isfinite(value) else right * 0.02, row, f"{value:.3g}" if np.isfinite(value) else "n/a",
+                va="center", fontsize=7)
+    ax.set_yticks(y, _row_names(ds, order), fontsize=8)
+    ax.invert_yaxis()  # worst coverage on top, as in the coverage panel
+    ax.set_xlim(0, right * 1.35)
+    ax.set_xlabel("Fréchet distance (lower is closer)")
+    overall = ds.attrs.get("fd")
+    ax.set_title("per-class FD" + (f" (overall {overall:.3g})" if overall is not None else ""), fontsize=10)
+
+
+def _coverage_bars(ax, ds: xr.Dataset, order: np.ndarray) -> None:
+    if order.size == 0:
+        _empty_panel(ax, ds, "per-class coverage")
+        return
+    coverage = ds["coverage"].values
+    defined = int(np.isfinite(coverage).sum())
+    y = np.arange(order.size)
+    ax.barh(y, coverage[order], color=COVERAGE_COLOR, alpha=0.8)
     n_real, n_fake = ds["n_real"].values, ds["n_fake"].values
     for row, i in enumerate(order.tolist()):
         # The value is written out: a coverage of 0 has no visible bar.
         ax.text(coverage[i] + 0.01, row, f"{coverage[i]:.2f}  ({n_real[i]} real / {n_fake[i]} gen.)", va="center", fontsize=7)
-    ax.set_yticks(y, names, fontsize=8)
-    ax.invert_yaxis()  # worst on top
-    ax.set_xlim(0, 1.3)  # room for the value labels
+    ax.set_yticks(y, [""] * order.size)  # the FD panel beside it names the rows
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1.45)  # room for the value labels
     ax.set_xticks(np.linspace(0, 1, 6))
-    ax.set_xlabel("coverage (fraction of real samples with a generated sample in their k-NN ball)")
+    ax.set_xlabel("coverage (real samples with a generated one in their k-NN ball)")
     overall = ds.attrs.get("coverage")
     if overall is not None:
         ax.axvline(overall, color="k", linestyle="--", linewidth=1, label=f"overall {overall:.3f}")
-        ax.legend(loc="lower right")
-    ax.set_title(f"per-class coverage: {order.size} worst of {defined.size} classes")
+        ax.legend(loc="lower right", fontsize=8)
+    ax.set_title(f"per-class coverage: {order.size} worst of {defined} classes", fontsize=10)
 
 
-def _subsample(x: np.ndarray) -> np.ndarray:
+def _title(fig, ds: xr.Dataset) -> None:
+    """Provenance on the figure itself: layer and module, both stores, model, σ, the metrics; UNTRAINED in red."""
+    a = ds.attrs
+    lines = [
+        f"layer {a.get('layer')} ({a.get('module_path', '?')}), features: {a.get('pool')}, k={a.get('k')}   "
+        f"FD {a.get('fd', np.nan):.4g}   precision {a.get('precision', np.nan):.3f}   recall {a.get('recall', np.nan):.3f}   "
+        f"density {a.get('density', np.nan):.3f}   coverage {a.get('coverage', np.nan):.3f}",
+        f"real {_short(a.get('real_store'))} ({a.get('n_real', 0):,} samples, σ = {a.get('real_sigma', '?')})   vs   "
+        f"generated {_short(a.get('fake_store'))} ({a.get('n_fake', 0):,} samples, σ = {a.get('fake_sigma', '?')})",
+        f"model: {a.get('model', 'not recorded')}",
+    ]
+    fig.suptitle("\n".join(lines), fontsize=10)
+    if a.get("trained") is not True:
+        # supxlabel, not free text: the constrained layout makes room for it below the panels.
+        fig.supxlabel(UNTRAINED_BANNER, color=UNTRAINED_COLOR, fontsize=13, fontweight="bold")
+
+
+def _subsample(x: np.ndarray, labels: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
     if len(x) <= MAX_POINTS:
-        return x
+        return x, labels
     rng = np.random.default_rng(0)
-    return x[np.sort(rng.choice(len(x), size=MAX_POINTS, replace=False))]
+    keep = np.sort(rng.choice(len(x), size=MAX_POINTS, replace=False))
+    return x[keep], None if labels is None else np.asarray(labels)[keep]
 
 
 def _short(url: object, limit: int = 48) -> str:

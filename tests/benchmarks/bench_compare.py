@@ -20,7 +20,7 @@ import numpy as np
 import zarr
 
 from extractor.activation_writer import create_activation_arrays
-from schemas.activation_store import ACTIVATION_SCHEMA, RECONSTRUCTION_VAR
+from schemas.activation_store import ACTIVATION_SCHEMA, RECONSTRUCTION_VAR, activation_array_attrs, activation_group_attrs
 from schemas.classes import NUM_CLASSES, class_table
 from tests.benchmarks.run import QuietGate, Row, make_row, run_child
 
@@ -54,14 +54,22 @@ def write_activation_store(
     shard: int = 4096,
     pooling: str | None = None,
     reconstructions: np.ndarray | None = None,
+    sigma: float = 80.0,
+    model: dict | None = None,
+    described: bool = True,
 ) -> str:
     """A complete, valid activation store with one layer (and optional uint8 reconstructions); values come
-    from make_block(start, stop), one shard at a time."""
+    from make_block(start, stop), one shard at a time. `described`: with the per-array attributes and
+    `Conventions`, as stores are written now; False makes a store as written before them."""
     n = int(labels.size)
     pooling = pooling or ("mean" if len(per_sample_shape) == 1 else "none")
     group = zarr.open_group(url, mode="w", zarr_format=3)
     rec_shape = None if reconstructions is None else tuple(reconstructions.shape[1:])
     create_activation_arrays(group, n, {layer: tuple(per_sample_shape)}, dtype, shard, rec_shape)
+    if described:
+        layers = {layer: f"synthetic.{layer}"}
+        for name, attrs in activation_array_attrs(layers, pooling, sigma, dtype, reconstructions is not None).items():
+            group[name].update_attributes(attrs)
     for a in range(0, n, shard):  # whole shards per write: partial-shard writes are read-modify-write
         b = min(n, a + shard)
         group[layer][a:b] = np.asarray(make_block(a, b)).astype(dtype)
@@ -79,9 +87,9 @@ def write_activation_store(
         {
             "schema": ACTIVATION_SCHEMA,
             "complete": True,
-            "model": {"name": "synthetic", "trained": False},
+            "model": model or {"name": "synthetic", "trained": False},
             "layers": {layer: f"synthetic.{layer}"},
-            "sigma": 80.0,
+            "sigma": sigma,
             "noise": None,
             "pooling": pooling,
             "dtypes": {"storage": dtype, "compute": "fp32"},
@@ -89,6 +97,7 @@ def write_activation_store(
             "source": {"url": "synthetic", "schema": None, "fingerprint": None, "source_format": None},
             "versions": {},
             "device": "cpu",
+            **(activation_group_attrs(labels) if described else {}),
         }
     )
     with warnings.catch_warnings():
