@@ -1,10 +1,21 @@
-"""Creates the activation-store arrays and writes one output shard of every variable per call."""
+"""Creates the activation-store arrays and writes one output shard of every variable per task.
+
+Shard files of raw-byte sharded arrays on local disk are written directly (`extractor.shard_writer`), batch by
+batch from a writer thread while the next batch computes; anything else (object stores, other layouts) goes
+through zarr-python once the shard is complete. Coordinates (small) always go through zarr-python.
+"""
 
 from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import zarr
 
+from extractor.shard_writer import ShardFileWriter, direct_layout, local_directory
 from schemas.activation_store import COORDINATES, RECONSTRUCTION_DIMS, RECONSTRUCTION_VAR, layer_dims
 from schemas.image_layout import create_coordinate_arrays
 
@@ -27,10 +38,15 @@ def create_activation_arrays(
     storage_dtype: str,
     shard: int,
     reconstruction_shape: tuple[int, ...] | None,
+    variable_attributes: dict[str, dict[str, Any]] | None = None,
 ) -> None:
-    """One array per layer (per-sample shape given), optional reconstructions, and the coordinates."""
+    """One array per layer (per-sample shape given), optional reconstructions, and the coordinates.
+
+    `variable_attributes` adds attributes per variable name (e.g. long_name, units), next to `coordinates`.
+    """
     inner = min(INNER_CHUNK, shard)
     coord_names = " ".join(COORDINATES)
+    extra = variable_attributes or {}
     for var, shape in layer_shapes.items():
         group.create_array(
             var,
@@ -41,7 +57,7 @@ def create_activation_arrays(
             compressors=None,  # measured: float16 maps compress little and zstd halves write speed
             fill_value=0.0,
             dimension_names=layer_dims(var, pooled=len(shape) == 1),
-            attributes={"coordinates": coord_names},
+            attributes={**extra.get(var, {}), "coordinates": coord_names},
         )
     if reconstruction_shape is not None:
         group.create_array(
@@ -53,16 +69,98 @@ def create_activation_arrays(
             compressors=None,
             fill_value=0,
             dimension_names=RECONSTRUCTION_DIMS,
-            attributes={"coordinates": coord_names},
+            attributes={**extra.get(RECONSTRUCTION_VAR, {}), "coordinates": coord_names},
         )
     create_coordinate_arrays(group, COORDINATES, num_samples, shard)
 
 
-def write_activation_shard(url: str, start: int, variables: dict[str, np.ndarray], coords: dict[str, np.ndarray]) -> None:
-    """Write samples [start, start+n) of every variable and coordinate: exactly one output shard."""
+class ShardOutput:
+    """One task's output shard of several arrays of one store, fed batch by batch, committed whole.
+
+    `buffers[name]` are the shard's host arrays; `ready(first, stop, wait)` queues rows [first, stop) for a
+    writer thread, which calls `wait()` (e.g. a device copy's event) before reading them. `commit` writes what
+    is left and the coordinates, and returns only when every byte is written: then (and only then) the caller
+    marks the shard done. `abort` leaves nothing of the shard behind.
+    """
+
+    def __init__(self, url: str, shard: int, start: int, buffers: dict[str, np.ndarray]):
+        self.url, self.shard, self.start, self.buffers = url, shard, start, buffers
+        root = local_directory(url)
+        layouts = {name: direct_layout(url, name) for name in buffers}
+        self.files = {
+            name: ShardFileWriter(root / name, layout, shard, buffers[name].dtype)
+            for name, layout in layouts.items()
+            if layout is not None and layout.samples_per_shard * shard == start and buffers[name].shape[1:] == layout.shape[1:]
+        }
+        self.queue: queue.Queue = queue.Queue()
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._drain, name=f"shard-writer-{shard}", daemon=True)
+        self.thread.start()
+
+    def ready(self, first: int, stop: int, wait: Callable[[], None] | None = None) -> None:
+        """Rows [first, stop) of every buffer are final once `wait()` returns: write them in the background."""
+        self.queue.put((first, stop, wait))
+
+    def _drain(self) -> None:
+        while (item := self.queue.get()) is not None:
+            if self.error is not None:
+                continue
+            first, stop, wait = item
+            try:
+                if wait is not None:
+                    wait()
+                for name, file in self.files.items():
+                    file.write(first, self.buffers[name][first:stop])
+            except BaseException as exc:  # noqa: BLE001 - re-raised on the task's thread by commit
+                self.error = exc
+
+    def _join(self) -> None:
+        self.queue.put(None)
+        self.thread.join()
+
+    def commit(self, coords: dict[str, np.ndarray]) -> None:
+        """Finish every array's shard (renamed into place) and write the coordinates; raise what the writer hit."""
+        self._join()
+        if self.error is not None:
+            self.abort()
+            raise self.error
+        try:
+            for file in self.files.values():
+                file.commit()
+            rest = {name: values for name, values in self.buffers.items() if name not in self.files}
+            write_with_zarr(self.url, self.start, rest, coords)
+        except BaseException:
+            self.abort()
+            raise
+
+    def abort(self) -> None:
+        """Drop every temporary shard file (committed shards stay: their data is complete)."""
+        if self.thread.is_alive():
+            self._join()
+        for file in self.files.values():
+            file.abort()
+
+
+def write_with_zarr(url: str, start: int, variables: dict[str, np.ndarray], coords: dict[str, np.ndarray]) -> None:
+    """Samples [start, start+n) of variables and coordinates through zarr-python (one output shard)."""
+    if not variables and not coords:
+        return
     group = zarr.open_group(url, mode="r+", use_consolidated=False)
     for name, values in variables.items():
         # As for images: skipping zarr's scan for all-zero chunks changes no value read and speeds the write.
         group[name].with_config({"write_empty_chunks": True})[start : start + values.shape[0]] = values
     for name, values in coords.items():
         group[name][start : start + values.shape[0]] = values
+
+
+def write_activation_shard(url: str, start: int, variables: dict[str, np.ndarray], coords: dict[str, np.ndarray], shard: int | None = None) -> None:
+    """Write samples [start, start+n) of every variable and coordinate: exactly one output shard.
+
+    With `shard` (its index), variables whose layout allows it are written as whole shard files directly.
+    """
+    if shard is None:
+        write_with_zarr(url, start, variables, coords)
+        return
+    output = ShardOutput(url, shard, start, variables)
+    output.ready(0, next(iter(variables.values())).shape[0] if variables else 0)
+    output.commit(coords)

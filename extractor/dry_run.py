@@ -6,7 +6,8 @@ import numpy as np
 import torch
 
 from extractor.activation_writer import default_shard_size
-from extractor.extract import ExtractOptions, check_forward_settings, probe_layers, resolve_device
+from extractor.extract import ExtractOptions, probe_layers
+from extractor.forward import auto_batch_size, check_forward_settings, per_sample_bytes, resolve_compute, resolve_device
 from extractor.selection import select_samples
 from schemas.image_store import validate_image_store
 
@@ -20,12 +21,18 @@ def _size(nbytes: float) -> str:
 
 
 def dry_run_table(options: ExtractOptions) -> str:
-    fwd = options.forward
+    run = options.run
+    device = resolve_device(run.device)
+    fwd = resolve_compute(options.forward, device)
     check_forward_settings(fwd)
-    device = resolve_device(options.device)
     images = validate_image_store(options.store)
     chosen = select_samples(options.selection, images.coordinate("label"), images.coordinate("synset"))
-    batch = min(options.batch_size, int(chosen.size))
+    if run.batch_size:
+        batch = run.batch_size
+    else:  # the automatic choice needs the layer shapes: probe one sample first
+        shapes, _, loaded = probe_layers(fwd, device)
+        batch = auto_batch_size(per_sample_bytes(shapes, loaded.resolution, fwd.storage_dtype), device)
+    batch = max(1, min(batch, int(chosen.size)))
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     shapes, paths, loaded = probe_layers(fwd, device, batch=batch)
@@ -44,12 +51,13 @@ def dry_run_table(options: ExtractOptions) -> str:
     rows.append(("total", "", "", f"{total:,}", _size(total * n)))
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
-    shard = options.shard_size or default_shard_size(shapes, fwd.storage_dtype)
+    shard = run.shard_size or default_shard_size(shapes, fwd.storage_dtype)
     params = sum(p.numel() * p.element_size() for p in loaded.module.parameters())
-    host = (3 * images.resolution**2 + total) * shard * 2 * options.scheduler.workers  # inputs + outputs, twice while writing
+    host = (3 * images.resolution**2 + total) * shard * 2 * run.scheduler.workers  # inputs + outputs, twice while writing
     lines.append("")
+    lines.append(f"batch {batch}, compute {fwd.compute_dtype}")
     lines.append(f"model {loaded.name} ({'trained' if loaded.trained else 'UNTRAINED preset'}), {_size(params)} of weights on {device}")
-    lines.append(f"output shards of {shard} samples: {-(-n // shard)} tasks; host memory ≈ {_size(host + params)} with {options.scheduler.workers} local workers")
+    lines.append(f"output shards of {shard} samples: {-(-n // shard)} tasks; host memory ≈ {_size(host + params)} with {run.scheduler.workers} local workers")
     if device.startswith("cuda"):
         lines.append(f"device memory at batch {batch}: peak {_size(torch.cuda.max_memory_allocated())}")
     lines.append("dry run: nothing written")

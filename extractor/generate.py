@@ -8,38 +8,41 @@ real data; with layers, the generator's view of its own samples goes to an activ
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import InitVar, dataclass, field
 
 import dask
 import numpy as np
-import torch
 
-from extractor.activation_writer import create_activation_arrays, default_shard_size, write_activation_shard
+from extractor.activation_writer import ShardOutput, create_activation_arrays, default_shard_size
 from extractor.extract import (
     ExtractionError,
     ForwardSettings,
-    _model_lock,
+    RunOptions,
     cached_model,
-    check_forward_settings,
+    check_noise_recipe,
     device_name,
-    find_nonfinite,
     integrity_pass,
     model_attrs,
-    one_hot_labels,
     probe_layers,
-    resolve_device,
     run_attrs,
-    sample_noise,
-    to_uint8_images,
     versions,
 )
-from extractor.models import autocast_context, capture_layers
+from extractor.forward import (
+    ShardForward,
+    auto_batch_size,
+    check_forward_settings,
+    fold_run_keywords,
+    per_sample_bytes,
+    prepare_module,
+    resolve_compute,
+    resolve_device,
+)
+from extractor.noise import NOISE_RECIPE, noise_attrs
 from extractor.scheduling import SchedulerSpec, run_tasks
 from schemas.activation_store import ACTIVATION_SCHEMA
 from schemas.classes import NUM_CLASSES, class_table
-from schemas.image_layout import create_image_arrays, write_image_shard
-from schemas.image_store import IMAGE_SCHEMA
+from schemas.image_layout import create_image_arrays
+from schemas.image_store import IMAGE_SCHEMA, IMAGE_VAR
 from schemas.progress_report import ProgressReport
 from schemas.store_lifecycle import StoreState, finalize_store, inspect_existing, mark_done, prepare_store
 
@@ -54,11 +57,17 @@ class GenerateOptions:
     num_samples: int | None = None
     classes: tuple[str, ...] | None = None  # WNIDs; default: every class the model is conditioned on
     activations_out: str | None = None
-    batch_size: int = 64
-    device: str = "auto"
-    scheduler: SchedulerSpec = field(default_factory=SchedulerSpec)
-    overwrite: bool = False
-    shard_size: int | None = None
+    run: RunOptions = field(default_factory=RunOptions)
+    # Accepted while extractor/cli.py still passes run options one by one: folded into `run`, never stored.
+    batch_size: InitVar[int | None] = None
+    device: InitVar[str | None] = None
+    scheduler: InitVar[SchedulerSpec | None] = None
+    overwrite: InitVar[bool | None] = None
+    shard_size: InitVar[int | None] = None
+
+    def __post_init__(self, batch_size, device, scheduler, overwrite, shard_size) -> None:
+        run = fold_run_keywords(self.run, batch_size=batch_size, device=device, scheduler=scheduler, overwrite=overwrite, shard_size=shard_size)
+        object.__setattr__(self, "run", run)
 
 
 @dataclass(frozen=True)
@@ -93,48 +102,52 @@ class GenerateTask:
     shard: int
     start: int
     labels: np.ndarray
-    forward: ForwardSettings
+    forward: ForwardSettings  # compute dtype resolved
+    layer_shapes: dict[str, tuple[int, ...]]
     batch_size: int
     device: str
+    compile: bool = False
 
 
 def generate_shard(task: GenerateTask) -> dict:
     """Sample one output shard, write its images (and activations), record it done in both stores."""
     device = resolve_device(task.device)
     loaded = cached_model(task.forward.model, device)
+    prepare_module(loaded.module, device, task.compile)
     fwd = task.forward
     n = task.labels.size
     index = np.arange(task.start, task.start + n, dtype=np.int64)
-    s = loaded.resolution
-    images, acts = [], {name: [] for name in fwd.layers}
-    for a in range(0, n, task.batch_size):
-        b = min(n, a + task.batch_size)
-        x = fwd.sigma * torch.from_numpy(sample_noise(fwd.noise_seed, index[a:b], (3, s, s))).to(device)
-        sigma = torch.full((b - a,), fwd.sigma, device=device)
-        labels = one_hot_labels(task.labels[a:b], loaded.label_dim, device)
-        with torch.no_grad(), _model_lock(device), autocast_context(device, fwd.compute_dtype):
-            if fwd.layers:
-                captured, out = capture_layers(loaded.module, x, sigma, labels, list(fwd.layers), fwd.pool, need_output=True)
-                for name, value in captured.items():
-                    acts[name].append(value.to(getattr(torch, fwd.storage_dtype)).cpu().numpy())
-            else:
-                out = loaded.module(x, sigma, labels)
-            images.append(to_uint8_images(out))
+    runner = ShardForward(loaded, fwd, device, n, task.layer_shapes, IMAGE_VAR)
+    outputs = [ShardOutput(task.output, task.shard, task.start, {IMAGE_VAR: runner.buffers[IMAGE_VAR]})]
+    if task.activations_out:
+        outputs.append(ShardOutput(task.activations_out, task.shard, task.start, {name: runner.buffers[name] for name in fwd.layers}))
+    runner.on_ready = lambda first, stop, wait: [out.ready(first, stop, wait) for out in outputs]
     table = class_table()
     coords = {
         "label": task.labels,
         "synset": table.synsets_of(task.labels),
         "class_name": table.names_of(task.labels),
         "global_index": index,
+        "source_file": np.full(n, "", dtype=object),
     }
-    variables = {name: np.concatenate(parts) for name, parts in acts.items()}
-    nonfinite = find_nonfinite(variables, task.start)
-    if nonfinite:
-        return {"images": n, "nonfinite": nonfinite}
-    empty = np.full(n, "", dtype=object)
-    write_image_shard(task.output, task.start, np.concatenate(images), {**coords, "source_file": empty, "source_row": index})
+    try:
+        for a in range(0, n, task.batch_size):
+            b = min(n, a + task.batch_size)
+            runner.run(a, None, task.labels[a:b], index[a:b])
+        runner.finish()
+        nonfinite = runner.nonfinite(task.start)
+        if nonfinite:
+            for out in outputs:
+                out.abort()
+            return {"images": n, "nonfinite": nonfinite}
+        outputs[0].commit({**coords, "source_row": index})
+        if task.activations_out:
+            outputs[1].commit({**coords, "source_sample": index})
+    except BaseException:
+        for out in outputs:
+            out.abort()
+        raise
     if task.activations_out:
-        write_activation_shard(task.activations_out, task.start, variables, {**coords, "source_file": empty, "source_sample": index})
         mark_done(task.activations_out, task.shard)
     mark_done(task.output, task.shard)
     return {"images": n}
@@ -143,7 +156,9 @@ def generate_shard(task: GenerateTask) -> dict:
 def generate(options: GenerateOptions) -> GenerateResult:
     """Sample (or resume, or confirm) a generated image store; idempotent for the same settings."""
     started = time.monotonic()
-    fwd = options.forward
+    run = options.run
+    device = resolve_device(run.device)
+    fwd = resolve_compute(options.forward, device)
     if fwd.noise_seed is None:
         raise ExtractionError("generation needs a seed for its noise")
     if fwd.layers and not options.activations_out:
@@ -151,34 +166,38 @@ def generate(options: GenerateOptions) -> GenerateResult:
     if options.activations_out and not fwd.layers:
         raise ExtractionError("--activations-out needs --layers")
     check_forward_settings(fwd)
-    device = resolve_device(options.device)
     labels = generation_labels(options.per_class, options.num_samples, options.classes, fwd.noise_seed)
     n = labels.size
     loaded = cached_model(fwd.model, device)
     shapes, paths = ({}, {})
     if fwd.layers:
         shapes, paths, _ = probe_layers(fwd, device)
-    shard = options.shard_size or min(DEFAULT_GENERATE_SHARD, default_shard_size(shapes, fwd.storage_dtype))
+    shard = run.shard_size or min(DEFAULT_GENERATE_SHARD, default_shard_size(shapes, fwd.storage_dtype))
     num_shards = -(-n // shard)
     selection = {"per_class": options.per_class, "num_samples": options.num_samples, "classes": list(options.classes) if options.classes else None, "count": int(n)}
     image_settings = {"schema": IMAGE_SCHEMA, "format": "generated", "model_sha256": loaded.sha256, "sigma": fwd.sigma, "seed": fwd.noise_seed,
-                      "compute_dtype": fwd.compute_dtype, "selection": selection, "shard_size": shard}
+                      "compute_dtype": fwd.compute_dtype, "selection": selection, "shard_size": shard,
+                      "noise_recipe": NOISE_RECIPE}
     act_settings = {**image_settings, "schema": ACTIVATION_SCHEMA, "layers": list(fwd.layers), "pool": fwd.pool, "storage_dtype": fwd.storage_dtype}
-    statuses = [inspect_existing(options.output, IMAGE_SCHEMA, image_settings, options.overwrite)]
+    for url in (options.output, options.activations_out):
+        if url:
+            check_noise_recipe(url, fwd.noise_seed, run.overwrite)
+    statuses = [inspect_existing(options.output, IMAGE_SCHEMA, image_settings, run.overwrite)]
     if options.activations_out:
-        statuses.append(inspect_existing(options.activations_out, ACTIVATION_SCHEMA, act_settings, options.overwrite))
+        statuses.append(inspect_existing(options.activations_out, ACTIVATION_SCHEMA, act_settings, run.overwrite))
     if all(st == "complete" for st in statuses):
         return GenerateResult(options.output, options.activations_out, n, True, time.monotonic() - started, loaded.trained)
     model = model_attrs(fwd, loaded)
     image_state = prepare_store(
         options.output, IMAGE_SCHEMA, image_settings, num_shards,
-        lambda g: create_image_arrays(g, n, loaded.resolution, shard, min(64, shard)), options.overwrite,
+        lambda g: create_image_arrays(g, n, loaded.resolution, shard, min(64, shard)), run.overwrite,
         initial_attrs={
             "source_format": "generated", "source_label_order": "sorted", "resolution": loaded.resolution,
             "shuffle_seed": None, "num_samples": int(n), "rejected": [],
             "sources": [{"path": loaded.name, "size": 0, "fingerprint": "sha256:" + loaded.sha256}],
             "versions": versions(), "model": model, "sigma": fwd.sigma, "seed": fwd.noise_seed, "selection": selection,
-            "sampling": "one step: D(sigma * eps; sigma, one-hot(label)), eps ~ numpy default_rng([seed, index])",
+            "sampling": f"one step: D(sigma * eps; sigma, one-hot(label)), eps = {NOISE_RECIPE} noise of (seed, index)",
+            "noise": noise_attrs(fwd.noise_seed),
             "device": device_name(device),
         },
     )
@@ -186,20 +205,21 @@ def generate(options: GenerateOptions) -> GenerateResult:
     if options.activations_out:
         act_state: StoreState = prepare_store(
             options.activations_out, ACTIVATION_SCHEMA, act_settings, num_shards,
-            lambda g: create_activation_arrays(g, n, shapes, fwd.storage_dtype, shard, None), options.overwrite,
+            lambda g: create_activation_arrays(g, n, shapes, fwd.storage_dtype, shard, None), run.overwrite,
             initial_attrs={**run_attrs(fwd, loaded, paths, device), "selection": selection,
                            "source": {"url": options.output, "schema": IMAGE_SCHEMA, "generated": True},
                            "input_scaling": "none: the generator's own input sigma * eps"},
         )
         pending |= set(act_state.pending)
+    batch = run.batch_size or auto_batch_size(per_sample_bytes(shapes, loaded.resolution, fwd.storage_dtype), device)
     tasks = [
         dask.delayed(generate_shard, pure=False)(
-            GenerateTask(options.output, options.activations_out, k, k * shard, labels[k * shard : (k + 1) * shard], fwd, options.batch_size, options.device)
+            GenerateTask(options.output, options.activations_out, k, k * shard, labels[k * shard : (k + 1) * shard], fwd, shapes, batch, run.device, run.compile)
         )
         for k in sorted(pending)
     ]
     done = n - sum(min(shard, n - k * shard) for k in pending)
-    receipts = run_tasks(tasks, options.scheduler, ProgressReport(n, f"generating {options.output}"), done)
+    receipts = run_tasks(tasks, run.scheduler, ProgressReport(n, f"generating {options.output}"), done)
     integrity_pass(options.output, num_shards, receipts)
     if options.activations_out:
         integrity_pass(options.activations_out, num_shards, receipts)

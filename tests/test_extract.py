@@ -4,6 +4,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import dask.array
 import numpy as np
@@ -17,13 +18,16 @@ from converter.convert import ConvertOptions, convert
 from converter.sample import write_sample_shards
 from converter.sources.npz import open_npz_source
 from extractor.cli import main as extractor_main
-from extractor.extract import ExtractOptions, ForwardSettings, extract
-from extractor.models import ModelSpec, build_preset
+from extractor.extract import ExtractionError, ExtractOptions, ForwardSettings, NoiseRecipeError, RunOptions, extract
+from extractor.forward import forward_batch, nonfinite_rows
+from extractor.models import EDMPrecond, ModelSpec, build_preset
+from extractor.noise import LEGACY_NOISE_RECIPE, NOISE_RECIPE, per_sample_noise
 from extractor.scheduling import SchedulerSpec
 from extractor.selection import SelectionSpec
 from schemas.activation_store import validate_activation_store
 from schemas.image_store import validate_image_store
 from tests.conftest import stores_identical
+from tests.stand_in import StandInNetwork, serving
 
 PRESET = ModelSpec(preset="tiny-random")
 LAYERS = ("encoder_bottleneck", "model.enc.32x32_block0")
@@ -47,8 +51,7 @@ def direct_forward(store_url, positions, layers, sigma=80.0, seed=0, pool="none"
     labels = store.coordinate("label")[positions]
     x = torch.from_numpy(images).float() / 127.5 - 1
     if seed is not None:
-        noise = np.stack([np.random.default_rng([seed, int(g)]).standard_normal((3, 64, 64), dtype=np.float32) for g in gidx])
-        x = x + sigma * torch.from_numpy(noise)
+        x = x + sigma * per_sample_noise(seed, gidx, (3, 64, 64), "cpu")
     one_hot = torch.nn.functional.one_hot(torch.from_numpy(labels.astype(np.int64)), 1000).float()
     paths = {"encoder_bottleneck": "model.enc.16x16_block0", "midblock": "model.dec.16x16_in0"}
     got = {}
@@ -73,7 +76,7 @@ def run(image_store, out, batch_size=64, **kw):
     scheduler = kw.pop("scheduler", SchedulerSpec())
     shard = kw.pop("shard_size", 32)
     fwd = ForwardSettings(model=PRESET, layers=kw.pop("layers", LAYERS), **kw)
-    return extract(ExtractOptions(image_store, str(out), fwd, selection, batch_size, "cpu", scheduler, shard_size=shard))
+    return extract(ExtractOptions(image_store, str(out), fwd, selection, RunOptions(batch_size, "cpu", scheduler, shard_size=shard)))
 
 
 def test_full_layers_and_reconstructions_equal_direct_forward(image_store, tmp_path):
@@ -223,3 +226,67 @@ def test_bad_input_one_clear_line(image_store, tmp_path, case, args, message):
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("imzarr extract: error:") and message in lines[0], proc.stderr
+
+
+FIXTURE = Path(__file__).parent / "fixtures" / "edm_small_A.pt"
+# bf16 autocast (the CUDA default): every fixture layer within 3 % of its largest |value|, D(x) within 1 %
+# (measured on CPU autocast: 1.7 % and 0.5 %).
+BF16_LAYER_TOLERANCE, BF16_OUTPUT_TOLERANCE = 0.03, 0.01
+
+
+@pytest.mark.parametrize("compute_dtype", ["fp32", "bf16"])
+def test_edm_reference_fixture_through_the_forward_path(compute_dtype):
+    ref = torch.load(FIXTURE, weights_only=True)
+    model = EDMPrecond(**ref["config"]).eval()
+    model.load_state_dict(ref["state_dict"])
+    layers = tuple(ref["module_order"])
+    fwd = ForwardSettings(PRESET, layers, compute_dtype=compute_dtype)
+    acts, out = forward_batch(model, ref["x"], ref["class_labels"], fwd, "cpu", need_output=True, sigma=ref["sigma"])
+    for path in layers:
+        want = ref["activations"][path]
+        if compute_dtype == "fp32":
+            torch.testing.assert_close(acts[path], want, rtol=1e-4, atol=1e-5, msg=path)
+        else:
+            assert (acts[path].float() - want).abs().max() <= BF16_LAYER_TOLERANCE * want.abs().max(), path
+    if compute_dtype == "fp32":
+        torch.testing.assert_close(out, ref["out"], rtol=1e-4, atol=1e-5)
+    else:
+        assert (out - ref["out"]).abs().max() <= BF16_OUTPUT_TOLERANCE * ref["out"].abs().max()
+
+
+def test_store_made_with_the_old_noise_recipe_is_refused(image_store, tmp_path):
+    out = tmp_path / "old.zarr"
+    run(image_store, out, selection=SelectionSpec(num_samples=16), layers=("encoder_bottleneck",), pool="mean")
+    group = zarr.open_group(str(out), mode="r+", use_consolidated=False)
+    assert group.attrs["noise"]["recipe"] == NOISE_RECIPE
+    group.attrs["noise"] = {"seed": 0, "per_sample": LEGACY_NOISE_RECIPE}  # what stores made before it record
+    for attempt in range(2):  # complete, then unfinished: neither is confirmed nor resumed
+        with pytest.raises(NoiseRecipeError, match="numpy default_rng") as err:
+            run(image_store, out, selection=SelectionSpec(num_samples=16), layers=("encoder_bottleneck",), pool="mean")
+        assert str(out) in str(err.value) and "\n" not in str(err.value)
+        group.attrs["complete"] = False
+    extract(ExtractOptions(image_store, str(out), ForwardSettings(PRESET, ("encoder_bottleneck",), pool="mean"),
+                           SelectionSpec(num_samples=16), RunOptions(8, "cpu", shard_size=32, overwrite=True)))
+    assert validate_activation_store(str(out)).attrs["noise"]["recipe"] == NOISE_RECIPE
+
+
+def test_nonfinite_rows_exact_for_storage_dtypes():
+    half = torch.zeros(5, 3, 4, 4, dtype=torch.float16)
+    half[0] = 65504  # finite maxima: their float32 row sum stays finite
+    half[1, 2, 3, 3] = float("inf")
+    half[2, 0, 0, 0] = float("nan")
+    half[3, 0, 0, 0], half[3, 0, 0, 1] = float("inf"), float("-inf")
+    assert nonfinite_rows(half).tolist() == [False, True, True, True, False]
+    single = torch.full((3, 100), 3e38, dtype=torch.float32)
+    single[1, 5] = float("nan")
+    assert nonfinite_rows(single).tolist() == [False, True, False]
+
+
+def test_nonfinite_activations_leave_the_store_incomplete(image_store, tmp_path):
+    out = str(tmp_path / "nan.zarr")
+    network = StandInNetwork({"a": (4, 8, 8)}, {"b": (4, 8, 8)}, value=70000.0)  # finite in float32, Inf in float16
+    with serving(network), pytest.raises(ExtractionError, match=r"NaN/Inf.*encoder_bottleneck: samples \[0, 1, 2"):
+        run(image_store, out, selection=SelectionSpec(num_samples=16), layers=("encoder_bottleneck",))
+    with pytest.raises(Exception, match="not complete"):
+        validate_activation_store(out)
+    assert not list(Path(out).rglob("*.partial-*"))

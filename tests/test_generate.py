@@ -4,9 +4,10 @@ import numpy as np
 import torch
 import zarr
 
-from extractor.extract import ExtractOptions, ForwardSettings, extract
+from extractor.extract import ExtractOptions, ForwardSettings, RunOptions, extract
 from extractor.generate import GenerateOptions, generate
 from extractor.models import ModelSpec, build_preset
+from extractor.noise import per_sample_noise
 from schemas.activation_store import validate_activation_store
 from schemas.image_store import validate_image_store
 
@@ -16,7 +17,8 @@ CLASSES = ("n01440764", "n02119789", "n09472597")
 
 def gen(out, batch_size=64, seed=0, layers=(), acts=None, shard=4):
     fwd = ForwardSettings(PRESET, layers, noise_seed=seed, storage_dtype="float32")
-    return generate(GenerateOptions(str(out), fwd, per_class=3, classes=CLASSES, activations_out=acts, batch_size=batch_size, device="cpu", shard_size=shard))
+    run = RunOptions(batch_size=batch_size, device="cpu", shard_size=shard)
+    return generate(GenerateOptions(str(out), fwd, per_class=3, classes=CLASSES, activations_out=acts, run=run))
 
 
 def test_generation_is_reproducible_and_matches_direct_call(tmp_path):
@@ -30,10 +32,10 @@ def test_generation_is_reproducible_and_matches_direct_call(tmp_path):
     assert not np.array_equal(validate_image_store(str(tmp_path / "c.zarr")).image[:], a.image[:])
     # the reference: DMD2's sampling written out here
     model = build_preset("tiny-random").eval()
-    eps = np.stack([np.random.default_rng([0, i]).standard_normal((3, 64, 64), dtype=np.float32) for i in range(9)])
+    eps = per_sample_noise(0, np.arange(9), (3, 64, 64), "cpu")
     labels = torch.nn.functional.one_hot(torch.tensor([0, 0, 0, 278, 278, 278, 980, 980, 980]), 1000).float()
     with torch.no_grad():
-        d = model(80.0 * torch.from_numpy(eps), torch.full((9,), 80.0), labels)
+        d = model(80.0 * eps, torch.full((9,), 80.0), labels)
     expected = ((d + 1) * 127.5).clamp(0, 255).to(torch.uint8).numpy()
     assert np.abs(a.image[:].astype(int) - expected).max() <= 1
     assert (a.image[:] == expected).mean() > 0.999
@@ -44,16 +46,16 @@ def test_generator_activations_and_extraction_of_generated_store(tmp_path):
     acts = validate_activation_store(str(tmp_path / "ga.zarr"))
     assert acts["midblock"].shape == (9, 64, 16, 16) and dict(acts.attrs)["source"]["generated"] is True
     model = build_preset("tiny-random").eval()
-    eps = np.stack([np.random.default_rng([0, i]).standard_normal((3, 64, 64), dtype=np.float32) for i in range(9)])
+    eps = per_sample_noise(0, np.arange(9), (3, 64, 64), "cpu")
     got = {}
     model.get_submodule("model.dec.16x16_in0").register_forward_hook(lambda m, i, o: got.__setitem__("mid", o))
     labels = torch.nn.functional.one_hot(torch.tensor([0, 0, 0, 278, 278, 278, 980, 980, 980]), 1000).float()
     with torch.no_grad():
-        model(80.0 * torch.from_numpy(eps), torch.full((9,), 80.0), labels)
+        model(80.0 * eps, torch.full((9,), 80.0), labels)
     np.testing.assert_allclose(acts["midblock"][:], got["mid"].numpy(), rtol=1e-4, atol=1e-5)
     # the generated store is an ordinary image store for the extractor
     fwd = ForwardSettings(PRESET, ("encoder_bottleneck",), pool="mean")
-    extract(ExtractOptions(str(tmp_path / "g.zarr"), str(tmp_path / "e.zarr"), fwd, device="cpu"))
+    extract(ExtractOptions(str(tmp_path / "g.zarr"), str(tmp_path / "e.zarr"), fwd, run=RunOptions(device="cpu")))
     ext = validate_activation_store(str(tmp_path / "e.zarr"))
     np.testing.assert_array_equal(ext["label"][:], acts["label"][:])
 

@@ -1,0 +1,309 @@
+"""The one forward path of extract and generate: a batch through the network, checked and cast on the device.
+
+A task's samples go through `ShardForward` batch by batch. Per batch, on the compute device: the input (image
+scaling and/or `extractor.noise` noise), the forward with hooks (under the per-device lock, and only it), pooling,
+the cast to the storage dtype and a per-sample NaN/Inf flag. The results then land in shard-sized host buffers:
+on CPU the cast writes straight into them; on CUDA they are pinned and filled by non-blocking copies on a copy
+stream, so the copy of one batch overlaps the next batch's compute. Whoever consumes the buffers (the shard
+writer) is told, per batch, when its rows are final.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+import torch
+
+from extractor.models import (
+    SMALLEST_TRAINING_SIGMA,
+    ModelSpec,
+    autocast_context,
+    capture_layers,
+    resolve_compute_dtype,
+)
+from extractor.noise import NoiseGenerator
+from extractor.scheduling import SchedulerSpec
+from schemas.activation_store import STORAGE_DTYPES
+from schemas.errors import ImzarrError
+
+AUTO = "auto"
+CPU_BATCH_SIZE = 64
+# Largest batch picked from free CUDA memory; and the share of free memory a batch may plan to use.
+MAX_AUTO_BATCH = 1024
+FREE_MEMORY_SHARE = 0.5
+
+
+class ExtractionError(ImzarrError):
+    """Bad extraction settings, or values that failed the integrity pass."""
+
+
+@dataclass(frozen=True)
+class ForwardSettings:
+    """Everything that decides the numbers for one sample (part of the settings fingerprint)."""
+
+    model: ModelSpec
+    layers: tuple[str, ...]
+    sigma: float = 80.0
+    noise_seed: int | None = 0  # None: feed the clean image
+    class_free: bool = False
+    pool: str = "none"
+    storage_dtype: str = "float16"
+    compute_dtype: str = AUTO  # auto: bf16 autocast on CUDA, fp32 on CPU
+    reconstructions: bool = False
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How a run executes, shared by extract and generate; none of it changes a stored value."""
+
+    batch_size: int | None = None  # None: 64 on CPU, from free device memory on CUDA
+    device: str = AUTO
+    scheduler: SchedulerSpec = field(default_factory=SchedulerSpec)
+    overwrite: bool = False
+    shard_size: int | None = None  # samples per output shard (= per task)
+    compile: bool = False  # torch.compile the network's blocks (CUDA; first batches pay the compile)
+
+
+def resolve_device(device: str) -> str:
+    """`auto` → cuda when available, else cpu; refuse CUDA where there is none."""
+    if device == AUTO:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ExtractionError(f"--device {device}: CUDA is not available on this machine (use cpu or auto)")
+    return device
+
+
+def resolve_compute(fwd: ForwardSettings, device: str) -> ForwardSettings:
+    """Settings with `compute_dtype` auto replaced by what runs: bf16 on CUDA, fp32 elsewhere."""
+    if fwd.compute_dtype != AUTO:
+        return fwd
+    return replace(fwd, compute_dtype="bf16" if device.startswith("cuda") else "fp32")
+
+
+def check_forward_settings(fwd: ForwardSettings) -> None:
+    """Refuse settings no forward can honour, each with a one-line reason."""
+    if not fwd.sigma > 0:
+        raise ExtractionError(
+            f"--sigma {fwd.sigma}: σ must be > 0 (ln σ conditions the network; σ = 0 gives NaN everywhere); "
+            f"for a nearly clean input use a small σ such as {SMALLEST_TRAINING_SIGMA}"
+        )
+    if fwd.pool not in ("none", "mean", "max"):
+        raise ExtractionError(f"--pool {fwd.pool!r}: choose none, mean or max")
+    if fwd.storage_dtype not in STORAGE_DTYPES:
+        raise ExtractionError(f"--dtype {fwd.storage_dtype!r}: choose one of {STORAGE_DTYPES}")
+    if fwd.compute_dtype != AUTO:
+        try:
+            resolve_compute_dtype(fwd.compute_dtype)
+        except ValueError as exc:
+            raise ExtractionError(str(exc)) from None
+
+
+# One lock per device and process: hooks live on the shared module, and two CPU forwards would only fight for cores.
+_LOCKS: dict[str, threading.Lock] = {}
+_LOCKS_GUARD = threading.Lock()
+
+
+def model_lock(device: str) -> threading.Lock:
+    """The lock every forward on `device` in this process holds (and only the forward)."""
+    with _LOCKS_GUARD:
+        return _LOCKS.setdefault(str(torch.device(device)), threading.Lock())
+
+
+_PREPARED: set[tuple[int, str, bool]] = set()
+
+
+def prepare_module(module: torch.nn.Module, device: str, compile_blocks: bool = False) -> torch.nn.Module:
+    """CUDA: channels_last weights, and optionally each U-Net block's forward compiled; CPU: unchanged."""
+    key = (id(module), str(device), compile_blocks)
+    with _LOCKS_GUARD:
+        if key in _PREPARED or not device.startswith("cuda"):
+            return module
+        module.to(memory_format=torch.channels_last)
+        if compile_blocks:
+            unet = module.model
+            for block in [*unet.enc.values(), *unet.dec.values()]:
+                # The block's forward, not the module call: capture hooks stay outside the compiled graph.
+                block.forward = torch.compile(block.forward, dynamic=False)
+        _PREPARED.add(key)
+    return module
+
+
+def auto_batch_size(per_sample_bytes: int, device: str) -> int:
+    """64 on CPU; on CUDA the largest power of two whose planned memory fits a share of the free memory."""
+    if not device.startswith("cuda"):
+        return CPU_BATCH_SIZE
+    free, _total = torch.cuda.mem_get_info(torch.device(device))
+    fit = int(free * FREE_MEMORY_SHARE) // max(per_sample_bytes, 1)
+    return int(min(MAX_AUTO_BATCH, max(1, 1 << (max(fit, 1).bit_length() - 1))))
+
+
+def one_hot_labels(labels: np.ndarray, label_dim: int, device: str, class_free: bool = False) -> torch.Tensor:
+    """One-hot rows for labels ≥ 0; unknown labels (-1) and class-free runs get zero rows."""
+    one_hot = torch.zeros(labels.shape[0], label_dim, device=device)
+    if not class_free and label_dim:
+        known = np.flatnonzero(labels >= 0)
+        one_hot[torch.from_numpy(known).to(device), torch.from_numpy(labels[known].astype(np.int64)).to(device)] = 1
+    return one_hot
+
+
+def to_uint8_images(d: torch.Tensor) -> torch.Tensor:
+    """DMD2's own conversion of D(x) to images: clamp((D + 1) · 127.5), then truncate (not round)."""
+    return ((d.float() + 1) * 127.5).clamp(0, 255).to(torch.uint8)
+
+
+def nonfinite_rows(values: torch.Tensor) -> torch.Tensor:
+    """Per-sample bool: does the row hold NaN or Inf? One reduction, exact.
+
+    A row's sum (float32 for 16-bit values, float64 for float32) is finite iff every element is: NaN and ±Inf
+    propagate, and finite values cannot overflow it (65504 · 2²⁰ ≪ float32 max; float32 max · 2²⁰ ≪ float64 max).
+    """
+    accumulate = torch.float64 if values.dtype == torch.float32 else torch.float32
+    return ~torch.isfinite(values.reshape(values.shape[0], -1).sum(dim=1, dtype=accumulate))
+
+
+def forward_batch(
+    module: torch.nn.Module,
+    x: torch.Tensor,
+    one_hot: torch.Tensor | None,
+    fwd: ForwardSettings,
+    device: str,
+    need_output: bool,
+    sigma: torch.Tensor | None = None,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+    """The network on one prepared input batch: ({layer: activation}, D(x) or None), on the device.
+
+    σ is `fwd.sigma` for every sample unless given per sample. Only this holds the per-device lock; pooling
+    happens inside (capture_layers), on the device.
+    """
+    if sigma is None:
+        sigma = torch.full((x.shape[0],), fwd.sigma, device=device)
+    if device.startswith("cuda"):
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode(), autocast_context(device, fwd.compute_dtype):
+        with model_lock(device):
+            if fwd.layers:
+                acts, out = capture_layers(module, x, sigma, one_hot, list(fwd.layers), fwd.pool, need_output=need_output)
+            else:
+                acts, out = {}, module(x, sigma, one_hot)
+    return acts, out
+
+
+ReadyCallback = Callable[[int, int, Callable[[], None] | None], None]
+
+
+class ShardForward:
+    """One task's samples through the network into shard-sized host buffers, batch by batch.
+
+    `buffers[name]` ([count, *shape], storage dtype; uint8 for `output_name`) are filled in place; after each
+    batch `on_ready(first, stop, wait)` says rows [first, stop) are final once `wait()` returns (None: already).
+    `nonfinite()` gives the NaN/Inf rows per layer, as positions offset by `start`.
+    """
+
+    def __init__(
+        self,
+        loaded: Any,
+        fwd: ForwardSettings,
+        device: str,
+        count: int,
+        layer_shapes: dict[str, tuple[int, ...]],
+        output_name: str | None,
+        on_ready: ReadyCallback | None = None,
+    ):
+        self.loaded, self.fwd, self.device, self.count = loaded, fwd, device, count
+        self.output_name = output_name
+        self.on_ready = on_ready
+        self.cuda = device.startswith("cuda")
+        self.storage = getattr(torch, fwd.storage_dtype)
+        res = loaded.resolution
+        self.image_shape = (3, res, res)
+        shapes = {name: (tuple(layer_shapes[name]), self.storage) for name in fwd.layers}
+        if output_name is not None:
+            shapes[output_name] = (self.image_shape, torch.uint8)
+        # Pinned on CUDA: the only host memory a non-blocking device→host copy really overlaps with.
+        self.host = {name: torch.empty((count, *shape), dtype=dtype, pin_memory=self.cuda) for name, (shape, dtype) in shapes.items()}
+        self.buffers = {name: t.numpy() for name, t in self.host.items()}
+        self.flags = {name: torch.zeros(count, dtype=torch.bool, device=device) for name in fwd.layers}
+        self.noise = None if fwd.noise_seed is None else NoiseGenerator(fwd.noise_seed, self.image_shape, device)
+        self.copy_stream = torch.cuda.Stream(device=device) if self.cuda else None
+
+    def input_batch(self, images: torch.Tensor | None, global_index: np.ndarray) -> torch.Tensor:
+        """x = uint8/127.5 − 1 (+ σ·noise), or σ·noise alone without images (generation), on the device."""
+        if images is None:
+            if self.noise is None:
+                raise ExtractionError("generation needs a seed for its noise")
+            return self.noise(global_index).mul_(self.fwd.sigma)
+        x = images.to(self.device, non_blocking=True).float().div_(127.5).sub_(1.0)
+        if self.noise is not None:
+            x.add_(self.noise(global_index).mul_(self.fwd.sigma))
+        return x
+
+    def run(self, first: int, images: torch.Tensor | None, labels: np.ndarray, global_index: np.ndarray) -> None:
+        """Rows [first, first + len(labels)): forward, check and cast on the device, then into the host buffers."""
+        stop = first + labels.shape[0]
+        x = self.input_batch(images, global_index)
+        one_hot = one_hot_labels(labels, self.loaded.label_dim, self.device, self.fwd.class_free)
+        acts, out = forward_batch(self.loaded.module, x, one_hot, self.fwd, self.device, need_output=self.output_name is not None)
+        results = {name: acts[name] for name in self.fwd.layers}
+        if self.output_name is not None:
+            results[self.output_name] = to_uint8_images(out)
+        if not self.cuda:
+            for name, value in results.items():
+                target = self.host[name][first:stop]
+                target.copy_(value)  # the storage-dtype cast, written straight into the shard buffer
+                if name in self.flags:
+                    self.flags[name][first:stop] = nonfinite_rows(target)
+            if self.on_ready is not None:
+                self.on_ready(first, stop, None)
+            return
+        staged = {}
+        for name, value in results.items():
+            cast = value.to(self.host[name].dtype)
+            if name in self.flags:
+                self.flags[name][first:stop] = nonfinite_rows(cast)
+            staged[name] = cast
+        computed = torch.cuda.current_stream(self.device).record_event()
+        with torch.cuda.stream(self.copy_stream):
+            self.copy_stream.wait_event(computed)
+            for name, cast in staged.items():
+                self.host[name][first:stop].copy_(cast, non_blocking=True)
+                cast.record_stream(self.copy_stream)  # the allocator must not reuse it before the copy ran
+            copied = self.copy_stream.record_event()
+        if self.on_ready is not None:
+            self.on_ready(first, stop, copied.synchronize)
+
+    def finish(self) -> None:
+        """Wait until every copy into the host buffers has landed."""
+        if self.cuda:
+            self.copy_stream.synchronize()
+
+    def nonfinite(self, start: int) -> dict[str, list[int]]:
+        """{layer: sample positions (start + row)} of rows holding NaN or Inf."""
+        found = {}
+        for name, flags in self.flags.items():
+            rows = torch.nonzero(flags).flatten().cpu().numpy()
+            if rows.size:
+                found[name] = (start + rows).tolist()
+        return found
+
+
+def pinned_images(images: np.ndarray, device: str) -> torch.Tensor:
+    """A task's uint8 images as a tensor; pinned on CUDA so their uploads are non-blocking."""
+    tensor = torch.from_numpy(images)
+    return tensor.pin_memory() if device.startswith("cuda") else tensor
+
+
+def per_sample_bytes(layer_shapes: dict[str, tuple[int, ...]], resolution: int, storage_dtype: str) -> int:
+    """A rough device-memory plan per sample: input, outputs and ~20× the input for the network's activations."""
+    image = 3 * resolution * resolution * 4
+    outputs = sum(int(np.prod(s)) for s in layer_shapes.values()) * 4
+    return 20 * image + 2 * outputs + 4 * np.dtype(storage_dtype).itemsize
+
+
+def fold_run_keywords(run: RunOptions, **given: Any) -> RunOptions:
+    """`run` with the run options given as separate keywords (those not None) folded in."""
+    given = {name: value for name, value in given.items() if value is not None}
+    return replace(run, **given) if given else run

@@ -1,0 +1,214 @@
+"""Per-sample Gaussian noise that depends only on (seed, global_index), made on the compute device.
+
+Recipe `NOISE_RECIPE` ("splitmix64-box-muller/1"), all integer arithmetic modulo 2⁶⁴, γ = 0x9E3779B97F4A7C15:
+
+    mix(z)      = SplitMix64's output function: z ^= z >> 30; z *= 0xBF58476D1CE4E5B9; z ^= z >> 27;
+                  z *= 0x94D049BB133111EB; z ^= z >> 31
+    key(s, g)   = mix(mix(s + γ) ^ g)                       (s = seed, g = global_index, both as uint64)
+    w_j         = mix(key + (j + 1)·γ)                      (the j-th output of SplitMix64 seeded with key)
+    a, b        = w_j >> 32, w_j & (2³² − 1)
+    r           = sqrt(−2 ln u),  u = (a + 1) / 2³² ∈ (0, 1]
+    θ           = 2π (b + ½) / 2³²
+    noise[2j]   = r cos θ,  noise[2j + 1] = r sin θ          (flat C order of the per-sample shape)
+
+The float part is evaluated in float64 with only IEEE-754 correctly rounded operations (+, −, ×, ÷, sqrt,
+frexp, exact int→float conversions; never a device's own log/sin/cos, which differ by ULPs between CPU and CUDA),
+each as its own elementwise op, then rounded once to float32 (truncation errors lie far below float32's half
+ULP). So the bits are the same on every device, batch size, order and worker count:
+
+    ln u  = (e − 32)·ln 2 + 2·atanh(t),  a + 1 = f·2ᵉ with f ∈ [√½, √2),  t = (f − 1)/(f + 1),
+            atanh(t) = t·Σₖ₌₀⁶ t²ᵏ/(2k + 1)                       (|t| ≤ 0.172: truncation < 1e-12)
+    θ     = q·π/2 + π/4 + x,  q = b >> 30,  x = ((b mod 2³⁰ + ½)/2³⁰ − ½)·π/2 ∈ (−π/4, π/4)
+    sin x = x·Σₖ₌₀⁵ (−x²)ᵏ/(2k + 1)!,  cos x = Σₖ₌₀⁶ (−x²)ᵏ/(2k)!      (truncation < 1e-11)
+    cos θ, sin θ = the quadrant-q rotation of ((cos x − sin x)·√½, (cos x + sin x)·√½)
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import numpy as np
+import torch
+
+NOISE_RECIPE = "splitmix64-box-muller/1"
+# What stores written before this recipe record in attrs["noise"]["per_sample"].
+LEGACY_NOISE_RECIPE = "numpy default_rng([seed, global_index]).standard_normal"
+NOISE_FORMULA = "pairs (r cos θ, r sin θ) from SplitMix64 words w_j of key mix(mix(seed+γ)^global_index); see extractor/noise.py"
+
+_MASK64 = (1 << 64) - 1
+_GAMMA = 0x9E3779B97F4A7C15
+_MIX_1 = 0xBF58476D1CE4E5B9
+_MIX_2 = 0x94D049BB133111EB
+_LN2 = math.log(2.0)
+_HALF_PI = math.pi / 2
+_SQRT_HALF = math.sqrt(0.5)
+_ATANH_TERMS = tuple(1.0 / (2 * k + 1) for k in range(7))
+_SIN_TERMS = tuple((-1) ** k / math.factorial(2 * k + 1) for k in range(6))
+_COS_TERMS = tuple((-1) ** k / math.factorial(2 * k) for k in range(7))
+
+
+def _signed(value: int) -> int:
+    """A uint64 constant as the int64 with the same bits (torch has no uint64 arithmetic)."""
+    value &= _MASK64
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def _shift_right(z: torch.Tensor, bits: int) -> torch.Tensor:
+    # int64 >> is arithmetic; masking the sign-extended bits makes it the logical shift of the uint64.
+    return (z >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def _mix64_(z: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+    """SplitMix64's output function in place on int64 bits (multiplications wrap modulo 2⁶⁴)."""
+    for bits, factor in ((30, _MIX_1), (27, _MIX_2), (31, None)):
+        torch.bitwise_right_shift(z, bits, out=scratch)
+        scratch.bitwise_and_((1 << (64 - bits)) - 1)  # logical, not arithmetic, shift
+        z.bitwise_xor_(scratch)
+        if factor is not None:
+            z.mul_(_signed(factor))
+    return z
+
+
+def mix64(z: torch.Tensor) -> torch.Tensor:
+    """SplitMix64's output function on int64 tensors holding uint64 bits."""
+    return _mix64_(z.clone(), torch.empty_like(z))
+
+
+def sample_keys(seed: int, global_index: torch.Tensor) -> torch.Tensor:
+    """key(s, g) = mix(mix(s + γ) ^ g) for every global index (int64 tensor of uint64 bits)."""
+    seed_word = mix64(torch.tensor([_signed(seed + _GAMMA)], dtype=torch.int64, device=global_index.device))
+    return mix64(seed_word ^ global_index.to(torch.int64))
+
+
+def _counter_offsets(pairs: int, device: torch.device) -> torch.Tensor:
+    """(j + 1)·γ mod 2⁶⁴ for j < pairs: the same for every sample."""
+    return torch.arange(1, pairs + 1, dtype=torch.int64, device=device).mul_(_signed(_GAMMA))
+
+
+def splitmix64_words(keys: torch.Tensor, pairs: int) -> torch.Tensor:
+    """[n, pairs] words w_j = mix(key + (j + 1)·γ): outputs 0..pairs−1 of SplitMix64 seeded with each key."""
+    words = keys[:, None] + _counter_offsets(pairs, keys.device)[None, :]
+    return _mix64_(words, torch.empty_like(words))
+
+
+def _horner_(acc: torch.Tensor, t: torch.Tensor, coefficients: tuple[float, ...]) -> torch.Tensor:
+    """acc ← Σ cₖ tᵏ by Horner's rule, one correctly rounded op at a time."""
+    acc.fill_(coefficients[-1])
+    for c in reversed(coefficients[:-1]):
+        acc.mul_(t).add_(c)
+    return acc
+
+
+class NoiseGenerator:
+    """Makes `NOISE_RECIPE` noise for one per-sample shape on one device, in reused work buffers.
+
+    Every elementwise step writes into buffers made once (fresh memory is slow to touch on CPU, and allocation
+    churn costs on CUDA too); samples go through in blocks so the buffers stay small. Not thread-safe: one per task.
+    """
+
+    def __init__(self, seed: int, shape: tuple[int, ...], device: torch.device | str, block: int | None = None):
+        self.seed = seed
+        self.shape = tuple(shape)
+        self.device = torch.device(device)
+        self.numel = int(np.prod(shape))
+        self.pairs = -(-self.numel // 2)
+        # CPU: 64 samples of work buffers (~20 MB) stay cache-friendly; CUDA: big blocks, few kernel launches.
+        self.block = block or (1024 if self.device.type == "cuda" else 64)
+        self.offsets = _counter_offsets(self.pairs, self.device)
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def _buffer(self, name: str, rows: int, dtype: torch.dtype) -> torch.Tensor:
+        buf = self._buffers.get(name)
+        if buf is None or buf.shape[0] < rows:
+            buf = self._buffers[name] = torch.empty((max(rows, min(self.block, rows * 2)), self.pairs), dtype=dtype, device=self.device)
+        return buf[:rows]
+
+    def __call__(self, global_index: torch.Tensor | np.ndarray, out: torch.Tensor | None = None) -> torch.Tensor:
+        """[n, *shape] float32 noise for these global indices (into `out` when given)."""
+        index = torch.as_tensor(np.asarray(global_index, dtype=np.int64) if isinstance(global_index, np.ndarray) else global_index).to(self.device)
+        n = index.shape[0]
+        if out is None:
+            out = torch.empty((n, *self.shape), dtype=torch.float32, device=self.device)
+        flat = out.view(n, self.numel)
+        keys = sample_keys(self.seed, index)
+        for a in range(0, n, self.block):
+            b = min(n, a + self.block)
+            if self.numel == 2 * self.pairs:
+                self._gaussian_pairs(keys[a:b], flat[a:b].view(b - a, self.pairs, 2))
+            else:
+                padded = torch.empty((b - a, self.pairs, 2), dtype=torch.float32, device=self.device)  # odd sizes: rare
+                self._gaussian_pairs(keys[a:b], padded)
+                flat[a:b].copy_(padded.reshape(b - a, 2 * self.pairs)[:, : self.numel])
+        return out
+
+    def _gaussian_pairs(self, keys: torch.Tensor, out: torch.Tensor) -> None:
+        """out[n, pairs, 2] (float32) ← (r cos θ, r sin θ) per word; the module docstring gives the formula."""
+        n = keys.shape[0]
+        f64, i64 = torch.float64, torch.int64
+        words, scratch, quadrant = (self._buffer(k, n, i64) for k in ("words", "scratch", "quadrant"))
+        x, x2, sin_x, cos_x, u, v = (self._buffer(k, n, f64) for k in ("x", "x2", "sin", "cos", "u", "v"))
+        exponent = self._buffer("exponent", n, torch.int32)
+        swap, neg_first, neg_second = (self._buffer(k, n, torch.bool) for k in ("swap", "neg1", "neg2"))
+        torch.add(keys[:, None], self.offsets[None, :], out=words)
+        _mix64_(words, scratch)
+        # angle: x = ((b mod 2³⁰ + ½)/2³⁰ − ½)·π/2, quadrant q = b >> 30 (bits 30, 31 of the word)
+        torch.bitwise_and(words, (1 << 30) - 1, out=scratch)
+        x.copy_(scratch).add_(0.5).mul_(2.0**-30).sub_(0.5).mul_(_HALF_PI)
+        torch.bitwise_right_shift(words, 30, out=quadrant)
+        quadrant.bitwise_and_(3)
+        torch.bitwise_and(quadrant, 1, out=scratch)
+        torch.ne(scratch, 0, out=swap)
+        torch.eq(quadrant, 1, out=neg_first)
+        torch.eq(quadrant, 2, out=neg_second)
+        neg_first.logical_or_(neg_second)
+        torch.ge(quadrant, 2, out=neg_second)
+        torch.mul(x, x, out=x2)
+        _horner_(sin_x, x2, _SIN_TERMS).mul_(x)
+        _horner_(cos_x, x2, _COS_TERMS)
+        torch.sub(cos_x, sin_x, out=u).mul_(_SQRT_HALF)  # cos(π/4 + x)
+        torch.add(cos_x, sin_x, out=v).mul_(_SQRT_HALF)  # sin(π/4 + x)
+        # rotate by q·π/2: (c, s) → (c, s), (−s, c), (−c, −s), (s, −c); ×(±1) is exact
+        torch.where(swap, v, u, out=cos_x)
+        torch.where(swap, u, v, out=sin_x)
+        u.copy_(neg_first).mul_(-2.0).add_(1.0)
+        cos_x.mul_(u)
+        u.copy_(neg_second).mul_(-2.0).add_(1.0)
+        sin_x.mul_(u)
+        # radius: a + 1 = f·2ᵉ, f ∈ [√½, √2); −2 ln u = −2((e − 32)·ln 2 + 2 atanh t), t = (f − 1)/(f + 1)
+        torch.bitwise_right_shift(words, 32, out=scratch)
+        scratch.bitwise_and_(0xFFFFFFFF).add_(1)
+        v.copy_(scratch)  # exact: < 2⁵³
+        torch.frexp(v, out=(x, exponent))  # exact: mantissa x ∈ [0.5, 1)
+        torch.lt(x, _SQRT_HALF, out=swap)
+        u.copy_(swap).add_(1.0)  # 2 where the mantissa is below √½, else 1
+        x.mul_(u)  # exact
+        v.copy_(exponent).add_(1.0).sub_(u)  # e − [mantissa was below √½]
+        torch.add(x, 1.0, out=u)
+        x.sub_(1.0).div_(u)  # t
+        torch.mul(x, x, out=x2)
+        _horner_(u, x2, _ATANH_TERMS).mul_(x)  # atanh t
+        v.sub_(32.0).mul_(_LN2).add_(u.mul_(2.0)).mul_(-2.0).clamp_(min=0.0).sqrt_()  # r
+        out[..., 0].copy_(cos_x.mul_(v))  # the one rounding to float32
+        out[..., 1].copy_(sin_x.mul_(v))
+
+
+def per_sample_noise(seed: int, global_index: torch.Tensor | np.ndarray, shape: tuple[int, ...], device: torch.device | str) -> torch.Tensor:
+    """[n, *shape] float32 standard normal noise on `device`, a function of (seed, global_index) alone."""
+    return NoiseGenerator(seed, shape, device)(global_index)
+
+
+def recorded_noise_recipe(attrs: dict) -> str | None:
+    """The noise recipe a store's attributes record: activation stores' `noise`, generated image stores' `sampling`."""
+    noise = attrs.get("noise")
+    if isinstance(noise, dict):
+        return noise.get("recipe") or noise.get("per_sample")
+    sampling = attrs.get("sampling")
+    if isinstance(sampling, str) and "default_rng" in sampling:
+        return LEGACY_NOISE_RECIPE
+    return None
+
+
+def noise_attrs(seed: int) -> dict:
+    """How a store records its noise: the seed, the recipe's name, and the formula in one line."""
+    return {"seed": seed, "recipe": NOISE_RECIPE, "per_sample": NOISE_FORMULA}

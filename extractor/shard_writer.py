@@ -1,0 +1,145 @@
+"""Writes whole shard files of uncompressed sharded arrays directly, per the Zarr v3 sharding spec.
+
+For an array whose `zarr.json` describes a regular grid sharded along the sample axis alone, inner chunks with
+only the `bytes` codec (little-endian) and a `bytes`+`crc32c` index (`schemas.zarr_format.uncompressed_shard_layout`),
+shard k of S samples holding m = min(S, n − k·S) of them is the file
+
+    data   inner chunks 0 … c−1 in order, c = ⌈m / I⌉, each I samples of raw C-order bytes (the last padded with
+           the fill value), i.e. the shard's samples as one contiguous block
+    index  per inner chunk i < S/I: (offset, nbytes) as little-endian uint64, (2⁶⁴−1, 2⁶⁴−1) for i ≥ c;
+           then crc32c of those bytes (uint32 little-endian); at the end of the file, or at the start
+           (offsets then count from the start of the file, index included)
+
+Bytes arrive in pieces (`write`), possibly from a writer thread while the next batch computes, into a temporary
+file next to the shard; `commit` adds padding and index and renames it into place, so a killed process never
+leaves a half shard under the shard's key. Local filesystem paths only: other stores go through zarr-python.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import fsspec
+import numpy as np
+
+from schemas.errors import ImzarrError
+from schemas.zarr_format import CRC32C_BYTES, EMPTY_CHUNK, UncompressedShardLayout, read_node_metadata, uncompressed_shard_layout
+
+try:  # zarr-python's own dependency for its crc32c codec
+    import google_crc32c
+except ImportError:  # pragma: no cover - then every write goes through zarr-python
+    google_crc32c = None
+
+PARTIAL_MARK = ".partial-"
+
+
+class ShardWriteError(ImzarrError):
+    """A direct shard write was given data that does not fit its shard."""
+
+
+def local_directory(url: str) -> Path | None:
+    """The local directory of a store URL or path, or None for any other filesystem."""
+    fs, path = fsspec.core.url_to_fs(url)
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return Path(path) if protocol in ("file", "local") else None
+
+
+def direct_layout(url: str, array: str) -> UncompressedShardLayout | None:
+    """The array's layout when its shards can be written here directly (local store, raw inner chunks), else None."""
+    if google_crc32c is None or local_directory(url) is None:
+        return None
+    layout = uncompressed_shard_layout(read_node_metadata(url, array))
+    if layout is None or not _plain_fill(layout):
+        return None
+    return layout
+
+
+def _plain_fill(layout: UncompressedShardLayout) -> bool:
+    # Numeric fill values only; spec spellings such as "NaN" or hex bit patterns go through zarr-python.
+    return isinstance(layout.fill_value, (int, float)) and not isinstance(layout.fill_value, bool)
+
+
+def shard_index_bytes(layout: UncompressedShardLayout, written_chunks: int, data_offset: int) -> bytes:
+    """The shard index: (offset, nbytes) uint64 LE per inner chunk (empty past `written_chunks`), then its crc32c."""
+    chunk_bytes = layout.samples_per_inner * layout.item_bytes
+    entries = np.full((layout.inner_per_shard, 2), EMPTY_CHUNK, dtype="<u8")
+    entries[:written_chunks, 0] = data_offset + np.arange(written_chunks, dtype=np.uint64) * np.uint64(chunk_bytes)
+    entries[:written_chunks, 1] = chunk_bytes
+    raw = entries.tobytes()
+    return raw + int(google_crc32c.value(raw)).to_bytes(CRC32C_BYTES, "little")
+
+
+class ShardFileWriter:
+    """One shard file of one array, filled piecewise into a temporary file and renamed into place on commit."""
+
+    def __init__(self, array_dir: Path, layout: UncompressedShardLayout, shard: int, dtype: np.dtype):
+        self.layout = layout
+        self.shard = shard
+        self.dtype = np.dtype(dtype)
+        first = shard * layout.samples_per_shard
+        if not 0 <= first < layout.shape[0]:
+            raise ShardWriteError(f"{array_dir}: shard {shard} is outside the array's {layout.shape[0]} samples")
+        self.count = min(layout.samples_per_shard, layout.shape[0] - first)
+        self.path = array_dir / layout.shard_key(shard)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._remove_stale_partials()
+        self.temp = self.path.with_name(f"{self.path.name}{PARTIAL_MARK}{uuid.uuid4().hex}")
+        self.data_offset = 0 if layout.index_at_end else layout.index_bytes
+        self.fd = os.open(self.temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+
+    def _remove_stale_partials(self) -> None:
+        # What a killed writer left of this shard: never read (no key points at it), removed before rewriting.
+        for stale in self.path.parent.glob(f"{self.path.name}{PARTIAL_MARK}*"):
+            stale.unlink(missing_ok=True)
+
+    def write(self, first: int, values: np.ndarray) -> None:
+        """Samples [first, first + len(values)) of this shard (positions within the shard)."""
+        if values.dtype != self.dtype or values.shape[1:] != self.layout.shape[1:] or not 0 <= first <= first + len(values) <= self.count:
+            raise ShardWriteError(
+                f"{self.path}: got {values.dtype} {values.shape} at {first}, shard holds {self.count} × {self.layout.shape[1:]} {self.dtype}"
+            )
+        view = memoryview(np.ascontiguousarray(values)).cast("B")
+        offset = self.data_offset + first * self.layout.item_bytes
+        while view:
+            written = os.pwrite(self.fd, view, offset)
+            view, offset = view[written:], offset + written
+
+    def commit(self) -> None:
+        """Pad the last inner chunk, write the index, and rename the file to the shard's key."""
+        inner = self.layout.samples_per_inner
+        chunks = -(-self.count // inner)
+        padding = chunks * inner - self.count
+        if padding:
+            fill = np.full((padding, *self.layout.shape[1:]), self.layout.fill_value, dtype=self.dtype)
+            os.pwrite(self.fd, fill.tobytes(), self.data_offset + self.count * self.layout.item_bytes)
+        index = shard_index_bytes(self.layout, chunks, self.data_offset)
+        data_end = self.data_offset + chunks * inner * self.layout.item_bytes
+        os.pwrite(self.fd, index, data_end if self.layout.index_at_end else 0)
+        os.ftruncate(self.fd, data_end + (len(index) if self.layout.index_at_end else 0))
+        os.close(self.fd)
+        self.fd = -1
+        os.replace(self.temp, self.path)
+
+    def abort(self) -> None:
+        """Drop the temporary file: nothing of this shard becomes visible."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        self.temp.unlink(missing_ok=True)
+
+
+def write_whole_shard(url: str, array: str, shard: int, values: np.ndarray, layout: UncompressedShardLayout | None = None) -> None:
+    """Write one complete shard of an array directly (the layout must allow it: `direct_layout`)."""
+    layout = layout or direct_layout(url, array)
+    if layout is None:
+        raise ShardWriteError(f"{url}/{array}: layout does not allow direct shard writes")
+    writer = ShardFileWriter(local_directory(url) / array, layout, shard, values.dtype)
+    try:
+        writer.write(0, values)
+        writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
+

@@ -1,0 +1,114 @@
+"""Device noise: a function of (seed, global_index) alone, pinned bit for bit, equal to its formula."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from extractor.noise import (
+    LEGACY_NOISE_RECIPE,
+    NOISE_RECIPE,
+    NoiseGenerator,
+    noise_attrs,
+    per_sample_noise,
+    recorded_noise_recipe,
+    sample_keys,
+    splitmix64_words,
+)
+
+SHAPE = (3, 64, 64)
+POSITIONS = [0, 1, 2, 3, 4095, 12286, 12287]
+# float32 bit patterns at POSITIONS of the flattened (3, 64, 64) noise: every device must reproduce them.
+PINNED = {
+    (0, 0): [0x3F96F167, 0x3F61E007, 0xBEA08BD5, 0x3FCB77AD, 0x3FB132A0, 0xBC03A06E, 0x3F619CAD],
+    (0, 1): [0x3F885885, 0x3ECEF6E3, 0x3F95C137, 0xBF882C82, 0x3FC85E31, 0xBE93C3E6, 0x3F23283C],
+    (0, 1281166): [0xBFA65BAC, 0x3E6E0455, 0xBE1957B9, 0x3EE76265, 0xBF69CAF4, 0xBF98A89B, 0x3F90C49B],
+    (12345, 7): [0x3F9FBE2A, 0xC03A246E, 0xBF9680A0, 0xBF25D880, 0xBF4DFBC9, 0x3E99BB85, 0xBEC439ED],
+    (2**40 + 3, 2**62 + 5): [0xBCC68A93, 0xBF452BB1, 0xBFA80E23, 0xBFCB4D2F, 0x3F0172C0, 0x3F6D0A02, 0x401D9DFC],
+}
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+MASK = (1 << 64) - 1
+GAMMA = 0x9E3779B97F4A7C15
+
+
+def mix_reference(z: int) -> int:
+    """SplitMix64's output function on Python integers (no overflow to trust)."""
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & MASK
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK
+    return z ^ (z >> 31)
+
+
+def bits(values: torch.Tensor) -> list[int]:
+    return [v & 0xFFFFFFFF for v in values.contiguous().view(torch.int32).tolist()]
+
+
+def test_words_are_the_published_splitmix64_sequence():
+    # SplitMix64 seeded with 1234567 (the widely published test sequence).
+    expected = [6457827717110365317, 3203168211198807973, 9817491932198370423, 4593380528125082431, 16408922859458223821]
+    assert [w & MASK for w in splitmix64_words(torch.tensor([1234567]), 5)[0].tolist()] == expected
+
+
+def test_keys_and_words_equal_integer_reference():
+    seeds = [0, 1, 12345, 2**40 + 3, 2**63 - 1]
+    index = np.array([0, 1, 2, 1281166, 2**62 + 5], dtype=np.int64)
+    for seed in seeds:
+        keys = sample_keys(seed, torch.from_numpy(index))
+        words = splitmix64_words(keys, 4)
+        for g, key, row in zip(index.tolist(), keys.tolist(), words.tolist()):
+            want_key = mix_reference(mix_reference((seed + GAMMA) & MASK) ^ g)
+            assert key & MASK == want_key
+            assert [w & MASK for w in row] == [mix_reference((want_key + (j + 1) * GAMMA) & MASK) for j in range(4)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_pinned_values(device):
+    for (seed, g), expected in PINNED.items():
+        noise = per_sample_noise(seed, np.array([g], dtype=np.int64), SHAPE, device).cpu().flatten()
+        assert bits(noise[POSITIONS]) == expected, (seed, g)
+
+
+def test_values_follow_the_formula():
+    """Within float32 rounding of Box–Muller evaluated with the platform's own log/cos/sin in float64."""
+    index = np.arange(3, dtype=np.int64)
+    words = splitmix64_words(sample_keys(0, torch.from_numpy(index)), 200)
+    expected = []
+    for w in (v & MASK for v in words.flatten().tolist()):
+        a, b = w >> 32, w & 0xFFFFFFFF
+        r, theta = math.sqrt(-2 * math.log((a + 1) / 2**32)), 2 * math.pi * (b + 0.5) / 2**32
+        expected += [r * math.cos(theta), r * math.sin(theta)]
+    got = per_sample_noise(0, index, (400,), "cpu").flatten().double().numpy()
+    np.testing.assert_allclose(got, expected, rtol=2.5e-7, atol=1e-7)
+
+
+def test_independent_of_batch_block_and_order():
+    index = np.random.default_rng(0).permutation(200).astype(np.int64) + 10_000
+    ref = per_sample_noise(3, index, SHAPE, "cpu")
+    for block in (1, 7, 64):
+        generator = NoiseGenerator(3, SHAPE, "cpu", block=block)
+        pieces = [generator(index[a : a + 13]) for a in range(0, index.size, 13)]
+        assert torch.equal(torch.cat(pieces), ref)
+    order = np.argsort(index)
+    assert torch.equal(per_sample_noise(3, index[order], SHAPE, "cpu"), ref[torch.from_numpy(order)])
+
+
+def test_odd_sizes_are_prefixes_of_the_pair_stream():
+    odd = per_sample_noise(5, np.arange(4), (3, 5, 5), "cpu").flatten(1)
+    even = per_sample_noise(5, np.arange(4), (76,), "cpu")
+    assert torch.equal(odd, even[:, :75])
+
+
+def test_standard_normal_statistics():
+    z = per_sample_noise(0, np.arange(40), SHAPE, "cpu").double().flatten()
+    assert abs(z.mean().item()) < 0.01 and abs(z.std().item() - 1) < 0.01
+    assert abs((z.abs() < 1).double().mean().item() - 0.682689) < 0.005
+    assert abs((z.abs() < 2).double().mean().item() - 0.954500) < 0.003
+    other_sample = per_sample_noise(0, np.array([40]), SHAPE, "cpu").double().flatten()
+    assert abs(np.corrcoef(z[:12288].numpy(), other_sample.numpy())[0, 1]) < 0.05
+
+
+def test_recorded_recipes():
+    assert recorded_noise_recipe({"noise": {"seed": 0, "per_sample": LEGACY_NOISE_RECIPE}}) == LEGACY_NOISE_RECIPE
+    assert recorded_noise_recipe({"noise": noise_attrs(0)}) == NOISE_RECIPE
+    assert recorded_noise_recipe({"sampling": "one step: ..., eps ~ numpy default_rng([seed, index])"}) == LEGACY_NOISE_RECIPE
+    assert recorded_noise_recipe({"noise": None}) is None

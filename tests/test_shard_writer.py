@@ -1,0 +1,104 @@
+"""Direct shard files: read back through zarr-python exactly as zarr-python's own writes, and never half-visible."""
+
+import os
+
+import numpy as np
+import pytest
+import zarr
+
+from extractor.activation_writer import ShardOutput, create_activation_arrays, write_with_zarr
+from extractor.shard_writer import PARTIAL_MARK, ShardFileWriter, ShardWriteError, direct_layout, write_whole_shard
+
+COORDS = ("label", "synset", "class_name", "global_index", "source_file", "source_sample")
+
+
+def _coords(start: int, n: int) -> dict[str, np.ndarray]:
+    idx = np.arange(start, start + n)
+    return {
+        "label": (idx % 7).astype(np.int16),
+        "synset": np.array([f"n{i:08d}" for i in idx], dtype=object),
+        "class_name": np.array([f"class {i}" for i in idx], dtype=object),
+        "global_index": idx.astype(np.int64),
+        "source_file": np.full(n, "", dtype=object),
+        "source_sample": idx.astype(np.int64),
+    }
+
+
+def _store(url: str, n: int, shard: int, shapes: dict, dtype: str, recon: bool) -> None:
+    group = zarr.open_group(url, mode="w", zarr_format=3)
+    create_activation_arrays(group, n, shapes, dtype, shard, (3, 8, 8) if recon else None, {"a": {"long_name": "layer a"}})
+
+
+@pytest.mark.parametrize(
+    "n,shard,dtype",
+    [(200, 64, "float16"), (130, 32, "float32"), (64, 64, "float16"), (5, 64, "float16")],
+)
+def test_direct_shards_read_like_zarr_written_ones(tmp_path, n, shard, dtype):
+    shapes = {"a": (6, 4, 4), "pooled": (11,)}
+    rng = np.random.default_rng(n)
+    data = {name: rng.standard_normal((n, *s)).astype(dtype) for name, s in shapes.items()}
+    data["a"][3] = 0  # an all-zero sample: zarr must still read it from the file, not as fill
+    data["reconstruction"] = rng.integers(0, 256, (n, 3, 8, 8), dtype=np.uint8)
+    ours, theirs = str(tmp_path / "ours.zarr"), str(tmp_path / "theirs.zarr")
+    for url in (ours, theirs):
+        _store(url, n, shard, shapes, dtype, recon=True)
+    for k, start in enumerate(range(0, n, shard)):
+        part = {name: v[start : start + shard] for name, v in data.items()}
+        coords = {c: v for c, v in _coords(start, len(part["a"])).items()}
+        write_with_zarr(theirs, start, part, coords)
+        output = ShardOutput(ours, k, start, {name: np.ascontiguousarray(v) for name, v in part.items()})
+        assert set(output.files) == set(part)  # every variable goes the direct way
+        half = len(part["a"]) // 2
+        output.ready(0, half)
+        output.ready(half, len(part["a"]))
+        output.commit(coords)
+    a, b = zarr.open_group(ours, mode="r"), zarr.open_group(theirs, mode="r")
+    assert dict(a["a"].attrs)["long_name"] == "layer a" and "coordinates" in dict(a["a"].attrs)
+    for name in [*data, *COORDS]:
+        np.testing.assert_array_equal(a[name][:], b[name][:], err_msg=name)
+        if name in data:
+            np.testing.assert_array_equal(a[name][:], data[name], err_msg=name)
+            for k in range((n + shard - 1) // shard):
+                key = f"{name}/c/{k}/" + "/".join("0" * (data[name].ndim - 1))
+                with open(os.path.join(ours, key), "rb") as f, open(os.path.join(theirs, key), "rb") as g:
+                    assert f.read() == g.read(), key  # byte for byte what zarr-python writes
+    assert not list(tmp_path.rglob(f"*{PARTIAL_MARK}*"))
+
+
+def test_uncommitted_shard_is_invisible_and_cleaned(tmp_path):
+    url = str(tmp_path / "s.zarr")
+    _store(url, 128, 64, {"a": (2, 2, 2)}, "float16", recon=False)
+    layout = direct_layout(url, "a")
+    writer = ShardFileWriter(tmp_path / "s.zarr" / "a", layout, 1, np.dtype("float16"))
+    writer.write(0, np.ones((32, 2, 2, 2), dtype=np.float16))  # then "killed": never committed
+    os.close(writer.fd)
+    assert list((tmp_path / "s.zarr" / "a").rglob(f"*{PARTIAL_MARK}*"))
+    np.testing.assert_array_equal(zarr.open_array(url, path="a", mode="r")[64:], 0)  # fill value, not data
+    write_whole_shard(url, "a", 1, np.full((64, 2, 2, 2), 2, dtype=np.float16))
+    assert not list((tmp_path / "s.zarr" / "a").rglob(f"*{PARTIAL_MARK}*"))
+    np.testing.assert_array_equal(zarr.open_array(url, path="a", mode="r")[64:], 2)
+
+
+def test_wrong_pieces_refused(tmp_path):
+    url = str(tmp_path / "s.zarr")
+    _store(url, 100, 64, {"a": (2,)}, "float16", recon=False)
+    writer = ShardFileWriter(tmp_path / "s.zarr" / "a", direct_layout(url, "a"), 1, np.dtype("float16"))
+    with pytest.raises(ShardWriteError, match="shard holds 36"):
+        writer.write(0, np.zeros((37, 2), dtype=np.float16))
+    with pytest.raises(ShardWriteError, match="float32"):
+        writer.write(0, np.zeros((3, 2), dtype=np.float32))
+    writer.abort()
+    with pytest.raises(ShardWriteError, match="outside"):
+        ShardFileWriter(tmp_path / "s.zarr" / "a", direct_layout(url, "a"), 2, np.dtype("float16"))
+
+
+def test_compressed_arrays_go_through_zarr(tmp_path):
+    url = str(tmp_path / "z.zarr")
+    group = zarr.open_group(url, mode="w", zarr_format=3)
+    group.create_array("a", shape=(10, 3), dtype="float32", chunks=(5, 3), shards=(10, 3), fill_value=0.0)  # default zstd
+    assert direct_layout(url, "a") is None
+    output = ShardOutput(url, 0, 0, {"a": np.arange(30, dtype=np.float32).reshape(10, 3)})
+    assert not output.files
+    output.ready(0, 10)
+    output.commit({})
+    np.testing.assert_array_equal(zarr.open_array(url, path="a", mode="r")[:], np.arange(30).reshape(10, 3))
