@@ -1,0 +1,139 @@
+"""SIGKILL at each named lifecycle step (and at random instants) of convert, extract and generate: every rerun
+of the same command finishes, and ends with a store identical, file by file, to an uninterrupted run's."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+# Runs one imzarr command, killing its own process at the named step. Fault injection wraps our lifecycle
+# functions (and zarr's array creation, the first write after the group exists); nothing is replaced.
+KILL_AT_STEP = r"""
+import os, signal, sys, threading
+step, count, argv = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+import zarr
+import schemas.store_lifecycle as lifecycle
+
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+def wrap(owner, name, before=None, after=None):
+    original = getattr(owner, name)
+    def wrapper(*args, **kwargs):
+        if before and before():
+            die()
+        result = original(*args, **kwargs)
+        if after and after(result):
+            die()
+        return result
+    setattr(owner, name, wrapper)
+
+calls = {"n": 0}
+def nth_call(*_):
+    calls["n"] += 1
+    return calls["n"] == count
+
+if step == "after_group_create":
+    wrap(zarr.Group, "create_array", before=lambda: True)
+elif step == "after_attrs":
+    wrap(lifecycle, "prepare_store", after=lambda state: not state.already_complete)
+elif step == "after_shard":
+    wrap(lifecycle, "mark_done", after=nth_call)
+elif step == "after_complete":
+    wrap(lifecycle, "_drop_progress_and_consolidate", before=lambda: True)
+elif step == "before_consolidate":
+    wrap(zarr, "consolidate_metadata", before=lambda: True)
+elif step == "random":
+    threading.Timer(count / 1000, die).start()
+from schemas.cli.dispatch import main
+sys.exit(main(argv))
+"""
+
+STEPS = [("after_group_create", 0), ("after_attrs", 0), ("after_shard", 2), ("after_complete", 0), ("before_consolidate", 0)]
+
+
+def _imzarr(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "schemas", *args], cwd=cwd, capture_output=True, text=True)
+
+
+def _killed_run(step: str, count: int, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", KILL_AT_STEP, step, str(count), *args], cwd=cwd, capture_output=True, text=True)
+
+
+def _tree(root: Path, name: str) -> dict[str, bytes]:
+    """Every file's bytes; metadata that names a store (the generator's image store, say) names it X."""
+    files = {}
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            data = p.read_bytes()
+            files[str(p.relative_to(root))] = data.replace(name.encode(), b"X") if p.name == "zarr.json" else data
+    return files
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    work = tmp_path_factory.mktemp("faults")
+    assert _imzarr("sample", "src", "--per-shard", "150", "--train-shards", "2", "--val-size", "20", cwd=work).returncode == 0
+    assert _imzarr("convert", "npz", "src/train", "-o", "images.zarr", "--shard-size", "64", "--inner-chunk", "16", cwd=work).returncode == 0
+    return work
+
+
+COMMANDS = {
+    "convert": (["convert", "npz", "src/train", "--shard-size", "64", "--inner-chunk", "16", "-o"], ["OUT"]),
+    "extract": (["extract", "images.zarr", "--preset", "tiny-random", "--layers", "midblock", "--shard-size", "64", "--num-samples", "300", "--device", "cpu", "-o"], ["OUT"]),
+    "generate": (["generate", "--preset", "tiny-random", "--per-class", "10", "--classes", "n01440764,n02119789,n01530575", "--shard-size", "8", "--layers", "midblock", "--device", "cpu", "--activations-out", "OUT-acts", "-o"], ["OUT", "OUT-acts"]),
+}
+
+
+def _args(command: str, out: str) -> tuple[list[str], list[str]]:
+    args, outputs = COMMANDS[command]
+    return [a.replace("OUT", out) for a in args] + [out], [o.replace("OUT", out) for o in outputs]
+
+
+@pytest.fixture(scope="module")
+def reference(workdir) -> dict[str, dict[str, dict[str, bytes]]]:
+    trees = {}
+    for command in COMMANDS:
+        args, outputs = _args(command, f"ref-{command}.zarr")
+        proc = _imzarr(*args, cwd=workdir)
+        assert proc.returncode == 0, proc.stderr
+        trees[command] = {o.replace(f"ref-{command}.zarr", "X"): _tree(workdir / o, f"ref-{command}.zarr") for o in outputs}
+    return trees
+
+
+def _check_rerun_matches(workdir: Path, command: str, out: str, reference) -> None:
+    args, outputs = _args(command, out)
+    proc = _imzarr(*args, cwd=workdir)
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    got = {o.replace(out, "X"): _tree(workdir / o, out) for o in outputs}
+    for name, files in reference[command].items():
+        assert sorted(got[name]) == sorted(files), f"{command} {name}: file sets differ"
+        differing = [f for f in files if got[name][f] != files[f]]
+        assert not differing, f"{command} {name}: {differing[:5]}"
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+@pytest.mark.parametrize("step, count", STEPS)
+def test_kill_at_each_lifecycle_step_then_rerun(workdir, reference, command, step, count):
+    out = f"{command}-{step}-{count}.zarr"
+    args, _ = _args(command, out)
+    killed = _killed_run(step, count, args, workdir)
+    assert killed.returncode == -signal.SIGKILL, (killed.returncode, killed.stderr[-2000:])
+    _check_rerun_matches(workdir, command, out, reference)
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+@pytest.mark.parametrize("delay_ms", [2000])
+def test_kill_at_random_instants_then_rerun(workdir, reference, command, delay_ms):
+    out = f"{command}-random-{delay_ms}.zarr"
+    args, _ = _args(command, out)
+    _killed_run("random", delay_ms, args, workdir)  # may finish before the timer: then the rerun is a no-op
+    _check_rerun_matches(workdir, command, out, reference)
