@@ -3,16 +3,18 @@ output shards, each task owning whole shards (two writers in one shard silently 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import os
 import shutil
+import socket
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import dask
 import dask.threaded
@@ -21,7 +23,15 @@ import numpy as np
 import zarr
 
 from schemas.image_layout import DEFAULT_INNER, DEFAULT_SHARD, create_image_arrays, write_image_shard
-from converter.sources.base import ImageSource, MaterializedPart, RowFile
+from converter.sources.base import (
+    ConvertOptionError,
+    ImageSource,
+    MaterializedPart,
+    OutputWriteError,
+    RowFile,
+    SourceError,
+    write_atomically,
+)
 from schemas.classes import class_table
 from schemas.errors import ImzarrError
 from schemas.image_store import IMAGE_SCHEMA
@@ -53,6 +63,69 @@ class ConvertResult:
     ignored: int = 0
 
 
+SCRATCH_MARKER = "imzarr-scratch.json"  # in every scratch folder, naming the store it belongs to
+MAX_SHARD_BYTES = 4 << 30  # one write task holds a whole output shard in memory
+
+
+def validate_convert_options(options: ConvertOptions, resolution: int | None = None, num_samples: int | None = None) -> None:
+    """Refuse option values no conversion can use, before anything is read or written; each error names the
+    option. With the source's `resolution` (and size), also refuse shards too big for a write task's memory."""
+    for option, value in (("--shard-size", options.shard_size), ("--inner-chunk", options.inner_chunk), ("--workers", options.workers)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ConvertOptionError(option, value, "must be a whole number ≥ 1")
+    inner = min(options.inner_chunk, options.shard_size)  # a shard smaller than the inner chunk is one chunk
+    if options.shard_size % inner:
+        raise ConvertOptionError("--shard-size", options.shard_size, f"must be a multiple of --inner-chunk ({options.inner_chunk})")
+    seed = options.shuffle_seed
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+        raise ConvertOptionError("--shuffle-seed", seed, "must be a whole number ≥ 0")
+    if not options.output:
+        raise ConvertOptionError("--output", repr(options.output), "must name a store path or URL")
+    if resolution is not None:
+        # A write task holds its shard's images (a shard longer than the store holds only the store) and zarr a
+        # whole inner chunk while it writes a partial one.
+        rows = min(options.shard_size, num_samples if num_samples is not None else options.shard_size) + inner
+        if rows * 3 * resolution**2 > MAX_SHARD_BYTES:
+            raise ConvertOptionError(
+                "--shard-size",
+                options.shard_size,
+                f"with --inner-chunk {options.inner_chunk}, a write task would hold {rows * 3 * resolution**2 / (1 << 30):,.1f} GiB "
+                f"of {resolution}×{resolution} images (at most {MAX_SHARD_BYTES >> 30} GiB); choose smaller ones",
+            )
+    if options.scratch_dir is not None and os.path.exists(options.scratch_dir) and not os.path.isdir(options.scratch_dir):
+        raise ConvertOptionError("--scratch-dir", options.scratch_dir, "exists and is not a folder")
+    local = _local_path(options.output)
+    if local is not None:
+        _check_creatable("--output", local)
+    if options.scratch_dir is not None:
+        _check_creatable("--scratch-dir", os.path.abspath(options.scratch_dir))
+
+
+def _local_path(url: str) -> str | None:
+    fs, path = fsspec.core.url_to_fs(url)
+    return os.path.abspath(path) if "file" in np.atleast_1d(fs.protocol) else None
+
+
+def _check_creatable(option: str, path: str) -> None:
+    """The nearest existing folder at or above `path` must be a writable folder (read-only mounts included)."""
+    probe = path
+    while not os.path.lexists(probe):
+        probe = os.path.dirname(probe)
+    if probe != path and not os.path.isdir(probe):
+        raise ConvertOptionError(option, path, f"cannot be created: {probe} is not a folder")
+    if os.path.isdir(probe) and not os.access(probe, os.W_OK | os.X_OK):
+        raise OutputWriteError(probe, "cannot write (folder is read-only)")
+
+
+def labels_digest(source: ImageSource) -> str:
+    """sha256 of every row's label in source order: whatever decides the labels (a label file, the set of class
+    folders) is part of what a resumed or confirmed store must match."""
+    digest = hashlib.sha256()
+    for part in source.parts:
+        digest.update(np.ascontiguousarray(part.labels(), dtype="<i2").tobytes())
+    return "sha256:" + digest.hexdigest()
+
+
 def store_settings(source: ImageSource, options: ConvertOptions) -> dict[str, Any]:
     """Everything that changes the output bytes; a store made with other settings is never resumed."""
     return {
@@ -63,6 +136,7 @@ def store_settings(source: ImageSource, options: ConvertOptions) -> dict[str, An
         "shard_size": options.shard_size,
         "inner_chunk": options.inner_chunk,
         "sources": [dataclasses.asdict(f) for f in source.files],
+        "labels": labels_digest(source),
         **source.settings,
     }
 
@@ -70,12 +144,19 @@ def store_settings(source: ImageSource, options: ConvertOptions) -> dict[str, An
 def convert(source: ImageSource, options: ConvertOptions) -> ConvertResult:
     """Convert (or resume, or confirm) one store; idempotent for the same source and options."""
     started = time.monotonic()
+    validate_convert_options(options, source.resolution, sum(p.num_rows for p in source.parts))
     settings = store_settings(source, options)
-    if inspect_existing(options.output, IMAGE_SCHEMA, settings, options.overwrite) == "complete":
+    if inspect_existing(options.output, IMAGE_SCHEMA, settings, options.overwrite, source.input_paths) == "complete":
+        remove_own_scratch(options)  # a kill between `complete` and the tidy-up left them
         num_samples = int(zarr.open_group(options.output, mode="r").attrs["num_samples"])
         return ConvertResult(options.output, num_samples, [], True, time.monotonic() - started)
     scratch = _scratch_dir(options, settings)
-    materialized = _materialize_parts(source, scratch, options)
+    try:
+        materialized = _materialize_parts(source, scratch, options)
+    except SourceError:
+        # Bad input: the fix changes the input's fingerprint, hence the settings, so no rerun can reuse this folder.
+        _remove_scratch_if_ours(scratch, options.output)
+        raise
     plan = _plan_rows(source, materialized, options.shuffle_seed)
     n = plan["global_index"].size
     rejected = [r for m in materialized.values() for r in m.rejected]
@@ -83,15 +164,17 @@ def convert(source: ImageSource, options: ConvertOptions) -> ConvertResult:
         raise ImzarrError(f"{options.output}: no usable images ({len(rejected)} rejected)")
     shard = options.shard_size
     num_shards = -(-n // shard)
-    state = prepare_store(
-        options.output,
-        IMAGE_SCHEMA,
-        settings,
-        num_shards,
-        lambda g: create_image_arrays(g, n, source.resolution, shard, options.inner_chunk),
-        options.overwrite,
-        initial_attrs=_final_attrs(source, options, n, rejected),
-    )
+    with _output_errors(options.output):
+        state = prepare_store(
+            options.output,
+            IMAGE_SCHEMA,
+            settings,
+            num_shards,
+            lambda g: create_image_arrays(g, n, source.resolution, shard, options.inner_chunk),
+            options.overwrite,
+            initial_attrs=_final_attrs(source, options, n, rejected),
+            inputs=source.input_paths,
+        )
     row_files = {i: m.row_file for i, m in materialized.items()}
     for i, part in enumerate(source.parts):
         row_files.setdefault(i, part.row_file())
@@ -101,19 +184,100 @@ def convert(source: ImageSource, options: ConvertOptions) -> ConvertResult:
         its_files = {int(p): row_files[int(p)] for p in np.flatnonzero(np.bincount(shard_plan["part"]))}
         tasks.append(dask.delayed(_write_shard, pure=False)(options.output, k, k * shard, shard_plan, _opaque(its_files)))
     _run(tasks, dask.threaded.get, options.workers, ProgressReport(n, f"writing {Path(options.output).name}"), done=(num_shards - len(state.pending)) * shard)
-    finalize_store(options.output, {})
-    shutil.rmtree(scratch, ignore_errors=True)
+    with _output_errors(options.output):
+        finalize_store(options.output, {})
+    remove_own_scratch(options)
     return ConvertResult(options.output, n, rejected, False, time.monotonic() - started, len(source.ignored))
 
 
+@contextlib.contextmanager
+def _output_errors(url: str) -> Iterator[None]:
+    """An OSError while writing the store (read-only, disk full) becomes one line naming the file."""
+    try:
+        yield
+    except OSError as exc:
+        raise OutputWriteError.from_os_error(url, exc) from None
+
+
 def _scratch_dir(options: ConvertOptions, settings: dict[str, Any]) -> Path:
-    tag = settings_fingerprint(settings)[:16]
+    parent, prefix = _scratch_parent_and_prefix(options)
+    return parent / f"{prefix}{settings_fingerprint(settings)[:16]}"
+
+
+def _scratch_parent_and_prefix(options: ConvertOptions) -> tuple[Path, str]:
+    """Where this store's scratch folders live and how their names start (the settings tag follows)."""
     if options.scratch_dir:
-        return Path(options.scratch_dir) / f"imzarr-scratch-{tag}"
-    fs, path = fsspec.core.url_to_fs(options.output)
-    if "file" in np.atleast_1d(fs.protocol):
-        return Path(path).with_name(Path(path).name + f".scratch-{tag}")
-    return Path(tempfile.gettempdir()) / f"imzarr-scratch-{hashlib.sha256(options.output.encode()).hexdigest()[:12]}-{tag}"
+        return Path(options.scratch_dir), "imzarr-scratch-"
+    local = _local_path(options.output)
+    if local is not None:
+        return Path(local).parent, Path(local).name + ".scratch-"
+    return Path(tempfile.gettempdir()), f"imzarr-scratch-{hashlib.sha256(options.output.encode()).hexdigest()[:12]}-"
+
+
+def _store_identity(output: str) -> str:
+    """The store a scratch folder belongs to, as its marker records it."""
+    local = _local_path(output)
+    return local if local is not None else output
+
+
+def _claim_scratch(scratch: Path, output: str) -> None:
+    """Create the scratch folder with a marker naming its store and this process, or take over one of ours."""
+    if (scratch.exists() or scratch.is_symlink()) and _scratch_marker(scratch, output) is None:
+        raise OutputWriteError(scratch, f"exists but is not an imzarr scratch folder of {output}; move it away or pass --scratch-dir")
+    marker = {"made_by": "imzarr convert", "store": _store_identity(output), "pid": os.getpid(), "host": socket.gethostname()}
+    try:
+        scratch.mkdir(parents=True, exist_ok=True)
+        write_atomically(str(scratch / SCRATCH_MARKER), [json.dumps(marker).encode()])
+    except OSError as exc:
+        raise OutputWriteError.from_os_error(scratch, exc) from None
+
+
+def _scratch_marker(folder: Path, output: str) -> dict | None:
+    """The marker of a real folder (not a link) that our conversions made for this store, else None."""
+    if folder.is_symlink() or not folder.is_dir():
+        return None
+    try:
+        marker = json.loads((folder / SCRATCH_MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    if isinstance(marker, dict) and marker.get("made_by") == "imzarr convert" and marker.get("store") == _store_identity(output):
+        return marker
+    return None
+
+
+def _used_by_another_process(marker: dict) -> bool:
+    """Whether the run that last claimed the folder may still be writing it: alive on this host, or on another
+    host (which cannot be checked from here)."""
+    if marker.get("host") != socket.gethostname():
+        return True
+    pid = marker.get("pid")
+    if not isinstance(pid, int) or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by another user
+        return True
+    return True
+
+
+def _remove_scratch_if_ours(folder: Path, output: str) -> None:
+    """Remove a scratch folder only if our marker names this store and no other live run is using it."""
+    marker = _scratch_marker(folder, output)
+    if marker is not None and not _used_by_another_process(marker):
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def remove_own_scratch(options: ConvertOptions) -> None:
+    """Remove the scratch folders this store's conversions left (any settings); never one without our marker."""
+    parent, prefix = _scratch_parent_and_prefix(options)
+    try:
+        candidates = [p for p in parent.iterdir() if p.name.startswith(prefix)]
+    except OSError:
+        return
+    for folder in candidates:
+        _remove_scratch_if_ours(folder, options.output)
 
 
 def _materialize_parts(source: ImageSource, scratch: Path, options: ConvertOptions) -> dict[int, MaterializedPart]:
@@ -121,14 +285,15 @@ def _materialize_parts(source: ImageSource, scratch: Path, options: ConvertOptio
     needed = [i for i, p in enumerate(source.parts) if p.row_file() is None]
     done: dict[int, MaterializedPart] = {}
     todo = []
+    reusable = _scratch_marker(scratch, options.output) is not None
     for i in needed:
-        receipt = _load_receipt(scratch, i, source.parts[i])
+        receipt = _load_receipt(scratch, i, source.parts[i]) if reusable else None
         if receipt is not None:
             done[i] = receipt
         else:
             todo.append(i)
     if todo:
-        scratch.mkdir(parents=True, exist_ok=True)
+        _claim_scratch(scratch, options.output)
         tasks = [dask.delayed(_materialize_one, pure=False)(_opaque(source.parts[i]), str(scratch), i) for i in todo]
         total = sum(source.parts[i].num_rows for i in todo)
         if options.processes:
@@ -148,10 +313,7 @@ def _materialize_one(part, scratch: str, i: int) -> dict:
         "rejected": result.rejected,
         "num_rows": part.num_rows,
     }
-    tmp = os.path.join(scratch, f"part-{i:06d}.json.partial")
-    with open(tmp, "w") as f:
-        json.dump(receipt, f)
-    os.replace(tmp, os.path.join(scratch, f"part-{i:06d}.json"))
+    write_atomically(os.path.join(scratch, f"part-{i:06d}.json"), [json.dumps(receipt).encode()])
     return {"images": part.num_rows}
 
 
@@ -215,8 +377,9 @@ def _write_shard(url: str, k: int, start: int, plan: dict[str, np.ndarray], row_
         sel = np.flatnonzero(plan["part"] == p)
         row_files[p].read_into(plan["row"][sel], images, sel)
     coords = {k2: plan[k2] for k2 in ("label", "synset", "class_name", "global_index", "source_file", "source_row")}
-    write_image_shard(url, start, images, coords)
-    mark_done(url, k)
+    with _output_errors(url):
+        write_image_shard(url, start, images, coords)
+        mark_done(url, k)
     return {"images": n}
 
 

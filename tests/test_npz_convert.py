@@ -25,6 +25,13 @@ from tests.synthetic import photo_like, write_adm_samples, write_npz_shard, writ
 TABLE = class_table()
 
 
+def shard_folder(tmp_path: Path) -> Path:
+    """A folder for input shards, beside (never around) the output stores the tests write."""
+    src = tmp_path / "src"
+    src.mkdir()
+    return src
+
+
 def run_convert(*argv) -> int:
     return convert_main(["npz", *map(str, argv)])
 
@@ -44,12 +51,13 @@ def source_rows(paths):
 @pytest.mark.parametrize("compressed", [False, True], ids=["stored", "deflated"])
 def test_pixels_and_labels_exact(tmp_path, size, compressed):
     rng = np.random.default_rng(size)
+    src = shard_folder(tmp_path)
     paths = [
-        write_npz_shard(tmp_path / f"train_data_batch_{i}.npz", photo_like(n, size, seed=i), rng.integers(1, 1001, n), compressed)
+        write_npz_shard(src / f"train_data_batch_{i}.npz", photo_like(n, size, seed=i), rng.integers(1, 1001, n), compressed)
         for i, n in ((1, 150), (2, 170))
     ]
     out = tmp_path / "out.zarr"
-    assert run_convert(tmp_path, "-o", out, "--shard-size", "128", "--inner-chunk", "16") == 0
+    assert run_convert(src, "-o", out, "--shard-size", "128", "--inner-chunk", "16") == 0
     expected, labels = source_rows(paths)
     store = validate_image_store(str(out))
     np.testing.assert_array_equal(store.image[:], expected)
@@ -66,10 +74,11 @@ def test_pixels_and_labels_exact(tmp_path, size, compressed):
 
 
 def test_natural_shard_order(tmp_path):
+    src = shard_folder(tmp_path)
     for i in (10, 2, 1, 9):
-        write_npz_shard(tmp_path / f"train_data_batch_{i}.npz", np.full((3, 3, 16, 16), i, np.uint8), np.full(3, i))
+        write_npz_shard(src / f"train_data_batch_{i}.npz", np.full((3, 3, 16, 16), i, np.uint8), np.full(3, i))
     out = tmp_path / "o.zarr"
-    assert run_convert(tmp_path, "-o", out) == 0
+    assert run_convert(src, "-o", out) == 0
     store = validate_image_store(str(out))
     assert list(store.coordinate("source_file")[::3]) == [f"train_data_batch_{i}.npz" for i in (1, 2, 9, 10)]
     np.testing.assert_array_equal(store.image[::3, 0, 0, 0], [1, 2, 9, 10])
@@ -105,26 +114,28 @@ def test_adm_sample_files(tmp_path):
 
 
 def test_shuffle_seed(tmp_path):
-    write_npz_shard(tmp_path / "train_data_batch_1.npz", photo_like(300, 16, 1), np.arange(300) % 1000 + 1)
-    write_npz_shard(tmp_path / "train_data_batch_2.npz", photo_like(200, 16, 2), np.arange(200) % 1000 + 1, compressed=True)
+    src = shard_folder(tmp_path)
+    write_npz_shard(src / "train_data_batch_1.npz", photo_like(300, 16, 1), np.arange(300) % 1000 + 1)
+    write_npz_shard(src / "train_data_batch_2.npz", photo_like(200, 16, 2), np.arange(200) % 1000 + 1, compressed=True)
     for name, seed in (("a", 7), ("b", 7), ("c", 8)):
-        assert run_convert(tmp_path, "-o", tmp_path / f"{name}.zarr", "--shuffle-seed", seed, "--shard-size", "64") == 0
+        assert run_convert(src, "-o", tmp_path / f"{name}.zarr", "--shuffle-seed", seed, "--shard-size", "64") == 0
     stores_identical(str(tmp_path / "a.zarr"), str(tmp_path / "b.zarr"))
     a, c = validate_image_store(str(tmp_path / "a.zarr")), validate_image_store(str(tmp_path / "c.zarr"))
     gi = a.coordinate("global_index")
     assert sorted(gi.tolist()) == list(range(500)) and not np.array_equal(gi, np.arange(500))
     assert not np.array_equal(gi, c.coordinate("global_index"))
-    expected, labels = source_rows([tmp_path / "train_data_batch_1.npz", tmp_path / "train_data_batch_2.npz"])
+    expected, labels = source_rows([src / "train_data_batch_1.npz", src / "train_data_batch_2.npz"])
     np.testing.assert_array_equal(a.image[:], expected[gi])
     np.testing.assert_array_equal(a.coordinate("label"), labels[gi])
     assert a.attrs["shuffle_seed"] == 7
 
 
 def test_reads_identically_through_zarr_xarray_and_fast_reader(tmp_path):
-    write_npz_shard(tmp_path / "val_data.npz", photo_like(500, 32, 5), np.arange(500) + 1, mean=False)
+    src = shard_folder(tmp_path)
+    write_npz_shard(src / "val_data.npz", photo_like(500, 32, 5), np.arange(500) + 1, mean=False)
     out = str(tmp_path / "o.zarr")
-    assert run_convert(tmp_path, "-o", out, "--shard-size", "128", "--inner-chunk", "8") == 0
-    expected, labels = source_rows([tmp_path / "val_data.npz"])
+    assert run_convert(src, "-o", out, "--shard-size", "128", "--inner-chunk", "8") == 0
+    expected, labels = source_rows([src / "val_data.npz"])
     direct = zarr.open_group(out, mode="r")
     np.testing.assert_array_equal(direct["image"][:], expected)
     ds = xr.open_zarr(out)
@@ -160,28 +171,30 @@ def test_zero_images_and_fsspec_url(tmp_path):
 
 
 def test_idempotent_rerun_and_changed_options(tmp_path, capsys):
-    write_npz_shard(tmp_path / "val_data.npz", photo_like(100, 16), np.ones(100, int), mean=False)
+    src = shard_folder(tmp_path)
+    write_npz_shard(src / "val_data.npz", photo_like(100, 16), np.ones(100, int), mean=False)
     out = tmp_path / "o.zarr"
-    assert run_convert(tmp_path, "-o", out) == 0
+    assert run_convert(src, "-o", out) == 0
     before = (out / "image" / "c" / "0" / "0" / "0" / "0").stat().st_mtime_ns
     capsys.readouterr()
-    assert run_convert(tmp_path, "-o", out) == 0
+    assert run_convert(src, "-o", out) == 0
     assert "nothing to do" in capsys.readouterr().out
     assert (out / "image" / "c" / "0" / "0" / "0" / "0").stat().st_mtime_ns == before
-    assert run_convert(tmp_path, "-o", out, "--shuffle-seed", "1") == 2
+    assert run_convert(src, "-o", out, "--shuffle-seed", "1") == 2
     assert "shuffle_seed" in capsys.readouterr().err
-    assert run_convert(tmp_path, "-o", out, "--shuffle-seed", "1", "--overwrite") == 0
+    assert run_convert(src, "-o", out, "--shuffle-seed", "1", "--overwrite") == 0
     assert validate_image_store(str(out)).attrs["shuffle_seed"] == 1
 
 
 def test_pickle_batches_need_opt_in(tmp_path, capsys):
     images = photo_like(30, 32)
-    write_pickle_batch(tmp_path / "train_data_batch_1", images, np.arange(30) + 1)
+    src = shard_folder(tmp_path)
+    write_pickle_batch(src / "train_data_batch_1", images, np.arange(30) + 1)
     out = tmp_path / "o.zarr"
-    assert run_convert(tmp_path, "-o", out) == 2
+    assert run_convert(src, "-o", out) == 2
     err = capsys.readouterr().err
     assert "train_data_batch_1" in err and "--allow-pickle" in err and not out.exists()
-    assert run_convert(tmp_path, "-o", out, "--allow-pickle") == 0
+    assert run_convert(src, "-o", out, "--allow-pickle") == 0
     store = validate_image_store(str(out))
     np.testing.assert_array_equal(store.image[:], images)
     np.testing.assert_array_equal(store.coordinate("label"), TABLE.from_downsampled(np.arange(30) + 1))
@@ -261,9 +274,10 @@ def test_bad_input_one_clear_line(tmp_path, kind):
 def test_crash_then_rerun_equals_uninterrupted(tmp_path):
     """SIGKILL the conversion once some shards are recorded done; the re-run must end identical."""
     rng = np.random.default_rng(0)
+    src = shard_folder(tmp_path)
     for i in (1, 2):
-        write_npz_shard(tmp_path / f"train_data_batch_{i}.npz", photo_like(6000, 32, i), rng.integers(1, 1001, 6000), compressed=(i == 2))
-    args = [sys.executable, "-m", "converter", "npz", str(tmp_path), "--shard-size", "64", "--workers", "1", "--shuffle-seed", "3"]
+        write_npz_shard(src / f"train_data_batch_{i}.npz", photo_like(6000, 32, i), rng.integers(1, 1001, 6000), compressed=(i == 2))
+    args = [sys.executable, "-m", "converter", "npz", str(src), "--shard-size", "64", "--workers", "1", "--shuffle-seed", "3"]
     reference = tmp_path / "ref.zarr"
     subprocess.run([*args, "-o", str(reference)], check=True, capture_output=True)
     crashed = tmp_path / "crashed.zarr"

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Iterable, Protocol
 
 import numpy as np
 
-from schemas.errors import ImzarrError
+from schemas.errors import ImzarrError, RunFailedError
 from schemas.image_store import pread_items
 
 
@@ -21,8 +21,38 @@ class SourceError(ImzarrError):
     """Bad input: the message names the file and the reason."""
 
     def __init__(self, path: object, reason: str):
-        super().__init__(f"{path}: {reason}")
+        super().__init__(f"{printable_path(path)}: {reason}")
         self.path, self.reason = str(path), reason
+
+
+class ConvertOptionError(ImzarrError):
+    """An option value no conversion can use; raised before anything is read or written."""
+
+    def __init__(self, option: str, value: object, reason: str):
+        super().__init__(f"{option} {value}: {reason}")
+        self.option, self.value, self.reason = option, value, reason
+
+
+class OutputWriteError(RunFailedError):
+    """The output or scratch location cannot be written (read-only, disk full); exit code 1."""
+
+    def __init__(self, path: object, reason: str):
+        super().__init__(f"{printable_path(path)}: {reason}")
+        self.path, self.reason = str(path), reason
+
+    @classmethod
+    def from_os_error(cls, path: object, exc: OSError) -> "OutputWriteError":
+        """Name the file the system refused (or `path`) and its reason, e.g. 'No space left on device'."""
+        return cls(exc.filename or path, f"cannot write ({exc.strerror or exc})")
+
+
+def printable_path(path: object) -> str:
+    """A path as valid UTF-8 text: bytes a file name holds that are not UTF-8 appear as `\\xNN` escapes.
+
+    Python hands such names over as lone surrogates (`os.fsdecode`), which no UTF-8 string array or JSON
+    attribute can hold. Limit: a name spelling a literal `\\xNN` looks the same as one holding that byte."""
+    text = os.fspath(path) if isinstance(path, os.PathLike) else str(path)
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 @dataclass(frozen=True)
@@ -111,28 +141,50 @@ class ImageSource:
     attrs: dict = field(default_factory=dict)  # format-specific attributes for the store
     settings: dict = field(default_factory=dict)  # format-specific options that change the output
     ignored: list[str] = field(default_factory=list)
+    # The files and folders read, as given (for checks that the output overlaps none of them).
+    input_paths: tuple[str, ...] = ()
     # Labels numbered from folder names (not ImageNet classes): synset and class_name come from here.
     label_synsets: tuple[str, ...] | None = None
 
 
 def fingerprint_file(path: str | os.PathLike) -> str:
-    """sha256 of the size, the first and the last MiB: cheap on 1.5 GB shards, yet changes with any re-export."""
-    import hashlib
+    """Size and modification time (ns) of a file: any write changes them, at the cost of one stat.
 
-    size = os.path.getsize(path)
-    digest = hashlib.sha256(str(size).encode())
-    with open(path, "rb") as f:
-        digest.update(f.read(1 << 20))
-        if size > 2 << 20:
-            f.seek(size - (1 << 20))
-            digest.update(f.read())
-    return "sha256-head-tail-1MiB:" + digest.hexdigest()
+    Limit: a rewrite that keeps the size and then puts the old mtime back (`touch -d`, `cp -p` of other
+    content) goes unnoticed; hashing every byte would cost a full read of 1.5 GB shards and trees of 140 GB."""
+    info = os.stat(path)
+    return f"size-mtime:{info.st_size}:{info.st_mtime_ns}"
 
 
-def write_atomically(dest: str, chunks) -> None:
-    """Write an iterable of byte-like chunks to dest via a temporary name, so a crash never leaves a partial file."""
+def write_atomically(dest: str, chunks: Iterable[bytes | memoryview]) -> None:
+    """Write byte-like chunks to dest via a temporary name: a failure or crash never leaves a partial `dest`,
+    and a failure removes the temporary file. Errors reading the chunks pass through as they are; errors
+    writing become OutputWriteError naming the file."""
     tmp = dest + ".partial"
-    with open(tmp, "wb") as f:
-        for chunk in chunks:
-            f.write(chunk)
-    os.replace(tmp, dest)
+    try:
+        f = open(tmp, "wb")
+    except OSError as exc:
+        raise OutputWriteError.from_os_error(tmp, exc) from None
+    try:
+        with f:
+            for chunk in chunks:
+                try:
+                    f.write(chunk)
+                except OSError as exc:
+                    raise OutputWriteError.from_os_error(tmp, exc) from None
+            try:
+                f.flush()
+            except OSError as exc:
+                raise OutputWriteError.from_os_error(tmp, exc) from None
+        os.replace(tmp, dest)
+    except BaseException:
+        _remove_quietly(tmp)
+        raise
+
+
+def _remove_quietly(path: str) -> None:
+    """Remove a temporary file of ours if it is there (it may never have been created)."""
+    try:
+        os.remove(path)
+    except OSError:
+        pass

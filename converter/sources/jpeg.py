@@ -10,7 +10,16 @@ from pathlib import Path
 import numpy as np
 import PIL
 
-from converter.sources.base import ImageSource, MaterializedPart, RowFile, SourceFile, fingerprint_file, write_atomically
+from converter.sources.base import (
+    ConvertOptionError,
+    ImageSource,
+    MaterializedPart,
+    RowFile,
+    SourceFile,
+    fingerprint_file,
+    printable_path,
+    write_atomically,
+)
 from converter.sources.jpeg_recipes import DEFAULT_RECIPE, ImageDecodeError, get_recipe, load_and_resize
 from converter.sources.jpeg_tree import scan_jpeg_tree
 
@@ -40,7 +49,9 @@ class JpegBlock:
         return self.label_values
 
     def row_sources(self) -> tuple[np.ndarray, np.ndarray]:
-        return np.array(self.files, dtype=object), np.zeros(self.num_rows, dtype=np.int64)
+        names = np.empty(self.num_rows, dtype=object)
+        names[:] = [printable_path(rel) for rel in self.files]  # file names need not be UTF-8; the store's strings must
+        return names, np.zeros(self.num_rows, dtype=np.int64)
 
     def row_file(self) -> RowFile | None:
         return None
@@ -57,7 +68,7 @@ class JpegBlock:
                     yield load_and_resize(os.path.join(self.root, rel), self.recipe, self.resolution, fast_draft=self.fast_draft).data
                 except ImageDecodeError as exc:
                     kept[i] = False
-                    rejected.append((rel, exc.reason))
+                    rejected.append((printable_path(rel), exc.reason))
                     yield blank.data
 
         write_atomically(dest, rows())
@@ -65,15 +76,23 @@ class JpegBlock:
 
 
 def _tree_fingerprint(root: Path, files: tuple[str, ...]) -> SourceFile:
-    """One entry for the whole tree: file count, total bytes, and a hash of every (path, size)."""
+    """One entry for the whole tree: file count, total bytes, and a hash of every (path, size, mtime).
+
+    Any write to a file changes its mtime, so an edit between an interrupted run and its resume is seen at the
+    cost of the one stat per file the scan already needs. Limit: a same-size rewrite whose mtime is then set
+    back (`touch -d`, `cp -p` of other content) goes unnoticed; hashing contents would read the whole tree."""
     digest = hashlib.sha256()
     total = 0
     root_str = str(root)  # os.path.join on strings: pathlib objects per file cost ~10 µs each, 13 s per 1.28 M
     for rel in files:
-        size = os.stat(os.path.join(root_str, rel)).st_size
+        try:
+            info = os.stat(os.path.join(root_str, rel))
+            size, stamp = info.st_size, f"{info.st_size}\0{info.st_mtime_ns}"
+        except OSError as exc:  # a link that cannot be followed: decoding rejects the file, the scan goes on
+            size, stamp = 0, f"unreadable:{exc.errno}"
         total += size
-        digest.update(f"{rel}\0{size}\n".encode())
-    return SourceFile(f". ({len(files)} image files)", total, "sha256-paths-sizes:" + digest.hexdigest())
+        digest.update(os.fsencode(rel) + f"\0{stamp}\n".encode())
+    return SourceFile(f". ({len(files)} image files)", total, "sha256-paths-sizes-mtimes:" + digest.hexdigest())
 
 
 def open_jpeg_source(
@@ -87,21 +106,24 @@ def open_jpeg_source(
     """Scan the tree and split it into blocks; decoding happens later, in parallel processes."""
     recipe = recipe or DEFAULT_RECIPE
     get_recipe(recipe)  # unknown names fail now, naming the valid ones
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ConvertOptionError("--size", size, "must be a whole number of pixels ≥ 1")
     tree = scan_jpeg_tree(root, val_labels=val_labels, label_from_folders=label_from_folders)
     files = [_tree_fingerprint(tree.root, tree.files)]
     if val_labels is not None:
-        files.append(SourceFile(Path(val_labels).name, os.path.getsize(val_labels), fingerprint_file(val_labels)))
+        files.append(SourceFile(printable_path(Path(val_labels).name), os.path.getsize(val_labels), fingerprint_file(val_labels)))
     parts = [
         JpegBlock(str(tree.root), tree.files[a : a + FILES_PER_BLOCK], tree.labels[a : a + FILES_PER_BLOCK], recipe, size, fast_draft)
         for a in range(0, len(tree.files), FILES_PER_BLOCK)
     ]
+    folder_classes = [printable_path(name) for name in tree.folder_classes] if tree.folder_classes else None
     attrs = {
         "recipe": recipe,
         "fast_draft": fast_draft,
         "pillow_version": PIL.__version__,
         "layout": tree.layout,
         "label_source": tree.label_source,
-        "folder_classes": list(tree.folder_classes) if tree.folder_classes else None,
+        "folder_classes": folder_classes,
         "image_files_found": len(tree.files),
     }
     return ImageSource(
@@ -111,7 +133,15 @@ def open_jpeg_source(
         parts=parts,
         files=files,
         attrs=attrs,
-        settings={"recipe": recipe, "fast_draft": fast_draft, "label_source": tree.label_source, "pillow": PIL.__version__},
-        ignored=list(tree.ignored),
-        label_synsets=tree.folder_classes if label_from_folders else None,
+        settings={
+            "recipe": recipe,
+            "fast_draft": fast_draft,
+            "label_source": tree.label_source,
+            "pillow": PIL.__version__,
+            # The numbering itself: an added or removed class folder (even an empty one) renumbers every class.
+            "folder_classes": folder_classes,
+        },
+        ignored=[printable_path(rel) for rel in tree.ignored],
+        label_synsets=tuple(folder_classes) if label_from_folders else None,
+        input_paths=(str(root),) if val_labels is None else (str(root), str(val_labels)),
     )

@@ -12,6 +12,7 @@ Recipes take an RGB ``PIL.Image`` and return a channel-first ``(3, S, S)`` uint8
 from __future__ import annotations
 
 import os
+import stat
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -62,10 +63,15 @@ def open_rgb(
         raise ValueError("fast_draft=True needs draft_size (the recipe's output size)")
     path = Path(path)
     try:
-        if path.stat().st_size == 0:
-            raise ImageDecodeError(path, "empty file")
-    except OSError as exc:
+        info = path.stat()
+    except OSError as exc:  # a link loop or a dangling link: this file is rejected, the run goes on
         raise ImageDecodeError(path, f"cannot read file ({exc.strerror or exc})") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise ImageDecodeError(path, "cannot read file (is a directory)")
+    if not stat.S_ISREG(info.st_mode):  # never opened: reading a FIFO would block forever
+        raise ImageDecodeError(path, "cannot read file (not a regular file: a FIFO, socket or device)")
+    if info.st_size == 0:
+        raise ImageDecodeError(path, "empty file")
     # Only the decoding below may warn (corrupt EXIF, palette transparency, large images); those must not
     # stop a run, but warnings elsewhere in the process stay untouched.
     with warnings.catch_warnings():

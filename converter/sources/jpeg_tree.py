@@ -97,19 +97,33 @@ def _entries(directory: Path) -> list[os.DirEntry[str]]:
         raise JpegTreeError(directory, f"cannot list directory ({exc.strerror or exc})") from None
 
 
+def _entry_kind(entry: os.DirEntry[str]) -> str:
+    """'dir', 'file', 'unreadable' (a link that cannot be followed: a loop, or dangling) or 'other' (a FIFO,
+    socket or device, which must never be opened: reading a FIFO blocks forever)."""
+    try:
+        if entry.is_dir():
+            return "dir"
+        if entry.is_file():
+            return "file"
+    except OSError:  # ELOOP and friends: is_dir() swallows only "no such file"
+        return "unreadable"
+    return "unreadable" if entry.is_symlink() and not os.path.exists(entry.path) else "other"
+
+
 def _scan_top(root: Path) -> tuple[list[str], list[str], list[str]]:
     images: list[str] = []
     ignored: list[str] = []
     folders: list[str] = []
     for entry in _entries(root):
-        if entry.is_dir():
+        kind = _entry_kind(entry)
+        if kind == "dir":
             if not entry.name.startswith("."):
                 folders.append(entry.name)
-        elif entry.is_file():
-            if entry.name.startswith(".") or not _is_image(entry.name):
-                ignored.append(entry.name)
-            else:
-                images.append(entry.name)
+        elif kind == "other" or entry.name.startswith(".") or not _is_image(entry.name):
+            ignored.append(entry.name)
+        else:
+            # An image name whose link cannot be followed is kept: decoding rejects it, with the reason.
+            images.append(entry.name)
     folders.sort()
     return images, ignored, folders
 
@@ -128,7 +142,8 @@ def _walk_images(
         directory, rel, ancestors = stack.pop()
         for entry in _entries(directory):
             name = entry.name
-            if entry.is_dir():
+            kind = _entry_kind(entry)
+            if kind == "dir":
                 if name.startswith("."):
                     continue
                 # One stat per directory (never per file): a link back to an ancestor would loop forever.
@@ -136,11 +151,11 @@ def _walk_images(
                 key = (info.st_dev, info.st_ino)
                 if key not in ancestors:
                     stack.append((Path(entry.path), f"{rel}/{name}", ancestors | {key}))
-            elif entry.is_file():
-                if name.startswith(".") or not _is_image(name):
-                    ignored.append(f"{rel}/{name}")
-                else:
-                    images.append(f"{rel}/{name}")
+            elif kind == "other" or name.startswith(".") or not _is_image(name):
+                ignored.append(f"{rel}/{name}")
+            else:
+                # An image name whose link cannot be followed is kept: decoding rejects it, with the reason.
+                images.append(f"{rel}/{name}")
 
 
 def _scan_folders(

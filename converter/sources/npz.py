@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
+import math
 import os
 import pickle
 import re
@@ -10,6 +12,7 @@ import struct
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -20,6 +23,7 @@ from converter.sources.base import (
     SourceError,
     SourceFile,
     fingerprint_file,
+    printable_path,
     write_atomically,
 )
 from schemas.classes import NUM_CLASSES, class_table
@@ -33,6 +37,9 @@ RESOLUTIONS = (64, 32, 16)
 ZIP_MAGIC = b"PK\x03\x04"
 PICKLE_MAGIC = b"\x80"
 INFLATE_BLOCK = 8 << 20
+# Deflate cannot expand input by more than 1032:1; a member declaring more is corrupt or crafted.
+MAX_DEFLATE_RATIO = 1032
+NPY_HEADER_LIMIT = 1 << 16  # numpy itself refuses .npy headers over 10,000 bytes
 
 
 def natural_key(name: str) -> list:
@@ -45,10 +52,10 @@ def find_shards(sources: list[str | Path]) -> list[tuple[Path, str]]:
     found: list[tuple[Path, str]] = []
     for src in map(Path, sources):
         if src.is_file():
-            found.append((src, src.name))
+            found.append((src, printable_path(src.name)))
         elif src.is_dir():
             names = sorted((p for p in src.iterdir() if p.is_file() and not p.name.startswith(".")), key=lambda p: natural_key(p.name))
-            found += [(p, p.name) for p in names if p.suffix == ".npz" or (not p.suffix and _magic(p) in ("zip", "pickle"))]
+            found += [(p, printable_path(p.name)) for p in names if p.suffix == ".npz" or (not p.suffix and _magic(p) in ("zip", "pickle"))]
         else:
             raise SourceError(src, "no such file or folder")
     if not found:
@@ -80,12 +87,34 @@ def resolution_of_row(path: object, row_len: int) -> int:
 
 def remap_labels(path: object, labels: np.ndarray, order: str) -> np.ndarray:
     """Source labels → sorted-WNID index (int16), checking the range of the declared order."""
-    labels = np.asarray(labels).astype(np.int64, copy=False)
+    labels = np.asarray(labels)
     lo, hi = (1, NUM_CLASSES) if order == "downsampled" else (0, NUM_CLASSES - 1)
-    bad = (labels < lo) | (labels > hi)
+    bad = (labels < lo) | (labels > hi)  # in the given dtype: a cast first would wrap 1e30 or 2**64-1 around
     if bad.any():
-        raise SourceError(path, f"label {labels[bad][0]} outside {lo}..{hi} (label order {order!r})")
+        row = int(np.flatnonzero(bad)[0])
+        raise SourceError(path, f"label {labels[row].item()} outside {lo}..{hi} (row {row}; label order {order!r})")
+    labels = labels.astype(np.int64)
     return class_table().from_downsampled(labels) if order == "downsampled" else labels.astype(np.int16)
+
+
+def check_labels(path: object, what: str, labels: np.ndarray, num_rows: int, order: str) -> np.ndarray:
+    """Labels as given → sorted-WNID int16, refusing any shape, type or value that is not one class per row.
+
+    Accepted: 1-D integers, or floats holding exact integers (how some exports store them); refused: any
+    other shape (an (N, 2) array would otherwise be read as 2N labels), fractions, NaN, bools, strings."""
+    labels = np.asarray(labels)
+    if labels.ndim != 1:
+        raise SourceError(path, f"{what} has shape {labels.shape}, expected one label per row ({num_rows},)")
+    if labels.size != num_rows:
+        raise SourceError(path, f"data has {num_rows} rows but {what} has {labels.size}")
+    if labels.dtype.kind == "f":
+        fractional = ~np.isfinite(labels) | (labels != np.round(labels))
+        if fractional.any():
+            row = int(np.flatnonzero(fractional)[0])
+            raise SourceError(path, f"{what}[{row}] is {labels[row].item()!r}, not a whole class number")
+    elif labels.dtype.kind not in "iu":
+        raise SourceError(path, f"{what} has dtype {labels.dtype}, expected integers")
+    return remap_labels(path, labels, order)
 
 
 @dataclass(frozen=True)
@@ -94,12 +123,18 @@ class _Member:
     stored: bool
     data_offset: int  # start of the member's bytes in the zip file
     compressed_size: int
+    size: int  # uncompressed size, as the zip's central directory declares it
+    crc: int
 
 
-def _zip_members(path: Path) -> dict[str, _Member]:
+def _zip_members(path: Path) -> tuple[dict[str, _Member], str]:
+    """The members of a zip (by name without `.npy`), each checked to lie inside the file without overlapping
+    another, and a fingerprint: size, mtime and every member's CRC-32 from the central directory."""
+    file_size = os.path.getsize(path)
     try:
         with zipfile.ZipFile(path) as zf, open(path, "rb") as f:
             members = {}
+            spans = []
             for info in zf.infolist():
                 f.seek(info.header_offset)
                 header = f.read(30)
@@ -108,28 +143,60 @@ def _zip_members(path: Path) -> dict[str, _Member]:
                 name_len, extra_len = struct.unpack("<HH", header[26:30])
                 if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
                     raise SourceError(path, f"member {info.filename} uses unsupported compression {info.compress_type}")
-                members[info.filename.removesuffix(".npy")] = _Member(
+                stored = info.compress_type == zipfile.ZIP_STORED
+                member = _Member(
                     info.filename,
-                    info.compress_type == zipfile.ZIP_STORED,
+                    stored,
                     info.header_offset + 30 + name_len + extra_len,
                     info.compress_size,
+                    info.file_size,
+                    info.CRC,
                 )
-            return members
+                _check_member_sizes(path, member, file_size)
+                members[info.filename.removesuffix(".npy")] = member
+                spans.append((info.header_offset, member.data_offset + member.compressed_size, info.filename))
     except zipfile.BadZipFile as exc:
         raise SourceError(path, f"truncated or corrupt zip ({exc})") from None
+    spans.sort()
+    for (_, end, name), (start, _, next_name) in zip(spans, spans[1:]):
+        if start < end:
+            raise SourceError(path, f"corrupt zip: member {name} overlaps member {next_name}")
+    digest = hashlib.sha256(fingerprint_file(path).encode())
+    for name in sorted(members):
+        m = members[name]
+        digest.update(f"{m.name}\0{m.size}\0{m.compressed_size}\0{m.crc:08x}\n".encode("utf-8", "surrogateescape"))
+    return members, "sha256-size-mtime-member-crcs:" + digest.hexdigest()
+
+
+def _check_member_sizes(path: Path, member: _Member, file_size: int) -> None:
+    """Refuse a member whose declared sizes cannot be true, before any of its bytes are read."""
+    if member.data_offset + member.compressed_size > file_size:
+        raise SourceError(path, f"member {member.name} runs past the end of the file (truncated or corrupt zip)")
+    if member.stored and member.size != member.compressed_size:
+        raise SourceError(
+            path, f"member {member.name} is stored but declares {member.size} bytes in {member.compressed_size}"
+        )
+    if not member.stored and member.size > member.compressed_size * MAX_DEFLATE_RATIO + NPY_HEADER_LIMIT:
+        raise SourceError(
+            path,
+            f"member {member.name} declares {member.size} bytes from {member.compressed_size} deflated bytes, "
+            "more than deflate can produce (corrupt, or a decompression bomb)",
+        )
 
 
 def _npy_header(path: Path, member: _Member) -> tuple[tuple[int, ...], np.dtype, int]:
-    """(shape, dtype, header length) of a .npy member, inflating only its first block when deflated."""
+    """(shape, dtype, header length) of a .npy member, inflating at most its first 64 KiB when deflated;
+    the array the header declares must fill the member exactly (its size in the central directory)."""
     with open(path, "rb") as f:
         f.seek(member.data_offset)
-        if member.stored:
-            head = io.BytesIO(f.read(min(member.compressed_size, 1 << 16)))
-        else:
-            try:
-                head = io.BytesIO(_inflate_lib.decompressobj(-15).decompress(f.read(min(member.compressed_size, 1 << 16))))
-            except Exception as exc:
-                raise SourceError(path, f"corrupt deflate stream in {member.name} ({exc})") from None
+        raw = f.read(min(member.compressed_size, NPY_HEADER_LIMIT))
+    if member.stored:
+        head = io.BytesIO(raw)
+    else:
+        try:
+            head = io.BytesIO(_inflate_lib.decompressobj(-15).decompress(raw, NPY_HEADER_LIMIT))
+        except Exception as exc:
+            raise SourceError(path, f"corrupt deflate stream in {member.name} ({exc})") from None
     try:
         version = np.lib.format.read_magic(head)
         read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
@@ -138,15 +205,24 @@ def _npy_header(path: Path, member: _Member) -> tuple[tuple[int, ...], np.dtype,
         raise SourceError(path, f"{member.name} is not a valid .npy array ({exc})") from None
     if fortran:
         raise SourceError(path, f"{member.name} is stored in Fortran order")
-    return shape, dtype, head.tell()
+    header_len = head.tell()
+    declared = header_len + math.prod(shape) * dtype.itemsize
+    if declared != member.size:
+        raise SourceError(
+            path,
+            f"{member.name}: its .npy header declares shape {shape} of {dtype} ({declared - header_len} bytes), "
+            f"but the zip member holds {member.size - header_len} bytes after the header",
+        )
+    return shape, dtype, header_len
 
 
-def _read_small_member(path: Path, name: str) -> np.ndarray:
+def _read_small_member(path: Path, member: _Member) -> np.ndarray:
+    """A member whose header has been checked against its declared size (so its size is bounded)."""
     try:
-        with zipfile.ZipFile(path) as zf, zf.open(name) as f:
+        with zipfile.ZipFile(path) as zf, zf.open(member.name) as f:
             return np.lib.format.read_array(f, allow_pickle=False)
     except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
-        raise SourceError(path, f"cannot read {name} ({exc})") from None
+        raise SourceError(path, f"cannot read {member.name} ({exc})") from None
 
 
 class _RowsOfOneFile:
@@ -186,32 +262,50 @@ class NpzPart(_RowsOfOneFile):
 
     def materialize(self, dest: str) -> MaterializedPart:
         """Inflate the member in fixed-size blocks into a raw file (bounded memory)."""
-        expected = self.num_rows * 3 * self.resolution**2
-        write_atomically(dest, self._inflate_rows(expected))
+        write_atomically(dest, self._inflate_rows())
         return MaterializedPart(self._row_file(dest, 0), np.ones(self.num_rows, dtype=bool))
 
-    def _inflate_rows(self, expected: int):
+    def _inflate_rows(self) -> Iterator[bytes]:
+        """The member's pixel bytes in blocks of at most INFLATE_BLOCK; never inflates past the member's declared
+        size (a bomb stops there), and checks the total and the CRC-32 the central directory declares."""
+        member, path = self.member, self.path
         inflater = _inflate_lib.decompressobj(-15)
-        skip, produced = self.header_len, 0
-        with open(self.path, "rb") as f:
-            f.seek(self.member.data_offset)
-            remaining = self.member.compressed_size
-            while remaining > 0:
-                block = f.read(min(INFLATE_BLOCK, remaining))
-                if not block:
-                    break
-                remaining -= len(block)
+        skip, produced, crc = self.header_len, 0, 0
+        with open(path, "rb") as f:
+            f.seek(member.data_offset)
+            remaining = member.compressed_size
+            pending = b""
+            while not inflater.eof:
+                if not pending and remaining > 0:
+                    pending = f.read(min(INFLATE_BLOCK, remaining))
+                    if not pending:
+                        break
+                    remaining -= len(pending)
                 try:
-                    out = inflater.decompress(block)
+                    # max_length bounds what one call can produce: 8 MiB, not 1032 × 8 MiB of a bomb
+                    out = inflater.decompress(pending, INFLATE_BLOCK)
                 except Exception as exc:
-                    raise SourceError(self.path, f"corrupt deflate stream in {self.member.name} ({exc})") from None
+                    raise SourceError(path, f"corrupt deflate stream in {member.name} ({exc})") from None
+                pending = inflater.unconsumed_tail
+                if not out and not pending and remaining == 0:
+                    break
+                produced += len(out)
+                if produced > member.size:
+                    raise SourceError(
+                        path,
+                        f"{member.name} inflates past its declared size of {member.size} bytes "
+                        "(corrupt, or a decompression bomb); stopped there",
+                    )
+                crc = _inflate_lib.crc32(out, crc)
                 if skip:
                     cut = min(skip, len(out))
                     out, skip = out[cut:], skip - cut
-                produced += len(out)
-                yield out
-        if produced != expected:
-            raise SourceError(self.path, f"{self.member.name} holds {produced} bytes of pixels, expected {expected} (truncated?)")
+                if out:
+                    yield out
+        if produced != member.size:
+            raise SourceError(path, f"{member.name} inflates to {produced} bytes, expected {member.size} (truncated?)")
+        if crc != member.crc:
+            raise SourceError(path, f"{member.name} fails its CRC-32 check (corrupt data)")
 
 
 @dataclass(frozen=True)
@@ -244,7 +338,8 @@ def _load_pickle_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(batch["data"]), np.asarray(batch["labels"])
 
 
-def _check_rows(path: Path, shape: tuple[int, ...], dtype: np.dtype, n_labels: int | None, layout: str) -> tuple[int, int]:
+def _check_rows(path: Path, shape: tuple[int, ...], dtype: np.dtype, layout: str) -> tuple[int, int]:
+    """(rows, resolution) of an image array's declared shape and dtype, or a SourceError saying what is wrong."""
     if dtype != np.uint8:
         raise SourceError(path, f"image data has dtype {dtype}, expected uint8")
     if layout == "chw":
@@ -255,9 +350,40 @@ def _check_rows(path: Path, shape: tuple[int, ...], dtype: np.dtype, n_labels: i
         if len(shape) != 4 or shape[3] != 3 or shape[1] != shape[2]:
             raise SourceError(path, f"arr_0 has shape {shape}, expected (N, S, S, 3)")
         resolution = resolution_of_row(path, 3 * shape[1] * shape[2])
-    if n_labels is not None and n_labels != shape[0]:
-        raise SourceError(path, f"data has {shape[0]} rows but labels has {n_labels}")
     return shape[0], resolution
+
+
+def read_npz_labels(path: Path, member: _Member, num_rows: int, order: str) -> np.ndarray:
+    """A label member → sorted-WNID int16; its header is checked (1-D, one per row) before a byte is inflated."""
+    what = member.name.removesuffix(".npy")
+    shape, _, _ = _npy_header(path, member)
+    if len(shape) != 1 or shape[0] != num_rows:
+        # Checked from the header, so a member declaring 10¹¹ labels is refused without allocating them.
+        if len(shape) == 1:
+            raise SourceError(path, f"data has {num_rows} rows but {what} has {shape[0]}")
+        raise SourceError(path, f"{what} has shape {shape}, expected one label per row ({num_rows},)")
+    return check_labels(path, what, _read_small_member(path, member), num_rows, order)
+
+
+def open_npz_part(path: Path, rel: str, label_order: str | None) -> tuple[NpzPart, str, str, str]:
+    """One `.npz` file → (its part, kind, label order, fingerprint); reads headers and labels, never the pixels."""
+    members, fingerprint = _zip_members(path)
+    if "data" in members:
+        kind, layout, image_name, label_name = "downsampled-imagenet", "chw", "data", "labels"
+    elif "arr_0" in members:
+        kind, layout, image_name, label_name = "adm-samples", "hwc", "arr_0", "arr_1"
+    else:
+        raise SourceError(path, f"no 'data' (or 'arr_0') array; members are {sorted(members)}")
+    if kind == "downsampled-imagenet" and "labels" not in members:
+        raise SourceError(path, "no 'labels' array")
+    order = label_order or ("downsampled" if kind == "downsampled-imagenet" else "sorted")
+    shape, dtype, header_len = _npy_header(path, members[image_name])
+    n, res = _check_rows(path, shape, dtype, layout)
+    if label_name in members:
+        labels = read_npz_labels(path, members[label_name], n, order)
+    else:
+        labels = np.full(n, -1, dtype=np.int16)
+    return NpzPart(str(path), rel, n, res, layout, members[image_name], header_len, labels), kind, order, fingerprint
 
 
 def open_npz_source(sources: list[str | Path], label_order: str | None = None, allow_pickle: bool = False) -> ImageSource:
@@ -270,31 +396,16 @@ def open_npz_source(sources: list[str | Path], label_order: str | None = None, a
                 raise SourceError(path, "is a pickle, which can run code when loaded; pass --allow-pickle if you trust it")
             kind, order = "downsampled-imagenet", label_order or "downsampled"
             data, raw_labels = _load_pickle_batch(path)
-            n, res = _check_rows(path, data.shape, data.dtype, len(raw_labels), "chw")
-            part = PicklePart(str(path), rel, n, res, remap_labels(path, raw_labels, order))
+            n, res = _check_rows(path, data.shape, data.dtype, "chw")
+            part = PicklePart(str(path), rel, n, res, check_labels(path, "labels", raw_labels, n, order))
+            fingerprint = fingerprint_file(path)
         elif magic == "zip":
-            members = _zip_members(path)
-            if "data" in members:
-                kind, layout, image_name, label_name = "downsampled-imagenet", "chw", "data", "labels"
-            elif "arr_0" in members:
-                kind, layout, image_name, label_name = "adm-samples", "hwc", "arr_0", "arr_1"
-            else:
-                raise SourceError(path, f"no 'data' (or 'arr_0') array; members are {sorted(members)}")
-            if kind == "downsampled-imagenet" and "labels" not in members:
-                raise SourceError(path, "no 'labels' array")
-            order = label_order or ("downsampled" if kind == "downsampled-imagenet" else "sorted")
-            shape, dtype, header_len = _npy_header(path, members[image_name])
-            raw_labels = _read_small_member(path, members[label_name].name) if label_name in members else None
-            n, res = _check_rows(path, shape, dtype, None if raw_labels is None else len(raw_labels), layout)
-            labels = (
-                np.full(n, -1, dtype=np.int16) if raw_labels is None else remap_labels(path, raw_labels.reshape(-1), order)
-            )
-            part = NpzPart(str(path), rel, n, res, layout, members[image_name], header_len, labels)
+            part, kind, order, fingerprint = open_npz_part(path, rel, label_order)
         else:
             raise SourceError(path, f"not an .npz (zip) file or a pickled batch ({magic} content)")
         kinds.add((kind, order))
         parts.append(part)
-        files.append(SourceFile(rel, os.path.getsize(path), fingerprint_file(path)))
+        files.append(SourceFile(rel, os.path.getsize(path), fingerprint))
     if len({p.resolution for p in parts}) > 1:
         sizes = {p.relpath: p.resolution for p in parts}
         raise SourceError(", ".join(map(str, sources)), f"mixed resolutions {sizes}")
@@ -309,4 +420,5 @@ def open_npz_source(sources: list[str | Path], label_order: str | None = None, a
         files=files,
         attrs={"source_kind": kind},
         settings={"label_order": order, "allow_pickle": allow_pickle},
+        input_paths=tuple(str(p) for p in sources),
     )
