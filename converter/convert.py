@@ -302,7 +302,10 @@ def _materialize_parts(source: ImageSource, scratch: Path, options: ConvertOptio
             scheduler = dask.threaded.get
         _run(tasks, scheduler, options.workers, ProgressReport(total, "reading sources"))
         for i in todo:
-            done[i] = _load_receipt(scratch, i, source.parts[i])
+            receipt = _load_receipt(scratch, i, source.parts[i])
+            if receipt is None:  # another run of the same store finished and tidied its scratch meanwhile
+                raise OutputWriteError(scratch, "was removed while this run was using it; re-run the same command")
+            done[i] = receipt
     return done
 
 

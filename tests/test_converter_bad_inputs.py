@@ -14,6 +14,7 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,7 @@ import zarr
 from PIL import Image
 
 from converter.convert import ConvertOptions, convert, remove_own_scratch, validate_convert_options
-from converter.sources.base import ConvertOptionError
+from converter.sources.base import ConvertOptionError, write_atomically
 from converter.sources.jpeg import open_jpeg_source
 from converter.sources.npz import open_npz_source
 from schemas.classes import class_table
@@ -216,7 +217,7 @@ BAD_CASES: dict[str, BadCase] = {
     "flat val, bad label line": BadCase(flat_val_bad_line, ("gt.txt", "line 1 is 'fish'")),
     "output inside the input folder": BadCase(output_inside_input, ("inside.zarr", "input")),
     "read-only output": BadCase(read_only_output, ("/sys/imzarr-test-output.zarr",), exit_code=RUN_FAILED),
-    "disk full while inflating": BadCase(deflated_shard, ("part-000000.raw.partial", "cannot write", "File too large"), exit_code=RUN_FAILED, limit_file_bytes=256 << 10),
+    "disk full while inflating": BadCase(deflated_shard, ("part-000000.raw", ".partial", "cannot write", "File too large"), exit_code=RUN_FAILED, limit_file_bytes=256 << 10),
 }
 
 
@@ -450,6 +451,27 @@ def test_rerun_of_complete_store_removes_only_its_own_scratch(tmp_path: Path, mo
     assert (foreign / "keep.txt").read_text() == "someone else's"
     remove_own_scratch(ConvertOptions(out))  # idempotent, and still touches only its own
     assert foreign.exists() and other_store.exists() and in_use.exists()
+
+
+def test_two_writers_of_one_scratch_file_never_mix(tmp_path: Path) -> None:
+    """Two runs materializing the same part at once each write their own temporary file; one whole result wins."""
+    dest = str(tmp_path / "part-000000.raw")
+    both_started = threading.Barrier(2)
+
+    def blocks(fill: int):
+        for i in range(8):
+            if i == 1:
+                both_started.wait(timeout=10)  # interleave the two writers
+            yield bytes([fill]) * 4096
+
+    writers = [threading.Thread(target=write_atomically, args=(dest, blocks(fill))) for fill in (1, 2)]
+    for w in writers:
+        w.start()
+    for w in writers:
+        w.join()
+    data = Path(dest).read_bytes()
+    assert len(data) == 8 * 4096 and len(set(data)) == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["part-000000.raw"]
 
 
 def test_scratch_folder_not_made_by_us_is_never_used(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ file by a stage-1 task (`materialize()`: inflate, unpickle, decode and resize).
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass, field
 from typing import Iterable, Protocol
 
@@ -160,7 +161,8 @@ def write_atomically(dest: str, chunks: Iterable[bytes | memoryview]) -> None:
     """Write byte-like chunks to dest via a temporary name: a failure or crash never leaves a partial `dest`,
     and a failure removes the temporary file. Errors reading the chunks pass through as they are; errors
     writing become OutputWriteError naming the file."""
-    tmp = dest + ".partial"
+    # A name of this writer's own: two runs materializing the same part at once must not write one file.
+    tmp = f"{dest}.{os.getpid()}-{threading.get_ident()}.partial"
     try:
         f = open(tmp, "wb")
     except OSError as exc:
