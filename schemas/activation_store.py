@@ -50,6 +50,11 @@ POOLINGS = ("none", "mean", "max")
 LAYER_ATTRS = (*REQUIRED_ARRAY_ATTRS, "module_path", "pooling", "sigma", "coordinates")
 # CF packing of float16 layers (see the module docstring): values unchanged, decoded by xarray as float64.
 FLOAT16_SCALE_FACTOR = 1.0
+NETWORK_INPUTS = {
+    "noised": "the image scaled to [-1, 1] plus σ·noise",
+    "clean": "the clean image scaled to [-1, 1]",
+    "generator": "the generator's own input σ·ε",
+}
 _POOLING_WORDS = {
     "none": "the full map (channel, y, x)",
     "mean": "the mean over spatial positions (y, x) of each channel",
@@ -62,8 +67,15 @@ def layer_dims(var: str, pooled: bool) -> tuple[str, ...]:
     return (SAMPLE_DIM, f"{var}_channel") if pooled else (SAMPLE_DIM, f"{var}_channel", f"{var}_y", f"{var}_x")
 
 
-def activation_variable_attrs(layer: str, module_path: str, pool: str, sigma: float, storage_dtype: str) -> dict[str, Any]:
-    """Attributes of one layer variable: what it is, which module, pooling, σ, its coordinates, and CF packing."""
+def activation_variable_attrs(
+    layer: str, module_path: str, pool: str, sigma: float, storage_dtype: str, network_input: str = "noised"
+) -> dict[str, Any]:
+    """Attributes of one layer variable: what it is, which module, pooling, σ, its coordinates, and CF packing.
+
+    `network_input` says what the network was fed (NETWORK_INPUTS): "noised" (extract), "clean" (extract
+    --no-noise) or "generator" (generate's own input σ·ε)."""
+    if network_input not in NETWORK_INPUTS:
+        raise StoreValidationError(f"layer {layer}: network input {network_input!r} is not one of {sorted(NETWORK_INPUTS)}")
     if pool not in POOLINGS:
         raise StoreValidationError(f"layer {layer}: pooling {pool!r} is not one of {POOLINGS}")
     if storage_dtype not in STORAGE_DTYPES:
@@ -71,8 +83,8 @@ def activation_variable_attrs(layer: str, module_path: str, pool: str, sigma: fl
     attrs: dict[str, Any] = {
         "long_name": f"activations of {module_path}",
         "description": (
-            f"output of network module {module_path} (layer {layer!r}): {_POOLING_WORDS[pool]}, for the input "
-            f"image scaled to [-1, 1] plus σ·noise at σ = {sigma:g}; stored as {storage_dtype}"
+            f"output of network module {module_path} (layer {layer!r}): {_POOLING_WORDS[pool]}, for "
+            f"{NETWORK_INPUTS[network_input]}, conditioned on σ = {sigma:g}; stored as {storage_dtype}"
         ),
         "module_path": module_path,
         "pooling": pool,
@@ -94,10 +106,10 @@ def reconstruction_attrs() -> dict[str, Any]:
 
 
 def activation_array_attrs(
-    layers: dict[str, str], pool: str, sigma: float, storage_dtype: str, reconstructions: bool
+    layers: dict[str, str], pool: str, sigma: float, storage_dtype: str, reconstructions: bool, network_input: str = "noised"
 ) -> dict[str, dict[str, Any]]:
     """{array name: attributes} of every array of an activation store; `layers` maps variable → module path."""
-    arrays = {var: activation_variable_attrs(var, path, pool, sigma, storage_dtype) for var, path in layers.items()}
+    arrays = {var: activation_variable_attrs(var, path, pool, sigma, storage_dtype, network_input) for var, path in layers.items()}
     if reconstructions:
         arrays[RECONSTRUCTION_VAR] = reconstruction_attrs()
     return arrays | coordinate_attrs(list(COORDINATES))

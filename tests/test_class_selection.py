@@ -1,0 +1,54 @@
+"""--classes: WNIDs, class names (case-insensitive, exact or unique prefix) and label indices all name a class;
+ambiguous and unknown names fail with the candidates."""
+
+import numpy as np
+import pytest
+
+from extractor.selection import SelectionError, SelectionSpec, UnknownClassNameError, describe_selection, resolve_class, resolve_classes, select_samples
+from schemas.classes import class_table
+
+
+@pytest.mark.parametrize("given", ["n01440764", "tench", "TENCH", " Tench ", "0", "tenc"])
+def test_one_class_many_spellings(given):
+    assert resolve_class(given) == "n01440764"
+
+
+def test_names_with_spaces_and_prefixes():
+    assert resolve_class("great white shark") == "n01484850"
+    assert resolve_class("Great White") == "n01484850"
+    assert resolve_classes(["tench", "n01440764", "1"]) == ("n01440764", "n01443537")  # repeats dropped, order kept
+
+
+def test_ambiguous_and_unknown_names_list_candidates():
+    with pytest.raises(UnknownClassNameError, match=r"2 classes have that name.*n02012849.*n03126707"):
+        resolve_class("crane")  # the bird and the machine
+    with pytest.raises(UnknownClassNameError, match=r"begins 2 class names.*goldfish.*goldfinch"):
+        resolve_class("goldf")
+    with pytest.raises(UnknownClassNameError, match=r"close matches: n01440764 \(tench, 0\)"):
+        resolve_class("tnch")
+    with pytest.raises(UnknownClassNameError, match="outside 0..999"):
+        resolve_class("1000")
+    assert issubclass(UnknownClassNameError, SelectionError)
+
+
+def test_selection_by_name_equals_selection_by_wnid():
+    table = class_table()
+    labels = np.array([0, 1, 2, 1, 0, 5])
+    synsets = table.synsets_of(labels)
+    by_wnid = SelectionSpec(classes=("n01440764", table.wnids[5]))
+    by_name = SelectionSpec(classes=("Tench", "5"))
+    chosen = select_samples(by_wnid, labels, synsets)
+    np.testing.assert_array_equal(select_samples(by_name, labels, synsets), chosen)
+    assert chosen.tolist() == [0, 4, 5]
+    # Recorded as WNIDs: both spellings are the same selection (and the same settings fingerprint).
+    assert describe_selection(by_name, chosen) == describe_selection(by_wnid, chosen)
+
+
+def test_folder_named_classes_of_a_store_are_taken_as_given():
+    labels = np.array([-1, -1, 0])
+    synsets = np.array(["n99999999", "n99999999", "n01440764"], dtype=object)
+    spec = SelectionSpec(classes=("n99999999",))
+    assert select_samples(spec, labels, synsets).tolist() == [0, 1]
+    assert describe_selection(spec, np.array([0, 1]))["classes"] == ["n99999999"]
+    with pytest.raises(SelectionError, match="have no samples"):
+        select_samples(SelectionSpec(classes=("goldfish",)), labels, synsets)
