@@ -241,12 +241,14 @@ def _bad(tmp_path: Path, kind: str) -> tuple[list, str]:
         p = write_npz_shard(tmp_path / "val_data.npz", good, np.r_[np.ones(9, int), 1000])
         return [p, "--label-order", "sorted"], "label 1000 outside 0..999"
     if kind == "mixed resolutions":
-        write_npz_shard(tmp_path / "train_data_batch_1.npz", good, np.ones(10, int))
-        write_npz_shard(tmp_path / "train_data_batch_2.npz", photo_like(10, 32), np.ones(10, int))
-        return [tmp_path], "mixed resolutions"
+        src = shard_folder(tmp_path)
+        write_npz_shard(src / "train_data_batch_1.npz", good, np.ones(10, int))
+        write_npz_shard(src / "train_data_batch_2.npz", photo_like(10, 32), np.ones(10, int))
+        return [src], "mixed resolutions"
     if kind == "pickle":
-        write_pickle_batch(tmp_path / "train_data_batch_1", good, np.ones(10, int))
-        return [tmp_path], "--allow-pickle"
+        src = shard_folder(tmp_path)
+        write_pickle_batch(src / "train_data_batch_1", good, np.ones(10, int))
+        return [src], "--allow-pickle"
     if kind == "foreign output":
         write_npz_shard(tmp_path / "val_data.npz", good, np.ones(10, int))
         (tmp_path / "o.zarr").mkdir()
