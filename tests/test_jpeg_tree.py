@@ -174,6 +174,25 @@ def test_symlinked_class_folder_and_loop(tmp_path):
     assert tree.labels.tolist() == [0, 1]
 
 
+def test_unfollowable_links_are_listed_and_special_files_ignored(tmp_path):
+    """A file link loop or a dangling link named like an image is kept (decoding rejects it, with the reason);
+    a FIFO is ignored, never opened; none of them stops the scan, at the top level or below it."""
+    val = tmp_path / "val"
+    touch(val / val_name(1))
+    os.symlink(val_name(2), val / val_name(2))  # a link to itself
+    os.mkfifo(val / val_name(3))
+    tree = scan_jpeg_tree(val, val_labels=write_ground_truth(tmp_path / "gt.txt", [1, 2, 3]))
+    assert tree.files == (val_name(1), val_name(2)) and tree.ignored == (val_name(3),)
+    root = tmp_path / "root"
+    touch(root / TENCH / "a.JPEG")
+    os.symlink("b.JPEG", root / TENCH / "b.JPEG")
+    os.symlink("missing.JPEG", root / TENCH / "c.JPEG")
+    os.mkfifo(root / TENCH / "d.JPEG")
+    tree = scan_jpeg_tree(root)
+    assert tree.files == (f"{TENCH}/a.JPEG", f"{TENCH}/b.JPEG", f"{TENCH}/c.JPEG")
+    assert tree.ignored == (f"{TENCH}/d.JPEG",)
+
+
 # --- flat val --------------------------------------------------------------------------------------------
 
 
