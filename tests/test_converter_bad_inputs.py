@@ -111,18 +111,17 @@ class BadCase:
 
 def stored_rows_past_member(d: Path) -> list[str]:
     """(6) The .npy header declares 12 rows; the member holds 10: rows 10-11 would be the labels' bytes."""
-    data = images_16(10)
-    write_raw_zip(d / "val_data.npz", [member("data.npy", npy_bytes(data, (12, ROW_16))), member("labels.npy", npy_bytes(np.ones(12, np.int64)))])
+    write_raw_zip(d / "val_data.npz", [member("data.npy", npy_bytes(images_16(10), (12, ROW_16))), member("labels.npy", npy_bytes(np.ones(12, np.int64)))])
     return ["npz", str(d / "val_data.npz")]
 
 
 def deflate_bomb(d: Path) -> list[str]:
     """(11) Declares 10 rows; the stream inflates to 40 MB of zeros."""
     raw = npy_bytes(images_16(10))
-    bomb = npy_bytes(images_16(10)) + bytes(40 << 20)
+    bomb = deflate(raw + bytes(40 << 20))  # ~40 KB in the file
     write_raw_zip(
         d / "val_data.npz",
-        [RawMember("data.npy", deflate(bomb), len(raw), zlib.crc32(raw), True), member("labels.npy", npy_bytes(np.ones(10, np.int64)))],
+        [RawMember("data.npy", bomb, len(raw), zlib.crc32(raw), True), member("labels.npy", npy_bytes(np.ones(10, np.int64)))],
     )
     return ["npz", str(d / "val_data.npz")]
 
