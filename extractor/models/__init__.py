@@ -1,11 +1,15 @@
-"""EDM/DMD2 networks: the EDMPrecond + DhariwalUNet model, safe checkpoint loading, presets and layer capture."""
+"""Networks: EDM/DMD2 (EDMPrecond + DhariwalUNet), feature networks (FID Inception, DINOv2), safe checkpoint
+loading, model families and presets, and layer capture."""
 
 from extractor.models.capture import (
     ALIASES,
     POOL_MODES,
+    FeatureNetwork,
+    InvalidImageBatchError,
     UnknownLayerError,
     capture_layers,
     describe_layers,
+    is_feature_network,
     layer_names,
     module_layers,
     resolve_layer,
@@ -18,8 +22,11 @@ from extractor.models.checkpoints import (
     load_checkpoint,
     normalize_state_dict,
     read_checkpoint,
+    read_plain_state_dict,
     resolve_checkpoint_file,
 )
+from extractor.models.dinov2 import DinoV2
+from extractor.models.fid_inception import FIDInceptionV3
 from extractor.models.edm import (
     COMPUTE_DTYPES,
     PRESETS,
@@ -33,12 +40,18 @@ from extractor.models.edm import (
     resolve_compute_dtype,
 )
 from extractor.models.registry import (
+    FAMILIES,
+    KINDS,
+    MODEL_PRESETS,
     PRESET_INIT,
     LoadedModel,
+    ModelFamily,
     ModelSpec,
     UnknownPresetError,
     build_preset,
     cached_model,
+    family_of_checkpoint,
+    family_of_preset,
     file_sha256,
     load_model,
     state_dict_sha256,
@@ -47,6 +60,9 @@ from extractor.models.registry import (
 __all__ = [
     "ALIASES",
     "COMPUTE_DTYPES",
+    "FAMILIES",
+    "KINDS",
+    "MODEL_PRESETS",
     "POOL_MODES",
     "PRESETS",
     "PRESET_INIT",
@@ -54,10 +70,15 @@ __all__ = [
     "CheckpointError",
     "CheckpointMismatchError",
     "DhariwalUNet",
+    "DinoV2",
     "EDMPrecond",
+    "FIDInceptionV3",
+    "FeatureNetwork",
     "InvalidClassLabelsError",
+    "InvalidImageBatchError",
     "InvalidSigmaError",
     "LoadedModel",
+    "ModelFamily",
     "ModelSpec",
     "UnknownLayerError",
     "UnknownPresetError",
@@ -68,14 +89,18 @@ __all__ = [
     "cached_model",
     "capture_layers",
     "describe_layers",
+    "family_of_checkpoint",
+    "family_of_preset",
     "file_sha256",
     "infer_config",
+    "is_feature_network",
     "layer_names",
     "load_checkpoint",
     "load_model",
     "module_layers",
     "normalize_state_dict",
     "read_checkpoint",
+    "read_plain_state_dict",
     "resolve_checkpoint_file",
     "resolve_compute_dtype",
     "resolve_layer",

@@ -1,25 +1,34 @@
-"""Layer names of an EDMPrecond and capture of their outputs with forward hooks.
+"""Layer names of a network and capture of their outputs with forward hooks.
 
-Every encoder/decoder module path (`model.enc.16x16_block1`, `model.dec.8x8_in1`, ...) is a layer, plus two
-aliases: `encoder_bottleneck` (the last encoder module) and `midblock` (the first decoder module).
+EDMPrecond: every encoder/decoder module path (`model.enc.16x16_block1`, `model.dec.8x8_in1`, ...) is a layer,
+plus two aliases: `encoder_bottleneck` (the last encoder module) and `midblock` (the first decoder module).
+
+Feature networks (anything implementing `FeatureNetwork`, e.g. `fid-inception`, `dinov2-*`) name their own
+layers; each is read from one module's output, possibly reshaped (`pool3` flattens a pooled map, `cls` takes one
+token). They take uint8 (or float 0..255) images and ignore σ and class labels.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
 
 from extractor.models.edm import EDMPrecond
+from schemas.errors import ImzarrError
 
 __all__ = [
     "ALIASES",
     "POOL_MODES",
+    "FeatureNetwork",
+    "InvalidImageBatchError",
     "UnknownLayerError",
     "capture_layers",
     "describe_layers",
+    "images_as_float",
+    "is_feature_network",
     "layer_names",
     "module_layers",
     "resolve_layer",
@@ -30,8 +39,8 @@ POOL_MODES: tuple[str, ...] = ("none", "mean", "max")
 PoolMode = Literal["none", "mean", "max"]
 
 
-class UnknownLayerError(KeyError, ValueError):
-    """A layer name that is neither a module path of the network nor an alias."""
+class UnknownLayerError(KeyError, ValueError, ImzarrError):
+    """A layer name that is neither a module path of the network nor an alias (bad input: exit code 2)."""
 
     def __init__(self, name: str, valid: Sequence[str]) -> None:
         self.name = name
@@ -42,23 +51,66 @@ class UnknownLayerError(KeyError, ValueError):
         return str(self.args[0])
 
 
+class InvalidImageBatchError(ImzarrError, ValueError):
+    """An image batch a feature network cannot take: not [N, 3, H, W], or neither uint8 nor floating point."""
+
+
+@runtime_checkable
+class FeatureNetwork(Protocol):
+    """What capture needs from a feature network (an nn.Module whose forward takes [N, 3, H, W] 0..255 images)."""
+
+    config: dict[str, Any]  # constructor kwargs: `type(net)(**net.config)` builds the same architecture
+    resolution: int  # the side the network resizes every input to
+
+    def layer_paths(self) -> dict[str, str]:
+        """Layer name → module path whose forward output holds it, in execution order."""
+        ...
+
+    def layer_value(self, name: str, output: Tensor) -> Tensor:
+        """The layer's activation, [N, C] or [N, C, H, W], from its module's forward output."""
+        ...
+
+
+def is_feature_network(model: nn.Module) -> bool:
+    """True for feature networks (named layers, image input), False for EDMPrecond."""
+    return isinstance(model, FeatureNetwork) and not isinstance(model, EDMPrecond)
+
+
+def images_as_float(images: Tensor, network: str) -> Tensor:
+    """A [N, 3, H, W] uint8 (or float 0..255) batch as float32 0..255; InvalidImageBatchError otherwise."""
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise InvalidImageBatchError(f"{network}: expected images [N, 3, H, W], got shape {tuple(images.shape)}")
+    if images.dtype != torch.uint8 and not images.is_floating_point():
+        raise InvalidImageBatchError(f"{network}: expected uint8 or float 0..255 images, got {images.dtype}")
+    return images.to(torch.float32)
+
+
 class _StopForward(Exception):
     """Raised from a hook once every requested layer has run, to skip the rest of the network."""
 
 
-def module_layers(model: EDMPrecond) -> list[str]:
-    """Encoder then decoder module paths, in execution order."""
+def module_layers(model: nn.Module) -> list[str]:
+    """Module paths of the layers, in execution order (EDM: encoder then decoder modules)."""
+    if is_feature_network(model):
+        return list(dict.fromkeys(model.layer_paths().values()))
     unet = model.model
     return [f"model.enc.{name}" for name in unet.enc] + [f"model.dec.{name}" for name in unet.dec]
 
 
-def layer_names(model: EDMPrecond) -> list[str]:
-    """All layer names: module paths in execution order, then the aliases."""
+def layer_names(model: nn.Module) -> list[str]:
+    """All layer names: EDM's module paths in execution order then the aliases; a feature network's own names."""
+    if is_feature_network(model):
+        return list(model.layer_paths())
     return module_layers(model) + list(ALIASES)
 
 
-def resolve_layer(model: EDMPrecond, name: str) -> str:
+def resolve_layer(model: nn.Module, name: str) -> str:
     """The module path a layer name or alias refers to; UnknownLayerError (listing valid names) otherwise."""
+    if is_feature_network(model):
+        paths = model.layer_paths()
+        if name not in paths:
+            raise UnknownLayerError(name, list(paths))
+        return paths[name]
     modules = module_layers(model)
     if name == "encoder_bottleneck":
         return f"model.enc.{list(model.model.enc)[-1]}"
@@ -73,15 +125,17 @@ def _pool(output: Tensor, pool: str) -> Tensor:
     # Pooled statistics are accumulated in float32 even under autocast.
     if pool == "none":
         return output.detach()
+    if output.ndim == 2:  # already one vector per sample (e.g. pool3, cls): pooling leaves it as it is
+        return output.detach().float()
     if pool == "mean":
         return output.detach().float().mean(dim=(2, 3))
     return output.detach().float().amax(dim=(2, 3))
 
 
 def capture_layers(
-    model: EDMPrecond,
+    model: nn.Module,
     x: Tensor,
-    sigma: Tensor | float,
+    sigma: Tensor | float | None,
     class_labels: Tensor | None,
     layers: Sequence[str],
     pool: PoolMode = "none",
@@ -90,13 +144,18 @@ def capture_layers(
     """Run the network and return ({requested name: activation}, D(x) or None).
 
     Activations are [N, C, H, W] for pool "none", else [N, C] (float32 mean/max over H, W, computed on the
-    tensor's device). With `need_output` False the forward stops right after the last requested layer runs, so
-    later modules (usually the whole decoder) are never computed. Hooks are removed in all cases.
+    tensor's device); layers that are vectors ([N, C]) stay so under every pool mode. With `need_output` False the
+    forward stops right after the last requested layer runs, so later modules (usually the whole decoder) are
+    never computed. Hooks are removed in all cases.
+
+    A feature network gets `x` as uint8 (or float 0..255) images and ignores `sigma` and `class_labels`; its
+    output is what its forward returns (e.g. logits, the CLS token).
     """
     if pool not in POOL_MODES:
         raise ValueError(f"pool must be one of {POOL_MODES}, got {pool!r}")
     if not layers:
         raise ValueError("no layers requested")
+    feature_net = is_feature_network(model)
     order = module_layers(model)
     wanted: dict[str, list[str]] = {}
     for name in layers:
@@ -107,9 +166,13 @@ def capture_layers(
 
     def make_hook(path: str):
         def hook(_module: nn.Module, _inputs: tuple, output: Tensor) -> None:
-            pooled = _pool(output, pool)
-            for name in wanted[path]:
-                captured[name] = pooled
+            if feature_net:
+                for name in wanted[path]:
+                    captured[name] = _pool(model.layer_value(name, output), pool)
+            else:
+                pooled = _pool(output, pool)
+                for name in wanted[path]:
+                    captured[name] = pooled
             if path == last and not need_output:
                 raise _StopForward
 
@@ -118,7 +181,7 @@ def capture_layers(
     handles = [model.get_submodule(path).register_forward_hook(make_hook(path)) for path in wanted]
     out: Tensor | None = None
     try:
-        out = model(x, sigma, class_labels)
+        out = model(x) if feature_net else model(x, sigma, class_labels)
     except _StopForward:
         pass
     finally:
@@ -130,12 +193,22 @@ def capture_layers(
     return {name: captured[name] for name in layers}, (out if need_output else None)
 
 
-def describe_layers(model: EDMPrecond, batch: int = 1) -> list[tuple[str, tuple[int, ...]]]:
-    """Every layer name with its output shape [batch, C, H, W], from a shape-only forward on the meta device."""
-    with torch.device("meta"):
-        shadow = EDMPrecond(**model.config)
-    x = torch.empty(batch, model.img_channels, model.img_resolution, model.img_resolution, device="meta")
-    sigma = torch.empty(batch, device="meta")
+def describe_layers(model: nn.Module, batch: int = 1) -> list[tuple[str, tuple[int, ...]]]:
+    """Every layer name with its output shape ([batch, C, H, W] or [batch, C]), from a shape-only meta forward.
+
+    Feature networks are probed with images at their own input resolution (other sizes give the same shapes:
+    every input is resized first).
+    """
+    if is_feature_network(model):
+        with torch.device("meta"):
+            shadow = type(model)(**model.config)
+        x = torch.empty(batch, 3, model.resolution, model.resolution, dtype=torch.uint8, device="meta")
+        sigma = None
+    else:
+        with torch.device("meta"):
+            shadow = EDMPrecond(**model.config)
+        x = torch.empty(batch, model.img_channels, model.img_resolution, model.img_resolution, device="meta")
+        sigma = torch.empty(batch, device="meta")
     names = layer_names(shadow)
     with torch.no_grad():
         activations, _ = capture_layers(shadow, x, sigma, None, names, need_output=False)

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from extractor.models.edm import CONFIG_KEYS, EDMPrecond
+from schemas.errors import ImzarrError
 
 __all__ = [
     "CheckpointError",
@@ -27,9 +28,11 @@ __all__ = [
     "UnsafeCheckpointError",
     "check_state_dict",
     "infer_config",
+    "is_edm_network_pickle",
     "load_checkpoint",
     "normalize_state_dict",
     "read_checkpoint",
+    "read_plain_state_dict",
     "resolve_checkpoint_file",
 ]
 
@@ -44,8 +47,8 @@ _GENERATOR_PREFIX = "feedforward_model."
 _MAX_LISTED_KEYS = 5
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read or does not hold an EDMPrecond/DhariwalUNet state dict."""
+class CheckpointError(ImzarrError, ValueError):
+    """A checkpoint that cannot be read or does not hold a state dict of a supported network (exit code 2)."""
 
 
 class UnsafeCheckpointError(CheckpointError):
@@ -436,3 +439,47 @@ def load_checkpoint(
     state_dict = {k: v.to(device=device, dtype=torch.float32) for k, v in state_dict.items()}
     model.load_state_dict(state_dict, strict=True, assign=True)
     return model.eval()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# State dicts of other networks (feature networks): read as stored, without EDM's key normalisation.
+
+
+def is_edm_network_pickle(path: str | Path) -> bool:
+    """True for an EDM network pickle (`.pkl`/`.pickle` that is not a torch zip), which only EDMPrecond reads."""
+    file = resolve_checkpoint_file(path)
+    return file.suffix.lower() in _PICKLE_SUFFIXES and not _is_zip(file)
+
+
+def read_plain_state_dict(path: str | Path) -> dict[str, Tensor]:
+    """A torch/safetensors checkpoint's state dict, keys as stored (containers, DDP/compile prefixes removed)."""
+    file = resolve_checkpoint_file(path)
+    if is_edm_network_pickle(file):
+        raise CheckpointError(f"{file}: an EDM network pickle, not a plain state dict")
+    if file.suffix.lower() == ".safetensors":
+        found: Any = _read_safetensors(file)
+    elif _is_zip(file):  # memory-mapped: deciding which network a file holds reads no weights
+        found = _read_torch_mapped(file)
+    else:
+        found = _read_torch(file)
+    for _ in range(4):  # containers nest at most a few levels
+        if _is_state_dict(found):
+            return _strip_wrappers(dict(found))
+        if not isinstance(found, Mapping):
+            break
+        key = next((k for k in _CONTAINER_KEYS if isinstance(found.get(k), Mapping)), None)
+        if key is None:
+            break
+        found = found[key]
+    raise CheckpointError(f"{file}: no state dict (a mapping of names to tensors) found")
+
+
+def _read_torch_mapped(file: Path) -> Any:
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as exc:
+        raise UnsafeCheckpointError(
+            f"{file}: refused; torch.load(weights_only=True) cannot read it without running code: {_first_line(exc)}"
+        ) from exc
+    except (RuntimeError, OSError, EOFError, ValueError) as exc:
+        raise CheckpointError(f"{file}: not a readable torch checkpoint ({_first_line(exc)})") from exc

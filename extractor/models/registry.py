@@ -1,37 +1,65 @@
-"""Which network to run: a picklable `ModelSpec` (preset or checkpoint) and `load_model` / `cached_model`."""
+"""Which network to run: model families, a picklable `ModelSpec` (preset or checkpoint), `load_model` / `cached_model`.
+
+A family is one kind of network: EDM's diffusion U-Net (`EDMPrecond`, kind "diffusion"), or a feature network
+(kind "feature": `fid-inception`, `dinov2-*`). Every feature network file offers the same module-level interface
+(see `ModelFamily.from_module`), so a new family is that one file plus one line in FAMILIES.
+"""
 
 from __future__ import annotations
 
 import functools
 import hashlib
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from extractor.models.checkpoints import load_checkpoint, resolve_checkpoint_file
+from extractor.models import dinov2, fid_inception
+from extractor.models.checkpoints import (
+    CheckpointError,
+    UnsafeCheckpointError,
+    check_state_dict,
+    is_edm_network_pickle,
+    load_checkpoint,
+    read_plain_state_dict,
+    resolve_checkpoint_file,
+)
 from extractor.models.edm import PRESETS, EDMPrecond
+from schemas.errors import ImzarrError
 
 __all__ = [
+    "EDM_FAMILY",
+    "EDM_PREPROCESSING",
+    "FAMILIES",
+    "KINDS",
+    "MODEL_PRESETS",
     "PRESET_INIT",
     "LoadedModel",
+    "ModelFamily",
     "ModelSpec",
     "PresetInit",
     "UnknownPresetError",
     "build_preset",
     "cached_model",
+    "family_of_checkpoint",
+    "family_of_preset",
     "file_sha256",
     "load_model",
     "state_dict_sha256",
 ]
 
+KINDS: tuple[str, ...] = ("diffusion", "feature")
+# EDM networks get their input prepared by the caller; σ and class labels are inputs of the network.
+EDM_PREPROCESSING = "by the caller: uint8 RGB x -> x/127.5 - 1 (+ sigma * noise when noised)"
 
-class UnknownPresetError(KeyError, ValueError):
-    """A preset name not in PRESETS."""
+
+class UnknownPresetError(KeyError, ValueError, ImzarrError):
+    """A preset name not in MODEL_PRESETS (bad input: exit code 2)."""
 
     def __str__(self) -> str:
         return str(self.args[0])
@@ -53,6 +81,124 @@ PRESET_INIT: dict[str, PresetInit] = {
 
 
 @dataclass(frozen=True)
+class ModelFamily:
+    """One family of networks: its presets and how to build, seed, recognise and load its networks."""
+
+    name: str
+    kind: str  # "diffusion" or "feature"
+    presets: Mapping[str, Mapping[str, Any]]  # preset name → constructor kwargs
+    preprocessing: str  # what happens to uint8 images before the network (recorded with activations)
+    build: Callable[[Mapping[str, Any]], nn.Module]  # constructor kwargs → network (weights undefined)
+    seeded: Callable[[str], nn.Module]  # preset name → CPU network with its seeded random weights
+    claims: Callable[[Mapping[str, Tensor]], bool]  # does a plain state dict belong to this family?
+    load: Callable[[Path, Mapping[str, Tensor] | None, torch.device | str], nn.Module]  # file (+ its state dict)
+
+    @classmethod
+    def from_module(cls, module: ModuleType) -> ModelFamily:
+        """A feature-network family from its file's interface.
+
+        The file defines FAMILY (name), PRESETS (preset → kwargs), PRESET_SEED, PREPROCESSING, `build(config)`,
+        `random_state_dict(config, seed)`, `claims_state_dict(sd)`, `canonical_state_dict(sd)` and
+        `config_from_state_dict(sd, path)`; its network has `config`, `resolution`, `layer_paths`, `layer_value`.
+        """
+
+        def seeded(preset: str) -> nn.Module:
+            config = module.PRESETS[preset]
+            with torch.device("meta"):
+                net = module.build(config)
+            # Assigning CPU tensors to a meta-built network: the global RNG is neither used nor advanced.
+            net.load_state_dict(module.random_state_dict(config, module.PRESET_SEED), strict=True, assign=True)
+            return net
+
+        def load(file: Path, state_dict: Mapping[str, Tensor] | None, device: torch.device | str) -> nn.Module:
+            state = module.canonical_state_dict(state_dict if state_dict is not None else read_plain_state_dict(file))
+            config = module.config_from_state_dict(state, file)
+            with torch.device("meta"):
+                net = module.build(config)
+            check_state_dict(net, state, file)
+            # Weights in float32 on `device`; integer buffers (BatchNorm's counters) keep their dtype.
+            state = {k: v.to(device, torch.float32 if v.is_floating_point() else v.dtype) for k, v in state.items()}
+            net.load_state_dict(state, strict=True, assign=True)
+            return net
+
+        return cls(
+            name=module.FAMILY,
+            kind="feature",
+            presets=module.PRESETS,
+            preprocessing=module.PREPROCESSING,
+            build=module.build,
+            seeded=seeded,
+            claims=module.claims_state_dict,
+            load=load,
+        )
+
+    def preset_of(self, config: Mapping[str, Any]) -> str | None:
+        """The preset whose architecture a config describes, if any."""
+        for preset, kwargs in self.presets.items():
+            with torch.device("meta"):
+                if dict(self.build(kwargs).config) == dict(config):
+                    return preset
+        return None
+
+
+def _seeded_edm(name: str) -> EDMPrecond:
+    init = PRESET_INIT[name]
+    with torch.device("meta"):
+        model = EDMPrecond(**PRESETS[name])
+    # Built on meta then materialised, so the global RNG is neither used nor advanced.
+    model.to_empty(device="cpu")
+    model.reset_parameters(torch.Generator().manual_seed(init.seed), zero_init_scale=init.zero_init_scale)
+    return model
+
+
+EDM_FAMILY = ModelFamily(
+    name="edm",
+    kind="diffusion",
+    presets=PRESETS,
+    preprocessing=EDM_PREPROCESSING,
+    build=lambda config: EDMPrecond(**dict(config)),
+    seeded=_seeded_edm,
+    claims=lambda state_dict: False,  # EDM is what a checkpoint is taken for when no feature family claims it
+    load=lambda file, _state_dict, device: load_checkpoint(file, device=device),
+)
+
+# Every family, EDM first; a checkpoint belongs to the first feature family that claims it, else to EDM.
+FAMILIES: dict[str, ModelFamily] = {
+    family.name: family
+    for family in (
+        EDM_FAMILY,
+        ModelFamily.from_module(fid_inception),
+        ModelFamily.from_module(dinov2),
+    )
+}
+MODEL_PRESETS: dict[str, str] = {preset: f.name for f in FAMILIES.values() for preset in f.presets}
+
+
+def family_of_preset(preset: str) -> ModelFamily:
+    """The family a preset belongs to; UnknownPresetError otherwise."""
+    if preset not in MODEL_PRESETS:
+        raise UnknownPresetError(f"unknown preset {preset!r}; presets: {sorted(MODEL_PRESETS)}")
+    return FAMILIES[MODEL_PRESETS[preset]]
+
+
+def family_of_checkpoint(path: str | Path) -> tuple[ModelFamily, dict[str, Tensor] | None]:
+    """The family of a checkpoint file or folder, from its state dict's keys, and that state dict (None for EDM)."""
+    file = resolve_checkpoint_file(path)
+    if is_edm_network_pickle(file):
+        return EDM_FAMILY, None
+    try:
+        state_dict = read_plain_state_dict(file)
+    except UnsafeCheckpointError:
+        raise
+    except CheckpointError:  # EDM's reader knows more container layouts and reports its own errors
+        return EDM_FAMILY, None
+    for family in FAMILIES.values():
+        if family.claims(state_dict):
+            return family, state_dict
+    return EDM_FAMILY, None
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     """Names a network: exactly one of a preset name or a checkpoint path (file or DMD2 checkpoint folder)."""
 
@@ -64,8 +210,8 @@ class ModelSpec:
             raise ValueError(f"ModelSpec needs exactly one of preset / checkpoint, got {self!r}")
         if self.checkpoint is not None and not isinstance(self.checkpoint, str):
             object.__setattr__(self, "checkpoint", os.fspath(self.checkpoint))
-        if self.preset is not None and self.preset not in PRESETS:
-            raise UnknownPresetError(f"unknown preset {self.preset!r}; presets: {sorted(PRESETS)}")
+        if self.preset is not None:
+            family_of_preset(self.preset)
 
     @property
     def name(self) -> str:
@@ -76,26 +222,22 @@ class ModelSpec:
 class LoadedModel:
     """A network ready for inference plus what identifies it."""
 
-    module: EDMPrecond  # eval mode, requires_grad False
+    module: nn.Module  # EDMPrecond or a feature network; eval mode, requires_grad False
     name: str  # preset name or checkpoint path
     config: dict[str, Any]
     trained: bool  # False for random presets
     sha256: str  # of the checkpoint file, or of the preset's state dict
-    resolution: int
-    label_dim: int
+    resolution: int  # EDM: the image side it takes; feature network: the side it resizes every input to
+    label_dim: int  # 0 for feature networks
+    family: str = "edm"  # a key of FAMILIES
+    kind: str = "diffusion"  # "diffusion" (takes noised [-1, 1] images, σ, labels) or "feature" (takes uint8 images)
+    preprocessing: str = EDM_PREPROCESSING
+    preset: str | None = None  # the preset whose architecture it has, also for checkpoints (None: no preset fits)
 
 
-def build_preset(name: str, device: torch.device | str = "cpu") -> EDMPrecond:
+def build_preset(name: str, device: torch.device | str = "cpu") -> nn.Module:
     """The preset network with its deterministic random weights (drawn on CPU, then moved to `device`)."""
-    if name not in PRESETS:
-        raise UnknownPresetError(f"unknown preset {name!r}; presets: {sorted(PRESETS)}")
-    init = PRESET_INIT[name]
-    with torch.device("meta"):
-        model = EDMPrecond(**PRESETS[name])
-    # Built on meta then materialised, so the global RNG is neither used nor advanced.
-    model.to_empty(device="cpu")
-    model.reset_parameters(torch.Generator().manual_seed(init.seed), zero_init_scale=init.zero_init_scale)
-    return model.to(device)
+    return family_of_preset(name).seeded(name).to(device)
 
 
 def state_dict_sha256(state_dict: Mapping[str, Tensor]) -> str:
@@ -117,7 +259,7 @@ def file_sha256(path: str | Path, chunk_bytes: int = 1 << 24) -> str:
     return digest.hexdigest()
 
 
-def _freeze(module: EDMPrecond) -> EDMPrecond:
+def _freeze(module: nn.Module) -> nn.Module:
     module.eval()
     module.requires_grad_(False)
     return module
@@ -126,23 +268,32 @@ def _freeze(module: EDMPrecond) -> EDMPrecond:
 def load_model(spec: ModelSpec, device: torch.device | str = "cpu") -> LoadedModel:
     """Build the network a spec names on `device`, frozen and in eval mode."""
     if spec.preset is not None:
-        module = _freeze(build_preset(spec.preset, "cpu"))
+        family = family_of_preset(spec.preset)
+        module = _freeze(family.seeded(spec.preset))
         sha = state_dict_sha256(module.state_dict())
         module = module.to(device)
         trained = False
+        preset: str | None = spec.preset
     else:
         file = resolve_checkpoint_file(spec.checkpoint)
         sha = file_sha256(file)
-        module = _freeze(load_checkpoint(file, device=device))
+        family, state_dict = family_of_checkpoint(file)
+        module = _freeze(family.load(file, state_dict, device))
         trained = True
+        preset = family.preset_of(module.config)
+    diffusion = family.kind == "diffusion"
     return LoadedModel(
         module=module,
         name=spec.name,
         config=dict(module.config),
         trained=trained,
         sha256=sha,
-        resolution=module.img_resolution,
-        label_dim=module.label_dim,
+        resolution=module.img_resolution if diffusion else module.resolution,
+        label_dim=module.label_dim if diffusion else 0,
+        family=family.name,
+        kind=family.kind,
+        preprocessing=family.preprocessing,
+        preset=preset,
     )
 
 
