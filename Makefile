@@ -37,7 +37,7 @@ $(BIN)/imzarr: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet '$(TORCH)'
-	$(BIN)/pip install --quiet -e '.[dev,plot]'
+	$(BIN)/pip install --quiet -e '.[dev,plot,s3]'
 	touch $@
 
 $(DATA)/sample/train/train_data_batch_1.npz: | $(BIN)/imzarr

@@ -7,6 +7,7 @@ import sys
 
 from schemas.cli import HelpFormatter, add_command, dispatch, positive_int
 from schemas.image_layout import DEFAULT_INNER, DEFAULT_SHARD
+from schemas.output_paths import check_output_location
 
 
 def add_commands(sub) -> None:
@@ -100,6 +101,7 @@ def _convert_npz(args: argparse.Namespace) -> int:
     from converter.convert import convert
     from converter.sources.npz import open_npz_source
 
+    check_output_location(args.output, args.sources, allow_memory=False)
     options = _options(args)
     source = open_npz_source(args.sources, args.label_order, args.allow_pickle)
     return _report(convert(source, options))
@@ -109,6 +111,7 @@ def _convert_jpeg(args: argparse.Namespace) -> int:
     from converter.convert import convert
     from converter.sources.jpeg import open_jpeg_source
 
+    check_output_location(args.output, [args.root, args.val_labels], allow_memory=False)
     options = _options(args)
     source = open_jpeg_source(args.root, args.recipe, args.size, args.val_labels, args.label_from_folders, args.fast_draft)
     return _report(convert(source, options), strict=args.strict)

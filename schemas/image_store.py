@@ -208,7 +208,7 @@ class ShardRangeReader:
         sorted_idx = indices[order]
         shard_of = sorted_idx // layout.samples_per_shard
         wanted = [int(k) for k in np.unique(shard_of)]
-        indexes = self._indexes(wanted)
+        indexes = self.shard_indexes(wanted)
         plans = []
         for k in wanted:
             sel = np.flatnonzero(shard_of == k)
@@ -258,7 +258,7 @@ class ShardRangeReader:
                 raise StoreValidationError(f"{path}: shard is shorter than its index says")
             out[dest] = np.frombuffer(blob, dtype=np.uint8).reshape(dest.size, item)
 
-    def _indexes(self, shards: list[int]) -> dict[int, np.ndarray | None]:
+    def shard_indexes(self, shards: list[int]) -> dict[int, np.ndarray | None]:
         with self._lock:
             missing = [k for k in shards if k not in self._index_cache]
         if missing:

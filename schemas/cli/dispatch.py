@@ -14,6 +14,7 @@ from importlib.metadata import PackageNotFoundError, entry_points, version
 
 from schemas.cli.arguments import HelpFormatter, add_debug_option
 from schemas.cli.running import exit_process, run_command
+from schemas.cli.storage import apply_storage_options, local_file_url_to_path, parse_storage_options, remote_protocols
 
 ENTRY_POINT_GROUP = "imzarr.commands"
 # Order in `imzarr --help`: the workflow's order; packages not listed come after, by name.
@@ -69,7 +70,15 @@ def dispatch(parser: argparse.ArgumentParser, argv: list[str]) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse's own usage errors (exit 2) and --help/--version (exit 0)
         return int(exc.code or 0)
-    return run_command(args.prog_name, lambda: args.handler(args), debug=getattr(args, "debug", False))
+
+    def body() -> int:
+        for name, value in vars(args).items():
+            setattr(args, name, local_file_url_to_path(value))
+        options = parse_storage_options(getattr(args, "storage_options", None))
+        apply_storage_options(options, remote_protocols(vars(args).values()))
+        return args.handler(args)
+
+    return run_command(args.prog_name, body, debug=getattr(args, "debug", False))
 
 
 def add_command(sub, name: str, help_: str, description: str | None = None, prog_name: str | None = None) -> argparse.ArgumentParser:
@@ -79,6 +88,14 @@ def add_command(sub, name: str, help_: str, description: str | None = None, prog
     """
     parser = sub.add_parser(name, help=help_, description=description or help_, formatter_class=HelpFormatter)
     add_debug_option(parser)
+    parser.add_argument(
+        "--storage-options",
+        default=None,
+        metavar="JSON",
+        help="filesystem options for the remote URLs of this command, as a JSON object or @file.json, e.g. "
+        '\'{"endpoint_url": "http://127.0.0.1:9000"}\' for an S3-compatible server (default: none; the standard '
+        "AWS_* and FSSPEC_* variables also apply)",
+    )
     parser.set_defaults(prog_name=prog_name or f"imzarr {name}")
     return parser
 

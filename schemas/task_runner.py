@@ -1,0 +1,102 @@
+"""Runs a list of delayed tasks — on local threads, local processes, or a dask.distributed cluster — with progress.
+
+One runner for every writer (convert, extract, generate). Tasks read their inputs and write their outputs
+themselves and return small receipts (`{"images": n, ...}`), so bulk data never travels through the scheduler.
+On a cluster, this process's fsspec defaults (what `--storage-options` set) are given to every worker first,
+so workers reach the same object store the same way.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import dask
+import dask.threaded
+
+from schemas.errors import ImzarrError
+from schemas.progress_report import DaskProgress, ProgressReport
+
+
+class SchedulerError(ImzarrError):
+    """A scheduler address or resource list that cannot be used."""
+
+
+@dataclass(frozen=True)
+class SchedulerSpec:
+    """Where tasks run: local threads (default), local processes, or a running dask.distributed scheduler."""
+
+    address: str | None = None  # tcp://host:port of a running scheduler; None = this machine
+    workers: int | None = 2  # local threads or processes; None = one per core
+    resources: tuple[tuple[str, float], ...] = ()  # e.g. (("GPU", 1),): each task needs one worker GPU
+    processes: bool = False  # local worker processes instead of threads (ignored with an address)
+
+    @property
+    def describe(self) -> str:
+        if self.address:
+            return f"dask.distributed at {self.address}"
+        return f"{self.workers or os.cpu_count()} local {'processes' if self.processes else 'threads'}"
+
+
+def run_tasks(tasks: list, spec: SchedulerSpec, report: ProgressReport, already_done: int = 0) -> list[Any]:
+    """Compute the tasks and return their receipts in task order; `already_done` items count as finished."""
+    if already_done:
+        report.update(min(already_done, report.total))
+    try:
+        if spec.address is not None:
+            return _run_distributed(tasks, spec, report)
+        if spec.processes:
+            # Imported only on request: it brings multiprocessing and cloudpickle.
+            from dask.multiprocessing import get as scheduler
+        else:
+            scheduler = dask.threaded.get
+        with DaskProgress(report):
+            # chunksize=1: the process scheduler otherwise hands out ready tasks six at a time, leaving workers
+            # idle. The scheduler is passed as a function: naming it makes dask look for a distributed client.
+            return list(dask.compute(*tasks, scheduler=scheduler, num_workers=spec.workers or os.cpu_count() or 1, chunksize=1))
+    finally:
+        report.close()
+
+
+def _run_distributed(tasks: list, spec: SchedulerSpec, report: ProgressReport) -> list[Any]:
+    import fsspec.config
+    from distributed import Client, as_completed
+
+    try:
+        client = Client(spec.address, timeout="30s")
+    except OSError as exc:
+        raise SchedulerError(f"{spec.address}: cannot reach the dask scheduler ({exc})") from None
+    with client:
+        client.run(_apply_fsspec_defaults, {k: dict(v) for k, v in fsspec.config.conf.items() if isinstance(v, dict)})
+        # optimize_graph=False: graph optimisation may drop the resource annotations
+        futures = client.compute(tasks, resources=dict(spec.resources) or None, optimize_graph=False)
+        index = {f.key: i for i, f in enumerate(futures)}
+        receipts: list[Any] = [None] * len(futures)
+        for future in as_completed(futures):
+            receipt = future.result()
+            receipts[index[future.key]] = receipt
+            report.update(receipt.get("images", 0) if isinstance(receipt, dict) else 0)
+        return receipts
+
+
+def _apply_fsspec_defaults(conf: dict[str, dict]) -> None:
+    """On a worker: the driver's fsspec defaults per protocol (endpoint, credentials options)."""
+    import fsspec.config
+
+    for protocol, options in conf.items():
+        fsspec.config.conf.setdefault(protocol, {}).update(options)
+
+
+def parse_resources(text: str | None) -> tuple[tuple[str, float], ...]:
+    """`GPU=1,MEM=10e9` → (("GPU", 1.0), ("MEM", 1e10))."""
+    if not text:
+        return ()
+    pairs = []
+    for item in text.split(","):
+        name, _, value = item.partition("=")
+        try:
+            pairs.append((name.strip(), float(value or 1)))
+        except ValueError:
+            raise SchedulerError(f"--resources {text!r}: {item!r} is not NAME=NUMBER") from None
+    return tuple(pairs)

@@ -1,0 +1,89 @@
+"""Random reads from an object store: `ImageStore.take` on a local S3 server (moto, 127.0.0.1) against a bare
+fsspec `cat_ranges` of exactly the same byte ranges, in the same run.
+
+The store's reader reads each needed shard's index once (cached), then asks for every needed byte range in
+one concurrent `cat_ranges` call, adjacent images merged. Goal (issue "Object storage"): ≥ 0.5 × the bare
+call and ≥ 20 × the 120 img/s that zarr-python's one-request-after-another path gave (2,400 img/s).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from tests.benchmarks.run import make_row
+
+GROUP = "object store"
+SAMPLES, RESOLUTION, SHARD, TAKE, ROUNDS = 8192, 64, 4096, 100, 7
+OLD_PATH_IMG_S = 120.0  # zarr-python fallback on the same server, measured when the issue was filed
+
+
+def run(workdir: Path, quick: bool = False) -> list[dict]:
+    try:
+        import fsspec.config
+        import zarr
+
+        from schemas.image_layout import DEFAULT_INNER, create_image_arrays, write_image_shard
+        from schemas.image_store import ImageStore
+        from tests.s3_server import CREDENTIALS, local_s3
+    except ImportError as exc:  # the s3 extra or moto is not installed
+        return [make_row(GROUP, "random take, 100 of 8,192", None, "", note=f"skipped: {exc}")]
+    import os
+
+    os.environ.update(CREDENTIALS)
+    rng = np.random.default_rng(0)
+    rows = []
+    with local_s3("imzarr-bench") as s3:
+        fsspec.config.conf["s3"] = dict(s3.storage_options)
+        url = s3.url("bench.zarr")
+        group = zarr.open_group(url, mode="w", zarr_format=3)
+        create_image_arrays(group, SAMPLES, RESOLUTION, SHARD, DEFAULT_INNER)
+        for start in range(0, SAMPLES, SHARD):
+            images = rng.integers(0, 256, (SHARD, 3, RESOLUTION, RESOLUTION), dtype=np.uint8)
+            coords = {"label": np.zeros(SHARD, np.int16), "global_index": np.arange(start, start + SHARD)}
+            write_image_shard(url, start, images, coords)
+
+        store = ImageStore(url, zarr.open_group(url, mode="r"))
+        reader = store.fast_reader
+        fs = reader.fs
+        cold, warm, bare = [], [], []
+        for _ in range(3 if quick else ROUNDS):
+            idx = rng.integers(0, SAMPLES, TAKE)
+            fresh = ImageStore(url, zarr.open_group(url, mode="r"))
+            t0 = time.perf_counter()
+            fresh.take(idx)  # indexes not cached yet: one index read per shard, then the data
+            cold.append(time.perf_counter() - t0)
+            idx = rng.integers(0, SAMPLES, TAKE)
+            t0 = time.perf_counter()
+            store.take(idx)
+            warm.append(time.perf_counter() - t0)
+            paths, starts, ends = _same_ranges(reader, idx)
+            t0 = time.perf_counter()
+            fs.cat_ranges(paths, starts, ends)
+            bare.append(time.perf_counter() - t0)
+        best = lambda times: TAKE / min(times)  # noqa: E731
+        rows.append(make_row(GROUP, "random take, 100 of 8,192 (index cached)", best(warm), "img/s", baseline=best(bare),
+                             goal="≥ 0.5× bare cat_ranges, ≥ 2,400 img/s", met=best(warm) >= 0.5 * best(bare) and best(warm) >= 20 * OLD_PATH_IMG_S,
+                             note=f"baseline: bare fsspec cat_ranges of the same ranges; {best(warm) / OLD_PATH_IMG_S:.0f}× the old {OLD_PATH_IMG_S:.0f} img/s"))
+        rows.append(make_row(GROUP, "random take, first call (indexes read)", best(cold), "img/s", baseline=OLD_PATH_IMG_S,
+                             goal="≥ 20× old path", met=best(cold) >= 20 * OLD_PATH_IMG_S, note="baseline: zarr-python path when the issue was filed"))
+    return rows
+
+
+def _same_ranges(reader, indices: np.ndarray) -> tuple[list[str], list[int], list[int]]:
+    """The byte ranges the reader asks for (sorted, adjacent images merged), computed from its cached indexes."""
+    layout = reader.layout
+    idx = np.sort(indices)
+    paths, starts, ends = [], [], []
+    for k in np.unique(idx // layout.samples_per_shard):
+        local = idx[idx // layout.samples_per_shard == k] - k * layout.samples_per_shard
+        index = reader.shard_indexes([int(k)])[int(k)]
+        pos = index[local // layout.samples_per_inner, 0].astype(np.int64) + (local % layout.samples_per_inner) * layout.item_bytes
+        breaks = np.flatnonzero(np.diff(pos) != layout.item_bytes) + 1
+        for a, b in zip(np.r_[0, breaks], np.r_[breaks, pos.size]):
+            paths.append(reader.shard_path(int(k)))
+            starts.append(int(pos[a]))
+            ends.append(int(pos[a]) + int(b - a) * layout.item_bytes)
+    return paths, starts, ends
