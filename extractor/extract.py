@@ -272,5 +272,7 @@ def extract_shard(task: ShardTask) -> dict:
     except BaseException:
         output.abort()
         raise
+    finally:
+        runner.release()  # the writer thread is done with the buffers either way
     mark_done(task.output, task.shard)
     return {"images": int(n)}

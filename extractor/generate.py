@@ -147,6 +147,8 @@ def generate_shard(task: GenerateTask) -> dict:
         for out in outputs:
             out.abort()
         raise
+    finally:
+        runner.release()  # the writer threads are done with the buffers either way
     if task.activations_out:
         mark_done(task.activations_out, task.shard)
     mark_done(task.output, task.shard)

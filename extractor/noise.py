@@ -26,6 +26,7 @@ ULP). So the bits are the same on every device, batch size, order and worker cou
 from __future__ import annotations
 
 import math
+import struct
 from functools import lru_cache
 
 import numpy as np
@@ -43,6 +44,7 @@ _MIX_2 = 0x94D049BB133111EB
 _LN2 = math.log(2.0)
 _HALF_PI = math.pi / 2
 _SQRT_HALF = math.sqrt(0.5)
+_SQRT2_MANTISSA = int.from_bytes(struct.pack("<d", math.sqrt(2.0)), "little") & ((1 << 52) - 1)
 _ATANH_TERMS = tuple(1.0 / (2 * k + 1) for k in range(7))
 _SIN_TERMS = tuple((-1) ** k / math.factorial(2 * k + 1) for k in range(6))
 _COS_TERMS = tuple((-1) ** k / math.factorial(2 * k) for k in range(7))
@@ -143,54 +145,63 @@ class NoiseGenerator:
         return out
 
     def _gaussian_pairs(self, keys: torch.Tensor, out: torch.Tensor) -> None:
-        """out[n, pairs, 2] (float32) ← (r cos θ, r sin θ) per word; the module docstring gives the formula."""
+        """out[n, pairs, 2] (float32) ← (r cos θ, r sin θ) per word; the module docstring gives the formula.
+
+        Branches are integer bit arithmetic and exact ×0/×1/×½ blends (torch.where and frexp cost 10-25× an
+        arithmetic op on CPU, measured); float64 bits are read through a view, which is exact on every device.
+        """
         n = keys.shape[0]
         f64, i64 = torch.float64, torch.int64
-        words, scratch, quadrant = (self._buffer(k, n, i64) for k in ("words", "scratch", "quadrant"))
+        words, scratch, bits = (self._buffer(k, n, i64) for k in ("words", "scratch", "bits"))
         x, x2, sin_x, cos_x, u, v = (self._buffer(k, n, f64) for k in ("x", "x2", "sin", "cos", "u", "v"))
-        exponent = self._buffer("exponent", n, torch.int32)
-        swap, neg_first, neg_second = (self._buffer(k, n, torch.bool) for k in ("swap", "neg1", "neg2"))
         torch.add(keys[:, None], self.offsets[None, :], out=words)
         _mix64_(words, scratch)
-        # angle: x = ((b mod 2³⁰ + ½)/2³⁰ − ½)·π/2, quadrant q = b >> 30 (bits 30, 31 of the word)
+        # angle: x = ((b mod 2³⁰ + ½)/2³⁰ − ½)·π/2, quadrant q = bits 30, 31 of the word
         torch.bitwise_and(words, (1 << 30) - 1, out=scratch)
         x.copy_(scratch).add_(0.5).mul_(2.0**-30).sub_(0.5).mul_(_HALF_PI)
-        torch.bitwise_right_shift(words, 30, out=quadrant)
-        quadrant.bitwise_and_(3)
-        torch.bitwise_and(quadrant, 1, out=scratch)
-        torch.ne(scratch, 0, out=swap)
-        torch.eq(quadrant, 1, out=neg_first)
-        torch.eq(quadrant, 2, out=neg_second)
-        neg_first.logical_or_(neg_second)
-        torch.ge(quadrant, 2, out=neg_second)
         torch.mul(x, x, out=x2)
         _horner_(sin_x, x2, _SIN_TERMS).mul_(x)
         _horner_(cos_x, x2, _COS_TERMS)
         torch.sub(cos_x, sin_x, out=u).mul_(_SQRT_HALF)  # cos(π/4 + x)
         torch.add(cos_x, sin_x, out=v).mul_(_SQRT_HALF)  # sin(π/4 + x)
-        # rotate by q·π/2: (c, s) → (c, s), (−s, c), (−c, −s), (s, −c); ×(±1) is exact
-        torch.where(swap, v, u, out=cos_x)
-        torch.where(swap, u, v, out=sin_x)
-        u.copy_(neg_first).mul_(-2.0).add_(1.0)
-        cos_x.mul_(u)
-        u.copy_(neg_second).mul_(-2.0).add_(1.0)
-        sin_x.mul_(u)
+        # rotate by q·π/2: (c, s) → (c, s), (−s, c), (−c, −s), (s, −c): swap when q is odd, negate the first
+        # when q ∈ {1, 2} (bit 1 xor bit 0), the second when q ≥ 2 (bit 1); blends with exact 0/1 weights
+        torch.bitwise_right_shift(words, 30, out=bits)
+        bits.bitwise_and_(1)  # bit 0 of q: swap
+        x.copy_(bits)  # s ∈ {0, 1}
+        torch.mul(v, x, out=cos_x)
+        torch.mul(u, x, out=sin_x)
+        x.sub_(1.0).neg_()  # 1 − s
+        cos_x.add_(u.mul_(x))  # first = s·v + (1 − s)·u: exactly v or u
+        sin_x.add_(v.mul_(x))  # second = s·u + (1 − s)·v
+        torch.bitwise_right_shift(words, 31, out=scratch)
+        scratch.bitwise_and_(1)  # bit 1 of q
+        bits.bitwise_xor_(scratch)  # bit 1 xor bit 0
+        x.copy_(bits).mul_(-2.0).add_(1.0)
+        cos_x.mul_(x)
+        x.copy_(scratch).mul_(-2.0).add_(1.0)
+        sin_x.mul_(x)
         # radius: a + 1 = f·2ᵉ, f ∈ [√½, √2); −2 ln u = −2((e − 32)·ln 2 + 2 atanh t), t = (f − 1)/(f + 1)
         torch.bitwise_right_shift(words, 32, out=scratch)
         scratch.bitwise_and_(0xFFFFFFFF).add_(1)
         v.copy_(scratch)  # exact: < 2⁵³
-        torch.frexp(v, out=(x, exponent))  # exact: mantissa x ∈ [0.5, 1)
-        torch.lt(x, _SQRT_HALF, out=swap)
-        u.copy_(swap).add_(1.0)  # 2 where the mantissa is below √½, else 1
-        x.mul_(u)  # exact
-        v.copy_(exponent).add_(1.0).sub_(u)  # e − [mantissa was below √½]
-        torch.add(x, 1.0, out=u)
-        x.sub_(1.0).div_(u)  # t
-        torch.mul(x, x, out=x2)
-        _horner_(u, x2, _ATANH_TERMS).mul_(x)  # atanh t
-        v.sub_(32.0).mul_(_LN2).add_(u.mul_(2.0)).mul_(-2.0).clamp_(min=0.0).sqrt_()  # r
-        out[..., 0].copy_(cos_x.mul_(v))  # the one rounding to float32
-        out[..., 1].copy_(sin_x.mul_(v))
+        ieee = v.view(i64)  # sign 0, 11 exponent bits, 52 mantissa bits
+        torch.bitwise_right_shift(ieee, 52, out=scratch)  # biased exponent of a + 1 ∈ [1, 2³²]
+        ieee.bitwise_and_((1 << 52) - 1)  # mantissa bits: f ∈ [1, 2) once the exponent is set to 0
+        torch.add(ieee, (1 << 52) - _SQRT2_MANTISSA, out=bits)
+        bits.bitwise_right_shift_(52)  # 1 where f ≥ √2 (then f/2 ∈ [√½, 1), e + 1)
+        ieee.bitwise_or_(1023 << 52)
+        scratch.add_(bits).sub_(1023 + 32)  # e − 32
+        u.copy_(bits).mul_(-0.5).add_(1.0)  # ½ or 1
+        v.mul_(u)  # f, exact
+        x2.copy_(scratch)  # e − 32, exact
+        torch.add(v, 1.0, out=u)
+        v.sub_(1.0).div_(u)  # t
+        torch.mul(v, v, out=x)
+        _horner_(u, x, _ATANH_TERMS).mul_(v)  # atanh t
+        x2.mul_(_LN2).add_(u.mul_(2.0)).mul_(-2.0).clamp_(min=0.0).sqrt_()  # r
+        out[..., 0].copy_(cos_x.mul_(x2))  # the one rounding to float32
+        out[..., 1].copy_(sin_x.mul_(x2))
 
 
 def per_sample_noise(seed: int, global_index: torch.Tensor | np.ndarray, shape: tuple[int, ...], device: torch.device | str) -> torch.Tensor:

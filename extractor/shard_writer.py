@@ -143,3 +143,4 @@ def write_whole_shard(url: str, array: str, shard: int, values: np.ndarray, layo
         writer.abort()
         raise
 
+

@@ -1,7 +1,7 @@
 """A zero-cost stand-in for the EDM network: the layer names and output shapes of a real one, no compute.
 
 Used where the pipeline around the network is what is measured or tested (the ceiling benchmark, integrity
-checks): every block returns one preallocated tensor broadcast to the batch, D(x) returns its input.
+checks): every block returns a preallocated tensor, D(x) returns its input.
 """
 
 from __future__ import annotations
@@ -16,14 +16,21 @@ from extractor.models import LoadedModel, ModelSpec
 
 
 class ConstantBlock(nn.Module):
-    """Returns a fixed [C, H, W] (or [C]) tensor broadcast to the batch: no arithmetic per sample."""
+    """Returns a fixed, contiguous [n, C, H, W] tensor (made once per batch size): no arithmetic per sample.
+
+    Contiguous like a real layer's output: a broadcast view would send the copies after it down other paths.
+    """
 
     def __init__(self, shape: tuple[int, ...], value: float):
         super().__init__()
-        self.register_buffer("value", torch.full((1, *shape), value, dtype=torch.float32), persistent=False)
+        self.shape, self.value = shape, value
+        self.outputs: dict[tuple[int, torch.device], torch.Tensor] = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.value.expand(x.shape[0], *self.value.shape[1:])
+        key = (x.shape[0], x.device)
+        if key not in self.outputs:
+            self.outputs[key] = torch.full((x.shape[0], *self.shape), self.value, dtype=torch.float32, device=x.device)
+        return self.outputs[key]
 
 
 class StandInUNet(nn.Module):

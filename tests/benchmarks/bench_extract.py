@@ -22,10 +22,13 @@ LAYER = "encoder_bottleneck"
 BATCH = 64
 
 
-def _image_store(workdir: Path, n: int) -> str:
+def bench_image_store(workdir: Path, n: int) -> str:
+    """A converted image store of n photo-like 64×64 images (reused when already there)."""
     shard = workdir / "val_data.npz"
     write_npz_shard(shard, photo_like(n, 64, seed=11), np.random.default_rng(0).integers(1, 1001, n), mean=False)
     url = str(workdir / "images.zarr")
+    if (workdir / "images.zarr" / "zarr.json").exists():
+        return url
     proc = run_child([sys.executable, "-m", "converter", "npz", str(shard), "-o", url])
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr)
@@ -33,25 +36,27 @@ def _image_store(workdir: Path, n: int) -> str:
 
 
 def _forward_only(store_url: str, n: int) -> float:
-    """images/s of capture_layers on batches already in memory (same preprocessing as the extractor)."""
-    from extractor.extract import ForwardSettings, run_forward
-    from extractor.models import ModelSpec, cached_model
+    """images/s of the extractor's forward path on batches already in memory (noise, capture, cast, checks)."""
+    from extractor.extract import ForwardSettings, probe_layers
+    from extractor.forward import ShardForward, resolve_compute
+    from extractor.models import ModelSpec
     from schemas.image_store import validate_image_store
 
     store = validate_image_store(store_url)
-    images = store.read(0, n)
+    images = torch.from_numpy(store.read(0, n))
     labels, gidx = store.coordinate("label")[:n], store.coordinate("global_index")[:n]
-    fwd = ForwardSettings(ModelSpec(preset="tiny-random"), (LAYER,))
-    loaded = cached_model(fwd.model, "cpu")
-    run_forward(loaded, images[:BATCH], labels[:BATCH], gidx[:BATCH], fwd, "cpu")  # warm-up
+    fwd = resolve_compute(ForwardSettings(ModelSpec(preset="tiny-random"), (LAYER,)), "cpu")
+    shapes, _, loaded = probe_layers(fwd, "cpu")
+    ShardForward(loaded, fwd, "cpu", BATCH, shapes, None).run(0, images[:BATCH], labels[:BATCH], gidx[:BATCH])  # warm-up
+    runner = ShardForward(loaded, fwd, "cpu", n, shapes, None)
     start = time.perf_counter()
     for a in range(0, n, BATCH):
-        run_forward(loaded, images[a : a + BATCH], labels[a : a + BATCH], gidx[a : a + BATCH], fwd, "cpu")
+        runner.run(a, images[a : a + BATCH], labels[a : a + BATCH], gidx[a : a + BATCH])
     return n / (time.perf_counter() - start)
 
 
 def _write_rates(acts_url: str, workdir: Path) -> tuple[float, float, int]:
-    """MB/s of the extractor's shard writer vs a bare zarr write of the same bytes in the same layout."""
+    """MB/s of the extractor's shard writer (direct shard files) vs a bare zarr write of the same bytes and layout."""
     from extractor.activation_writer import create_activation_arrays, write_activation_shard
 
     src = zarr.open_group(acts_url, mode="r")
@@ -63,7 +68,7 @@ def _write_rates(acts_url: str, workdir: Path) -> tuple[float, float, int]:
     create_activation_arrays(ours, n, {LAYER: data.shape[1:]}, str(data.dtype), shard, None)
     start = time.perf_counter()
     for a in range(0, n, shard):
-        write_activation_shard(str(workdir / "write_ours.zarr"), a, {LAYER: data[a : a + shard]}, {k: v[a : a + shard] for k, v in coords.items()})
+        write_activation_shard(str(workdir / "write_ours.zarr"), a, {LAYER: data[a : a + shard]}, {k: v[a : a + shard] for k, v in coords.items()}, shard=a // shard)
     ours_s = time.perf_counter() - start
     bare = zarr.create_array(str(workdir / "write_bare.zarr"), shape=data.shape, dtype=data.dtype, chunks=src[LAYER].chunks, shards=src[LAYER].shards, compressors=None, fill_value=0.0)
     start = time.perf_counter()
@@ -76,7 +81,7 @@ def _write_rates(acts_url: str, workdir: Path) -> tuple[float, float, int]:
 def run(workdir: Path, quick: bool = False) -> list[dict]:
     n = 2_000 if quick else 20_000
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    store = _image_store(workdir, n)
+    store = bench_image_store(workdir, n)
     forward_rate = _forward_only(store, min(n, 2_560))
     acts = str(workdir / "acts.zarr")
     proc = run_child([sys.executable, "-m", "extractor", "extract", store, "-o", acts, "--preset", "tiny-random", "--layers", LAYER, "--device", "cpu"])

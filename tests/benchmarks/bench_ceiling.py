@@ -1,0 +1,111 @@
+"""The extraction pipeline's ceiling: the whole of `extract` with a zero-cost stand-in network, on CPU.
+
+Two (768, 8, 8) layers per image (the shapes of the issue), float16, 512-sample shards, two local workers:
+everything but the network runs as in a real extraction (image reads, device noise, capture, pooling, cast,
+NaN/Inf checks, direct shard writes, coordinates, done records, finalize). Pooled outputs measure the per-image
+overhead (goal ≥ 10,000 img/s on 2 cores); unpooled outputs are mostly bytes, so they are compared with a raw
+`os.write` of the same bytes into as many files (goal ≥ 0.8×). Each figure is the best of `ROUNDS` runs, after a
+warm-up; the machine's load from other work is measured during each run and reported.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+from tests.benchmarks.bench_extract import bench_image_store
+from tests.benchmarks.run import QuietGate, make_row, others_busy_cores
+from tests.stand_in import StandInNetwork, serving
+
+LAYERS = ("model.enc.8x8_a", "model.enc.8x8_b")
+LAYER_SHAPE = (768, 8, 8)
+SHARD = 512
+ROUNDS = 3
+
+
+def _network() -> StandInNetwork:
+    return StandInNetwork({"8x8_a": LAYER_SHAPE, "8x8_b": LAYER_SHAPE}, {"8x8_in0": LAYER_SHAPE})
+
+
+def _extract_rate(store: str, out: Path, n: int, pool: str, noise: bool) -> tuple[float, float]:
+    """(img/s of one whole extraction, other work's load in cores meanwhile)."""
+    from extractor.extract import ExtractOptions, ForwardSettings, RunOptions, extract
+    from extractor.models import ModelSpec
+    from extractor.selection import SelectionSpec
+
+    shutil.rmtree(out, ignore_errors=True)
+    fwd = ForwardSettings(ModelSpec(preset="tiny-random"), LAYERS, pool=pool, noise_seed=0 if noise else None)
+    options = ExtractOptions(store, str(out), fwd, SelectionSpec(num_samples=n), RunOptions(batch_size=128, device="cpu", shard_size=SHARD))
+    machine, own = _cpu_seconds()
+    start = time.perf_counter()
+    extract(options)
+    wall = time.perf_counter() - start
+    load = max(0.0, (_cpu_seconds()[0] - machine - (_cpu_seconds()[1] - own)) / wall)
+    return n / wall, load
+
+
+def _cpu_seconds() -> tuple[float, float]:
+    """(CPU seconds the machine was busy, CPU seconds of this process) since boot / start."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:9]]
+    busy = sum(fields) - fields[3] - fields[4]  # all but idle and iowait
+    usage = os.times()
+    return busy / os.sysconf("SC_CLK_TCK"), usage.user + usage.system
+
+
+def _raw_write_rate(folder: Path, n: int, bytes_per_image: int) -> float:
+    """img/s of os.write of the same bytes into files of SHARD images each (one per shard and layer)."""
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    per_layer = bytes_per_image // len(LAYERS)
+    block = np.random.default_rng(0).integers(0, 255, SHARD * per_layer, dtype=np.uint8).tobytes()
+    start = time.perf_counter()
+    for k, first in enumerate(range(0, n, SHARD)):
+        count = min(SHARD, n - first)
+        for layer in range(len(LAYERS)):
+            fd = os.open(folder / f"{layer}_{k}", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            view = memoryview(block)[: count * per_layer]
+            while view:
+                view = view[os.write(fd, view) :]
+            os.close(fd)
+    return n / (time.perf_counter() - start)
+
+
+def run(workdir: Path, quick: bool = False) -> list[dict]:
+    n_pooled = 4_096 if quick else 20_480
+    n_full = 2_048 if quick else 5_120
+    store = bench_image_store(workdir, n_pooled)
+    gate = QuietGate(budget_s=60)
+    rows = []
+    with serving(_network()):
+        _extract_rate(store, workdir / "warm.zarr", 1_024, "mean", True)  # imports, first-touch of buffers
+        _extract_rate(store, workdir / "warm.zarr", 1_024, "none", True)
+        for pool, n in (("mean", n_pooled), ("none", n_full)):
+            for noise in (True, False):
+                results = []
+                for _ in range(ROUNDS):
+                    gate.wait()
+                    results.append(_extract_rate(store, workdir / "acts.zarr", n, pool, noise))
+                rate, load = max(results)
+                label = "pooled (mean)" if pool == "mean" else "unpooled"
+                bytes_per_image = len(LAYERS) * int(np.prod(LAYER_SHAPE if pool == "none" else LAYER_SHAPE[:1])) * 2
+                note = f"{n:,} images, {bytes_per_image:,} B/img float16; others' load {load:.2f} cores; best of {ROUNDS}"
+                if pool == "mean":
+                    rows.append(make_row("ceiling", f"extract {label}, stand-in network, {'noise' if noise else 'no noise'}", rate, "img/s",
+                                         goal="≥ 10,000 img/s" if noise else "", met=rate >= 10_000 if noise else None, note=note))
+                    continue
+                raws = []
+                for _ in range(ROUNDS):
+                    gate.wait()
+                    raws.append(_raw_write_rate(workdir / "raw", n, bytes_per_image))
+                raw = max(raws)
+                rows.append(make_row("ceiling", f"extract {label}, stand-in network, {'noise' if noise else 'no noise'}", rate, "img/s",
+                                     baseline=raw, goal="≥ 0.8 × raw write" if noise else "", met=rate >= 0.8 * raw if noise else None,
+                                     note=note + f"; baseline: os.write of the same bytes into as many files, {raw * bytes_per_image / 1e6:,.0f} MB/s"))
+    shutil.rmtree(workdir / "raw", ignore_errors=True)
+    rows.append(make_row("ceiling", "others' load before the runs", others_busy_cores(1.0), "cores", note="2-core machine shared with other developers"))
+    return rows
