@@ -6,8 +6,8 @@ import numpy as np
 import torch
 
 from extractor.activation_writer import default_shard_size
-from extractor.extract import ExtractOptions, probe_layers
-from extractor.forward import auto_batch_size, check_forward_settings, per_sample_bytes, resolve_compute, resolve_device
+from extractor.extract import ExtractOptions, choose_batch_size, probe_layers
+from extractor.forward import check_forward_settings, resolve_compute, resolve_device
 from extractor.selection import select_samples
 from schemas.image_store import validate_image_store
 
@@ -31,7 +31,7 @@ def dry_run_table(options: ExtractOptions) -> str:
         batch = run.batch_size
     else:  # the automatic choice needs the layer shapes: probe one sample first
         shapes, _, loaded = probe_layers(fwd, device)
-        batch = auto_batch_size(per_sample_bytes(shapes, loaded.resolution, fwd.storage_dtype), device)
+        batch = choose_batch_size(loaded, fwd, shapes, device, run.compile)
     batch = max(1, min(batch, int(chosen.size)))
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()

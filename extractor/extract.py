@@ -29,6 +29,7 @@ from extractor.forward import (
     check_forward_settings,
     fold_run_keywords,
     forward_batch,
+    measured_bytes_per_sample,
     per_sample_bytes,
     pinned_images,
     prepare_module,
@@ -85,6 +86,15 @@ def probe_layers(fwd: ForwardSettings, device: str, batch: int = 1) -> tuple[dic
     x = torch.zeros(batch, 3, res, res, device=device)
     acts, _ = forward_batch(loaded.module, x, None, fwd, device, need_output=False)
     return {name: tuple(a.shape[1:]) for name, a in acts.items()}, paths, loaded
+
+
+def choose_batch_size(loaded, fwd: ForwardSettings, shapes: dict[str, tuple[int, ...]], device: str, compile_blocks: bool = False) -> int:
+    """The batch when none is given: 64 on CPU; on CUDA from free memory and a measured forward of a few samples."""
+    if not device.startswith("cuda"):
+        return auto_batch_size(0, device)
+    module = prepare_module(loaded.module, device, compile_blocks)
+    planned = measured_bytes_per_sample(module, fwd, loaded.resolution, loaded.label_dim, device) + per_sample_bytes(shapes, loaded.resolution, fwd.storage_dtype)
+    return auto_batch_size(planned, device)
 
 
 def check_noise_recipe(url: str, noise_seed: int | None, overwrite: bool) -> None:
@@ -161,7 +171,7 @@ def extract(options: ExtractOptions) -> ExtractResult:
         "source_file": images.coordinate("source_file")[chosen],
         "source_sample": chosen,
     }
-    batch = run.batch_size or auto_batch_size(per_sample_bytes(shapes, loaded.resolution, fwd.storage_dtype), device)
+    batch = run.batch_size or choose_batch_size(loaded, fwd, shapes, device, run.compile)
     tasks = [
         dask.delayed(extract_shard, pure=False)(
             ShardTask(options.store, options.output, k, k * shard, {c: v[k * shard : (k + 1) * shard] for c, v in coords.items()},

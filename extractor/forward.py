@@ -141,6 +141,19 @@ def auto_batch_size(per_sample_bytes: int, device: str) -> int:
     return int(min(MAX_AUTO_BATCH, max(1, 1 << (max(fit, 1).bit_length() - 1))))
 
 
+def measured_bytes_per_sample(module: torch.nn.Module, fwd: ForwardSettings, resolution: int, label_dim: int, device: str, probe: int = 8) -> int:
+    """CUDA memory one sample takes through the forward (peak over a `probe`-sample batch, per sample)."""
+    dev = torch.device(device)
+    torch.cuda.synchronize(dev)
+    before = torch.cuda.memory_allocated(dev)
+    torch.cuda.reset_peak_memory_stats(dev)
+    x = torch.zeros(probe, 3, resolution, resolution, device=device)
+    one_hot = torch.zeros(probe, label_dim, device=device) if label_dim else None
+    forward_batch(module, x, one_hot, fwd, device, need_output=fwd.reconstructions or not fwd.layers)
+    torch.cuda.synchronize(dev)
+    return max(1, (torch.cuda.max_memory_allocated(dev) - before) // probe)
+
+
 def one_hot_labels(labels: np.ndarray, label_dim: int, device: str, class_free: bool = False) -> torch.Tensor:
     """One-hot rows for labels ≥ 0; unknown labels (-1) and class-free runs get zero rows."""
     one_hot = torch.zeros(labels.shape[0], label_dim, device=device)
@@ -320,7 +333,8 @@ class ShardForward:
             return
         staged = {}
         for name, value in results.items():
-            cast = value.to(self.host[name].dtype)
+            # contiguous (NCHW) like the host buffer: channels_last outputs would otherwise copy twice
+            cast = value.to(self.host[name].dtype, memory_format=torch.contiguous_format)
             if name in self.flags:
                 self.flags[name][first:stop] = nonfinite_rows(cast)
             staged[name] = cast
@@ -356,10 +370,11 @@ def pinned_images(images: np.ndarray, device: str) -> torch.Tensor:
 
 
 def per_sample_bytes(layer_shapes: dict[str, tuple[int, ...]], resolution: int, storage_dtype: str) -> int:
-    """A rough device-memory plan per sample: input, outputs and ~20× the input for the network's activations."""
-    image = 3 * resolution * resolution * 4
-    outputs = sum(int(np.prod(s)) for s in layer_shapes.values()) * 4
-    return 20 * image + 2 * outputs + 4 * np.dtype(storage_dtype).itemsize
+    """Device memory per sample besides the forward itself: input and noise scratch (float32), and the cast
+    outputs of two batches (one computing while the previous one's copy to the host is in flight)."""
+    scratch = 2 * 3 * resolution * resolution * 4
+    outputs = sum(int(np.prod(s)) for s in layer_shapes.values()) * np.dtype(storage_dtype).itemsize
+    return scratch + 2 * outputs
 
 
 def fold_run_keywords(run: RunOptions, **given: Any) -> RunOptions:

@@ -20,6 +20,7 @@ from extractor.extract import (
     RunOptions,
     cached_model,
     check_noise_recipe,
+    choose_batch_size,
     device_name,
     integrity_pass,
     model_attrs,
@@ -29,10 +30,8 @@ from extractor.extract import (
 )
 from extractor.forward import (
     ShardForward,
-    auto_batch_size,
     check_forward_settings,
     fold_run_keywords,
-    per_sample_bytes,
     prepare_module,
     resolve_compute,
     resolve_device,
@@ -213,7 +212,7 @@ def generate(options: GenerateOptions) -> GenerateResult:
                            "input_scaling": "none: the generator's own input sigma * eps"},
         )
         pending |= set(act_state.pending)
-    batch = run.batch_size or auto_batch_size(per_sample_bytes(shapes, loaded.resolution, fwd.storage_dtype), device)
+    batch = run.batch_size or choose_batch_size(loaded, fwd, shapes, device, run.compile)
     tasks = [
         dask.delayed(generate_shard, pure=False)(
             GenerateTask(options.output, options.activations_out, k, k * shard, labels[k * shard : (k + 1) * shard], fwd, shapes, batch, run.device, run.compile)

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import math
 import struct
-from functools import lru_cache
 
 import numpy as np
 import torch

@@ -1,13 +1,14 @@
 """Generation: reproducible per sample, equal to a direct call of the network, and a store the extractor reads."""
 
 import numpy as np
+import pytest
 import torch
 import zarr
 
 from extractor.extract import ExtractOptions, ForwardSettings, RunOptions, extract
 from extractor.generate import GenerateOptions, generate
 from extractor.models import ModelSpec, build_preset
-from extractor.noise import per_sample_noise
+from extractor.noise import NOISE_RECIPE, per_sample_noise
 from schemas.activation_store import validate_activation_store
 from schemas.image_store import validate_image_store
 
@@ -76,3 +77,18 @@ def test_unfinished_generation_resumes_to_identical(tmp_path):
     group["image"][2:4] = 0
     gen(tmp_path / "x.zarr", shard=2)
     stores_identical(str(tmp_path / "ref.zarr"), str(tmp_path / "x.zarr"))
+
+
+def test_generated_store_with_the_old_noise_recipe_is_refused(tmp_path):
+    from extractor.extract import NoiseRecipeError
+
+    gen(tmp_path / "old.zarr")
+    group = zarr.open_group(str(tmp_path / "old.zarr"), mode="r+", use_consolidated=False)
+    assert group.attrs["noise"]["recipe"] == NOISE_RECIPE and NOISE_RECIPE in group.attrs["sampling"]
+    attrs = dict(group.attrs)
+    del attrs["noise"]  # what stores made before the recipe carried: the numpy sampling line only
+    attrs["sampling"] = "one step: D(sigma * eps; sigma, one-hot(label)), eps ~ numpy default_rng([seed, index])"
+    group.attrs.clear()
+    group.update_attributes(attrs)
+    with pytest.raises(NoiseRecipeError, match="numpy default_rng"):
+        gen(tmp_path / "old.zarr")
