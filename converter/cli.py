@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from schemas.cli import HelpFormatter, add_command, dispatch, positive_int
+from schemas.cli import CommandParser, HelpFormatter, add_command, dispatch, non_negative_int, positive_int
 from schemas.image_layout import DEFAULT_INNER, DEFAULT_SHARD
 from schemas.output_paths import check_output_location
 
@@ -73,7 +73,7 @@ def add_convert_commands(sub) -> None:
 
 def _output_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--output", required=True, help="output store: a path or an fsspec URL (e.g. s3://bucket/x.zarr); never inside or around an input")
-    p.add_argument("--shuffle-seed", type=int, default=None, help="write samples in this seeded random order, so any prefix of the store is a uniform random sample (global_index keeps source positions); default: source order")
+    p.add_argument("--shuffle-seed", type=non_negative_int, default=None, help="write samples in this seeded random order, so any prefix of the store is a uniform random sample (global_index keeps source positions); default: source order")
     p.add_argument("--shard-size", type=positive_int, default=DEFAULT_SHARD, help="samples per shard file and per write task")
     p.add_argument("--inner-chunk", type=positive_int, default=DEFAULT_INNER, help="samples per inner chunk, the unit zarr reads")
     p.add_argument("--workers", type=positive_int, default=None, help="parallel tasks (default: all cores)")
@@ -98,21 +98,23 @@ def _options(args: argparse.Namespace):
 
 
 def _convert_npz(args: argparse.Namespace) -> int:
-    from converter.convert import convert
+    from converter.convert import convert, validate_convert_options
     from converter.sources.npz import open_npz_source
 
     check_output_location(args.output, args.sources, allow_memory=False)
     options = _options(args)
+    validate_convert_options(options)
     source = open_npz_source(args.sources, args.label_order, args.allow_pickle)
     return _report(convert(source, options))
 
 
 def _convert_jpeg(args: argparse.Namespace) -> int:
-    from converter.convert import convert
+    from converter.convert import convert, validate_convert_options
     from converter.sources.jpeg import open_jpeg_source
 
     check_output_location(args.output, [args.root, args.val_labels], allow_memory=False)
     options = _options(args)
+    validate_convert_options(options)
     source = open_jpeg_source(args.root, args.recipe, args.size, args.val_labels, args.label_from_folders, args.fast_draft)
     return _report(convert(source, options), strict=args.strict)
 
@@ -139,6 +141,6 @@ def _report(result, strict: bool = False) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m converter npz|jpeg …` (the same as `imzarr convert npz|jpeg …`)."""
-    parser = argparse.ArgumentParser(prog="python -m converter", description="Convert ImageNet into one Zarr v3 image store.", formatter_class=HelpFormatter)
+    parser = CommandParser(prog="python -m converter", description="Convert ImageNet into one Zarr v3 image store.", formatter_class=HelpFormatter)
     add_convert_commands(parser.add_subparsers(dest="source", metavar="SOURCE", required=True))
     return dispatch(parser, list(sys.argv[1:] if argv is None else argv))

@@ -10,7 +10,7 @@ import argparse
 import sys
 
 from extractor.vocabulary import COMPUTE_DTYPES, POOL_MODES, PRESET_NAMES, STORAGE_DTYPES
-from schemas.cli import HelpFormatter, add_command, comma_list, dispatch, non_negative_int, positive_int
+from schemas.cli import CommandParser, HelpFormatter, add_command, comma_list, dispatch, non_negative_int, positive_int
 from schemas.errors import ImzarrError
 from schemas.output_paths import check_output_location
 
@@ -329,6 +329,6 @@ def _show(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m extractor COMMAND …` (the same as `imzarr COMMAND …`)."""
-    parser = argparse.ArgumentParser(prog="python -m extractor", description="Run image stores through networks; compare and show the results.", formatter_class=HelpFormatter)
+    parser = CommandParser(prog="python -m extractor", description="Run image stores through networks; compare and show the results.", formatter_class=HelpFormatter)
     add_commands(parser.add_subparsers(dest="command", metavar="COMMAND", required=True))
     return dispatch(parser, list(sys.argv[1:] if argv is None else argv))

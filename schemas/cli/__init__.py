@@ -1,11 +1,12 @@
 """What every imzarr command line shares: the `imzarr` dispatcher, argument types and help, and one way to run
 a command so that every error is one clear line with a meaningful exit code."""
 
-from schemas.cli.arguments import HelpFormatter, add_debug_option, comma_list, non_negative_int, positive_int
+from schemas.cli.arguments import CommandParser, HelpFormatter, add_debug_option, comma_list, non_negative_int, positive_int
 from schemas.cli.dispatch import add_command, dispatch
 from schemas.cli.running import exit_process, run_command
 
 __all__ = [
+    "CommandParser",
     "HelpFormatter",
     "add_command",
     "dispatch",

@@ -16,6 +16,13 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
         return f"{text} (default: %(default)s)"
 
 
+class CommandParser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are one line, like every other imzarr error (exit 2)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def positive_int(text: str) -> int:
     """An integer ≥ 1 (sizes and counts)."""
     value = _int(text)

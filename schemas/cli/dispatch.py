@@ -12,7 +12,7 @@ import difflib
 import sys
 from importlib.metadata import PackageNotFoundError, entry_points, version
 
-from schemas.cli.arguments import HelpFormatter, add_debug_option
+from schemas.cli.arguments import CommandParser, HelpFormatter, add_debug_option
 from schemas.cli.running import exit_process, run_command
 from schemas.cli.storage import apply_storage_options, local_file_url_to_path, parse_storage_options, remote_protocols
 
@@ -30,7 +30,7 @@ def imzarr_version() -> str:
 
 def build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
     """The whole command tree (`imzarr COMMAND [SUBCOMMAND] …`) and its command names."""
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="imzarr",
         formatter_class=HelpFormatter,
         description=(
