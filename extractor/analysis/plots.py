@@ -198,7 +198,7 @@ def _coverage_bars(ax, ds: xr.Dataset, order: np.ndarray) -> None:
     ax.invert_yaxis()
     ax.set_xlim(0, 1.45)  # room for the value labels
     ax.set_xticks(np.linspace(0, 1, 6))
-    ax.set_xlabel("coverage (real samples with a generated one in their k-NN ball)")
+    ax.set_xlabel("coverage: real k-NN balls reached")
     overall = ds.attrs.get("coverage")
     if overall is not None:
         ax.axvline(overall, color="k", linestyle="--", linewidth=1, label=f"overall {overall:.3f}")
