@@ -7,8 +7,18 @@ from __future__ import annotations
 
 from schemas.activation_store import STORAGE_DTYPES
 
-# Built-in architectures with seeded random weights (never trained): `--preset NAME`.
-PRESET_NAMES: tuple[str, ...] = ("dmd2-imagenet64", "tiny-random")
+# Built-in architectures with seeded random weights (never trained): `--preset NAME`. The diffusion networks
+# (EDM/DMD2 U-Nets) first, then the feature networks (FID Inception-v3, DINOv2 ViTs); the registry in
+# extractor/models/registry.py maps each to its family, and a test checks the two lists agree.
+PRESET_NAMES: tuple[str, ...] = (
+    "dmd2-imagenet64",
+    "tiny-random",
+    "fid-inception",
+    "dinov2-vits14",
+    "dinov2-vitb14",
+    "dinov2-vitl14",
+    "dinov2-vitg14",
+)
 # Spatial reduction of a captured layer, on the device, before storing.
 POOL_MODES: tuple[str, ...] = ("none", "mean", "max")
 # Network precision: fp32, or bf16/fp16 autocast (CUDA).

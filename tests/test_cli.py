@@ -118,3 +118,18 @@ def test_debug_shows_the_traceback_of_an_unexpected_error(tmp_path):
     assert quiet.returncode == 2 and len(quiet.stderr.strip().splitlines()) == 1 and "Traceback" not in quiet.stderr
     loud = _run("info", str(tmp_path / "f.zarr"), "--debug")
     assert loud.returncode != 0 and "Traceback" in loud.stderr
+
+
+def test_command_line_vocabulary_is_the_models_own():
+    """The torch-free words the parsers offer are exactly what the model code accepts."""
+    from extractor.models.edm import COMPUTE_DTYPES as MODEL_COMPUTE_DTYPES
+    from extractor.models.registry import MODEL_PRESETS
+    from extractor.vocabulary import COMPUTE_DTYPES, PRESET_NAMES
+
+    assert PRESET_NAMES == tuple(MODEL_PRESETS)
+    assert set(COMPUTE_DTYPES) <= set(MODEL_COMPUTE_DTYPES)
+
+
+def test_building_the_command_tree_does_not_import_torch():
+    code = "import sys; from schemas.cli.dispatch import build_parser; build_parser(); print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from extractor.models.edm import EDMPrecond
+from extractor.vocabulary import POOL_MODES
 from schemas.errors import ImzarrError
 
 __all__ = [
@@ -35,7 +36,6 @@ __all__ = [
 ]
 
 ALIASES: tuple[str, ...] = ("encoder_bottleneck", "midblock")
-POOL_MODES: tuple[str, ...] = ("none", "mean", "max")
 PoolMode = Literal["none", "mean", "max"]
 
 

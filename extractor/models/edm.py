@@ -12,6 +12,7 @@ it does NOT switch precision here: precision is the caller's explicit choice, ne
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -19,6 +20,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from schemas.errors import ImzarrError
 
 __all__ = [
     "COMPUTE_DTYPES",
@@ -74,15 +77,15 @@ PRESETS["tiny-random"] = {
 }
 
 
-class InvalidSigmaError(ValueError):
+class InvalidSigmaError(ImzarrError, ValueError):
     """A noise level the network cannot take (sigma <= 0 or not finite: ln(sigma) would be -inf/NaN)."""
 
 
-class InvalidClassLabelsError(ValueError):
+class InvalidClassLabelsError(ImzarrError, ValueError):
     """Class labels of the wrong shape, dtype or range."""
 
 
-class UnsupportedConfigError(ValueError):
+class UnsupportedConfigError(ImzarrError, ValueError):
     """A constructor argument this implementation does not support."""
 
 
@@ -461,16 +464,22 @@ class DhariwalUNet(nn.Module):
         return self.out_conv(F.silu(self.out_norm(x)))
 
 
-# The keyword arguments EDMPrecond takes (the original's names), i.e. the keys of `EDMPrecond.config`.
-CONFIG_KEYS: tuple[str, ...] = (
-    "img_resolution", "img_channels", "label_dim", "use_fp16", "sigma_min", "sigma_max", "sigma_data",
-    "model_type", "augment_dim", "model_channels", "channel_mult", "channel_mult_emb", "num_blocks",
-    "attn_resolutions", "dropout", "label_dropout",
-)  # fmt: skip
+# What DhariwalUNet takes from its caller rather than from the model config (EDMPrecond passes these itself).
+_PRECOND_PROVIDES = ("img_resolution", "in_channels", "out_channels", "label_dim")
+
+
+def _keyword_defaults(fn: Any, skip: Sequence[str] = ()) -> dict[str, Any]:
+    """{name: default} of a function's named parameters (no default: inspect.Parameter.empty)."""
+    params = inspect.signature(fn).parameters.values()
+    return {p.name: p.default for p in params if p.name != "self" and p.name not in skip and p.kind is not p.VAR_KEYWORD}
 
 
 class EDMPrecond(nn.Module):
-    """EDM preconditioning D(x; sigma, labels) = c_skip x + c_out F(c_in x; ln(sigma)/4, labels), F a DhariwalUNet."""
+    """EDM preconditioning D(x; sigma, labels) = c_skip x + c_out F(c_in x; ln(sigma)/4, labels), F a DhariwalUNet.
+
+    As in EDM, the U-Net's own keyword arguments pass through `**model_kwargs`; `config` holds every argument
+    with its value (defaults filled in), under the original names, so it rebuilds the same network.
+    """
 
     def __init__(
         self,
@@ -482,19 +491,15 @@ class EDMPrecond(nn.Module):
         sigma_max: float = float("inf"),
         sigma_data: float = 0.5,
         model_type: str = "DhariwalUNet",
-        *,
-        augment_dim: int = 0,
-        model_channels: int = 192,
-        channel_mult: Sequence[int] = (1, 2, 3, 4),
-        channel_mult_emb: int = 4,
-        num_blocks: int = 3,
-        attn_resolutions: Sequence[int] = (32, 16, 8),
-        dropout: float = 0.10,
-        label_dropout: float = 0.0,
+        **model_kwargs: Any,
     ) -> None:
         super().__init__()
         if model_type != "DhariwalUNet":
             raise UnsupportedConfigError(f"model_type {model_type!r} is not supported (only 'DhariwalUNet')")
+        unet_defaults = _keyword_defaults(DhariwalUNet.__init__, skip=_PRECOND_PROVIDES)
+        unknown = sorted(set(model_kwargs) - set(unet_defaults))
+        if unknown:
+            raise UnsupportedConfigError(f"DhariwalUNet takes no argument(s) {unknown}")
         self.img_resolution = int(img_resolution)
         self.img_channels = int(img_channels)
         self.label_dim = int(label_dim)
@@ -502,6 +507,7 @@ class EDMPrecond(nn.Module):
         self.sigma_min = float(sigma_min)
         self.sigma_max = float(sigma_max)
         self.sigma_data = float(sigma_data)
+        unet_kwargs = {**unet_defaults, **model_kwargs}
         self.config: dict[str, Any] = dict(
             img_resolution=self.img_resolution,
             img_channels=self.img_channels,
@@ -511,28 +517,14 @@ class EDMPrecond(nn.Module):
             sigma_max=self.sigma_max,
             sigma_data=self.sigma_data,
             model_type=model_type,
-            augment_dim=int(augment_dim),
-            model_channels=int(model_channels),
-            channel_mult=[int(m) for m in channel_mult],
-            channel_mult_emb=int(channel_mult_emb),
-            num_blocks=int(num_blocks),
-            attn_resolutions=[int(r) for r in attn_resolutions],
-            dropout=float(dropout),
-            label_dropout=float(label_dropout),
+            **{k: list(v) if isinstance(v, (tuple, list)) else v for k, v in unet_kwargs.items()},
         )
         self.model = DhariwalUNet(
             img_resolution=self.img_resolution,
             in_channels=self.img_channels,
             out_channels=self.img_channels,
             label_dim=self.label_dim,
-            augment_dim=int(augment_dim),
-            model_channels=int(model_channels),
-            channel_mult=list(channel_mult),
-            channel_mult_emb=int(channel_mult_emb),
-            num_blocks=int(num_blocks),
-            attn_resolutions=list(attn_resolutions),
-            dropout=float(dropout),
-            label_dropout=float(label_dropout),
+            **unet_kwargs,
         )
 
     def reset_parameters(self, generator: torch.Generator | None = None, zero_init_scale: float = 0.0) -> None:
@@ -607,6 +599,13 @@ class EDMPrecond(nn.Module):
 
         f_x = self.model(c_in * x, c_noise.flatten(), class_labels=labels, augment_labels=augment_labels)
         return c_skip * x + c_out * f_x.to(torch.float32)
+
+
+# The keyword arguments EDMPrecond takes (the original's names), i.e. the keys of `EDMPrecond.config`.
+CONFIG_KEYS: tuple[str, ...] = (
+    *_keyword_defaults(EDMPrecond.__init__),
+    *_keyword_defaults(DhariwalUNet.__init__, skip=_PRECOND_PROVIDES),
+)
 
 
 # ---------------------------------------------------------------------------------------------------------------
