@@ -7,7 +7,7 @@ import sys
 
 from schemas.cli import CommandParser, HelpFormatter, add_command, dispatch, non_negative_int, positive_int
 from schemas.image_layout import DEFAULT_INNER, DEFAULT_SHARD
-from schemas.output_paths import check_output_location
+from schemas.output_paths import check_output_location, for_workers
 
 
 def add_commands(sub) -> None:
@@ -77,6 +77,7 @@ def _output_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shard-size", type=positive_int, default=DEFAULT_SHARD, help="samples per shard file and per write task")
     p.add_argument("--inner-chunk", type=positive_int, default=DEFAULT_INNER, help="samples per inner chunk, the unit zarr reads")
     p.add_argument("--workers", type=positive_int, default=None, help="parallel tasks (default: all cores)")
+    p.add_argument("--scheduler", default=None, help="tcp://host:port of a running dask.distributed scheduler: its workers read the sources and write the shards (--scratch-dir must then be a folder every worker sees; default: this machine)")
     p.add_argument("--processes", action="store_true", help="decode/inflate in worker processes instead of threads (threads are faster here: Pillow and zlib release the GIL)")
     p.add_argument("--overwrite", action="store_true", help="replace an imzarr store made with other inputs or options (never anything else)")
     p.add_argument("--scratch-dir", default=None, help="where compressed inputs are inflated/decoded before writing (default: beside the output)")
@@ -94,7 +95,16 @@ def _options(args: argparse.Namespace):
         workers=args.workers,
         scratch_dir=args.scratch_dir,
         processes=args.processes,
+        scheduler=args.scheduler,
     )
+
+
+def _paths_for_cluster(args: argparse.Namespace, *names: str) -> None:
+    """Workers run elsewhere, in other folders: give them absolute paths."""
+    if args.scheduler:
+        for name in names:
+            value = getattr(args, name)
+            setattr(args, name, [for_workers(v) for v in value] if isinstance(value, list) else for_workers(value))
 
 
 def _convert_npz(args: argparse.Namespace) -> int:
@@ -102,6 +112,7 @@ def _convert_npz(args: argparse.Namespace) -> int:
     from converter.sources.npz import open_npz_source
 
     check_output_location(args.output, args.sources, allow_memory=False)
+    _paths_for_cluster(args, "sources", "output", "scratch_dir")
     options = _options(args)
     validate_convert_options(options)
     source = open_npz_source(args.sources, args.label_order, args.allow_pickle)
@@ -113,6 +124,7 @@ def _convert_jpeg(args: argparse.Namespace) -> int:
     from converter.sources.jpeg import open_jpeg_source
 
     check_output_location(args.output, [args.root, args.val_labels], allow_memory=False)
+    _paths_for_cluster(args, "root", "val_labels", "output", "scratch_dir")
     options = _options(args)
     validate_convert_options(options)
     source = open_jpeg_source(args.root, args.recipe, args.size, args.val_labels, args.label_from_folders, args.fast_draft)

@@ -17,12 +17,10 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import dask
-import dask.threaded
 import fsspec
 import numpy as np
 import zarr
 
-from schemas.image_layout import DEFAULT_INNER, DEFAULT_SHARD, create_image_arrays, write_image_shard
 from converter.sources.base import (
     ConvertOptionError,
     ImageSource,
@@ -34,9 +32,11 @@ from converter.sources.base import (
 )
 from schemas.classes import class_table
 from schemas.errors import ImzarrError
+from schemas.image_layout import DEFAULT_INNER, DEFAULT_SHARD, create_image_arrays, write_image_shard
 from schemas.image_store import IMAGE_SCHEMA
-from schemas.progress_report import DaskProgress, ProgressReport
+from schemas.progress_report import ProgressReport
 from schemas.store_lifecycle import finalize_store, inspect_existing, mark_done, prepare_store, settings_fingerprint
+from schemas.task_runner import SchedulerSpec, run_tasks
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,9 @@ class ConvertOptions:
     # release the GIL (2 threads decoded JPEGs 2.0-2.5x faster than 1 here) and start instantly.
     processes: bool = False
     scratch_dir: str | None = None  # default: beside a local output, else the system temp folder
+    # tcp://host:port of a running dask.distributed scheduler: its workers read sources and write shards
+    # themselves (scratch must then be a folder every worker sees). None: this machine.
+    scheduler: str | None = None
 
 
 @dataclass(frozen=True)
@@ -183,7 +186,7 @@ def convert(source: ImageSource, options: ConvertOptions) -> ConvertResult:
         shard_plan = _shard_plan(plan, k * shard, shard)
         its_files = {int(p): row_files[int(p)] for p in np.flatnonzero(np.bincount(shard_plan["part"]))}
         tasks.append(dask.delayed(_write_shard, pure=False)(options.output, k, k * shard, shard_plan, _opaque(its_files)))
-    _run(tasks, dask.threaded.get, options.workers, ProgressReport(n, f"writing {Path(options.output).name}"), done=(num_shards - len(state.pending)) * shard)
+    run_tasks(tasks, _scheduler(options, processes=False), ProgressReport(n, f"writing {Path(options.output).name}"), already_done=(num_shards - len(state.pending)) * shard)
     with _output_errors(options.output):
         finalize_store(options.output, {})
     remove_own_scratch(options)
@@ -280,6 +283,11 @@ def remove_own_scratch(options: ConvertOptions) -> None:
         _remove_scratch_if_ours(folder, options.output)
 
 
+def _scheduler(options: ConvertOptions, processes: bool) -> SchedulerSpec:
+    """Local threads (or processes, stage 1 on request), or the cluster at `options.scheduler`."""
+    return SchedulerSpec(address=options.scheduler, workers=options.workers, processes=processes)
+
+
 def _materialize_parts(source: ImageSource, scratch: Path, options: ConvertOptions) -> dict[int, MaterializedPart]:
     """Stage 1: parts without in-place rows are written to scratch files; finished ones are reused on a re-run."""
     needed = [i for i, p in enumerate(source.parts) if p.row_file() is None]
@@ -296,11 +304,7 @@ def _materialize_parts(source: ImageSource, scratch: Path, options: ConvertOptio
         _claim_scratch(scratch, options.output)
         tasks = [dask.delayed(_materialize_one, pure=False)(_opaque(source.parts[i]), str(scratch), i) for i in todo]
         total = sum(source.parts[i].num_rows for i in todo)
-        if options.processes:
-            from dask.multiprocessing import get as scheduler  # only on request: brings multiprocessing, cloudpickle
-        else:
-            scheduler = dask.threaded.get
-        _run(tasks, scheduler, options.workers, ProgressReport(total, "reading sources"))
+        run_tasks(tasks, _scheduler(options, processes=options.processes), ProgressReport(total, "reading sources"))
         for i in todo:
             receipt = _load_receipt(scratch, i, source.parts[i])
             if receipt is None:  # another run of the same store finished and tidied its scratch meanwhile
@@ -384,18 +388,6 @@ def _write_shard(url: str, k: int, start: int, plan: dict[str, np.ndarray], row_
         write_image_shard(url, start, images, coords)
         mark_done(url, k)
     return {"images": n}
-
-
-def _run(tasks: list, scheduler, workers: int | None, report: ProgressReport, done: int = 0) -> None:
-    if done:
-        report.update(min(done, report.total))
-    try:
-        with DaskProgress(report):
-            # chunksize=1: the process scheduler otherwise hands out ready tasks six at a time, leaving workers idle.
-            # The scheduler is passed as a function: naming it makes dask import distributed to look for a client.
-            dask.compute(*tasks, scheduler=scheduler, num_workers=workers or os.cpu_count() or 1, chunksize=1)
-    finally:
-        report.close()
 
 
 def _final_attrs(source: ImageSource, options: ConvertOptions, n: int, rejected: list) -> dict[str, Any]:

@@ -38,6 +38,13 @@ def local_path(url: str) -> str | None:
     return os.path.abspath(path) if isinstance(fs, LocalFileSystem) else None
 
 
+def for_workers(url: str | None) -> str | None:
+    """A path that means the same on every worker of a cluster: local paths made absolute, URLs unchanged."""
+    if url is None or "://" in url:
+        return url
+    return os.path.abspath(url)
+
+
 def _inside(child: str, parent: str) -> bool:
     return child == parent or child.startswith(parent.rstrip("/") + "/")
 
