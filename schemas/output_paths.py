@@ -63,3 +63,23 @@ def check_output_location(output: str, inputs: Iterable[str] = (), allow_memory:
         if _inside(out_path, in_path) or _inside(in_path, out_path):
             how = "is" if out_path == in_path else ("lies inside" if _inside(out_path, in_path) else "contains")
             raise OutputOverlapsInputError(f"{output}: the output {how} the input {source}; choose an output path outside every input")
+
+
+def write_output_file(url: str, data: bytes) -> str:
+    """Write a whole file (a PNG, say) at a path or URL; local files appear complete or not at all."""
+    local = local_path(url)
+    if local is None:
+        with fsspec.open(url, "wb") as fh:
+            fh.write(data)
+        return url
+    folder = os.path.dirname(local) or "."
+    os.makedirs(folder, exist_ok=True)
+    temp = os.path.join(folder, f".{os.path.basename(local)}.{os.getpid()}.tmp")
+    try:
+        with open(temp, "wb") as fh:
+            fh.write(data)
+        os.replace(temp, local)
+    finally:
+        if os.path.exists(temp):
+            os.remove(temp)
+    return local

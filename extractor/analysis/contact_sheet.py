@@ -10,6 +10,7 @@ Tiles are upscaled by an integer factor (nearest neighbour: every stored pixel s
 
 from __future__ import annotations
 
+import io
 import math
 from pathlib import Path
 
@@ -18,11 +19,12 @@ import zarr
 from PIL import Image, ImageDraw
 
 from extractor.analysis.provenance import describe_model
-from schemas.activation_store import ACTIVATION_SCHEMA, RECONSTRUCTION_VAR, validate_activation_store
 from extractor.selection import UnknownClassNameError, resolve_class
+from schemas.activation_store import ACTIVATION_SCHEMA, RECONSTRUCTION_VAR, validate_activation_store
 from schemas.classes import class_table
 from schemas.errors import ImzarrError
 from schemas.image_store import IMAGE_SCHEMA, IMAGE_VAR, validate_image_store
+from schemas.output_paths import write_output_file
 
 MIN_TILE = 64  # pixels: smaller stored images are upscaled to at least this
 GAP = 4
@@ -47,7 +49,7 @@ def write_contact_sheet(
     per_class: int = 8,
     max_classes: int = 10,
     variable: str = "image",
-) -> Path:
+) -> str:
     """Write a grid PNG: one row per class (the given classes — WNIDs, names or label indices — or the store's first
     `max_classes` classes in label order), the first `per_class` samples of each, under a header naming the
     store and its provenance. On an activation store `variable` "image" means its reconstructions."""
@@ -73,9 +75,9 @@ def write_contact_sheet(
             big = np.repeat(np.repeat(hwc, scale, axis=0), scale, axis=1)
             sheet.paste(Image.fromarray(np.ascontiguousarray(big), "RGB"), tile_origin(r, c, tile))
             pos += 1
-    out = Path(output_png)
-    sheet.save(out, format="PNG")
-    return out
+    png = io.BytesIO()
+    sheet.save(png, format="PNG")
+    return write_output_file(str(output_png), png.getvalue())
 
 
 def sheet_size(num_rows: int, per_class: int, tile: int) -> tuple[int, int]:

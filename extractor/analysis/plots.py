@@ -8,6 +8,7 @@ leaks into the caller. matplotlib is the optional `plot` extra; UMAP needs the o
 from __future__ import annotations
 
 import importlib.util
+import io
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ import xarray as xr
 
 from schemas.classes import class_table
 from schemas.errors import ImzarrError
+from schemas.output_paths import write_output_file
 
 MAX_POINTS = 5000  # per side: more only hides the structure under overplotting and slows the SVD
 WORST_CLASSES = 30
@@ -74,7 +76,7 @@ def plot_comparison(
     projection: str = "pca",
     real_labels: np.ndarray | None = None,
     fake_labels: np.ndarray | None = None,
-) -> Path:
+) -> str:
     """Write the PNG: the projection coloured by class with source as marker (left), per-class Fréchet distance
     and coverage of the worst-covered classes (middle, right), and the provenance in the title."""
     try:
@@ -94,9 +96,9 @@ def plot_comparison(
     _fd_bars(ax_fd, report_ds, order)
     _coverage_bars(ax_cov, report_ds, order)
     _title(fig, report_ds)
-    out = Path(path)
-    fig.savefig(out, format="png")
-    return out
+    png = io.BytesIO()
+    fig.savefig(png, format="png")
+    return write_output_file(str(path), png.getvalue())
 
 
 def _projection_panel(ax, emb_r, emb_f, real_labels, fake_labels, ds: xr.Dataset, projection: str, axis_labels) -> None:
