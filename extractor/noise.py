@@ -11,10 +11,13 @@ Recipe `NOISE_RECIPE` ("splitmix64-box-muller/1"), all integer arithmetic modulo
     θ           = 2π (b + ½) / 2³²
     noise[2j]   = r cos θ,  noise[2j + 1] = r sin θ          (flat C order of the per-sample shape)
 
-The float part is evaluated in float64 with only IEEE-754 correctly rounded operations (+, −, ×, ÷, sqrt,
-frexp, exact int→float conversions; never a device's own log/sin/cos, which differ by ULPs between CPU and CUDA),
-each as its own elementwise op, then rounded once to float32 (truncation errors lie far below float32's half
-ULP). So the bits are the same on every device, batch size, order and worker count:
+The integers live in int64 tensors (torch has no uint64 arithmetic): the same bits, with multiplication wrapping
+modulo 2⁶⁴ on CPU and CUDA alike, and right shifts masked to be logical. The float part is evaluated in float64
+with only IEEE-754 correctly rounded operations (+, −, ×, ÷, sqrt, exact int→float conversions, exponent and
+mantissa read through an integer view of the float64 bits; never a device's own log/sin/cos, which differ by ULPs
+between CPU and CUDA), each as its own elementwise op, then rounded once to float32 (truncation errors lie far
+below float32's half ULP). So the bits are the same on every device, batch size, order and worker count (the
+pinned values in tests/test_noise.py hold any device to it):
 
     ln u  = (e − 32)·ln 2 + 2·atanh(t),  a + 1 = f·2ᵉ with f ∈ [√½, √2),  t = (f − 1)/(f + 1),
             atanh(t) = t·Σₖ₌₀⁶ t²ᵏ/(2k + 1)                       (|t| ≤ 0.172: truncation < 1e-12)

@@ -19,13 +19,23 @@ from __future__ import annotations
 
 import os
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import fsspec
 import numpy as np
+from numcodecs import VLenUTF8, Zstd
 
 from schemas.errors import ImzarrError
-from schemas.zarr_format import CRC32C_BYTES, EMPTY_CHUNK, UncompressedShardLayout, read_node_metadata, uncompressed_shard_layout
+from schemas.zarr_format import (
+    CRC32C_BYTES,
+    EMPTY_CHUNK,
+    UncompressedShardLayout,
+    chunk_key,
+    is_string_data_type,
+    read_node_metadata,
+    uncompressed_shard_layout,
+)
 
 try:  # zarr-python's own dependency for its crc32c codec
     import google_crc32c
@@ -144,3 +154,65 @@ def write_whole_shard(url: str, array: str, shard: int, values: np.ndarray, layo
         raise
 
 
+
+
+_NUMERIC_TYPES = {"int8", "uint8", "int16", "uint16", "int32", "uint32", "int64", "uint64", "float16", "float32", "float64"}
+
+
+def chunk_encoder(metadata: dict) -> Callable[[np.ndarray], bytes] | None:
+    """Whole-chunk encoder of an unsharded array's codec chain, for the chains written here; else None.
+
+    `bytes` (little-endian) alone: the values' raw bytes. `vlen-utf8` then `zstd`: per the vlen-utf8 codec, a
+    uint32 LE item count, then each item's uint32 LE byte length and UTF-8 bytes; then a zstd frame at the
+    configured level and checksum flag (numcodecs' codecs, the ones zarr-python applies for these names).
+    """
+    codecs = metadata.get("codecs") or []
+    names = [c.get("name") for c in codecs]
+    data_type = metadata.get("data_type")
+    if metadata.get("storage_transformers") or (metadata.get("chunk_grid") or {}).get("name") != "regular":
+        return None
+    if names == ["bytes"] and data_type in _NUMERIC_TYPES and (codecs[0].get("configuration") or {}).get("endian", "little") == "little":
+        dtype = np.dtype(data_type).newbyteorder("<")
+        return lambda chunk: np.ascontiguousarray(chunk, dtype=dtype).tobytes()
+    if names == ["vlen-utf8", "zstd"] and is_string_data_type(data_type):
+        config = codecs[1].get("configuration") or {}
+        zstd = Zstd(level=int(config.get("level", 0)), checksum=bool(config.get("checksum", False)))
+        utf8 = VLenUTF8()
+        return lambda chunk: bytes(zstd.encode(utf8.encode(np.ascontiguousarray(chunk, dtype=object))))
+    return None
+
+
+def write_chunk_file(path: Path, payload: bytes) -> None:
+    """A chunk (or shard) file written whole under a temporary name, then renamed into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(f"{path.name}{PARTIAL_MARK}{uuid.uuid4().hex}")
+    try:
+        temp.write_bytes(payload)
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+
+
+def write_sample_chunk(url: str, array: str, start: int, values: np.ndarray) -> bool:
+    """Write values as the one whole chunk of a 1-D sample array that starts at `start`, directly, when its
+    layout allows (local store, chunk boundary, an encoder above); False (nothing written) otherwise."""
+    root = local_directory(url)
+    if root is None:
+        return False
+    metadata = read_node_metadata(url, array)
+    encode = chunk_encoder(metadata)
+    shape = metadata.get("shape") or []
+    chunk_shape = (metadata.get("chunk_grid") or {}).get("configuration", {}).get("chunk_shape") or []
+    if encode is None or len(shape) != 1 or len(chunk_shape) != 1:
+        return False
+    size = int(chunk_shape[0])
+    if start % size or len(values) > size or start + len(values) != min(start + size, int(shape[0])):
+        return False
+    fill = "" if is_string_data_type(metadata.get("data_type")) else metadata.get("fill_value")
+    if not isinstance(fill, (int, float, str)):
+        return False
+    full = np.full(size, fill, dtype=object if isinstance(fill, str) else np.dtype(metadata["data_type"]))
+    full[: len(values)] = values  # edge chunks are stored whole, padded with the fill value
+    write_chunk_file(root / array / chunk_key(metadata, (start // size,)), encode(full))
+    return True
