@@ -6,23 +6,23 @@ Recipe `NOISE_RECIPE` ("splitmix64-box-muller/1"), all integer arithmetic modulo
                   z *= 0x94D049BB133111EB; z ^= z >> 31
     key(s, g)   = mix(mix(s + γ) ^ g)                       (s = seed, g = global_index, both as uint64)
     w_j         = mix(key + (j + 1)·γ)                      (the j-th output of SplitMix64 seeded with key)
-    a, b        = w_j >> 32, w_j & (2³² − 1)
+    a, c        = w_j >> 32, (w_j >> 8) mod 2²⁴
     r           = sqrt(−2 ln u),  u = (a + 1) / 2³² ∈ (0, 1]
-    θ           = 2π (b + ½) / 2³²
+    θ           = 2π (c + ½) / 2²⁴
     noise[2j]   = r cos θ,  noise[2j + 1] = r sin θ          (flat C order of the per-sample shape)
 
 The integers live in int64 tensors (torch has no uint64 arithmetic): the same bits, with multiplication wrapping
-modulo 2⁶⁴ on CPU and CUDA alike, and right shifts masked to be logical. The float part is evaluated in float64
-with only IEEE-754 correctly rounded operations (+, −, ×, ÷, sqrt, exact int→float conversions, exponent and
-mantissa read through an integer view of the float64 bits; never a device's own log/sin/cos, which differ by ULPs
-between CPU and CUDA), each as its own elementwise op, then rounded once to float32 (truncation errors lie far
-below float32's half ULP). So the bits are the same on every device, batch size, order and worker count (the
-pinned values in tests/test_noise.py hold any device to it):
+modulo 2⁶⁴ on CPU and CUDA alike, and right shifts masked to be logical. The float part uses only IEEE-754
+correctly rounded operations (+, −, ×, ÷, sqrt, conversions; never a device's own log/sin/cos, which differ by
+ULPs between CPU and CUDA), each as its own elementwise op, in float32 except one exact step: a + 1 is split into
+f·2ᵉ through an integer view of its float64 bits, and f is then rounded once to float32. So the bits are the same
+on every device, batch size, order and worker count (the pinned values in tests/test_noise.py hold any device to
+it); they lie within 3e-6 of the exact values of the formula above:
 
     ln u  = (e − 32)·ln 2 + 2·atanh(t),  a + 1 = f·2ᵉ with f ∈ [√½, √2),  t = (f − 1)/(f + 1),
-            atanh(t) = t·Σₖ₌₀⁶ t²ᵏ/(2k + 1)                       (|t| ≤ 0.172: truncation < 1e-12)
-    θ     = q·π/2 + π/4 + x,  q = b >> 30,  x = ((b mod 2³⁰ + ½)/2³⁰ − ½)·π/2 ∈ (−π/4, π/4)
-    sin x = x·Σₖ₌₀⁵ (−x²)ᵏ/(2k + 1)!,  cos x = Σₖ₌₀⁶ (−x²)ᵏ/(2k)!      (truncation < 1e-11)
+            atanh(t) = t·Σₖ₌₀⁵ t²ᵏ/(2k + 1)                       (|t| ≤ 0.172: truncation < 1e-10)
+    θ     = q·π/2 + π/4 + x,  q = c >> 22,  x = ((c mod 2²² + ½)/2²² − ½)·π/2 ∈ (−π/4, π/4)
+    sin x = x·Σₖ₌₀⁴ (−x²)ᵏ/(2k + 1)!,  cos x = Σₖ₌₀⁵ (−x²)ᵏ/(2k)!      (truncation < 3e-9)
     cos θ, sin θ = the quadrant-q rotation of ((cos x − sin x)·√½, (cos x + sin x)·√½)
 """
 
@@ -47,9 +47,9 @@ _LN2 = math.log(2.0)
 _HALF_PI = math.pi / 2
 _SQRT_HALF = math.sqrt(0.5)
 _SQRT2_MANTISSA = int.from_bytes(struct.pack("<d", math.sqrt(2.0)), "little") & ((1 << 52) - 1)
-_ATANH_TERMS = tuple(1.0 / (2 * k + 1) for k in range(7))
-_SIN_TERMS = tuple((-1) ** k / math.factorial(2 * k + 1) for k in range(6))
-_COS_TERMS = tuple((-1) ** k / math.factorial(2 * k) for k in range(7))
+_ATANH_TERMS = tuple(1.0 / (2 * k + 1) for k in range(6))
+_SIN_TERMS = tuple((-1) ** k / math.factorial(2 * k + 1) for k in range(5))
+_COS_TERMS = tuple((-1) ** k / math.factorial(2 * k) for k in range(6))
 
 
 def _signed(value: int) -> int:
@@ -149,18 +149,20 @@ class NoiseGenerator:
     def _gaussian_pairs(self, keys: torch.Tensor, out: torch.Tensor) -> None:
         """out[n, pairs, 2] (float32) ← (r cos θ, r sin θ) per word; the module docstring gives the formula.
 
-        Branches are integer bit arithmetic and exact ×0/×1/×½ blends (torch.where and frexp cost 10-25× an
-        arithmetic op on CPU, measured); float64 bits are read through a view, which is exact on every device.
+        Branches are integer bit arithmetic and exact ×0/×1 blends (torch.where and frexp cost 10-25× an
+        arithmetic op on CPU, measured); float64 bits are read through an integer view, exact on every device.
         """
         n = keys.shape[0]
-        f64, i64 = torch.float64, torch.int64
+        i64 = torch.int64
         words, scratch, bits = (self._buffer(k, n, i64) for k in ("words", "scratch", "bits"))
-        x, x2, sin_x, cos_x, u, v = (self._buffer(k, n, f64) for k in ("x", "x2", "sin", "cos", "u", "v"))
+        wide = self._buffer("wide", n, torch.float64)
+        x, x2, sin_x, cos_x, u, v = (self._buffer(k, n, torch.float32) for k in ("x", "x2", "sin", "cos", "u", "v"))
         torch.add(keys[:, None], self.offsets[None, :], out=words)
         _mix64_(words, scratch)
-        # angle: x = ((b mod 2³⁰ + ½)/2³⁰ − ½)·π/2, quadrant q = bits 30, 31 of the word
-        torch.bitwise_and(words, (1 << 30) - 1, out=scratch)
-        x.copy_(scratch).add_(0.5).mul_(2.0**-30).sub_(0.5).mul_(_HALF_PI)
+        # angle: x = ((c + ½)/2²² − ½)·π/2 with c = bits 8..29 of the word (exact in float32), q = bits 30, 31
+        torch.bitwise_right_shift(words, 8, out=scratch)
+        scratch.bitwise_and_((1 << 22) - 1)
+        x.copy_(scratch).add_(0.5).mul_(2.0**-22).sub_(0.5).mul_(_HALF_PI)
         torch.mul(x, x, out=x2)
         _horner_(sin_x, x2, _SIN_TERMS).mul_(x)
         _horner_(cos_x, x2, _COS_TERMS)
@@ -183,26 +185,27 @@ class NoiseGenerator:
         cos_x.mul_(x)
         x.copy_(scratch).mul_(-2.0).add_(1.0)
         sin_x.mul_(x)
-        # radius: a + 1 = f·2ᵉ, f ∈ [√½, √2); −2 ln u = −2((e − 32)·ln 2 + 2 atanh t), t = (f − 1)/(f + 1)
+        # radius: a + 1 = f·2ᵉ (f ∈ [√½, √2), split exactly in float64 bits, then f rounded to float32);
+        # −2 ln u = −2((e − 32)·ln 2 + 2 atanh t), t = (f − 1)/(f + 1)
         torch.bitwise_right_shift(words, 32, out=scratch)
         scratch.bitwise_and_(0xFFFFFFFF).add_(1)
-        v.copy_(scratch)  # exact: < 2⁵³
-        ieee = v.view(i64)  # sign 0, 11 exponent bits, 52 mantissa bits
+        wide.copy_(scratch)  # exact: < 2⁵³
+        ieee = wide.view(i64)  # sign 0, 11 exponent bits, 52 mantissa bits
         torch.bitwise_right_shift(ieee, 52, out=scratch)  # biased exponent of a + 1 ∈ [1, 2³²]
-        ieee.bitwise_and_((1 << 52) - 1)  # mantissa bits: f ∈ [1, 2) once the exponent is set to 0
+        ieee.bitwise_and_((1 << 52) - 1)
         torch.add(ieee, (1 << 52) - _SQRT2_MANTISSA, out=bits)
-        bits.bitwise_right_shift_(52)  # 1 where f ≥ √2 (then f/2 ∈ [√½, 1), e + 1)
-        ieee.bitwise_or_(1023 << 52)
+        bits.bitwise_right_shift_(52)  # 1 where the mantissa is ≥ √2: then halve it and add 1 to e
+        ieee.bitwise_or_(1023 << 52)  # f ∈ [1, 2)
         scratch.add_(bits).sub_(1023 + 32)  # e − 32
-        u.copy_(bits).mul_(-0.5).add_(1.0)  # ½ or 1
-        v.mul_(u)  # f, exact
+        ieee.sub_(bits.bitwise_left_shift_(52))  # halving by the exponent field: exact
+        u.copy_(wide)  # f, rounded once to float32
+        torch.add(u, 1.0, out=v)
+        u.sub_(1.0).div_(v)  # t
+        torch.mul(u, u, out=x)
+        _horner_(v, x, _ATANH_TERMS).mul_(u)  # atanh t
         x2.copy_(scratch)  # e − 32, exact
-        torch.add(v, 1.0, out=u)
-        v.sub_(1.0).div_(u)  # t
-        torch.mul(v, v, out=x)
-        _horner_(u, x, _ATANH_TERMS).mul_(v)  # atanh t
-        x2.mul_(_LN2).add_(u.mul_(2.0)).mul_(-2.0).clamp_(min=0.0).sqrt_()  # r
-        out[..., 0].copy_(cos_x.mul_(x2))  # the one rounding to float32
+        x2.mul_(_LN2).add_(v.mul_(2.0)).mul_(-2.0).clamp_(min=0.0).sqrt_()  # r
+        out[..., 0].copy_(cos_x.mul_(x2))
         out[..., 1].copy_(sin_x.mul_(x2))
 
 

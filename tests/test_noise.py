@@ -21,11 +21,11 @@ SHAPE = (3, 64, 64)
 POSITIONS = [0, 1, 2, 3, 4095, 12286, 12287]
 # float32 bit patterns at POSITIONS of the flattened (3, 64, 64) noise: every device must reproduce them.
 PINNED = {
-    (0, 0): [0x3F96F167, 0x3F61E007, 0xBEA08BD5, 0x3FCB77AD, 0x3FB132A0, 0xBC03A06E, 0x3F619CAD],
-    (0, 1): [0x3F885885, 0x3ECEF6E3, 0x3F95C137, 0xBF882C82, 0x3FC85E31, 0xBE93C3E6, 0x3F23283C],
-    (0, 1281166): [0xBFA65BAC, 0x3E6E0455, 0xBE1957B9, 0x3EE76265, 0xBF69CAF4, 0xBF98A89B, 0x3F90C49B],
-    (12345, 7): [0x3F9FBE2A, 0xC03A246E, 0xBF9680A0, 0xBF25D880, 0xBF4DFBC9, 0x3E99BB85, 0xBEC439ED],
-    (2**40 + 3, 2**62 + 5): [0xBCC68A93, 0xBF452BB1, 0xBFA80E23, 0xBFCB4D2F, 0x3F0172C0, 0x3F6D0A02, 0x401D9DFC],
+    (0, 0): [0x3F96F168, 0x3F61E004, 0xBEA08BD2, 0x3FCB77AD, 0x3FB132A0, 0xBC03A041, 0x3F619CAC],
+    (0, 1): [0x3F885884, 0x3ECEF6E2, 0x3F95C137, 0xBF882C81, 0x3FC85E30, 0xBE93C3E8, 0x3F23283B],
+    (0, 1281166): [0xBFA65BAB, 0x3E6E044C, 0xBE1957B5, 0x3EE76267, 0xBF69CAF4, 0xBF98A89C, 0x3F90C49A],
+    (12345, 7): [0x3F9FBE29, 0xC03A246E, 0xBF96809F, 0xBF25D881, 0xBF4DFBCA, 0x3E99BB81, 0xBEC439EF],
+    (2**40 + 3, 2**62 + 5): [0xBCC68A92, 0xBF452BB0, 0xBFA80E22, 0xBFCB4D2F, 0x3F0172C0, 0x3F6D0A0A, 0x401D9DFB],
 }
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 MASK = (1 << 64) - 1
@@ -69,16 +69,16 @@ def test_pinned_values(device):
 
 
 def test_values_follow_the_formula():
-    """Within float32 rounding of Box–Muller evaluated with the platform's own log/cos/sin in float64."""
+    """Within 3e-6 (as documented) of the formula evaluated with the platform's own log/cos/sin in float64."""
     index = np.arange(3, dtype=np.int64)
-    words = splitmix64_words(sample_keys(0, torch.from_numpy(index)), 200)
+    words = splitmix64_words(sample_keys(0, torch.from_numpy(index)), 20_000)
     expected = []
     for w in (v & MASK for v in words.flatten().tolist()):
-        a, b = w >> 32, w & 0xFFFFFFFF
-        r, theta = math.sqrt(-2 * math.log((a + 1) / 2**32)), 2 * math.pi * (b + 0.5) / 2**32
+        a, c = w >> 32, (w >> 8) & ((1 << 24) - 1)
+        r, theta = math.sqrt(-2 * math.log((a + 1) / 2**32)), 2 * math.pi * (c + 0.5) / 2**24
         expected += [r * math.cos(theta), r * math.sin(theta)]
-    got = per_sample_noise(0, index, (400,), "cpu").flatten().double().numpy()
-    np.testing.assert_allclose(got, expected, rtol=2.5e-7, atol=1e-7)
+    got = per_sample_noise(0, index, (40_000,), "cpu").flatten().double().numpy()
+    np.testing.assert_allclose(got, expected, rtol=0, atol=3e-6)
 
 
 def test_independent_of_batch_block_and_order():
