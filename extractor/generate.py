@@ -8,7 +8,7 @@ real data; with layers, the generator's view of its own samples goes to an activ
 from __future__ import annotations
 
 import time
-from dataclasses import InitVar, dataclass, field
+from dataclasses import InitVar, dataclass, field, replace
 
 import dask
 import numpy as np
@@ -96,7 +96,9 @@ def generation_labels(per_class: int | None, num_samples: int | None, classes: t
 
 @dataclass(frozen=True)
 class GenerateTask:
-    output: str
+    """One shard of samples, written to the stores that still lack it (None: that store has it already)."""
+
+    output: str | None
     activations_out: str | None
     shard: int
     start: int
@@ -109,18 +111,21 @@ class GenerateTask:
 
 
 def generate_shard(task: GenerateTask) -> dict:
-    """Sample one output shard, write its images (and activations), record it done in both stores."""
+    """Sample one output shard, write its images and/or activations, record it done in the stores written."""
     device = resolve_device(task.device)
     loaded = cached_model(task.forward.model, device)
     prepare_module(loaded.module, device, task.compile)
-    fwd = task.forward
+    # Only what a store still lacks is computed: no capture without activations, no decoder without images.
+    fwd = task.forward if task.activations_out else replace(task.forward, layers=())
     n = task.labels.size
     index = np.arange(task.start, task.start + n, dtype=np.int64)
-    runner = ShardForward(loaded, fwd, device, n, task.layer_shapes, IMAGE_VAR)
-    outputs = [ShardOutput(task.output, task.shard, task.start, {IMAGE_VAR: runner.buffers[IMAGE_VAR]})]
+    runner = ShardForward(loaded, fwd, device, n, task.layer_shapes, IMAGE_VAR if task.output else None)
+    outputs: dict[str, ShardOutput] = {}
+    if task.output:
+        outputs["images"] = ShardOutput(task.output, task.shard, task.start, {IMAGE_VAR: runner.buffers[IMAGE_VAR]})
     if task.activations_out:
-        outputs.append(ShardOutput(task.activations_out, task.shard, task.start, {name: runner.buffers[name] for name in fwd.layers}))
-    runner.on_ready = lambda first, stop, wait: [out.ready(first, stop, wait) for out in outputs]
+        outputs["activations"] = ShardOutput(task.activations_out, task.shard, task.start, {name: runner.buffers[name] for name in fwd.layers})
+    runner.on_ready = lambda first, stop, wait: [out.ready(first, stop, wait) for out in outputs.values()]
     table = class_table()
     coords = {
         "label": task.labels,
@@ -136,21 +141,23 @@ def generate_shard(task: GenerateTask) -> dict:
         runner.finish()
         nonfinite = runner.nonfinite(task.start)
         if nonfinite:
-            for out in outputs:
+            for out in outputs.values():
                 out.abort()
             return {"images": n, "nonfinite": nonfinite}
-        outputs[0].commit({**coords, "source_row": index})
-        if task.activations_out:
-            outputs[1].commit({**coords, "source_sample": index})
+        if "images" in outputs:
+            outputs["images"].commit({**coords, "source_row": index})
+        if "activations" in outputs:
+            outputs["activations"].commit({**coords, "source_sample": index})
     except BaseException:
-        for out in outputs:
+        for out in outputs.values():
             out.abort()
         raise
     finally:
         runner.release()  # the writer threads are done with the buffers either way
     if task.activations_out:
         mark_done(task.activations_out, task.shard)
-    mark_done(task.output, task.shard)
+    if task.output:
+        mark_done(task.output, task.shard)
     return {"images": n}
 
 
@@ -202,28 +209,34 @@ def generate(options: GenerateOptions) -> GenerateResult:
             "device": device_name(device),
         },
     )
-    pending = set(image_state.pending)
+    image_pending = set(image_state.pending)
+    act_pending: set[int] = set()
+    act_state: StoreState | None = None
     if options.activations_out:
-        act_state: StoreState = prepare_store(
+        act_state = prepare_store(
             options.activations_out, ACTIVATION_SCHEMA, act_settings, num_shards,
             lambda g: create_activation_arrays(g, n, shapes, fwd.storage_dtype, shard, None), run.overwrite,
             initial_attrs={**run_attrs(fwd, loaded, paths, device), "selection": selection,
                            "source": {"url": options.output, "schema": IMAGE_SCHEMA, "generated": True},
                            "input_scaling": "none: the generator's own input sigma * eps"},
         )
-        pending |= set(act_state.pending)
+        act_pending = set(act_state.pending)
+    pending = image_pending | act_pending
     batch = run.batch_size or choose_batch_size(loaded, fwd, shapes, device, run.compile)
     tasks = [
         dask.delayed(generate_shard, pure=False)(
-            GenerateTask(options.output, options.activations_out, k, k * shard, labels[k * shard : (k + 1) * shard], fwd, shapes, batch, run.device, run.compile)
+            GenerateTask(options.output if k in image_pending else None, options.activations_out if k in act_pending else None,
+                         k, k * shard, labels[k * shard : (k + 1) * shard], fwd, shapes, batch, run.device, run.compile)
         )
         for k in sorted(pending)
     ]
     done = n - sum(min(shard, n - k * shard) for k in pending)
     receipts = run_tasks(tasks, run.scheduler, ProgressReport(n, f"generating {options.output}"), done)
-    integrity_pass(options.output, num_shards, receipts)
-    if options.activations_out:
+    # A store found complete (a crash can land between finishing one store and the other) is left as it is.
+    if act_state is not None and not act_state.already_complete:
         integrity_pass(options.activations_out, num_shards, receipts)
         finalize_store(options.activations_out, {})
-    finalize_store(options.output, {})
+    if not image_state.already_complete:
+        integrity_pass(options.output, num_shards, receipts)
+        finalize_store(options.output, {})
     return GenerateResult(options.output, options.activations_out, n, False, time.monotonic() - started, loaded.trained)

@@ -81,6 +81,12 @@ def shard_index_bytes(layout: UncompressedShardLayout, written_chunks: int, data
     return raw + int(google_crc32c.value(raw)).to_bytes(CRC32C_BYTES, "little")
 
 
+def remove_stale_partials(path: Path) -> None:
+    """Delete what a killed writer left of this file: never read (no key points at it), removed before rewriting."""
+    for stale in path.parent.glob(f"{path.name}{PARTIAL_MARK}*"):
+        stale.unlink(missing_ok=True)
+
+
 class ShardFileWriter:
     """One shard file of one array, filled piecewise into a temporary file and renamed into place on commit."""
 
@@ -94,15 +100,10 @@ class ShardFileWriter:
         self.count = min(layout.samples_per_shard, layout.shape[0] - first)
         self.path = array_dir / layout.shard_key(shard)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._remove_stale_partials()
+        remove_stale_partials(self.path)
         self.temp = self.path.with_name(f"{self.path.name}{PARTIAL_MARK}{uuid.uuid4().hex}")
         self.data_offset = 0 if layout.index_at_end else layout.index_bytes
         self.fd = os.open(self.temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-
-    def _remove_stale_partials(self) -> None:
-        # What a killed writer left of this shard: never read (no key points at it), removed before rewriting.
-        for stale in self.path.parent.glob(f"{self.path.name}{PARTIAL_MARK}*"):
-            stale.unlink(missing_ok=True)
 
     def write(self, first: int, values: np.ndarray) -> None:
         """Samples [first, first + len(values)) of this shard (positions within the shard)."""
@@ -185,6 +186,7 @@ def chunk_encoder(metadata: dict) -> Callable[[np.ndarray], bytes] | None:
 def write_chunk_file(path: Path, payload: bytes) -> None:
     """A chunk (or shard) file written whole under a temporary name, then renamed into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_partials(path)
     temp = path.with_name(f"{path.name}{PARTIAL_MARK}{uuid.uuid4().hex}")
     try:
         temp.write_bytes(payload)
