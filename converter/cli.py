@@ -83,18 +83,15 @@ def _output_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scratch-dir", default=None, help="where compressed inputs are inflated/decoded before writing (default: beside the output)")
 
 
-def _options(args: argparse.Namespace):
-    from converter.convert import ConvertOptions
-
-    return ConvertOptions(
-        output=args.output,
+def _run_options(args: argparse.Namespace) -> dict:
+    return dict(
         shuffle_seed=args.shuffle_seed,
         shard_size=args.shard_size,
         inner_chunk=args.inner_chunk,
         overwrite=args.overwrite,
         workers=args.workers,
-        scratch_dir=args.scratch_dir,
         processes=args.processes,
+        scratch_dir=args.scratch_dir,
         scheduler=args.scheduler,
     )
 
@@ -108,27 +105,23 @@ def _paths_for_cluster(args: argparse.Namespace, *names: str) -> None:
 
 
 def _convert_npz(args: argparse.Namespace) -> int:
-    from converter.convert import convert, validate_convert_options
-    from converter.sources.npz import open_npz_source
+    from converter.api import convert_npz
 
     check_output_location(args.output, args.sources, allow_memory=False)
     _paths_for_cluster(args, "sources", "output", "scratch_dir")
-    options = _options(args)
-    validate_convert_options(options)
-    source = open_npz_source(args.sources, args.label_order, args.allow_pickle)
-    return _report(convert(source, options))
+    return _report(convert_npz(args.sources, args.output, label_order=args.label_order, allow_pickle=args.allow_pickle, **_run_options(args)))
 
 
 def _convert_jpeg(args: argparse.Namespace) -> int:
-    from converter.convert import convert, validate_convert_options
-    from converter.sources.jpeg import open_jpeg_source
+    from converter.api import convert_jpeg
 
     check_output_location(args.output, [args.root, args.val_labels], allow_memory=False)
     _paths_for_cluster(args, "root", "val_labels", "output", "scratch_dir")
-    options = _options(args)
-    validate_convert_options(options)
-    source = open_jpeg_source(args.root, args.recipe, args.size, args.val_labels, args.label_from_folders, args.fast_draft)
-    return _report(convert(source, options), strict=args.strict)
+    result = convert_jpeg(
+        args.root, args.output, recipe=args.recipe, size=args.size, val_labels=args.val_labels,
+        label_from_folders=args.label_from_folders, fast_draft=args.fast_draft, **_run_options(args),
+    )
+    return _report(result, strict=args.strict)
 
 
 def _sample(args: argparse.Namespace) -> int:
