@@ -11,7 +11,7 @@ import sys
 
 from extractor.vocabulary import COMPUTE_DTYPES, POOL_MODES, PRESET_NAMES, STORAGE_DTYPES
 from schemas.cli import CommandParser, HelpFormatter, add_command, comma_list, dispatch, non_negative_int, positive_int
-from schemas.errors import ImzarrError
+from schemas.errors import ImzarrError, StoreValidationError
 from schemas.output_paths import check_output_location
 
 
@@ -318,7 +318,11 @@ def _show(args: argparse.Namespace) -> int:
     from schemas.activation_store import RECONSTRUCTION_VAR
 
     _check_file_output(args.output, [args.store])
-    variable = RECONSTRUCTION_VAR if RECONSTRUCTION_VAR in zarr.open_group(args.store, mode="r") else "image"
+    try:
+        group = zarr.open_group(args.store, mode="r")
+    except Exception as exc:  # zarr raises several types for "nothing here"
+        raise StoreValidationError(f"{args.store}: not a Zarr group ({type(exc).__name__})") from None
+    variable = RECONSTRUCTION_VAR if RECONSTRUCTION_VAR in group else "image"
     path = write_contact_sheet(
         args.store, args.output, classes=list(args.classes) if args.classes else None,
         per_class=args.per_class, max_classes=args.max_classes, variable=variable,

@@ -109,7 +109,7 @@ def inspect_existing(
     if overwrite:
         return "new"
     if attrs["schema"] != schema:
-        raise StoreExistsError(f"{url}: holds a {attrs['schema']} store, not {schema}; pass --overwrite to replace it")
+        raise StoreExistsError(f"{url}: holds an {attrs['schema']} store, not {schema}; pass --overwrite to replace it")
     raise StoreExistsError(
         f"{url}: was made with other inputs or options ({_settings_diff(attrs.get('settings'), settings)}); "
         "re-run with the original ones to resume, or pass --overwrite to replace it"
@@ -132,7 +132,7 @@ def claim_report_output(url: str, schema: str, overwrite: bool, inputs: Iterable
     if found is None:
         raise StoreExistsError(f"{url}: holds a Zarr group that is not an imzarr store; choose another output path")
     if found != schema and not overwrite:
-        raise StoreExistsError(f"{url}: holds a {found} store, not {schema}; pass --overwrite to replace it")
+        raise StoreExistsError(f"{url}: holds an {found} store, not {schema}; pass --overwrite to replace it")
 
 
 def prepare_store(

@@ -36,8 +36,11 @@ def run_command(prog: str, body: Callable[[], int | None], debug: bool = False) 
     except OSError as exc:
         if debug:
             raise
-        where = exc.filename if exc.filename is not None else "I/O"
-        _say(prog, f"{os.fsdecode(where) if isinstance(where, bytes) else where}: {exc.strerror or exc}")
+        if exc.filename is None:
+            _say(prog, str(exc))
+        else:
+            where = os.fsdecode(exc.filename) if isinstance(exc.filename, bytes) else exc.filename
+            _say(prog, f"{where}: {exc.strerror or exc}")
         return 1
     except MemoryError:
         if debug:
