@@ -32,8 +32,16 @@ from converter.sources.base import (
 )
 from schemas.classes import class_table
 from schemas.errors import ImzarrError
-from schemas.image_layout import DEFAULT_INNER, DEFAULT_SHARD, create_image_arrays, write_image_shard
-from schemas.image_store import IMAGE_SCHEMA
+from schemas.image_layout import (
+    DEFAULT_SHARD,
+    LAYOUT_VERSION,
+    NUMERIC_COORDINATES,
+    TEXT_COORDINATES,
+    create_image_arrays,
+    inner_chunk_for,
+    write_image_shard,
+)
+from schemas.image_store import IMAGE_SCHEMA, image_group_attrs
 from schemas.progress_report import ProgressReport
 from schemas.store_lifecycle import finalize_store, inspect_existing, mark_done, prepare_store, settings_fingerprint
 from schemas.task_runner import SchedulerSpec, run_tasks
@@ -44,7 +52,7 @@ class ConvertOptions:
     output: str
     shuffle_seed: int | None = None
     shard_size: int = DEFAULT_SHARD
-    inner_chunk: int = DEFAULT_INNER
+    inner_chunk: int | None = None  # default: by the resolution (schemas.image_layout.inner_chunk_for)
     overwrite: bool = False
     workers: int | None = None  # default: all cores
     # Stage 1 in processes instead of threads. Threads are the default: Pillow's decode/resize and zlib/ISA-L
@@ -76,9 +84,10 @@ def validate_convert_options(options: ConvertOptions, resolution: int | None = N
     for option, value in (("--shard-size", options.shard_size), ("--inner-chunk", options.inner_chunk), ("--workers", options.workers)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ConvertOptionError(option, value, "must be a whole number ≥ 1")
-    inner = min(options.inner_chunk, options.shard_size)  # a shard smaller than the inner chunk is one chunk
-    if options.shard_size % inner:
-        raise ConvertOptionError("--shard-size", options.shard_size, f"must be a multiple of --inner-chunk ({options.inner_chunk})")
+    inner = effective_inner_chunk(options, resolution)
+    if inner is not None and options.shard_size % inner:
+        given = options.inner_chunk if options.inner_chunk is not None else f"auto: {inner} for {resolution}×{resolution} images"
+        raise ConvertOptionError("--shard-size", options.shard_size, f"must be a multiple of --inner-chunk ({given})")
     seed = options.shuffle_seed
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
         raise ConvertOptionError("--shuffle-seed", seed, "must be a whole number ≥ 0")
@@ -92,7 +101,7 @@ def validate_convert_options(options: ConvertOptions, resolution: int | None = N
             raise ConvertOptionError(
                 "--shard-size",
                 options.shard_size,
-                f"with --inner-chunk {options.inner_chunk}, a write task would hold {rows * 3 * resolution**2 / (1 << 30):,.1f} GiB "
+                f"with --inner-chunk {inner}, a write task would hold {rows * 3 * resolution**2 / (1 << 30):,.1f} GiB "
                 f"of {resolution}×{resolution} images (at most {MAX_SHARD_BYTES >> 30} GiB); choose smaller ones",
             )
     if options.scratch_dir is not None and os.path.exists(options.scratch_dir) and not os.path.isdir(options.scratch_dir):
@@ -102,6 +111,14 @@ def validate_convert_options(options: ConvertOptions, resolution: int | None = N
         _check_creatable("--output", local)
     if options.scratch_dir is not None:
         _check_creatable("--scratch-dir", os.path.abspath(options.scratch_dir))
+
+
+def effective_inner_chunk(options: ConvertOptions, resolution: int | None) -> int | None:
+    """Images per inner chunk: the option's value (at most the shard), else by the resolution (about
+    schemas.image_layout.INNER_CHUNK_BYTES); None while the resolution is unknown."""
+    if options.inner_chunk is not None:
+        return min(options.inner_chunk, options.shard_size)  # a shard smaller than the inner chunk is one chunk
+    return None if resolution is None else inner_chunk_for(resolution, options.shard_size)
 
 
 def _local_path(url: str) -> str | None:
@@ -137,7 +154,9 @@ def store_settings(source: ImageSource, options: ConvertOptions) -> dict[str, An
         "resolution": source.resolution,
         "shuffle_seed": options.shuffle_seed,
         "shard_size": options.shard_size,
-        "inner_chunk": options.inner_chunk,
+        "inner_chunk": effective_inner_chunk(options, source.resolution),
+        # Stores of another layout are never resumed: their shard tasks wrote coordinates that ours do not.
+        "layout": LAYOUT_VERSION,
         "sources": [dataclasses.asdict(f) for f in source.files],
         "labels": labels_digest(source),
         **source.settings,
@@ -167,15 +186,19 @@ def convert(source: ImageSource, options: ConvertOptions) -> ConvertResult:
         raise ImzarrError(f"{options.output}: no usable images ({len(rejected)} rejected)")
     shard = options.shard_size
     num_shards = -(-n // shard)
+    inner = effective_inner_chunk(options, source.resolution)
+    # The plan fixes every numeric coordinate up front: written once, whole, while the arrays are created (before
+    # the done record and the settings exist, so a kill there leaves a store that is rebuilt, never resumed).
+    numeric = {name: plan[name] for name in NUMERIC_COORDINATES}
     with _output_errors(options.output):
         state = prepare_store(
             options.output,
             IMAGE_SCHEMA,
             settings,
             num_shards,
-            lambda g: create_image_arrays(g, n, source.resolution, shard, options.inner_chunk),
+            lambda g: create_image_arrays(g, n, source.resolution, shard, inner, coordinates=numeric),
             options.overwrite,
-            initial_attrs=_final_attrs(source, options, n, rejected),
+            initial_attrs={**_final_attrs(source, options, n, rejected), **_group_attrs(source, plan["label"])},
             inputs=source.input_paths,
         )
     row_files = {i: m.row_file for i, m in materialized.items()}
@@ -383,11 +406,17 @@ def _write_shard(url: str, k: int, start: int, plan: dict[str, np.ndarray], row_
     for p in row_files:  # the parts this shard's rows come from
         sel = np.flatnonzero(plan["part"] == p)
         row_files[p].read_into(plan["row"][sel], images, sel)
-    coords = {k2: plan[k2] for k2 in ("label", "synset", "class_name", "global_index", "source_file", "source_row")}
+    coords = {name: plan[name] for name in TEXT_COORDINATES}  # the numeric ones were written at creation
     with _output_errors(url):
         write_image_shard(url, start, images, coords)
         mark_done(url, k)
     return {"images": n}
+
+
+def _group_attrs(source: ImageSource, labels: np.ndarray) -> dict[str, Any]:
+    """`Conventions` and the class table; labels numbered from folder names are named by those folders."""
+    names = list(source.label_synsets) if source.label_synsets is not None else None
+    return image_group_attrs(labels, names, names)
 
 
 def _final_attrs(source: ImageSource, options: ConvertOptions, n: int, rejected: list) -> dict[str, Any]:

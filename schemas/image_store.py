@@ -2,9 +2,12 @@
 
 A Zarr v3 group:
 - `image` uint8 (sample, channel, y, x), RGB, channel-first, sharded along `sample`;
-- coordinates on `sample`: `label` int16 (0..999 sorted-WNID order, -1 unknown), `synset` str, `class_name` str,
-  `global_index` int64, `source_file` str, `source_row` int64 (strings as variable-length UTF-8);
-- group attrs: see REQUIRED_ATTRS.
+- per-sample arrays on `sample`: `label` int16 (0..999 sorted-WNID order, -1 unknown), `synset` str,
+  `class_name` str, `global_index` int64, `source_file` str, `source_row` int64 (strings as variable-length UTF-8);
+- `image`'s `coordinates` attribute lists the numeric ones (`label global_index source_row`), so the text arrays
+  open in xarray as plain data variables; stores written before that list all six, and are read alike;
+- group attrs: see REQUIRED_ATTRS. Stores whose group has `Conventions` (schemas/variable_attrs.py) also carry
+  `long_name` and `description` on every array and the `classes` table (label → WNID, name); older ones may not.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import zarr
 from fsspec.implementations.local import LocalFileSystem
 
 from schemas.errors import StoreValidationError
+from schemas.variable_attrs import CONVENTIONS, class_table_attrs, coordinates_attribute, missing_array_attrs
 from schemas.zarr_format import (
     CRC32C_BYTES,
     EMPTY_CHUNK,
@@ -55,6 +59,16 @@ REQUIRED_ATTRS = (
     "versions",
 )
 UNKNOWN_LABEL = -1
+# What `image`'s `coordinates` attribute may list: the numeric arrays (written now), or all six (older stores).
+LISTED_COORDINATES = frozenset(coordinates_attribute(list(COORDINATES)).split())
+LISTED_COORDINATES_BEFORE_ATTRS = frozenset(COORDINATES)
+
+
+def image_group_attrs(labels: np.ndarray, synsets: list[str] | None = None, class_names: list[str] | None = None) -> dict[str, Any]:
+    """Group attributes that go with the per-array ones: `Conventions`, and `classes` for the labels stored.
+
+    `synsets`/`class_names` (indexed by label) name labels that are not ImageNet-1k classes (folder names)."""
+    return {"Conventions": CONVENTIONS, **class_table_attrs(labels, synsets, class_names)}
 
 
 def validate_image_store(url: str, require_complete: bool = True) -> "ImageStore":
@@ -84,10 +98,27 @@ def validate_image_store(url: str, require_complete: bool = True) -> "ImageStore
         if name not in group:
             raise StoreValidationError(f"{url}: missing coordinate array {name!r}")
         _check_array(url, name, read_node_metadata(url, name), (SAMPLE_DIM,), kind, length=n)
-    declared = set((image.get("attributes") or {}).get("coordinates", "").split())
-    if declared != set(COORDINATES):
-        raise StoreValidationError(f"{url}: image attribute 'coordinates' lists {sorted(declared)}")
+    declared = frozenset((image.get("attributes") or {}).get("coordinates", "").split())
+    if declared not in (LISTED_COORDINATES, LISTED_COORDINATES_BEFORE_ATTRS):
+        raise StoreValidationError(
+            f"{url}: image attribute 'coordinates' lists {sorted(declared)}, expected {sorted(LISTED_COORDINATES)} "
+            f"(or all of {sorted(LISTED_COORDINATES_BEFORE_ATTRS)} in older stores)"
+        )
+    if "Conventions" in attrs:
+        _check_array_attrs(url, attrs, image)
     return ImageStore(url, group)
+
+
+def _check_array_attrs(url: str, attrs: dict[str, Any], image: dict[str, Any]) -> None:
+    """Stores that declare `Conventions` must describe every array and carry the class table (older stores are
+    accepted without: they predate the attributes, and refusing them would lock their owners out of their data)."""
+    arrays = {IMAGE_VAR: image.get("attributes") or {}}
+    arrays |= {name: read_node_metadata(url, name).get("attributes") or {} for name in COORDINATES}
+    missing = missing_array_attrs(arrays)
+    if missing:
+        raise StoreValidationError(f"{url}: declares Conventions {attrs['Conventions']!r} but lacks attributes {missing[:8]}")
+    if "classes" not in attrs:
+        raise StoreValidationError(f"{url}: declares Conventions but has no `classes` attribute (label → WNID, name)")
 
 
 def _check_array(url: str, name: str, metadata: dict[str, Any], dims: tuple[str, ...], kind: str, length: int | None = None) -> None:
@@ -148,6 +179,7 @@ class ImageStore:
         return self._reader  # type: ignore[return-value]
 
     def coordinate(self, name: str) -> np.ndarray:
+        """All values of one per-sample array (text as object strings), whichever arrays xarray lists as coordinates."""
         values = self.group[name][:]
         return values.astype(object) if COORDINATES[name] == "U" else np.asarray(values)
 

@@ -15,6 +15,7 @@ variable-length string extension (TensorStore's zarr3 driver) recover both from 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -85,19 +86,25 @@ def image_store_array_attrs(coordinate_names: tuple[str, ...] | list[str]) -> di
     return {"image": image, **coordinate_attrs(coordinate_names)}
 
 
-def class_table_attrs(labels: np.ndarray) -> dict[str, Any]:
+def class_table_attrs(
+    labels: np.ndarray, synsets: Sequence[str] | None = None, class_names: Sequence[str] | None = None
+) -> dict[str, Any]:
     """Group attribute `classes`: WNID and name of every known label present, so `label` alone names the class.
 
     `classes = {"label": [l0, l1, …], "synset": [...], "class_name": [...]}`, sorted by label; unknown (-1) left out.
+    Labels that are not ImageNet-1k classes (numbered folder names) are named by `synsets`/`class_names`, indexed
+    by label; by default both come from the packaged ImageNet-1k table.
     """
     present = np.unique(np.asarray(labels, dtype=np.int64))
-    present = present[present >= 0]
+    present = present[present >= 0].tolist()
     table = class_table()
+    synsets = table.wnids if synsets is None else synsets
+    class_names = table.names if class_names is None else class_names
     return {
         "classes": {
-            "label": present.tolist(),
-            "synset": [table.wnids[i] for i in present.tolist()],
-            "class_name": [table.names[i] for i in present.tolist()],
+            "label": present,
+            "synset": [str(synsets[i]) for i in present],
+            "class_name": [str(class_names[i]) for i in present],
         }
     }
 

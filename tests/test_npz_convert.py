@@ -140,6 +140,10 @@ def test_reads_identically_through_zarr_xarray_and_fast_reader(tmp_path):
     np.testing.assert_array_equal(direct["image"][:], expected)
     ds = xr.open_zarr(out)
     assert ds.image.dims == ("sample", "channel", "y", "x") and isinstance(ds.image.data, dask.array.Array)
+    assert ds.image.data.chunks[0][0] == 8  # xarray's dask chunk is the inner chunk
+    # Numeric per-sample arrays are coordinates, in one chunk; text arrays are plain variables, one chunk per shard.
+    assert set(ds.coords) == {"label", "global_index", "source_row"} and ds.label.data.numblocks == (1,)
+    assert {"synset", "class_name", "source_file"} <= set(ds.data_vars) and ds.synset.data.chunks[0][0] == 128
     np.testing.assert_array_equal(ds.image.values, expected)
     np.testing.assert_array_equal(ds.label.values, labels)
     store = ImageStore(out, direct)

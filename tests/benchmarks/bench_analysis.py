@@ -1,17 +1,20 @@
 """Analysis benchmark: what a notebook gets from `xr.open_zarr(store)` with default arguments.
 
 Two questions, each for the layout the project writes now ("as written": made with the writers' own array
-functions, so these rows follow any change to them) and for the proposed layout:
+functions, called as the converter and the extractor call them, so these rows follow any change to them) and
+for a layout to compare with:
 - the mean of a whole variable (images; float16 pooled and unpooled activations): samples/s with default dask
   chunks against the best explicit chunking (`chunks={"sample": shard}`); goal ≥ 0.8×;
-- grouping by label: `xr.open_zarr`, `ds.label.load()` and `ds[var].groupby("label")`, at 1,281,167 samples
-  (`quick`: 131,072); goal < 0.2 s.
+- grouping the image store by label: `xr.open_zarr`, `ds.label.load()` and `ds.image.groupby("label")`, at
+  1,281,167 samples (`quick`: 131,072); goal < 0.2 s.
 
-Proposed layout: inner chunks of about INNER_CHUNK_TARGET_BYTES (xarray takes the inner chunk, not the shard, as
-its dask chunk: 64-image chunks are 768 KiB, and per-chunk costs dominate); numeric coordinates in one chunk;
-text arrays left out of the variables' `coordinates` attribute (a DataArray drags every coordinate along, so
-`ds.label.load()` would decode every string). Stores are synthetic and raw (no codec); page cache is warmed by
-reading the files right before each timed run (this VM evicts pages unused for ~60 s).
+Image stores are compared with the layout written before issue #12 (64-image inner chunks, every per-sample
+array listed as a coordinate and chunked per shard); activation stores with the proposed layout: inner chunks of
+about INNER_CHUNK_TARGET_BYTES (xarray takes the inner chunk, not the shard, as its dask chunk: 64-sample chunks
+are small, and per-chunk costs dominate); numeric coordinates in one chunk; text arrays left out of the
+variables' `coordinates` attribute (a DataArray drags every coordinate along, so `ds.label.load()` would decode
+every string). Stores are synthetic and raw (no codec); page cache is warmed by reading the files right before
+each timed run (this VM evicts pages unused for ~60 s).
 """
 
 from __future__ import annotations
@@ -30,9 +33,9 @@ from extractor.activation_writer import create_activation_arrays, default_shard_
 from schemas.activation_store import COORDINATES as ACTIVATION_COORDINATES
 from schemas.activation_store import activation_array_attrs
 from schemas.classes import NUM_CLASSES, class_table
-from schemas.image_layout import DEFAULT_INNER, DEFAULT_SHARD, create_image_arrays
+from schemas.image_layout import DEFAULT_SHARD, NUMERIC_COORDINATES, create_image_arrays
 from schemas.image_store import COORDINATES as IMAGE_COORDINATES
-from schemas.variable_attrs import TEXT_VARIABLES, coordinates_attribute, image_store_array_attrs
+from schemas.variable_attrs import TEXT_VARIABLES, image_store_array_attrs
 from tests.benchmarks.run import QuietGate, Row, make_row
 
 INNER_CHUNK_TARGET_BYTES = 8 << 20  # proposed: largest power of two of samples within this, capped at the shard
@@ -99,25 +102,42 @@ def _finish(url: str) -> str:
     return url
 
 
-def image_store(workdir: Path, n: int, proposed: bool) -> tuple[str, str, int]:
-    """A 64-px image store (url, variable, shard): as the converter lays it out now, or as proposed."""
-    url = str(workdir / f"images-{n}-{'proposed' if proposed else 'written'}.zarr")
-    group = zarr.open_group(url, mode="w", zarr_format=3)
-    shard, per_sample = DEFAULT_SHARD, 3 * 64 * 64
+EARLIER_IMAGE_INNER = 64  # the image store's inner chunk before issue #12
+
+
+def _image_arrays(group: zarr.Group, n: int, resolution: int, written: bool) -> None:
+    """`image` and its per-sample arrays: as the converter creates them now, or as it did before issue #12."""
     names = list(IMAGE_COORDINATES)
-    if proposed:
-        inner = proposed_inner_chunk(per_sample, shard)
+    if written:
+        numeric = _coordinate_values(n, list(NUMERIC_COORDINATES))
+        create_image_arrays(group, n, resolution, DEFAULT_SHARD, None, coordinates=numeric)  # the converter's call
+        return
+    group.create_array(
+        "image", shape=(n, 3, resolution, resolution), dtype="uint8", chunks=(EARLIER_IMAGE_INNER, 3, resolution, resolution),
+        shards=(DEFAULT_SHARD, 3, resolution, resolution), compressors=None, fill_value=0, dimension_names=("sample", "channel", "y", "x"),
+        attributes={"coordinates": " ".join(names)},
+    )
+    for name in names:
+        text = name in TEXT_VARIABLES
         group.create_array(
-            "image", shape=(n, 3, 64, 64), dtype="uint8", chunks=(inner, 3, 64, 64), shards=(shard, 3, 64, 64), compressors=None,
-            fill_value=0, dimension_names=("sample", "channel", "y", "x"), attributes=image_store_array_attrs(names)["image"],
+            name, shape=(n,), dtype=str if text else ("int16" if name == "label" else "int64"), chunks=(DEFAULT_SHARD,),
+            fill_value="" if text else -1, compressors="auto" if text else None, dimension_names=("sample",),
         )
-        _proposed_coordinates(group, n, names, shard)
-    else:
-        create_image_arrays(group, n, 64, shard, DEFAULT_INNER)
-    block = np.random.default_rng(1).integers(0, 256, (shard, 3, 64, 64), dtype=np.uint8)
-    _fill(url, "image", n, shard, block)
-    _write_coordinates(url, n, names)
-    return _finish(url), "image", shard
+
+
+def _layout_name(written: bool) -> str:
+    return "written" if written else "earlier"
+
+
+def image_store(workdir: Path, n: int, written: bool) -> tuple[str, str, int]:
+    """A 64-px image store (url, variable, shard): as the converter lays it out now, or as before issue #12."""
+    url = str(workdir / f"images-{n}-{_layout_name(written)}.zarr")
+    group = zarr.open_group(url, mode="w", zarr_format=3)
+    _image_arrays(group, n, 64, written)
+    block = np.random.default_rng(1).integers(0, 256, (DEFAULT_SHARD, 3, 64, 64), dtype=np.uint8)
+    _fill(url, "image", n, DEFAULT_SHARD, block)
+    _write_coordinates(url, n, list(IMAGE_COORDINATES))
+    return _finish(url), "image", DEFAULT_SHARD
 
 
 def activation_store(workdir: Path, n: int, shape: tuple[int, ...], proposed: bool) -> tuple[str, str, int]:
@@ -144,21 +164,13 @@ def activation_store(workdir: Path, n: int, shape: tuple[int, ...], proposed: bo
     return _finish(url), LAYER, shard
 
 
-def coordinates_only_store(workdir: Path, n: int, proposed: bool) -> str:
-    """The coordinates of an n-sample image store and a tiny variable: what grouping by label reads."""
-    url = str(workdir / f"coords-{n}-{'proposed' if proposed else 'written'}.zarr")
+def coordinates_only_store(workdir: Path, n: int, written: bool) -> str:
+    """An n-sample image store of 1×1-px images: the per-sample arrays grouping by label reads, at any size."""
+    url = str(workdir / f"coords-{n}-{_layout_name(written)}.zarr")
     group = zarr.open_group(url, mode="w", zarr_format=3)
-    names = list(IMAGE_COORDINATES)
-    coordinates = coordinates_attribute(names) if proposed else " ".join(names)
-    array = group.create_array("v", shape=(n, 4), dtype="float32", chunks=(DEFAULT_SHARD, 4), dimension_names=("sample", "c"), attributes={"coordinates": coordinates})
-    array[:] = 1.0
-    if proposed:
-        _proposed_coordinates(group, n, names, DEFAULT_SHARD)
-    else:
-        from schemas.image_layout import create_coordinate_arrays
-
-        create_coordinate_arrays(group, IMAGE_COORDINATES, n, DEFAULT_SHARD)
-    _write_coordinates(url, n, names)
+    _image_arrays(group, n, 1, written)
+    _fill(url, "image", n, DEFAULT_SHARD, np.ones((DEFAULT_SHARD, 3, 1, 1), dtype=np.uint8))
+    _write_coordinates(url, n, list(IMAGE_COORDINATES))
     return _finish(url)
 
 
@@ -208,7 +220,7 @@ def grouping_seconds(url: str) -> float:
     def action() -> None:
         ds = xr.open_zarr(url)
         ds.label.load()
-        ds["v"].groupby("label")
+        ds["image"].groupby("label")
 
     return _best_seconds(url, action)
 
@@ -216,14 +228,14 @@ def grouping_seconds(url: str) -> float:
 # ---------------------------------------------------------------- rows
 
 
-def _mean_rows(kind: str, make: Callable[[bool], tuple[str, str, int]], quiet: QuietGate) -> list[Row]:
+def _mean_rows(kind: str, make: Callable[[bool], tuple[str, str, int]], quiet: QuietGate, layouts: dict[str, bool]) -> list[Row]:
+    """One row per layout; `layouts` maps its name in the table to the argument `make` takes."""
     rows = []
-    for proposed in (False, True):
-        url, var, shard = make(proposed)
+    for layout, argument in layouts.items():
+        url, var, shard = make(argument)
         quiet.wait()
         default, chunk, value = mean_rate(url, var, None)
         best, _, best_value = mean_rate(url, var, {"sample": shard})
-        layout = "proposed layout" if proposed else "as written now"
         finite = np.isfinite(value) and np.isfinite(best_value)
         ratio = default / best
         rows.append(
@@ -241,29 +253,39 @@ def _mean_rows(kind: str, make: Callable[[bool], tuple[str, str, int]], quiet: Q
     return rows
 
 
+IMAGE_LAYOUTS = {"as written now": True, "before #12 (64-image chunks, every array a coordinate)": False}
+ACTIVATION_LAYOUTS = {"as written now": False, "proposed layout": True}
+
+
+def grouping_rows(workdir: Path, n: int, quiet: QuietGate) -> list[Row]:
+    """Seconds to a ready `groupby("label")` on an n-sample image store, per layout."""
+    rows = []
+    for layout, written in IMAGE_LAYOUTS.items():
+        url = coordinates_only_store(workdir, n, written)
+        quiet.wait()
+        seconds = grouping_seconds(url)
+        rows.append(
+            make_row(
+                "analysis",
+                f"open + ds.label.load() + groupby('label'), {n:,} samples, {layout}",
+                seconds,
+                "s",
+                goal=f"< {GROUPING_GOAL_S} s at {FULL_IMAGENET:,}",
+                met=bool(seconds < GROUPING_GOAL_S) if n == FULL_IMAGENET else None,
+                note="per-sample arrays of the image store; best of 3 warm runs" + ("" if n == FULL_IMAGENET else "; quick size, goal not judged"),
+            )
+        )
+    return rows
+
+
 def run(workdir: Path, quick: bool = False) -> list[Row]:
     workdir.mkdir(parents=True, exist_ok=True)
     quiet = QuietGate()
     n_images = 16_384 if quick else 65_536
     n_pooled = 32_768 if quick else 262_144
     n_maps = 2_048 if quick else 8_192
-    rows = _mean_rows(f"{n_images:,} 64-px images", lambda p: image_store(workdir, n_images, p), quiet)
-    rows += _mean_rows(f"{n_pooled:,} × 768 float16", lambda p: activation_store(workdir, n_pooled, (768,), p), quiet)
-    rows += _mean_rows(f"{n_maps:,} × 768×8×8 float16", lambda p: activation_store(workdir, n_maps, (768, 8, 8), p), quiet)
-    n = 131_072 if quick else FULL_IMAGENET
-    for proposed in (False, True):
-        url = coordinates_only_store(workdir, n, proposed)
-        quiet.wait()
-        seconds = grouping_seconds(url)
-        rows.append(
-            make_row(
-                "analysis",
-                f"open + ds.label.load() + groupby('label'), {n:,} samples, {'proposed layout' if proposed else 'as written now'}",
-                seconds,
-                "s",
-                goal=f"< {GROUPING_GOAL_S} s at {FULL_IMAGENET:,}",
-                met=bool(seconds < GROUPING_GOAL_S) if n == FULL_IMAGENET else None,
-                note="coordinates of the image store; best of 3 warm runs" + ("" if n == FULL_IMAGENET else "; quick size, goal not judged"),
-            )
-        )
+    rows = _mean_rows(f"{n_images:,} 64-px images", lambda w: image_store(workdir, n_images, w), quiet, IMAGE_LAYOUTS)
+    rows += _mean_rows(f"{n_pooled:,} × 768 float16", lambda p: activation_store(workdir, n_pooled, (768,), p), quiet, ACTIVATION_LAYOUTS)
+    rows += _mean_rows(f"{n_maps:,} × 768×8×8 float16", lambda p: activation_store(workdir, n_maps, (768, 8, 8), p), quiet, ACTIVATION_LAYOUTS)
+    rows += grouping_rows(workdir, 131_072 if quick else FULL_IMAGENET, quiet)
     return rows
