@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from converter.convert import ConvertOptions, ConvertResult, convert, validate_convert_options
-from schemas.image_layout import DEFAULT_INNER, DEFAULT_SHARD
+from schemas.image_layout import DEFAULT_SHARD
 from schemas.output_paths import check_output_location
 
 
@@ -20,7 +20,7 @@ def convert_npz(
     allow_pickle: bool = False,
     shuffle_seed: int | None = None,
     shard_size: int = DEFAULT_SHARD,
-    inner_chunk: int | None = DEFAULT_INNER,
+    inner_chunk: int | None = None,
     overwrite: bool = False,
     workers: int | None = None,
     processes: bool = False,
@@ -47,7 +47,7 @@ def convert_jpeg(
     fast_draft: bool = False,
     shuffle_seed: int | None = None,
     shard_size: int = DEFAULT_SHARD,
-    inner_chunk: int | None = DEFAULT_INNER,
+    inner_chunk: int | None = None,
     overwrite: bool = False,
     workers: int | None = None,
     processes: bool = False,

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from schemas.cli import CommandParser, HelpFormatter, add_command, dispatch, non_negative_int, positive_int
-from schemas.image_layout import DEFAULT_INNER, DEFAULT_SHARD
+from schemas.image_layout import DEFAULT_SHARD
 from schemas.output_paths import check_output_location, for_workers
 
 
@@ -75,7 +75,7 @@ def _output_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--output", required=True, help="output store: a path or an fsspec URL (e.g. s3://bucket/x.zarr); never inside or around an input")
     p.add_argument("--shuffle-seed", type=non_negative_int, default=None, help="write samples in this seeded random order, so any prefix of the store is a uniform random sample (global_index keeps source positions); default: source order")
     p.add_argument("--shard-size", type=positive_int, default=DEFAULT_SHARD, help="samples per shard file and per write task")
-    p.add_argument("--inner-chunk", type=positive_int, default=DEFAULT_INNER, help="samples per inner chunk, the unit zarr reads")
+    p.add_argument("--inner-chunk", type=positive_int, default=None, help="samples per inner chunk, the unit zarr reads and xarray's default dask chunk (default: auto, the largest power of two of images within 8 MiB, capped at the shard: 512 for 64×64)")
     p.add_argument("--workers", type=positive_int, default=None, help="parallel tasks (default: all cores)")
     p.add_argument("--scheduler", default=None, help="tcp://host:port of a running dask.distributed scheduler: its workers read the sources and write the shards (--scratch-dir must then be a folder every worker sees; default: this machine)")
     p.add_argument("--processes", action="store_true", help="decode/inflate in worker processes instead of threads (threads are faster here: Pillow and zlib release the GIL)")
