@@ -162,6 +162,9 @@ class ImageStore:
     def num_samples(self) -> int:
         return int(self.image.shape[0])
 
+    def __len__(self) -> int:
+        return self.num_samples
+
     @property
     def resolution(self) -> int:
         return int(self.image.shape[-1])
