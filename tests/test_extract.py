@@ -290,3 +290,16 @@ def test_nonfinite_activations_leave_the_store_incomplete(image_store, tmp_path)
     with pytest.raises(Exception, match="not complete"):
         validate_activation_store(out)
     assert not list(Path(out).rglob("*.partial-*"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_path_equals_cpu(image_store, tmp_path):
+    """Pinned buffers, copy stream, device checks and casts: the same values as on CPU (fp32, no autocast)."""
+    for device in ("cpu", "cuda"):
+        fwd = ForwardSettings(PRESET, LAYERS, storage_dtype="float32", compute_dtype="fp32", reconstructions=True)
+        extract(ExtractOptions(image_store, str(tmp_path / f"{device}.zarr"), fwd, SelectionSpec(num_samples=80),
+                               RunOptions(batch_size=16, device=device, shard_size=32)))
+    cpu, cuda = (zarr.open_group(str(tmp_path / f"{d}.zarr"), mode="r") for d in ("cpu", "cuda"))
+    for name in LAYERS:
+        np.testing.assert_allclose(cuda[name][:], cpu[name][:], rtol=1e-3, atol=1e-4, err_msg=name)
+    assert np.abs(cuda["reconstruction"][:].astype(int) - cpu["reconstruction"][:]).max() <= 1
