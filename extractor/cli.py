@@ -36,8 +36,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     group.add_argument("--checkpoint", help="DMD2 pytorch_model.bin / model.safetensors (or their folder), a .pt/.pth state dict, or an EDM network .pkl (read without running its code)")
     group.add_argument("--preset", choices=PRESET_NAMES, help="a built-in architecture with seeded random weights (UNTRAINED: for demos and tests)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
-    p.add_argument("--compute-dtype", default="fp32", choices=COMPUTE_DTYPES, help="network precision (bf16/fp16 autocast needs CUDA)")
-    p.add_argument("--batch-size", type=positive_int, default=64, help="samples per forward pass (README: what values depend on)")
+    p.add_argument("--compute-dtype", default="auto", choices=COMPUTE_DTYPES, help="network precision: auto is bf16 autocast on CUDA for diffusion networks (fixture-checked tolerance in README) and fp32 otherwise; bf16/fp16 need CUDA")
+    p.add_argument("--batch-size", type=positive_int, default=None, help="samples per forward pass (default: 64 on CPU, chosen from free memory on CUDA; README: what values depend on)")
 
 
 def _run_args(p: argparse.ArgumentParser) -> None:
@@ -45,6 +45,21 @@ def _run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resources", default=None, help="resources each task needs on a distributed worker, e.g. GPU=1 (default: none)")
     p.add_argument("--workers", type=positive_int, default=2, help="local threads: one computes while another reads or writes")
     p.add_argument("--overwrite", action="store_true", help="replace an imzarr store made with other settings (never an input, never anything else)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the network's blocks (CUDA; the first batches pay the compile time)")
+
+
+def _run_options(args: argparse.Namespace):
+    from extractor.forward import RunOptions
+    from schemas.task_runner import SchedulerSpec, parse_resources
+
+    return RunOptions(
+        batch_size=args.batch_size,
+        device=args.device,
+        scheduler=SchedulerSpec(args.scheduler, args.workers, parse_resources(args.resources)),
+        overwrite=args.overwrite,
+        shard_size=args.shard_size,
+        compile=args.compile,
+    )
 
 
 def _model_spec(args: argparse.Namespace):
@@ -55,7 +70,7 @@ def _model_spec(args: argparse.Namespace):
 
 def _check_device_and_dtype(args: argparse.Namespace) -> None:
     """fp16/bf16 autocast is a CUDA feature here; refuse it on CPU before anything is written."""
-    if args.compute_dtype == "fp32":
+    if args.compute_dtype in ("fp32", "auto"):
         return
     import torch
 
@@ -77,12 +92,6 @@ def _forward_settings(args: argparse.Namespace, noise_seed: int | None, **extra)
         compute_dtype=args.compute_dtype,
         **extra,
     )
-
-
-def _scheduler(args: argparse.Namespace):
-    from extractor.scheduling import SchedulerSpec, parse_resources
-
-    return SchedulerSpec(args.scheduler, args.workers, parse_resources(args.resources))
 
 
 def _print_outcome(result, what: str, untrained_note: str) -> None:
@@ -147,11 +156,7 @@ def _extract(args: argparse.Namespace) -> int:
             per_class=args.per_class,
             seed=args.seed,
         ),
-        batch_size=args.batch_size,
-        device=args.device,
-        scheduler=_scheduler(args),
-        overwrite=args.overwrite,
-        shard_size=args.shard_size,
+        run=_run_options(args),
     )
     if args.dry_run:
         from extractor.dry_run import dry_run_table
@@ -230,11 +235,7 @@ def _generate(args: argparse.Namespace) -> int:
             num_samples=args.num_samples,
             classes=args.classes,
             activations_out=args.activations_out,
-            batch_size=args.batch_size,
-            device=args.device,
-            scheduler=_scheduler(args),
-            overwrite=args.overwrite,
-            shard_size=args.shard_size,
+            run=_run_options(args),
         )
     )
     what = result.url + (f" and {result.activations_url}" if result.activations_url else "")

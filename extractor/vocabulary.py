@@ -21,7 +21,8 @@ PRESET_NAMES: tuple[str, ...] = (
 )
 # Spatial reduction of a captured layer, on the device, before storing.
 POOL_MODES: tuple[str, ...] = ("none", "mean", "max")
-# Network precision: fp32, or bf16/fp16 autocast (CUDA).
-COMPUTE_DTYPES: tuple[str, ...] = ("fp32", "bf16", "fp16")
+# Network precision: auto (bf16 autocast on CUDA for diffusion networks, fp32 otherwise), fp32, or bf16/fp16
+# autocast (CUDA).
+COMPUTE_DTYPES: tuple[str, ...] = ("auto", "fp32", "bf16", "fp16")
 
 __all__ = ["COMPUTE_DTYPES", "POOL_MODES", "PRESET_NAMES", "STORAGE_DTYPES"]
