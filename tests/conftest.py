@@ -1,4 +1,3 @@
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +21,12 @@ def stores_identical(a: str, b: str) -> None:
     assert sorted(k for k, _ in ga.groups()) == sorted(k for k, _ in gb.groups())
 
 
-@pytest.fixture
-def python_exe() -> str:
-    return sys.executable
+EDM_REFERENCE = FIXTURES / "edm_small_A.pt"
+
+
+@pytest.fixture(scope="session")
+def edm_reference() -> dict:
+    """The EDM reference fixture (../shared/fixtures/README.md): config, state dict, inputs and expected outputs."""
+    import torch
+
+    return torch.load(EDM_REFERENCE, weights_only=True)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,18 +18,13 @@ from extractor.models import (
     resolve_layer,
 )
 
-FIXTURE = Path(__file__).parent / "fixtures" / "edm_small_A.pt"
 
-
-@pytest.fixture(scope="module")
-def ref() -> dict:
-    return torch.load(FIXTURE, weights_only=True)
 
 
 @pytest.fixture(scope="module")
-def model(ref: dict) -> EDMPrecond:
-    net = EDMPrecond(**ref["config"]).eval()
-    net.load_state_dict(ref["state_dict"])
+def model(edm_reference: dict) -> EDMPrecond:
+    net = EDMPrecond(**edm_reference["config"]).eval()
+    net.load_state_dict(edm_reference["state_dict"])
     return net
 
 
@@ -38,8 +32,8 @@ def _no_hooks(net: EDMPrecond) -> bool:
     return all(not m._forward_hooks for m in net.modules())
 
 
-def test_layer_names_in_execution_order_plus_aliases(ref: dict, model: EDMPrecond) -> None:
-    assert layer_names(model) == list(ref["module_order"]) + ["encoder_bottleneck", "midblock"]
+def test_layer_names_in_execution_order_plus_aliases(edm_reference: dict, model: EDMPrecond) -> None:
+    assert layer_names(model) == list(edm_reference["module_order"]) + ["encoder_bottleneck", "midblock"]
 
 
 def test_aliases_resolve(model: EDMPrecond) -> None:
@@ -64,11 +58,11 @@ def test_unknown_layer_lists_valid_names(model: EDMPrecond) -> None:
         capture_layers(model, torch.zeros(1, 3, 32, 32), 1.0, None, ["model.out_conv"])
 
 
-def test_describe_layers_matches_real_shapes(ref: dict, model: EDMPrecond) -> None:
+def test_describe_layers_matches_real_shapes(edm_reference: dict, model: EDMPrecond) -> None:
     described = describe_layers(model, batch=4)
     assert [name for name, _ in described] == layer_names(model)
     shapes = dict(described)
-    for path, act in ref["activations"].items():
+    for path, act in edm_reference["activations"].items():
         assert shapes[path] == tuple(act.shape), path
     assert shapes["encoder_bottleneck"] == (4, 64, 8, 8)
     assert shapes["midblock"] == (4, 64, 8, 8)
@@ -77,7 +71,7 @@ def test_describe_layers_matches_real_shapes(ref: dict, model: EDMPrecond) -> No
     assert tiny["encoder_bottleneck"] == (1, 64, 16, 16)
 
 
-def test_early_stop_gives_same_activations_and_skips_decoder(ref: dict, model: EDMPrecond) -> None:
+def test_early_stop_gives_same_activations_and_skips_decoder(edm_reference: dict, model: EDMPrecond) -> None:
     decoder_calls: list[str] = []
     handles = [
         block.register_forward_hook(lambda *_a, n=n: decoder_calls.append(n)) for n, block in model.model.dec.items()
@@ -86,49 +80,49 @@ def test_early_stop_gives_same_activations_and_skips_decoder(ref: dict, model: E
     try:
         layers = ["model.enc.16x16_block0", "encoder_bottleneck", "model.enc.32x32_conv"]
         with torch.no_grad():
-            acts, out = capture_layers(model, ref["x"], ref["sigma"], ref["class_labels"], layers)
+            acts, out = capture_layers(model, edm_reference["x"], edm_reference["sigma"], edm_reference["class_labels"], layers)
     finally:
         for h in handles:
             h.remove()
     assert out is None
     assert decoder_calls == []
     assert list(acts) == layers
-    bottleneck = ref["activations"]["model.enc.8x8_block0"]
+    bottleneck = edm_reference["activations"]["model.enc.8x8_block0"]
     torch.testing.assert_close(acts["encoder_bottleneck"], bottleneck, rtol=1e-4, atol=1e-5)
     for name in ("model.enc.16x16_block0", "model.enc.32x32_conv"):
-        torch.testing.assert_close(acts[name], ref["activations"][name], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(acts[name], edm_reference["activations"][name], rtol=1e-4, atol=1e-5)
     assert _no_hooks(model)
 
 
-def test_capture_with_output_runs_everything(ref: dict, model: EDMPrecond) -> None:
+def test_capture_with_output_runs_everything(edm_reference: dict, model: EDMPrecond) -> None:
     with torch.no_grad():
         acts, out = capture_layers(
-            model, ref["x"], ref["sigma"], ref["class_labels"], ["midblock", "model.dec.8x8_in0", "encoder_bottleneck"],
+            model, edm_reference["x"], edm_reference["sigma"], edm_reference["class_labels"], ["midblock", "model.dec.8x8_in0", "encoder_bottleneck"],
             need_output=True,
         )
-        full = model(ref["x"], ref["sigma"], ref["class_labels"])
+        full = model(edm_reference["x"], edm_reference["sigma"], edm_reference["class_labels"])
     torch.testing.assert_close(out, full, rtol=0, atol=0)
-    torch.testing.assert_close(out, ref["out"], rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(acts["midblock"], ref["activations"]["model.dec.8x8_in0"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out, edm_reference["out"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(acts["midblock"], edm_reference["activations"]["model.dec.8x8_in0"], rtol=1e-4, atol=1e-5)
     assert acts["midblock"] is acts["model.dec.8x8_in0"]
     assert _no_hooks(model)
 
 
-def test_decoder_layers_captured_with_early_stop(ref: dict, model: EDMPrecond) -> None:
+def test_decoder_layers_captured_with_early_stop(edm_reference: dict, model: EDMPrecond) -> None:
     with torch.no_grad():
-        acts, out = capture_layers(model, ref["x"], ref["sigma"], ref["class_labels"], ["model.dec.16x16_block1"])
+        acts, out = capture_layers(model, edm_reference["x"], edm_reference["sigma"], edm_reference["class_labels"], ["model.dec.16x16_block1"])
     assert out is None
     torch.testing.assert_close(
-        acts["model.dec.16x16_block1"], ref["activations"]["model.dec.16x16_block1"], rtol=1e-4, atol=1e-5
+        acts["model.dec.16x16_block1"], edm_reference["activations"]["model.dec.16x16_block1"], rtol=1e-4, atol=1e-5
     )
 
 
 @pytest.mark.parametrize("pool", ["mean", "max"])
-def test_pooled_capture_equals_pooled_full_map(ref: dict, model: EDMPrecond, pool: str) -> None:
+def test_pooled_capture_equals_pooled_full_map(edm_reference: dict, model: EDMPrecond, pool: str) -> None:
     layers = ["model.enc.32x32_block0", "midblock", "model.dec.32x32_block1"]
     with torch.no_grad():
-        pooled, _ = capture_layers(model, ref["x"], ref["sigma"], ref["class_labels"], layers, pool=pool)
-        maps, _ = capture_layers(model, ref["x"], ref["sigma"], ref["class_labels"], layers, pool="none")
+        pooled, _ = capture_layers(model, edm_reference["x"], edm_reference["sigma"], edm_reference["class_labels"], layers, pool=pool)
+        maps, _ = capture_layers(model, edm_reference["x"], edm_reference["sigma"], edm_reference["class_labels"], layers, pool="none")
     for name in layers:
         full = maps[name]
         want = full.mean(dim=(2, 3)) if pool == "mean" else full.amax(dim=(2, 3))

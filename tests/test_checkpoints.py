@@ -26,19 +26,14 @@ from extractor.models import (
     load_model,
 )
 
-FIXTURE = Path(__file__).parent / "fixtures" / "edm_small_A.pt"
 ARCH_KEYS = ("img_resolution", "img_channels", "label_dim", "model_channels", "channel_mult",
              "channel_mult_emb", "num_blocks", "attn_resolutions", "augment_dim")  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def ref() -> dict:
-    return torch.load(FIXTURE, weights_only=True)
-
 
 @pytest.fixture(scope="module")
-def sd(ref: dict) -> dict[str, torch.Tensor]:
-    return dict(ref["state_dict"])
+def sd(edm_reference: dict) -> dict[str, torch.Tensor]:
+    return dict(edm_reference["state_dict"])
 
 
 def _assert_same_weights(model: EDMPrecond, sd: dict[str, torch.Tensor]) -> None:
@@ -48,10 +43,10 @@ def _assert_same_weights(model: EDMPrecond, sd: dict[str, torch.Tensor]) -> None
         assert torch.equal(got[key], value), key
 
 
-def _assert_reproduces_fixture(model: EDMPrecond, ref: dict) -> None:
+def _assert_reproduces_fixture(model: EDMPrecond, edm_reference: dict) -> None:
     with torch.no_grad():
-        out = model(ref["x"], ref["sigma"], ref["class_labels"])
-    torch.testing.assert_close(out, ref["out"], rtol=1e-4, atol=1e-5)
+        out = model(edm_reference["x"], edm_reference["sigma"], edm_reference["class_labels"])
+    torch.testing.assert_close(out, edm_reference["out"], rtol=1e-4, atol=1e-5)
 
 
 def _arch(config: dict) -> dict:
@@ -62,17 +57,17 @@ def _arch(config: dict) -> dict:
 # Containers.
 
 
-def test_bare_state_dict_bin(tmp_path: Path, ref: dict, sd: dict) -> None:
+def test_bare_state_dict_bin(tmp_path: Path, edm_reference: dict, sd: dict) -> None:
     path = tmp_path / "pytorch_model.bin"
     torch.save(collections.OrderedDict(sd), path)
     model = load_checkpoint(path)
     _assert_same_weights(model, sd)
-    assert _arch(model.config) == _arch({**ref["config"], "attn_resolutions": [16]})
+    assert _arch(model.config) == _arch({**edm_reference["config"], "attn_resolutions": [16]})
     assert not model.training
-    _assert_reproduces_fixture(model, ref)
+    _assert_reproduces_fixture(model, edm_reference)
 
 
-def test_folder_picks_generator_not_critic(tmp_path: Path, ref: dict, sd: dict) -> None:
+def test_folder_picks_generator_not_critic(tmp_path: Path, edm_reference: dict, sd: dict) -> None:
     folder = tmp_path / "checkpoint_model_000500"
     folder.mkdir()
     torch.save(sd, folder / "pytorch_model.bin")
@@ -91,7 +86,7 @@ def test_folder_with_only_the_critic_is_refused(tmp_path: Path, sd: dict) -> Non
     assert str(folder) in str(info.value)
 
 
-def test_safetensors_file_and_folder(tmp_path: Path, ref: dict, sd: dict) -> None:
+def test_safetensors_file_and_folder(tmp_path: Path, edm_reference: dict, sd: dict) -> None:
     folder = tmp_path / "new_accelerate"
     folder.mkdir()
     save_file({k: v.contiguous() for k, v in sd.items()}, str(folder / "model.safetensors"))
@@ -99,7 +94,7 @@ def test_safetensors_file_and_folder(tmp_path: Path, ref: dict, sd: dict) -> Non
     _assert_same_weights(load_checkpoint(folder / "model.safetensors"), sd)
     model = load_checkpoint(folder)
     _assert_same_weights(model, sd)
-    _assert_reproduces_fixture(model, ref)
+    _assert_reproduces_fixture(model, edm_reference)
 
 
 @pytest.mark.parametrize("key", ["state_dict", "model", "ema", "generator"])
@@ -220,11 +215,11 @@ def _edm_style(module: torch.nn.Module, reconstruct, marker: Path, init_kwargs: 
 
 
 def test_edm_network_pickle_loads_without_running_embedded_code(
-    tmp_path: Path, ref: dict, sd: dict, edm_modules
+    tmp_path: Path, edm_reference: dict, sd: dict, edm_modules
 ) -> None:
     reconstruct, easy_dict = edm_modules
     marker = tmp_path / "MARKER"
-    config = dict(ref["config"])
+    config = dict(edm_reference["config"])
     net = EDMPrecond(**config)
     net.load_state_dict(sd)
     net.model.enc["16x16_block0"].register_buffer("scratch", torch.ones(3), persistent=False)
@@ -242,7 +237,7 @@ def test_edm_network_pickle_loads_without_running_embedded_code(
     assert not marker.exists()
     _assert_same_weights(model, sd)
     assert model.config["model_channels"] == config["model_channels"]
-    _assert_reproduces_fixture(model, ref)
+    _assert_reproduces_fixture(model, edm_reference)
 
     # Control: the file really does run its embedded code under a plain unpickler.
     with path.open("rb") as fh:
@@ -251,10 +246,10 @@ def test_edm_network_pickle_loads_without_running_embedded_code(
 
 
 def test_edm_pickle_init_kwargs_take_precedence_over_inference(
-    tmp_path: Path, ref: dict, sd: dict, edm_modules
+    tmp_path: Path, edm_reference: dict, sd: dict, edm_modules
 ) -> None:
     reconstruct, _ = edm_modules
-    config = {**ref["config"], "dropout": 0.1, "use_fp16": True, "attn_resolutions": [16, 4]}
+    config = {**edm_reference["config"], "dropout": 0.1, "use_fp16": True, "attn_resolutions": [16, 4]}
     net = EDMPrecond(**config)
     net.load_state_dict(sd)
     path = tmp_path / "network-snapshot-000100.pkl"
@@ -323,10 +318,10 @@ def test_config_inference_drops_attention_at_narrow_widths() -> None:
     assert infer_config(model.state_dict())["attn_resolutions"] == [16]
 
 
-def test_given_config_that_does_not_fit_names_keys(tmp_path: Path, ref: dict, sd: dict) -> None:
+def test_given_config_that_does_not_fit_names_keys(tmp_path: Path, edm_reference: dict, sd: dict) -> None:
     path = tmp_path / "pytorch_model.bin"
     torch.save(sd, path)
-    wrong = {**ref["config"], "model_channels": 64}
+    wrong = {**edm_reference["config"], "model_channels": 64}
     with pytest.raises(CheckpointMismatchError) as info:
         load_checkpoint(path, config=wrong)
     message = str(info.value)
@@ -337,16 +332,16 @@ def test_given_config_that_does_not_fit_names_keys(tmp_path: Path, ref: dict, sd
     trimmed = {k: v for k, v in extra.items() if k != "model.out_conv.bias"}
     torch.save(trimmed, path)
     with pytest.raises(CheckpointMismatchError) as info:
-        load_checkpoint(path, config=ref["config"])
+        load_checkpoint(path, config=edm_reference["config"])
     message = str(info.value)
     assert "1 missing: model.out_conv.bias" in message
     assert "1 unexpected: model.extra.weight" in message
 
 
-def test_given_config_is_used(tmp_path: Path, ref: dict, sd: dict) -> None:
+def test_given_config_is_used(tmp_path: Path, edm_reference: dict, sd: dict) -> None:
     path = tmp_path / "pytorch_model.bin"
     torch.save(sd, path)
-    model = load_checkpoint(path, config={**ref["config"], "sigma_data": 0.5, "dropout": 0.25})
+    model = load_checkpoint(path, config={**edm_reference["config"], "sigma_data": 0.5, "dropout": 0.25})
     assert model.config["dropout"] == 0.25
     _assert_same_weights(model, sd)
 
@@ -368,7 +363,7 @@ def test_model_spec_validation_and_pickling(tmp_path: Path) -> None:
     assert len(pickle.dumps(ModelSpec(preset="tiny-random"))) < 200
 
 
-def test_load_model_from_checkpoint(tmp_path: Path, ref: dict, sd: dict) -> None:
+def test_load_model_from_checkpoint(tmp_path: Path, edm_reference: dict, sd: dict) -> None:
     folder = tmp_path / "checkpoint_model_001000"
     folder.mkdir()
     torch.save(sd, folder / "pytorch_model.bin")
@@ -381,7 +376,7 @@ def test_load_model_from_checkpoint(tmp_path: Path, ref: dict, sd: dict) -> None
     assert loaded.resolution == 32 and loaded.label_dim == 1000
     assert not loaded.module.training
     assert not any(p.requires_grad for p in loaded.module.parameters())
-    _assert_reproduces_fixture(loaded.module, ref)
+    _assert_reproduces_fixture(loaded.module, edm_reference)
     assert cached_model(spec) is cached_model(spec, "cpu")
 
 

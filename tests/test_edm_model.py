@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -23,7 +22,6 @@ from extractor.models import (
 )
 from extractor.models.edm import Conv2d, GroupNorm, PositionalEmbedding, UNetBlock
 
-FIXTURE = Path(__file__).parent / "fixtures" / "edm_small_A.pt"
 RTOL, ATOL = 1e-4, 1e-5
 
 # A 4-level config the fixture does not cover: several blocks, attention at a narrow level (32x32, 32 channels:
@@ -41,15 +39,11 @@ FOUR_LEVEL = dict(
 )
 
 
-@pytest.fixture(scope="module")
-def ref() -> dict:
-    return torch.load(FIXTURE, weights_only=True)
-
 
 @pytest.fixture(scope="module")
-def ref_model(ref: dict) -> EDMPrecond:
-    model = EDMPrecond(**ref["config"]).eval()
-    model.load_state_dict(ref["state_dict"], strict=True)
+def ref_model(edm_reference: dict) -> EDMPrecond:
+    model = EDMPrecond(**edm_reference["config"]).eval()
+    model.load_state_dict(edm_reference["state_dict"], strict=True)
     return model
 
 
@@ -72,61 +66,61 @@ def _run_with_hooks(model: EDMPrecond, paths: list[str], *args) -> tuple[torch.T
 # Agreement with the original implementation.
 
 
-def test_fixture_state_dict_keys_and_order_match(ref: dict) -> None:
-    model = EDMPrecond(**ref["config"])
+def test_fixture_state_dict_keys_and_order_match(edm_reference: dict) -> None:
+    model = EDMPrecond(**edm_reference["config"])
     got = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    want = {k: tuple(v.shape) for k, v in ref["state_dict"].items()}
+    want = {k: tuple(v.shape) for k, v in edm_reference["state_dict"].items()}
     assert list(got) == list(want)
     assert got == want
 
 
-def test_fixture_output_and_every_activation(ref: dict, ref_model: EDMPrecond) -> None:
-    paths = list(ref["module_order"]) + [k for k in ref["extras"] if k.startswith("model.")]
-    out, acts = _run_with_hooks(ref_model, paths, ref["x"], ref["sigma"], ref["class_labels"])
-    torch.testing.assert_close(out, ref["out"], rtol=RTOL, atol=ATOL)
-    assert set(ref["activations"]) == set(ref["module_order"])
-    for path in ref["module_order"]:
-        torch.testing.assert_close(acts[path], ref["activations"][path], rtol=RTOL, atol=ATOL, msg=path)
-    for path in paths[len(ref["module_order"]):]:
-        torch.testing.assert_close(acts[path], ref["extras"][path], rtol=RTOL, atol=ATOL, msg=path)
+def test_fixture_output_and_every_activation(edm_reference: dict, ref_model: EDMPrecond) -> None:
+    paths = list(edm_reference["module_order"]) + [k for k in edm_reference["extras"] if k.startswith("model.")]
+    out, acts = _run_with_hooks(ref_model, paths, edm_reference["x"], edm_reference["sigma"], edm_reference["class_labels"])
+    torch.testing.assert_close(out, edm_reference["out"], rtol=RTOL, atol=ATOL)
+    assert set(edm_reference["activations"]) == set(edm_reference["module_order"])
+    for path in edm_reference["module_order"]:
+        torch.testing.assert_close(acts[path], edm_reference["activations"][path], rtol=RTOL, atol=ATOL, msg=path)
+    for path in paths[len(edm_reference["module_order"]):]:
+        torch.testing.assert_close(acts[path], edm_reference["extras"][path], rtol=RTOL, atol=ATOL, msg=path)
 
 
-def test_fixture_shared_embedding(ref: dict, ref_model: EDMPrecond) -> None:
-    c_noise = ref["sigma"].log() / 4
+def test_fixture_shared_embedding(edm_reference: dict, ref_model: EDMPrecond) -> None:
+    c_noise = edm_reference["sigma"].log() / 4
     with torch.no_grad():
-        emb = ref_model.model.embedding(c_noise, ref["class_labels"])
-    torch.testing.assert_close(emb, ref["extras"]["emb"], rtol=RTOL, atol=ATOL)
+        emb = ref_model.model.embedding(c_noise, edm_reference["class_labels"])
+    torch.testing.assert_close(emb, edm_reference["extras"]["emb"], rtol=RTOL, atol=ATOL)
 
 
-def test_module_execution_order_matches_fixture(ref: dict, ref_model: EDMPrecond) -> None:
+def test_module_execution_order_matches_fixture(edm_reference: dict, ref_model: EDMPrecond) -> None:
     order: list[str] = []
     handles = [
         ref_model.get_submodule(p).register_forward_hook(lambda *_a, p=p: order.append(p))
-        for p in ref["module_order"]
+        for p in edm_reference["module_order"]
     ]
     with torch.no_grad():
-        ref_model(ref["x"][:1], ref["sigma"][:1], ref["class_labels"][:1])
+        ref_model(edm_reference["x"][:1], edm_reference["sigma"][:1], edm_reference["class_labels"][:1])
     for h in handles:
         h.remove()
-    assert order == list(ref["module_order"])
+    assert order == list(edm_reference["module_order"])
 
 
-def test_integer_class_ids_equal_one_hot(ref: dict, ref_model: EDMPrecond) -> None:
-    ids = ref["class_labels"].argmax(dim=1)
+def test_integer_class_ids_equal_one_hot(edm_reference: dict, ref_model: EDMPrecond) -> None:
+    ids = edm_reference["class_labels"].argmax(dim=1)
     with torch.no_grad():
-        out = ref_model(ref["x"], ref["sigma"], ids)
-    torch.testing.assert_close(out, ref["out"], rtol=RTOL, atol=ATOL)
+        out = ref_model(edm_reference["x"], edm_reference["sigma"], ids)
+    torch.testing.assert_close(out, edm_reference["out"], rtol=RTOL, atol=ATOL)
 
 
-def test_none_labels_equal_zero_labels_and_soft_labels_used_as_is(ref: dict, ref_model: EDMPrecond) -> None:
-    x, sigma = ref["x"][:2], ref["sigma"][:2]
+def test_none_labels_equal_zero_labels_and_soft_labels_used_as_is(edm_reference: dict, ref_model: EDMPrecond) -> None:
+    x, sigma = edm_reference["x"][:2], edm_reference["sigma"][:2]
     with torch.no_grad():
         none = ref_model(x, sigma, None)
         zeros = ref_model(x, sigma, torch.zeros(2, 1000))
         soft = torch.full((2, 1000), 1e-3)
         out_soft = ref_model(x, sigma, soft)
         emb_soft = ref_model.model.embedding(sigma.log() / 4, soft)
-        emb_hot = ref_model.model.embedding(sigma.log() / 4, ref["class_labels"][:2])
+        emb_hot = ref_model.model.embedding(sigma.log() / 4, edm_reference["class_labels"][:2])
     torch.testing.assert_close(none, zeros, rtol=0, atol=0)
     assert not torch.allclose(out_soft, none)
     assert not torch.allclose(emb_soft, emb_hot)
@@ -150,16 +144,16 @@ def test_non_positive_sigma_is_refused(ref_model: EDMPrecond, bad: float) -> Non
     assert isinstance(info.value, ValueError)
 
 
-def test_scalar_sigma_broadcasts(ref: dict, ref_model: EDMPrecond) -> None:
-    x = ref["x"][:3]
-    labels = ref["class_labels"][:3]
+def test_scalar_sigma_broadcasts(edm_reference: dict, ref_model: EDMPrecond) -> None:
+    x = edm_reference["x"][:3]
+    labels = edm_reference["class_labels"][:3]
     with torch.no_grad():
         a = ref_model(x, 2.5, labels)
         b = ref_model(x, torch.full((3,), 2.5), labels)
     torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-def test_preconditioning_coefficients(ref: dict, ref_model: EDMPrecond) -> None:
+def test_preconditioning_coefficients(edm_reference: dict, ref_model: EDMPrecond) -> None:
     """D = c_skip x + c_out F(c_in x, ln(sigma)/4) with sigma_data 0.5, checked at sigma = 0.5 by hand."""
     seen: dict[str, torch.Tensor] = {}
 
@@ -167,9 +161,9 @@ def test_preconditioning_coefficients(ref: dict, ref_model: EDMPrecond) -> None:
         seen["x_in"], seen["c_noise"], seen["F"] = args[0], args[1], output
 
     handle = ref_model.model.register_forward_hook(grab, with_kwargs=True)
-    x = ref["x"][:2]
+    x = edm_reference["x"][:2]
     with torch.no_grad():
-        out = ref_model(x, torch.tensor([0.5, 0.5]), ref["class_labels"][:2])
+        out = ref_model(x, torch.tensor([0.5, 0.5]), edm_reference["class_labels"][:2])
     handle.remove()
     c_skip, c_out, c_in = 0.5, 0.25 / math.sqrt(0.5), 1 / math.sqrt(0.5)
     torch.testing.assert_close(seen["x_in"], x * c_in)
@@ -377,13 +371,13 @@ def test_unsupported_model_type() -> None:
         EDMPrecond(img_resolution=32, img_channels=3, model_type="SongUNet")
 
 
-def test_use_fp16_is_accepted_and_does_not_change_cpu_numbers(ref: dict, ref_model: EDMPrecond) -> None:
-    model = EDMPrecond(**{**ref["config"], "use_fp16": True}).eval()
-    model.load_state_dict(ref["state_dict"])
+def test_use_fp16_is_accepted_and_does_not_change_cpu_numbers(edm_reference: dict, ref_model: EDMPrecond) -> None:
+    model = EDMPrecond(**{**edm_reference["config"], "use_fp16": True}).eval()
+    model.load_state_dict(edm_reference["state_dict"])
     assert model.use_fp16 is True and model.config["use_fp16"] is True
     with torch.no_grad():
-        out = model(ref["x"], ref["sigma"], ref["class_labels"])
-    torch.testing.assert_close(out, ref["out"], rtol=RTOL, atol=ATOL)
+        out = model(edm_reference["x"], edm_reference["sigma"], edm_reference["class_labels"])
+    torch.testing.assert_close(out, edm_reference["out"], rtol=RTOL, atol=ATOL)
 
 
 # ---------------------------------------------------------------------------------------------------------------

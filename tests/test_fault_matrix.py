@@ -3,7 +3,6 @@ of the same command finishes, and ends with a store identical, file by file, to 
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys

@@ -27,7 +27,7 @@ from schemas.image_layout import (
     inner_chunk_for,
     write_image_shard,
 )
-from schemas.image_store import COORDINATES, IMAGE_SCHEMA, ImageStore, ShardRangeReader, validate_image_store
+from schemas.image_store import COORDINATES, IMAGE_SCHEMA, ShardRangeReader, validate_image_store
 from schemas.variable_attrs import REQUIRED_ARRAY_ATTRS, classes_lookup
 from tests.synthetic import photo_like, write_npz_shard
 

@@ -103,7 +103,6 @@ def test_label_from_folders(tmp_path):
 
 def test_crash_then_rerun_equals_uninterrupted(tmp_path):
     root = tmp_path / "tree"
-    rng = np.random.default_rng(0)
     for w in WNIDS:
         (root / w).mkdir(parents=True)
     for i in range(700):

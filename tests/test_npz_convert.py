@@ -1,6 +1,5 @@
 """NPZ converter: exact pixels, labels, order, shuffle, crash safety, idempotence and every bad input."""
 
-import os
 import signal
 import subprocess
 import sys
