@@ -1,26 +1,37 @@
 """Creates the activation-store arrays and writes one output shard of every variable per task.
 
-Shard files of raw-byte sharded arrays on local disk are written directly (`extractor.shard_writer`), batch by
-batch from a writer thread while the next batch computes; anything else (object stores, other layouts) goes
-through zarr-python once the shard is complete. Coordinates (small) always go through zarr-python.
+Layout (schemas/activation_store.py): one inner chunk size for every array of a store, from its largest
+variable; numeric coordinates one chunk each, written here at creation when the writer knows them (extract and
+generate do: the selection); text arrays one chunk per shard. Shard files of raw-byte sharded arrays on local
+disk are written directly (`extractor.shard_writer`), batch by batch from a writer thread while the next batch
+computes; anything else (object stores, other layouts) goes through zarr-python once the shard is complete.
+Per-shard coordinate chunks are written directly where the layout allows, else through zarr-python.
 """
 
 from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 import zarr
 
 from extractor.shard_writer import ShardFileWriter, direct_layout, local_directory, write_sample_chunk
-from schemas.activation_store import COORDINATES, RECONSTRUCTION_DIMS, RECONSTRUCTION_VAR, layer_dims
+from schemas.activation_store import COORDINATES, RECONSTRUCTION_DIMS, RECONSTRUCTION_VAR, activation_inner_chunk, layer_dims
+from schemas.errors import ImzarrError
 from schemas.image_layout import create_coordinate_arrays
+from schemas.variable_attrs import coordinates_attribute
+
+class ChunkOwnershipError(ImzarrError):
+    """A shard task asked to write part of a chunk it does not own (a bug in the writer, not in the data)."""
+
 
 TARGET_SHARD_BYTES = 64 << 20  # per variable: few files, and a task's working set stays ~100 MB
-INNER_CHUNK = 64
+# Numeric per-sample arrays (xarray coordinates): one chunk each when their values are known at creation.
+NUMERIC_COORDINATES = tuple(name for name, kind in COORDINATES.items() if kind != "U")
+TEXT_COORDINATES = tuple(name for name, kind in COORDINATES.items() if kind == "U")  # always one chunk per shard
 
 
 def default_shard_size(layer_shapes: dict[str, tuple[int, ...]], storage_dtype: str) -> int:
@@ -31,6 +42,14 @@ def default_shard_size(layer_shapes: dict[str, tuple[int, ...]], storage_dtype: 
     return int(min(4096, max(64, 1 << (fit.bit_length() - 1))))
 
 
+def largest_sample_bytes(layer_shapes: dict[str, tuple[int, ...]], storage_dtype: str, reconstruction_shape: tuple[int, ...] | None) -> int:
+    """Bytes of one sample of the store's largest variable (layers in the storage dtype, reconstructions uint8)."""
+    sizes = [int(np.prod(shape)) * np.dtype(storage_dtype).itemsize for shape in layer_shapes.values()]
+    if reconstruction_shape is not None:
+        sizes.append(int(np.prod(reconstruction_shape)))
+    return max(sizes, default=1)
+
+
 def create_activation_arrays(
     group: zarr.Group,
     num_samples: int,
@@ -38,14 +57,18 @@ def create_activation_arrays(
     storage_dtype: str,
     shard: int,
     reconstruction_shape: tuple[int, ...] | None,
-    variable_attributes: dict[str, dict[str, Any]] | None = None,
+    variable_attributes: Mapping[str, dict[str, Any]] | None = None,
+    coordinates: Mapping[str, np.ndarray] | None = None,
 ) -> None:
-    """One array per layer (per-sample shape given), optional reconstructions, and the coordinates.
+    """One array per layer (per-sample shape given), optional reconstructions, and the coordinate arrays.
 
-    `variable_attributes` adds attributes per variable name (e.g. long_name, units), next to `coordinates`.
+    `variable_attributes` gives attributes per array name (layers, reconstruction, coordinates); they win over
+    the default `coordinates` attribute. `coordinates` gives the values of the numeric coordinates (store
+    order): those arrays are then one chunk each, written here, and shard tasks write only the text arrays;
+    without it every coordinate has one chunk per shard and shard tasks write them all.
     """
-    inner = min(INNER_CHUNK, shard)
-    coord_names = " ".join(COORDINATES)
+    inner = activation_inner_chunk(largest_sample_bytes(layer_shapes, storage_dtype, reconstruction_shape), shard)
+    coord_names = coordinates_attribute(list(COORDINATES))
     extra = variable_attributes or {}
     for var, shape in layer_shapes.items():
         group.create_array(
@@ -57,7 +80,7 @@ def create_activation_arrays(
             compressors=None,  # measured: float16 maps compress little and zstd halves write speed
             fill_value=0.0,
             dimension_names=layer_dims(var, pooled=len(shape) == 1),
-            attributes={**extra.get(var, {}), "coordinates": coord_names},
+            attributes={"coordinates": coord_names, **extra.get(var, {})},
         )
     if reconstruction_shape is not None:
         group.create_array(
@@ -69,9 +92,10 @@ def create_activation_arrays(
             compressors=None,
             fill_value=0,
             dimension_names=RECONSTRUCTION_DIMS,
-            attributes={**extra.get(RECONSTRUCTION_VAR, {}), "coordinates": coord_names},
+            attributes={"coordinates": coord_names, **extra.get(RECONSTRUCTION_VAR, {})},
         )
-    create_coordinate_arrays(group, COORDINATES, num_samples, shard)
+    values = None if coordinates is None else {name: coordinates[name] for name in NUMERIC_COORDINATES}
+    create_coordinate_arrays(group, COORDINATES, num_samples, shard, values=values, attributes=extra)
 
 
 class ShardOutput:
@@ -119,12 +143,14 @@ class ShardOutput:
         self.thread.join()
 
     def commit(self, coords: dict[str, np.ndarray]) -> None:
-        """Write the coordinates, finish every array's shard (renamed into place); raise what the writer hit."""
+        """Write the coordinates this task owns (one chunk per shard each), finish every array's shard (renamed
+        into place); raise what the writer hit."""
         try:
             # Coordinates first, while the writer thread may still be writing data: one chunk per shard, written
             # directly where the layout allows (zarr-python took ~10-20 ms per shard for them, a third of a
             # 100 MB shard's raw write time). Nothing counts as written before the caller marks the shard done.
             slow = {name: values for name, values in coords.items() if not write_sample_chunk(self.url, name, self.start, np.asarray(values))}
+            check_whole_chunks(self.url, self.start, slow)
         except BaseException:
             self.abort()
             raise
@@ -147,6 +173,22 @@ class ShardOutput:
             self._join()
         for file in self.files.values():
             file.abort()
+
+
+def check_whole_chunks(url: str, start: int, coords: Mapping[str, np.ndarray]) -> None:
+    """Refuse a coordinate write that covers part of a chunk: the rest of it belongs to another task (or was
+    written whole at creation), and two writers of one chunk silently lose data."""
+    if not coords:
+        return
+    group = zarr.open_group(url, mode="r", use_consolidated=False)
+    for name, values in coords.items():
+        array = group[name]
+        size, total, stop = int(array.chunks[0]), int(array.shape[0]), start + len(values)
+        if start % size or (stop % size and stop != total):
+            raise ChunkOwnershipError(
+                f"{url}: {name} is stored in chunks of {size} samples; samples [{start}, {stop}) cover part of one "
+                "(numeric coordinates written at creation are not written again by shard tasks)"
+            )
 
 
 def write_with_zarr(url: str, start: int, variables: dict[str, np.ndarray], coords: dict[str, np.ndarray]) -> None:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 
 from extractor.activation_writer import default_shard_size
-from extractor.extract import ExtractOptions, choose_batch_size, probe_layers
-from extractor.forward import check_forward_settings, resolve_compute, resolve_device
+from extractor.extract import ExtractOptions, choose_batch_size, load_forward, probe_layers
+from extractor.forward import resolve_device
 from extractor.selection import select_samples
 from schemas.image_store import validate_image_store
 
@@ -21,21 +23,22 @@ def _size(nbytes: float) -> str:
 
 
 def dry_run_table(options: ExtractOptions) -> str:
+    """One batch through the hooks at the batch size the run would use, then a table of shapes, sizes and memory."""
     run = options.run
     device = resolve_device(run.device)
-    fwd = resolve_compute(options.forward, device)
-    check_forward_settings(fwd)
     images = validate_image_store(options.store)
+    loaded, fwd = load_forward(options.forward, device)
     chosen = select_samples(options.selection, images.coordinate("label"), images.coordinate("synset"))
+    res = images.resolution
     if run.batch_size:
         batch = run.batch_size
     else:  # the automatic choice needs the layer shapes: probe one sample first
-        shapes, _, loaded = probe_layers(fwd, device)
-        batch = choose_batch_size(loaded, fwd, shapes, device, run.compile)
+        shapes, _ = probe_layers(loaded, fwd, device, res)
+        batch = choose_batch_size(loaded, fwd, shapes, device, res, run.compile)
     batch = max(1, min(batch, int(chosen.size)))
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    shapes, paths, loaded = probe_layers(fwd, device, batch=batch)
+    shapes, paths = probe_layers(loaded, fwd, device, res, batch=batch)
     itemsize = np.dtype(fwd.storage_dtype).itemsize
     n = int(chosen.size)
     rows = [("layer", "module", "shape / sample", "bytes / sample", f"store for {n:,} samples")]
@@ -53,11 +56,12 @@ def dry_run_table(options: ExtractOptions) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
     shard = run.shard_size or default_shard_size(shapes, fwd.storage_dtype)
     params = sum(p.numel() * p.element_size() for p in loaded.module.parameters())
-    host = (3 * images.resolution**2 + total) * shard * 2 * run.scheduler.workers  # inputs + outputs, twice while writing
+    workers = run.scheduler.workers or os.cpu_count() or 1
+    host = (3 * images.resolution**2 + total) * shard * 2 * workers  # inputs + outputs, twice while writing
     lines.append("")
     lines.append(f"batch {batch}, compute {fwd.compute_dtype}")
     lines.append(f"model {loaded.name} ({'trained' if loaded.trained else 'UNTRAINED preset'}), {_size(params)} of weights on {device}")
-    lines.append(f"output shards of {shard} samples: {-(-n // shard)} tasks; host memory ≈ {_size(host + params)} with {run.scheduler.workers} local workers")
+    lines.append(f"output shards of {shard} samples: {-(-n // shard)} tasks; host memory ≈ {_size(host + params)} with {workers} local workers")
     if device.startswith("cuda"):
         lines.append(f"device memory at batch {batch}: peak {_size(torch.cuda.max_memory_allocated())}")
     lines.append("dry run: nothing written")

@@ -4,13 +4,15 @@ Each task owns one output shard of every variable: it reads its samples from the
 the one forward path (`extractor.forward`: one model per worker process, the per-device lock held around the
 forward only), streams the shard to disk from a writer thread, and records itself done once it is written.
 Values depend only on the sample (noise is a function of (seed, global_index), `extractor.noise`), never on
-batch size, chunking, order, device or worker count.
+batch size, chunking, order, device or worker count. Diffusion networks get the image scaled to [-1, 1] plus
+σ·noise and the one-hot label; feature networks (`fid-inception`, `dinov2-*`) get the clean image and
+preprocess it as their protocol says, so σ, noise, class labels and reconstructions are refused for them.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import InitVar, dataclass, field
+from dataclasses import dataclass, field
 from importlib.metadata import version
 from typing import Any
 
@@ -19,32 +21,41 @@ import numpy as np
 import torch
 import zarr
 
-from extractor.activation_writer import ShardOutput, create_activation_arrays, default_shard_size
+from extractor.activation_writer import TEXT_COORDINATES, ShardOutput, create_activation_arrays, default_shard_size
 from extractor.forward import (
+    MAX_AUTO_BATCH,
+    MAX_AUTO_FEATURE_BATCH,
     ExtractionError,
     ForwardSettings,
     RunOptions,
     ShardForward,
     auto_batch_size,
     check_forward_settings,
-    fold_run_keywords,
     forward_batch,
     measured_bytes_per_sample,
     per_sample_bytes,
     pinned_images,
     prepare_module,
-    resolve_compute,
     resolve_device,
+    resolve_forward,
 )
-from extractor.models import cached_model, resolve_layer
+from extractor.models import LoadedModel, cached_model, resolve_layer
 from extractor.noise import NOISE_RECIPE, noise_attrs, recorded_noise_recipe
-from extractor.scheduling import SchedulerSpec, run_tasks
 from extractor.selection import SelectionSpec, describe_selection, select_samples
-from schemas.activation_store import ACTIVATION_SCHEMA, RECONSTRUCTION_VAR
+from schemas.activation_store import (
+    ACTIVATION_LAYOUT_VERSION,
+    ACTIVATION_SCHEMA,
+    FEATURE_KIND,
+    RECONSTRUCTION_VAR,
+    activation_array_attrs,
+    activation_group_attrs,
+)
 from schemas.errors import ImzarrError
 from schemas.image_store import ImageStore, validate_image_store
 from schemas.progress_report import ProgressReport
 from schemas.store_lifecycle import finalize_store, inspect_existing, mark_done, path_state, prepare_store, read_done
+from schemas.task_runner import run_tasks
+
 
 class NoiseRecipeError(ImzarrError):
     """An existing store's noise was made with another recipe than this version's."""
@@ -52,21 +63,13 @@ class NoiseRecipeError(ImzarrError):
 
 @dataclass(frozen=True)
 class ExtractOptions:
+    """One extraction: input image store, output activation store, what decides the values, how it runs."""
+
     store: str
     output: str
     forward: ForwardSettings
     selection: SelectionSpec = field(default_factory=SelectionSpec)
     run: RunOptions = field(default_factory=RunOptions)
-    # Accepted while extractor/cli.py still passes run options one by one: folded into `run`, never stored.
-    batch_size: InitVar[int | None] = None
-    device: InitVar[str | None] = None
-    scheduler: InitVar[SchedulerSpec | None] = None
-    overwrite: InitVar[bool | None] = None
-    shard_size: InitVar[int | None] = None
-
-    def __post_init__(self, batch_size, device, scheduler, overwrite, shard_size) -> None:
-        run = fold_run_keywords(self.run, batch_size=batch_size, device=device, scheduler=scheduler, overwrite=overwrite, shard_size=shard_size)
-        object.__setattr__(self, "run", run)
 
 
 @dataclass(frozen=True)
@@ -78,23 +81,32 @@ class ExtractResult:
     trained: bool
 
 
-def probe_layers(fwd: ForwardSettings, device: str, batch: int = 1) -> tuple[dict[str, tuple[int, ...]], dict[str, str], Any]:
-    """Per-sample output shape and module path of every requested layer, from one real forward on `batch` samples."""
-    loaded = cached_model(fwd.model, device)
+def load_forward(settings: ForwardSettings, device: str) -> tuple[LoadedModel, ForwardSettings]:
+    """The network on `device` (once per process) and the settings that run on it: defaults filled in for its
+    kind, options it cannot take refused, the rest checked."""
+    loaded = cached_model(settings.model, device)
+    fwd = resolve_forward(settings, loaded, device)
+    check_forward_settings(fwd)
+    return loaded, fwd
+
+
+def probe_layers(loaded: LoadedModel, fwd: ForwardSettings, device: str, resolution: int, batch: int = 1) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
+    """Per-sample output shape and module path of every requested layer, from one real forward on `batch`
+    images of side `resolution` (the image store's: feature networks resize any side to their own)."""
     paths = {name: resolve_layer(loaded.module, name) for name in fwd.layers}  # UnknownLayerError lists valid names
-    res = loaded.resolution
-    x = torch.zeros(batch, 3, res, res, device=device)
+    x = torch.zeros(batch, 3, resolution, resolution, device=device)
     acts, _ = forward_batch(loaded.module, x, None, fwd, device, need_output=False)
-    return {name: tuple(a.shape[1:]) for name, a in acts.items()}, paths, loaded
+    return {name: tuple(a.shape[1:]) for name, a in acts.items()}, paths
 
 
-def choose_batch_size(loaded, fwd: ForwardSettings, shapes: dict[str, tuple[int, ...]], device: str, compile_blocks: bool = False) -> int:
-    """The batch when none is given: 64 on CPU; on CUDA from free memory and a measured forward of a few samples."""
+def choose_batch_size(loaded: LoadedModel, fwd: ForwardSettings, shapes: dict[str, tuple[int, ...]], device: str, resolution: int, compile_blocks: bool = False) -> int:
+    """The batch when none is given: 64 on CPU; on CUDA from free memory and a measured forward of a few samples
+    (at most MAX_AUTO_FEATURE_BATCH for feature networks)."""
     if not device.startswith("cuda"):
         return auto_batch_size(0, device)
     module = prepare_module(loaded.module, device, compile_blocks)
-    planned = measured_bytes_per_sample(module, fwd, loaded.resolution, loaded.label_dim, device) + per_sample_bytes(shapes, loaded.resolution, fwd.storage_dtype)
-    return auto_batch_size(planned, device)
+    planned = measured_bytes_per_sample(module, fwd, resolution, loaded.label_dim, device) + per_sample_bytes(shapes, resolution, fwd.storage_dtype)
+    return auto_batch_size(planned, device, MAX_AUTO_FEATURE_BATCH if loaded.kind == FEATURE_KIND else MAX_AUTO_BATCH)
 
 
 def check_noise_recipe(url: str, noise_seed: int | None, overwrite: bool) -> None:
@@ -109,12 +121,13 @@ def check_noise_recipe(url: str, noise_seed: int | None, overwrite: bool) -> Non
         )
 
 
-def _settings(options: ExtractOptions, fwd: ForwardSettings, image_attrs: dict, selection: dict, model_sha: str) -> dict[str, Any]:
+def extraction_settings(options: ExtractOptions, fwd: ForwardSettings, image_attrs: dict, selection: dict, model_sha: str) -> dict[str, Any]:
+    """What decides a store's values and layout (its fingerprint): a feature network's store has no σ."""
     settings = {
         "schema": ACTIVATION_SCHEMA,
+        "layout": ACTIVATION_LAYOUT_VERSION,
         "model_sha256": model_sha,
         "layers": list(fwd.layers),
-        "sigma": fwd.sigma,
         "noise_seed": fwd.noise_seed,
         "class_free": fwd.class_free,
         "pool": fwd.pool,
@@ -125,9 +138,18 @@ def _settings(options: ExtractOptions, fwd: ForwardSettings, image_attrs: dict, 
         "source_fingerprint": image_attrs.get("settings_fingerprint"),
         "shard_size": options.run.shard_size,
     }
-    if fwd.noise_seed is not None:  # only then: stores made without noise keep their fingerprint
+    if fwd.sigma is not None:
+        settings["sigma"] = fwd.sigma
+    if fwd.noised:  # only then: stores made without noise keep their fingerprint
         settings["noise_recipe"] = NOISE_RECIPE
     return settings
+
+
+def network_input(loaded: LoadedModel, fwd: ForwardSettings) -> str:
+    """What the network was fed, as schemas.activation_store.NETWORK_INPUTS names it (extraction)."""
+    if loaded.kind == FEATURE_KIND:
+        return "feature"
+    return "noised" if fwd.noised else "clean"
 
 
 def extract(options: ExtractOptions) -> ExtractResult:
@@ -135,18 +157,18 @@ def extract(options: ExtractOptions) -> ExtractResult:
     started = time.monotonic()
     run = options.run
     device = resolve_device(run.device)
-    fwd = resolve_compute(options.forward, device)
-    check_forward_settings(fwd)
-    if not fwd.layers:
+    if not options.forward.layers:
         raise ExtractionError("no layers requested (--layers L1,L2)")
     images = validate_image_store(options.store)
+    loaded, fwd = load_forward(options.forward, device)
     labels, synsets = images.coordinate("label"), images.coordinate("synset")
     chosen = select_samples(options.selection, labels, synsets)
-    shapes, paths, loaded = probe_layers(fwd, device)
-    if loaded.resolution != images.resolution:
+    # Feature networks resize every input to their own side; a diffusion network takes one resolution only.
+    if loaded.kind != FEATURE_KIND and loaded.resolution != images.resolution:
         raise ExtractionError(f"{options.store}: images are {images.resolution}×{images.resolution}, the model takes {loaded.resolution}×{loaded.resolution}")
+    shapes, paths = probe_layers(loaded, fwd, device, images.resolution)
     selection = describe_selection(options.selection, chosen)
-    settings = _settings(options, fwd, images.attrs, selection, loaded.sha256)
+    settings = extraction_settings(options, fwd, images.attrs, selection, loaded.sha256)
     check_noise_recipe(options.output, fwd.noise_seed, run.overwrite)
     if inspect_existing(options.output, ACTIVATION_SCHEMA, settings, run.overwrite) == "complete":
         return ExtractResult(options.output, int(chosen.size), True, time.monotonic() - started, loaded.trained)
@@ -154,15 +176,6 @@ def extract(options: ExtractOptions) -> ExtractResult:
     n = int(chosen.size)
     num_shards = -(-n // shard)
     rec_shape = (3, images.resolution, images.resolution) if fwd.reconstructions else None
-    state = prepare_store(
-        options.output,
-        ACTIVATION_SCHEMA,
-        settings,
-        num_shards,
-        lambda g: create_activation_arrays(g, n, shapes, fwd.storage_dtype, shard, rec_shape),
-        run.overwrite,
-        initial_attrs=_attrs(options, fwd, images, loaded, paths, selection, device),
-    )
     coords = {
         "label": labels[chosen].astype(np.int16),
         "synset": synsets[chosen],
@@ -171,11 +184,22 @@ def extract(options: ExtractOptions) -> ExtractResult:
         "source_file": images.coordinate("source_file")[chosen],
         "source_sample": chosen,
     }
-    batch = run.batch_size or choose_batch_size(loaded, fwd, shapes, device, run.compile)
+    array_attrs = activation_array_attrs(paths, fwd.pool, fwd.sigma, fwd.storage_dtype, fwd.reconstructions, network_input(loaded, fwd))
+    state = prepare_store(
+        options.output,
+        ACTIVATION_SCHEMA,
+        settings,
+        num_shards,
+        # The numeric coordinates are known for the whole selection: written once, whole, with the arrays.
+        lambda g: create_activation_arrays(g, n, shapes, fwd.storage_dtype, shard, rec_shape, array_attrs, coordinates=coords),
+        run.overwrite,
+        initial_attrs={**extraction_attrs(options, fwd, images, loaded, paths, selection, device), **activation_group_attrs(coords["label"])},
+    )
+    batch = run.batch_size or choose_batch_size(loaded, fwd, shapes, device, images.resolution, run.compile)
     tasks = [
         dask.delayed(extract_shard, pure=False)(
             ShardTask(options.store, options.output, k, k * shard, {c: v[k * shard : (k + 1) * shard] for c, v in coords.items()},
-                      fwd, shapes, batch, run.device, run.compile)
+                      fwd, shapes, batch, run.device, run.compile, images.resolution)
         )
         for k in state.pending
     ]
@@ -186,25 +210,42 @@ def extract(options: ExtractOptions) -> ExtractResult:
     return ExtractResult(options.output, n, False, time.monotonic() - started, loaded.trained)
 
 
-def integrity_pass(url: str, num_shards: int, receipts: list[dict]) -> None:
-    bad = [r for r in receipts if r.get("nonfinite")]
-    if bad:
-        lines = [f"{layer}: samples {samples[:10]}{' …' if len(samples) > 10 else ''}" for r in bad for layer, samples in r["nonfinite"].items()]
-        raise ExtractionError(f"{url}: NaN/Inf in the activations, store left incomplete — " + "; ".join(lines[:5]))
+def nonfinite_summary(receipts: list[dict]) -> str | None:
+    """'first bad sample i; name: samples [...]; …' over every task's NaN/Inf rows, or None when there are none."""
+    found: dict[str, list[int]] = {}
+    for receipt in receipts:
+        for name, samples in ((receipt or {}).get("nonfinite") or {}).items():
+            found.setdefault(name, []).extend(samples)
+    if not found:
+        return None
+    first = min(min(samples) for samples in found.values())
+    parts = [f"{name}: samples {sorted(samples)[:10]}{' …' if len(samples) > 10 else ''}" for name, samples in found.items()]
+    return f"first bad sample {first}; " + "; ".join(parts[:5])
+
+
+def integrity_pass(url: str, num_shards: int, receipts: list[dict], what: str = "the activations") -> None:
+    """Refuse to finish a store whose tasks found NaN/Inf, or whose shards are not all recorded done."""
+    summary = nonfinite_summary(receipts)
+    if summary:
+        raise ExtractionError(f"{url}: NaN/Inf in {what}, store left incomplete (nothing marked complete) — {summary}")
     done = read_done(url, num_shards)
     if not done.all():
         raise ExtractionError(f"{url}: shards {np.flatnonzero(~done)[:10].tolist()} were not written; re-run to finish")
 
 
-def model_attrs(fwd: ForwardSettings, loaded) -> dict[str, Any]:
-    """How a store records the network that made its values."""
+def model_attrs(fwd: ForwardSettings, loaded: LoadedModel) -> dict[str, Any]:
+    """How a store records the network that made its values (schemas/activation_store.py, "The network")."""
     return {
         "name": loaded.name,
-        "preset": fwd.model.preset,
+        "family": loaded.family,
+        "kind": loaded.kind,
+        "preset": loaded.preset,
         "checkpoint": fwd.model.checkpoint,
         "sha256": loaded.sha256,
         "config": {k: (str(v) if isinstance(v, float) and not np.isfinite(v) else v) for k, v in loaded.config.items()},
         "trained": loaded.trained,
+        "preprocessing": loaded.preprocessing,
+        "resolution": loaded.resolution,
     }
 
 
@@ -216,14 +257,18 @@ def device_name(device: str) -> str:
     return torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else "cpu"
 
 
-def run_attrs(fwd: ForwardSettings, loaded, paths: dict[str, str], device: str) -> dict[str, Any]:
+def run_attrs(fwd: ForwardSettings, loaded: LoadedModel, paths: dict[str, str], device: str) -> dict[str, Any]:
     """Attributes every activation store carries: model, layers, σ, noise, pooling, dtypes, versions, device."""
+    if loaded.kind == FEATURE_KIND:
+        conditioning = "none (a feature network)"
+    else:
+        conditioning = "none (zero labels)" if fwd.class_free else "one-hot of label"
     return {
         "model": model_attrs(fwd, loaded),
         "layers": paths,
         "sigma": fwd.sigma,
-        "noise": None if fwd.noise_seed is None else noise_attrs(fwd.noise_seed),
-        "class_conditioning": "none (zero labels)" if fwd.class_free else "one-hot of label",
+        "noise": noise_attrs(fwd.noise_seed) if fwd.noised else None,
+        "class_conditioning": conditioning,
         "pooling": fwd.pool,
         "dtypes": {"storage": fwd.storage_dtype, "compute": fwd.compute_dtype},
         "versions": versions(),
@@ -231,10 +276,15 @@ def run_attrs(fwd: ForwardSettings, loaded, paths: dict[str, str], device: str) 
     }
 
 
-def _attrs(options: ExtractOptions, fwd: ForwardSettings, images: ImageStore, loaded, paths: dict[str, str], selection: dict, device: str) -> dict[str, Any]:
+def extraction_attrs(options: ExtractOptions, fwd: ForwardSettings, images: ImageStore, loaded: LoadedModel, paths: dict[str, str], selection: dict, device: str) -> dict[str, Any]:
+    """An extraction store's group attributes: the run's, how images became the network's input, selection, source."""
+    if loaded.kind == FEATURE_KIND:
+        scaling = loaded.preprocessing
+    else:
+        scaling = "uint8 / 127.5 - 1, then + sigma * noise" if fwd.noised else "uint8 / 127.5 - 1 (no noise)"
     return {
         **run_attrs(fwd, loaded, paths, device),
-        "input_scaling": "uint8 / 127.5 - 1, then + sigma * noise",
+        "input_scaling": scaling,
         "selection": selection,
         "source": {"url": options.store, "schema": images.attrs.get("schema"), "fingerprint": images.attrs.get("settings_fingerprint"), "source_format": images.attrs.get("source_format")},
     }
@@ -254,6 +304,7 @@ class ShardTask:
     batch_size: int
     device: str
     compile: bool = False
+    resolution: int = 64  # side of the image store's images
 
 
 def extract_shard(task: ShardTask) -> dict:
@@ -266,7 +317,8 @@ def extract_shard(task: ShardTask) -> dict:
     images = pinned_images(store.take(coords["source_sample"]), device)
     labels, gidx = coords["label"], coords["global_index"]
     n = images.shape[0]
-    runner = ShardForward(loaded, task.forward, device, n, task.layer_shapes, RECONSTRUCTION_VAR if task.forward.reconstructions else None)
+    runner = ShardForward(loaded, task.forward, device, n, task.layer_shapes, RECONSTRUCTION_VAR if task.forward.reconstructions else None,
+                          resolution=task.resolution)
     output = ShardOutput(task.output, task.shard, task.start, runner.buffers)
     runner.on_ready = output.ready
     try:
@@ -278,7 +330,7 @@ def extract_shard(task: ShardTask) -> dict:
         if nonfinite:
             output.abort()
             return {"images": int(n), "nonfinite": nonfinite}
-        output.commit(coords)
+        output.commit({name: coords[name] for name in TEXT_COORDINATES})  # the numeric ones were written whole
     except BaseException:
         output.abort()
         raise

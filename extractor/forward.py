@@ -1,7 +1,8 @@
 """The one forward path of extract and generate: a batch through the network, checked and cast on the device.
 
-A task's samples go through `ShardForward` batch by batch. Per batch, on the compute device: the input (image
-scaling and/or `extractor.noise` noise), the forward with hooks (under the per-device lock, and only it), pooling,
+A task's samples go through `ShardForward` batch by batch. Per batch, on the compute device: the input (for
+diffusion networks x = uint8/127.5 − 1 and/or σ·`extractor.noise` noise; feature networks get the clean image as
+float 0..255 and preprocess it themselves), the forward with hooks (under the per-device lock, and only it), pooling,
 the cast to the storage dtype and a per-sample NaN/Inf flag. The results then land in shard-sized host buffers:
 on CPU the cast writes straight into them; on CUDA they are pinned and filled by non-blocking copies on a copy
 stream, so the copy of one batch overlaps the next batch's compute. Whoever consumes the buffers (the shard
@@ -20,21 +21,29 @@ import torch
 
 from extractor.models import (
     SMALLEST_TRAINING_SIGMA,
+    LoadedModel,
     ModelSpec,
     autocast_context,
     capture_layers,
+    is_feature_network,
     resolve_compute_dtype,
 )
 from extractor.noise import NoiseGenerator
-from extractor.scheduling import SchedulerSpec
-from schemas.activation_store import STORAGE_DTYPES
+from schemas.activation_store import DIFFUSION_KIND, FEATURE_KIND, STORAGE_DTYPES
 from schemas.errors import ImzarrError
+from schemas.task_runner import SchedulerSpec
 
 AUTO = "auto"
 CPU_BATCH_SIZE = 64
 # Largest batch picked from free CUDA memory; and the share of free memory a batch may plan to use.
 MAX_AUTO_BATCH = 1024
+# Feature networks: at most this many per automatic batch (a batch size FID / FD_DINOv2 evaluations commonly use).
+MAX_AUTO_FEATURE_BATCH = 256
 FREE_MEMORY_SHARE = 0.5
+# What a diffusion network gets when the user names no σ or seed: the generator's own σ, and seed 0.
+DEFAULT_SIGMA = 80.0
+DEFAULT_NOISE_SEED = 0
+FEATURE_INPUT_REFUSAL = "feature networks see the clean image; σ and noise belong to diffusion networks"
 
 
 class ExtractionError(ImzarrError):
@@ -47,13 +56,19 @@ class ForwardSettings:
 
     model: ModelSpec
     layers: tuple[str, ...]
-    sigma: float = 80.0
-    noise_seed: int | None = 0  # None: feed the clean image
+    sigma: float | None = None  # None: not given; diffusion networks then get DEFAULT_SIGMA, feature networks none
+    noise_seed: int | None = None  # None: not given; diffusion networks with noise then get DEFAULT_NOISE_SEED
+    noise: bool = True  # False: feed the clean image (a diffusion network is still conditioned on σ)
     class_free: bool = False
     pool: str = "none"
     storage_dtype: str = "float16"
-    compute_dtype: str = AUTO  # auto: bf16 autocast on CUDA, fp32 on CPU
+    compute_dtype: str = AUTO  # auto: bf16 autocast on CUDA for diffusion networks, fp32 otherwise
     reconstructions: bool = False
+
+    @property
+    def noised(self) -> bool:
+        """Is noise added to the input? (Resolved settings only: `resolve_forward` sets noise_seed exactly then.)"""
+        return self.noise_seed is not None
 
 
 @dataclass(frozen=True)
@@ -77,16 +92,40 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def resolve_compute(fwd: ForwardSettings, device: str) -> ForwardSettings:
-    """Settings with `compute_dtype` auto replaced by what runs: bf16 on CUDA, fp32 elsewhere."""
+def resolve_compute(fwd: ForwardSettings, device: str, kind: str = DIFFUSION_KIND) -> ForwardSettings:
+    """Settings with `compute_dtype` auto replaced by what runs: bf16 on CUDA for diffusion networks, else fp32.
+
+    Feature networks run in fp32 by default: the FID and FD_DINOv2 protocols are defined in fp32."""
     if fwd.compute_dtype != AUTO:
         return fwd
-    return replace(fwd, compute_dtype="bf16" if device.startswith("cuda") else "fp32")
+    return replace(fwd, compute_dtype="bf16" if device.startswith("cuda") and kind == DIFFUSION_KIND else "fp32")
+
+
+def resolve_forward(fwd: ForwardSettings, loaded: LoadedModel, device: str) -> ForwardSettings:
+    """The settings that run on this network: defaults filled in, options it cannot take refused (one line each).
+
+    Diffusion networks: σ = DEFAULT_SIGMA and seed DEFAULT_NOISE_SEED where not given; noise_seed None exactly
+    when no noise is added. Feature networks: no σ, no noise, no class labels, no D(x); compute fp32 on auto.
+    """
+    if loaded.kind == FEATURE_KIND:
+        given = [
+            (fwd.sigma is not None, f"--sigma {fwd.sigma}: {FEATURE_INPUT_REFUSAL}"),
+            (fwd.noise_seed is not None, f"--seed {fwd.noise_seed} (noise seed): {FEATURE_INPUT_REFUSAL}"),
+            (fwd.class_free, "--class-free: feature networks take no class labels (only diffusion networks are conditioned on them)"),
+            (fwd.reconstructions, "--reconstructions: feature networks return features, not a denoised image D(x)"),
+        ]
+        for refused, message in given:
+            if refused:
+                raise ExtractionError(f"{message} ({loaded.name} is a feature network)")
+        return resolve_compute(replace(fwd, sigma=None, noise_seed=None, noise=False), device, FEATURE_KIND)
+    sigma = DEFAULT_SIGMA if fwd.sigma is None else float(fwd.sigma)
+    seed = (DEFAULT_NOISE_SEED if fwd.noise_seed is None else fwd.noise_seed) if fwd.noise else None
+    return resolve_compute(replace(fwd, sigma=sigma, noise_seed=seed), device, DIFFUSION_KIND)
 
 
 def check_forward_settings(fwd: ForwardSettings) -> None:
-    """Refuse settings no forward can honour, each with a one-line reason."""
-    if not fwd.sigma > 0:
+    """Refuse settings no forward can honour, each with a one-line reason (σ is checked where there is one)."""
+    if fwd.sigma is not None and not fwd.sigma > 0:
         raise ExtractionError(
             f"--sigma {fwd.sigma}: σ must be > 0 (ln σ conditions the network; σ = 0 gives NaN everywhere); "
             f"for a nearly clean input use a small σ such as {SMALLEST_TRAINING_SIGMA}"
@@ -117,13 +156,16 @@ _PREPARED: set[tuple[int, str, bool]] = set()
 
 
 def prepare_module(module: torch.nn.Module, device: str, compile_blocks: bool = False) -> torch.nn.Module:
-    """CUDA: channels_last weights, and optionally each U-Net block's forward compiled; CPU: unchanged."""
+    """CUDA: channels_last weights, and optionally each U-Net block's forward compiled; CPU: unchanged.
+
+    Feature networks run eagerly: what is compiled is the U-Net's block list (`module.model.enc`/`dec`), which
+    they do not have."""
     key = (id(module), str(device), compile_blocks)
     with _LOCKS_GUARD:
         if key in _PREPARED or not device.startswith("cuda"):
             return module
         module.to(memory_format=torch.channels_last)
-        if compile_blocks:
+        if compile_blocks and not is_feature_network(module):
             unet = module.model
             for block in [*unet.enc.values(), *unet.dec.values()]:
                 # The block's forward, not the module call: capture hooks stay outside the compiled graph.
@@ -132,13 +174,13 @@ def prepare_module(module: torch.nn.Module, device: str, compile_blocks: bool = 
     return module
 
 
-def auto_batch_size(per_sample_bytes: int, device: str) -> int:
-    """64 on CPU; on CUDA the largest power of two whose planned memory fits a share of the free memory."""
+def auto_batch_size(per_sample_bytes: int, device: str, largest: int = MAX_AUTO_BATCH) -> int:
+    """64 on CPU; on CUDA the largest power of two ≤ `largest` whose planned memory fits a share of the free memory."""
     if not device.startswith("cuda"):
         return CPU_BATCH_SIZE
     free, _total = torch.cuda.mem_get_info(torch.device(device))
     fit = int(free * FREE_MEMORY_SHARE) // max(per_sample_bytes, 1)
-    return int(min(MAX_AUTO_BATCH, max(1, 1 << (max(fit, 1).bit_length() - 1))))
+    return int(min(largest, max(1, 1 << (max(fit, 1).bit_length() - 1))))
 
 
 def measured_bytes_per_sample(module: torch.nn.Module, fwd: ForwardSettings, resolution: int, label_dim: int, device: str, probe: int = 8) -> int:
@@ -188,13 +230,15 @@ def forward_batch(
     need_output: bool,
     sigma: torch.Tensor | None = None,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
-    """The network on one prepared input batch: ({layer: activation}, D(x) or None), on the device.
+    """The network on one prepared input batch: ({layer: activation}, network output or None), on the device.
 
-    σ is `fwd.sigma` for every sample unless given per sample. Only this holds the per-device lock; pooling
-    happens inside (capture_layers), on the device.
+    Diffusion networks: σ is `fwd.sigma` (DEFAULT_SIGMA when unset) for every sample unless given per sample, and
+    the output is D(x). Feature networks take `x` (float 0..255 images) alone; their output is what their forward
+    returns. Only this holds the per-device lock; pooling happens inside (capture_layers), on the device.
     """
-    if sigma is None:
-        sigma = torch.full((x.shape[0],), fwd.sigma, device=device)
+    feature = is_feature_network(module)
+    if sigma is None and not feature:
+        sigma = torch.full((x.shape[0],), DEFAULT_SIGMA if fwd.sigma is None else fwd.sigma, device=device)
     if device.startswith("cuda"):
         x = x.contiguous(memory_format=torch.channels_last)
     with torch.inference_mode(), autocast_context(device, fwd.compute_dtype):
@@ -202,7 +246,7 @@ def forward_batch(
             if fwd.layers:
                 acts, out = capture_layers(module, x, sigma, one_hot, list(fwd.layers), fwd.pool, need_output=need_output)
             else:
-                acts, out = {}, module(x, sigma, one_hot)
+                acts, out = {}, (module(x) if feature else module(x, sigma, one_hot))
     return acts, out
 
 
@@ -242,9 +286,11 @@ def _host_buffer_key(shape: tuple[int, ...], dtype: torch.dtype, pinned: bool) -
 class ShardForward:
     """One task's samples through the network into shard-sized host buffers, batch by batch.
 
-    `buffers[name]` ([count, *shape], storage dtype; uint8 for `output_name`) are filled in place; after each
-    batch `on_ready(first, stop, wait)` says rows [first, stop) are final once `wait()` returns (None: already).
-    `nonfinite()` gives the NaN/Inf rows per layer, as positions offset by `start`.
+    `buffers[name]` ([count, *shape], storage dtype; uint8 for `output_name`, the network's D(x) as images) are
+    filled in place; after each batch `on_ready(first, stop, wait)` says rows [first, stop) are final once `wait()`
+    returns (None: already). `nonfinite()` gives the NaN/Inf rows per layer and of D(x) (checked before its uint8
+    conversion, which would turn NaN into black pixels), as positions offset by `start`. `resolution` is the
+    side of the images fed in (the image store's; feature networks resize them themselves).
     """
 
     def __init__(
@@ -256,13 +302,15 @@ class ShardForward:
         layer_shapes: dict[str, tuple[int, ...]],
         output_name: str | None,
         on_ready: ReadyCallback | None = None,
+        resolution: int | None = None,
     ):
         self.loaded, self.fwd, self.device, self.count = loaded, fwd, device, count
         self.output_name = output_name
         self.on_ready = on_ready
         self.cuda = device.startswith("cuda")
+        self.feature = loaded.kind == FEATURE_KIND
         self.storage = getattr(torch, fwd.storage_dtype)
-        res = loaded.resolution
+        res = loaded.resolution if resolution is None else resolution
         self.image_shape = (3, res, res)
         shapes = {name: (tuple(layer_shapes[name]), self.storage) for name in fwd.layers}
         if output_name is not None:
@@ -273,7 +321,8 @@ class ShardForward:
             name: REUSE.take(key, lambda key=key: torch.empty(key[1], dtype=key[2], pin_memory=key[3])) for name, key in self._keys.items()
         }
         self.buffers = {name: t.numpy() for name, t in self.host.items()}
-        self.flags = {name: torch.zeros(count, dtype=torch.bool, device=device) for name in fwd.layers}
+        checked = [*fwd.layers, *([output_name] if output_name is not None else [])]
+        self.flags = {name: torch.zeros(count, dtype=torch.bool, device=device) for name in checked}
         self._noise_key = ("noise", fwd.noise_seed, self.image_shape, device)
         self.noise = None if fwd.noise_seed is None else REUSE.take(self._noise_key, lambda: NoiseGenerator(fwd.noise_seed, self.image_shape, device))
         self.copy_stream = torch.cuda.Stream(device=device) if self.cuda else None
@@ -301,14 +350,18 @@ class ShardForward:
         return tensor[:n]
 
     def input_batch(self, images: torch.Tensor | None, global_index: np.ndarray) -> torch.Tensor:
-        """x = uint8/127.5 − 1 (+ σ·noise), or σ·noise alone without images (generation), on the device."""
+        """On the device: x = uint8/127.5 − 1 (+ σ·noise), or σ·noise alone without images (generation); for a
+        feature network the images as float32 0..255 (it does its own preprocessing)."""
         n = global_index.shape[0]
         x = self._scratch("input", n)
         if images is None:
             if self.noise is None:
                 raise ExtractionError("generation needs a seed for its noise")
             return self.noise(global_index, out=x).mul_(self.fwd.sigma)
-        x.copy_(images.to(self.device, non_blocking=True)).div_(127.5).sub_(1.0)
+        x.copy_(images.to(self.device, non_blocking=True))
+        if self.feature:
+            return x
+        x.div_(127.5).sub_(1.0)
         if self.noise is not None:
             x.add_(self.noise(global_index, out=self._scratch("noise", n)).mul_(self.fwd.sigma))
         return x
@@ -317,16 +370,17 @@ class ShardForward:
         """Rows [first, first + len(labels)): forward, check and cast on the device, then into the host buffers."""
         stop = first + labels.shape[0]
         x = self.input_batch(images, global_index)
-        one_hot = one_hot_labels(labels, self.loaded.label_dim, self.device, self.fwd.class_free)
+        one_hot = None if self.feature else one_hot_labels(labels, self.loaded.label_dim, self.device, self.fwd.class_free)
         acts, out = forward_batch(self.loaded.module, x, one_hot, self.fwd, self.device, need_output=self.output_name is not None)
         results = {name: acts[name] for name in self.fwd.layers}
         if self.output_name is not None:
+            self.flags[self.output_name][first:stop] = nonfinite_rows(out)  # before uint8 makes NaN black
             results[self.output_name] = to_uint8_images(out)
         if not self.cuda:
             for name, value in results.items():
                 target = self.host[name][first:stop]
                 target.copy_(value)  # the storage-dtype cast, written straight into the shard buffer
-                if name in self.flags:
+                if name != self.output_name:
                     self.flags[name][first:stop] = nonfinite_rows(target)
             if self.on_ready is not None:
                 self.on_ready(first, stop, None)
@@ -335,7 +389,7 @@ class ShardForward:
         for name, value in results.items():
             # contiguous (NCHW) like the host buffer: channels_last outputs would otherwise copy twice
             cast = value.to(self.host[name].dtype, memory_format=torch.contiguous_format)
-            if name in self.flags:
+            if name != self.output_name:
                 self.flags[name][first:stop] = nonfinite_rows(cast)
             staged[name] = cast
         computed = torch.cuda.current_stream(self.device).record_event()
@@ -354,7 +408,7 @@ class ShardForward:
             self.copy_stream.synchronize()
 
     def nonfinite(self, start: int) -> dict[str, list[int]]:
-        """{layer: sample positions (start + row)} of rows holding NaN or Inf."""
+        """{layer or output name: sample positions (start + row)} of rows holding NaN or Inf."""
         found = {}
         for name, flags in self.flags.items():
             rows = torch.nonzero(flags).flatten().cpu().numpy()
@@ -375,9 +429,3 @@ def per_sample_bytes(layer_shapes: dict[str, tuple[int, ...]], resolution: int, 
     scratch = 2 * 3 * resolution * resolution * 4
     outputs = sum(int(np.prod(s)) for s in layer_shapes.values()) * np.dtype(storage_dtype).itemsize
     return scratch + 2 * outputs
-
-
-def fold_run_keywords(run: RunOptions, **given: Any) -> RunOptions:
-    """`run` with the run options given as separate keywords (those not None) folded in."""
-    given = {name: value for name, value in given.items() if value is not None}
-    return replace(run, **given) if given else run

@@ -8,65 +8,52 @@ real data; with layers, the generator's view of its own samples goes to an activ
 from __future__ import annotations
 
 import time
-from dataclasses import InitVar, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 
 import dask
 import numpy as np
 
-from extractor.activation_writer import ShardOutput, create_activation_arrays, default_shard_size
+from extractor.activation_writer import TEXT_COORDINATES, ShardOutput, create_activation_arrays, default_shard_size
 from extractor.extract import (
     ExtractionError,
     ForwardSettings,
     RunOptions,
-    cached_model,
     check_noise_recipe,
     choose_batch_size,
     device_name,
     integrity_pass,
+    load_forward,
     model_attrs,
     probe_layers,
     run_attrs,
     versions,
 )
-from extractor.forward import (
-    ShardForward,
-    check_forward_settings,
-    fold_run_keywords,
-    prepare_module,
-    resolve_compute,
-    resolve_device,
-)
+from extractor.forward import ShardForward, prepare_module, resolve_device
+from extractor.models import LoadedModel, cached_model
 from extractor.noise import NOISE_RECIPE, noise_attrs
-from extractor.scheduling import SchedulerSpec, run_tasks
-from schemas.activation_store import ACTIVATION_SCHEMA
+from schemas.activation_store import ACTIVATION_LAYOUT_VERSION, ACTIVATION_SCHEMA, DIFFUSION_KIND, activation_array_attrs, activation_group_attrs
 from schemas.classes import NUM_CLASSES, class_table
-from schemas.image_layout import create_image_arrays
-from schemas.image_store import IMAGE_SCHEMA, IMAGE_VAR
+from schemas.image_layout import LAYOUT_VERSION, create_image_arrays
+from schemas.image_layout import TEXT_COORDINATES as IMAGE_TEXT_COORDINATES
+from schemas.image_store import IMAGE_SCHEMA, IMAGE_VAR, image_group_attrs
 from schemas.progress_report import ProgressReport
 from schemas.store_lifecycle import StoreState, finalize_store, inspect_existing, mark_done, prepare_store
+from schemas.task_runner import run_tasks
 
 DEFAULT_GENERATE_SHARD = 1024
 
 
 @dataclass(frozen=True)
 class GenerateOptions:
+    """One generation: the image store (and optional activation store) written, and how it runs."""
+
     output: str
-    forward: ForwardSettings  # layers may be empty; noise_seed is the sampling seed
+    forward: ForwardSettings  # layers may be empty; noise_seed is the sampling seed (None: DEFAULT_NOISE_SEED)
     per_class: int | None = None
     num_samples: int | None = None
     classes: tuple[str, ...] | None = None  # WNIDs; default: every class the model is conditioned on
     activations_out: str | None = None
     run: RunOptions = field(default_factory=RunOptions)
-    # Accepted while extractor/cli.py still passes run options one by one: folded into `run`, never stored.
-    batch_size: InitVar[int | None] = None
-    device: InitVar[str | None] = None
-    scheduler: InitVar[SchedulerSpec | None] = None
-    overwrite: InitVar[bool | None] = None
-    shard_size: InitVar[int | None] = None
-
-    def __post_init__(self, batch_size, device, scheduler, overwrite, shard_size) -> None:
-        run = fold_run_keywords(self.run, batch_size=batch_size, device=device, scheduler=scheduler, overwrite=overwrite, shard_size=shard_size)
-        object.__setattr__(self, "run", run)
 
 
 @dataclass(frozen=True)
@@ -111,7 +98,11 @@ class GenerateTask:
 
 
 def generate_shard(task: GenerateTask) -> dict:
-    """Sample one output shard, write its images and/or activations, record it done in the stores written."""
+    """Sample one output shard, write its images and/or activations, record it done in the stores written.
+
+    Only the text arrays are written here: both stores got their numeric coordinates whole at creation. Rows
+    whose D(x) or captured layers hold NaN/Inf leave the shard unwritten and unrecorded (the receipt says which).
+    """
     device = resolve_device(task.device)
     loaded = cached_model(task.forward.model, device)
     prepare_module(loaded.module, device, task.compile)
@@ -127,13 +118,7 @@ def generate_shard(task: GenerateTask) -> dict:
         outputs["activations"] = ShardOutput(task.activations_out, task.shard, task.start, {name: runner.buffers[name] for name in fwd.layers})
     runner.on_ready = lambda first, stop, wait: [out.ready(first, stop, wait) for out in outputs.values()]
     table = class_table()
-    coords = {
-        "label": task.labels,
-        "synset": table.synsets_of(task.labels),
-        "class_name": table.names_of(task.labels),
-        "global_index": index,
-        "source_file": np.full(n, "", dtype=object),
-    }
+    text = {"synset": table.synsets_of(task.labels), "class_name": table.names_of(task.labels), "source_file": np.full(n, "", dtype=object)}
     try:
         for a in range(0, n, task.batch_size):
             b = min(n, a + task.batch_size)
@@ -145,9 +130,9 @@ def generate_shard(task: GenerateTask) -> dict:
                 out.abort()
             return {"images": n, "nonfinite": nonfinite}
         if "images" in outputs:
-            outputs["images"].commit({**coords, "source_row": index})
+            outputs["images"].commit({name: text[name] for name in IMAGE_TEXT_COORDINATES})
         if "activations" in outputs:
-            outputs["activations"].commit({**coords, "source_sample": index})
+            outputs["activations"].commit({name: text[name] for name in TEXT_COORDINATES})
     except BaseException:
         for out in outputs.values():
             out.abort()
@@ -161,32 +146,42 @@ def generate_shard(task: GenerateTask) -> dict:
     return {"images": n}
 
 
+def check_generator(loaded: LoadedModel) -> None:
+    """Only diffusion networks generate: a feature network maps images to features, not noise to images."""
+    if loaded.kind != DIFFUSION_KIND:
+        raise ExtractionError(f"{loaded.name}: a {loaded.kind} network ({loaded.family}) cannot generate images; generate needs a diffusion network")
+
+
+def check_generate_options(options: GenerateOptions) -> None:
+    """Refuse option combinations generation cannot honour, one line each."""
+    if not options.forward.noise:
+        raise ExtractionError("generation needs noise: the generator's input is σ·ε")
+    if options.forward.layers and not options.activations_out:
+        raise ExtractionError("--layers needs --activations-out ACTS.zarr")
+    if options.activations_out and not options.forward.layers:
+        raise ExtractionError("--activations-out needs --layers")
+
+
 def generate(options: GenerateOptions) -> GenerateResult:
     """Sample (or resume, or confirm) a generated image store; idempotent for the same settings."""
+    check_generate_options(options)
     started = time.monotonic()
     run = options.run
     device = resolve_device(run.device)
-    fwd = resolve_compute(options.forward, device)
-    if fwd.noise_seed is None:
-        raise ExtractionError("generation needs a seed for its noise")
-    if fwd.layers and not options.activations_out:
-        raise ExtractionError("--layers needs --activations-out ACTS.zarr")
-    if options.activations_out and not fwd.layers:
-        raise ExtractionError("--activations-out needs --layers")
-    check_forward_settings(fwd)
+    check_generator(cached_model(options.forward.model, device))
+    loaded, fwd = load_forward(options.forward, device)
     labels = generation_labels(options.per_class, options.num_samples, options.classes, fwd.noise_seed)
     n = labels.size
-    loaded = cached_model(fwd.model, device)
-    shapes, paths = ({}, {})
-    if fwd.layers:
-        shapes, paths, _ = probe_layers(fwd, device)
+    res = loaded.resolution
+    shapes, paths = probe_layers(loaded, fwd, device, res) if fwd.layers else ({}, {})
     shard = run.shard_size or min(DEFAULT_GENERATE_SHARD, default_shard_size(shapes, fwd.storage_dtype))
     num_shards = -(-n // shard)
     selection = {"per_class": options.per_class, "num_samples": options.num_samples, "classes": list(options.classes) if options.classes else None, "count": int(n)}
-    image_settings = {"schema": IMAGE_SCHEMA, "format": "generated", "model_sha256": loaded.sha256, "sigma": fwd.sigma, "seed": fwd.noise_seed,
-                      "compute_dtype": fwd.compute_dtype, "selection": selection, "shard_size": shard,
+    image_settings = {"schema": IMAGE_SCHEMA, "format": "generated", "layout": LAYOUT_VERSION, "model_sha256": loaded.sha256, "sigma": fwd.sigma,
+                      "seed": fwd.noise_seed, "compute_dtype": fwd.compute_dtype, "selection": selection, "shard_size": shard,
                       "noise_recipe": NOISE_RECIPE}
-    act_settings = {**image_settings, "schema": ACTIVATION_SCHEMA, "layers": list(fwd.layers), "pool": fwd.pool, "storage_dtype": fwd.storage_dtype}
+    act_settings = {**image_settings, "schema": ACTIVATION_SCHEMA, "layout": ACTIVATION_LAYOUT_VERSION, "layers": list(fwd.layers),
+                    "pool": fwd.pool, "storage_dtype": fwd.storage_dtype}
     for url in (options.output, options.activations_out):
         if url:
             check_noise_recipe(url, fwd.noise_seed, run.overwrite)
@@ -195,34 +190,39 @@ def generate(options: GenerateOptions) -> GenerateResult:
         statuses.append(inspect_existing(options.activations_out, ACTIVATION_SCHEMA, act_settings, run.overwrite))
     if all(st == "complete" for st in statuses):
         return GenerateResult(options.output, options.activations_out, n, True, time.monotonic() - started, loaded.trained)
-    model = model_attrs(fwd, loaded)
+    index = np.arange(n, dtype=np.int64)
+    # Every numeric coordinate is known before sampling: written once, whole, while each store is created.
+    image_numeric = {"label": labels, "global_index": index, "source_row": index}
     image_state = prepare_store(
         options.output, IMAGE_SCHEMA, image_settings, num_shards,
-        lambda g: create_image_arrays(g, n, loaded.resolution, shard, min(64, shard)), run.overwrite,
+        lambda g: create_image_arrays(g, n, res, shard, None, coordinates=image_numeric), run.overwrite,
         initial_attrs={
-            "source_format": "generated", "source_label_order": "sorted", "resolution": loaded.resolution,
+            "source_format": "generated", "source_label_order": "sorted", "resolution": res,
             "shuffle_seed": None, "num_samples": int(n), "rejected": [],
             "sources": [{"path": loaded.name, "size": 0, "fingerprint": "sha256:" + loaded.sha256}],
-            "versions": versions(), "model": model, "sigma": fwd.sigma, "seed": fwd.noise_seed, "selection": selection,
+            "versions": versions(), "model": model_attrs(fwd, loaded), "sigma": fwd.sigma, "seed": fwd.noise_seed, "selection": selection,
             "sampling": f"one step: D(sigma * eps; sigma, one-hot(label)), eps = {NOISE_RECIPE} noise of (seed, index)",
             "noise": noise_attrs(fwd.noise_seed),
             "device": device_name(device),
+            **image_group_attrs(labels),
         },
     )
-    image_pending = set(image_state.pending)
-    act_pending: set[int] = set()
     act_state: StoreState | None = None
     if options.activations_out:
+        act_numeric = {"label": labels, "global_index": index, "source_sample": index}
+        array_attrs = activation_array_attrs(paths, fwd.pool, fwd.sigma, fwd.storage_dtype, False, "generator")
         act_state = prepare_store(
             options.activations_out, ACTIVATION_SCHEMA, act_settings, num_shards,
-            lambda g: create_activation_arrays(g, n, shapes, fwd.storage_dtype, shard, None), run.overwrite,
+            lambda g: create_activation_arrays(g, n, shapes, fwd.storage_dtype, shard, None, array_attrs, coordinates=act_numeric), run.overwrite,
             initial_attrs={**run_attrs(fwd, loaded, paths, device), "selection": selection,
                            "source": {"url": options.output, "schema": IMAGE_SCHEMA, "generated": True},
-                           "input_scaling": "none: the generator's own input sigma * eps"},
+                           "input_scaling": "none: the generator's own input sigma * eps",
+                           **activation_group_attrs(labels)},
         )
-        act_pending = set(act_state.pending)
+    image_pending = set(image_state.pending)
+    act_pending = set(act_state.pending) if act_state is not None else set()
     pending = image_pending | act_pending
-    batch = run.batch_size or choose_batch_size(loaded, fwd, shapes, device, run.compile)
+    batch = run.batch_size or choose_batch_size(loaded, fwd, shapes, device, res, run.compile)
     tasks = [
         dask.delayed(generate_shard, pure=False)(
             GenerateTask(options.output if k in image_pending else None, options.activations_out if k in act_pending else None,
@@ -232,11 +232,14 @@ def generate(options: GenerateOptions) -> GenerateResult:
     ]
     done = n - sum(min(shard, n - k * shard) for k in pending)
     receipts = run_tasks(tasks, run.scheduler, ProgressReport(n, f"generating {options.output}"), done)
-    # A store found complete (a crash can land between finishing one store and the other) is left as it is.
-    if act_state is not None and not act_state.already_complete:
-        integrity_pass(options.activations_out, num_shards, receipts)
-        finalize_store(options.activations_out, {})
-    if not image_state.already_complete:
-        integrity_pass(options.output, num_shards, receipts)
-        finalize_store(options.output, {})
+    # A store found complete (a crash can land between finishing one store and the other) is left as it is. Both
+    # are checked before either is finished: NaN/Inf anywhere leaves both incomplete.
+    unfinished = [(url, what, state) for url, what, state in (
+        (options.output, "the generated images D(x)", image_state),
+        (options.activations_out, "the generator's activations or its D(x)", act_state),
+    ) if state is not None and not state.already_complete]
+    for url, what, _state in unfinished:
+        integrity_pass(url, num_shards, receipts, what)
+    for url, _what, _state in reversed(unfinished):  # the activation store first, as before
+        finalize_store(url, {})
     return GenerateResult(options.output, options.activations_out, n, False, time.monotonic() - started, loaded.trained)

@@ -4,6 +4,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import dask.array
@@ -19,13 +20,13 @@ from converter.sample import write_sample_shards
 from converter.sources.npz import open_npz_source
 from extractor.cli import main as extractor_main
 from extractor.extract import ExtractionError, ExtractOptions, ForwardSettings, NoiseRecipeError, RunOptions, extract
-from extractor.forward import forward_batch, nonfinite_rows
-from extractor.models import EDMPrecond, ModelSpec, build_preset
+from extractor.forward import DEFAULT_NOISE_SEED, DEFAULT_SIGMA, forward_batch, nonfinite_rows, resolve_forward
+from extractor.models import EDMPrecond, ModelSpec, build_preset, cached_model
 from extractor.noise import LEGACY_NOISE_RECIPE, NOISE_RECIPE, per_sample_noise
-from extractor.scheduling import SchedulerSpec
 from extractor.selection import SelectionSpec
-from schemas.activation_store import validate_activation_store
+from schemas.activation_store import activation_inner_chunk, validate_activation_store
 from schemas.image_store import validate_image_store
+from schemas.task_runner import SchedulerSpec
 from tests.conftest import stores_identical
 from tests.stand_in import StandInNetwork, serving
 
@@ -303,3 +304,62 @@ def test_cuda_path_equals_cpu(image_store, tmp_path):
     for name in LAYERS:
         np.testing.assert_allclose(cuda[name][:], cpu[name][:], rtol=1e-3, atol=1e-4, err_msg=name)
     assert np.abs(cuda["reconstruction"][:].astype(int) - cpu["reconstruction"][:]).max() <= 1
+
+
+def test_cli_store_is_analysis_ready(image_store, tmp_path):
+    """A store made by `imzarr extract` (float16 by default) reduces in xarray to finite float64-exact values, and
+    has the layout: numeric coordinates one chunk each, text arrays one chunk per shard, one inner chunk size."""
+    out = str(tmp_path / "ready.zarr")
+    args = ["extract", image_store, "-o", out, "--preset", "tiny-random", "--layers", "midblock,encoder_bottleneck", "--device", "cpu", "--shard-size", "32"]
+    assert extractor_main(args) == 0
+    group = validate_activation_store(out)
+    exact, labels = group["midblock"][:].astype(np.float64), group["label"][:]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no CF-decoding, string-dtype or consolidated-metadata warnings
+        ds = xr.open_zarr(out)
+    mean = float(ds.midblock.mean())
+    assert np.isfinite(mean) and mean == pytest.approx(exact.mean(), rel=1e-3)
+    ds.label.load()
+    per_class = ds.midblock.groupby("label").mean().compute()
+    assert np.isfinite(per_class.values).all()
+    for i, label in enumerate(per_class["label"].values):
+        np.testing.assert_allclose(per_class.values[i], exact[labels == label].mean(axis=0), rtol=1e-3, atol=1e-12)
+    assert set(ds.midblock.coords) == {"label", "global_index", "source_sample"} and ds.attrs["Conventions"].startswith("CF-")
+    assert sorted(group.attrs["classes"]["label"]) == sorted(set(labels.tolist()))
+    n = group["midblock"].shape[0]
+    for name in ("label", "global_index", "source_sample"):
+        assert group[name].chunks == (n,), name
+    for name in ("synset", "class_name", "source_file"):
+        assert group[name].chunks == (32,), name
+    assert group["midblock"].chunks[0] == group["encoder_bottleneck"].chunks[0] == activation_inner_chunk(64 * 16 * 16 * 2, 32)
+    assert group["midblock"].attrs["scale_factor"] == 1.0 and group.attrs["settings"]["layout"] == 2
+
+
+def test_inner_chunk_fits_8_mib_within_the_shard():
+    assert activation_inner_chunk(64 * 16 * 16 * 2, 4096) == 256  # 32 KiB per sample
+    assert activation_inner_chunk(128, 4096) == 4096  # pooled: the whole shard
+    assert activation_inner_chunk(64 * 16 * 16 * 2, 100) == 100  # a shard that fits is one chunk
+    assert activation_inner_chunk(1 << 20, 1000) == 8  # a power of two that divides the shard
+    assert activation_inner_chunk(64 << 20, 4096) == 1
+
+
+def test_forward_defaults_resolve_per_network_kind():
+    tiny = cached_model(PRESET, "cpu")
+    default = resolve_forward(ForwardSettings(PRESET, LAYERS), tiny, "cpu")
+    assert (default.sigma, default.noise_seed, default.compute_dtype) == (DEFAULT_SIGMA, DEFAULT_NOISE_SEED, "fp32")
+    clean = resolve_forward(ForwardSettings(PRESET, LAYERS, sigma=0.5, noise_seed=7, noise=False), tiny, "cpu")
+    assert (clean.sigma, clean.noise_seed, clean.noised) == (0.5, None, False)
+    feature = cached_model(ModelSpec(preset="fid-inception"), "cpu")
+    resolved = resolve_forward(ForwardSettings(ModelSpec(preset="fid-inception"), ("pool3",)), feature, "cpu")
+    assert (resolved.sigma, resolved.noise_seed, resolved.noised) == (None, None, False)
+
+
+def test_clean_input_recorded_on_every_layer(image_store, tmp_path):
+    out = tmp_path / "clean.zarr"
+    run(image_store, out, selection=SelectionSpec(num_samples=16), layers=("encoder_bottleneck",), pool="mean", noise=False)
+    group = validate_activation_store(str(out))
+    expected, _ = direct_forward(image_store, np.arange(16), ("encoder_bottleneck",), seed=None, pool="mean")
+    np.testing.assert_allclose(group["encoder_bottleneck"][:].astype(np.float32), expected["encoder_bottleneck"], rtol=2e-3, atol=2e-3)
+    attrs = dict(group.attrs)
+    assert attrs["noise"] is None and attrs["sigma"] == 80.0 and "noise_recipe" not in attrs["settings"]
+    assert "the clean image scaled to [-1, 1]" in group["encoder_bottleneck"].attrs["description"]

@@ -5,12 +5,14 @@ import pytest
 import torch
 import zarr
 
-from extractor.extract import ExtractOptions, ForwardSettings, RunOptions, extract
+from extractor.extract import ExtractionError, ExtractOptions, ForwardSettings, RunOptions, extract
 from extractor.generate import GenerateOptions, generate
 from extractor.models import ModelSpec, build_preset
 from extractor.noise import NOISE_RECIPE, per_sample_noise
 from schemas.activation_store import validate_activation_store
+from schemas.image_layout import LAYOUT_VERSION
 from schemas.image_store import validate_image_store
+from schemas.store_lifecycle import DONE_ARRAY
 
 PRESET = ModelSpec(preset="tiny-random")
 CLASSES = ("n01440764", "n02119789", "n09472597")
@@ -94,3 +96,38 @@ def test_generated_store_with_the_old_noise_recipe_is_refused(tmp_path):
     group.update_attributes(attrs)
     with pytest.raises(NoiseRecipeError, match="numpy default_rng"):
         gen(tmp_path / "old.zarr")
+
+
+def test_generated_stores_have_the_image_layout_and_describe_themselves(tmp_path):
+    gen(tmp_path / "g.zarr", layers=("midblock",), acts=str(tmp_path / "ga.zarr"), shard=4)
+    images = zarr.open_group(str(tmp_path / "g.zarr"), mode="r")
+    acts = zarr.open_group(str(tmp_path / "ga.zarr"), mode="r")
+    for name in ("label", "global_index", "source_row"):
+        assert images[name].chunks == (9,), name  # written whole at creation
+    for name in ("synset", "class_name", "source_file"):
+        assert images[name].chunks == (4,) and acts[name].chunks == (4,), name  # one per shard, by its task
+    np.testing.assert_array_equal(images["source_row"][:], np.arange(9))
+    assert images.attrs["settings"]["layout"] == LAYOUT_VERSION and images.attrs["classes"]["label"] == [0, 278, 980]
+    assert acts["label"].chunks == (9,) and acts.attrs["classes"]["synset"] == list(CLASSES)
+    assert "the generator's own input" in acts["midblock"].attrs["description"] and acts["midblock"].attrs["sigma"] == 80.0
+    validate_image_store(str(tmp_path / "g.zarr"))
+    validate_activation_store(str(tmp_path / "ga.zarr"))
+
+
+def test_nan_weights_fail_the_run_and_mark_nothing_complete(tmp_path):
+    """D(x) of NaN weights would become black uint8 images: the shard is refused before the conversion."""
+    state = build_preset("tiny-random").state_dict()
+    state["model.enc.64x64_conv.weight"][0, 0, 0, 0] = float("nan")
+    checkpoint = tmp_path / "nan.pt"
+    torch.save(state, checkpoint)
+    out, acts = tmp_path / "nan.zarr", tmp_path / "nan-acts.zarr"
+    fwd = ForwardSettings(ModelSpec(checkpoint=str(checkpoint)), ("midblock",), storage_dtype="float32")
+    options = GenerateOptions(str(out), fwd, per_class=2, classes=CLASSES, activations_out=str(acts), run=RunOptions(batch_size=4, device="cpu", shard_size=4))
+    with pytest.raises(ExtractionError, match=r"NaN/Inf in the generated images D\(x\).*first bad sample 0") as err:
+        generate(options)
+    assert str(out) in str(err.value) and "\n" not in str(err.value)
+    for url in (out, acts):
+        group = zarr.open_group(str(url), mode="r", use_consolidated=False)
+        assert group.attrs["complete"] is False and not group[DONE_ARRAY][:].any()
+    with pytest.raises(Exception, match="not complete"):
+        validate_image_store(str(out))

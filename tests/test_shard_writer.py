@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import zarr
 
-from extractor.activation_writer import ShardOutput, create_activation_arrays, write_with_zarr
+from extractor.activation_writer import ChunkOwnershipError, ShardOutput, create_activation_arrays, write_with_zarr
 from extractor.shard_writer import PARTIAL_MARK, ShardFileWriter, ShardWriteError, direct_layout, write_whole_shard
 
 COORDS = ("label", "synset", "class_name", "global_index", "source_file", "source_sample")
@@ -106,3 +106,25 @@ def test_compressed_arrays_go_through_zarr(tmp_path):
     output.ready(0, 10)
     output.commit({})
     np.testing.assert_array_equal(zarr.open_array(url, path="a", mode="r")[:], np.arange(30).reshape(10, 3))
+
+
+def test_numeric_coordinates_written_whole_are_never_written_by_a_shard_task(tmp_path):
+    url = str(tmp_path / "whole.zarr")
+    n, shard = 40, 16
+    group = zarr.open_group(url, mode="w", zarr_format=3)
+    numeric = {name: values for name, values in _coords(0, n).items() if name in ("label", "global_index", "source_sample")}
+    create_activation_arrays(group, n, {"a": (3,)}, "float32", shard, None, coordinates=numeric)
+    assert group["label"].chunks == (n,) and group["synset"].chunks == (shard,)
+    np.testing.assert_array_equal(group["global_index"][:], numeric["global_index"])
+    values = np.ones((shard, 3), dtype=np.float32)
+    output = ShardOutput(url, 1, shard, {"a": values})
+    output.ready(0, shard)
+    with pytest.raises(ChunkOwnershipError, match=r"label is stored in chunks of 40 samples"):
+        output.commit({"label": numeric["label"][shard : 2 * shard]})
+    assert not zarr.open_group(url, mode="r")["a"][shard : 2 * shard].any()  # nothing of the shard became visible
+    assert not list((tmp_path / "whole.zarr").rglob(f"*{PARTIAL_MARK}*"))
+    output = ShardOutput(url, 1, shard, {"a": values})
+    output.ready(0, shard)
+    text = {name: values for name, values in _coords(shard, shard).items() if name in ("synset", "class_name", "source_file")}
+    output.commit(text)
+    np.testing.assert_array_equal(zarr.open_group(url, mode="r")["synset"][shard : 2 * shard], text["synset"])

@@ -40,7 +40,7 @@ def _extract_rate(store: str, out: Path, n: int, pool: str, noise: bool) -> tupl
     from extractor.selection import SelectionSpec
 
     shutil.rmtree(out, ignore_errors=True)
-    fwd = ForwardSettings(ModelSpec(preset="tiny-random"), LAYERS, pool=pool, noise_seed=0 if noise else None)
+    fwd = ForwardSettings(ModelSpec(preset="tiny-random"), LAYERS, pool=pool, noise=noise)
     options = ExtractOptions(store, str(out), fwd, SelectionSpec(num_samples=n), RunOptions(batch_size=128, device="cpu", shard_size=SHARD))
     os.sync()  # start from a clean page cache: earlier runs' dirty pages would be written back meanwhile
     machine, own = _cpu_seconds()
