@@ -363,3 +363,13 @@ def test_clean_input_recorded_on_every_layer(image_store, tmp_path):
     attrs = dict(group.attrs)
     assert attrs["noise"] is None and attrs["sigma"] == 80.0 and "noise_recipe" not in attrs["settings"]
     assert "the clean image scaled to [-1, 1]" in group["encoder_bottleneck"].attrs["description"]
+
+
+def test_no_noise_on_the_command_line_feeds_the_clean_image(image_store, tmp_path):
+    """`--no-noise` reaches extract as ForwardSettings(noise=False): the store records no noise."""
+    out = str(tmp_path / "clean-cli.zarr")
+    args = ["extract", image_store, "-o", out, "--preset", "tiny-random", "--layers", "encoder_bottleneck", "--pool", "mean",
+            "--num-samples", "8", "--no-noise", "--device", "cpu"]
+    assert extractor_main(args) == 0
+    attrs = dict(validate_activation_store(out).attrs)
+    assert attrs["noise"] is None and attrs["settings"]["noise_seed"] is None
