@@ -234,12 +234,9 @@ def generate(options: GenerateOptions) -> GenerateResult:
     receipts = run_tasks(tasks, run.scheduler, ProgressReport(n, f"generating {options.output}"), done)
     # A store found complete (a crash can land between finishing one store and the other) is left as it is. Both
     # are checked before either is finished: NaN/Inf anywhere leaves both incomplete.
-    unfinished = [(url, what, state) for url, what, state in (
-        (options.output, "the generated images D(x)", image_state),
-        (options.activations_out, "the generator's activations or its D(x)", act_state),
-    ) if state is not None and not state.already_complete]
-    for url, what, _state in unfinished:
-        integrity_pass(url, num_shards, receipts, what)
-    for url, _what, _state in reversed(unfinished):  # the activation store first, as before
+    unfinished = [url for url, state in ((options.output, image_state), (options.activations_out, act_state)) if state is not None and not state.already_complete]
+    for url in unfinished:
+        integrity_pass(url, num_shards, receipts, "the generator's D(x) (`image`) or its captured layers")
+    for url in reversed(unfinished):  # the activation store first, as before
         finalize_store(url, {})
     return GenerateResult(options.output, options.activations_out, n, False, time.monotonic() - started, loaded.trained)
