@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from extractor.vocabulary import COMPUTE_DTYPES, POOL_MODES, PRESET_NAMES, STORAGE_DTYPES
+from extractor.vocabulary import COMPUTE_DTYPES, FEATURE_PRESET_NAMES, POOL_MODES, PRESET_NAMES, STORAGE_DTYPES
 from schemas.cli import CommandParser, HelpFormatter, add_command, comma_list, dispatch, non_negative_int, positive_int
 from schemas.errors import ImzarrError, StoreValidationError
 from schemas.output_paths import check_output_location
@@ -80,7 +80,9 @@ def _check_device_and_dtype(args: argparse.Namespace) -> None:
 
 
 def _forward_settings(args: argparse.Namespace, noise_seed: int | None, **extra):
-    from extractor.extract import ForwardSettings
+    """σ and the noise seed stay None unless given: the extractor picks the diffusion defaults (σ 80, seed 0),
+    and feature networks, which see the clean image, refuse them."""
+    from extractor.extraction import ForwardSettings
 
     return ForwardSettings(
         model=_model_spec(args),
@@ -121,8 +123,8 @@ def _add_extract(sub) -> None:
     ex.add_argument("-o", "--output", required=True, help="activation store path or fsspec URL")
     ex.add_argument("--layers", type=comma_list, required=True, help="comma-separated layer names or aliases (encoder_bottleneck, midblock); `imzarr layers` lists them")
     _model_args(ex)
-    ex.add_argument("--sigma", type=float, default=80.0, help="noise level σ the network is conditioned on (80 is the generator's own)")
-    ex.add_argument("--seed", type=non_negative_int, default=0, help="seed of the per-sample noise (and of --per-class sampling)")
+    ex.add_argument("--sigma", type=float, default=None, help="noise level σ a diffusion network is conditioned on (default: 80, the generator's own; feature networks take none)")
+    ex.add_argument("--seed", type=non_negative_int, default=None, help="seed of the per-sample noise of diffusion networks and of --per-class sampling (default: 0)")
     ex.add_argument("--no-noise", action="store_true", help="feed the clean image (still conditioned on σ)")
     ex.add_argument("--class-free", action="store_true", help="zero class labels instead of the one-hot of each sample's label")
     ex.add_argument("--pool", default="none", choices=POOL_MODES, help="spatial reduction on the device before storing")
@@ -139,12 +141,14 @@ def _add_extract(sub) -> None:
 
 
 def _extract(args: argparse.Namespace) -> int:
-    from extractor.extract import ExtractOptions, extract
+    from extractor.extraction import ExtractOptions, extract
     from extractor.selection import SelectionSpec
 
     check_output_location(args.output, [args.store], allow_memory=False)
     _check_device_and_dtype(args)
-    forward = _forward_settings(args, None if args.no_noise else args.seed, class_free=args.class_free, reconstructions=args.reconstructions)
+    # For a feature network, --seed only chooses --per-class samples: it is no noise seed there.
+    noise_seed = None if args.preset in FEATURE_PRESET_NAMES else args.seed
+    forward = _forward_settings(args, noise_seed, noise=not args.no_noise, class_free=args.class_free, reconstructions=args.reconstructions)
     options = ExtractOptions(
         store=args.store,
         output=args.output,
@@ -154,7 +158,7 @@ def _extract(args: argparse.Namespace) -> int:
             indices_file=args.indices,
             classes=args.classes,
             per_class=args.per_class,
-            seed=args.seed,
+            seed=args.seed or 0,
         ),
         run=_run_options(args),
     )
@@ -207,8 +211,8 @@ def _add_generate(sub) -> None:
     count.add_argument("--per-class", type=positive_int, help="K samples of each class (class-major order)")
     count.add_argument("--num-samples", type=positive_int, help="N samples with classes drawn uniformly (seeded)")
     gen.add_argument("--classes", type=comma_list, default=None, help="classes: WNIDs, class names or indices, comma-separated (default: all 1000)")
-    gen.add_argument("--seed", type=non_negative_int, default=0, help="noise seed")
-    gen.add_argument("--sigma", type=float, default=80.0, help="the generator's input σ")
+    gen.add_argument("--seed", type=non_negative_int, default=None, help="noise seed (default: 0)")
+    gen.add_argument("--sigma", type=float, default=None, help="the generator's input σ (default: 80)")
     gen.add_argument("--layers", type=comma_list, default=None, help="also capture these layers during sampling (needs --activations-out; default: none)")
     gen.add_argument("--activations-out", default=None, help="activation store for --layers (default: none)")
     gen.add_argument("--pool", default="none", choices=POOL_MODES, help="spatial reduction of captured layers")

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from extractor.activation_writer import default_shard_size
-from extractor.extract import ExtractOptions, choose_batch_size, load_forward, probe_layers
+from extractor.extraction import ExtractOptions, choose_batch_size, load_forward, probe_layers
 from extractor.forward import resolve_device
 from extractor.selection import select_samples
 from schemas.image_store import validate_image_store

@@ -14,7 +14,7 @@ import dask
 import numpy as np
 
 from extractor.activation_writer import TEXT_COORDINATES, ShardOutput, create_activation_arrays, default_shard_size
-from extractor.extract import (
+from extractor.extraction import (
     ExtractionError,
     ForwardSettings,
     RunOptions,

@@ -19,10 +19,12 @@ PRESET_NAMES: tuple[str, ...] = (
     "dinov2-vitl14",
     "dinov2-vitg14",
 )
+# The presets of feature networks (they see the clean image: no σ, no noise).
+FEATURE_PRESET_NAMES: tuple[str, ...] = PRESET_NAMES[2:]
 # Spatial reduction of a captured layer, on the device, before storing.
 POOL_MODES: tuple[str, ...] = ("none", "mean", "max")
 # Network precision: auto (bf16 autocast on CUDA for diffusion networks, fp32 otherwise), fp32, or bf16/fp16
 # autocast (CUDA).
 COMPUTE_DTYPES: tuple[str, ...] = ("auto", "fp32", "bf16", "fp16")
 
-__all__ = ["COMPUTE_DTYPES", "POOL_MODES", "PRESET_NAMES", "STORAGE_DTYPES"]
+__all__ = ["COMPUTE_DTYPES", "FEATURE_PRESET_NAMES", "POOL_MODES", "PRESET_NAMES", "STORAGE_DTYPES"]

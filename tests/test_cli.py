@@ -124,10 +124,11 @@ def test_command_line_vocabulary_is_the_models_own():
     """The torch-free words the parsers offer are exactly what the model code accepts."""
     from extractor.forward import AUTO
     from extractor.models.edm import COMPUTE_DTYPES as MODEL_COMPUTE_DTYPES
-    from extractor.models.registry import MODEL_PRESETS
-    from extractor.vocabulary import COMPUTE_DTYPES, PRESET_NAMES
+    from extractor.models.registry import FAMILIES, MODEL_PRESETS
+    from extractor.vocabulary import COMPUTE_DTYPES, FEATURE_PRESET_NAMES, PRESET_NAMES
 
     assert PRESET_NAMES == tuple(MODEL_PRESETS)
+    assert set(FEATURE_PRESET_NAMES) == {name for name, family in MODEL_PRESETS.items() if FAMILIES[family].kind == "feature"}
     assert set(COMPUTE_DTYPES) - {AUTO} <= set(MODEL_COMPUTE_DTYPES)
 
 

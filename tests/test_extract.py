@@ -19,7 +19,7 @@ from converter.convert import ConvertOptions, convert
 from converter.sample import write_sample_shards
 from converter.sources.npz import open_npz_source
 from extractor.cli import main as extractor_main
-from extractor.extract import ExtractionError, ExtractOptions, ForwardSettings, NoiseRecipeError, RunOptions, extract
+from extractor.extraction import ExtractionError, ExtractOptions, ForwardSettings, NoiseRecipeError, RunOptions, extract
 from extractor.forward import DEFAULT_NOISE_SEED, DEFAULT_SIGMA, forward_batch, nonfinite_rows, resolve_forward
 from extractor.models import EDMPrecond, ModelSpec, build_preset, cached_model
 from extractor.noise import LEGACY_NOISE_RECIPE, NOISE_RECIPE, per_sample_noise

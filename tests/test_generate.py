@@ -5,7 +5,7 @@ import pytest
 import torch
 import zarr
 
-from extractor.extract import ExtractionError, ExtractOptions, ForwardSettings, RunOptions, extract
+from extractor.extraction import ExtractionError, ExtractOptions, ForwardSettings, RunOptions, extract
 from extractor.generate import GenerateOptions, generate
 from extractor.models import ModelSpec, build_preset
 from extractor.noise import NOISE_RECIPE, per_sample_noise
@@ -84,7 +84,7 @@ def test_unfinished_generation_resumes_to_identical(tmp_path):
 
 
 def test_generated_store_with_the_old_noise_recipe_is_refused(tmp_path):
-    from extractor.extract import NoiseRecipeError
+    from extractor.extraction import NoiseRecipeError
 
     gen(tmp_path / "old.zarr")
     group = zarr.open_group(str(tmp_path / "old.zarr"), mode="r+", use_consolidated=False)

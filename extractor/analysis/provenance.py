@@ -17,10 +17,10 @@ def describe_model(model: dict[str, Any] | None) -> str:
     """'preset tiny-random, sha256 0123456789ab, UNTRAINED (random weights)' or 'checkpoint …/x.bin, sha256 …, trained'."""
     if not model:
         return "model not recorded"
-    if model.get("preset"):
-        source = f"preset {model['preset']}"
-    elif model.get("checkpoint"):
+    if model.get("checkpoint"):  # a checkpoint's record also names the preset its keys match
         source = f"checkpoint {_tail(str(model['checkpoint']))}"
+    elif model.get("preset"):
+        source = f"preset {model['preset']}"
     else:
         source = str(model.get("name", "unnamed model"))
     trained = "trained" if model.get("trained") is True else "UNTRAINED (random weights)"

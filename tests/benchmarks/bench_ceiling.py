@@ -35,7 +35,7 @@ def _network() -> StandInNetwork:
 
 def _extract_rate(store: str, out: Path, n: int, pool: str, noise: bool) -> tuple[float, float]:
     """(img/s of one whole extraction, other work's load in cores meanwhile)."""
-    from extractor.extract import ExtractOptions, ForwardSettings, RunOptions, extract
+    from extractor.extraction import ExtractOptions, ForwardSettings, RunOptions, extract
     from extractor.models import ModelSpec
     from extractor.selection import SelectionSpec
 

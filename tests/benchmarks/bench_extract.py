@@ -37,7 +37,7 @@ def bench_image_store(workdir: Path, n: int) -> str:
 
 def _forward_only(store_url: str, n: int) -> float:
     """images/s of the extractor's forward path on batches already in memory (noise, capture, cast, checks)."""
-    from extractor.extract import ForwardSettings, load_forward, probe_layers
+    from extractor.extraction import ForwardSettings, load_forward, probe_layers
     from extractor.forward import ShardForward
     from extractor.models import ModelSpec
     from schemas.image_store import validate_image_store

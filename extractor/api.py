@@ -1,0 +1,138 @@
+"""The extractor from Python (a notebook): `extract` writes an activation store exactly as `imzarr extract` does
+(same defaults, checks and resumability); `features` runs an in-memory batch through the same forward path and
+returns a labelled `xr.Dataset`."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import xarray as xr
+
+from extractor.extraction import ExtractOptions, ExtractResult, load_forward, probe_layers
+from extractor.extraction import extract as run_extraction
+from extractor.forward import ForwardSettings, RunOptions, ShardForward, resolve_device
+from extractor.models import ModelSpec
+from extractor.selection import SelectionSpec
+from schemas.activation_store import layer_dims
+from schemas.classes import class_table
+from schemas.task_runner import SchedulerSpec, parse_resources
+
+
+def model_spec(preset: str | None, checkpoint: str | None) -> ModelSpec:
+    return ModelSpec(preset=preset) if checkpoint is None else ModelSpec(checkpoint=str(checkpoint))
+
+
+def extract(
+    store: str,
+    output: str,
+    *,
+    layers: Sequence[str],
+    preset: str | None = None,
+    checkpoint: str | None = None,
+    sigma: float | None = None,
+    seed: int | None = None,
+    noise: bool = True,
+    class_free: bool = False,
+    pool: str = "none",
+    dtype: str = "float16",
+    compute_dtype: str = "auto",
+    reconstructions: bool = False,
+    num_samples: int | None = None,
+    indices: str | None = None,
+    classes: Sequence[str | int] | None = None,
+    per_class: int | None = None,
+    batch_size: int | None = None,
+    device: str = "auto",
+    scheduler: str | None = None,
+    workers: int = 2,
+    resources: str | None = None,
+    overwrite: bool = False,
+    shard_size: int | None = None,
+    compile: bool = False,
+) -> ExtractResult:
+    """Image store → activation store of the named layers; keyword arguments and defaults as `imzarr extract`."""
+    forward = ForwardSettings(
+        model=model_spec(preset, checkpoint),
+        layers=tuple(layers),
+        sigma=sigma,
+        noise_seed=seed,
+        noise=noise,
+        class_free=class_free,
+        pool=pool,
+        storage_dtype=dtype,
+        compute_dtype=compute_dtype,
+        reconstructions=reconstructions,
+    )
+    selection = SelectionSpec(
+        num_samples=num_samples,
+        indices_file=indices,
+        classes=tuple(str(c) for c in classes) if classes is not None else None,
+        per_class=per_class,
+        seed=seed or 0,
+    )
+    run = RunOptions(
+        batch_size=batch_size,
+        device=device,
+        scheduler=SchedulerSpec(scheduler, workers, parse_resources(resources)),
+        overwrite=overwrite,
+        shard_size=shard_size,
+        compile=compile,
+    )
+    return run_extraction(ExtractOptions(str(store), str(output), forward, selection, run))
+
+
+def features(
+    images: np.ndarray,
+    labels: np.ndarray | Sequence[int] | None = None,
+    *,
+    layers: Sequence[str],
+    preset: str | None = None,
+    checkpoint: str | None = None,
+    sigma: float | None = None,
+    seed: int | None = None,
+    noise: bool = True,
+    pool: str = "none",
+    dtype: str = "float32",
+    device: str = "auto",
+    batch_size: int = 64,
+) -> xr.Dataset:
+    """uint8 images (N, 3, S, S) → {layer: activations} as an xr.Dataset on dim `sample`, labelled like a store.
+
+    Sample i gets the noise of `global_index` i (as row i of a store would), so the same images give the same
+    values here and through `extract`."""
+    images = np.ascontiguousarray(images, dtype=np.uint8)
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"images must be uint8 (N, 3, S, S), got shape {images.shape}")
+    n = images.shape[0]
+    labels = np.full(n, -1, dtype=np.int64) if labels is None else np.asarray(labels, dtype=np.int64)
+    settings = ForwardSettings(
+        model=model_spec(preset, checkpoint), layers=tuple(layers), sigma=sigma, noise_seed=seed, noise=noise,
+        pool=pool, storage_dtype=dtype,
+    )
+    device = resolve_device(device)
+    loaded, fwd = load_forward(settings, device)
+    shapes, paths = probe_layers(loaded, fwd, device, images.shape[-1])
+    forward = ShardForward(loaded, fwd, device, n, shapes, output_name=None, resolution=images.shape[-1])
+    try:
+        import torch
+
+        global_index = np.arange(n, dtype=np.int64)
+        for a in range(0, n, batch_size):
+            b = min(n, a + batch_size)
+            forward.run(a, torch.from_numpy(images[a:b]), labels[a:b], global_index[a:b])
+        forward.finish()
+        values = {name: np.array(forward.buffers[name]) for name in fwd.layers}
+    finally:
+        forward.release()
+    table = class_table()
+    known = labels >= 0
+    synsets = np.where(known, table.synsets_of(np.maximum(labels, 0)), "")
+    names = np.where(known, table.names_of(np.maximum(labels, 0)), "")
+    data_vars = {
+        name: (layer_dims(name, pooled=len(shapes[name]) == 1), values[name], {"module_path": paths[name], "pooling": fwd.pool})
+        for name in fwd.layers
+    }
+    coords = {"label": ("sample", labels.astype(np.int16)), "synset": ("sample", synsets), "class_name": ("sample", names)}
+    attrs = {"model": loaded.name, "trained": loaded.trained, "sha256": loaded.sha256, "sigma": fwd.sigma, "noise_seed": fwd.noise_seed}
+    return xr.Dataset(data_vars, coords=coords, attrs=attrs)
