@@ -3,12 +3,14 @@ with the same defaults, safety checks and resumability."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from converter.convert import ConvertOptions, ConvertResult, convert, validate_convert_options
-from schemas.image_layout import DEFAULT_SHARD
+from converter.sources.base import ConvertOptionError
 from schemas.output_paths import check_output_location
 
 
@@ -18,22 +20,18 @@ def convert_npz(
     *,
     label_order: str | None = None,
     allow_pickle: bool = False,
-    shuffle_seed: int | None = None,
-    shard_size: int = DEFAULT_SHARD,
-    inner_chunk: int | None = None,
-    overwrite: bool = False,
-    workers: int | None = None,
-    processes: bool = False,
-    scratch_dir: str | None = None,
-    scheduler: str | None = None,
+    **options: Any,
 ) -> ConvertResult:
-    """Downsampled-ImageNet `.npz` shards (files or folders) or ADM sample files → one image store at `output`."""
+    """Downsampled-ImageNet `.npz` shards (files or folders) or ADM sample files → one image store at `output`.
+
+    `options` are ConvertOptions fields (shuffle_seed, shard_size, inner_chunk, overwrite, workers, processes,
+    scratch_dir, scheduler), with the CLI's defaults."""
     from converter.sources.npz import open_npz_source
 
     paths = [os.fspath(p) for p in ([sources] if isinstance(sources, (str, Path)) else sources)]
-    options = _options(output, shuffle_seed, shard_size, inner_chunk, overwrite, workers, processes, scratch_dir, scheduler)
+    checked = _checked_options(output, options)
     check_output_location(output, paths)
-    return convert(open_npz_source(paths, label_order, allow_pickle), options)
+    return convert(open_npz_source(paths, label_order, allow_pickle), checked)
 
 
 def convert_jpeg(
@@ -45,34 +43,27 @@ def convert_jpeg(
     val_labels: str | None = None,
     label_from_folders: bool = False,
     fast_draft: bool = False,
-    shuffle_seed: int | None = None,
-    shard_size: int = DEFAULT_SHARD,
-    inner_chunk: int | None = None,
-    overwrite: bool = False,
-    workers: int | None = None,
-    processes: bool = False,
-    scratch_dir: str | None = None,
-    scheduler: str | None = None,
+    **options: Any,
 ) -> ConvertResult:
-    """A JPEG class-folder tree (or a flat val folder with `val_labels`) → one image store at `output`."""
+    """A JPEG class-folder tree (or a flat val folder with `val_labels`) → one image store at `output`.
+
+    `options` are ConvertOptions fields, as for `convert_npz`."""
     from converter.sources.jpeg import open_jpeg_source
 
-    options = _options(output, shuffle_seed, shard_size, inner_chunk, overwrite, workers, processes, scratch_dir, scheduler)
+    checked = _checked_options(output, options)
     check_output_location(output, [os.fspath(root), val_labels])
-    return convert(open_jpeg_source(root, recipe, size, val_labels, label_from_folders, fast_draft), options)
+    return convert(open_jpeg_source(root, recipe, size, val_labels, label_from_folders, fast_draft), checked)
 
 
-def _options(output, shuffle_seed, shard_size, inner_chunk, overwrite, workers, processes, scratch_dir, scheduler) -> ConvertOptions:
-    options = ConvertOptions(
-        output=os.fspath(output),
-        shuffle_seed=shuffle_seed,
-        shard_size=shard_size,
-        inner_chunk=inner_chunk,
-        overwrite=overwrite,
-        workers=workers,
-        processes=processes,
-        scratch_dir=scratch_dir,
-        scheduler=scheduler,
-    )
-    validate_convert_options(options)
-    return options
+def _checked_options(output: str | Path, options: dict[str, Any]) -> ConvertOptions:
+    unknown = sorted(set(options) - {f.name for f in dataclasses.fields(ConvertOptions)} | ({"output"} & set(options)))
+    if unknown:
+        raise ConvertOptionError("options", unknown, f"not conversion options; choose from {run_option_names()}")
+    converted = ConvertOptions(output=os.fspath(output), **options)
+    validate_convert_options(converted)
+    return converted
+
+
+def run_option_names() -> list[str]:
+    """The ConvertOptions fields besides `output`: what `--shard-size`, `--workers`, … set."""
+    return [f.name for f in dataclasses.fields(ConvertOptions) if f.name != "output"]

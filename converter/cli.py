@@ -84,16 +84,10 @@ def _output_args(p: argparse.ArgumentParser) -> None:
 
 
 def _run_options(args: argparse.Namespace) -> dict:
-    return dict(
-        shuffle_seed=args.shuffle_seed,
-        shard_size=args.shard_size,
-        inner_chunk=args.inner_chunk,
-        overwrite=args.overwrite,
-        workers=args.workers,
-        processes=args.processes,
-        scratch_dir=args.scratch_dir,
-        scheduler=args.scheduler,
-    )
+    """The conversion options the flags set (their argparse names are ConvertOptions' field names)."""
+    from converter.api import run_option_names
+
+    return {name: getattr(args, name) for name in run_option_names()}
 
 
 def _paths_for_cluster(args: argparse.Namespace, *names: str) -> None:

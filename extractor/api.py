@@ -5,6 +5,7 @@ returns a labelled `xr.Dataset`."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import xarray as xr
@@ -14,6 +15,7 @@ from extractor.extraction import extract as run_extraction
 from extractor.forward import ForwardSettings, RunOptions, ShardForward, resolve_device
 from extractor.models import ModelSpec
 from extractor.selection import SelectionSpec
+from extractor.vocabulary import PRESET_NAMES
 from schemas.activation_store import layer_dims
 from schemas.classes import class_table
 from schemas.task_runner import SchedulerSpec, parse_resources
@@ -21,6 +23,13 @@ from schemas.task_runner import SchedulerSpec, parse_resources
 
 def model_spec(preset: str | None, checkpoint: str | None) -> ModelSpec:
     return ModelSpec(preset=preset) if checkpoint is None else ModelSpec(checkpoint=str(checkpoint))
+
+
+def as_model_spec(model: str | ModelSpec) -> ModelSpec:
+    """A preset name (`tiny-random`, `fid-inception`, …), a checkpoint path, or a ModelSpec."""
+    if isinstance(model, ModelSpec):
+        return model
+    return ModelSpec(preset=model) if model in PRESET_NAMES else ModelSpec(checkpoint=str(model))
 
 
 def extract(
@@ -87,17 +96,15 @@ def features(
     labels: np.ndarray | Sequence[int] | None = None,
     *,
     layers: Sequence[str],
-    preset: str | None = None,
-    checkpoint: str | None = None,
-    sigma: float | None = None,
-    seed: int | None = None,
-    noise: bool = True,
+    model: str | ModelSpec,
     pool: str = "none",
-    dtype: str = "float32",
     device: str = "auto",
     batch_size: int = 64,
+    **forward: Any,
 ) -> xr.Dataset:
-    """uint8 images (N, 3, S, S) → {layer: activations} as an xr.Dataset on dim `sample`, labelled like a store.
+    """uint8 images (N, 3, S, S) → {layer: activations} (float32) as an xr.Dataset on dim `sample`, labelled
+    like a store. `model`: a preset name, a checkpoint path or a ModelSpec; `forward`: sigma, noise_seed, noise,
+    class_free, compute_dtype as ForwardSettings takes them (None/unset: the same defaults as `extract`).
 
     Sample i gets the noise of `global_index` i (as row i of a store would), so the same images give the same
     values here and through `extract`."""
@@ -106,10 +113,7 @@ def features(
         raise ValueError(f"images must be uint8 (N, 3, S, S), got shape {images.shape}")
     n = images.shape[0]
     labels = np.full(n, -1, dtype=np.int64) if labels is None else np.asarray(labels, dtype=np.int64)
-    settings = ForwardSettings(
-        model=model_spec(preset, checkpoint), layers=tuple(layers), sigma=sigma, noise_seed=seed, noise=noise,
-        pool=pool, storage_dtype=dtype,
-    )
+    settings = ForwardSettings(model=as_model_spec(model), layers=tuple(layers), pool=pool, storage_dtype="float32", **forward)
     device = resolve_device(device)
     loaded, fwd = load_forward(settings, device)
     shapes, paths = probe_layers(loaded, fwd, device, images.shape[-1])

@@ -1,0 +1,44 @@
+"""The Python API is the command line's twin: same defaults, same stores, same refusals."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import zarr
+
+import converter
+import schemas
+from converter.sources.base import ConvertOptionError
+from schemas.output_paths import OutputOverlapsInputError
+
+
+@pytest.fixture(scope="module")
+def sample(tmp_path_factory):
+    root = tmp_path_factory.mktemp("api")
+    done = subprocess.run([sys.executable, "-m", "schemas", "sample", "src", "--per-shard", "80", "--train-shards", "1", "--val-size", "10"], cwd=root, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    return root
+
+
+def test_convert_npz_equals_the_command_line(sample):
+    cli = subprocess.run([sys.executable, "-m", "schemas", "convert", "npz", "src/train", "-o", "cli.zarr"], cwd=sample, capture_output=True, text=True)
+    assert cli.returncode == 0, cli.stderr
+    result = converter.convert_npz(sample / "src" / "train", str(sample / "api.zarr"))
+    assert result.num_samples == 80 and not result.already_complete
+    a, b = zarr.open_group(str(sample / "cli.zarr"), mode="r"), zarr.open_group(str(sample / "api.zarr"), mode="r")
+    assert dict(a.attrs)["settings_fingerprint"] == dict(b.attrs)["settings_fingerprint"]
+    for name, arr in a.arrays():
+        np.testing.assert_array_equal(arr[:], b[name][:], err_msg=name)
+    store = schemas.open_image_store(str(sample / "api.zarr"))
+    assert len(store) == 80 and store.take([3, 1]).shape == (2, 3, 64, 64)
+    assert converter.convert_npz(sample / "src" / "train", str(sample / "api.zarr")).already_complete
+
+
+def test_api_refuses_what_the_command_line_refuses(sample):
+    with pytest.raises(ConvertOptionError, match="shard_sizes"):
+        converter.convert_npz(sample / "src" / "train", str(sample / "x.zarr"), shard_sizes=64)
+    with pytest.raises(OutputOverlapsInputError):
+        converter.convert_npz(sample / "src" / "train", str(sample / "src" / "train" / "x.zarr"))
