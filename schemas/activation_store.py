@@ -52,6 +52,7 @@ from schemas.variable_attrs import (
     coordinates_attribute,
     missing_array_attrs,
 )
+from schemas.zarr_format import is_string_data_type, read_node_metadata
 
 ACTIVATION_SCHEMA = "imzarr.activations/1"
 RECONSTRUCTION_VAR = "reconstruction"
@@ -186,7 +187,7 @@ def validate_activation_store(url: str, require_complete: bool = True) -> zarr.G
         if var not in group:
             raise StoreValidationError(f"{url}: layer variable {var!r} is missing")
         arr = group[var]
-        dims = tuple(arr.metadata.dimension_names or ())
+        dims = _dimension_names(url, var)
         # Pooled layers are vectors; unpooled ones are maps, or vectors where the layer is one (pool3, cls).
         expected = layer_dims(var, pooled or arr.ndim == 2)
         if dims != expected:
@@ -198,15 +199,16 @@ def validate_activation_store(url: str, require_complete: bool = True) -> zarr.G
             raise StoreValidationError(f"{url}: {var} has {arr.shape[0]} samples, other layers {n}")
     if RECONSTRUCTION_VAR in group:
         rec = group[RECONSTRUCTION_VAR]
-        if rec.dtype != np.uint8 or tuple(rec.metadata.dimension_names or ()) != RECONSTRUCTION_DIMS or rec.shape[0] != n:
+        if rec.dtype != np.uint8 or _dimension_names(url, RECONSTRUCTION_VAR) != RECONSTRUCTION_DIMS or rec.shape[0] != n:
             raise StoreValidationError(f"{url}: {RECONSTRUCTION_VAR} must be uint8 {RECONSTRUCTION_DIMS} with {n} samples")
     for name, kind in COORDINATES.items():
         if name not in group:
             raise StoreValidationError(f"{url}: missing coordinate array {name!r}")
         arr = group[name]
-        if tuple(arr.metadata.dimension_names or ()) != (SAMPLE_DIM,) or arr.shape[0] != n:
+        metadata = read_node_metadata(url, name)
+        if tuple(metadata.get("dimension_names") or ()) != (SAMPLE_DIM,) or arr.shape[0] != n:
             raise StoreValidationError(f"{url}: coordinate {name} must be ({SAMPLE_DIM},) with {n} entries")
-        if kind == "U" and "VariableLengthUTF8" not in type(arr.metadata.data_type).__name__:
+        if kind == "U" and not is_string_data_type(metadata.get("data_type")):
             raise StoreValidationError(f"{url}: {name} must be variable-length UTF-8")
         if kind != "U" and arr.dtype != np.dtype(kind):
             raise StoreValidationError(f"{url}: {name} has dtype {arr.dtype}, expected {kind}")
@@ -216,6 +218,11 @@ def validate_activation_store(url: str, require_complete: bool = True) -> zarr.G
     if "Conventions" in attrs:
         _check_array_attrs(url, group, layers, kind)
     return group
+
+
+def _dimension_names(url: str, array: str) -> tuple[str, ...]:
+    """An array's `dimension_names` as its zarr.json records them (the spec's field, not zarr-python's objects)."""
+    return tuple(read_node_metadata(url, array).get("dimension_names") or ())
 
 
 def model_kind(attrs: dict[str, Any]) -> str:
