@@ -18,7 +18,7 @@ from schemas.activation_store import (
 from schemas.errors import StoreValidationError
 from schemas.image_store import COORDINATES as IMAGE_COORDINATES
 from schemas.variable_attrs import TEXT_VARIABLES, class_table_attrs, classes_lookup, image_store_array_attrs
-from tests.benchmarks.bench_compare import write_activation_store
+from tests.synthetic import write_activation_store
 
 LABELS = np.repeat([0, 3, 7], [70, 100, 130])  # 300 samples: several 64-sample chunks per class
 REDUCTION_RTOL = 1e-3

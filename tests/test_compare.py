@@ -15,7 +15,7 @@ from extractor.analysis import compare as compare_module
 from extractor.analysis.compare import CompareError, LayerMismatchError, NonFiniteFeaturesError, compare_stores, format_report_table
 from extractor.analysis.plots import PlotError
 from schemas.classes import class_table
-from tests.benchmarks.bench_compare import write_activation_store
+from tests.synthetic import write_activation_store
 
 DIM = 8
 MODES = 4

@@ -11,7 +11,7 @@ from converter.sources.npz import open_npz_source
 from extractor.analysis.contact_sheet import ContactSheetError, sheet_size, tile_origin, write_contact_sheet
 from schemas.classes import class_table
 from schemas.image_store import validate_image_store
-from tests.benchmarks.bench_compare import write_activation_store
+from tests.synthetic import write_activation_store
 from tests.synthetic import photo_like, write_npz_shard
 
 

@@ -12,17 +12,13 @@ from __future__ import annotations
 import json
 import os
 import sys
-import warnings
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
-import zarr
 
-from extractor.activation_writer import create_activation_arrays
-from schemas.activation_store import ACTIVATION_SCHEMA, RECONSTRUCTION_VAR, activation_array_attrs, activation_group_attrs
-from schemas.classes import NUM_CLASSES, class_table
+from schemas.classes import NUM_CLASSES
 from tests.benchmarks.run import QuietGate, Row, make_row, run_child
+from tests.synthetic import write_activation_store
 
 DIM = 768
 LAYER = "features"
@@ -42,69 +38,6 @@ keys = ("fd", "precision", "recall", "density", "coverage")
 print(json.dumps({"import_s": t1 - t0, "compare_s": t2 - t1, "classes": int(ds.sizes["class"]), **{k: ds.attrs[k] for k in keys}}))
 """
 IMPORT_ONLY = "import extractor.analysis.compare, extractor.analysis.metrics, torch, xarray, zarr"
-
-
-def write_activation_store(
-    url: str,
-    labels: np.ndarray,
-    make_block: Callable[[int, int], np.ndarray],
-    per_sample_shape: tuple[int, ...],
-    layer: str = LAYER,
-    dtype: str = "float16",
-    shard: int = 4096,
-    pooling: str | None = None,
-    reconstructions: np.ndarray | None = None,
-    sigma: float = 80.0,
-    model: dict | None = None,
-    described: bool = True,
-) -> str:
-    """A complete, valid activation store with one layer (and optional uint8 reconstructions); values come
-    from make_block(start, stop), one shard at a time. `described`: with the per-array attributes and
-    `Conventions`, as stores are written now; False makes a store as written before them."""
-    n = int(labels.size)
-    pooling = pooling or ("mean" if len(per_sample_shape) == 1 else "none")
-    group = zarr.open_group(url, mode="w", zarr_format=3)
-    rec_shape = None if reconstructions is None else tuple(reconstructions.shape[1:])
-    create_activation_arrays(group, n, {layer: tuple(per_sample_shape)}, dtype, shard, rec_shape)
-    if described:
-        layers = {layer: f"synthetic.{layer}"}
-        for name, attrs in activation_array_attrs(layers, pooling, sigma, dtype, reconstructions is not None).items():
-            group[name].update_attributes(attrs)
-    for a in range(0, n, shard):  # whole shards per write: partial-shard writes are read-modify-write
-        b = min(n, a + shard)
-        group[layer][a:b] = np.asarray(make_block(a, b)).astype(dtype)
-        if reconstructions is not None:
-            group[RECONSTRUCTION_VAR][a:b] = reconstructions[a:b]
-    table = class_table()
-    positions = np.arange(n, dtype=np.int64)
-    group["label"][:] = labels.astype(np.int16)
-    group["synset"][:] = table.synsets_of(labels)
-    group["class_name"][:] = table.names_of(labels)
-    group["global_index"][:] = positions
-    group["source_file"][:] = np.full(n, "synthetic", dtype=object)
-    group["source_sample"][:] = positions
-    group.attrs.update(
-        {
-            "schema": ACTIVATION_SCHEMA,
-            "complete": True,
-            "model": model or {"name": "synthetic", "trained": False},
-            "layers": {layer: f"synthetic.{layer}"},
-            "sigma": sigma,
-            "noise": None,
-            "pooling": pooling,
-            "dtypes": {"storage": dtype, "compute": "fp32"},
-            "selection": {"count": n},
-            "source": {"url": "synthetic", "schema": None, "fingerprint": None, "source_format": None},
-            "versions": {},
-            "device": "cpu",
-            **(activation_group_attrs(labels) if described else {}),
-        }
-    )
-    with warnings.catch_warnings():
-        # As the extractor does: v3 stores open in xarray without warnings only with consolidated metadata.
-        warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
-        zarr.consolidate_metadata(url)
-    return url
 
 
 def make_stores(workdir: Path, n: int) -> tuple[str, str]:
