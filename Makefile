@@ -37,7 +37,10 @@ $(BIN)/imzarr: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet '$(TORCH)'
-	$(BIN)/pip install --quiet -e '.[dev,plot,s3]'
+	$(BIN)/pip install --quiet -e '.[plot,s3]'
+	@# boto3 (for the tests' S3 server) moves in lockstep with botocore, which s3fs pins: asking for the matching
+	@# release spares pip's resolver a walk back through hundreds of boto3 releases.
+	$(BIN)/pip install --quiet "boto3==$$($(BIN)/python -c 'import botocore; print(botocore.__version__)')" -e '.[dev,plot,s3]'
 	touch $@
 
 $(DATA)/sample/train/train_data_batch_1.npz: | $(BIN)/imzarr
