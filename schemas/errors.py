@@ -4,6 +4,8 @@
 command), 1 for a run that failed (a writer holds the store, values failed a check, the disk is full).
 """
 
+import os
+
 
 class ImzarrError(Exception):
     """Base of every error imzarr reports to the user as one line; exit code 2 (bad input)."""
@@ -15,6 +17,23 @@ class RunFailedError(ImzarrError):
     """The inputs were acceptable but the run could not finish; exit code 1."""
 
     exit_code = 1
+
+
+def printable_path(path: object) -> str:
+    """A path as valid UTF-8 text: bytes a file name holds that are not UTF-8 appear as `\\xNN` escapes.
+
+    Python hands such names over as lone surrogates (`os.fsdecode`), which no UTF-8 string array or JSON
+    attribute can hold. Limit: a name spelling a literal `\\xNN` looks the same as one holding that byte."""
+    text = os.fspath(path) if isinstance(path, os.PathLike) else str(path)
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+class PathError(ImzarrError):
+    """An error about one file or folder: the message is `PATH: REASON`; both stay available as attributes."""
+
+    def __init__(self, path: object, reason: str) -> None:
+        super().__init__(f"{printable_path(path)}: {reason}")
+        self.path, self.reason = path, reason
 
 
 class StoreValidationError(ImzarrError):

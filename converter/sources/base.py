@@ -14,16 +14,12 @@ from typing import Iterable, Protocol
 
 import numpy as np
 
-from schemas.errors import ImzarrError, RunFailedError
+from schemas.errors import ImzarrError, PathError, RunFailedError
 from schemas.image_store import pread_items
 
 
-class SourceError(ImzarrError):
+class SourceError(PathError):
     """Bad input: the message names the file and the reason."""
-
-    def __init__(self, path: object, reason: str):
-        super().__init__(f"{printable_path(path)}: {reason}")
-        self.path, self.reason = str(path), reason
 
 
 class ConvertOptionError(ImzarrError):
@@ -34,26 +30,13 @@ class ConvertOptionError(ImzarrError):
         self.option, self.value, self.reason = option, value, reason
 
 
-class OutputWriteError(RunFailedError):
+class OutputWriteError(RunFailedError, PathError):
     """The output or scratch location cannot be written (read-only, disk full); exit code 1."""
-
-    def __init__(self, path: object, reason: str):
-        super().__init__(f"{printable_path(path)}: {reason}")
-        self.path, self.reason = str(path), reason
 
     @classmethod
     def from_os_error(cls, path: object, exc: OSError) -> "OutputWriteError":
         """Name the file the system refused (or `path`) and its reason, e.g. 'No space left on device'."""
         return cls(exc.filename or path, f"cannot write ({exc.strerror or exc})")
-
-
-def printable_path(path: object) -> str:
-    """A path as valid UTF-8 text: bytes a file name holds that are not UTF-8 appear as `\\xNN` escapes.
-
-    Python hands such names over as lone surrogates (`os.fsdecode`), which no UTF-8 string array or JSON
-    attribute can hold. Limit: a name spelling a literal `\\xNN` looks the same as one holding that byte."""
-    text = os.fspath(path) if isinstance(path, os.PathLike) else str(path)
-    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 @dataclass(frozen=True)

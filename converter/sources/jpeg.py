@@ -17,9 +17,9 @@ from converter.sources.base import (
     RowFile,
     SourceFile,
     fingerprint_file,
-    printable_path,
     write_atomically,
 )
+from schemas.errors import printable_path
 from converter.sources.jpeg_recipes import DEFAULT_RECIPE, ImageDecodeError, get_recipe, load_and_resize
 from converter.sources.jpeg_tree import scan_jpeg_tree
 

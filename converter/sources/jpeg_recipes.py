@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from schemas.errors import ImzarrError
+from schemas.errors import ImzarrError, PathError
 
 DEFAULT_RECIPE = "edm-center-crop"
 
@@ -33,13 +33,8 @@ Recipe = Callable[[Image.Image, int], np.ndarray]
 _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
 
 
-class ImageDecodeError(ImzarrError):
+class ImageDecodeError(PathError):
     """An image file that cannot be opened and fully decoded."""
-
-    def __init__(self, path: str | os.PathLike[str], reason: str) -> None:
-        self.path = Path(path)
-        self.reason = reason
-        super().__init__(f"{self.path}: {reason}")
 
 
 class RecipeError(ImzarrError):

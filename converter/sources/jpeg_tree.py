@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from schemas.classes import UnknownClassError, class_table
-from schemas.errors import ImzarrError
+from schemas.errors import PathError
 
 # Extensions only decide what counts as an image; decoding later goes by content.
 IMAGE_EXTENSIONS = frozenset({".jpeg", ".jpg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm"})
@@ -30,13 +30,8 @@ _KAGGLE_CLS_LOC = Path("ILSVRC", "Data", "CLS-LOC")
 _VAL_NAME = re.compile(r"ILSVRC2012_val_(\d+)")
 
 
-class JpegTreeError(ImzarrError):
+class JpegTreeError(PathError):
     """A JPEG tree or label file that cannot be read as a labelled ImageNet split."""
-
-    def __init__(self, path: str | os.PathLike[str], reason: str) -> None:
-        self.path = Path(path)
-        self.reason = reason
-        super().__init__(f"{self.path}: {reason}")
 
 
 @dataclass(frozen=True, eq=False)

@@ -23,9 +23,9 @@ from converter.sources.base import (
     SourceError,
     SourceFile,
     fingerprint_file,
-    printable_path,
     write_atomically,
 )
+from schemas.errors import printable_path
 from schemas.classes import NUM_CLASSES, class_table
 
 try:  # ISA-L inflates ~1.7× faster than zlib and, like zlib, releases the GIL
