@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import dask
-import fsspec
 import numpy as np
 import zarr
 
@@ -43,7 +42,8 @@ from schemas.image_layout import (
 )
 from schemas.image_store import IMAGE_SCHEMA, image_group_attrs
 from schemas.progress_report import ProgressReport
-from schemas.store_lifecycle import finalize_store, inspect_existing, mark_done, prepare_store, settings_fingerprint
+from schemas.output_paths import local_path
+from schemas.store_lifecycle import finalize_store, inspect_existing, mark_done, prepare_store, process_alive, settings_fingerprint
 from schemas.task_runner import SchedulerSpec, run_tasks
 
 
@@ -106,7 +106,7 @@ def validate_convert_options(options: ConvertOptions, resolution: int | None = N
             )
     if options.scratch_dir is not None and os.path.exists(options.scratch_dir) and not os.path.isdir(options.scratch_dir):
         raise ConvertOptionError("--scratch-dir", options.scratch_dir, "exists and is not a folder")
-    local = _local_path(options.output)
+    local = local_path(options.output)
     if local is not None:
         _check_creatable("--output", local)
     if options.scratch_dir is not None:
@@ -119,11 +119,6 @@ def effective_inner_chunk(options: ConvertOptions, resolution: int | None) -> in
     if options.inner_chunk is not None:
         return min(options.inner_chunk, options.shard_size)  # a shard smaller than the inner chunk is one chunk
     return None if resolution is None else inner_chunk_for(resolution, options.shard_size)
-
-
-def _local_path(url: str) -> str | None:
-    fs, path = fsspec.core.url_to_fs(url)
-    return os.path.abspath(path) if "file" in np.atleast_1d(fs.protocol) else None
 
 
 def _check_creatable(option: str, path: str) -> None:
@@ -234,7 +229,7 @@ def _scratch_parent_and_prefix(options: ConvertOptions) -> tuple[Path, str]:
     """Where this store's scratch folders live and how their names start (the settings tag follows)."""
     if options.scratch_dir:
         return Path(options.scratch_dir), "imzarr-scratch-"
-    local = _local_path(options.output)
+    local = local_path(options.output)
     if local is not None:
         return Path(local).parent, Path(local).name + ".scratch-"
     return Path(tempfile.gettempdir()), f"imzarr-scratch-{hashlib.sha256(options.output.encode()).hexdigest()[:12]}-"
@@ -242,7 +237,7 @@ def _scratch_parent_and_prefix(options: ConvertOptions) -> tuple[Path, str]:
 
 def _store_identity(output: str) -> str:
     """The store a scratch folder belongs to, as its marker records it."""
-    local = _local_path(output)
+    local = local_path(output)
     return local if local is not None else output
 
 
@@ -279,13 +274,7 @@ def _used_by_another_process(marker: dict) -> bool:
     pid = marker.get("pid")
     if not isinstance(pid, int) or pid == os.getpid():
         return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, owned by another user
-        return True
-    return True
+    return process_alive(pid)
 
 
 def _remove_scratch_if_ours(folder: Path, output: str) -> None:

@@ -292,7 +292,8 @@ def _lock_owner() -> str:
     return f"{os.getpid()} {socket.gethostname()}"
 
 
-def _process_alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether a process with this pid runs on this host (one owned by another user counts as alive)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -318,7 +319,7 @@ def acquire_writer_lock(url: str) -> None:
             if holder is None:
                 continue  # removed between our open and read
             pid, host = holder
-            if host == socket.gethostname() and (pid == os.getpid() or not _process_alive(pid)):
+            if host == socket.gethostname() and (pid == os.getpid() or not process_alive(pid)):
                 try:
                     os.remove(lock)  # left by a dead process (or an earlier run in this one)
                 except FileNotFoundError:

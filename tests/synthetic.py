@@ -121,3 +121,18 @@ def write_activation_store(
         warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
         zarr.consolidate_metadata(url)
     return url
+
+
+def read_shard_rows(paths) -> tuple[np.ndarray, np.ndarray]:
+    """Images (N, 3, S, S) and sorted-WNID labels of downsampled-ImageNet shards in the given order, decoded
+    from the R, G, B planes of each row: what a store made from those shards must hold."""
+    from schemas.classes import class_table
+
+    table = class_table()
+    images, labels = [], []
+    for path in paths:
+        with np.load(path) as shard:
+            size = int(round((shard["data"].shape[1] / 3) ** 0.5))
+            images.append(shard["data"].reshape(-1, 3, size, size))
+            labels.append(table.from_downsampled(shard["labels"]))
+    return np.concatenate(images), np.concatenate(labels)

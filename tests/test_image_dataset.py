@@ -14,6 +14,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from tests.synthetic import read_shard_rows
+
 from extractor.image_dataset import ImageDatasetError, ImageStoreDataset, SampleIndexError
 from extractor.selection import SelectionError, SelectionSpec, select_samples
 from schemas.classes import class_table
@@ -33,15 +35,6 @@ def imzarr(*args: str, cwd: Path) -> None:
     assert done.returncode == 0, f"imzarr {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}"
 
 
-def source_rows(paths: list[Path]) -> tuple[np.ndarray, np.ndarray]:
-    """Images (N, 3, S, S) and sorted-WNID labels of shards in order, decoded from the R, G, B planes of each row."""
-    images, labels = [], []
-    for path in paths:
-        with np.load(path) as shard:
-            size = int(round((shard["data"].shape[1] / 3) ** 0.5))
-            images.append(shard["data"].reshape(-1, 3, size, size))
-            labels.append(TABLE.from_downsampled(shard["labels"]))
-    return np.concatenate(images), np.concatenate(labels)
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +44,7 @@ def sample_store(tmp_path_factory) -> tuple[str, np.ndarray, np.ndarray]:
     imzarr("sample", "shards", "--per-shard", str(PER_SHARD), "--train-shards", "2", "--val-size", "10", cwd=root)
     imzarr("convert", "npz", "shards/train", "-o", "sample.zarr", "--shuffle-seed", str(SHUFFLE_SEED), "--shard-size", "256", cwd=root)
     url = str(root / "sample.zarr")
-    images, labels = source_rows([root / "shards/train/train_data_batch_1.npz", root / "shards/train/train_data_batch_2.npz"])
+    images, labels = read_shard_rows([root / "shards/train/train_data_batch_1.npz", root / "shards/train/train_data_batch_2.npz"])
     source_of = validate_image_store(url).coordinate("global_index")
     assert not np.array_equal(source_of, np.arange(source_of.size)), "the store should be shuffled"
     return url, images[source_of], labels[source_of]

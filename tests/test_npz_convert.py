@@ -19,7 +19,7 @@ from converter.sources.npz import open_npz_source
 from schemas.classes import class_table
 from schemas.image_store import ImageStore, validate_image_store
 from tests.conftest import stores_identical
-from tests.synthetic import photo_like, write_adm_samples, write_npz_shard, write_pickle_batch
+from tests.synthetic import photo_like, read_shard_rows, write_adm_samples, write_npz_shard, write_pickle_batch
 
 TABLE = class_table()
 
@@ -35,15 +35,6 @@ def run_convert(*argv) -> int:
     return convert_main(["npz", *map(str, argv)])
 
 
-def source_rows(paths):
-    """Concatenated images (N, 3, S, S) and remapped labels of shards in the given order."""
-    imgs, labels = [], []
-    for p in paths:
-        with np.load(p) as d:
-            s = int(round((d["data"].shape[1] / 3) ** 0.5))
-            imgs.append(d["data"].reshape(-1, 3, s, s))
-            labels.append(TABLE.from_downsampled(d["labels"]))
-    return np.concatenate(imgs), np.concatenate(labels)
 
 
 @pytest.mark.parametrize("size", [64, 32, 16])
@@ -57,7 +48,7 @@ def test_pixels_and_labels_exact(tmp_path, size, compressed):
     ]
     out = tmp_path / "out.zarr"
     assert run_convert(src, "-o", out, "--shard-size", "128", "--inner-chunk", "16") == 0
-    expected, labels = source_rows(paths)
+    expected, labels = read_shard_rows(paths)
     store = validate_image_store(str(out))
     np.testing.assert_array_equal(store.image[:], expected)
     np.testing.assert_array_equal(store.coordinate("label"), labels)
@@ -123,7 +114,7 @@ def test_shuffle_seed(tmp_path):
     gi = a.coordinate("global_index")
     assert sorted(gi.tolist()) == list(range(500)) and not np.array_equal(gi, np.arange(500))
     assert not np.array_equal(gi, c.coordinate("global_index"))
-    expected, labels = source_rows([src / "train_data_batch_1.npz", src / "train_data_batch_2.npz"])
+    expected, labels = read_shard_rows([src / "train_data_batch_1.npz", src / "train_data_batch_2.npz"])
     np.testing.assert_array_equal(a.image[:], expected[gi])
     np.testing.assert_array_equal(a.coordinate("label"), labels[gi])
     assert a.attrs["shuffle_seed"] == 7
@@ -134,7 +125,7 @@ def test_reads_identically_through_zarr_xarray_and_fast_reader(tmp_path):
     write_npz_shard(src / "val_data.npz", photo_like(500, 32, 5), np.arange(500) + 1, mean=False)
     out = str(tmp_path / "o.zarr")
     assert run_convert(src, "-o", out, "--shard-size", "128", "--inner-chunk", "8") == 0
-    expected, labels = source_rows([src / "val_data.npz"])
+    expected, labels = read_shard_rows([src / "val_data.npz"])
     direct = zarr.open_group(out, mode="r")
     np.testing.assert_array_equal(direct["image"][:], expected)
     ds = xr.open_zarr(out)
