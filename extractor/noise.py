@@ -1,6 +1,6 @@
 """Per-sample Gaussian noise that depends only on (seed, global_index), made on the compute device.
 
-Recipe `NOISE_RECIPE` ("splitmix64-box-muller/1"), all integer arithmetic modulo 2⁶⁴, γ = 0x9E3779B97F4A7C15:
+Recipe `NOISE_RECIPE` ("splitmix64-box-muller/2"), all integer arithmetic modulo 2⁶⁴, γ = 0x9E3779B97F4A7C15:
 
     mix(z)      = SplitMix64's output function: z ^= z >> 30; z *= 0xBF58476D1CE4E5B9; z ^= z >> 27;
                   z *= 0x94D049BB133111EB; z ^= z >> 31
@@ -17,7 +17,12 @@ correctly rounded operations (+, −, ×, ÷, sqrt, conversions; never a device'
 ULPs between CPU and CUDA), each as its own elementwise op, in float32 except one exact step: a + 1 is split into
 f·2ᵉ through an integer view of its float64 bits, and f is then rounded once to float32. So the bits are the same
 on every device, batch size, order and worker count (the pinned values in tests/test_noise.py hold any device to
-it); they lie within 3e-6 of the exact values of the formula above:
+it); they lie within 3e-6 of the exact values of the formula above.
+
+torch's own float32 sqrt is not correctly rounded on x86 CPUs (it goes through MKL: 17 % of results one ULP off,
+measured), so the radius's sqrt is made exact here (`sqrt_correctly_rounded`). Recipe /1 was this formula with
+that CPU sqrt; its stores are refused on resume. On CPU the recipe runs as one compiled loop
+(`extractor.noise_cpu`, 12× the torch ops' speed, measured); its bits equal these ops' (tested).
 
     ln u  = (e − 32)·ln 2 + 2·atanh(t),  a + 1 = f·2ᵉ with f ∈ [√½, √2),  t = (f − 1)/(f + 1),
             atanh(t) = t·Σₖ₌₀⁵ t²ᵏ/(2k + 1)                       (|t| ≤ 0.172: truncation < 1e-10)
@@ -34,7 +39,9 @@ import struct
 import numpy as np
 import torch
 
-NOISE_RECIPE = "splitmix64-box-muller/1"
+from extractor import noise_cpu
+
+NOISE_RECIPE = "splitmix64-box-muller/2"
 # What stores written before this recipe record in attrs["noise"]["per_sample"].
 LEGACY_NOISE_RECIPE = "numpy default_rng([seed, global_index]).standard_normal"
 NOISE_FORMULA = "pairs (r cos θ, r sin θ) from SplitMix64 words w_j of key mix(mix(seed+γ)^global_index); see extractor/noise.py"
@@ -104,6 +111,25 @@ def _horner_(acc: torch.Tensor, t: torch.Tensor, coefficients: tuple[float, ...]
     return acc
 
 
+def sqrt_correctly_rounded_(x: torch.Tensor, wide: torch.Tensor, wide2: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+    """x ← the correctly rounded float32 sqrt of x ≥ −0.0, in place, on any device (buffers: x's shape).
+
+    y = float32(sqrt(float64 x)) is at most one ULP off whatever the device's float64 sqrt; it is then moved to
+    the neighbour whose side of the rounding midpoint holds √x. The tests are exact: x, y and the midpoints m
+    (25 significant bits) are float64 values, m² (≤ 50 bits) is exact in float64, and m² = x is impossible.
+    """
+    wide.copy_(x).sqrt_()
+    x_wide = wide2.copy_(x)
+    y = x.copy_(wide)
+    for direction in (math.inf, 0.0):  # up: m² < x → the next float; down: m² > x → the previous one
+        torch.nextafter(y, torch.full_like(y, direction), out=scratch)
+        torch.add(wide.copy_(y), scratch, out=wide).mul_(0.5)  # the midpoint, exact in float64
+        wide.mul_(wide)
+        move = wide < x_wide if direction > 0 else wide > x_wide
+        torch.where(move, scratch, y, out=y)
+    return y
+
+
 class NoiseGenerator:
     """Makes `NOISE_RECIPE` noise for one per-sample shape on one device, in reused work buffers.
 
@@ -111,8 +137,10 @@ class NoiseGenerator:
     churn costs on CUDA too); samples go through in blocks so the buffers stay small. Not thread-safe: one per task.
     """
 
-    def __init__(self, seed: int, shape: tuple[int, ...], device: torch.device | str, block: int | None = None):
+    def __init__(self, seed: int, shape: tuple[int, ...], device: torch.device | str, block: int | None = None, compiled: bool | None = None):
         self.seed = seed
+        # compiled: on CPU, the one-loop kernel of extractor.noise_cpu (None: when numba is there); same bits
+        self.compiled = (torch.device(device).type == "cpu" and noise_cpu.available()) if compiled is None else compiled
         self.shape = tuple(shape)
         self.device = torch.device(device)
         self.numel = int(np.prod(shape))
@@ -138,7 +166,13 @@ class NoiseGenerator:
         keys = sample_keys(self.seed, index)
         for a in range(0, n, self.block):
             b = min(n, a + self.block)
-            if self.numel == 2 * self.pairs:
+            if self.compiled and self.numel == 2 * self.pairs:
+                noise_cpu.gaussian_pairs(keys[a:b].numpy(), flat[a:b].view(b - a, self.pairs, 2).numpy())
+            elif self.compiled:
+                padded = np.empty((b - a, self.pairs, 2), dtype=np.float32)
+                noise_cpu.gaussian_pairs(keys[a:b].numpy(), padded)
+                flat[a:b].copy_(torch.from_numpy(padded.reshape(b - a, 2 * self.pairs)[:, : self.numel]))
+            elif self.numel == 2 * self.pairs:
                 self._gaussian_pairs(keys[a:b], flat[a:b].view(b - a, self.pairs, 2))
             else:
                 padded = torch.empty((b - a, self.pairs, 2), dtype=torch.float32, device=self.device)  # odd sizes: rare
@@ -204,7 +238,10 @@ class NoiseGenerator:
         torch.mul(u, u, out=x)
         _horner_(v, x, _ATANH_TERMS).mul_(u)  # atanh t
         x2.copy_(scratch)  # e − 32, exact
-        x2.mul_(_LN2).add_(v.mul_(2.0)).mul_(-2.0).clamp_(min=0.0).sqrt_()  # r
+        # −2 ln u ≥ −0.0 without a clamp: e − 32 ≤ 0, and e − 32 = 0 only with f ≤ 1 (t ≤ 0, atanh t ≤ 0); for
+        # e − 32 < 0 the ≤ −ln 2 of that term outweighs 2 atanh t ≤ 0.35. sqrt(−0.0) = −0.0 everywhere.
+        x2.mul_(_LN2).add_(v.mul_(2.0)).mul_(-2.0)
+        sqrt_correctly_rounded_(x2, self._buffer("wide", n, torch.float64), self._buffer("wide2", n, torch.float64), u)  # r
         out[..., 0].copy_(cos_x.mul_(x2))
         out[..., 1].copy_(sin_x.mul_(x2))
 
