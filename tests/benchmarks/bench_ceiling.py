@@ -7,7 +7,8 @@ overhead (goal ≥ 10,000 img/s on 2 cores); unpooled outputs are mostly bytes, 
 `os.write` of the same bytes into as many files (goal ≥ 0.8×); so are the shard writes alone. Each figure is the
 best of `ROUNDS` runs, after a warm-up, each run starting from a synced page cache (the VM's writeback of earlier
 runs' gigabytes otherwise swung the raw baseline between 3,000 and 26,000 img/s); the machine's load from other
-work is measured during each run and reported.
+work is measured during each run and reported. One more row times the noise alone: the compiled CPU loop against
+the recipe's torch ops.
 """
 
 from __future__ import annotations
@@ -104,6 +105,31 @@ def _shard_write_rate(folder: Path, n: int) -> float:
     return n / (time.perf_counter() - start)
 
 
+def _noise_row(batch: int = 128, rounds: int = 5) -> dict:
+    """Noise for 64×64 images on one core: the compiled CPU loop against the recipe's torch ops, same bits."""
+    import torch
+
+    from extractor.noise import NoiseGenerator
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        rates = {}
+        for compiled in (True, False):
+            generator, out = NoiseGenerator(0, (3, 64, 64), "cpu", compiled=compiled), torch.empty(batch, 3, 64, 64)
+            generator(np.arange(batch), out=out)  # compile / first touch
+            best = float("inf")
+            for k in range(rounds):
+                start = time.perf_counter()
+                generator(np.arange(batch) + k * batch, out=out)
+                best = min(best, time.perf_counter() - start)
+            rates[compiled] = batch / best
+    finally:
+        torch.set_num_threads(threads)
+    return make_row("ceiling", "noise, 3×64×64 per image, one core: compiled loop", rates[True], "img/s", baseline=rates[False],
+                    note="baseline: the recipe's torch ops on CPU; bit-identical outputs (tests/test_noise.py)")
+
+
 def run(workdir: Path, quick: bool = False) -> list[dict]:
     n_pooled = 4_096 if quick else 20_480
     n_full = 2_048 if quick else 4_096
@@ -135,6 +161,7 @@ def run(workdir: Path, quick: bool = False) -> list[dict]:
                 rows.append(make_row("ceiling", f"extract {label}, stand-in network, {'noise' if noise else 'no noise'}", rate, "img/s",
                                      baseline=raw, goal="≥ 0.8 × raw write" if noise else "", met=rate >= 0.8 * raw if noise else None,
                                      note=note + f"; baseline: os.write of the same bytes into as many files, {raw * bytes_per_image / 1e6:,.0f} MB/s"))
+    rows.append(_noise_row())
     n_write = 2_048
     writes, raws = [], []
     for _ in range(ROUNDS):
