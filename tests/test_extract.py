@@ -287,6 +287,17 @@ def test_nonfinite_rows_exact_for_storage_dtypes():
     single = torch.full((3, 100), 3e38, dtype=torch.float32)
     single[1, 5] = float("nan")
     assert nonfinite_rows(single).tolist() == [False, True, False]
+    for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        values = torch.full((6, 2, 3), -torch.finfo(dtype).max, dtype=dtype)  # finite extremes, sign bit set
+        values[1, 1, 2] = float("-inf")
+        values[2, 0, 1] = -float("nan")  # a NaN with its sign bit set
+        values[3, 1, 0] = float("inf")
+        values[4] = -0.0
+        values[5, 0, 0] = torch.finfo(dtype).tiny / 2  # subnormal
+        want = [False, True, True, True, False, False]
+        assert nonfinite_rows(values).tolist() == want, dtype
+        scratch = torch.full((values.numel() * values.element_size() + 7,), 0xFF, dtype=torch.uint8)
+        assert nonfinite_rows(values, scratch).tolist() == want, dtype
 
 
 def test_nonfinite_activations_leave_the_store_incomplete(image_store, tmp_path):
