@@ -45,7 +45,7 @@ def add_convert_commands(sub) -> None:
         "Re-running the same command resumes an interrupted conversion, and does nothing on a finished one.",
         prog_name="imzarr convert",
     )
-    npz.add_argument("sources", nargs="+", help="shard files and/or folders holding them (ordered naturally: _2 before _10)")
+    npz.add_argument("sources", nargs="+", help="shard files and/or folders holding them, paths or URLs such as s3://bucket/train/ (ordered naturally: _2 before _10)")
     npz.add_argument("--label-order", choices=["downsampled", "sorted"], default=None, help="order of the labels in the files (default: downsampled for data/labels shards, sorted for arr_0/arr_1 files)")
     npz.add_argument("--allow-pickle", action="store_true", help="also read legacy extension-less pickled batches (pickles can run code: only for files you trust)")
     _output_args(npz)
@@ -60,7 +60,7 @@ def add_convert_commands(sub) -> None:
         "one and listed.",
         prog_name="imzarr convert",
     )
-    jpeg.add_argument("root", help="tree root: <wnid>/*.JPEG folders, the Kaggle ILSVRC/ tree, or a flat val folder")
+    jpeg.add_argument("root", help="tree root, a path or a URL such as s3://bucket/train/: <wnid>/*.JPEG folders, the Kaggle ILSVRC/ tree, or a flat val folder")
     jpeg.add_argument("--recipe", default=None, help="resize recipe: edm-center-crop (default), adm-center-crop or box")
     jpeg.add_argument("--size", type=positive_int, default=64, help="output resolution S")
     jpeg.add_argument("--val-labels", default=None, help="labels of a flat val folder: ILSVRC2012_validation_ground_truth.txt or LOC_val_solution.csv (default: none; trees take labels from folder names)")

@@ -14,8 +14,8 @@ from typing import Iterable, Protocol
 
 import numpy as np
 
+from converter.sources.source_files import fingerprint, read_items_into
 from schemas.errors import ImzarrError, PathError, RunFailedError
-from schemas.image_store import pread_items
 
 
 class SourceError(PathError):
@@ -50,7 +50,7 @@ class SourceFile:
 
 @dataclass(frozen=True)
 class RowFile:
-    """Uncompressed rows in a local file: row r is bytes [offset + r·row_bytes, +row_bytes)."""
+    """Uncompressed rows in a local file or at a URL: row r is bytes [offset + r·row_bytes, +row_bytes)."""
 
     path: str
     offset: int
@@ -72,16 +72,13 @@ class RowFile:
         """out[dest[i]] = row rows[i]; `out` is a C-contiguous uint8 (m, 3, S, S) buffer."""
         rows = np.asarray(rows, dtype=np.int64)
         order = np.argsort(rows, kind="stable")
-        fd = os.open(self.path, os.O_RDONLY)
-        try:
-            if self.layout == "chw":
-                flat = out.reshape(out.shape[0], self.row_bytes)
-                pread_items(fd, self.offset + rows[order] * self.row_bytes, self.row_bytes, flat, np.asarray(dest)[order])
-                return
-            flat = np.empty((rows.size, self.row_bytes), dtype=np.uint8)
-            pread_items(fd, self.offset + rows[order] * self.row_bytes, self.row_bytes, flat, order)
-        finally:
-            os.close(fd)
+        byte_pos = self.offset + rows[order] * self.row_bytes
+        if self.layout == "chw":
+            flat = out.reshape(out.shape[0], self.row_bytes)
+            read_items_into(self.path, byte_pos, self.row_bytes, flat, np.asarray(dest)[order])
+            return
+        flat = np.empty((rows.size, self.row_bytes), dtype=np.uint8)
+        read_items_into(self.path, byte_pos, self.row_bytes, flat, order)
         s = self.resolution
         out[dest] = flat.reshape(-1, s, s, 3).transpose(0, 3, 1, 2)
 
@@ -132,12 +129,12 @@ class ImageSource:
 
 
 def fingerprint_file(path: str | os.PathLike) -> str:
-    """Size and modification time (ns) of a file: any write changes them, at the cost of one stat.
+    """Size and modification time (ns) of a file: any write changes them, at the cost of one stat; at a URL,
+    size and ETag (or last-modified time), at the cost of one metadata request.
 
     Limit: a rewrite that keeps the size and then puts the old mtime back (`touch -d`, `cp -p` of other
     content) goes unnoticed; hashing every byte would cost a full read of 1.5 GB shards and trees of 140 GB."""
-    info = os.stat(path)
-    return f"size-mtime:{info.st_size}:{info.st_mtime_ns}"
+    return fingerprint(path)
 
 
 def write_atomically(dest: str, chunks: Iterable[bytes | memoryview]) -> None:

@@ -11,6 +11,7 @@ Recipes take an RGB ``PIL.Image`` and return a channel-first ``(3, S, S)`` uint8
 
 from __future__ import annotations
 
+import io
 import os
 import stat
 import warnings
@@ -47,26 +48,36 @@ class RecipeError(ImzarrError):
 
 
 def open_rgb(
-    path: str | os.PathLike[str], *, fast_draft: bool = False, draft_size: int | None = None
+    path: str | os.PathLike[str],
+    *,
+    fast_draft: bool = False,
+    draft_size: int | None = None,
+    data: bytes | None = None,
 ) -> Image.Image:
     """Open an image by its content, decode it completely and return it in RGB mode.
 
     With ``fast_draft=True`` a JPEG is decoded at a reduced DCT scale that keeps each side at least
     ``DRAFT_OVERSAMPLE * draft_size`` pixels; results then differ slightly from the exact recipes.
+    ``data``: the file's bytes, already fetched (from object storage); ``path`` then only names it.
     """
     if fast_draft and draft_size is None:
         raise ValueError("fast_draft=True needs draft_size (the recipe's output size)")
-    path = Path(path)
-    try:
-        info = path.stat()
-    except OSError as exc:  # a link loop or a dangling link: this file is rejected, the run goes on
-        raise ImageDecodeError(path, f"cannot read file ({exc.strerror or exc})") from None
-    if stat.S_ISDIR(info.st_mode):
-        raise ImageDecodeError(path, "cannot read file (is a directory)")
-    if not stat.S_ISREG(info.st_mode):  # never opened: reading a FIFO would block forever
-        raise ImageDecodeError(path, "cannot read file (not a regular file: a FIFO, socket or device)")
-    if info.st_size == 0:
-        raise ImageDecodeError(path, "empty file")
+    if data is not None:
+        if not data:
+            raise ImageDecodeError(path, "empty file")
+        source: Path | io.BytesIO = io.BytesIO(data)
+    else:
+        path = source = Path(path)
+        try:
+            info = path.stat()
+        except OSError as exc:  # a link loop or a dangling link: this file is rejected, the run goes on
+            raise ImageDecodeError(path, f"cannot read file ({exc.strerror or exc})") from None
+        if stat.S_ISDIR(info.st_mode):
+            raise ImageDecodeError(path, "cannot read file (is a directory)")
+        if not stat.S_ISREG(info.st_mode):  # never opened: reading a FIFO would block forever
+            raise ImageDecodeError(path, "cannot read file (not a regular file: a FIFO, socket or device)")
+        if info.st_size == 0:
+            raise ImageDecodeError(path, "empty file")
     # Only the decoding below may warn (corrupt EXIF, palette transparency, large images); those must not
     # stop a run, but warnings elsewhere in the process stay untouched.
     with warnings.catch_warnings():
@@ -74,7 +85,7 @@ def open_rgb(
         img = None
         try:
             # No `formats=` restriction: the content decides, whatever the file's extension claims.
-            img = Image.open(path)
+            img = Image.open(source)
             keep = None
             if fast_draft:
                 side = DRAFT_OVERSAMPLE * int(draft_size)  # type: ignore[arg-type]
@@ -187,10 +198,10 @@ def get_recipe(name: str) -> Recipe:
 
 
 def load_and_resize(
-    path: str | os.PathLike[str], recipe: str, size: int, *, fast_draft: bool = False
+    path: str | os.PathLike[str], recipe: str, size: int, *, fast_draft: bool = False, data: bytes | None = None
 ) -> np.ndarray:
-    """Open `path` by content and apply `recipe`: a (3, size, size) uint8 array."""
+    """Open `path` (or its bytes `data`, already fetched) by content and apply `recipe`: a (3, size, size) uint8 array."""
     resize = get_recipe(recipe)
     if size < 1:
         raise RecipeError(recipe, f"size must be a positive integer, got {size}")
-    return resize(open_rgb(path, fast_draft=fast_draft, draft_size=size), size)
+    return resize(open_rgb(path, fast_draft=fast_draft, draft_size=size, data=data), size)

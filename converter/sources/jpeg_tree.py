@@ -13,13 +13,17 @@ The canonical order of a tree is its sorted relative POSIX paths; an image's glo
 from __future__ import annotations
 
 import csv
+import dataclasses
 import os
 import re
 from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
+from converter.sources import source_files
+from converter.sources.source_files import is_remote
 from schemas.classes import UnknownClassError, class_table
 from schemas.errors import PathError
 
@@ -36,13 +40,15 @@ class JpegTreeError(PathError):
 
 @dataclass(frozen=True, eq=False)
 class JpegTree:
-    root: Path
+    root: Path | str  # a URL for a tree in object storage
     layout: str  # "train-folders" | "val-flat"
     files: tuple[str, ...]  # sorted relative POSIX paths; the canonical order
     labels: np.ndarray  # int16, one per file
     label_source: str  # "wnid-folders" | "folder-names-sorted" | "devkit-ground-truth" | "kaggle-loc-val-solution"
     folder_classes: tuple[str, ...] | None
     ignored: tuple[str, ...]  # relative paths of non-image and hidden files
+    # Remote trees: (size, fingerprint) of each file, from the one listing (saves a request per file).
+    stamps: tuple[tuple[int, str], ...] | None = None
 
     def __len__(self) -> int:
         return len(self.files)
@@ -53,7 +59,9 @@ def scan_jpeg_tree(
     val_labels: str | os.PathLike[str] | None = None,
     label_from_folders: bool = False,
 ) -> JpegTree:
-    """Find every image under `root`, sort them canonically and label each with its class index."""
+    """Find every image under `root` (a path or a URL), sort them canonically and label each with its class index."""
+    if is_remote(os.fspath(root)):
+        return _scan_remote_tree(os.fspath(root), val_labels, label_from_folders)
     root = _resolve_root(Path(root), want_val=val_labels is not None)
     top_images, top_ignored, folders = _scan_top(root)
     if top_images and folders:
@@ -63,10 +71,87 @@ def scan_jpeg_tree(
             f"and folders (e.g. {folders[0]!r})",
         )
     if folders:
-        return _scan_folders(root, folders, top_ignored, val_labels, label_from_folders)
+        root_key = frozenset({_dir_key(root)})
+
+        def walk(name: str, files: list[str], ignored: list[str]) -> None:
+            _walk_images(root / name, name, files, ignored, root_key)
+
+        return _scan_folders(root, folders, top_ignored, val_labels, label_from_folders, walk)
     if not top_images:
         raise JpegTreeError(root, "no image files found")
     return _label_flat(root, sorted(top_images), top_ignored, val_labels, label_from_folders)
+
+
+def _scan_remote_tree(url: str, val_labels: str | os.PathLike[str] | None, label_from_folders: bool) -> JpegTree:
+    """A tree in object storage, listed once: the same files, order, labels and errors as the same tree on disk.
+
+    Object stores have no empty folders (unless a folder marker object exists), links or special files."""
+    root = _resolve_remote_root(url.rstrip("/"), want_val=val_labels is not None)
+    try:
+        entries = source_files.find_below(root)
+    except OSError as exc:
+        raise JpegTreeError(root, f"cannot list directory ({exc.strerror or exc})") from None
+    top_images: list[str] = []
+    top_ignored: list[str] = []
+    folders: set[str] = set()
+    below: dict[str, tuple[list[str], list[str]]] = {}  # folder → (images, ignored) below it
+    for rel in sorted(entries):
+        parts = rel.split("/")
+        if "" in parts:
+            continue
+        if entries[rel].get("type") == "directory":
+            if len(parts) == 1 and not parts[0].startswith("."):
+                folders.add(parts[0])
+            continue
+        name = parts[-1]
+        is_ignored = name.startswith(".") or not _is_image(name)
+        if len(parts) == 1:
+            (top_ignored if is_ignored else top_images).append(name)
+            continue
+        if any(part.startswith(".") for part in parts[:-1]):
+            continue  # hidden folders are skipped whole, as locally
+        folders.add(parts[0])
+        images, ignored = below.setdefault(parts[0], ([], []))
+        (ignored if is_ignored else images).append(rel)
+    ordered = sorted(folders)
+    if top_images and ordered:
+        raise JpegTreeError(
+            root,
+            f"mixed layout: image files at the top level (e.g. {sorted(top_images)[0]!r}) "
+            f"and folders (e.g. {ordered[0]!r})",
+        )
+
+    def walk(name: str, files: list[str], ignored: list[str]) -> None:
+        images, others = below.get(name, ([], []))
+        files.extend(images)
+        ignored.extend(others)
+
+    if ordered:
+        tree = _scan_folders(root, ordered, top_ignored, val_labels, label_from_folders, walk)
+    elif not top_images:
+        raise JpegTreeError(root, "no image files found")
+    else:
+        tree = _label_flat(root, sorted(top_images), top_ignored, val_labels, label_from_folders)
+    stamps = tuple(
+        (int(entries[rel].get("size") or 0), source_files.remote_stamp(entries[rel])) for rel in tree.files
+    )
+    return dataclasses.replace(tree, stamps=stamps)
+
+
+def _resolve_remote_root(url: str, want_val: bool) -> str:
+    try:
+        entry = source_files.info(url)
+    except OSError as exc:
+        raise JpegTreeError(url, f"cannot read ({exc.strerror or exc})") from None
+    if entry is None:
+        raise JpegTreeError(url, "does not exist")
+    if entry.get("type") != "directory":
+        raise JpegTreeError(url, "not a directory")
+    split = "val" if want_val else "train"
+    for base in (f"{url}/{_KAGGLE_CLS_LOC.as_posix()}", url):
+        if base.rsplit("/", 1)[-1] == "CLS-LOC" and (source_files.info(f"{base}/{split}") or {}).get("type") == "directory":
+            return f"{base}/{split}"
+    return url
 
 
 def _resolve_root(root: Path, want_val: bool) -> Path:
@@ -154,11 +239,12 @@ def _walk_images(
 
 
 def _scan_folders(
-    root: Path,
+    root: Path | str,
     folders: list[str],
     top_ignored: list[str],
     val_labels: str | os.PathLike[str] | None,
     label_from_folders: bool,
+    walk: Callable[[str, list[str], list[str]], None],
 ) -> JpegTree:
     if val_labels is not None:
         raise JpegTreeError(
@@ -174,7 +260,7 @@ def _scan_folders(
         for name in folders:
             if not table.is_wnid(name):
                 raise JpegTreeError(
-                    root / name,
+                    source_files.join(root, name) if isinstance(root, str) else root / name,
                     "folder name is not an ImageNet-1k WNID (use label_from_folders to number sorted folders)",
                 )
         # The 1000-class index, never a numbering of whichever folders happen to exist.
@@ -184,10 +270,9 @@ def _scan_folders(
     files: list[str] = []
     labels: list[int] = []
     ignored = list(top_ignored)
-    root_key = frozenset({_dir_key(root)})
     for name in folders:
         start = len(files)
-        _walk_images(root / name, name, files, ignored, root_key)
+        walk(name, files, ignored)
         labels.extend([folder_index[name]] * (len(files) - start))
     if not files:
         raise JpegTreeError(root, "no image files found in its folders")
@@ -204,7 +289,7 @@ def _scan_folders(
 
 
 def _label_flat(
-    root: Path,
+    root: Path | str,
     files: list[str],
     ignored: list[str],
     val_labels: str | os.PathLike[str] | None,
@@ -218,9 +303,9 @@ def _label_flat(
             "is a flat folder of images without class folders: pass val_labels "
             "(ILSVRC2012_validation_ground_truth.txt or LOC_val_solution.csv)",
         )
-    label_path = Path(val_labels)
+    label_path = os.fspath(val_labels) if is_remote(os.fspath(val_labels)) else Path(val_labels)
     try:
-        text = label_path.read_text(encoding="utf-8-sig")
+        text = source_files.read_text(label_path, encoding="utf-8-sig")
     except OSError as exc:
         raise JpegTreeError(label_path, f"cannot read label file ({exc.strerror or exc})") from None
     first = next((line for line in text.splitlines() if line.strip()), "")
@@ -243,7 +328,7 @@ def _image_id(name: str) -> str:
     return os.path.splitext(name)[0]
 
 
-def _devkit_labels(label_path: Path, text: str, files: list[str]) -> np.ndarray:
+def _devkit_labels(label_path: Path | str, text: str, files: list[str]) -> np.ndarray:
     """Line i of the devkit ground truth is the 1-based ILSVRC2012_ID of ILSVRC2012_val_{i+1:08d}."""
     lines = text.splitlines()
     while lines and not lines[-1].strip():
@@ -281,7 +366,7 @@ def _devkit_labels(label_path: Path, text: str, files: list[str]) -> np.ndarray:
         ) from None
 
 
-def _kaggle_labels(label_path: Path, text: str, files: list[str]) -> np.ndarray:
+def _kaggle_labels(label_path: Path | str, text: str, files: list[str]) -> np.ndarray:
     """Kaggle rows are keyed by ImageId (any order); the class is PredictionString's first token, a WNID."""
     table = class_table()
     reader = csv.reader(text.splitlines())

@@ -25,6 +25,8 @@ from converter.sources.base import (
     fingerprint_file,
     write_atomically,
 )
+from converter.sources import source_files
+from converter.sources.source_files import SMALL_BLOCK, is_remote
 from schemas.errors import printable_path
 from schemas.classes import NUM_CLASSES, class_table
 
@@ -47,10 +49,15 @@ def natural_key(name: str) -> list:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
 
 
-def find_shards(sources: list[str | Path]) -> list[tuple[Path, str]]:
-    """Shard files under the given files/folders, naturally ordered, with their paths relative to the root given."""
-    found: list[tuple[Path, str]] = []
-    for src in map(Path, sources):
+def find_shards(sources: list[str | Path]) -> list[tuple[Path | str, str]]:
+    """Shard files under the given files/folders (paths or URLs), naturally ordered, with their paths relative
+    to the root given."""
+    found: list[tuple[Path | str, str]] = []
+    for given in sources:
+        if is_remote(given):
+            found += _find_remote_shards(given)
+            continue
+        src = Path(given)
         if src.is_file():
             found.append((src, printable_path(src.name)))
         elif src.is_dir():
@@ -66,9 +73,33 @@ def find_shards(sources: list[str | Path]) -> list[tuple[Path, str]]:
     return found
 
 
-def _magic(path: Path) -> str:
-    with open(path, "rb") as f:
-        head = f.read(4)
+def _find_remote_shards(url: str) -> list[tuple[str, str]]:
+    """A shard URL, or the shards in a folder URL (one listing), as find_shards finds them locally."""
+    try:
+        entry = source_files.info(url)
+    except OSError as exc:  # a bucket we may not read, a refused connection: one line naming the URL
+        raise SourceError(url, f"cannot read ({exc.strerror or exc})") from None
+    if entry is None:
+        raise SourceError(url, "no such file or folder")
+    if entry.get("type") != "directory":
+        return [(url, printable_path(source_files.basename(url)))]
+    names = sorted(
+        ((name, file_url) for name, file_url in source_files.list_files(url) if not name.startswith(".")),
+        key=lambda item: natural_key(item[0]),
+    )
+    return [
+        (file_url, printable_path(name))
+        for name, file_url in names
+        if os.path.splitext(name)[1] == ".npz" or (not os.path.splitext(name)[1] and _magic(file_url) in ("zip", "pickle"))
+    ]
+
+
+def _magic(path: Path | str) -> str:
+    if is_remote(path):
+        head = source_files.read_range(path, 0, 4)
+    else:
+        with open(path, "rb") as f:
+            head = f.read(4)
     if head == ZIP_MAGIC:
         return "zip"
     if head[:1] == PICKLE_MAGIC:
@@ -127,12 +158,12 @@ class _Member:
     crc: int
 
 
-def _zip_members(path: Path) -> tuple[dict[str, _Member], str]:
+def _zip_members(path: Path | str) -> tuple[dict[str, _Member], str]:
     """The members of a zip (by name without `.npy`), each checked to lie inside the file without overlapping
-    another, and a fingerprint: size, mtime and every member's CRC-32 from the central directory."""
-    file_size = os.path.getsize(path)
+    another, and a fingerprint: size, mtime (or ETag) and every member's CRC-32 from the central directory."""
+    file_size = source_files.file_size(path)
     try:
-        with zipfile.ZipFile(path) as zf, open(path, "rb") as f:
+        with source_files.open_input(path, SMALL_BLOCK) as f, zipfile.ZipFile(f) as zf:
             members = {}
             spans = []
             for info in zf.infolist():
@@ -184,12 +215,10 @@ def _check_member_sizes(path: Path, member: _Member, file_size: int) -> None:
         )
 
 
-def _npy_header(path: Path, member: _Member) -> tuple[tuple[int, ...], np.dtype, int]:
+def _npy_header(path: Path | str, member: _Member) -> tuple[tuple[int, ...], np.dtype, int]:
     """(shape, dtype, header length) of a .npy member, inflating at most its first 64 KiB when deflated;
     the array the header declares must fill the member exactly (its size in the central directory)."""
-    with open(path, "rb") as f:
-        f.seek(member.data_offset)
-        raw = f.read(min(member.compressed_size, NPY_HEADER_LIMIT))
+    raw = source_files.read_range(path, member.data_offset, member.data_offset + min(member.compressed_size, NPY_HEADER_LIMIT))
     if member.stored:
         head = io.BytesIO(raw)
     else:
@@ -216,10 +245,12 @@ def _npy_header(path: Path, member: _Member) -> tuple[tuple[int, ...], np.dtype,
     return shape, dtype, header_len
 
 
-def _read_small_member(path: Path, member: _Member) -> np.ndarray:
+def _read_small_member(path: Path | str, member: _Member) -> np.ndarray:
     """A member whose header has been checked against its declared size (so its size is bounded)."""
+    # Remotely, one request covers the member's header and bytes (the block starts at the zip's local header).
+    block = member.compressed_size + SMALL_BLOCK
     try:
-        with zipfile.ZipFile(path) as zf, zf.open(member.name) as f:
+        with source_files.open_input(path, block) as raw, zipfile.ZipFile(raw) as zf, zf.open(member.name) as f:
             return np.lib.format.read_array(f, allow_pickle=False)
     except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
         raise SourceError(path, f"cannot read {member.name} ({exc})") from None
@@ -261,9 +292,32 @@ class NpzPart(_RowsOfOneFile):
         return self._row_file(self.path, self.member.data_offset + self.header_len)
 
     def materialize(self, dest: str) -> MaterializedPart:
-        """Inflate the member in fixed-size blocks into a raw file (bounded memory)."""
-        write_atomically(dest, self._inflate_rows())
+        """Inflate the member (or copy a stored one, from object storage) in fixed-size blocks into a raw file
+        (bounded memory)."""
+        write_atomically(dest, self._inflate_rows() if not self.member.stored else self._stored_rows())
         return MaterializedPart(self._row_file(dest, 0), np.ones(self.num_rows, dtype=bool))
+
+    def _stored_rows(self) -> Iterator[bytes]:
+        """A stored member's pixel bytes in blocks, fetched sequentially, checked against the CRC-32 and size the
+        central directory declares (a download of a shuffled conversion's input: see converter.convert)."""
+        member, path = self.member, self.path
+        skip, produced, crc = self.header_len, 0, 0
+        blocks = source_files.read_blocks(path, member.data_offset, member.size, INFLATE_BLOCK)
+        try:
+            for out in blocks:
+                produced += len(out)
+                crc = _inflate_lib.crc32(out, crc)
+                if skip:
+                    cut = min(skip, len(out))
+                    out, skip = out[cut:], skip - cut
+                if out:
+                    yield out
+        finally:
+            blocks.close()
+        if produced != member.size:
+            raise SourceError(path, f"{member.name} holds {produced} bytes, expected {member.size} (truncated?)")
+        if crc != member.crc:
+            raise SourceError(path, f"{member.name} fails its CRC-32 check (corrupt data)")
 
     def _inflate_rows(self) -> Iterator[bytes]:
         """The member's pixel bytes in blocks of at most INFLATE_BLOCK; never inflates past the member's declared
@@ -271,13 +325,13 @@ class NpzPart(_RowsOfOneFile):
         member, path = self.member, self.path
         inflater = _inflate_lib.decompressobj(-15)
         skip, produced, crc = self.header_len, 0, 0
-        with open(path, "rb") as f:
-            f.seek(member.data_offset)
+        blocks = source_files.read_blocks(path, member.data_offset, member.compressed_size, INFLATE_BLOCK)
+        try:
             remaining = member.compressed_size
             pending = b""
             while not inflater.eof:
                 if not pending and remaining > 0:
-                    pending = f.read(min(INFLATE_BLOCK, remaining))
+                    pending = next(blocks, b"")
                     if not pending:
                         break
                     remaining -= len(pending)
@@ -302,6 +356,8 @@ class NpzPart(_RowsOfOneFile):
                     out, skip = out[cut:], skip - cut
                 if out:
                     yield out
+        finally:
+            blocks.close()  # a remote reader's prefetch thread ends with it
         if produced != member.size:
             raise SourceError(path, f"{member.name} inflates to {produced} bytes, expected {member.size} (truncated?)")
         if crc != member.crc:
@@ -322,14 +378,14 @@ class PicklePart(_RowsOfOneFile):
         return None
 
     def materialize(self, dest: str) -> MaterializedPart:
-        data, _ = _load_pickle_batch(Path(self.path))
+        data, _ = _load_pickle_batch(self.path)
         write_atomically(dest, [np.ascontiguousarray(data, dtype=np.uint8).data])
         return MaterializedPart(RowFile(dest, 0, self.num_rows, self.resolution), np.ones(self.num_rows, dtype=bool))
 
 
-def _load_pickle_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+def _load_pickle_batch(path: Path | str) -> tuple[np.ndarray, np.ndarray]:
     try:
-        with open(path, "rb") as f:
+        with source_files.open_input(path) as f:
             batch = pickle.load(f)  # noqa: S301 - only reached with --allow-pickle
     except Exception as exc:
         raise SourceError(path, f"cannot unpickle batch ({type(exc).__name__}: {exc})") from None
@@ -405,7 +461,7 @@ def open_npz_source(sources: list[str | Path], label_order: str | None = None, a
             raise SourceError(path, f"not an .npz (zip) file or a pickled batch ({magic} content)")
         kinds.add((kind, order))
         parts.append(part)
-        files.append(SourceFile(rel, os.path.getsize(path), fingerprint))
+        files.append(SourceFile(rel, source_files.file_size(path), fingerprint))
     if len({p.resolution for p in parts}) > 1:
         sizes = {p.relpath: p.resolution for p in parts}
         raise SourceError(", ".join(map(str, sources)), f"mixed resolutions {sizes}")

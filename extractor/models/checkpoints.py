@@ -8,10 +8,14 @@ restricted unpickler that only rebuilds tensors and plain containers (see /work/
 from __future__ import annotations
 
 import collections
+import contextlib
 import io
 import pickle
+import posixpath
 import re
-from collections.abc import Mapping
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +34,7 @@ __all__ = [
     "infer_config",
     "is_edm_network_pickle",
     "load_checkpoint",
+    "local_checkpoint",
     "normalize_state_dict",
     "read_checkpoint",
     "read_plain_state_dict",
@@ -63,8 +68,20 @@ class CheckpointMismatchError(CheckpointError):
 # Locating and reading files.
 
 
-def resolve_checkpoint_file(path: str | Path) -> Path:
-    """The weights file for `path`: the file itself, or the generator file inside a DMD2 checkpoint folder."""
+def is_url(path: object) -> bool:
+    """A URL of a filesystem other than the local one (s3://…); `file://` URLs are local paths."""
+    if not isinstance(path, str) or "://" not in path:
+        return False
+    return path.split("://", 1)[0].split("::")[-1].lower() not in ("file", "local")
+
+
+def resolve_checkpoint_file(path: str | Path) -> Path | str:
+    """The weights file for `path`: the file itself, or the generator file inside a DMD2 checkpoint folder
+    (a URL for a checkpoint in object storage: read it through `local_checkpoint`)."""
+    if isinstance(path, str) and path.startswith("file://"):
+        path = path[len("file://"):] or "/"
+    if is_url(path):
+        return _resolve_remote_checkpoint(str(path))
     path = Path(path)
     if path.is_dir():
         for name in _FOLDER_CANDIDATES:
@@ -79,8 +96,59 @@ def resolve_checkpoint_file(path: str | Path) -> Path:
     return path
 
 
+def _resolve_remote_checkpoint(url: str) -> str:
+    import fsspec
+
+    fs, key = fsspec.core.url_to_fs(url)
+    try:
+        entry = fs.info(key)
+        if entry.get("type") != "directory":
+            return url
+        names = {posixpath.basename(e["name"].rstrip("/")) for e in fs.ls(key, detail=True) if e.get("type") == "file"}
+    except FileNotFoundError:
+        raise CheckpointError(f"{url}: no such checkpoint file or folder") from None
+    except OSError as exc:  # a bucket we may not read, a refused connection
+        raise CheckpointError(f"{url}: cannot read ({exc.strerror or exc})") from None
+    for name in _FOLDER_CANDIDATES:
+        if name in names:
+            return f"{url.rstrip('/')}/{name}"
+    raise CheckpointError(f"{url}: folder holds none of {list(_FOLDER_CANDIDATES)} (the generator); found {sorted(names)[:20]}")
+
+
+@contextlib.contextmanager
+def local_checkpoint(path: str | Path) -> Iterator[Path]:
+    """The weights file of a checkpoint on local disk: itself for a local path; for a URL, a copy in a temporary
+    folder this call makes and removes on exit (never beside the input), so torch, safetensors and the safe
+    unpickler read it as any file. Errors name the URL, not the copy."""
+    file = resolve_checkpoint_file(path)
+    if not isinstance(file, str):
+        yield file
+        return
+    import fsspec
+
+    folder = tempfile.mkdtemp(prefix="imzarr-checkpoint-")
+    copy = Path(folder) / (posixpath.basename(file) or "checkpoint")
+    try:
+        fs, key = fsspec.core.url_to_fs(file)
+        try:
+            fs.get_file(key, str(copy))
+        except FileNotFoundError:
+            raise CheckpointError(f"{file}: no such checkpoint file or folder") from None
+        except PermissionError as exc:
+            raise CheckpointError(f"{file}: cannot read ({exc.strerror or exc})") from None
+        try:
+            yield copy
+        except CheckpointError as exc:
+            raise type(exc)(str(exc).replace(str(copy), file)) from None
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def read_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any] | None]:
     """Read a checkpoint safely: (normalised `model.*` state dict, constructor kwargs if the file records them)."""
+    if is_url(path):
+        with local_checkpoint(path) as file:
+            return read_checkpoint(file)
     file = resolve_checkpoint_file(path)
     suffix = file.suffix.lower()
     init_kwargs: dict[str, Any] | None = None
@@ -429,6 +497,9 @@ def load_checkpoint(
     path: str | Path, config: Mapping[str, Any] | None = None, device: torch.device | str = "cpu"
 ) -> EDMPrecond:
     """Build an EDMPrecond from a checkpoint file or DMD2 folder (config: given, recorded, or inferred); eval mode."""
+    if is_url(path):
+        with local_checkpoint(path) as file:
+            return load_checkpoint(file, config, device)
     file = resolve_checkpoint_file(path)
     state_dict, init_kwargs = read_checkpoint(file)
     if config is None:
@@ -447,12 +518,19 @@ def load_checkpoint(
 
 def is_edm_network_pickle(path: str | Path) -> bool:
     """True for an EDM network pickle (`.pkl`/`.pickle` that is not a torch zip), which only EDMPrecond reads."""
+    if is_url(path):
+        with local_checkpoint(path) as file:
+            return is_edm_network_pickle(file)
     file = resolve_checkpoint_file(path)
     return file.suffix.lower() in _PICKLE_SUFFIXES and not _is_zip(file)
 
 
 def read_plain_state_dict(path: str | Path) -> dict[str, Tensor]:
     """A torch/safetensors checkpoint's state dict, keys as stored (containers, DDP/compile prefixes removed)."""
+    if is_url(path):
+        with local_checkpoint(path) as file:
+            # A memory-mapped copy stays readable after its folder is removed (POSIX keeps unlinked files' pages).
+            return read_plain_state_dict(file)
     file = resolve_checkpoint_file(path)
     if is_edm_network_pickle(file):
         raise CheckpointError(f"{file}: an EDM network pickle, not a plain state dict")

@@ -25,7 +25,9 @@ from extractor.models.checkpoints import (
     UnsafeCheckpointError,
     check_state_dict,
     is_edm_network_pickle,
+    is_url,
     load_checkpoint,
+    local_checkpoint,
     read_plain_state_dict,
     resolve_checkpoint_file,
 )
@@ -183,6 +185,9 @@ def family_of_preset(preset: str) -> ModelFamily:
 
 def family_of_checkpoint(path: str | Path) -> tuple[ModelFamily, dict[str, Tensor] | None]:
     """The family of a checkpoint file or folder, from its state dict's keys, and that state dict (None for EDM)."""
+    if is_url(path):
+        with local_checkpoint(path) as file:
+            return family_of_checkpoint(file)
     file = resolve_checkpoint_file(path)
     if is_edm_network_pickle(file):
         return EDM_FAMILY, None
@@ -275,10 +280,11 @@ def load_model(spec: ModelSpec, device: torch.device | str = "cpu") -> LoadedMod
         trained = False
         preset: str | None = spec.preset
     else:
-        file = resolve_checkpoint_file(spec.checkpoint)
-        sha = file_sha256(file)
-        family, state_dict = family_of_checkpoint(file)
-        module = _freeze(family.load(file, state_dict, device))
+        # A checkpoint at a URL is read from a temporary local copy, removed once the network is built.
+        with local_checkpoint(spec.checkpoint) as file:
+            sha = file_sha256(file)
+            family, state_dict = family_of_checkpoint(file)
+            module = _freeze(family.load(file, state_dict, device))
         trained = True
         preset = family.preset_of(module.config)
     diffusion = family.kind == "diffusion"
