@@ -101,10 +101,11 @@ def create_activation_arrays(
 class ShardOutput:
     """One task's output shard of several arrays of one store, fed batch by batch, committed whole.
 
-    `buffers[name]` are the shard's host arrays; `ready(first, stop, wait)` queues rows [first, stop) for a
-    writer thread, which calls `wait()` (e.g. a device copy's event) before reading them. `commit` writes what
-    is left and the coordinates, and returns only when every byte is written: then (and only then) the caller
-    marks the shard done. `abort` leaves nothing of the shard behind.
+    `buffers[name]` are the shard's host arrays; `ready(first, stop, wait)` queues rows [first, stop) for the
+    writer threads (one per directly written array, so the arrays' bytes go to the page cache on several cores at
+    once), which call `wait()` (e.g. a device copy's event) before reading them. `commit` writes what is left and
+    the coordinates, and returns only when every byte is written: then (and only then) the caller marks the
+    shard done. `abort` leaves nothing of the shard behind.
     """
 
     def __init__(self, url: str, shard: int, start: int, buffers: dict[str, np.ndarray]):
@@ -116,31 +117,37 @@ class ShardOutput:
             for name, layout in layouts.items()
             if layout is not None and layout.samples_per_shard * shard == start and buffers[name].shape[1:] == layout.shape[1:]
         }
-        self.queue: queue.Queue = queue.Queue()
         self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._drain, name=f"shard-writer-{shard}", daemon=True)
-        self.thread.start()
+        self.queues: dict[str, queue.Queue] = {name: queue.Queue() for name in self.files}
+        self.threads = [
+            threading.Thread(target=self._drain, args=(name,), name=f"shard-writer-{shard}-{name}", daemon=True) for name in self.files
+        ]
+        for thread in self.threads:
+            thread.start()
 
     def ready(self, first: int, stop: int, wait: Callable[[], None] | None = None) -> None:
         """Rows [first, stop) of every buffer are final once `wait()` returns: write them in the background."""
-        self.queue.put((first, stop, wait))
+        for pending in self.queues.values():
+            pending.put((first, stop, wait))
 
-    def _drain(self) -> None:
-        while (item := self.queue.get()) is not None:
+    def _drain(self, name: str) -> None:
+        pending, file, buffer = self.queues[name], self.files[name], self.buffers[name]
+        while (item := pending.get()) is not None:
             if self.error is not None:
                 continue
             first, stop, wait = item
             try:
                 if wait is not None:
                     wait()
-                for name, file in self.files.items():
-                    file.write(first, self.buffers[name][first:stop])
+                file.write(first, buffer[first:stop])
             except BaseException as exc:  # noqa: BLE001 - re-raised on the task's thread by commit
                 self.error = exc
 
     def _join(self) -> None:
-        self.queue.put(None)
-        self.thread.join()
+        for pending in self.queues.values():
+            pending.put(None)
+        for thread in self.threads:
+            thread.join()
 
     def commit(self, coords: dict[str, np.ndarray]) -> None:
         """Write the coordinates this task owns (one chunk per shard each), finish every array's shard (renamed
@@ -169,7 +176,7 @@ class ShardOutput:
 
     def abort(self) -> None:
         """Drop every temporary shard file (committed shards stay: their data is complete)."""
-        if self.thread.is_alive():
+        if any(thread.is_alive() for thread in self.threads):
             self._join()
         for file in self.files.values():
             file.abort()
