@@ -298,70 +298,66 @@ class NpzPart(_RowsOfOneFile):
         return MaterializedPart(self._row_file(dest, 0), np.ones(self.num_rows, dtype=bool))
 
     def _stored_rows(self) -> Iterator[bytes]:
-        """A stored member's pixel bytes in blocks, fetched sequentially, checked against the CRC-32 and size the
-        central directory declares (a download of a shuffled conversion's input: see converter.convert)."""
-        member, path = self.member, self.path
-        skip, produced, crc = self.header_len, 0, 0
-        blocks = source_files.read_blocks(path, member.data_offset, member.size, INFLATE_BLOCK)
+        """A stored member's pixel bytes in blocks, fetched sequentially (a download of a shuffled conversion's
+        input: see converter.convert)."""
+        blocks = source_files.read_blocks(self.path, self.member.data_offset, self.member.size, INFLATE_BLOCK)
         try:
-            for out in blocks:
-                produced += len(out)
-                crc = _inflate_lib.crc32(out, crc)
-                if skip:
-                    cut = min(skip, len(out))
-                    out, skip = out[cut:], skip - cut
-                if out:
-                    yield out
+            yield from self._checked_pixels(blocks, "holds")
         finally:
             blocks.close()
-        if produced != member.size:
-            raise SourceError(path, f"{member.name} holds {produced} bytes, expected {member.size} (truncated?)")
-        if crc != member.crc:
-            raise SourceError(path, f"{member.name} fails its CRC-32 check (corrupt data)")
 
     def _inflate_rows(self) -> Iterator[bytes]:
         """The member's pixel bytes in blocks of at most INFLATE_BLOCK; never inflates past the member's declared
-        size (a bomb stops there), and checks the total and the CRC-32 the central directory declares."""
-        member, path = self.member, self.path
-        inflater = _inflate_lib.decompressobj(-15)
-        skip, produced, crc = self.header_len, 0, 0
-        blocks = source_files.read_blocks(path, member.data_offset, member.compressed_size, INFLATE_BLOCK)
+        size (a bomb stops there)."""
+        blocks = source_files.read_blocks(self.path, self.member.data_offset, self.member.compressed_size, INFLATE_BLOCK)
         try:
-            remaining = member.compressed_size
-            pending = b""
-            while not inflater.eof:
-                if not pending and remaining > 0:
-                    pending = next(blocks, b"")
-                    if not pending:
-                        break
-                    remaining -= len(pending)
-                try:
-                    # max_length bounds what one call can produce: 8 MiB, not 1032 × 8 MiB of a bomb
-                    out = inflater.decompress(pending, INFLATE_BLOCK)
-                except Exception as exc:
-                    raise SourceError(path, f"corrupt deflate stream in {member.name} ({exc})") from None
-                pending = inflater.unconsumed_tail
-                if not out and not pending and remaining == 0:
-                    break
-                produced += len(out)
-                if produced > member.size:
-                    raise SourceError(
-                        path,
-                        f"{member.name} inflates past its declared size of {member.size} bytes "
-                        "(corrupt, or a decompression bomb); stopped there",
-                    )
-                crc = _inflate_lib.crc32(out, crc)
-                if skip:
-                    cut = min(skip, len(out))
-                    out, skip = out[cut:], skip - cut
-                if out:
-                    yield out
+            yield from self._checked_pixels(self._inflated(blocks), "inflates to")
         finally:
             blocks.close()  # a remote reader's prefetch thread ends with it
+
+    def _inflated(self, blocks: Iterator[bytes]) -> Iterator[bytes]:
+        member, path = self.member, self.path
+        inflater = _inflate_lib.decompressobj(-15)
+        remaining, produced, pending = member.compressed_size, 0, b""
+        while not inflater.eof:
+            if not pending and remaining > 0:
+                pending = next(blocks, b"")
+                if not pending:
+                    break
+                remaining -= len(pending)
+            try:
+                # max_length bounds what one call can produce: 8 MiB, not 1032 × 8 MiB of a bomb
+                out = inflater.decompress(pending, INFLATE_BLOCK)
+            except Exception as exc:
+                raise SourceError(path, f"corrupt deflate stream in {member.name} ({exc})") from None
+            pending = inflater.unconsumed_tail
+            if not out and not pending and remaining == 0:
+                break
+            produced += len(out)
+            if produced > member.size:
+                raise SourceError(
+                    path,
+                    f"{member.name} inflates past its declared size of {member.size} bytes "
+                    "(corrupt, or a decompression bomb); stopped there",
+                )
+            yield out
+
+    def _checked_pixels(self, member_bytes: Iterator[bytes], verb: str) -> Iterator[bytes]:
+        """The member's bytes past its .npy header; at the end, its size and CRC-32 checked against the central
+        directory's."""
+        member, skip, produced, crc = self.member, self.header_len, 0, 0
+        for out in member_bytes:
+            produced += len(out)
+            crc = _inflate_lib.crc32(out, crc)
+            if skip:
+                cut = min(skip, len(out))
+                out, skip = out[cut:], skip - cut
+            if out:
+                yield out
         if produced != member.size:
-            raise SourceError(path, f"{member.name} inflates to {produced} bytes, expected {member.size} (truncated?)")
+            raise SourceError(self.path, f"{member.name} {verb} {produced} bytes, expected {member.size} (truncated?)")
         if crc != member.crc:
-            raise SourceError(path, f"{member.name} fails its CRC-32 check (corrupt data)")
+            raise SourceError(self.path, f"{member.name} fails its CRC-32 check (corrupt data)")
 
 
 @dataclass(frozen=True)
