@@ -41,6 +41,14 @@ def available() -> bool:
     return numba is not None
 
 
+def _horner(t: np.float32, coefficients: tuple) -> np.float32:  # pragma: no cover - runs compiled
+    """Σ cₖ tᵏ by Horner's rule, one rounded multiply and one rounded add per step (as the torch ops do)."""
+    acc = coefficients[-1]
+    for k in range(len(coefficients) - 2, -1, -1):
+        acc = acc * t + coefficients[k]
+    return acc
+
+
 def _gaussian_pairs(keys: np.ndarray, out: np.ndarray) -> None:  # pragma: no cover - runs compiled
     """out[n, pairs, 2] float32 ← the recipe's (r cos θ, r sin θ) for SplitMix64 words 0..pairs−1 of each key."""
     one32, half32, two32 = _F32(1.0), _F32(0.5), _F32(2.0)
@@ -63,18 +71,8 @@ def _gaussian_pairs(keys: np.ndarray, out: np.ndarray) -> None:  # pragma: no co
             x = _F32((z >> _U64(8)) & _U64((1 << 22) - 1))
             x = (((x + half32) * scale22) - half32) * _HALF_PI
             x2 = x * x
-            s = _SIN[4]
-            s = s * x2 + _SIN[3]
-            s = s * x2 + _SIN[2]
-            s = s * x2 + _SIN[1]
-            s = s * x2 + _SIN[0]
-            s = s * x
-            c = _COS[5]
-            c = c * x2 + _COS[4]
-            c = c * x2 + _COS[3]
-            c = c * x2 + _COS[2]
-            c = c * x2 + _COS[1]
-            c = c * x2 + _COS[0]
+            s = _horner(x2, _SIN) * x
+            c = _horner(x2, _COS)
             u = (c - s) * _SQRT_HALF
             v = (c + s) * _SQRT_HALF
             swap = (z >> _U64(30)) & _U64(1)
@@ -97,13 +95,7 @@ def _gaussian_pairs(keys: np.ndarray, out: np.ndarray) -> None:  # pragma: no co
             f = _F32(_U64((frac | exponent_one) - (halve << _U64(52))).view(np.float64))
             t = (f - one32) / (f + one32)
             t2 = t * t
-            a = _ATANH[5]
-            a = a * t2 + _ATANH[4]
-            a = a * t2 + _ATANH[3]
-            a = a * t2 + _ATANH[2]
-            a = a * t2 + _ATANH[1]
-            a = a * t2 + _ATANH[0]
-            a = a * t
+            a = _horner(t2, _ATANH) * t
             r = np.sqrt((_F32(e) * _LN2 + a * two32) * _F32(-2.0))
             even[j] = first * r
             odd[j] = second * r
@@ -114,6 +106,7 @@ def _gaussian_pairs(keys: np.ndarray, out: np.ndarray) -> None:  # pragma: no co
 
 if numba is not None:
     # No fastmath: IEEE semantics, no contraction into fused multiply-adds. nogil: worker threads run it in parallel.
+    _horner = numba.njit(inline="always", error_model="numpy")(_horner)
     _gaussian_pairs = numba.njit(nogil=True, cache=False, error_model="numpy")(_gaussian_pairs)
 
 
