@@ -30,3 +30,14 @@ def edm_reference() -> dict:
     import torch
 
     return torch.load(EDM_REFERENCE, weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """A moto S3 server on a free 127.0.0.1 port for one test module (tests/s3_server.py), stopped after it."""
+    pytest.importorskip("moto.server")
+    pytest.importorskip("s3fs")
+    from tests.s3_server import local_s3
+
+    with local_s3() as server:
+        yield server

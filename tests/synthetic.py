@@ -34,6 +34,26 @@ def photo_like(n: int, size: int, seed: int = 0) -> np.ndarray:
     return out
 
 
+# Three classes of a JPEG tree: tench 0, kit fox 278, volcano 980.
+TREE_WNIDS = ("n01440764", "n02119789", "n09472597")
+
+
+def write_mixed_jpeg_tree(root: Path, sizes: tuple[tuple[int, int], ...], photo: Callable[[int, int, int], np.ndarray]) -> Path:
+    """Class folders of TREE_WNIDS holding what real ImageNet trees hold: an RGB JPEG, a CMYK JPEG, a grayscale
+    JPEG, a PNG named .JPEG and a small image, of the five (height, width) `sizes`, drawn by `photo(h, w, seed)`."""
+    from PIL import Image
+
+    for wnid in TREE_WNIDS:
+        (root / wnid).mkdir(parents=True, exist_ok=True)
+    plain, cmyk, gray, png, small = (photo(h, w, seed) for seed, (h, w) in enumerate(sizes, start=1))
+    Image.fromarray(plain).save(root / TREE_WNIDS[0] / "a_plain.JPEG", quality=90)
+    Image.fromarray(cmyk).convert("CMYK").save(root / TREE_WNIDS[0] / "b_cmyk.JPEG", quality=90)
+    Image.fromarray(gray).convert("L").save(root / TREE_WNIDS[1] / "c_gray.JPEG", quality=90)
+    Image.fromarray(png).save(root / TREE_WNIDS[1] / "d_png.JPEG", format="PNG")
+    Image.fromarray(small).save(root / TREE_WNIDS[2] / "e_small.JPEG", quality=90)
+    return root
+
+
 def write_npz_shard(path: Path, images: np.ndarray, labels: np.ndarray, compressed: bool = False, mean: bool = True) -> Path:
     """A downsampled-ImageNet shard: data (N, 3·S·S) planes, labels int64, mean float64 (train files)."""
     data = images.reshape(images.shape[0], -1)

@@ -14,9 +14,10 @@ from converter.sources.jpeg_recipes import RECIPES, load_and_resize
 from schemas.classes import class_table
 from schemas.image_store import validate_image_store
 from tests.conftest import stores_identical
+from tests.synthetic import TREE_WNIDS, write_mixed_jpeg_tree
 
 TABLE = class_table()
-WNIDS = ("n01440764", "n02119789", "n09472597")  # tench 0, kit fox 278, volcano 980
+WNIDS = TREE_WNIDS
 
 
 def _photo(h, w, seed):
@@ -28,14 +29,7 @@ def _photo(h, w, seed):
 
 @pytest.fixture
 def odd_tree(tmp_path):
-    root = tmp_path / "train"
-    for w in WNIDS:
-        (root / w).mkdir(parents=True)
-    Image.fromarray(_photo(375, 500, 1)).save(root / WNIDS[0] / "a_plain.JPEG", quality=90)
-    Image.fromarray(_photo(300, 200, 2)).convert("CMYK").save(root / WNIDS[0] / "b_cmyk.JPEG", quality=90)
-    Image.fromarray(_photo(120, 160, 3)).convert("L").save(root / WNIDS[1] / "c_gray.JPEG", quality=90)
-    Image.fromarray(_photo(90, 70, 4)).save(root / WNIDS[1] / "d_png.JPEG", format="PNG")
-    Image.fromarray(_photo(20, 30, 5)).save(root / WNIDS[2] / "e_small.JPEG", quality=90)
+    root = write_mixed_jpeg_tree(tmp_path / "train", ((375, 500), (300, 200), (120, 160), (90, 70), (20, 30)), _photo)
     Image.fromarray(_photo(40, 1000, 6)).save(root / WNIDS[2] / "f_wide.JPEG", quality=90)
     Image.fromarray(_photo(1000, 40, 7)).save(root / WNIDS[2] / "g_tall.JPEG", quality=90)
     good = (root / WNIDS[0] / "a_plain.JPEG").read_bytes()

@@ -17,15 +17,9 @@ from schemas.image_store import ShardRangeReader, validate_image_store
 pytest.importorskip("moto.server")
 pytest.importorskip("s3fs")
 
-from tests.s3_server import CREDENTIALS, local_s3  # noqa: E402
+from tests.s3_server import CREDENTIALS  # noqa: E402
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def s3():
-    with local_s3() as server:
-        yield server
 
 
 @pytest.fixture(scope="module")

@@ -13,20 +13,19 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from PIL import Image
 
 from schemas.cli.dispatch import main as imzarr
-from tests.synthetic import photo_like, read_shard_rows, write_npz_shard
+from tests.synthetic import TREE_WNIDS, photo_like, read_shard_rows, write_mixed_jpeg_tree, write_npz_shard
 from tests.test_checkpoints import _edm_style, edm_modules  # noqa: F401 - edm_modules is a fixture
 
 pytest.importorskip("moto.server")
 s3fs = pytest.importorskip("s3fs")
 
-from tests.s3_server import CREDENTIALS, local_s3  # noqa: E402
+from tests.s3_server import CREDENTIALS  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
-WNIDS = ("n01440764", "n02119789", "n09472597")  # tench 0, kit fox 278, volcano 980
+WNIDS = TREE_WNIDS
 # Attributes that record how the inputs were fingerprinted: mtime on disk, ETag in object storage.
 FINGERPRINTED = ("sources", "settings", "settings_fingerprint")
 
@@ -48,26 +47,13 @@ def _write_inputs(root: Path) -> None:
     np.savez(adm / "samples_stored.npz", arr_0=samples, arr_1=np.arange(24) * 40)
     np.savez_compressed(adm / "samples_deflated.npz", arr_0=samples[::-1], arr_1=np.arange(24) * 40)
 
-    tree = root / "train"
-    for wnid in WNIDS:
-        (tree / wnid).mkdir(parents=True)
-    Image.fromarray(_photo(75, 100, 1)).save(tree / WNIDS[0] / "a_plain.JPEG", quality=90)
-    Image.fromarray(_photo(60, 40, 2)).convert("CMYK").save(tree / WNIDS[0] / "b_cmyk.JPEG", quality=90)
-    Image.fromarray(_photo(48, 64, 3)).convert("L").save(tree / WNIDS[1] / "c_gray.JPEG", quality=90)
-    Image.fromarray(_photo(45, 35, 4)).save(tree / WNIDS[1] / "d_png.JPEG", format="PNG")
-    Image.fromarray(_photo(20, 30, 5)).save(tree / WNIDS[2] / "e_small.JPEG", quality=90)
+    tree = write_mixed_jpeg_tree(root / "train", ((75, 100), (60, 40), (48, 64), (45, 35), (20, 30)), _photo)
     good = (tree / WNIDS[0] / "a_plain.JPEG").read_bytes()
     (tree / WNIDS[2] / "f_truncated.JPEG").write_bytes(good[: len(good) // 2])
     (tree / WNIDS[1] / "labels.txt").write_text("not an image")
     (tree / WNIDS[2] / ".hidden.JPEG").write_bytes(good)
     (root / "bad").mkdir()
     (root / "bad" / "garbage.npz").write_bytes(b"this is not a zip file at all")
-
-
-@pytest.fixture(scope="module")
-def s3():
-    with local_s3() as server:
-        yield server
 
 
 @pytest.fixture(scope="module")
