@@ -11,6 +11,7 @@ from typing import Any
 
 from converter.convert import ConvertOptions, ConvertResult, convert, validate_convert_options
 from converter.sources.base import ConvertOptionError
+from schemas.cli.storage import local_file_url_to_path
 from schemas.output_paths import check_output_location
 
 
@@ -28,7 +29,8 @@ def convert_npz(
     scratch_dir, scheduler), with the CLI's defaults."""
     from converter.sources.npz import open_npz_source
 
-    paths = [os.fspath(p) for p in ([sources] if isinstance(sources, (str, Path)) else sources)]
+    paths = local_file_url_to_path([os.fspath(p) for p in ([sources] if isinstance(sources, (str, Path)) else sources)])
+    output = local_file_url_to_path(os.fspath(output))  # file:// URLs as the CLI takes them
     checked = _checked_options(output, options)
     check_output_location(output, paths)
     return convert(open_npz_source(paths, label_order, allow_pickle), checked)
@@ -50,8 +52,9 @@ def convert_jpeg(
     `options` are ConvertOptions fields, as for `convert_npz`."""
     from converter.sources.jpeg import open_jpeg_source
 
+    root, output, val_labels = local_file_url_to_path([os.fspath(root), os.fspath(output), val_labels])  # file:// as the CLI
     checked = _checked_options(output, options)
-    check_output_location(output, [os.fspath(root), val_labels])
+    check_output_location(output, [root, val_labels])
     return convert(open_jpeg_source(root, recipe, size, val_labels, label_from_folders, fast_draft), checked)
 
 

@@ -18,6 +18,7 @@ from extractor.selection import SelectionSpec
 from extractor.vocabulary import PRESET_NAMES
 from schemas.activation_store import layer_dims
 from schemas.classes import class_table
+from schemas.cli.storage import local_file_url_to_path
 from schemas.task_runner import SchedulerSpec, parse_resources
 
 
@@ -61,6 +62,7 @@ def extract(
     compile: bool = False,
 ) -> ExtractResult:
     """Image store → activation store of the named layers; keyword arguments and defaults as `imzarr extract`."""
+    store, output, checkpoint = local_file_url_to_path([str(store), str(output), checkpoint])  # file:// as the CLI takes it
     forward = ForwardSettings(
         model=model_spec(preset, checkpoint),
         layers=tuple(layers),

@@ -35,6 +35,8 @@ def test_convert_npz_equals_the_command_line(sample):
     store = schemas.open_image_store(str(sample / "api.zarr"))
     assert len(store) == 80 and store.take([3, 1]).shape == (2, 3, 64, 64)
     assert converter.convert_npz(sample / "src" / "train", str(sample / "api.zarr")).already_complete
+    # file:// URLs mean the local paths, as on the command line: the same store, already complete
+    assert converter.convert_npz(f"file://{sample / 'src' / 'train'}", f"file://{sample / 'api.zarr'}").already_complete
 
 
 def test_api_refuses_what_the_command_line_refuses(sample):
@@ -42,3 +44,18 @@ def test_api_refuses_what_the_command_line_refuses(sample):
         converter.convert_npz(sample / "src" / "train", str(sample / "x.zarr"), shard_sizes=64)
     with pytest.raises(OutputOverlapsInputError):
         converter.convert_npz(sample / "src" / "train", str(sample / "src" / "train" / "x.zarr"))
+    with pytest.raises(OutputOverlapsInputError):
+        converter.convert_npz(sample / "src" / "train", f"file://{sample / 'src' / 'train' / 'x.zarr'}")
+
+
+def test_extract_takes_file_urls_as_paths(sample):
+    import extractor
+
+    images = str(sample / "ext_images.zarr")
+    converter.convert_npz(sample / "src" / "train", images)
+    kwargs = dict(layers=["encoder_bottleneck"], preset="tiny-random", pool="mean", num_samples=16, device="cpu")
+    plain = extractor.extract(images, str(sample / "acts_plain.zarr"), **kwargs)
+    url = extractor.extract(f"file://{images}", f"file://{sample / 'acts_url.zarr'}", **kwargs)
+    assert plain.num_samples == url.num_samples == 16
+    a, b = zarr.open_group(str(sample / "acts_plain.zarr"), mode="r"), zarr.open_group(str(sample / "acts_url.zarr"), mode="r")
+    np.testing.assert_array_equal(a["encoder_bottleneck"][:], b["encoder_bottleneck"][:])
