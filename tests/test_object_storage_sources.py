@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 import torch
 import zarr
+from PIL import Image
 
+from schemas.classes import class_table
 from schemas.cli.dispatch import main as imzarr
 from tests.synthetic import TREE_WNIDS, photo_like, read_shard_rows, write_mixed_jpeg_tree, write_npz_shard
 from tests.test_checkpoints import _edm_style, edm_modules  # noqa: F401 - edm_modules is a fixture
@@ -52,6 +54,11 @@ def _write_inputs(root: Path) -> None:
     (tree / WNIDS[2] / "f_truncated.JPEG").write_bytes(good[: len(good) // 2])
     (tree / WNIDS[1] / "labels.txt").write_text("not an image")
     (tree / WNIDS[2] / ".hidden.JPEG").write_bytes(good)
+    val = root / "val"
+    val.mkdir()
+    for i in range(3):
+        Image.fromarray(_photo(40 + 8 * i, 50, 20 + i)).save(val / f"ILSVRC2012_val_{i + 1:08d}.JPEG", quality=90)
+    (root / "ILSVRC2012_validation_ground_truth.txt").write_text("449\n1\n980\n")  # devkit (map_clsloc) numbers
     (root / "bad").mkdir()
     (root / "bad" / "garbage.npz").write_bytes(b"this is not a zip file at all")
 
@@ -179,6 +186,19 @@ def test_jpeg_tree_from_s3_equals_local(inputs, s3, cli, tmp_path):
     assert list(store["synset"][:]) == [WNIDS[0], WNIDS[0], WNIDS[1], WNIDS[1], WNIDS[2]]
     np.testing.assert_array_equal(store["label"][:], [0, 0, 278, 278, 980])
     np.testing.assert_array_equal(store["global_index"][:], [0, 1, 2, 3, 4])
+
+
+def test_flat_val_folder_and_its_labels_file_from_s3_equal_local(inputs, s3, cli, tmp_path):
+    local = ["convert", "jpeg", inputs / "val", "--val-labels", inputs / "ILSVRC2012_validation_ground_truth.txt"]
+    code, _, err = cli(*local, "-o", tmp_path / "local.zarr", "--size", "16")
+    assert code == 0, err
+    remote = ["convert", "jpeg", s3.url("in/val/"), "--val-labels", s3.url("in/ILSVRC2012_validation_ground_truth.txt")]
+    code, _, err = cli(*remote, "-o", tmp_path / "remote.zarr", "--size", "16")
+    assert code == 0, err
+    _assert_same_store(tmp_path / "local.zarr", tmp_path / "remote.zarr")
+    store = zarr.open_group(str(tmp_path / "remote.zarr"), mode="r")
+    np.testing.assert_array_equal(store["label"][:], class_table().from_downsampled(np.array([449, 1, 980])))
+    assert list(store["label"][:2]) == [0, 278]  # devkit 449 is tench, 1 kit fox
 
 
 def test_checkpoint_from_s3_gives_the_local_activations(inputs, s3, cli, tmp_path, edm_reference, edm_modules):
