@@ -24,6 +24,7 @@ import json
 import os
 import shutil
 import socket
+import threading
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
@@ -34,6 +35,7 @@ import zarr
 
 from schemas.errors import ImzarrError, StoreLockedError
 from schemas.output_paths import check_output_location, local_path
+from schemas.zarr_format import chunk_key, read_node_metadata
 
 PROGRESS_GROUP = "_progress"
 DONE_ARRAY = f"{PROGRESS_GROUP}/done"
@@ -201,8 +203,45 @@ def read_done(url: str, num_units: int) -> np.ndarray:
 
 
 def mark_done(url: str, unit: int) -> None:
-    """Record one finished unit; call only after its data is fully written."""
+    """Record one finished unit; call only after its data is fully written.
+
+    In a local store the unit's one-byte chunk is written directly, per the array's zarr.json (chunk key, `bytes`
+    codec), under a temporary name and renamed into place; zarr-python took ~4 ms per call, a tenth of a pooled
+    extraction task (measured). Any other store or layout goes through zarr-python.
+    """
+    root = local_path(url)
+    if root is not None:
+        metadata = read_node_metadata(url, DONE_ARRAY)
+        if _one_byte_chunks(metadata):
+            _write_file_atomically(os.path.join(root, *DONE_ARRAY.split("/"), *chunk_key(metadata, (unit,)).split("/")), b"\x01")
+            return
     zarr.open_array(url, path=DONE_ARRAY, mode="r+")[unit] = 1
+
+
+def _one_byte_chunks(metadata: dict[str, Any]) -> bool:
+    """An int8 array of one-element chunks whose only codec is `bytes`: a chunk file is the value's one byte."""
+    grid = metadata.get("chunk_grid") or {}
+    return (
+        metadata.get("data_type") == "int8"
+        and grid.get("name") == "regular"
+        and (grid.get("configuration") or {}).get("chunk_shape") == [1]
+        and [c.get("name") for c in metadata.get("codecs") or []] == ["bytes"]
+        and not metadata.get("storage_transformers")
+    )
+
+
+def _write_file_atomically(path: str, payload: bytes) -> None:
+    # The temporary name ends in PARTIAL_SUFFIX, so a rerun tidies what a kill leaves.
+    temp = f"{path}.{os.getpid()}-{threading.get_ident()}{PARTIAL_SUFFIX}"
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    try:
+        with open(temp, "wb") as f:
+            f.write(payload)
+        os.replace(temp, path)
+    except BaseException:
+        if os.path.exists(temp):
+            os.remove(temp)
+        raise
 
 
 def finalize_store(url: str, final_attrs: dict[str, Any]) -> None:

@@ -156,3 +156,26 @@ def test_memory_output_refused_where_it_would_vanish():
     with pytest.raises(UnsupportedOutputError, match="memory://"):
         check_output_location("memory://x/y.zarr", allow_memory=False)
     check_output_location("memory://x/y.zarr")  # the Python API may use it
+
+
+def test_mark_done_writes_the_chunk_zarr_would_write(tmp_path):
+    """Locally the done record's chunk file is written directly: the bytes zarr-python writes, read back by zarr."""
+    from schemas.store_lifecycle import DONE_ARRAY, mark_done, read_done
+
+    direct, via_zarr = str(tmp_path / "direct.zarr"), str(tmp_path / "zarr.zarr")
+    for url in (direct, via_zarr):
+        group = zarr.open_group(url, mode="w", zarr_format=3)
+        group.create_array(DONE_ARRAY, shape=(6,), chunks=(1,), dtype="int8", fill_value=0, compressors=None)
+    for unit in (4, 1):
+        mark_done(direct, unit)
+        zarr.open_array(via_zarr, path=DONE_ARRAY, mode="r+")[unit] = 1
+    chunks = sorted(p.relative_to(tmp_path / "direct.zarr") for p in (tmp_path / "direct.zarr").rglob("c/*"))
+    assert chunks == sorted(p.relative_to(tmp_path / "zarr.zarr") for p in (tmp_path / "zarr.zarr").rglob("c/*"))
+    for chunk in chunks:
+        assert (tmp_path / "direct.zarr" / chunk).read_bytes() == (tmp_path / "zarr.zarr" / chunk).read_bytes() == b"\x01"
+    assert read_done(direct, 6).tolist() == [False, True, False, False, True, False]
+    assert not list((tmp_path / "direct.zarr").rglob("*.partial"))
+    memory = "memory://done-record.zarr"  # not local: zarr-python writes it
+    zarr.open_group(memory, mode="w", zarr_format=3).create_array(DONE_ARRAY, shape=(2,), chunks=(1,), dtype="int8", fill_value=0, compressors=None)
+    mark_done(memory, 1)
+    assert read_done(memory, 2).tolist() == [False, True]
