@@ -297,6 +297,10 @@ class ReusePool:
 REUSE = ReusePool()
 
 
+def _scratch_key(tensor: torch.Tensor, device: str) -> tuple:
+    return ("scratch", tuple(tensor.shape), tensor.dtype, device)
+
+
 def _host_buffer_key(shape: tuple[int, ...], dtype: torch.dtype, pinned: bool) -> tuple:
     return ("host", shape, dtype, pinned)
 
@@ -353,33 +357,27 @@ class ShardForward:
         if self.noise is not None:
             REUSE.give(self._noise_key, self.noise)
         for tensor in self._scratch_tensors.values():
-            REUSE.give(("scratch", tuple(tensor.shape), self.device), tensor)
+            REUSE.give(_scratch_key(tensor, self.device), tensor)
         self.host, self.buffers, self.noise, self._scratch_tensors = {}, {}, None, {}
 
     def _scratch(self, name: str, n: int) -> torch.Tensor:
         """A float32 [n, 3, H, W] tensor on the device, reused batch to batch (and task to task)."""
-        tensor = self._scratch_tensors.get(name)
-        if tensor is None or tensor.shape[0] < n:
-            if tensor is not None:
-                REUSE.give(("scratch", tuple(tensor.shape), self.device), tensor)
-            shape = (n, *self.image_shape)
-            tensor = REUSE.take(("scratch", shape, self.device), lambda: torch.empty(shape, dtype=torch.float32, device=self.device))
-            self._scratch_tensors[name] = tensor
-        return tensor[:n]
+        return self._reused(name, (n, *self.image_shape), torch.float32)
 
     def _check_scratch(self, values: torch.Tensor) -> torch.Tensor | None:
-        """Bytes for nonfinite_rows' masked bits on CPU, reused batch to batch (fresh memory is slow to touch);
-        None on CUDA, whose caching allocator makes temporaries cheap."""
-        if self.cuda:
-            return None
-        need = values.numel() * values.element_size()
-        tensor = self._scratch_tensors.get("check")
-        if tensor is None or tensor.numel() < need:
+        """Bytes for nonfinite_rows' masked bits on CPU (fresh memory is slow to touch); None on CUDA, whose
+        caching allocator makes temporaries cheap."""
+        return None if self.cuda else self._reused("check", (values.numel() * values.element_size(),), torch.uint8)
+
+    def _reused(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A work tensor on the device with at least `shape[0]` rows, kept by name and handed on through REUSE."""
+        tensor = self._scratch_tensors.get(name)
+        if tensor is None or tensor.shape[0] < shape[0]:
             if tensor is not None:
-                REUSE.give(("scratch", tuple(tensor.shape), self.device), tensor)
-            tensor = REUSE.take(("scratch", (need,), self.device), lambda: torch.empty(need, dtype=torch.uint8, device=self.device))
-            self._scratch_tensors["check"] = tensor
-        return tensor
+                REUSE.give(_scratch_key(tensor, self.device), tensor)
+            tensor = REUSE.take(("scratch", shape, dtype, self.device), lambda: torch.empty(shape, dtype=dtype, device=self.device))
+            self._scratch_tensors[name] = tensor
+        return tensor[: shape[0]]
 
     def input_batch(self, images: torch.Tensor | None, global_index: np.ndarray) -> torch.Tensor:
         """On the device: x = uint8/127.5 − 1 (+ σ·noise), or σ·noise alone without images (generation); for a

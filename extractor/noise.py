@@ -20,7 +20,7 @@ on every device, batch size, order and worker count (the pinned values in tests/
 it); they lie within 3e-6 of the exact values of the formula above.
 
 torch's own float32 sqrt is not correctly rounded on x86 CPUs (it goes through MKL: 17 % of results one ULP off,
-measured), so the radius's sqrt is made exact here (`sqrt_correctly_rounded`). Recipe /1 was this formula with
+measured), so the radius's sqrt is made exact here (`sqrt_correctly_rounded_`). Recipe /1 was this formula with
 that CPU sqrt; its stores are refused on resume. On CPU the recipe runs as one compiled loop
 (`extractor.noise_cpu`, 12× the torch ops' speed, measured); its bits equal these ops' (tested).
 
@@ -139,8 +139,8 @@ class NoiseGenerator:
 
     def __init__(self, seed: int, shape: tuple[int, ...], device: torch.device | str, block: int | None = None, compiled: bool | None = None):
         self.seed = seed
-        # compiled: on CPU, the one-loop kernel of extractor.noise_cpu (None: when numba is there); same bits
-        self.compiled = (torch.device(device).type == "cpu" and noise_cpu.available()) if compiled is None else compiled
+        # compiled: the one-loop kernel of extractor.noise_cpu (None: on CPU); same bits as the torch ops
+        self.compiled = torch.device(device).type == "cpu" if compiled is None else compiled
         self.shape = tuple(shape)
         self.device = torch.device(device)
         self.numel = int(np.prod(shape))
@@ -166,19 +166,18 @@ class NoiseGenerator:
         keys = sample_keys(self.seed, index)
         for a in range(0, n, self.block):
             b = min(n, a + self.block)
-            if self.compiled and self.numel == 2 * self.pairs:
-                noise_cpu.gaussian_pairs(keys[a:b].numpy(), flat[a:b].view(b - a, self.pairs, 2).numpy())
-            elif self.compiled:
-                padded = np.empty((b - a, self.pairs, 2), dtype=np.float32)
-                noise_cpu.gaussian_pairs(keys[a:b].numpy(), padded)
-                flat[a:b].copy_(torch.from_numpy(padded.reshape(b - a, 2 * self.pairs)[:, : self.numel]))
-            elif self.numel == 2 * self.pairs:
-                self._gaussian_pairs(keys[a:b], flat[a:b].view(b - a, self.pairs, 2))
+            fill = self._compiled_pairs if self.compiled else self._gaussian_pairs
+            if self.numel == 2 * self.pairs:
+                fill(keys[a:b], flat[a:b].view(b - a, self.pairs, 2))
             else:
                 padded = torch.empty((b - a, self.pairs, 2), dtype=torch.float32, device=self.device)  # odd sizes: rare
-                self._gaussian_pairs(keys[a:b], padded)
+                fill(keys[a:b], padded)
                 flat[a:b].copy_(padded.reshape(b - a, 2 * self.pairs)[:, : self.numel])
         return out
+
+    @staticmethod
+    def _compiled_pairs(keys: torch.Tensor, out: torch.Tensor) -> None:
+        noise_cpu.gaussian_pairs(keys.numpy(), out.numpy())
 
     def _gaussian_pairs(self, keys: torch.Tensor, out: torch.Tensor) -> None:
         """out[n, pairs, 2] (float32) ← (r cos θ, r sin θ) per word; the module docstring gives the formula.

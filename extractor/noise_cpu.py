@@ -6,8 +6,6 @@ Here every step of one (cos, sin) pair happens in registers, in the same order a
 correctly rounded float32 operations with float32 constants, the same exact integer and float64-bit steps, so
 the output bits equal the torch path's (tests/test_noise.py checks both against the pinned table and each other).
 numba compiles without fast-math, so no multiply-add is fused and nothing is reordered.
-
-`available()` is False where numba is not installed; `extractor.noise` then uses its torch ops on CPU too.
 """
 
 from __future__ import annotations
@@ -17,10 +15,7 @@ import struct
 
 import numpy as np
 
-try:
-    import numba
-except ImportError:  # pragma: no cover - numba is a dependency; the torch path covers its absence
-    numba = None
+import numba
 
 _F32 = np.float32
 _U64 = np.uint64
@@ -37,10 +32,8 @@ _COS = tuple(_F32((-1) ** k / math.factorial(2 * k)) for k in range(6))
 _ATANH = tuple(_F32(1.0 / (2 * k + 1)) for k in range(6))
 
 
-def available() -> bool:
-    return numba is not None
-
-
+# No fastmath anywhere: IEEE semantics, no contraction into fused multiply-adds.
+@numba.njit(inline="always", error_model="numpy")
 def _horner(t: np.float32, coefficients: tuple) -> np.float32:  # pragma: no cover - runs compiled
     """Σ cₖ tᵏ by Horner's rule, one rounded multiply and one rounded add per step (as the torch ops do)."""
     acc = coefficients[-1]
@@ -49,6 +42,7 @@ def _horner(t: np.float32, coefficients: tuple) -> np.float32:  # pragma: no cov
     return acc
 
 
+@numba.njit(nogil=True, error_model="numpy")  # nogil: worker threads run it in parallel
 def _gaussian_pairs(keys: np.ndarray, out: np.ndarray) -> None:  # pragma: no cover - runs compiled
     """out[n, pairs, 2] float32 ← the recipe's (r cos θ, r sin θ) for SplitMix64 words 0..pairs−1 of each key."""
     one32, half32, two32 = _F32(1.0), _F32(0.5), _F32(2.0)
@@ -104,15 +98,7 @@ def _gaussian_pairs(keys: np.ndarray, out: np.ndarray) -> None:  # pragma: no co
             out[i, j, 1] = odd[j]
 
 
-if numba is not None:
-    # No fastmath: IEEE semantics, no contraction into fused multiply-adds. nogil: worker threads run it in parallel.
-    _horner = numba.njit(inline="always", error_model="numpy")(_horner)
-    _gaussian_pairs = numba.njit(nogil=True, cache=False, error_model="numpy")(_gaussian_pairs)
-
-
 def gaussian_pairs(keys: np.ndarray, out: np.ndarray) -> np.ndarray:
     """Fill out[n, pairs, 2] (float32, C-contiguous) from int64 keys (uint64 bits); returns `out`."""
-    if numba is None:
-        raise RuntimeError("numba is not installed")
     _gaussian_pairs(np.ascontiguousarray(keys).view(np.uint64), out)
     return out

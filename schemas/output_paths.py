@@ -7,6 +7,7 @@ and `-o file:///abs/in.zarr` are the input itself.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterable
 
 import fsspec
@@ -66,7 +67,7 @@ def check_output_location(output: str, inputs: Iterable[str] = (), allow_memory:
 
 
 def write_output_file(url: str, data: bytes) -> str:
-    """Write a whole file (a PNG, say) at a path or URL; local files appear complete or not at all."""
+    """Write a whole file (a PNG, a chunk) at a path or URL; local files appear complete or not at all."""
     local = local_path(url)
     if local is None:
         with fsspec.open(url, "wb") as fh:
@@ -74,7 +75,8 @@ def write_output_file(url: str, data: bytes) -> str:
         return url
     folder = os.path.dirname(local) or "."
     os.makedirs(folder, exist_ok=True)
-    temp = os.path.join(folder, f".{os.path.basename(local)}.{os.getpid()}.tmp")
+    # One name per writer thread; the `.partial` ending is what a store's tidying removes after a kill.
+    temp = os.path.join(folder, f".{os.path.basename(local)}.{os.getpid()}-{threading.get_ident()}.partial")
     try:
         with open(temp, "wb") as fh:
             fh.write(data)

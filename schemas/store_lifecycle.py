@@ -24,7 +24,6 @@ import json
 import os
 import shutil
 import socket
-import threading
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
@@ -34,7 +33,7 @@ import numpy as np
 import zarr
 
 from schemas.errors import ImzarrError, StoreLockedError
-from schemas.output_paths import check_output_location, local_path
+from schemas.output_paths import check_output_location, local_path, write_output_file
 from schemas.zarr_format import chunk_key, read_node_metadata
 
 PROGRESS_GROUP = "_progress"
@@ -213,7 +212,7 @@ def mark_done(url: str, unit: int) -> None:
     if root is not None:
         metadata = read_node_metadata(url, DONE_ARRAY)
         if _one_byte_chunks(metadata):
-            _write_file_atomically(os.path.join(root, *DONE_ARRAY.split("/"), *chunk_key(metadata, (unit,)).split("/")), b"\x01")
+            write_output_file(os.path.join(root, *DONE_ARRAY.split("/"), *chunk_key(metadata, (unit,)).split("/")), b"\x01")
             return
     zarr.open_array(url, path=DONE_ARRAY, mode="r+")[unit] = 1
 
@@ -228,20 +227,6 @@ def _one_byte_chunks(metadata: dict[str, Any]) -> bool:
         and [c.get("name") for c in metadata.get("codecs") or []] == ["bytes"]
         and not metadata.get("storage_transformers")
     )
-
-
-def _write_file_atomically(path: str, payload: bytes) -> None:
-    # The temporary name ends in PARTIAL_SUFFIX, so a rerun tidies what a kill leaves.
-    temp = f"{path}.{os.getpid()}-{threading.get_ident()}{PARTIAL_SUFFIX}"
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    try:
-        with open(temp, "wb") as f:
-            f.write(payload)
-        os.replace(temp, path)
-    except BaseException:
-        if os.path.exists(temp):
-            os.remove(temp)
-        raise
 
 
 def finalize_store(url: str, final_attrs: dict[str, Any]) -> None:
