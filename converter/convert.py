@@ -38,7 +38,7 @@ from schemas.image_layout import (
     NUMERIC_COORDINATES,
     TEXT_COORDINATES,
     create_image_arrays,
-    inner_chunk_for,
+    preferred_inner_chunk,
     write_image_shard,
 )
 from schemas.image_store import IMAGE_SCHEMA, image_group_attrs
@@ -53,7 +53,7 @@ class ConvertOptions:
     output: str
     shuffle_seed: int | None = None
     shard_size: int = DEFAULT_SHARD
-    inner_chunk: int | None = None  # default: by the resolution (schemas.image_layout.inner_chunk_for)
+    inner_chunk: int | None = None  # default: by the resolution (schemas.image_layout.preferred_inner_chunk)
     overwrite: bool = False
     workers: int | None = None  # default: all cores
     # Stage 1 in processes instead of threads. Threads are the default: Pillow's decode/resize and zlib/ISA-L
@@ -115,11 +115,11 @@ def validate_convert_options(options: ConvertOptions, resolution: int | None = N
 
 
 def effective_inner_chunk(options: ConvertOptions, resolution: int | None) -> int | None:
-    """Images per inner chunk: the option's value (at most the shard), else by the resolution (about
-    schemas.image_layout.INNER_CHUNK_BYTES); None while the resolution is unknown."""
-    if options.inner_chunk is not None:
-        return min(options.inner_chunk, options.shard_size)  # a shard smaller than the inner chunk is one chunk
-    return None if resolution is None else inner_chunk_for(resolution, options.shard_size)
+    """Images per inner chunk: the option's value, else by the resolution (about
+    schemas.image_layout.INNER_CHUNK_BYTES), at most the shard; None while the resolution is unknown. A shard
+    size that is not a multiple of it is refused: the converter keeps xarray's chunks at the preferred size."""
+    chunk = options.inner_chunk if options.inner_chunk is not None else None if resolution is None else preferred_inner_chunk(resolution)
+    return None if chunk is None else min(chunk, options.shard_size)  # a shard smaller than the inner chunk is one chunk
 
 
 def _check_creatable(option: str, path: str) -> None:

@@ -36,9 +36,7 @@ TEXT_COORDINATES = tuple(name for name, kind in COORDINATES.items() if kind == "
 
 def default_shard_size(layer_shapes: dict[str, tuple[int, ...]], storage_dtype: str) -> int:
     """Largest power of two of samples whose biggest variable fits TARGET_SHARD_BYTES, within 64..4096."""
-    itemsize = np.dtype(storage_dtype).itemsize
-    bytes_per_sample = max([int(np.prod(shape)) * itemsize for shape in layer_shapes.values()], default=1)
-    fit = max(1, TARGET_SHARD_BYTES // max(bytes_per_sample, 1))
+    fit = max(1, TARGET_SHARD_BYTES // largest_sample_bytes(layer_shapes, storage_dtype, None))
     return int(min(4096, max(64, 1 << (fit.bit_length() - 1))))
 
 

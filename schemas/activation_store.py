@@ -52,7 +52,7 @@ from schemas.variable_attrs import (
     coordinates_attribute,
     missing_array_attrs,
 )
-from schemas.zarr_format import is_string_data_type, read_node_metadata
+from schemas.zarr_format import inner_chunk_length, is_string_data_type, read_node_metadata
 
 ACTIVATION_SCHEMA = "imzarr.activations/1"
 RECONSTRUCTION_VAR = "reconstruction"
@@ -97,13 +97,8 @@ def layer_dims(var: str, pooled: bool) -> tuple[str, ...]:
 
 
 def activation_inner_chunk(bytes_per_sample: int, shard: int) -> int:
-    """Samples per inner chunk: the largest power of two whose bytes fit ACTIVATION_INNER_CHUNK_BYTES (≥ 1) and
-    that divides the shard; the whole shard when it fits (shards must hold whole inner chunks)."""
-    fit = max(1, ACTIVATION_INNER_CHUNK_BYTES // max(int(bytes_per_sample), 1))
-    if shard <= fit:
-        return int(shard)
-    divides = shard & -shard  # the largest power of two dividing the shard
-    return int(min(1 << (fit.bit_length() - 1), divides))
+    """Samples per inner chunk within ACTIVATION_INNER_CHUNK_BYTES (schemas.zarr_format.inner_chunk_length)."""
+    return inner_chunk_length(bytes_per_sample, shard, ACTIVATION_INNER_CHUNK_BYTES)
 
 
 def activation_variable_attrs(

@@ -25,6 +25,7 @@ import zarr
 from schemas.errors import ImzarrError
 from schemas.image_store import COORDINATES, IMAGE_DIMS, IMAGE_VAR, SAMPLE_DIM, UNKNOWN_LABEL
 from schemas.variable_attrs import image_store_array_attrs
+from schemas.zarr_format import inner_chunk_length
 
 DEFAULT_SHARD = 4096  # 48 MiB files at 64×64: full write speed, ~100 MB per task, ~313 files for 1.28 M images
 INNER_CHUNK_BYTES = 8 << 20
@@ -41,10 +42,14 @@ class ImageLayoutError(ImzarrError):
     """A writer asked for something the image-store layout does not allow (a bug in the writer, not in the data)."""
 
 
+def preferred_inner_chunk(resolution: int) -> int:
+    """Images per inner chunk where the shard allows: the largest power of two whose bytes fit INNER_CHUNK_BYTES."""
+    return inner_chunk_length(3 * resolution * resolution, 1 << 62, INNER_CHUNK_BYTES)
+
+
 def inner_chunk_for(resolution: int, shard: int) -> int:
-    """Images per inner chunk: the largest power of two whose bytes fit INNER_CHUNK_BYTES (≥ 1), capped at the shard."""
-    fit = max(1, INNER_CHUNK_BYTES // (3 * resolution * resolution))
-    return int(min(shard, 1 << (fit.bit_length() - 1)))
+    """Images per inner chunk of a shard of `shard` images (schemas.zarr_format.inner_chunk_length)."""
+    return inner_chunk_length(3 * resolution * resolution, shard, INNER_CHUNK_BYTES)
 
 
 # The inner chunk of downsampled ImageNet (64×64) at the default shard; writers that know their resolution pass

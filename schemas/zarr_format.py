@@ -56,6 +56,15 @@ def chunk_key(metadata: dict[str, Any], chunk_coords: tuple[int, ...]) -> str:
     raise StoreValidationError(f"unknown chunk_key_encoding {name!r}")
 
 
+def inner_chunk_length(bytes_per_sample: int, shard: int, budget_bytes: int) -> int:
+    """Samples per inner chunk of a shard: the whole shard when it fits `budget_bytes`, else the largest power of
+    two that fits and divides the shard (the sharding codec takes only shards of whole inner chunks)."""
+    fit = max(1, budget_bytes // max(int(bytes_per_sample), 1))
+    if shard <= fit:
+        return int(shard)
+    return int(min(1 << (fit.bit_length() - 1), shard & -shard))  # shard & -shard: the largest power of two dividing it
+
+
 @dataclass(frozen=True)
 class UncompressedShardLayout:
     """A sharded array whose inner chunks are raw bytes: one sample is one contiguous byte range of a shard file.

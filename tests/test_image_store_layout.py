@@ -66,11 +66,16 @@ def open_quietly(url: str) -> xr.Dataset:
         return xr.open_zarr(url)
 
 
-def test_inner_chunk_rule():
+def test_inner_chunk_rule(tmp_path):
     assert inner_chunk_for(64, 4096) == 512  # 6 MiB
     assert inner_chunk_for(32, 4096) == 2048 and inner_chunk_for(16, 4096) == 4096  # capped at the shard
     assert inner_chunk_for(256, 4096) == 32 and inner_chunk_for(1024, 4096) == 2 and inner_chunk_for(4096, 64) == 1
     assert inner_chunk_for(64, 100) == 100  # a shard smaller than the chunk is one chunk
+    assert inner_chunk_for(64, 640) == 640  # 7.5 MiB: the whole shard fits
+    assert inner_chunk_for(64, 1536) == 512 and inner_chunk_for(64, 1000) == 8  # shards hold whole inner chunks
+    group = zarr.open_group(str(tmp_path / "generated.zarr"), mode="w", zarr_format=3)
+    create_image_arrays(group, 2000, 64, 1000, None)  # what generate does with --shard-size 1000: a valid layout
+    assert group["image"].chunks[0] == 8 and group["image"].shards[0] == 1000
     for resolution in (8, 64, 100, 256, 1024):
         inner = inner_chunk_for(resolution, 1 << 20)
         assert inner & (inner - 1) == 0 and (inner == 1 or inner * 3 * resolution**2 <= 8 << 20 < 2 * inner * 3 * resolution**2)
