@@ -59,7 +59,7 @@ def convert_jpeg(
 
 
 def _checked_options(output: str | Path, options: dict[str, Any]) -> ConvertOptions:
-    unknown = sorted(set(options) - {f.name for f in dataclasses.fields(ConvertOptions)} | ({"output"} & set(options)))
+    unknown = sorted(set(options) - {f.name for f in dataclasses.fields(ConvertOptions)})  # `output` is a parameter
     if unknown:
         raise ConvertOptionError("options", unknown, f"not conversion options; choose from {run_option_names()}")
     converted = ConvertOptions(output=os.fspath(output), **options)

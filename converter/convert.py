@@ -352,11 +352,12 @@ def _load_receipt(scratch: Path, i: int, part) -> MaterializedPart | None:
     if not (path.exists() and raw.exists()):
         return None
     receipt = json.loads(path.read_text())
+    if "layout" not in receipt:  # written before receipts named their rows' layout: made again, never guessed
+        return None
     kept = np.ones(part.num_rows, dtype=bool)
     kept[np.asarray(receipt["unusable_rows"], dtype=np.int64)] = False
     rejected = [tuple(r) for r in receipt["rejected"]]
-    layout = receipt.get("layout", "chw")
-    return MaterializedPart(RowFile(str(raw), 0, part.num_rows, part.resolution, layout), kept, rejected)
+    return MaterializedPart(RowFile(str(raw), 0, part.num_rows, part.resolution, receipt["layout"]), kept, rejected)
 
 
 def _plan_rows(source: ImageSource, materialized: dict[int, MaterializedPart], shuffle_seed: int | None) -> dict[str, np.ndarray]:

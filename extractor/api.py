@@ -14,7 +14,7 @@ from extractor.extraction import ExtractOptions, ExtractResult, load_forward, pr
 from extractor.extraction import extract as run_extraction
 from extractor.forward import ForwardSettings, RunOptions, ShardForward, resolve_device
 from extractor.models import ModelSpec
-from extractor.selection import SelectionSpec
+from extractor.selection import SelectionSpec, class_entries
 from extractor.vocabulary import PRESET_NAMES
 from schemas.activation_store import layer_dims
 from schemas.classes import class_table
@@ -50,7 +50,7 @@ def extract(
     reconstructions: bool = False,
     num_samples: int | None = None,
     indices: str | None = None,
-    classes: Sequence[str | int] | None = None,
+    classes: str | int | Sequence[str | int] | None = None,
     per_class: int | None = None,
     batch_size: int | None = None,
     device: str = "auto",
@@ -78,7 +78,7 @@ def extract(
     selection = SelectionSpec(
         num_samples=num_samples,
         indices_file=indices,
-        classes=tuple(str(c) for c in classes) if classes is not None else None,
+        classes=class_entries(classes),
         per_class=per_class,
         seed=seed or 0,
     )

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from extractor.selection import SelectionError, SelectionSpec, select_samples
+from extractor.selection import SelectionError, SelectionSpec, class_entries, select_samples
 from schemas.errors import ImzarrError
 from schemas.image_store import ImageStore, validate_image_store
 
@@ -76,7 +76,7 @@ class ImageStoreDataset(Dataset[Item]):
         all_labels = store.coordinate("label")
         all_synsets = store.coordinate("synset")
         given = _given_positions(indices, all_labels.size)
-        spec = SelectionSpec(num_samples=num_samples, classes=_class_entries(classes), per_class=per_class, seed=seed)
+        spec = SelectionSpec(num_samples=num_samples, classes=class_entries(classes), per_class=per_class, seed=seed)
         # select_samples works on positions within the arrays it is given: run it on the given positions' labels,
         # then map its answer back to store positions (the same result as `--indices-file` with these positions).
         self.store_positions: np.ndarray = given[select_samples(spec, all_labels[given], all_synsets[given])]
@@ -165,12 +165,3 @@ def _given_positions(indices: Iterable[int] | np.ndarray | None, num_samples: in
     if outside.any():
         raise SelectionError(f"indices: store position {int(positions[outside][0])} is outside 0..{num_samples - 1}")
     return positions
-
-
-def _class_entries(classes: str | int | Iterable[str | int] | None) -> tuple[str, ...] | None:
-    """`classes` as the text entries SelectionSpec takes; one name or index alone is one class, not its letters."""
-    if classes is None:
-        return None
-    if isinstance(classes, (str, int, np.integer)):
-        classes = [classes]
-    return tuple(str(c) for c in classes)

@@ -27,6 +27,15 @@ class UnknownClassNameError(SelectionError):
     """A --classes entry that names no ImageNet-1k class (or more than one); the message lists candidates."""
 
 
+def class_entries(classes: str | int | Iterable[str | int] | None) -> tuple[str, ...] | None:
+    """`classes` as the text entries SelectionSpec takes; one name or index alone is one class, not its letters."""
+    if classes is None:
+        return None
+    if isinstance(classes, (str, int, np.integer)):
+        classes = [classes]
+    return tuple(str(c) for c in classes)
+
+
 def resolve_class(name: str) -> str:
     """One class given by WNID, label index or (case-insensitive, exact or uniquely prefixing) name → its WNID."""
     table = class_table()

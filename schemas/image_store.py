@@ -283,8 +283,7 @@ class ShardRangeReader:
         item = self.layout.item_bytes
         paths, starts, ends, targets = [], [], [], []
         for k, byte_pos, dest in plans:
-            breaks = np.flatnonzero(np.diff(byte_pos) != item) + 1
-            for a, b in zip(np.r_[0, breaks].tolist(), np.r_[breaks, byte_pos.size].tolist()):
+            for a, b in item_runs(byte_pos, item):
                 paths.append(self.shard_path(k))
                 starts.append(int(byte_pos[a]))
                 ends.append(int(byte_pos[a]) + (b - a) * item)
@@ -359,14 +358,21 @@ def shard_range_reader(url: str, array: str, storage_options: dict[str, Any] | N
     return ShardRangeReader(fs, f"{root.rstrip('/')}/{array}", layout)
 
 
+def item_runs(byte_pos: np.ndarray, item_bytes: int, max_items: int | None = None) -> list[tuple[int, int]]:
+    """(first, stop) positions in `byte_pos` (sorted) of each run of adjacent items, at most `max_items` long:
+    one read each."""
+    if byte_pos.size == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(byte_pos) != item_bytes) + 1
+    runs = zip(np.r_[0, breaks].tolist(), np.r_[breaks, byte_pos.size].tolist())
+    if max_items is None:
+        return list(runs)
+    return [(c, min(b, c + max_items)) for a, b in runs for c in range(a, b, max_items)]
+
+
 def pread_items(fd: int, byte_pos: np.ndarray, item_bytes: int, flat: np.ndarray, dest: np.ndarray) -> None:
     """Read items at sorted byte positions into flat[dest], one pread per run of adjacent items."""
-    if byte_pos.size == 0:
-        return
-    breaks = np.flatnonzero(np.diff(byte_pos) != item_bytes) + 1
-    starts = np.concatenate([[0], breaks])
-    ends = np.concatenate([breaks, [byte_pos.size]])
-    for a, b in zip(starts.tolist(), ends.tolist()):
+    for a, b in item_runs(byte_pos, item_bytes):
         n = b - a
         if n == 1 or np.all(np.diff(dest[a:b]) == 1):
             # destination rows are contiguous too: read straight into them, no intermediate bytes object

@@ -33,6 +33,22 @@ def location(url: str) -> tuple[str, str]:
     return protocol, "/" + path.strip("/")
 
 
+LOCAL_PROTOCOLS = ("file", "local")
+
+
+def url_protocol(path: object) -> str | None:
+    """The protocol of a URL (the innermost of a chain such as `simplecache::s3://…`), lower case; None otherwise."""
+    if not isinstance(path, str) or "://" not in path:
+        return None
+    return path.split("://", 1)[0].split("::")[-1].lower()
+
+
+def is_remote_url(path: object) -> bool:
+    """True for a URL of a filesystem other than the local one (s3://, gs://, memory://, …); `file://` is local."""
+    protocol = url_protocol(path)
+    return protocol is not None and protocol not in LOCAL_PROTOCOLS
+
+
 def local_path(url: str) -> str | None:
     """The absolute local path of a `file://` URL or plain path; None for other filesystems."""
     fs, path = fsspec.core.url_to_fs(str(url))

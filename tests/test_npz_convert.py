@@ -293,3 +293,26 @@ def test_crash_then_rerun_equals_uninterrupted(tmp_path):
     assert rerun.returncode == 0, rerun.stderr
     stores_identical(str(reference), str(crashed))
     assert not list(tmp_path.glob("*.scratch-*"))
+
+
+def test_remote_row_reads_equal_local_pread(tmp_path, monkeypatch):
+    """Scattered, adjacent and long runs of rows from a URL (memory://, remote like s3://) land where pread puts
+    them, also when runs are split into several ranges."""
+    import fsspec
+
+    from converter.sources import source_files
+
+    item = 48
+    data = np.random.default_rng(0).integers(0, 256, 200 * item, dtype=np.uint8).tobytes()
+    (tmp_path / "rows.raw").write_bytes(data)
+    url = "memory://imzarr-test-rows/rows.raw"
+    fsspec.filesystem("memory").pipe_file("/imzarr-test-rows/rows.raw", data)
+    rows = np.array([0, 1, 2, 3, 4, 5, 6, 40, 41, 99, 150, 151, 152, 199])
+    dest = np.random.default_rng(1).permutation(rows.size)
+    monkeypatch.setattr(source_files, "RANGE_BYTES", 3 * item)  # runs of 7 and 3 rows become several ranges
+    local, remote = np.zeros((rows.size, item), np.uint8), np.zeros((rows.size, item), np.uint8)
+    source_files.read_items_into(str(tmp_path / "rows.raw"), rows * item, item, local, dest)
+    source_files.read_items_into(url, rows * item, item, remote, dest)
+    np.testing.assert_array_equal(remote, local)
+    np.testing.assert_array_equal(local[dest], np.frombuffer(data, np.uint8).reshape(200, item)[rows])
+    fsspec.filesystem("memory").rm("/imzarr-test-rows", recursive=True)

@@ -17,6 +17,7 @@ from PIL import Image
 
 from schemas.classes import class_table
 from schemas.cli.dispatch import main as imzarr
+from tests.conftest import stores_identical
 from tests.synthetic import TREE_WNIDS, photo_like, read_shard_rows, write_mixed_jpeg_tree, write_npz_shard
 from tests.test_checkpoints import _edm_style, edm_modules  # noqa: F401 - edm_modules is a fixture
 
@@ -96,14 +97,8 @@ def _bucket_state(s3) -> dict[str, str]:
 
 def _assert_same_store(a: str | Path, b: str | Path) -> dict:
     """Every array byte-identical; every attribute equal except the inputs' fingerprints (mtime vs ETag)."""
-    ga, gb = zarr.open_group(str(a), mode="r"), zarr.open_group(str(b), mode="r")
-    assert sorted(n for n, _ in ga.arrays()) == sorted(n for n, _ in gb.arrays())
-    for name, array in ga.arrays():
-        other = gb[name]
-        assert array.dtype == other.dtype and array.shape == other.shape and array.chunks == other.chunks, name
-        np.testing.assert_array_equal(array[:], other[:], err_msg=name)
-    attrs_a, attrs_b = dict(ga.attrs), dict(gb.attrs)
-    assert {k: v for k, v in attrs_a.items() if k not in FINGERPRINTED} == {k: v for k, v in attrs_b.items() if k not in FINGERPRINTED}
+    stores_identical(a, b, ignore_attrs=FINGERPRINTED)
+    attrs_a, attrs_b = dict(zarr.open_group(str(a), mode="r").attrs), dict(zarr.open_group(str(b), mode="r").attrs)
     strip = lambda files: [{k: v for k, v in f.items() if k != "fingerprint"} for f in files]  # noqa: E731
     assert strip(attrs_a["sources"]) == strip(attrs_b["sources"])
     return attrs_b

@@ -59,3 +59,17 @@ def test_extract_takes_file_urls_as_paths(sample):
     assert plain.num_samples == url.num_samples == 16
     a, b = zarr.open_group(str(sample / "acts_plain.zarr"), mode="r"), zarr.open_group(str(sample / "acts_url.zarr"), mode="r")
     np.testing.assert_array_equal(a["encoder_bottleneck"][:], b["encoder_bottleneck"][:])
+
+
+def test_extract_takes_one_class_by_wnid_or_index(sample):
+    """A single class is one class, not the letters of its name (the command line's --classes n01440764)."""
+    import extractor
+
+    images = str(sample / "one_class_images.zarr")
+    converter.convert_npz(sample / "src" / "train", images)
+    store = schemas.open_image_store(images)
+    labels, wnid = store.coordinate("label"), str(store.coordinate("synset")[0])
+    kwargs = dict(layers=["encoder_bottleneck"], preset="tiny-random", pool="mean", device="cpu")
+    by_index = extractor.extract(images, str(sample / "by_index.zarr"), classes=int(labels[0]), **kwargs)
+    by_wnid = extractor.extract(images, str(sample / "by_wnid.zarr"), classes=wnid, **kwargs)
+    assert by_index.num_samples == by_wnid.num_samples == int((labels == labels[0]).sum())

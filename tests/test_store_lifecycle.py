@@ -158,8 +158,9 @@ def test_memory_output_refused_where_it_would_vanish():
     check_output_location("memory://x/y.zarr")  # the Python API may use it
 
 
-def test_mark_done_writes_the_chunk_zarr_would_write(tmp_path):
+def test_mark_done_writes_the_chunk_zarr_would_write(tmp_path, monkeypatch):
     """Locally the done record's chunk file is written directly: the bytes zarr-python writes, read back by zarr."""
+    import schemas.store_lifecycle as lifecycle
     from schemas.store_lifecycle import DONE_ARRAY, mark_done, read_done
 
     direct, via_zarr = str(tmp_path / "direct.zarr"), str(tmp_path / "zarr.zarr")
@@ -167,7 +168,9 @@ def test_mark_done_writes_the_chunk_zarr_would_write(tmp_path):
         group = zarr.open_group(url, mode="w", zarr_format=3)
         group.create_array(DONE_ARRAY, shape=(6,), chunks=(1,), dtype="int8", fill_value=0, compressors=None)
     for unit in (4, 1):
-        mark_done(direct, unit)
+        with monkeypatch.context() as direct_only:  # the local write must not go through zarr-python
+            direct_only.setattr(lifecycle.zarr, "open_array", None)
+            mark_done(direct, unit)
         zarr.open_array(via_zarr, path=DONE_ARRAY, mode="r+")[unit] = 1
     chunks = sorted(p.relative_to(tmp_path / "direct.zarr") for p in (tmp_path / "direct.zarr").rglob("c/*"))
     assert chunks == sorted(p.relative_to(tmp_path / "zarr.zarr") for p in (tmp_path / "zarr.zarr").rglob("c/*"))

@@ -17,26 +17,15 @@ from typing import IO, Any
 import fsspec
 import numpy as np
 
-from schemas.image_store import pread_items
+from schemas.image_store import item_runs, pread_items
+from schemas.output_paths import is_remote_url
 
-LOCAL_PROTOCOLS = ("file", "local")
 # Reading a zip's directory and headers: small blocks, or fsspec's read-ahead would fetch tens of MB per seek.
 SMALL_BLOCK = 1 << 16
 # Long runs of rows are fetched as ranges of about this size, concurrently: one stream per range is slower.
 RANGE_BYTES = 8 << 20
-
-
-def is_remote(path: object) -> bool:
-    """True for a URL of a filesystem other than the local one (s3://, gs://, memory://, …)."""
-    if not isinstance(path, str) or "://" not in path:
-        return False
-    return path.split("://", 1)[0].split("::")[-1].lower() not in LOCAL_PROTOCOLS
-
-
-def as_local(path: str | os.PathLike[str]) -> str:
-    """A `file://` URL as a plain path; anything else unchanged (as a string)."""
-    text = os.fspath(path)
-    return (text[len("file://"):] or "/") if text.startswith("file://") else text
+# What counts as remote is decided in one place for every package.
+is_remote = is_remote_url
 
 
 def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -196,20 +185,14 @@ def read_items_into(path: str, byte_pos: np.ndarray, item_bytes: int, flat: np.n
         finally:
             os.close(fd)
         return
-    if byte_pos.size == 0:
+    runs = item_runs(byte_pos, item_bytes, max(1, RANGE_BYTES // item_bytes))
+    if not runs:
         return
-    breaks = np.flatnonzero(np.diff(byte_pos) != item_bytes) + 1
-    per_range = max(1, RANGE_BYTES // item_bytes)
-    firsts, lasts = [], []
-    for a, b in zip(np.r_[0, breaks].tolist(), np.r_[breaks, byte_pos.size].tolist()):
-        for c in range(a, b, per_range):
-            firsts.append(c)
-            lasts.append(min(b, c + per_range))
-    starts = [int(byte_pos[a]) for a in firsts]
-    stops = [int(byte_pos[a]) + (b - a) * item_bytes for a, b in zip(firsts, lasts)]
+    starts = [int(byte_pos[a]) for a, _ in runs]
+    stops = [int(byte_pos[a]) + (b - a) * item_bytes for a, b in runs]
     fs, p = filesystem(path)
     blobs = fs.cat_ranges([p] * len(starts), starts, stops)
-    for a, b, start, stop, blob in zip(firsts, lasts, starts, stops, blobs):
+    for (a, b), start, stop, blob in zip(runs, starts, stops, blobs):
         if isinstance(blob, Exception):
             raise blob
         if len(blob) != stop - start:

@@ -24,7 +24,9 @@ import torch
 from torch import Tensor
 
 from extractor.models.edm import CONFIG_KEYS, EDMPrecond
+from schemas.cli.storage import local_file_url_to_path
 from schemas.errors import ImzarrError
+from schemas.output_paths import is_remote_url
 
 __all__ = [
     "CheckpointError",
@@ -68,19 +70,11 @@ class CheckpointMismatchError(CheckpointError):
 # Locating and reading files.
 
 
-def is_url(path: object) -> bool:
-    """A URL of a filesystem other than the local one (s3://…); `file://` URLs are local paths."""
-    if not isinstance(path, str) or "://" not in path:
-        return False
-    return path.split("://", 1)[0].split("::")[-1].lower() not in ("file", "local")
-
-
 def resolve_checkpoint_file(path: str | Path) -> Path | str:
     """The weights file for `path`: the file itself, or the generator file inside a DMD2 checkpoint folder
     (a URL for a checkpoint in object storage: read it through `local_checkpoint`)."""
-    if isinstance(path, str) and path.startswith("file://"):
-        path = path[len("file://"):] or "/"
-    if is_url(path):
+    path = local_file_url_to_path(path)
+    if is_remote_url(path):
         return _resolve_remote_checkpoint(str(path))
     path = Path(path)
     if path.is_dir():
@@ -146,7 +140,7 @@ def local_checkpoint(path: str | Path) -> Iterator[Path]:
 
 def read_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any] | None]:
     """Read a checkpoint safely: (normalised `model.*` state dict, constructor kwargs if the file records them)."""
-    if is_url(path):
+    if is_remote_url(path):
         with local_checkpoint(path) as file:
             return read_checkpoint(file)
     file = resolve_checkpoint_file(path)
@@ -497,7 +491,7 @@ def load_checkpoint(
     path: str | Path, config: Mapping[str, Any] | None = None, device: torch.device | str = "cpu"
 ) -> EDMPrecond:
     """Build an EDMPrecond from a checkpoint file or DMD2 folder (config: given, recorded, or inferred); eval mode."""
-    if is_url(path):
+    if is_remote_url(path):
         with local_checkpoint(path) as file:
             return load_checkpoint(file, config, device)
     file = resolve_checkpoint_file(path)
@@ -518,7 +512,7 @@ def load_checkpoint(
 
 def is_edm_network_pickle(path: str | Path) -> bool:
     """True for an EDM network pickle (`.pkl`/`.pickle` that is not a torch zip), which only EDMPrecond reads."""
-    if is_url(path):
+    if is_remote_url(path):
         with local_checkpoint(path) as file:
             return is_edm_network_pickle(file)
     file = resolve_checkpoint_file(path)
@@ -527,7 +521,7 @@ def is_edm_network_pickle(path: str | Path) -> bool:
 
 def read_plain_state_dict(path: str | Path) -> dict[str, Tensor]:
     """A torch/safetensors checkpoint's state dict, keys as stored (containers, DDP/compile prefixes removed)."""
-    if is_url(path):
+    if is_remote_url(path):
         with local_checkpoint(path) as file:
             # A memory-mapped copy stays readable after its folder is removed (POSIX keeps unlinked files' pages).
             return read_plain_state_dict(file)

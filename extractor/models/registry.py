@@ -25,7 +25,6 @@ from extractor.models.checkpoints import (
     UnsafeCheckpointError,
     check_state_dict,
     is_edm_network_pickle,
-    is_url,
     load_checkpoint,
     local_checkpoint,
     read_plain_state_dict,
@@ -33,6 +32,7 @@ from extractor.models.checkpoints import (
 )
 from extractor.models.edm import PRESETS, EDMPrecond
 from schemas.errors import ImzarrError
+from schemas.output_paths import is_remote_url
 
 __all__ = [
     "EDM_FAMILY",
@@ -185,7 +185,7 @@ def family_of_preset(preset: str) -> ModelFamily:
 
 def family_of_checkpoint(path: str | Path) -> tuple[ModelFamily, dict[str, Tensor] | None]:
     """The family of a checkpoint file or folder, from its state dict's keys, and that state dict (None for EDM)."""
-    if is_url(path):
+    if is_remote_url(path):
         with local_checkpoint(path) as file:
             return family_of_checkpoint(file)
     file = resolve_checkpoint_file(path)

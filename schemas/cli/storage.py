@@ -16,7 +16,9 @@ from typing import Any
 import fsspec.config
 
 from schemas.errors import ImzarrError
+from schemas.output_paths import url_protocol
 
+# Protocols that need no storage options (memory:// is refused by the commands anyway).
 LOCAL_PROTOCOLS = frozenset({"file", "local", "memory"})
 
 
@@ -49,10 +51,9 @@ def remote_protocols(values: Iterable[Any]) -> set[str]:
     found = set()
     for value in values:
         for item in value if isinstance(value, (list, tuple)) else [value]:
-            if isinstance(item, str) and "://" in item:
-                protocol = item.split("://", 1)[0].split("::")[-1].lower()
-                if protocol not in LOCAL_PROTOCOLS:
-                    found.add(protocol)
+            protocol = url_protocol(item)
+            if protocol is not None and protocol not in LOCAL_PROTOCOLS:
+                found.add(protocol)
     return found
 
 
