@@ -11,8 +11,9 @@ writer) is told, per batch, when its rows are final.
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -152,6 +153,35 @@ def model_lock(device: str) -> threading.Lock:
         return _LOCKS.setdefault(str(torch.device(device)), threading.Lock())
 
 
+_IEEE_GUARD = threading.Lock()
+_ieee_users = 0
+_precision_before = ""
+
+
+@contextlib.contextmanager
+def ieee_float32_convolutions(device: str) -> Iterator[None]:
+    """fp32 compute means IEEE float32 on CUDA too: torch lets cuDNN convolutions round their float32 operands to
+    TF32 (10-bit mantissa) by default, which moves activations by ~1e-3 relative. The setting is process-wide, so
+    it is counted: the first forward in sets it, the last one out restores what was there."""
+    global _ieee_users, _precision_before
+    if not device.startswith("cuda"):
+        yield
+        return
+    conv = torch.backends.cudnn.conv
+    with _IEEE_GUARD:
+        if _ieee_users == 0:
+            _precision_before = conv.fp32_precision
+            conv.fp32_precision = "ieee"
+        _ieee_users += 1
+    try:
+        yield
+    finally:
+        with _IEEE_GUARD:
+            _ieee_users -= 1
+            if _ieee_users == 0:
+                conv.fp32_precision = _precision_before
+
+
 _PREPARED: set[tuple[int, str, bool]] = set()
 
 
@@ -259,12 +289,12 @@ def forward_batch(
         sigma = torch.full((x.shape[0],), DEFAULT_SIGMA if fwd.sigma is None else fwd.sigma, device=device)
     if device.startswith("cuda"):
         x = x.contiguous(memory_format=torch.channels_last)
-    with torch.inference_mode(), autocast_context(device, fwd.compute_dtype):
-        with model_lock(device):
-            if fwd.layers:
-                acts, out = capture_layers(module, x, sigma, one_hot, list(fwd.layers), fwd.pool, need_output=need_output)
-            else:
-                acts, out = {}, (module(x) if feature else module(x, sigma, one_hot))
+    precision = ieee_float32_convolutions(device) if resolve_compute_dtype(fwd.compute_dtype) == torch.float32 else contextlib.nullcontext()
+    with torch.inference_mode(), autocast_context(device, fwd.compute_dtype), precision, model_lock(device):
+        if fwd.layers:
+            acts, out = capture_layers(module, x, sigma, one_hot, list(fwd.layers), fwd.pool, need_output=need_output)
+        else:
+            acts, out = {}, (module(x) if feature else module(x, sigma, one_hot))
     return acts, out
 
 
