@@ -116,7 +116,7 @@ def run(workdir: Path, quick: bool = False) -> list[dict]:
 
     card = torch.cuda.get_device_name(0)
     rows: list[dict] = []
-    n_fast, n_fp32 = (4_096, 1_024) if quick else (16_384, 4_096)
+    n_fast, n_fp32 = (4_096, 1_024) if quick else (32_768, 4_096)
     started = time.perf_counter()
     store = bench_image_store(workdir, n_fast)
     print(f"cuda: image store of {n_fast:,} images in {time.perf_counter() - started:.1f} s", flush=True)
