@@ -54,7 +54,7 @@ def forward_only_rate(loaded, fwd, batch: int = BATCH, iters: int = 10, through_
     from extractor.models import capture_layers
 
     gen = torch.Generator(device="cuda").manual_seed(0)
-    x = (torch.randn(batch, 3, 64, 64, device="cuda", generator=gen) * 80).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(batch, 3, 64, 64, device="cuda", generator=gen) * 80
     one_hot = torch.nn.functional.one_hot(torch.randint(0, 1000, (batch,), device="cuda", generator=gen), 1000).float()
     sigma = torch.full((batch,), 80.0, device="cuda")
 
@@ -123,7 +123,7 @@ def run(workdir: Path, quick: bool = False) -> list[dict]:
 
     def settings(compute: str, pool: str = "none"):
         loaded, fwd = load_forward(ForwardSettings(ModelSpec(preset=PRESET), LAYERS, pool=pool, compute_dtype=compute), "cuda")
-        prepare_module(loaded.module, "cuda")  # channels_last, as extraction runs it
+        prepare_module(loaded.module, "cuda")  # the memory layout extraction runs it in
         return loaded, fwd
 
     gflop = gflop_per_image(*settings("fp32"))
