@@ -45,7 +45,7 @@ def _run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resources", default=None, help="resources each task needs on a distributed worker, e.g. GPU=1 (default: none)")
     p.add_argument("--workers", type=positive_int, default=2, help="local threads: one computes while another reads or writes")
     p.add_argument("--overwrite", action="store_true", help="replace an imzarr store made with other settings (never an input, never anything else)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the network's blocks (CUDA; the first batches pay the compile time)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the network's blocks (CUDA): about 2x the eager bf16 rate of the DMD2 network on an H200 (5,048 against 2,489 img/s), after ~25 s of compiling on the first batch; worth it from roughly 100,000 images")
 
 
 def _run_options(args: argparse.Namespace):

@@ -1,7 +1,7 @@
 """Extraction on a CUDA device with the full DMD2 ImageNet-64 network (random init): rows only where one is present.
 
 The issue's rows: the network through `encoder_bottleneck` + `midblock` (the forward stops after the midblock),
-fp32 (IEEE: no TF32 convolutions) and bf16 autocast, batch 256. Forward-only is the network on a batch already on
+fp32 (IEEE: no TF32 convolutions) and bf16 autocast, batch 256, eager and with `--compile`. Forward-only is the network on a batch already on
 the device (CUDA events around the calls); the pipeline rows are the whole `extract` from a converted 64×64 image
 store on local disk to an activation store beside it (image reads, device noise, capture, checks and casts,
 pinned copies, shard writes, done records). Each pipeline row gives img/s, its share of forward-only, achieved
@@ -78,7 +78,9 @@ def forward_only_rate(loaded, fwd, batch: int = BATCH, iters: int = 10, through_
     return batch / float(np.median(times))
 
 
-def pipeline_rate(store: str, out: Path, n: int, compute: str, pool: str = "none", batch: int | None = BATCH, workers: int = 2) -> float:
+def pipeline_rate(
+    store: str, out: Path, n: int, compute: str, pool: str = "none", batch: int | None = BATCH, workers: int = 2, compile_blocks: bool = False
+) -> float:
     """img/s of one whole extraction (after the model is loaded: a first run in the process pays that)."""
     from extractor.extraction import (
         ExtractOptions,
@@ -93,7 +95,7 @@ def pipeline_rate(store: str, out: Path, n: int, compute: str, pool: str = "none
     shutil.rmtree(out, ignore_errors=True)
     fwd = ForwardSettings(ModelSpec(preset=PRESET), LAYERS, pool=pool, compute_dtype=compute)
     options = ExtractOptions(store, str(out), fwd, SelectionSpec(num_samples=n),
-                             RunOptions(batch_size=batch, device="cuda", shard_size=512, scheduler=SchedulerSpec(workers=workers)))
+                             RunOptions(batch_size=batch, device="cuda", shard_size=512, scheduler=SchedulerSpec(workers=workers), compile=compile_blocks))
     torch.cuda.synchronize()
     start = time.perf_counter()
     extract(options)
@@ -156,6 +158,18 @@ def run(workdir: Path, quick: bool = False) -> list[dict]:
                              rate, "img/s", baseline=forward_rates[compute],
                              note=f"ratio: share of forward-only; {rate * gflop / 1e3:.1f} TFLOP/s; 1.28 M images in {minutes:.1f} min; "
                                   f"{n:,} images, float16 storage; {card}"))
+    # Last, since it wraps the cached network's blocks: --compile (its first run pays ~25 s of compiling).
+    loaded, fwd = settings("bf16")
+    prepare_module(loaded.module, "cuda", compile_blocks=True)
+    compiled = forward_only_rate(loaded, fwd)
+    _emit(rows, make_row("cuda", f"forward only, {PRESET} to midblock, batch {BATCH}, bf16, compiled blocks", compiled, "img/s",
+                         baseline=forward_rates["bf16"], note=f"ratio: against eager; {compiled * gflop / 1e3:.1f} TFLOP/s; {card}"))
+    for pool in ("none", "mean"):
+        rate = pipeline_rate(store, workdir / "acts.zarr", n_fast, "bf16", pool, compile_blocks=True)
+        _emit(rows, make_row("cuda", f"extract, {PRESET}, bf16, {'unpooled' if pool == 'none' else 'pooled mean'}, batch {BATCH}, --compile",
+                             rate, "img/s", baseline=compiled,
+                             note=f"ratio: share of compiled forward-only; {rate * gflop / 1e3:.1f} TFLOP/s; "
+                                  f"1.28 M images in {IMAGENET_TRAIN / rate / 60:.1f} min; {n_fast:,} images; {card}"))
     free, total = torch.cuda.mem_get_info()
     print(f"cuda: done in {time.perf_counter() - started:.0f} s; device memory free {free / 2**30:.0f} of {total / 2**30:.0f} GiB; "
           f"{os.cpu_count()} CPU cores", flush=True)
