@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from extractor.extraction import ExtractOptions, ExtractResult, load_forward, probe_layers
+from extractor.extraction import ExtractOptions, ExtractResult, check_resolution, load_forward, probe_layers
 from extractor.extraction import extract as run_extraction
 from extractor.forward import ForwardSettings, RunOptions, ShardForward, resolve_device
 from extractor.models import ModelSpec
@@ -118,6 +118,7 @@ def features(
     settings = ForwardSettings(model=as_model_spec(model), layers=tuple(layers), pool=pool, storage_dtype="float32", **forward)
     device = resolve_device(device)
     loaded, fwd = load_forward(settings, device)
+    check_resolution(loaded, images.shape[-1], "images")
     shapes, paths = probe_layers(loaded, fwd, device, images.shape[-1])
     forward = ShardForward(loaded, fwd, device, n, shapes, output_name=None, resolution=images.shape[-1])
     try:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from extractor.vocabulary import COMPUTE_DTYPES, FEATURE_PRESET_NAMES, POOL_MODES, PRESET_NAMES, STORAGE_DTYPES
+from extractor.vocabulary import COMPUTE_DTYPES, POOL_MODES, PRESET_NAMES, STORAGE_DTYPES
 from schemas.cli import CommandParser, HelpFormatter, add_command, comma_list, dispatch, non_negative_int, positive_int
 from schemas.errors import ImzarrError, StoreValidationError
 from schemas.output_paths import check_output_location
@@ -146,9 +146,7 @@ def _extract(args: argparse.Namespace) -> int:
 
     check_output_location(args.output, [args.store], allow_memory=False)
     _check_device_and_dtype(args)
-    # For a feature network, --seed only chooses --per-class samples: it is no noise seed there.
-    noise_seed = None if args.preset in FEATURE_PRESET_NAMES else args.seed
-    forward = _forward_settings(args, noise_seed, noise=not args.no_noise, class_free=args.class_free, reconstructions=args.reconstructions)
+    forward = _forward_settings(args, args.seed, noise=not args.no_noise, class_free=args.class_free, reconstructions=args.reconstructions)
     options = ExtractOptions(
         store=args.store,
         output=args.output,

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from extractor.activation_writer import default_shard_size
-from extractor.extraction import ExtractOptions, choose_batch_size, load_forward, probe_layers
+from extractor.extraction import ExtractOptions, check_resolution, choose_batch_size, load_forward, probe_layers
 from extractor.forward import resolve_device
 from extractor.selection import select_samples
 from schemas.image_store import validate_image_store
@@ -27,9 +27,10 @@ def dry_run_table(options: ExtractOptions) -> str:
     run = options.run
     device = resolve_device(run.device)
     images = validate_image_store(options.store)
-    loaded, fwd = load_forward(options.forward, device)
+    loaded, fwd = load_forward(options.forward, device, options.selection.per_class is not None)
     chosen = select_samples(options.selection, images.coordinate("label"), images.coordinate("synset"))
     res = images.resolution
+    check_resolution(loaded, res, options.store)
     if run.batch_size:
         batch = run.batch_size
     else:  # the automatic choice needs the layer shapes: probe one sample first

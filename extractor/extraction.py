@@ -81,13 +81,19 @@ class ExtractResult:
     trained: bool
 
 
-def load_forward(settings: ForwardSettings, device: str) -> tuple[LoadedModel, ForwardSettings]:
+def load_forward(settings: ForwardSettings, device: str, seed_picks_samples: bool = False) -> tuple[LoadedModel, ForwardSettings]:
     """The network on `device` (once per process) and the settings that run on it: defaults filled in for its
-    kind, options it cannot take refused, the rest checked."""
+    kind, options it cannot take refused, the rest checked (`seed_picks_samples`: see resolve_forward)."""
     loaded = cached_model(settings.model, device)
-    fwd = resolve_forward(settings, loaded, device)
+    fwd = resolve_forward(settings, loaded, device, seed_picks_samples)
     check_forward_settings(fwd)
     return loaded, fwd
+
+
+def check_resolution(loaded: LoadedModel, resolution: int, where: str) -> None:
+    """A diffusion network takes one image side only; feature networks resize every input to their own."""
+    if loaded.kind != FEATURE_KIND and loaded.resolution != resolution:
+        raise ExtractionError(f"{where}: images are {resolution}×{resolution}, the model takes {loaded.resolution}×{loaded.resolution}")
 
 
 def probe_layers(loaded: LoadedModel, fwd: ForwardSettings, device: str, resolution: int, batch: int = 1) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
@@ -160,12 +166,10 @@ def extract(options: ExtractOptions) -> ExtractResult:
     if not options.forward.layers:
         raise ExtractionError("no layers requested (--layers L1,L2)")
     images = validate_image_store(options.store)
-    loaded, fwd = load_forward(options.forward, device)
+    loaded, fwd = load_forward(options.forward, device, options.selection.per_class is not None)
     labels, synsets = images.coordinate("label"), images.coordinate("synset")
     chosen = select_samples(options.selection, labels, synsets)
-    # Feature networks resize every input to their own side; a diffusion network takes one resolution only.
-    if loaded.kind != FEATURE_KIND and loaded.resolution != images.resolution:
-        raise ExtractionError(f"{options.store}: images are {images.resolution}×{images.resolution}, the model takes {loaded.resolution}×{loaded.resolution}")
+    check_resolution(loaded, images.resolution, options.store)
     shapes, paths = probe_layers(loaded, fwd, device, images.resolution)
     selection = describe_selection(options.selection, chosen)
     settings = extraction_settings(options, fwd, images.attrs, selection, loaded.sha256)

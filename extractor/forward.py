@@ -102,16 +102,18 @@ def resolve_compute(fwd: ForwardSettings, device: str, kind: str = DIFFUSION_KIN
     return replace(fwd, compute_dtype="bf16" if device.startswith("cuda") and kind == DIFFUSION_KIND else "fp32")
 
 
-def resolve_forward(fwd: ForwardSettings, loaded: LoadedModel, device: str) -> ForwardSettings:
+def resolve_forward(fwd: ForwardSettings, loaded: LoadedModel, device: str, seed_picks_samples: bool = False) -> ForwardSettings:
     """The settings that run on this network: defaults filled in, options it cannot take refused (one line each).
 
     Diffusion networks: σ = DEFAULT_SIGMA and seed DEFAULT_NOISE_SEED where not given; noise_seed None exactly
-    when no noise is added. Feature networks: no σ, no noise, no class labels, no D(x); compute fp32 on auto.
+    when no noise is added. Feature networks: no σ, no noise, no class labels, no D(x); compute fp32 on auto. One
+    `--seed` serves noise and per-class sampling: for a feature network it is accepted only where it picks samples
+    (`seed_picks_samples`), and is no noise seed there.
     """
     if loaded.kind == FEATURE_KIND:
         given = [
             (fwd.sigma is not None, f"--sigma {fwd.sigma}: {FEATURE_INPUT_REFUSAL}"),
-            (fwd.noise_seed is not None, f"--seed {fwd.noise_seed} (noise seed): {FEATURE_INPUT_REFUSAL}"),
+            (fwd.noise_seed is not None and not seed_picks_samples, f"--seed {fwd.noise_seed} (noise seed): {FEATURE_INPUT_REFUSAL}"),
             (fwd.class_free, "--class-free: feature networks take no class labels (only diffusion networks are conditioned on them)"),
             (fwd.reconstructions, "--reconstructions: feature networks return features, not a denoised image D(x)"),
         ]

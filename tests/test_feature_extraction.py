@@ -50,11 +50,12 @@ def cli_extract(store: str, out: str, *options: str) -> None:
 
 @pytest.fixture(scope="module")
 def pool3_stores(image_store, tmp_path_factory) -> dict[str, str]:
-    """pool3 of every image from the preset, and of the first CHECKPOINT_SAMPLES from its weights as a file."""
+    """pool3 of every image from the preset, and of the first CHECKPOINT_SAMPLES from its weights as a file
+    (`checkpoint_file`)."""
     root = tmp_path_factory.mktemp("pool3")
     checkpoint = root / "pt_inception-seeded.pth"
     torch.save(build_preset("fid-inception").state_dict(), checkpoint)  # a plain state dict, the published layout
-    stores = {"preset": str(root / "preset.zarr"), "checkpoint": str(root / "checkpoint.zarr")}
+    stores = {"preset": str(root / "preset.zarr"), "checkpoint": str(root / "checkpoint.zarr"), "checkpoint_file": str(checkpoint)}
     cli_extract(image_store, stores["preset"], "--preset", "fid-inception", "--layers", "pool3", "--dtype", "float32")
     cli_extract(image_store, stores["checkpoint"], "--checkpoint", str(checkpoint), "--layers", "pool3", "--dtype", "float32",
                 "--num-samples", str(CHECKPOINT_SAMPLES))
@@ -141,3 +142,25 @@ def test_generate_refuses_a_feature_network(tmp_path):
     with pytest.raises(ExtractionError, match="cannot generate images") as err:
         generate(GenerateOptions(str(tmp_path / "g.zarr"), fwd, per_class=1, classes=("n01440764",), run=RunOptions(device="cpu")))
     assert "\n" not in str(err.value) and not (tmp_path / "g.zarr").exists()
+
+
+def test_seed_picks_per_class_samples_for_a_feature_network(image_store, pool3_stores, tmp_path, capsys):
+    """One --seed serves noise and --per-class sampling: a feature network takes it where it picks samples, named
+    by preset or by checkpoint, from the command line or Python, and refuses it where it would pick nothing."""
+    from extractor.api import extract as api_extract
+
+    synset = str(validate_image_store(image_store).coordinate("synset")[0])
+    picks = ["--classes", synset, "--per-class", "1", "--seed", "3", "--layers", "pool3", "--dtype", "float32"]
+    cli_extract(image_store, str(tmp_path / "by_checkpoint.zarr"), "--checkpoint", pool3_stores["checkpoint_file"], *picks)
+    api_extract(image_store, str(tmp_path / "by_api.zarr"), preset="fid-inception", layers=["pool3"], classes=synset, per_class=1,
+                seed=3, dtype="float32", device="cpu")
+    by_checkpoint, by_api = (validate_activation_store(str(tmp_path / f"{name}.zarr")) for name in ("by_checkpoint", "by_api"))
+    assert by_checkpoint["source_sample"].shape == (1,)
+    np.testing.assert_array_equal(by_checkpoint["source_sample"][:], by_api["source_sample"][:])
+    np.testing.assert_array_equal(by_checkpoint["pool3"][:], by_api["pool3"][:])
+    assert dict(by_checkpoint.attrs)["noise"] is None and dict(by_checkpoint.attrs)["settings"]["noise_seed"] is None
+    capsys.readouterr()  # the runs' progress lines
+    code = extractor_main(["extract", image_store, "-o", str(tmp_path / "o.zarr"), "--checkpoint", pool3_stores["checkpoint_file"],
+                           "--layers", "pool3", "--seed", "3", "--device", "cpu"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "--seed 3" in err[0] and not (tmp_path / "o.zarr").exists()

@@ -73,3 +73,32 @@ def test_extract_takes_one_class_by_wnid_or_index(sample):
     by_index = extractor.extract(images, str(sample / "by_index.zarr"), classes=int(labels[0]), **kwargs)
     by_wnid = extractor.extract(images, str(sample / "by_wnid.zarr"), classes=wnid, **kwargs)
     assert by_index.num_samples == by_wnid.num_samples == int((labels == labels[0]).sum())
+
+
+def test_features_equal_the_store_extract_writes(sample):
+    """`features` on a batch in memory gives what `extract` stores for the same images: sample i gets global index
+    i's noise, so the store's first rows (global indices 0, 1, … when converted in order) match exactly."""
+    import extractor
+
+    images = str(sample / "features_images.zarr")
+    converter.convert_npz(sample / "src" / "train", images)
+    store = schemas.open_image_store(images)
+    n = 24
+    assert np.array_equal(store.coordinate("global_index")[:n], np.arange(n))
+    layers = ["encoder_bottleneck", "model.enc.32x32_block0"]
+    extractor.extract(images, str(sample / "features_acts.zarr"), layers=layers, preset="tiny-random", num_samples=n, dtype="float32", device="cpu")
+    stored = zarr.open_group(str(sample / "features_acts.zarr"), mode="r")
+    ds = extractor.features(store.read(0, n), store.coordinate("label")[:n], layers=layers, model="tiny-random", device="cpu", batch_size=10)
+    for name in layers:
+        np.testing.assert_allclose(ds[name].values, stored[name][:], rtol=1e-5, atol=1e-6, err_msg=name)
+    np.testing.assert_array_equal(ds["label"].values, stored["label"][:])
+    assert [str(s) for s in ds["synset"].values] == [str(s) for s in stored["synset"][:]]
+
+
+def test_features_refuse_images_of_another_size():
+    import extractor
+    from extractor.forward import ExtractionError
+
+    images = np.zeros((2, 3, 32, 32), dtype=np.uint8)
+    with pytest.raises(ExtractionError, match="images are 32×32, the model takes 64×64"):
+        extractor.features(images, layers=["encoder_bottleneck"], model="tiny-random", device="cpu")
