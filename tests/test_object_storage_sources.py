@@ -265,3 +265,22 @@ def test_output_inside_an_s3_input_is_refused(inputs, s3, cli):
     assert code == 2 and "lies inside the input" in err and len(err.strip().splitlines()) == 1
     code, _, err = cli("convert", "jpeg", s3.url("in/train"), "-o", s3.url("in/train"))
     assert code == 2 and "is the input" in err
+
+
+def test_a_rewritten_s3_object_is_changed_input(s3, cli, tmp_path):
+    """An object rewritten in place (same key and size, new ETag) is a different input: the rerun refuses in one
+    line, --overwrite rebuilds the store from the new bytes."""
+    fs = s3fs.S3FileSystem(**s3.storage_options, skip_instance_cache=True)
+    local, out = tmp_path / "src", tmp_path / "o.zarr"
+    local.mkdir()
+    images = {seed: photo_like(20, 16, seed=seed) for seed in (0, 1)}
+    write_npz_shard(local / "val_data.npz", images[0], np.arange(20) + 1, mean=False)
+    fs.put_file(str(local / "val_data.npz"), f"{s3.bucket}/rewritten/val_data.npz")
+    assert cli("convert", "npz", s3.url("rewritten/"), "-o", out)[0] == 0
+    write_npz_shard(local / "val_data.npz", images[1], np.arange(20) + 1, mean=False)
+    fs.put_file(str(local / "val_data.npz"), f"{s3.bucket}/rewritten/val_data.npz")
+    code, _, err = cli("convert", "npz", s3.url("rewritten/"), "-o", out)
+    assert code == 2 and "changed: sources" in err.strip().splitlines()[-1]
+    np.testing.assert_array_equal(zarr.open_group(str(out), mode="r")["image"][:], images[0])  # untouched
+    assert cli("convert", "npz", s3.url("rewritten/"), "-o", out, "--overwrite")[0] == 0
+    np.testing.assert_array_equal(zarr.open_group(str(out), mode="r")["image"][:], images[1])

@@ -33,6 +33,15 @@ def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     return fsspec.core.url_to_fs(url)
 
 
+def fresh_filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """`filesystem`, with what it remembers of listings below the URL forgotten: fsspec keeps one filesystem
+    object per process, and a listing cached by an earlier conversion in this process would show an object
+    rewritten since with its old size and ETag (a changed input taken for the same one; its reads then fail)."""
+    fs, path = filesystem(url)
+    fs.invalidate_cache(path)
+    return fs, path
+
+
 def url_of(fs: fsspec.AbstractFileSystem, path: str) -> str:
     """A filesystem path as a full URL again (what messages and later reads use)."""
     return fs.unstrip_protocol(path)
@@ -50,7 +59,7 @@ def basename(path: str | os.PathLike[str]) -> str:
 
 def info(url: str) -> dict[str, Any] | None:
     """fsspec's description of a URL (`type` "file" or "directory", `size`, ETag, …); None where nothing is."""
-    fs, path = filesystem(url)
+    fs, path = fresh_filesystem(url)
     try:
         return fs.info(path)
     except FileNotFoundError:
@@ -59,7 +68,7 @@ def info(url: str) -> dict[str, Any] | None:
 
 def list_files(url: str) -> list[tuple[str, str]]:
     """(name, URL) of the files directly in a folder URL, in listing order."""
-    fs, path = filesystem(url)
+    fs, path = fresh_filesystem(url)
     return [
         (posixpath.basename(entry["name"].rstrip("/")), url_of(fs, entry["name"]))
         for entry in fs.ls(path, detail=True)
@@ -69,7 +78,7 @@ def list_files(url: str) -> list[tuple[str, str]]:
 
 def find_below(url: str) -> dict[str, dict[str, Any]]:
     """Every file and folder below a folder URL, by POSIX path relative to it, in one listing."""
-    fs, path = filesystem(url)
+    fs, path = fresh_filesystem(url)
     prefix = path.rstrip("/") + "/"
     found = {}
     for name, entry in fs.find(path, withdirs=True, detail=True).items():
