@@ -33,7 +33,7 @@ def as_model_spec(model: str | ModelSpec) -> ModelSpec:
     return ModelSpec(preset=model) if model in PRESET_NAMES else ModelSpec(checkpoint=str(model))
 
 
-def extract(
+def extract_options(
     store: str,
     output: str,
     *,
@@ -60,8 +60,9 @@ def extract(
     overwrite: bool = False,
     shard_size: int | None = None,
     compile: bool = False,
-) -> ExtractResult:
-    """Image store → activation store of the named layers; keyword arguments and defaults as `imzarr extract`."""
+) -> ExtractOptions:
+    """One extraction's options from `imzarr extract`'s options as keywords (the command line builds its run here
+    too, so both have the same defaults and meanings). One `seed` serves the noise and --per-class sampling."""
     store, output, checkpoint = local_file_url_to_path([str(store), str(output), checkpoint])  # file:// as the CLI takes it
     forward = ForwardSettings(
         model=model_spec(preset, checkpoint),
@@ -90,7 +91,13 @@ def extract(
         shard_size=shard_size,
         compile=compile,
     )
-    return run_extraction(ExtractOptions(str(store), str(output), forward, selection, run))
+    return ExtractOptions(str(store), str(output), forward, selection, run)
+
+
+def extract(store: str, output: str, **options: Any) -> ExtractResult:
+    """Image store → activation store of the named layers; keywords and defaults as `imzarr extract`'s options
+    (`extract_options` lists them: layers=[…] is required)."""
+    return run_extraction(extract_options(store, output, **options))
 
 
 def features(

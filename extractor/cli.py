@@ -141,25 +141,19 @@ def _add_extract(sub) -> None:
 
 
 def _extract(args: argparse.Namespace) -> int:
-    from extractor.extraction import ExtractOptions, extract
-    from extractor.selection import SelectionSpec
+    from extractor.api import extract_options
+    from extractor.extraction import extract
 
     check_output_location(args.output, [args.store], allow_memory=False)
     _check_device_and_dtype(args)
-    forward = _forward_settings(args, args.seed, noise=not args.no_noise, class_free=args.class_free, reconstructions=args.reconstructions)
-    options = ExtractOptions(
-        store=args.store,
-        output=args.output,
-        forward=forward,
-        selection=SelectionSpec(
-            num_samples=args.num_samples,
-            indices_file=args.indices,
-            classes=args.classes,
-            per_class=args.per_class,
-            seed=args.seed or 0,
-        ),
-        run=_run_options(args),
-    )
+    options = extract_options(
+        args.store, args.output, layers=args.layers or (), preset=args.preset, checkpoint=args.checkpoint, sigma=args.sigma,
+        seed=args.seed, noise=not args.no_noise, class_free=args.class_free, pool=args.pool, dtype=args.dtype,
+        compute_dtype=args.compute_dtype, reconstructions=args.reconstructions, num_samples=args.num_samples,
+        indices=args.indices, classes=args.classes, per_class=args.per_class, batch_size=args.batch_size, device=args.device,
+        scheduler=args.scheduler, workers=args.workers, resources=args.resources, overwrite=args.overwrite,
+        shard_size=args.shard_size, compile=args.compile,
+    )  # fmt: skip
     if args.dry_run:
         from extractor.dry_run import dry_run_table
 
