@@ -29,6 +29,7 @@ from extractor.models import (
     is_feature_network,
     resolve_compute_dtype,
 )
+from extractor import noise_cpu
 from extractor.noise import NoiseGenerator
 from schemas.activation_store import DIFFUSION_KIND, FEATURE_KIND, STORAGE_DTYPES
 from schemas.errors import ImzarrError
@@ -433,12 +434,16 @@ class ShardForward:
             if self.noise is None:
                 raise ExtractionError("generation needs a seed for its noise")
             return self.noise(global_index, out=x).mul_(self.fwd.sigma)
+        noise = None if self.noise is None or self.feature else self.noise(global_index, out=self._scratch("noise", n))
+        if not self.cuda and not self.feature:  # one pass instead of five over the batch, same bits
+            noise_cpu.noised_input(images.numpy(), None if noise is None else noise.numpy(), self.fwd.sigma or 0.0, x.numpy())
+            return x
         x.copy_(images.to(self.device, non_blocking=True))
         if self.feature:
             return x
         x.div_(127.5).sub_(1.0)
-        if self.noise is not None:
-            x.add_(self.noise(global_index, out=self._scratch("noise", n)).mul_(self.fwd.sigma))
+        if noise is not None:
+            x.add_(noise.mul_(self.fwd.sigma))
         return x
 
     def run(self, first: int, images: torch.Tensor | None, labels: np.ndarray, global_index: np.ndarray) -> None:
