@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from extractor import noise_cpu
 from extractor.models import (
     SMALLEST_TRAINING_SIGMA,
     LoadedModel,
@@ -29,7 +30,6 @@ from extractor.models import (
     is_feature_network,
     resolve_compute_dtype,
 )
-from extractor import noise_cpu
 from extractor.noise import NoiseGenerator
 from schemas.activation_store import DIFFUSION_KIND, FEATURE_KIND, STORAGE_DTYPES
 from schemas.errors import ImzarrError
