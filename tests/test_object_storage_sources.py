@@ -236,6 +236,14 @@ def test_checkpoint_from_s3_gives_the_local_activations(inputs, s3, cli, tmp_pat
         assert torch.equal(value, from_s3.module.state_dict()[key]), key
     assert set(Path(tempfile.gettempdir()).glob("imzarr-checkpoint-*")) == copies_before  # the copies are gone
 
+    # The public readers take URLs as they take paths; telling a pickle from a torch file fetches 4 bytes.
+    from extractor.models.checkpoints import is_edm_network_pickle, read_checkpoint
+
+    assert is_edm_network_pickle(s3.url("ckpt/edm-net.pkl")) and not is_edm_network_pickle(s3.url("ckpt/dmd2/"))
+    (remote_state, remote_kwargs), (local_state, local_kwargs) = read_checkpoint(s3.url("ckpt/edm-net.pkl")), read_checkpoint(local)
+    assert remote_kwargs == local_kwargs and remote_state.keys() == local_state.keys()
+    assert all(torch.equal(remote_state[k], local_state[k]) for k in local_state)
+
 
 @pytest.mark.parametrize(
     ("args", "expected"),

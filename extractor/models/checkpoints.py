@@ -2,22 +2,23 @@
 
 Nothing here ever runs code from a checkpoint: torch files go through `torch.load(weights_only=True)`,
 safetensors through `safetensors`, and EDM's network pickles (which embed their Python source) through a
-restricted unpickler that only rebuilds tensors and plain containers (see /work/shared/notes/edm-checkpoints.md).
+restricted unpickler that only rebuilds tensors and plain containers.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import io
 import pickle
 import posixpath
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -138,11 +139,27 @@ def local_checkpoint(path: str | Path) -> Iterator[Path]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
+Result = TypeVar("Result")
+
+
+def reads_urls_too(read: Callable[..., Result]) -> Callable[..., Result]:
+    """`read(path, …)` of a local checkpoint, also given a URL: then it reads a local copy (`local_checkpoint`).
+    What it returns outlives the copy: tensors are read into memory, and a memory-mapped file's pages stay
+    readable after the copy is removed (POSIX keeps an unlinked file's pages while they are mapped)."""
+
+    @functools.wraps(read)
+    def read_local_or_copy(path: str | Path, *args: Any, **kwargs: Any) -> Result:
+        if is_remote_url(path):
+            with local_checkpoint(path) as file:
+                return read(file, *args, **kwargs)
+        return read(path, *args, **kwargs)
+
+    return read_local_or_copy
+
+
+@reads_urls_too
 def read_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any] | None]:
     """Read a checkpoint safely: (normalised `model.*` state dict, constructor kwargs if the file records them)."""
-    if is_remote_url(path):
-        with local_checkpoint(path) as file:
-            return read_checkpoint(file)
     file = resolve_checkpoint_file(path)
     suffix = file.suffix.lower()
     init_kwargs: dict[str, Any] | None = None
@@ -155,10 +172,13 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]
     return normalize_state_dict(obj, file), init_kwargs
 
 
+_ZIP_MAGIC = b"PK\x03\x04"
+
+
 def _is_zip(file: Path) -> bool:
     """torch.save's default container (whatever the file is called)."""
     with file.open("rb") as fh:
-        return fh.read(4) == b"PK\x03\x04"
+        return fh.read(4) == _ZIP_MAGIC
 
 
 def _read_safetensors(file: Path) -> dict[str, Tensor]:
@@ -487,13 +507,11 @@ def _config_from_init_kwargs(init_kwargs: Mapping[str, Any], path: Path) -> dict
     return {k: v for k, v in init_kwargs.items() if k in CONFIG_KEYS}
 
 
+@reads_urls_too
 def load_checkpoint(
     path: str | Path, config: Mapping[str, Any] | None = None, device: torch.device | str = "cpu"
 ) -> EDMPrecond:
     """Build an EDMPrecond from a checkpoint file or DMD2 folder (config: given, recorded, or inferred); eval mode."""
-    if is_remote_url(path):
-        with local_checkpoint(path) as file:
-            return load_checkpoint(file, config, device)
     file = resolve_checkpoint_file(path)
     state_dict, init_kwargs = read_checkpoint(file)
     if config is None:
@@ -511,20 +529,22 @@ def load_checkpoint(
 
 
 def is_edm_network_pickle(path: str | Path) -> bool:
-    """True for an EDM network pickle (`.pkl`/`.pickle` that is not a torch zip), which only EDMPrecond reads."""
-    if is_remote_url(path):
-        with local_checkpoint(path) as file:
-            return is_edm_network_pickle(file)
+    """True for an EDM network pickle (`.pkl`/`.pickle` that is not a torch zip), which only EDMPrecond reads.
+    A URL's first four bytes are all that is fetched."""
     file = resolve_checkpoint_file(path)
-    return file.suffix.lower() in _PICKLE_SUFFIXES and not _is_zip(file)
+    if posixpath.splitext(str(file))[1].lower() not in _PICKLE_SUFFIXES:
+        return False
+    if isinstance(file, Path):
+        return not _is_zip(file)
+    import fsspec
+
+    fs, key = fsspec.core.url_to_fs(file)
+    return fs.cat_file(key, start=0, end=4) != _ZIP_MAGIC
 
 
+@reads_urls_too
 def read_plain_state_dict(path: str | Path) -> dict[str, Tensor]:
     """A torch/safetensors checkpoint's state dict, keys as stored (containers, DDP/compile prefixes removed)."""
-    if is_remote_url(path):
-        with local_checkpoint(path) as file:
-            # A memory-mapped copy stays readable after its folder is removed (POSIX keeps unlinked files' pages).
-            return read_plain_state_dict(file)
     file = resolve_checkpoint_file(path)
     if is_edm_network_pickle(file):
         raise CheckpointError(f"{file}: an EDM network pickle, not a plain state dict")
