@@ -7,9 +7,6 @@ import pytest
 import torch
 import zarr
 
-from converter.convert import ConvertOptions, convert
-from converter.sample import write_sample_shards
-from converter.sources.npz import open_npz_source
 from extractor.extraction import (
     ExtractionError,
     ExtractOptions,
@@ -25,21 +22,12 @@ from extractor.models import EDMPrecond, ModelSpec
 from extractor.noise import NoiseGenerator, sqrt_correctly_rounded_
 from extractor.selection import SelectionSpec
 from tests.stand_in import StandInNetwork, serving
-from tests.test_extract import BF16_LAYER_TOLERANCE, BF16_OUTPUT_TOLERANCE
+from tests.test_extract import BF16_LAYER_TOLERANCE, BF16_OUTPUT_TOLERANCE, image_store  # noqa: F401 - a fixture
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 PRESET = ModelSpec(preset="tiny-random")
 LAYERS = ("encoder_bottleneck", "midblock", "model.enc.32x32_block0")
-
-
-@pytest.fixture(scope="module")
-def image_store(tmp_path_factory):
-    root = tmp_path_factory.mktemp("images")
-    write_sample_shards(root / "npz", per_shard=100, train_shards=2, val_size=10)
-    url = str(root / "images.zarr")
-    convert(open_npz_source([root / "npz" / "train"]), ConvertOptions(url, shuffle_seed=3, shard_size=64, inner_chunk=16))
-    return url
 
 
 def as_bits(t: torch.Tensor) -> torch.Tensor:
@@ -92,7 +80,7 @@ def test_edm_reference_fixture_on_cuda(edm_reference, compute_dtype):
         assert (out.cpu() - ref["out"]).abs().max() <= BF16_OUTPUT_TOLERANCE * ref["out"].abs().max()
 
 
-def run_extraction(store: str, out: str, device: str, compute: str = "fp32", batch: int | None = 32, compile_blocks: bool = False, n: int = 192) -> zarr.Group:
+def run_extraction(store: str, out: str, device: str, compute: str = "fp32", batch: int | None = 32, compile_blocks: bool = False, n: int = 96) -> zarr.Group:
     fwd = ForwardSettings(PRESET, LAYERS, storage_dtype="float32", compute_dtype=compute, reconstructions=True)
     extract(ExtractOptions(store, out, fwd, SelectionSpec(num_samples=n), RunOptions(batch_size=batch, device=device, shard_size=64, compile=compile_blocks)))
     return zarr.open_group(out, mode="r")
