@@ -4,6 +4,7 @@ returns a labelled `xr.Dataset`."""
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from typing import Any
 
@@ -98,6 +99,10 @@ def extract(store: str, output: str, **options: Any) -> ExtractResult:
     """Image store → activation store of the named layers; keywords and defaults as `imzarr extract`'s options
     (`extract_options` lists them: layers=[…] is required)."""
     return run_extraction(extract_options(store, output, **options))
+
+
+# help(extractor.extract) and editors show the keywords themselves.
+extract.__signature__ = inspect.signature(extract_options).replace(return_annotation="ExtractResult")  # type: ignore[attr-defined]
 
 
 def features(

@@ -11,6 +11,7 @@ preprocess it as their protocol says, so σ, noise, class labels and reconstruct
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from importlib.metadata import version
@@ -316,15 +317,22 @@ class ShardTask:
 # every task a few milliseconds that the other worker waited on (~5 % of a CPU extraction's worker time,
 # measured), and each task read the shard indexes again. Keyed by the store's settings fingerprint as well, so a
 # store converted anew (from other inputs or options) in this process is opened anew.
-_OPENED_IMAGE_STORES: dict[tuple[str, str | None], ImageStore] = {}
+# A store without a fingerprint (not made by imzarr) is opened per task; a forked process opens its own; the last
+# few stay open.
+_OPENED_IMAGE_STORES: dict[tuple[int, str, str], ImageStore] = {}
+_KEPT_OPEN = 4
 
 
 def opened_image_store(url: str, fingerprint: str | None) -> ImageStore:
     """The image store at `url`, opened once per process and fingerprint (its reads are thread-safe)."""
-    key = (url, fingerprint)
+    if fingerprint is None:
+        return ImageStore(url, zarr.open_group(url, mode="r"))
+    key = (os.getpid(), url, fingerprint)
     store = _OPENED_IMAGE_STORES.get(key)
     if store is None:
         store = _OPENED_IMAGE_STORES[key] = ImageStore(url, zarr.open_group(url, mode="r"))
+        for stale in list(_OPENED_IMAGE_STORES)[:-_KEPT_OPEN]:
+            _OPENED_IMAGE_STORES.pop(stale, None)
     return store
 
 

@@ -114,7 +114,8 @@ def resolve_forward(fwd: ForwardSettings, loaded: LoadedModel, device: str, seed
     if loaded.kind == FEATURE_KIND:
         given = [
             (fwd.sigma is not None, f"--sigma {fwd.sigma}: {FEATURE_INPUT_REFUSAL}"),
-            (fwd.noise_seed is not None and not seed_picks_samples, f"--seed {fwd.noise_seed} (noise seed): {FEATURE_INPUT_REFUSAL}"),
+            (fwd.noise_seed is not None and not seed_picks_samples,
+             f"--seed {fwd.noise_seed} without --per-class (for a feature network a seed only picks --per-class samples): {FEATURE_INPUT_REFUSAL}"),
             (fwd.class_free, "--class-free: feature networks take no class labels (only diffusion networks are conditioned on them)"),
             (fwd.reconstructions, "--reconstructions: feature networks return features, not a denoised image D(x)"),
         ]
@@ -158,23 +159,25 @@ def model_lock(device: str) -> threading.Lock:
 
 _IEEE_GUARD = threading.Lock()
 _ieee_users = 0
-_precision_before = ""
+_precision_before = True
 
 
 @contextlib.contextmanager
 def ieee_float32_convolutions(device: str) -> Iterator[None]:
     """fp32 compute means IEEE float32 on CUDA too: torch lets cuDNN convolutions round their float32 operands to
     TF32 (10-bit mantissa) by default, which moves activations by ~1e-3 relative. The setting is process-wide, so
-    it is counted: the first forward in sets it, the last one out restores what was there."""
+    it is counted: the first forward in sets it, the last one out restores what was there. Through the long-standing
+    `torch.backends.cudnn.allow_tf32`: setting only the newer per-operator flag left the two out of step, and any
+    code reading `allow_tf32` meanwhile got a RuntimeError."""
     global _ieee_users, _precision_before
     if not device.startswith("cuda"):
         yield
         return
-    conv = torch.backends.cudnn.conv
+    cudnn = torch.backends.cudnn
     with _IEEE_GUARD:
         if _ieee_users == 0:
-            _precision_before = conv.fp32_precision
-            conv.fp32_precision = "ieee"
+            _precision_before = cudnn.allow_tf32
+            cudnn.allow_tf32 = False
         _ieee_users += 1
     try:
         yield
@@ -182,7 +185,7 @@ def ieee_float32_convolutions(device: str) -> Iterator[None]:
         with _IEEE_GUARD:
             _ieee_users -= 1
             if _ieee_users == 0:
-                conv.fp32_precision = _precision_before
+                cudnn.allow_tf32 = _precision_before
 
 
 _PREPARED: set[tuple[int, str, bool]] = set()
@@ -213,8 +216,11 @@ def prepare_module(module: torch.nn.Module, device: str, compile_blocks: bool = 
             import torch._dynamo  # loaded by torch.compile anyway; imported here for its config
 
             dynamo_config = torch._dynamo.config
-            # two batch sizes per block: the run's and a last, smaller one
-            dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 2 * len(blocks) + 2)
+            # Up to four batch sizes per block: the memory probe's, the run's, a shard's tail and the last shard's
+            # tail (each new size compiles every block again, ~25 s for DMD2 on an H200).
+            needed = 4 * len(blocks) + 4
+            dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, needed)
+            dynamo_config.accumulated_recompile_limit = max(dynamo_config.accumulated_recompile_limit, needed)
             for block in blocks:
                 # The block's forward, not the module call: capture hooks stay outside the compiled graph.
                 block.forward = torch.compile(block.forward, dynamic=False)
@@ -376,6 +382,7 @@ class ShardForward:
         self.output_name = output_name
         self.on_ready = on_ready
         self.cuda = device.startswith("cuda")
+        self.device_type = torch.device(device).type
         self.feature = loaded.kind == FEATURE_KIND
         self.storage = getattr(torch, fwd.storage_dtype)
         res = loaded.resolution if resolution is None else resolution
@@ -435,7 +442,7 @@ class ShardForward:
                 raise ExtractionError("generation needs a seed for its noise")
             return self.noise(global_index, out=x).mul_(self.fwd.sigma)
         noise = None if self.noise is None or self.feature else self.noise(global_index, out=self._scratch("noise", n))
-        if not self.cuda and not self.feature:  # one pass instead of five over the batch, same bits
+        if self.device_type == "cpu" and not self.feature:  # one pass instead of five over the batch, same bits
             noise_cpu.noised_input(images.numpy(), None if noise is None else noise.numpy(), self.fwd.sigma or 0.0, x.numpy())
             return x
         x.copy_(images.to(self.device, non_blocking=True))

@@ -21,7 +21,7 @@ it); they lie within 3e-6 of the exact values of the formula above.
 
 torch's own float32 sqrt is not correctly rounded on x86 CPUs (it goes through MKL: 17 % of results one ULP off,
 measured), so the radius's sqrt is made exact here (`sqrt_correctly_rounded_`). Recipe /1 was this formula with
-that CPU sqrt; its stores are refused on resume. On CPU the recipe runs as one compiled loop
+that CPU sqrt; its stores are refused on resume. On CPU the recipe runs compiled
 (`extractor.noise_cpu`, 12× the torch ops' speed, measured); its bits equal these ops' (tested).
 
     ln u  = (e − 32)·ln 2 + 2·atanh(t),  a + 1 = f·2ᵉ with f ∈ [√½, √2),  t = (f − 1)/(f + 1),

@@ -1,4 +1,4 @@
-"""`extractor.noise`'s recipe as one compiled loop for the CPU (numba), bit-identical to its torch ops; and the
+"""`extractor.noise`'s recipe compiled for the CPU (numba), bit-identical to its torch ops; and the
 noised network input x = image/127.5 − 1 + σ·noise in one pass.
 
 The torch implementation runs each of the recipe's ~110 elementwise steps as its own pass over memory; on CPU
@@ -138,9 +138,10 @@ def _noised_input(images: np.ndarray, noise: np.ndarray, sigma: float, add_noise
 
 
 def noised_input(images: np.ndarray, noise: np.ndarray | None, sigma: float, out: np.ndarray) -> np.ndarray:
-    """out ← uint8 images / 127.5 − 1 (+ σ·noise): a diffusion network's input in one pass, with the float32
-    operations, in the order and rounding, of the torch ops the CUDA path runs (dividing by 127.5, not multiplying
-    by its reciprocal; σ rounded to float32 first). Arrays [n, …], C-contiguous; returns `out`."""
+    """out ← uint8 images / 127.5 − 1 (+ σ·noise): a diffusion network's input in one pass, bit for bit the CPU torch
+    ops it replaces (a true division by 127.5; σ rounded to float32 first). CUDA's torch multiplies by the float32
+    reciprocal of 127.5 instead, one ULP apart for some pixel values: inputs are not bit-equal across devices, only
+    the noise is. Arrays [n, …], C-contiguous; returns `out`."""
     n = out.shape[0]
     flat = out.reshape(n, -1)
     _noised_input(images.reshape(n, -1), flat if noise is None else noise.reshape(n, -1), float(sigma), noise is not None, flat)

@@ -20,7 +20,7 @@ from converter.sample import write_sample_shards
 from converter.sources.npz import open_npz_source
 from extractor.cli import main as extractor_main
 from extractor.extraction import ExtractionError, ExtractOptions, ForwardSettings, NoiseRecipeError, RunOptions, extract
-from extractor.forward import DEFAULT_NOISE_SEED, DEFAULT_SIGMA, forward_batch, nonfinite_rows, resolve_forward
+from extractor.forward import DEFAULT_NOISE_SEED, DEFAULT_SIGMA, forward_batch, ieee_float32_convolutions, nonfinite_rows, resolve_forward
 from extractor.models import EDMPrecond, ModelSpec, build_preset, cached_model
 from extractor.noise import LEGACY_NOISE_RECIPE, NOISE_RECIPE, per_sample_noise
 from extractor.selection import SelectionSpec
@@ -275,6 +275,19 @@ def test_store_made_with_the_old_noise_recipe_is_refused(image_store, tmp_path):
     extract(ExtractOptions(image_store, str(out), ForwardSettings(PRESET, ("encoder_bottleneck",), pool="mean"),
                            SelectionSpec(num_samples=16), RunOptions(8, "cpu", shard_size=32, overwrite=True)))
     assert validate_activation_store(str(out)).attrs["noise"]["recipe"] == NOISE_RECIPE
+
+
+def test_fp32_forwards_turn_tf32_convolutions_off_while_they_run():
+    """Counted: overlapping forwards (two workers) keep it off until the last one ends; then torch's own setting."""
+    cudnn = torch.backends.cudnn
+    before = cudnn.allow_tf32
+    with ieee_float32_convolutions("cuda:0"):
+        with ieee_float32_convolutions("cuda:0"):
+            assert cudnn.allow_tf32 is False
+        assert cudnn.allow_tf32 is False
+    assert cudnn.allow_tf32 == before
+    with ieee_float32_convolutions("cpu"):
+        assert cudnn.allow_tf32 == before
 
 
 def test_nonfinite_rows_exact_for_storage_dtypes():

@@ -34,9 +34,10 @@ def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
 
 
 def fresh_filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    """`filesystem`, with what it remembers of listings below the URL forgotten: fsspec keeps one filesystem
-    object per process, and a listing cached by an earlier conversion in this process would show an object
-    rewritten since with its old size and ETag (a changed input taken for the same one; its reads then fail)."""
+    """`filesystem`, with its cached listings of the URL and the folders above it forgotten (a recursive `find`
+    lists afresh anyway): fsspec keeps one filesystem object per process, and a listing cached by an earlier
+    conversion in this process would show an object rewritten since with its old size and ETag (a changed input
+    taken for the same one; its reads then fail)."""
     fs, path = filesystem(url)
     fs.invalidate_cache(path)
     return fs, path

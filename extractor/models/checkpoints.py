@@ -41,6 +41,7 @@ __all__ = [
     "normalize_state_dict",
     "read_checkpoint",
     "read_plain_state_dict",
+    "reads_urls_too",
     "resolve_checkpoint_file",
 ]
 
@@ -539,7 +540,13 @@ def is_edm_network_pickle(path: str | Path) -> bool:
     import fsspec
 
     fs, key = fsspec.core.url_to_fs(file)
-    return fs.cat_file(key, start=0, end=4) != _ZIP_MAGIC
+    try:
+        head = fs.cat_file(key, start=0, end=4)[:4]  # [:4]: a server may ignore the range and send it all
+    except FileNotFoundError:
+        raise CheckpointError(f"{file}: no such checkpoint file or folder") from None
+    except PermissionError as exc:
+        raise CheckpointError(f"{file}: cannot read ({exc.strerror or exc})") from None
+    return head != _ZIP_MAGIC
 
 
 @reads_urls_too

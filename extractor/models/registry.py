@@ -28,11 +28,11 @@ from extractor.models.checkpoints import (
     load_checkpoint,
     local_checkpoint,
     read_plain_state_dict,
+    reads_urls_too,
     resolve_checkpoint_file,
 )
 from extractor.models.edm import PRESETS, EDMPrecond
 from schemas.errors import ImzarrError
-from schemas.output_paths import is_remote_url
 
 __all__ = [
     "EDM_FAMILY",
@@ -183,11 +183,9 @@ def family_of_preset(preset: str) -> ModelFamily:
     return FAMILIES[MODEL_PRESETS[preset]]
 
 
+@reads_urls_too
 def family_of_checkpoint(path: str | Path) -> tuple[ModelFamily, dict[str, Tensor] | None]:
     """The family of a checkpoint file or folder, from its state dict's keys, and that state dict (None for EDM)."""
-    if is_remote_url(path):
-        with local_checkpoint(path) as file:
-            return family_of_checkpoint(file)
     file = resolve_checkpoint_file(path)
     if is_edm_network_pickle(file):
         return EDM_FAMILY, None

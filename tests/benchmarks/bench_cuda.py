@@ -134,13 +134,13 @@ def run(workdir: Path, quick: bool = False) -> list[dict]:
         rate = forward_rates[compute] = forward_only_rate(*settings(compute))
         _emit(rows, make_row("cuda", f"forward only, {PRESET} to midblock, batch {BATCH}, {compute}", rate, "img/s",
                              note=f"{rate * gflop / 1e3:.1f} TFLOP/s ({gflop:.1f} GFLOP/img); {card}"))
-    # What torch's own float32 default (TF32 convolutions, which imzarr's fp32 turns off) would give.
-    conv = torch.backends.cudnn.conv
-    before, conv.fp32_precision = conv.fp32_precision, "tf32"
+    # What torch's own float32 default (TF32 convolutions, which imzarr's fp32 turns off) would give: capture_layers
+    # bare, outside forward_batch's IEEE setting.
+    before, torch.backends.cudnn.allow_tf32 = torch.backends.cudnn.allow_tf32, True
     try:
         rate = forward_only_rate(*settings("fp32"), through_extractor=False)
     finally:
-        conv.fp32_precision = before
+        torch.backends.cudnn.allow_tf32 = before
     _emit(rows, make_row("cuda", f"forward only, {PRESET} to midblock, batch {BATCH}, fp32 with TF32 convolutions", rate, "img/s",
                          note=f"{rate * gflop / 1e3:.1f} TFLOP/s; informational: torch's default, not used by imzarr; {card}"))
 
