@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from extractor import noise_cpu
+from extractor import cast_cpu, noise_cpu
 from extractor.models import (
     SMALLEST_TRAINING_SIGMA,
     LoadedModel,
@@ -465,9 +465,13 @@ class ShardForward:
             results[self.output_name] = to_uint8_images(out)
         if not self.cuda:
             for name, value in results.items():
-                target = self.host[name][first:stop]
-                target.copy_(value)  # the storage-dtype cast, written straight into the shard buffer
-                if name != self.output_name:
+                target = self.host[name][first:stop]  # the storage-dtype cast goes straight into the shard buffer
+                if name == self.output_name:
+                    target.copy_(value)
+                elif value.dtype == torch.float32 and target.dtype == torch.float16:  # the default: one pass
+                    self.flags[name][first:stop] = torch.from_numpy(cast_cpu.cast_to_float16(value.contiguous().numpy(), target.numpy()))
+                else:
+                    target.copy_(value)
                     self.flags[name][first:stop] = nonfinite_rows(target, self._check_scratch(target))
             if self.on_ready is not None:
                 self.on_ready(first, stop, None)
