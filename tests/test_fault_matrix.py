@@ -88,7 +88,7 @@ def workdir(tmp_path_factory) -> Path:
 
 COMMANDS = {
     "convert": (["convert", "npz", "src/train", "--shard-size", "64", "--inner-chunk", "16", "-o"], ["OUT"]),
-    "extract": (["extract", "images.zarr", "--preset", "tiny-random", "--layers", "midblock", "--shard-size", "64", "--num-samples", "300", "--device", "cpu", "-o"], ["OUT"]),
+    "extract": (["extract", "images.zarr", "--preset", "tiny-random", "--layers", "midblock", "--shard-size", "64", "--num-samples", "192", "--device", "cpu", "-o"], ["OUT"]),
     "generate": (["generate", "--preset", "tiny-random", "--per-class", "10", "--classes", "n01440764,n02119789,n01530575", "--shard-size", "8", "--layers", "midblock", "--device", "cpu", "--activations-out", "OUT-acts", "-o"], ["OUT", "OUT-acts"]),
 }
 
@@ -136,14 +136,14 @@ def test_kill_at_each_lifecycle_step_then_rerun(workdir, reference, command, ste
 
 @pytest.mark.parametrize("command", list(COMMANDS))
 def test_kill_at_instants_across_the_run_then_rerun(workdir, reference, command):
-    """Killed at 35 %, 60 % and 85 % of an uninterrupted run's time, shifted by a seeded random few per cent: each
-    rerun ends identical to the reference, and the kills did land inside the runs (not after them)."""
+    """Killed at 45 % and 80 % of an uninterrupted run's time, shifted by a seeded random few per cent: each rerun
+    ends identical to the reference, and a kill did land inside a run (not after it)."""
     rng = random.Random(command)
     killed = 0
-    for fraction in (0.35, 0.6, 0.85):
+    for fraction in (0.45, 0.8):
         delay_ms = int(1000 * reference["seconds"][command] * (fraction + rng.uniform(-0.05, 0.05)))
         out = f"{command}-instant-{delay_ms}.zarr"
         args, _ = _args(command, out)
         killed += _killed_run("random", delay_ms, args, workdir).returncode == -signal.SIGKILL
         _check_rerun_matches(workdir, command, out, reference)
-    assert killed >= 2, f"{command}: only {killed} of 3 kills landed before the run ended"
+    assert killed >= 1, f"{command}: neither kill landed before the run ended"
