@@ -216,9 +216,9 @@ def prepare_module(module: torch.nn.Module, device: str, compile_blocks: bool = 
             import torch._dynamo  # loaded by torch.compile anyway; imported here for its config
 
             dynamo_config = torch._dynamo.config
-            # Up to four batch sizes per block: the memory probe's, the run's, a shard's tail and the last shard's
-            # tail (each new size compiles every block again, ~25 s for DMD2 on an H200).
-            needed = 4 * len(blocks) + 4
+            # Up to five batch sizes per block: the layer probe's (1), the memory probe's (8), the run's, a shard's
+            # tail and the last shard's tail (each new size compiles every block again, ~25 s for DMD2 on an H200).
+            needed = 5 * len(blocks) + 5
             dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, needed)
             dynamo_config.accumulated_recompile_limit = max(dynamo_config.accumulated_recompile_limit, needed)
             for block in blocks:
@@ -381,8 +381,8 @@ class ShardForward:
         self.loaded, self.fwd, self.device, self.count = loaded, fwd, device, count
         self.output_name = output_name
         self.on_ready = on_ready
-        self.cuda = device.startswith("cuda")
         self.device_type = torch.device(device).type
+        self.cuda = self.device_type == "cuda"
         self.feature = loaded.kind == FEATURE_KIND
         self.storage = getattr(torch, fwd.storage_dtype)
         res = loaded.resolution if resolution is None else resolution
@@ -441,7 +441,7 @@ class ShardForward:
             if self.noise is None:
                 raise ExtractionError("generation needs a seed for its noise")
             return self.noise(global_index, out=x).mul_(self.fwd.sigma)
-        noise = None if self.noise is None or self.feature else self.noise(global_index, out=self._scratch("noise", n))
+        noise = None if self.noise is None else self.noise(global_index, out=self._scratch("noise", n))  # None: feature networks
         if self.device_type == "cpu" and not self.feature:  # one pass instead of five over the batch, same bits
             noise_cpu.noised_input(images.numpy(), None if noise is None else noise.numpy(), self.fwd.sigma or 0.0, x.numpy())
             return x

@@ -144,6 +144,7 @@ def noised_input(images: np.ndarray, noise: np.ndarray | None, sigma: float, out
     the noise is. Arrays [n, …], C-contiguous; returns `out`."""
     n = out.shape[0]
     flat = out.reshape(n, -1)
+    # without noise, `flat` stands in for the noise array the compiled loop's signature needs (it is not read)
     _noised_input(images.reshape(n, -1), flat if noise is None else noise.reshape(n, -1), float(sigma), noise is not None, flat)
     return out
 

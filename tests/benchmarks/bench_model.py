@@ -1,4 +1,4 @@
-"""Forward throughput of the EDM/DMD2 network: CPU rows always, CUDA rows (fp32, bf16) when a GPU is present."""
+"""Forward throughput of the EDM/DMD2 network on CPU (the CUDA rows, forward and whole extraction, are bench_cuda's)."""
 
 from __future__ import annotations
 
@@ -79,17 +79,6 @@ def run(workdir: pathlib.Path) -> list[dict]:
     rows.append(_row("forward, dmd2-imagenet64 (random init), batch 2, CPU fp32", rate,
                      f"{rate * GFLOP_PER_IMAGE_FULL:.0f} GFLOP/s; {threads} CPU threads"))  # fmt: skip
 
-    if torch.cuda.is_available():
-        gpu = torch.device("cuda")
-        card = torch.cuda.get_device_name(gpu)
-        full = full.to(gpu)
-        tf32 = torch.backends.cudnn.allow_tf32
-        for dtype in ("fp32", "bf16"):
-            rate = _forward_rate(full, 256, gpu, dtype, iters=5)
-            tflops = rate * GFLOP_PER_IMAGE_FULL / 1000
-            rows.append(_row(f"forward, dmd2-imagenet64, batch 256, CUDA {dtype}", rate,
-                             f"{tflops:.1f} TFLOP/s achieved ({GFLOP_PER_IMAGE_FULL} GFLOP/img); {card}; "
-                             f"cudnn.allow_tf32={tf32}"))  # fmt: skip
     return rows
 
 
