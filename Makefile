@@ -27,6 +27,10 @@ CMP_LAYER      ?= midblock
 # Features at σ = 0.5, where the network still sees the image (at σ = 80 every input is mostly noise).
 CMP_ARGS       ?= --sigma 0.5 --pool mean
 
+# Test files run in parallel, one per core (at most 4), a file's tests together on one worker: its module fixtures
+# (the fault matrix's reference runs, an S3 server) are made once. TEST_WORKERS= runs them one after another.
+TEST_WORKERS ?= -n auto --maxprocesses 4 --dist loadfile
+
 .PHONY: install convert extract compare test test-slow bench clean
 
 install: $(BIN)/imzarr
@@ -79,7 +83,7 @@ compare: $(BIN)/imzarr $(DATA)/sample.zarr/zarr.json
 
 test: $(BIN)/imzarr
 	@echo "imzarr: testing with Python $(PYVER) ($(VENV))"
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q $(TEST_WORKERS)
 
 test-slow: $(BIN)/imzarr
 	$(BIN)/python -m pytest -q -m slow

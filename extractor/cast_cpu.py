@@ -38,7 +38,7 @@ def _half_bits(x: np.float32) -> np.uint16:  # pragma: no cover - runs compiled
     return np.uint16(_U32(out | _U32(sign >> _U32(16))))
 
 
-@numba.njit(nogil=True, error_model="numpy")  # nogil: worker threads run it in parallel
+@numba.njit(nogil=True, error_model="numpy", cache=True)  # nogil: worker threads run it in parallel; cache: compiled once, not per process
 def _cast_rows(src: np.ndarray, dst: np.ndarray, nonfinite: np.ndarray) -> None:  # pragma: no cover - runs compiled
     n, m = src.shape
     for i in range(n):

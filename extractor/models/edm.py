@@ -136,8 +136,8 @@ class _Initialisable(nn.Module):
 
 def _box_filter() -> Tensor:
     """[1,1] (x) [1,1] / 4 as a [1, 1, 2, 2] filter: 2x2 box resampling."""
-    box = torch.ones(2)
-    return torch.outer(box, box).reshape(1, 1, 2, 2) / box.sum().square()
+    # One fill, not torch.outer: on the meta device outer's kernel imports torch._dynamo (~2 s per process).
+    return torch.full((1, 1, 2, 2), 0.25)
 
 
 class Linear(_Initialisable):
