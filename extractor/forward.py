@@ -188,7 +188,8 @@ def ieee_float32_convolutions(device: str) -> Iterator[None]:
                 cudnn.allow_tf32 = _precision_before
 
 
-_PREPARED: set[tuple[int, str, bool]] = set()
+# (module id, device) → whether its blocks are compiled now: a later run with the other setting switches it back.
+_PREPARED: dict[tuple[int, str], bool] = {}
 
 
 # The weights' memory layout on CUDA, by whether the blocks are compiled (measured on an H200, bf16, full DMD2 to the
@@ -205,14 +206,16 @@ def prepare_module(module: torch.nn.Module, device: str, compile_blocks: bool = 
     they do not have. Every block shares one forward function, and torch compiles a function again for each
     block (and each batch size) until its recompile limit: the limit is raised to cover them all, else the
     blocks past it silently run eagerly."""
-    key = (id(module), str(device), compile_blocks)
+    key = (id(module), str(device))
     with _LOCKS_GUARD:
-        if key in _PREPARED or not device.startswith("cuda"):
+        if _PREPARED.get(key) == compile_blocks or not device.startswith("cuda"):
             return module
         module.to(memory_format=CUDA_LAYOUT[compile_blocks])
-        if compile_blocks and not is_feature_network(module):
-            unet = module.model
-            blocks = [*unet.enc.values(), *unet.dec.values()]
+        blocks = [] if is_feature_network(module) else [*module.model.enc.values(), *module.model.dec.values()]
+        if not compile_blocks:
+            for block in blocks:
+                block.__dict__.pop("forward", None)  # the class's eager forward again
+        else:
             import torch._dynamo  # loaded by torch.compile anyway; imported here for its config
 
             dynamo_config = torch._dynamo.config
@@ -224,7 +227,7 @@ def prepare_module(module: torch.nn.Module, device: str, compile_blocks: bool = 
             for block in blocks:
                 # The block's forward, not the module call: capture hooks stay outside the compiled graph.
                 block.forward = torch.compile(block.forward, dynamic=False)
-        _PREPARED.add(key)
+        _PREPARED[key] = compile_blocks
     return module
 
 

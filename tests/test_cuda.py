@@ -137,3 +137,18 @@ def test_nonfinite_values_found_on_the_device(image_store, tmp_path):
 # Last: the first compiled batches pay for compiling every block.
 def test_compiled_blocks_equal_eager(image_store, cpu_reference, tmp_path):
     assert_close_to(cpu_reference, run_extraction(image_store, str(tmp_path / "compiled.zarr"), "cuda", compile_blocks=True), rtol=1e-3, atol=1e-4)
+
+
+def test_a_later_eager_run_undoes_compiled_blocks():
+    """One process, one cached model: --compile, then a run without it gets the eager forwards and NCHW weights."""
+    from extractor.forward import prepare_module
+
+    from extractor.models.registry import PRESETS
+
+    module = EDMPrecond(**PRESETS["tiny-random"]).to("cuda")
+    blocks = [*module.model.enc.values(), *module.model.dec.values()]
+    prepare_module(module, "cuda", compile_blocks=True)
+    assert all("forward" in block.__dict__ for block in blocks)
+    prepare_module(module, "cuda", compile_blocks=False)
+    assert not any("forward" in block.__dict__ for block in blocks)
+    assert all(p.is_contiguous() for p in module.parameters())
