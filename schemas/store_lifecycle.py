@@ -249,11 +249,12 @@ def _drop_progress_and_consolidate(url: str, group: zarr.Group) -> None:
 
 
 def tidy_complete_store(url: str) -> None:
-    """Finish what a kill during `finalize_store` left: the progress record, temp files, consolidated metadata."""
+    """Finish what a kill during `finalize_store` left: the progress record, temp files, consolidated metadata,
+    and the writer lock of the killed process (a kill between consolidating and releasing it leaves only that)."""
     group = zarr.open_group(url, mode="r", use_consolidated=False)
     stale = PROGRESS_GROUP in group or not _consolidated_matches(url)
     partial = _partial_files(url)
-    if not stale and not partial:
+    if not stale and not partial and not _lock_of_a_dead_process(url):
         return
     acquire_writer_lock(url)
     try:
@@ -369,6 +370,16 @@ def _read_lock(lock: str) -> tuple[int, str] | None:
         return None
     except (ValueError, OSError):
         return -1, "unknown"
+
+
+def _lock_of_a_dead_process(url: str) -> bool:
+    """Whether the store's writer lock names a process of this host that no longer runs."""
+    root = local_path(url)
+    holder = None if root is None else _read_lock(os.path.join(root, LOCK_FILE))
+    if holder is None:
+        return False
+    pid, host = holder
+    return host == socket.gethostname() and pid != os.getpid() and not process_alive(pid)
 
 
 def release_writer_lock(url: str) -> None:

@@ -51,13 +51,16 @@ elif step == "after_complete":
     wrap(lifecycle, "_drop_progress_and_consolidate", before=lambda: True)
 elif step == "before_consolidate":
     wrap(zarr, "consolidate_metadata", before=lambda: True)
+elif step == "before_lock_release":
+    wrap(lifecycle, "release_writer_lock", before=lambda: True)
 elif step == "random":
     threading.Timer(count / 1000, die).start()
 from schemas.cli.dispatch import main
 sys.exit(main(argv))
 """
 
-STEPS = [("after_group_create", 0), ("after_attrs", 0), ("after_shard", 2), ("after_complete", 0), ("before_consolidate", 0)]
+STEPS = [("after_group_create", 0), ("after_attrs", 0), ("after_shard", 2), ("after_complete", 0), ("before_consolidate", 0),
+         ("before_lock_release", 0)]
 
 
 def _imzarr(*args: str, cwd: Path) -> subprocess.CompletedProcess:
