@@ -12,6 +12,8 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from extractor.jit import cached_njit
+
 _U32 = np.uint32
 _SIGN = _U32(0x80000000)
 _AT_LEAST_65536 = _U32(0x47800000)  # float32 bits of 2¹⁶: from here on float16 overflows to Inf
@@ -38,7 +40,7 @@ def _half_bits(x: np.float32) -> np.uint16:  # pragma: no cover - runs compiled
     return np.uint16(_U32(out | _U32(sign >> _U32(16))))
 
 
-@numba.njit(nogil=True, error_model="numpy", cache=True)  # nogil: worker threads run it in parallel; cache: compiled once, not per process
+@cached_njit(nogil=True, error_model="numpy")  # nogil: worker threads run it in parallel
 def _cast_rows(src: np.ndarray, dst: np.ndarray, nonfinite: np.ndarray) -> None:  # pragma: no cover - runs compiled
     n, m = src.shape
     for i in range(n):

@@ -14,9 +14,10 @@ from __future__ import annotations
 import math
 import struct
 
+import numba
 import numpy as np
 
-import numba
+from extractor.jit import cached_njit
 
 _F32 = np.float32
 _U64 = np.uint64
@@ -54,7 +55,7 @@ def _horner(t: np.float32, coefficients: tuple) -> np.float32:  # pragma: no cov
     return acc
 
 
-@numba.njit(nogil=True, error_model="numpy", cache=True)  # nogil: worker threads run it in parallel; cache: compiled once, not per process
+@cached_njit(nogil=True, error_model="numpy")  # nogil: worker threads run it in parallel
 def _gaussian_pairs(keys: np.ndarray, out: np.ndarray) -> None:  # pragma: no cover - runs compiled
     """out[n, pairs, 2] float32 ← the recipe's (r cos θ, r sin θ) for SplitMix64 words 0..pairs−1 of each key.
 
@@ -123,7 +124,7 @@ def _gaussian_pairs(keys: np.ndarray, out: np.ndarray) -> None:  # pragma: no co
             out[i, j, 1] = odd[j]
 
 
-@numba.njit(nogil=True, error_model="numpy", cache=True)
+@cached_njit(nogil=True, error_model="numpy")
 def _noised_input(images: np.ndarray, noise: np.ndarray, sigma: float, add_noise: bool, out: np.ndarray) -> None:  # pragma: no cover
     scale, one = _F32(127.5), _F32(1.0)
     s = _F32(sigma)
