@@ -19,7 +19,9 @@ def cached_njit(**options: Any) -> Callable[[Callable], Callable]:
     def compile_kernel(function: Callable) -> Callable:
         try:
             return numba.njit(cache=True, **options)(function)
-        except RuntimeError:  # "cannot cache function …: no locator available"
+        except RuntimeError as exc:
+            if "no locator available" not in str(exc):  # numba's words for "nowhere to keep a cache"
+                raise
             return numba.njit(**options)(function)
 
     return compile_kernel

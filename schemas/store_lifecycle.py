@@ -250,11 +250,11 @@ def _drop_progress_and_consolidate(url: str, group: zarr.Group) -> None:
 
 def tidy_complete_store(url: str) -> None:
     """Finish what a kill during `finalize_store` left: the progress record, temp files, consolidated metadata,
-    and the writer lock of the killed process (a kill between consolidating and releasing it leaves only that)."""
+    and its abandoned writer lock (a kill between consolidating and releasing the lock leaves only that)."""
     group = zarr.open_group(url, mode="r", use_consolidated=False)
     stale = PROGRESS_GROUP in group or not _consolidated_matches(url)
     partial = _partial_files(url)
-    if not stale and not partial and not _lock_of_a_dead_process(url):
+    if not stale and not partial and not _abandoned_lock(url):
         return
     acquire_writer_lock(url)
     try:
@@ -343,13 +343,13 @@ def acquire_writer_lock(url: str) -> None:
             holder = _read_lock(lock)
             if holder is None:
                 continue  # removed between our open and read
-            pid, host = holder
-            if host == socket.gethostname() and (pid == os.getpid() or not process_alive(pid)):
+            if _abandoned(root, holder):
                 try:
                     os.remove(lock)  # left by a dead process (or an earlier run in this one)
                 except FileNotFoundError:
                     pass
                 continue
+            pid, host = holder
             raise StoreLockedError(
                 f"{url}: another imzarr process (pid {pid} on {host}) is writing this store; wait for it to end "
                 f"(or, if it is gone, remove {lock})"
@@ -372,14 +372,20 @@ def _read_lock(lock: str) -> tuple[int, str] | None:
         return -1, "unknown"
 
 
-def _lock_of_a_dead_process(url: str) -> bool:
-    """Whether the store's writer lock names a process of this host that no longer runs."""
+def _abandoned(root: str, holder: tuple[int, str]) -> bool:
+    """Whether a writer lock was left behind: by a process of this host that no longer runs, or by an earlier run
+    in this process that no longer holds it."""
+    pid, host = holder
+    if host != socket.gethostname():
+        return False
+    return root not in _HELD_LOCKS if pid == os.getpid() else not process_alive(pid)
+
+
+def _abandoned_lock(url: str) -> bool:
+    """Whether the store's writer lock file is there and abandoned (`_abandoned`)."""
     root = local_path(url)
     holder = None if root is None else _read_lock(os.path.join(root, LOCK_FILE))
-    if holder is None:
-        return False
-    pid, host = holder
-    return host == socket.gethostname() and pid != os.getpid() and not process_alive(pid)
+    return holder is not None and _abandoned(root, holder)
 
 
 def release_writer_lock(url: str) -> None:

@@ -142,7 +142,6 @@ def test_compiled_blocks_equal_eager(image_store, cpu_reference, tmp_path):
 def test_a_later_eager_run_undoes_compiled_blocks():
     """One process, one cached model: --compile, then a run without it gets the eager forwards and NCHW weights."""
     from extractor.forward import prepare_module
-
     from extractor.models.registry import PRESETS
 
     module = EDMPrecond(**PRESETS["tiny-random"]).to("cuda")
