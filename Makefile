@@ -1,4 +1,7 @@
 # imzarr: `make convert extract` runs the embedded sample end to end; `make test` runs the whole suite.
+# data/ is shared by every interpreter: after a 3.12 run, `make convert extract PYTHON=python3.13` finds the stores
+# complete and does nothing. Give another interpreter its own folder with DATA=data-3.13, or `make clean` first
+# (README "One data/ for every interpreter").
 # The interpreter: PYTHON=… if given, else the first of python3, python3.13, python3.12, python3.11 that runs and
 # is a supported version (3.11–3.13). Each interpreter gets its own virtual environment, .venv-3.X.
 PYTHON ?= $(shell for p in python3 python3.13 python3.12 python3.11; do \
@@ -12,6 +15,8 @@ BIN    := $(VENV)/bin
 # The torch release the suite is tested with. pip takes its default wheel for the platform: a CUDA build on Linux
 # (several GB; it runs on CPU too), or a CPU build where a local wheel index provides one. TORCH=… overrides.
 TORCH  ?= torch==2.13.0
+# Where the sample and every store go; `make … DATA=data-3.13` on the command line overrides it (the
+# environment does not).
 DATA   := data
 # Override for your own data, e.g. `make convert SRC=~/imagenet64/train STORE=train64.zarr`.
 SRC        ?= $(DATA)/sample/train

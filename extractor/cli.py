@@ -36,12 +36,12 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     group.add_argument("--checkpoint", help="DMD2 pytorch_model.bin / model.safetensors (or their folder), a .pt/.pth state dict, or an EDM network .pkl (read without running its code)")
     group.add_argument("--preset", choices=PRESET_NAMES, help="a built-in architecture with seeded random weights (UNTRAINED: for demos and tests)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
-    p.add_argument("--compute-dtype", default="auto", choices=COMPUTE_DTYPES, help="network precision: auto is bf16 autocast on CUDA for diffusion networks (fixture-checked tolerance in README) and fp32 otherwise; bf16/fp16 need CUDA")
-    p.add_argument("--batch-size", type=positive_int, default=None, help="samples per forward pass (default: 64 on CPU, chosen from free memory on CUDA; README: what values depend on)")
+    p.add_argument("--compute-dtype", default="auto", choices=COMPUTE_DTYPES, help="network precision: auto is bf16 autocast on CUDA for diffusion networks (tolerance against fp32 checked on a reference fixture: README \"Models\") and fp32 otherwise; bf16/fp16 need CUDA")
+    p.add_argument("--batch-size", type=positive_int, default=None, help="samples per forward pass (default: 64 on CPU, chosen from free memory on CUDA; README \"What values depend on\")")
 
 
 def _run_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--scheduler", default=None, help="tcp://host:port of a running dask.distributed scheduler (default: local threads); see README")
+    p.add_argument("--scheduler", default=None, help="tcp://host:port of a running dask.distributed scheduler (default: local threads); README \"Object storage and clusters\"")
     p.add_argument("--resources", default=None, help="resources each task needs on a distributed worker, e.g. GPU=1 (default: none)")
     p.add_argument("--workers", type=positive_int, default=2, help="local threads: one computes while another reads or writes")
     p.add_argument("--overwrite", action="store_true", help="replace an imzarr store made with other settings (never an input, never anything else)")

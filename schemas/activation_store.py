@@ -262,6 +262,11 @@ def _check_array_attrs(url: str, group: zarr.Group, layers: dict[str, str], kind
         raise StoreValidationError(f"{url}: declares Conventions but has no `classes` attribute (label → WNID, name)")
 
 
+def _json(value: object) -> str:
+    """JSON for people: non-ASCII text as itself (`r cos θ`), not `\\u` escapes."""
+    return json.dumps(value, ensure_ascii=False)
+
+
 def describe_activation_store(url: str) -> str:
     """A human summary of a validated activation store."""
     attrs = dict(zarr.open_group(url, mode="r").attrs)
@@ -269,14 +274,15 @@ def describe_activation_store(url: str) -> str:
     model = attrs["model"]
     kind = model_kind(attrs)
     if kind == FEATURE_KIND:
-        inputs = f"input        clean images; {model.get('preprocessing')}  pooling {attrs['pooling']}  dtypes {json.dumps(attrs['dtypes'])}"
+        inputs = f"input        clean images; {model.get('preprocessing')}  pooling {attrs['pooling']}  dtypes {_json(attrs['dtypes'])}"
     else:
-        inputs = f"sigma        {attrs['sigma']}  noise {json.dumps(attrs['noise'])}  pooling {attrs['pooling']}  dtypes {json.dumps(attrs['dtypes'])}"
+        inputs = f"sigma        {attrs['sigma']}  noise {_json(attrs['noise'])}  pooling {attrs['pooling']}  dtypes {_json(attrs['dtypes'])}"
     lines = [
         f"store        {url}",
         f"schema       {ACTIVATION_SCHEMA}  complete: {'yes' if attrs.get('complete') is True else 'NO (unfinished: re-run the extract command)'}",
         f"samples      {attrs['selection'].get('count')}  from {attrs['source'].get('url')}",
         f"model        {model.get('name')} ({kind} network)  trained: {model.get('trained')}" + ("" if model.get("trained") else "  (UNTRAINED: random weights, for demos and tests)"),
+        f"sha256       {model.get('sha256')}  ({'of the checkpoint file' if model.get('checkpoint') else 'of the preset state dict'})",
         inputs,
     ]
     for var, path in attrs["layers"].items():
@@ -286,6 +292,6 @@ def describe_activation_store(url: str) -> str:
         lines.append(f"reconstruct  {group[RECONSTRUCTION_VAR].shape} uint8")
     if "Conventions" not in attrs:
         lines.append("attributes   none per array (written before they existed): in xarray reduce float16 layers as .astype('float32')")
-    lines.append(f"selection    {json.dumps(attrs['selection'])}")
+    lines.append(f"selection    {_json(attrs['selection'])}")
     lines.append(f"device       {attrs['device']}")
     return "\n".join(lines)

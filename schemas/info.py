@@ -53,7 +53,7 @@ def _describe_images(url: str, attrs: dict) -> str:
         f"rejected     {len(attrs.get('rejected', []))}",
     ]
     rest = {k: v for k, v in attrs.items() if k not in ("sources", "rejected", "settings", "schema", "complete")}
-    lines.append("attributes   " + json.dumps(rest, default=str))
+    lines.append("attributes   " + json.dumps(rest, default=str, ensure_ascii=False))
     return "\n".join(lines)
 
 

@@ -13,7 +13,7 @@ A store is, at every instant, absent, resumable, or complete — whatever kills 
    files) tidies it.
 One writer at a time: a local store holds a lock file naming the writer's pid and host while it is written; a
 lock left by a dead process on this host is taken over. Object stores offer no atomic create-if-absent through
-fsspec, so there one writer per store is the user's responsibility (README, "Safety").
+fsspec, so there one writer per store is the user's responsibility (README "Safety").
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """EDM's `EDMPrecond` around the ADM U-Net (`DhariwalUNet`), state-dict compatible with NVlabs/edm.
 
 Module paths, parameter names, shapes and the order of operations follow EDM's `training/networks.py`, so
-checkpoints of EDM and DMD2 load strictly and produce the same numbers (see tests/fixtures/README.md).
+checkpoints of EDM and DMD2 load strictly and produce the same numbers (checked against
+`tests/fixtures/edm_small_A.pt`, made with the reference code: README "Models").
 
 Precision: the network always holds float32 weights and `EDMPrecond.forward` always returns float32. Lower
 precision is opted into by the caller with `autocast_context(device, "bf16" | "fp16")`. The original's
