@@ -15,6 +15,7 @@ from extractor.extraction import ExtractOptions, ExtractResult, check_resolution
 from extractor.extraction import extract as run_extraction
 from extractor.forward import ForwardSettings, RunOptions, ShardForward, resolve_device
 from extractor.models import ModelSpec
+from extractor.preset_layers import check_preset_layers
 from extractor.selection import SelectionSpec, class_entries
 from extractor.vocabulary import PRESET_NAMES
 from schemas.activation_store import layer_dims
@@ -65,6 +66,7 @@ def extract_options(
     """One extraction's options from `imzarr extract`'s options as keywords (the command line builds its run here
     too, so both have the same defaults and meanings). One `seed` serves the noise and --per-class sampling."""
     store, output, checkpoint = local_file_url_to_path([str(store), str(output), checkpoint])  # file:// as the CLI takes it
+    check_preset_layers(preset, layers)
     forward = ForwardSettings(
         model=model_spec(preset, checkpoint),
         layers=tuple(layers),

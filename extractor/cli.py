@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from extractor.preset_layers import check_preset_layers
 from extractor.vocabulary import COMPUTE_DTYPES, POOL_MODES, PRESET_NAMES, STORAGE_DTYPES
 from schemas.cli import CommandParser, HelpFormatter, add_command, comma_list, dispatch, non_negative_int, positive_int
 from schemas.errors import ImzarrError, StoreValidationError
@@ -141,6 +142,7 @@ def _add_extract(sub) -> None:
 
 
 def _extract(args: argparse.Namespace) -> int:
+    check_preset_layers(args.preset, args.layers or ())  # before torch is imported: a typo answers at once
     from extractor.api import extract_options
     from extractor.extraction import extract
 
@@ -215,6 +217,7 @@ def _add_generate(sub) -> None:
 
 
 def _generate(args: argparse.Namespace) -> int:
+    check_preset_layers(args.preset, args.layers or ())
     from extractor.generate import GenerateOptions, generate
 
     check_output_location(args.output, allow_memory=False)

@@ -28,7 +28,10 @@ Per-array attributes (stores whose group has `Conventions`, see schemas/variable
 - float16 layers also `scale_factor` = 1.0: CF "packing" that leaves every value as stored but makes xarray
   decode the variable lazily to float64 (the type of a JSON number), because Dask sums float16 chunks in
   float16, so `xr.open_zarr(acts).layer.mean()` overflowed to NaN. Readers that ignore CF packing (zarr,
-  TensorStore, NumPy) read the float16 values unchanged; float32 layers need no packing;
+  TensorStore, NumPy) read the float16 values unchanged; float32 layers need no packing. Kept as it is (issue
+  26): xarray takes the decoded type from the Python type of `scale_factor`, and a JSON attribute is always a
+  float64, so no value of it decodes to float32; readers who want less memory use `ds.imzarr.as_float32()`
+  (extractor/accessor.py) and stores keep reading the same;
 - `reconstruction`, coordinates and text variables: `long_name` and `description`;
 - group attribute `classes`: label → WNID and class name of every label present.
 """

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from extractor.models.edm import EDMPrecond
+from extractor.preset_layers import UnknownLayerError
 from extractor.vocabulary import POOL_MODES
 from schemas.errors import ImzarrError
 
@@ -37,18 +38,6 @@ __all__ = [
 
 ALIASES: tuple[str, ...] = ("encoder_bottleneck", "midblock")
 PoolMode = Literal["none", "mean", "max"]
-
-
-class UnknownLayerError(KeyError, ValueError, ImzarrError):
-    """A layer name that is neither a module path of the network nor an alias (bad input: exit code 2)."""
-
-    def __init__(self, name: str, valid: Sequence[str]) -> None:
-        self.name = name
-        self.valid = list(valid)
-        super().__init__(f"unknown layer {name!r}; valid layers: {', '.join(self.valid)}")
-
-    def __str__(self) -> str:  # KeyError would repr() the message
-        return str(self.args[0])
 
 
 class InvalidImageBatchError(ImzarrError, ValueError):

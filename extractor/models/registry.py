@@ -33,6 +33,7 @@ from extractor.models.checkpoints import (
 )
 from extractor.models.edm import PRESETS, EDMPrecond
 from schemas.errors import ImzarrError
+from schemas.suggestions import did_you_mean
 
 __all__ = [
     "EDM_FAMILY",
@@ -179,7 +180,7 @@ MODEL_PRESETS: dict[str, str] = {preset: f.name for f in FAMILIES.values() for p
 def family_of_preset(preset: str) -> ModelFamily:
     """The family a preset belongs to; UnknownPresetError otherwise."""
     if preset not in MODEL_PRESETS:
-        raise UnknownPresetError(f"unknown preset {preset!r}; presets: {sorted(MODEL_PRESETS)}")
+        raise UnknownPresetError(f"unknown preset {preset!r}{did_you_mean(preset, MODEL_PRESETS) or ';'} presets: {sorted(MODEL_PRESETS)}")
     return FAMILIES[MODEL_PRESETS[preset]]
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from schemas.suggestions import did_you_mean
+
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     """Keeps descriptions as written and shows each option's default, unless its help already says it."""
@@ -21,6 +23,13 @@ class CommandParser(argparse.ArgumentParser):
 
     def error(self, message: str):  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+    def _check_value(self, action: argparse.Action, value: object) -> None:
+        # argparse's own check, plus "did you mean" for choices (presets, pooling, subcommands such as `npx`).
+        if action.choices is not None and value not in action.choices:
+            choices = ", ".join(map(str, action.choices))
+            hint = did_you_mean(str(value), action.choices)
+            raise argparse.ArgumentError(action, f"invalid choice: {value!r}{hint} (choose from {choices})")
 
 
 def positive_int(text: str) -> int:

@@ -8,12 +8,12 @@ parsed arguments returning an exit code) and `prog_name` through `set_defaults`.
 from __future__ import annotations
 
 import argparse
-import difflib
 import sys
 from importlib.metadata import PackageNotFoundError, entry_points, version
 
 from schemas.cli.arguments import CommandParser, HelpFormatter, add_debug_option
 from schemas.cli.running import exit_process, run_command
+from schemas.suggestions import did_you_mean
 from schemas.cli.storage import apply_storage_options, local_file_url_to_path, parse_storage_options, remote_protocols
 
 ENTRY_POINT_GROUP = "imzarr.commands"
@@ -57,8 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser, known = build_parser()
     if argv and not argv[0].startswith("-") and argv[0] not in known:
-        close = difflib.get_close_matches(argv[0], known, n=3, cutoff=0.5)
-        hint = f"; did you mean {' or '.join(close)}?" if close else f"; commands: {', '.join(known)}"
+        hint = did_you_mean(argv[0], known) or f"; commands: {', '.join(known)}"
         print(f"imzarr: error: unknown command {argv[0]!r}{hint}", file=sys.stderr)
         return 2
     return dispatch(parser, argv)
