@@ -44,7 +44,18 @@ from schemas.image_layout import (
 from schemas.image_store import IMAGE_SCHEMA, image_group_attrs
 from schemas.progress_report import ProgressReport
 from schemas.output_paths import local_path
-from schemas.store_lifecycle import finalize_store, inspect_existing, mark_done, prepare_store, process_alive, settings_fingerprint
+from schemas.store_lifecycle import (
+    finalize_store,
+    give_back_early_lock,
+    inspect_existing,
+    mark_done,
+    path_state,
+    prepare_store,
+    process_alive,
+    release_writer_lock,
+    settings_fingerprint,
+    take_writer_lock_early,
+)
 from schemas.task_runner import SchedulerSpec, run_tasks
 
 
@@ -165,9 +176,33 @@ def convert(source: ImageSource, options: ConvertOptions) -> ConvertResult:
     validate_convert_options(options, source.resolution, sum(p.num_rows for p in source.parts))
     settings = store_settings(source, options)
     if inspect_existing(options.output, IMAGE_SCHEMA, settings, options.overwrite, source.input_paths) == "complete":
-        remove_own_scratch(options)  # a kill between `complete` and the tidy-up left them
-        num_samples = int(zarr.open_group(options.output, mode="r").attrs["num_samples"])
-        return ConvertResult(options.output, num_samples, [], True, time.monotonic() - started)
+        return _already_complete(options, started)
+    # One writer from the start: a second identical command is refused here (naming the holder) before it reads a
+    # source, or, if the first finished while it started, finds the store complete just below.
+    with _output_errors(options.output):
+        made_folder = take_writer_lock_early(options.output)
+    try:
+        if inspect_existing(options.output, IMAGE_SCHEMA, settings, options.overwrite, source.input_paths) == "complete":
+            release_writer_lock(options.output)
+            return _already_complete(options, started)
+        return _convert_locked(source, options, settings, started)
+    except BaseException:
+        # Before the store exists (stage 1 failed) the lock is given back; after, it is held to the end of the
+        # process as any writer's, since tasks of a failed graph may still be writing.
+        with contextlib.suppress(Exception):
+            if path_state(options.output) == "missing":
+                give_back_early_lock(options.output, made_folder)
+        raise
+
+
+def _already_complete(options: ConvertOptions, started: float) -> ConvertResult:
+    remove_own_scratch(options)  # a kill between `complete` and the tidy-up left them
+    num_samples = int(zarr.open_group(options.output, mode="r").attrs["num_samples"])
+    return ConvertResult(options.output, num_samples, [], True, time.monotonic() - started)
+
+
+def _convert_locked(source: ImageSource, options: ConvertOptions, settings: dict[str, Any], started: float) -> ConvertResult:
+    """Stage 1, the store, stage 2 and the finish, with the writer lock held."""
     scratch = _scratch_dir(options, settings)
     try:
         materialized = _materialize_parts(source, scratch, options)
@@ -197,6 +232,8 @@ def convert(source: ImageSource, options: ConvertOptions) -> ConvertResult:
             initial_attrs={**_final_attrs(source, options, n, rejected), **_group_attrs(source, plan["label"])},
             inputs=source.input_paths,
         )
+    if state.already_complete:  # cannot happen with the lock held from the start; never finish another's store
+        return _already_complete(options, started)
     row_files = {i: m.row_file for i, m in materialized.items()}
     for i, part in enumerate(source.parts):
         row_files.setdefault(i, part.row_file())

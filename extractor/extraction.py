@@ -54,6 +54,7 @@ from schemas.activation_store import (
 from schemas.errors import ImzarrError
 from schemas.image_store import ImageStore, validate_image_store
 from schemas.progress_report import ProgressReport
+from schemas.store_identity import GENERATION_ATTR, StoreIdentity, check_unchanged, reader_lease
 from schemas.store_lifecycle import finalize_store, inspect_existing, mark_done, path_state, prepare_store, read_done
 from schemas.task_runner import run_tasks
 
@@ -160,13 +161,22 @@ def network_input(loaded: LoadedModel, fwd: ForwardSettings) -> str:
 
 
 def extract(options: ExtractOptions) -> ExtractResult:
-    """Run (or resume, or confirm) one extraction; idempotent for the same inputs and settings."""
+    """Run (or resume, or confirm) one extraction; idempotent for the same inputs and settings.
+
+    The input store is leased while the run reads it, and each task and the finish check it is still the store
+    that was opened (schemas/store_identity.py): one rewritten meanwhile fails the run, never completing it."""
+    with reader_lease(options.store):
+        return _extract(options)
+
+
+def _extract(options: ExtractOptions) -> ExtractResult:
     started = time.monotonic()
     run = options.run
     device = resolve_device(run.device)
     if not options.forward.layers:
         raise ExtractionError("no layers requested (--layers L1,L2)")
     images = validate_image_store(options.store)
+    source = StoreIdentity.of(options.store, images.attrs)
     loaded, fwd = load_forward(options.forward, device, options.selection.per_class is not None)
     labels, synsets = images.coordinate("label"), images.coordinate("synset")
     chosen = select_samples(options.selection, labels, synsets)
@@ -174,6 +184,8 @@ def extract(options: ExtractOptions) -> ExtractResult:
     shapes, paths = probe_layers(loaded, fwd, device, images.resolution)
     selection = describe_selection(options.selection, chosen)
     settings = extraction_settings(options, fwd, images.attrs, selection, loaded.sha256)
+    if source.generation is not None:  # only then: stores made from inputs without one keep their fingerprint
+        settings["source_generation"] = source.generation
     check_noise_recipe(options.output, fwd.noise_seed, run.overwrite)
     if inspect_existing(options.output, ACTIVATION_SCHEMA, settings, run.overwrite) == "complete":
         return ExtractResult(options.output, int(chosen.size), True, time.monotonic() - started, loaded.trained)
@@ -200,17 +212,20 @@ def extract(options: ExtractOptions) -> ExtractResult:
         run.overwrite,
         initial_attrs={**extraction_attrs(options, fwd, images, loaded, paths, selection, device), **activation_group_attrs(coords["label"])},
     )
+    if state.already_complete:  # another run finished it while this one started: nothing to do, nothing to finish
+        return ExtractResult(options.output, n, True, time.monotonic() - started, loaded.trained)
     batch = run.batch_size or choose_batch_size(loaded, fwd, shapes, device, images.resolution, run.compile)
     tasks = [
         dask.delayed(extract_shard, pure=False)(
             ShardTask(options.store, options.output, k, k * shard, {c: v[k * shard : (k + 1) * shard] for c, v in coords.items()},
-                      fwd, shapes, batch, run.device, run.compile, images.resolution, images.attrs.get("settings_fingerprint"))
+                      fwd, shapes, batch, run.device, run.compile, images.resolution, source)
         )
         for k in state.pending
     ]
     done = n - sum(min(shard, n - k * shard) for k in state.pending)
     receipts = run_tasks(tasks, run.scheduler, ProgressReport(n, f"extracting {options.output}"), done)
     integrity_pass(options.output, num_shards, receipts)
+    check_unchanged(source)  # what was read at the start (labels, coordinates) is still the store's too
     finalize_store(options.output, {})
     return ExtractResult(options.output, n, False, time.monotonic() - started, loaded.trained)
 
@@ -291,7 +306,8 @@ def extraction_attrs(options: ExtractOptions, fwd: ForwardSettings, images: Imag
         **run_attrs(fwd, loaded, paths, device),
         "input_scaling": scaling,
         "selection": selection,
-        "source": {"url": options.store, "schema": images.attrs.get("schema"), "fingerprint": images.attrs.get("settings_fingerprint"), "source_format": images.attrs.get("source_format")},
+        "source": {"url": options.store, "schema": images.attrs.get("schema"), "fingerprint": images.attrs.get("settings_fingerprint"),
+                   "generation": images.attrs.get(GENERATION_ATTR), "source_format": images.attrs.get("source_format")},
     }
 
 
@@ -310,24 +326,25 @@ class ShardTask:
     device: str
     compile: bool = False
     resolution: int = 64  # side of the image store's images
-    store_fingerprint: str | None = None  # the image store's settings fingerprint (which opened store to reuse)
+    source: StoreIdentity | None = None  # the image store as the run opened it: checked before and after reading
 
 
 # The input stores this process has opened: zarr's open_group reads metadata through its event loop, which cost
 # every task a few milliseconds that the other worker waited on (~5 % of a CPU extraction's worker time,
-# measured), and each task read the shard indexes again. Keyed by the store's settings fingerprint as well, so a
-# store converted anew (from other inputs or options) in this process is opened anew.
-# A store without a fingerprint (not made by imzarr) is opened per task; a forked process opens its own; the last
-# few stay open.
+# measured), and each task read the shard indexes again. Keyed by the store's generation (else its settings
+# fingerprint) as well, so a store converted anew in this process is opened anew.
+# A store with neither (not made by imzarr) is opened per task; a forked process opens its own; the last few stay
+# open.
 _OPENED_IMAGE_STORES: dict[tuple[int, str, str], ImageStore] = {}
 _KEPT_OPEN = 4
 
 
-def opened_image_store(url: str, fingerprint: str | None) -> ImageStore:
-    """The image store at `url`, opened once per process and fingerprint (its reads are thread-safe)."""
-    if fingerprint is None:
+def opened_image_store(url: str, identity: StoreIdentity | None) -> ImageStore:
+    """The image store at `url`, opened once per process and generation (its reads are thread-safe)."""
+    which = None if identity is None else identity.generation or identity.fingerprint
+    if which is None:
         return ImageStore(url, zarr.open_group(url, mode="r"))
-    key = (os.getpid(), url, fingerprint)
+    key = (os.getpid(), url, which)
     store = _OPENED_IMAGE_STORES.get(key)
     if store is None:
         store = _OPENED_IMAGE_STORES[key] = ImageStore(url, zarr.open_group(url, mode="r"))
@@ -341,9 +358,13 @@ def extract_shard(task: ShardTask) -> dict:
     device = resolve_device(task.device)
     loaded = cached_model(task.forward.model, device)
     prepare_module(loaded.module, device, task.compile)
-    store = opened_image_store(task.store, task.store_fingerprint)
+    if task.source is not None:
+        check_unchanged(task.source)
+    store = opened_image_store(task.store, task.source)
     coords = task.coords
     images = pinned_images(store.take(coords["source_sample"]), device)
+    if task.source is not None:
+        check_unchanged(task.source)  # the rows just read are the opened store's: only then may they be marked done
     labels, gidx = coords["label"], coords["global_index"]
     n = images.shape[0]
     runner = ShardForward(loaded, task.forward, device, n, task.layer_shapes, RECONSTRUCTION_VAR if task.forward.reconstructions else None,

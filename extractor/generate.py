@@ -219,6 +219,8 @@ def generate(options: GenerateOptions) -> GenerateResult:
                            "input_scaling": "none: the generator's own input sigma * eps",
                            **activation_group_attrs(labels)},
         )
+    if all(state is None or state.already_complete for state in (image_state, act_state)):  # another run finished them
+        return GenerateResult(options.output, options.activations_out, n, True, time.monotonic() - started, loaded.trained)
     image_pending = set(image_state.pending)
     act_pending = set(act_state.pending) if act_state is not None else set()
     pending = image_pending | act_pending

@@ -12,13 +12,17 @@ A store is, at every instant, absent, resumable, or complete — whatever kills 
    consolidated. A rerun that finds a complete store with either step missing (or zarr's `*.partial` temporary
    files) tidies it.
 One writer at a time: a local store holds a lock file naming the writer's pid and host while it is written; a
-lock left by a dead process on this host is taken over. Object stores offer no atomic create-if-absent through
-fsspec, so there one writer per store is the user's responsibility (README "Safety").
+lock left by a dead process on this host is taken over. A store is never emptied for a rebuild while a reader
+holds its lease, and each creation gets a new generation id that readers check (schemas/store_identity.py).
+Object stores offer no atomic create-if-absent through fsspec, so there one writer per store is the user's
+responsibility (README "Safety").
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -34,6 +38,7 @@ import zarr
 
 from schemas.errors import ImzarrError, StoreLockedError
 from schemas.output_paths import check_output_location, local_path, write_output_file
+from schemas.store_identity import GENERATION_ATTR, new_generation, rewrite_guard
 from schemas.zarr_format import chunk_key, read_node_metadata
 
 PROGRESS_GROUP = "_progress"
@@ -73,7 +78,8 @@ def path_state(url: str) -> str:
         return "missing"
     if fs.isfile(path):
         return "foreign"
-    entries = [e for e in fs.ls(path, detail=False) if e.rstrip("/").rsplit("/", 1)[-1] != LOCK_FILE]
+    # Our writer lock (and the lock file being made) may precede a store's first write.
+    entries = [e for e in fs.ls(path, detail=False) if not e.rstrip("/").rsplit("/", 1)[-1].startswith(LOCK_FILE)]
     if not entries:
         return "missing"
     try:
@@ -162,8 +168,9 @@ def prepare_store(
             remove_partial_files(url)
             return StoreState(url, read_done(url, num_units), already_complete=False)
         # Same settings but no done record: nothing says which units finished, so start over (it is our store).
-    clear_store(url)
-    group = zarr.open_group(url, mode="a", zarr_format=3, attributes={UNDER_CONSTRUCTION: schema, "complete": False})
+    with rewrite_guard(url):  # refused while a reader holds a lease; new readers kept out until the marker is there
+        clear_store(url)
+        group = zarr.open_group(url, mode="a", zarr_format=3, attributes={UNDER_CONSTRUCTION: schema, "complete": False})
     create_arrays(group)
     group.create_array(
         DONE_ARRAY, shape=(max(num_units, 1),), chunks=(1,), dtype="int8", fill_value=0, compressors=None
@@ -176,6 +183,9 @@ def prepare_store(
             "settings_fingerprint": settings_fingerprint(settings),
             "settings": settings,
             **(initial_attrs or {}),
+            # Who reads this store checks it is still this one (schemas/store_identity.py); a rerun that resumes
+            # keeps it, a rebuild gets a new one.
+            GENERATION_ATTR: new_generation(),
         }
     )
     return StoreState(url, np.zeros(num_units, dtype=bool), already_complete=False)
@@ -230,7 +240,12 @@ def _one_byte_chunks(metadata: dict[str, Any]) -> bool:
 
 
 def finalize_store(url: str, final_attrs: dict[str, Any]) -> None:
-    """Mark complete (with the final attributes, one write), drop the progress record, consolidate."""
+    """Mark complete (with the final attributes, one write), drop the progress record, consolidate.
+
+    Only the holder of the writer lock may: a run that found the store complete when it took the lock (and so
+    released it) must return instead of finishing a store another process wrote."""
+    if not holds_writer_lock(url):
+        raise StoreLockedError(f"{url}: this process does not hold the store's writer lock; it cannot mark it complete")
     group = zarr.open_group(url, mode="r+", use_consolidated=False)
     group.update_attributes({**final_attrs, "complete": True})
     _drop_progress_and_consolidate(url, group)
@@ -309,8 +324,15 @@ def clear_store(url: str) -> None:
 
 
 # --- one writer at a time ------------------------------------------------------------------------------------
+#
+# The lock file is made whole under a temporary name and hard-linked into place (link fails if the name exists),
+# so a second writer never reads a half-written lock; where links are not supported it is created O_EXCL. Its
+# holder keeps an exclusive flock on it while it lives: a takeover of a lock left by a dead process first takes
+# that flock (the kernel drops a dead holder's), then checks that the lock file is still the one it locked, so
+# two late starters cannot both remove a stale lock and one of them the other's fresh one.
 
-_HELD_LOCKS: set[str] = set()
+_HELD_LOCKS: dict[str, int | None] = {}  # store root → the open lock file whose flock we hold (None: no flock here)
+_LOCK_TEMP_SUFFIX = ".partial"  # `<lock>.<pid>.partial` while being made; tidied as any partial file
 
 
 def _lock_owner() -> str:
@@ -328,6 +350,57 @@ def process_alive(pid: int) -> bool:
     return True
 
 
+def _try_flock(fd: int, mode: int) -> bool | None:
+    """Take a non-blocking flock: True taken, False held elsewhere, None where the filesystem has none."""
+    try:
+        fcntl.flock(fd, mode | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError:
+        return None
+    return True
+
+
+def _create_lock(lock: str, me: str) -> int | None:
+    """Make the lock file whole and take its flock; return its fd (-1: made, no flock), or None if it exists."""
+    temp = f"{lock}.{os.getpid()}{_LOCK_TEMP_SUFFIX}"
+    fd = os.open(temp, os.O_CREAT | os.O_TRUNC | os.O_RDWR, 0o644)
+    try:
+        locked = _try_flock(fd, fcntl.LOCK_EX)
+        os.write(fd, (me + "\n").encode())
+        try:
+            os.link(temp, lock)
+        except FileExistsError:
+            os.close(fd)
+            return None
+        except OSError:  # no hard links here (some network and FUSE filesystems): exclusive create instead
+            os.close(fd)
+            return _create_lock_exclusive(lock, me)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+        raise
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(temp)
+    return fd if locked else _no_flock(fd)
+
+
+def _create_lock_exclusive(lock: str, me: str) -> int | None:
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o644)
+    except FileExistsError:
+        return None
+    locked = _try_flock(fd, fcntl.LOCK_EX)
+    os.write(fd, (me + "\n").encode())
+    return fd if locked else _no_flock(fd)
+
+
+def _no_flock(fd: int) -> int:
+    os.close(fd)
+    return -1
+
+
 def acquire_writer_lock(url: str) -> None:
     """Take the store's writer lock (re-entrant within a process); refuse while another live process holds it."""
     root = local_path(url)
@@ -336,29 +409,42 @@ def acquire_writer_lock(url: str) -> None:
     os.makedirs(root, exist_ok=True)
     lock = os.path.join(root, LOCK_FILE)
     me = _lock_owner()
-    for _ in range(3):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            holder = _read_lock(lock)
-            if holder is None:
-                continue  # removed between our open and read
-            if _abandoned(root, holder):
-                try:
-                    os.remove(lock)  # left by a dead process (or an earlier run in this one)
-                except FileNotFoundError:
-                    pass
-                continue
-            pid, host = holder
-            raise StoreLockedError(
-                f"{url}: another imzarr process (pid {pid} on {host}) is writing this store; wait for it to end "
-                f"(or, if it is gone, remove {lock})"
-            ) from None
-        with os.fdopen(fd, "w") as fh:
-            fh.write(me + "\n")
-        _HELD_LOCKS.add(root)
-        return
+    for _ in range(20):
+        fd = _create_lock(lock, me)
+        if fd is not None:
+            _HELD_LOCKS[root] = None if fd < 0 else fd
+            return
+        holder = _read_lock(lock)
+        if holder is None:
+            continue  # removed between our attempt and the read
+        if _abandoned(root, holder) and _take_over(lock, holder):
+            continue
+        pid, host = holder
+        raise StoreLockedError(
+            f"{url}: another imzarr process (pid {pid} on {host}) is writing this store; wait for it to end "
+            f"(or, if it is gone, remove {lock})"
+        ) from None
     raise StoreLockedError(f"{url}: could not take the writer lock {lock}; another process keeps taking it")
+
+
+def _take_over(lock: str, holder: tuple[int, str]) -> bool:
+    """Remove an abandoned lock, unless it is held (its flock) or was replaced meanwhile; True if it is gone."""
+    try:
+        fd = os.open(lock, os.O_RDWR)
+    except FileNotFoundError:
+        return True
+    try:
+        if _try_flock(fd, fcntl.LOCK_EX) is False:
+            return False  # alive after all, or another starter is taking it over right now
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(lock))
+        except FileNotFoundError:
+            return True
+        if same and _read_lock(lock) == holder:
+            os.remove(lock)  # left by a dead process (or an earlier run in this one)
+        return True  # gone, or replaced by a fresh lock: look again
+    finally:
+        os.close(fd)
 
 
 def _read_lock(lock: str) -> tuple[int, str] | None:
@@ -388,19 +474,45 @@ def _abandoned_lock(url: str) -> bool:
     return holder is not None and _abandoned(root, holder)
 
 
+def holds_writer_lock(url: str) -> bool:
+    """Whether this process holds the store's writer lock (always true of object stores, which have none)."""
+    root = local_path(url)
+    return root is None or root in _HELD_LOCKS
+
+
+def take_writer_lock_early(url: str) -> bool:
+    """Take the writer lock before work that precedes `prepare_store` (a converter's source reading), so a second
+    writer is refused before it does any; True if taking it made the store's folder (see `give_back_early_lock`)."""
+    root = local_path(url)
+    made = root is not None and not os.path.lexists(root)
+    acquire_writer_lock(url)
+    return made
+
+
+def give_back_early_lock(url: str, made_folder: bool) -> None:
+    """After a failed run: release the lock, and remove the folder taking it made if it is still empty."""
+    release_writer_lock(url)
+    root = local_path(url)
+    if made_folder and root is not None:
+        with contextlib.suppress(OSError):
+            os.rmdir(root)
+
+
 def release_writer_lock(url: str) -> None:
     """Give up the store's writer lock if this process holds it."""
     root = local_path(url)
     if root is None or root not in _HELD_LOCKS:
         return
-    _HELD_LOCKS.discard(root)
+    fd = _HELD_LOCKS.pop(root)
     lock = os.path.join(root, LOCK_FILE)
     holder = _read_lock(lock)
-    if holder is not None and holder == (os.getpid(), socket.gethostname()):
-        try:
-            os.remove(lock)
-        except FileNotFoundError:
-            pass
+    try:
+        if holder is not None and holder == (os.getpid(), socket.gethostname()):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(lock)
+    finally:
+        if fd is not None:
+            os.close(fd)  # drops the flock, after the file is gone
 
 
 @atexit.register

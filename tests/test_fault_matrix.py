@@ -3,7 +3,9 @@ of the same command finishes, and ends with a store identical, file by file, to 
 
 from __future__ import annotations
 
+import json
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -71,14 +73,29 @@ def _killed_run(step: str, count: int, args: list[str], cwd: Path) -> subprocess
     return subprocess.run([sys.executable, "-c", KILL_AT_STEP, step, str(count), *args], cwd=cwd, capture_output=True, text=True)
 
 
+GENERATION = re.compile(rb'"generation": "[0-9a-f]{32}"')
+
+
 def _tree(root: Path, name: str) -> dict[str, bytes]:
-    """Every file's bytes; metadata that names a store (the generator's image store, say) names it X."""
+    """Every file's bytes; metadata that names a store (the generator's image store, say) names it X, and a store's
+    own generation id reads G: it is drawn at random when a store is created (schemas/store_identity.py), so no two
+    runs share it; that a resumed run keeps its id is checked apart (`_generation`)."""
     files = {}
     for p in sorted(root.rglob("*")):
         if p.is_file():
             data = p.read_bytes()
-            files[str(p.relative_to(root))] = data.replace(name.encode(), b"X") if p.name == "zarr.json" else data
+            if p.name == "zarr.json":
+                data = GENERATION.sub(b'"generation": "G"', data.replace(name.encode(), b"X"))
+            files[str(p.relative_to(root))] = data
     return files
+
+
+def _generation(store: Path) -> str | None:
+    """The store's generation id, if its root metadata has one yet."""
+    try:
+        return json.loads((store / "zarr.json").read_text()).get("attributes", {}).get("generation")
+    except (OSError, ValueError):
+        return None
 
 
 @pytest.fixture(scope="module")
@@ -117,8 +134,11 @@ def reference(workdir) -> dict[str, dict]:
 
 def _check_rerun_matches(workdir: Path, command: str, out: str, reference) -> None:
     args, outputs = _args(command, out)
+    started_as = {o: _generation(workdir / o) for o in outputs}
     proc = _imzarr(*args, cwd=workdir)
     assert proc.returncode == 0, proc.stderr
+    for o, generation in started_as.items():  # a resumed (or tidied) store keeps the id it was created with
+        assert generation is None or _generation(workdir / o) == generation, (command, o)
     assert "Traceback" not in proc.stderr
     got = {o.replace(out, "X"): _tree(workdir / o, out) for o in outputs}
     for name, files in reference["trees"][command].items():

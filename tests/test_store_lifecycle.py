@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -182,3 +183,105 @@ def test_mark_done_writes_the_chunk_zarr_would_write(tmp_path, monkeypatch):
     zarr.open_group(memory, mode="w", zarr_format=3).create_array(DONE_ARRAY, shape=(2,), chunks=(1,), dtype="int8", fill_value=0, compressors=None)
     mark_done(memory, 1)
     assert read_done(memory, 2).tolist() == [False, True]
+
+
+# Started 20 times at once: each process imports everything first, then waits for the go file and its own delay,
+# so the `convert npz` runs start together or a few tens of ms apart — some inside every step of the first one's
+# run (a lone run of this input takes about as long as the spread).
+START_TOGETHER = r"""
+import os, sys, time
+go, delay, argv = sys.argv[1], float(sys.argv[2]), sys.argv[3:]
+from schemas.cli.dispatch import main
+import converter.convert, converter.sources.npz  # imported before the start, not during the race
+open(go + f".{os.getpid()}.ready", "w").close()
+while not os.path.exists(go):
+    time.sleep(0.001)
+time.sleep(delay)
+sys.exit(main(argv))
+"""
+
+
+def test_twenty_simultaneous_identical_converts_give_one_writer(tmp_path):
+    """Exactly one of 20 identical `convert npz` started together converts; every other one is refused naming a
+    live holder's pid, or finds the store complete; the store equals a lone run's. (The cause was a run that found
+    the store complete once it held the lock, released the lock, then finished the store again and said
+    "converted".)"""
+    from converter.api import convert_npz
+    from tests.conftest import stores_identical
+    from tests.synthetic import photo_like, write_npz_shard
+
+    src = tmp_path / "src"
+    src.mkdir()
+    write_npz_shard(src / "train_data_batch_1.npz", photo_like(48, 16, seed=3), np.arange(48) % 7 + 1, compressed=True)
+    convert_npz(str(src), str(tmp_path / "alone.zarr"), shard_size=16, workers=1)
+    go = str(tmp_path / "go")
+    args = ["convert", "npz", str(src), "-o", str(tmp_path / "out.zarr"), "--shard-size", "16", "--workers", "1"]
+    procs = [subprocess.Popen([sys.executable, "-c", START_TOGETHER, go, str(0.04 * (i % 10)), *args], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(20)]
+    try:
+        deadline = time.monotonic() + 120
+        while len(list(tmp_path.glob("go.*.ready"))) < len(procs) and time.monotonic() < deadline:
+            assert all(p.poll() is None for p in procs), [p.communicate() for p in procs if p.poll() is not None][:1]
+            time.sleep(0.05)
+        open(go, "w").close()
+        results = [(p.pid, *p.communicate(timeout=120), p.returncode) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    pids = {pid for pid, *_ in results}
+    converted = [pid for pid, out, _, rc in results if rc == 0 and "48 converted" in out]
+    no_ops = [pid for pid, out, _, rc in results if rc == 0 and "already complete" in out]
+    refused = [pid for pid, _, err, rc in results
+               if rc == 1 and "is writing this store" in err and int(err.split("(pid ")[1].split()[0]) in pids - {pid}]
+    assert len(converted) == 1 and len(no_ops) + len(refused) == 19, [(rc, out, err[-300:]) for _, out, err, rc in results]
+    assert all("Traceback" not in err for _, _, err, _ in results)
+    stores_identical(str(tmp_path / "alone.zarr"), str(tmp_path / "out.zarr"))
+    assert not (tmp_path / "out.zarr" / LOCK_FILE).exists() and not list((tmp_path / "out.zarr").glob(f"{LOCK_FILE}*"))
+
+
+# `imzarr convert` that, once its first look at the output is done, says so in a file and waits for the go file.
+CONVERT_PAUSED_AFTER_FIRST_LOOK = r"""
+import os, sys, time
+signal_file, go, argv = sys.argv[1], sys.argv[2], sys.argv[3:]
+import converter.convert as convert
+original, calls = convert.inspect_existing, []
+def paused(*args, **kwargs):
+    found = original(*args, **kwargs)
+    if not calls:
+        calls.append(found)
+        open(signal_file, "w").close()
+        while not os.path.exists(go):
+            time.sleep(0.01)
+    return found
+convert.inspect_existing = paused
+from schemas.cli.dispatch import main
+sys.exit(main(argv))
+"""
+
+
+def test_a_run_that_finds_the_store_finished_by_another_does_nothing(tmp_path):
+    """The cause of two "converted": a run saw no store, another run then made and finished it, and the first,
+    taking the now free lock, found it complete — then released the lock, finished the store again and said
+    "converted". It now says "already complete" and writes nothing."""
+    from tests.synthetic import photo_like, write_npz_shard
+
+    src = tmp_path / "src"
+    src.mkdir()
+    write_npz_shard(src / "train_data_batch_1.npz", photo_like(32, 16, seed=5), np.arange(32) % 5 + 1)
+    args = ["convert", "npz", str(src), "-o", str(tmp_path / "out.zarr"), "--shard-size", "16", "--workers", "1"]
+    looked, go = tmp_path / "looked", tmp_path / "go"
+    late = subprocess.Popen([sys.executable, "-c", CONVERT_PAUSED_AFTER_FIRST_LOOK, str(looked), str(go), *args], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not looked.exists():
+            assert late.poll() is None and time.monotonic() < deadline, late.communicate()
+            time.sleep(0.05)
+        first = subprocess.run([sys.executable, "-m", "schemas", *args], cwd=tmp_path, capture_output=True, text=True)
+    finally:
+        go.touch()
+        out, err = late.communicate(timeout=120)
+    assert first.returncode == 0 and "32 converted" in first.stdout, first.stderr
+    assert late.returncode == 0 and "already complete" in out and "converted" not in out, (out, err)
+    assert not list((tmp_path / "out.zarr").glob(f"{LOCK_FILE}*"))

@@ -35,6 +35,7 @@ from extractor.analysis.metrics import (
 from schemas.activation_store import validate_activation_store
 from schemas.classes import class_table
 from schemas.errors import ImzarrError
+from schemas.store_identity import StoreIdentity, check_unchanged, reader_lease
 
 REPORT_SCHEMA = "imzarr.compare/1"
 POOLS = ("mean", "max", "none")
@@ -159,34 +160,37 @@ def compare_stores(
         from extractor.analysis.plots import check_plotting
 
         check_plotting(projection)
-    real = _open_side("real", a_url, layer, pool)
-    fake = _open_side("generated", b_url, layer, pool)
-    _check_compatible(real, fake, layer)
-    for side in (real, fake):
-        if side.n < k + 1:
-            raise CompareError(f"{side.url}: {side.n} samples; k-NN metrics with k={k} need at least {k + 1}")
+    with reader_lease(a_url, b_url):  # neither store may be rewritten while it is read (schemas/store_identity.py)
+        real = _open_side("real", a_url, layer, pool)
+        fake = _open_side("generated", b_url, layer, pool)
+        _check_compatible(real, fake, layer)
+        for side in (real, fake):
+            if side.n < k + 1:
+                raise CompareError(f"{side.url}: {side.n} samples; k-NN metrics with k={k} need at least {k + 1}")
 
-    with tempfile.TemporaryDirectory(prefix="imzarr-compare-", dir=scratch_dir) as scratch:
-        real_rows, real_stats = _stream_features(real, Path(scratch), block_size, log)
-        fake_rows, fake_stats = _stream_features(fake, Path(scratch), block_size, log)
-        fd = frechet_distance(real_stats.mean, real_stats.cov, fake_stats.mean, fake_stats.cov)
-        _log(log, f"overall FD {fd:.4f}; k-NN over {real.n} × {fake.n} samples")
-        overall = prdc_blocked(
-            real_rows.read, real.n, fake_rows.read, fake.n, k=k, block_size=block_size, dtype=BLOCKED_DTYPE, shift=real_stats.mean
-        )
-        classes, per_class_values = _per_class(real, fake, real_rows, fake_rows, k, block_size, log) if per_class else (np.zeros(0, np.int16), None)
-        report = _report(real, fake, layer, k, fd, overall, classes, per_class_values, per_class)
-        report.attrs["seconds"] = round(time.monotonic() - started, 3)
-        if plot is not None:
-            from extractor.analysis.plots import plot_comparison
+        with tempfile.TemporaryDirectory(prefix="imzarr-compare-", dir=scratch_dir) as scratch:
+            real_rows, real_stats = _stream_features(real, Path(scratch), block_size, log)
+            fake_rows, fake_stats = _stream_features(fake, Path(scratch), block_size, log)
+            for side in (real, fake):
+                check_unchanged(StoreIdentity.of(side.url, side.attrs))  # the features read are still the stores'
+            fd = frechet_distance(real_stats.mean, real_stats.cov, fake_stats.mean, fake_stats.cov)
+            _log(log, f"overall FD {fd:.4f}; k-NN over {real.n} × {fake.n} samples")
+            overall = prdc_blocked(
+                real_rows.read, real.n, fake_rows.read, fake.n, k=k, block_size=block_size, dtype=BLOCKED_DTYPE, shift=real_stats.mean
+            )
+            classes, per_class_values = _per_class(real, fake, real_rows, fake_rows, k, block_size, log) if per_class else (np.zeros(0, np.int16), None)
+            report = _report(real, fake, layer, k, fd, overall, classes, per_class_values, per_class)
+            report.attrs["seconds"] = round(time.monotonic() - started, 3)
+            if plot is not None:
+                from extractor.analysis.plots import plot_comparison
 
-            real_x, real_y = _plot_sample(real_rows, real.labels)
-            fake_x, fake_y = _plot_sample(fake_rows, fake.labels)
-            plot_comparison(real_x, fake_x, report, plot, projection=projection, real_labels=real_y, fake_labels=fake_y)
-    if output is not None:
-        write_report(report, output)
-    _log(log, f"done in {time.monotonic() - started:.1f} s")
-    return report
+                real_x, real_y = _plot_sample(real_rows, real.labels)
+                fake_x, fake_y = _plot_sample(fake_rows, fake.labels)
+                plot_comparison(real_x, fake_x, report, plot, projection=projection, real_labels=real_y, fake_labels=fake_y)
+        if output is not None:
+            write_report(report, output)
+        _log(log, f"done in {time.monotonic() - started:.1f} s")
+        return report
 
 
 # ---------------------------------------------------------------- opening and checking
