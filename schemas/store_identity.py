@@ -1,6 +1,6 @@
 """A store a command reads cannot change under it unnoticed: a generation id per store, and readers' leases.
 
-Design (README, "Safety"):
+Design (README "Safety"):
 - **Generation.** Every store gets a random id (`generation`, a UUID4) in its root attributes in the one write
   that makes it resumable (`store_lifecycle.prepare_store`). A resumed run keeps it; a rebuild (`--overwrite`, or
   a store whose creation was killed) gets a new one. A reader records the id (and settings fingerprint) of each
