@@ -304,8 +304,7 @@ class _SiteWriter:
         self.output = output.rstrip("/")
         self.local = local_path(self.output)
         self.fs, self.root = fsspec.core.url_to_fs(self.output)
-        self.files = 0
-        self.bytes = 0
+        self.sizes: dict[str, int] = {}
         self._pending: dict[str, bytes] = {}
 
     def url(self, name: str) -> str:
@@ -313,14 +312,21 @@ class _SiteWriter:
 
     def write(self, name: str, data: bytes | str) -> None:
         raw = data.encode() if isinstance(data, str) else data
-        self.files += 1
-        self.bytes += len(raw)
+        self.sizes[name] = len(raw)
         if self.local is not None:
             write_output_file(str(Path(self.local) / name), raw)
             return
         self._pending[f"{self.root.rstrip('/')}/{name}"] = raw
         if len(self._pending) >= 256:
             self.flush()
+
+    @property
+    def files(self) -> int:
+        return len(self.sizes)
+
+    @property
+    def bytes(self) -> int:
+        return sum(self.sizes.values())
 
     def flush(self) -> None:
         if self._pending:

@@ -11,6 +11,7 @@
   var labels = values["class"] || [];
   var rowOf = {}; // label -> row index
   var rowEls = [];
+  var tbody = null;
   var order = [];
   var sortKey = null;
   var sortDescending = true;
@@ -57,7 +58,7 @@
       rowOf[labels[i]] = i;
       order.push(i);
     }
-    var body = table.tBodies[0];
+    var body = (tbody = table.tBodies[0]);
     body.innerHTML = parts.join(""); // one parse: thousands of rows in a few milliseconds
     rowEls = Array.prototype.slice.call(body.rows);
     table.tHead.addEventListener("click", function (ev) {
@@ -94,7 +95,7 @@
     });
     var frag = document.createDocumentFragment();
     for (var i = 0; i < order.length; i++) frag.appendChild(rowEls[order[i]]);
-    rowEls[0].parentNode.appendChild(frag); // one re-insertion, one layout
+    tbody.appendChild(frag); // one re-insertion, one layout
     var ths = document.querySelectorAll("#class-table th");
     for (var t = 0; t < ths.length; t++) {
       var th = ths[t];
