@@ -279,14 +279,15 @@ def test_output_rules(run, tmp_path):
     assert len(_class_detail(tmp_path / "site", 0)["fake"]["sample"]) == 3
 
 
-def test_cli_prints_the_page_or_one_line(run, tmp_path):
+def test_cli_report_and_compare_report(run, tmp_path):
     def imzarr(*args):
         return subprocess.run([sys.executable, "-m", "schemas", *args], capture_output=True, text=True)
 
     missing = imzarr("report", str(tmp_path / "nope.zarr"), "-o", str(tmp_path / "out"))
     assert missing.returncode == 2 and missing.stderr.count("\n") == 1 and "nope.zarr: compare report not found" in missing.stderr
-    made = imzarr("report", run["compare"], "-o", str(tmp_path / "site"), "--per-class-thumbnails", "4")
-    assert made.returncode == 0 and f"open {tmp_path / 'site' / 'index.html'}" in made.stdout
+    made = imzarr("compare", run["real_acts"], run["fake_acts"], "--layer", "feat", "-k", "3", "--report", str(tmp_path / "site"), "--per-class-thumbnails", "4")
+    assert made.returncode == 0 and f"open {tmp_path / 'site' / 'index.html'}" in made.stdout, made.stderr
+    assert _run_data(tmp_path / "site")["values"]["fd"] == [float(v) for v in xr.open_zarr(run["compare"])["fd"].values]
     assert len(_class_detail(tmp_path / "site", 0)["fake"]["sample"]) == 4
 
 
