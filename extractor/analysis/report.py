@@ -505,21 +505,33 @@ def _run_data(ds: xr.Dataset, real: _Side, fake: _Side) -> dict[str, Any]:
 # ---------------------------------------------------------------- the page
 
 
+def _describe_noise(noise: Any) -> str:
+    if not noise:
+        return "none"
+    if isinstance(noise, dict) and "recipe" in noise:
+        return f"{noise['recipe']}, seed {noise.get('seed', '?')}"
+    return json.dumps(noise, sort_keys=True, ensure_ascii=False)
+
+
+def _per_side(rows: list[tuple[str, str]], what: str, real: str, fake: str) -> None:
+    """One row when both feature sets agree, else one per side."""
+    if real == fake:
+        rows.append((what, real))
+    else:
+        rows += [(f"{what} (real)", real), (f"{what} (generated)", fake)]
+
+
 def _provenance_rows(ds: xr.Dataset, real: _Side, fake: _Side, compare_url: str | None) -> list[tuple[str, str]]:
     a = ds.attrs
     rows: list[tuple[str, str]] = []
-    for role, side in (("real", real), ("generated", fake)):
-        model = side.attrs.get("model") or {}
-        rows.append((f"model ({role} features)", describe_model(model)))
-        if model.get("sha256"):
-            rows.append((f"model sha256 ({role})", str(model["sha256"])))
+    models = [side.attrs.get("model") or {} for side in (real, fake)]
+    _per_side(rows, "model", *(describe_model(m) for m in models))
+    _per_side(rows, "model sha256", *(str(m.get("sha256") or "not recorded") for m in models))
     space = a.get("variable") or a.get("layer")
     rows.append(("feature layer", f"{space} (module {a.get('module_path', '?')}); features: {a.get('pool', '?')}, k = {a.get('k', '?')}"))
     rows.append(("σ", str(a.get("sigma", real.attrs.get("sigma")))))
-    for role, side in (("real", real), ("generated", fake)):
-        noise = side.attrs.get("noise")
-        rows.append((f"noise ({role})", "none" if not noise else json.dumps(noise, sort_keys=True)))
-        rows.append((f"pooling at extraction ({role})", str(side.attrs.get("pooling", "?"))))
+    _per_side(rows, "noise", *(_describe_noise(side.attrs.get("noise")) for side in (real, fake)))
+    _per_side(rows, "pooling at extraction", *(str(side.attrs.get("pooling", "?")) for side in (real, fake)))
     rows.append(("compare report", f"{compare_url or '(in memory)'}"))
     for role, side in (("real", real), ("generated", fake)):
         src = side.attrs.get("source") or {}
@@ -544,6 +556,7 @@ def _index_html(ds: xr.Dataset, real: _Side, fake: _Side, compare_url: str | Non
     e = html.escape
     a = ds.attrs
     title = f"imzarr report: {a.get('layer', '')} — {run['counts']['classes']} classes"
+    subtitle = f"{a.get('model', 'model not recorded')} · layer {a.get('layer', '?')} ({a.get('pool', '?')}) · σ {a.get('sigma', '?')}"
     banner = "" if run["trained"] else f'<div id="untrained-banner" class="banner" role="alert">{e(UNTRAINED_BANNER)}</div>'
     prov = "".join(f"<tr><th>{e(k)}</th><td>{e(v)}</td></tr>" for k, v in _provenance_rows(ds, real, fake, compare_url))
     overall = "".join(
@@ -570,7 +583,7 @@ def _index_html(ds: xr.Dataset, real: _Side, fake: _Side, compare_url: str | Non
 {banner}
 <header>
 <h1>Real vs generated, per class</h1>
-<p class="sub">{e(str(a.get('model', '')))}</p>
+<p class="sub">{e(subtitle)}</p>
 <details id="provenance"><summary>Provenance</summary><table class="prov">{prov}</table></details>
 </header>
 <section id="overall"><h2>Overall</h2><div class="metrics">{overall}</div><p class="counts">{count_line}</p></section>
