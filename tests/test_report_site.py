@@ -125,7 +125,7 @@ def test_page_is_clean_complete_and_offline(run, browser, http_root, how):
     url, prefix = (file_url(run["site"]), run["site"].resolve().as_uri()) if how == "file" else (http_root + "index.html", http_root)
     w = Watched(browser, prefix)
     page = w.open(url)
-    assert page.locator("#class-table tbody tr").count() == NUM_CLASSES
+    assert page.locator("#class-table tbody tr[data-label]").count() == NUM_CLASSES
     open_class(page, 2)
     count, broken = visible_images_loaded(page)
     assert count == 2 + 2 * SHOWN and broken == []  # two grids, plus a generated/real crop pair per generated sample
@@ -145,7 +145,7 @@ def test_numbers_equal_the_compare_store(run, browser):
         assert float(value) == ds.attrs[key] and text == format_number(ds.attrs[key])
     assert [int(shown[k][0]) for k in ("n_real", "n_fake", "classes")] == [ds.attrs["n_real"], ds.attrs["n_fake"], NUM_CLASSES]
     keys = page.eval_on_selector_all("#class-table thead th", "ths => ths.map(t => t.dataset.key)")
-    rows = page.eval_on_selector_all("#class-table tbody tr", "trs => trs.map(tr => [...tr.cells].map(c => c.dataset.value ?? c.textContent))")
+    rows = page.eval_on_selector_all("#class-table tbody tr[data-label]", "trs => trs.map(tr => [...tr.cells].map(c => c.dataset.value ?? c.textContent))")
     for i, row in enumerate(rows):
         for key, cell in zip(keys, row):
             expected = ds[key].values[i]
@@ -165,16 +165,16 @@ def test_sorting_by_fd_puts_the_largest_first_and_the_filter_finds_a_class(run, 
     w = Watched(browser, run["site"].resolve().as_uri())
     page = w.open(file_url(run["site"]))
     page.click("#class-table th[data-key='fd']")
-    labels = [int(x) for x in page.eval_on_selector_all("#class-table tbody tr", "trs => trs.map(t => t.dataset.label)")]
+    labels = [int(x) for x in page.eval_on_selector_all("#class-table tbody tr[data-label]", "trs => trs.map(t => t.dataset.label)")]
     fd = dict(zip(ds["class"].values.tolist(), ds["fd"].values.tolist()))
     assert labels == sorted(fd, key=lambda c: -fd[c])
     page.click("#class-table th[data-key='fd']")  # a second click reverses
-    assert int(page.eval_on_selector("#class-table tbody tr", "t => t.dataset.label")) == min(fd, key=fd.get)
+    assert int(page.eval_on_selector("#class-table tbody tr[data-label]", "t => t.dataset.label")) == min(fd, key=fd.get)
     name, wnid = str(ds["class_name"].values[3]), str(ds["synset"].values[3])
     for query in (name.split(",")[0].upper(), wnid):
         page.fill("#filter", query)
         page.wait_for_function(f"document.getElementById('shown').textContent.startsWith('1 of')")
-        visible = page.eval_on_selector_all("#class-table tbody tr:not([hidden])", "trs => trs.map(t => t.dataset.label)")
+        visible = page.eval_on_selector_all("#class-table tbody tr[data-label]", "trs => trs.map(t => t.dataset.label)")
         assert visible == [str(ds["class"].values[3])]
     page.fill("#filter", "")
     page.wait_for_function(f"document.getElementById('shown').textContent.startsWith('{NUM_CLASSES} of')")

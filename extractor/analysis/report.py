@@ -32,7 +32,6 @@ from typing import Any, TextIO
 import fsspec
 import numpy as np
 import xarray as xr
-import zarr
 from PIL import Image
 
 from extractor.analysis.plots import UNTRAINED_BANNER
@@ -263,7 +262,7 @@ def overall_metrics(ds: xr.Dataset) -> list[dict[str, Any]]:
 def _trained(ds: xr.Dataset, sides: list[_Side]) -> bool:
     """True only when every network behind the features was trained (the report's own `trained`, else the stores')."""
     if "trained" in ds.attrs:
-        return ds.attrs["trained"] is True or ds.attrs["trained"] == 1
+        return ds.attrs["trained"] is True
     return all((side.attrs.get("model") or {}).get("trained") is True for side in sides)
 
 
@@ -415,7 +414,7 @@ def _write_classes(ds: xr.Dataset, real: _Side, fake: _Side, writer: _SiteWriter
     real_images, fake_images = validate_image_store(real.images_url), validate_image_store(fake.images_url)
     names = ds["class_name"].values if "class_name" in ds.variables else [""] * len(labels)
     synsets = ds["synset"].values if "synset" in ds.variables else [""] * len(labels)
-    means_r, means_f, files = [], [], []
+    means_r, means_f = [], []
     rng = np.random.default_rng(0)
     for start in range(0, len(labels), CLASSES_PER_BATCH):
         batch = []
@@ -445,7 +444,6 @@ def _write_classes(ds: xr.Dataset, real: _Side, fake: _Side, writer: _SiteWriter
             }
             batch.append((c, detail, real.image_positions[shown_r], fake.image_positions[shown_f], real.image_positions[idx_r[near]] if near.size else np.zeros(0, np.int64)))
         _write_batch(batch, real_images, fake_images, writer)
-        files.extend(b[0] for b in batch)
         _log(log, f"classes {start + len(batch)}/{len(labels)} written")
     return {"means": _means_projection(labels, means_r, means_f)}
 
