@@ -24,6 +24,7 @@ import xarray as xr
 import zarr
 
 from extractor.analysis.report import ReportSiteError, format_number, write_report_site
+from schemas.classes import class_table
 from schemas.image_store import validate_image_store
 from schemas.output_paths import OutputOverlapsInputError
 from tests.synthetic import image_features, write_compare_run
@@ -220,6 +221,31 @@ def test_banner_exactly_when_untrained(run, browser):
         page.screenshot(path=str(run["shots"] / f"top-{'untrained' if untrained else 'trained'}.png"))
         w.check_clean()
         w.close()
+
+
+def test_the_table_draws_only_rows_in_view_and_reaches_every_class(browser, tmp_path_factory):
+    """60 classes in a 720-pixel table: the DOM holds the rows in view; scrolling reaches the last class in order."""
+    root = tmp_path_factory.mktemp("report-many")
+    urls = write_compare_run(root, 60, 2)
+    write_report_site(urls["compare"], str(root / "site"), per_class=1)
+    w = Watched(browser, (root / "site").resolve().as_uri())
+    page = w.open(file_url(root / "site"))
+    assert page.inner_text("#shown") == "60 of 60 classes"
+    drawn = lambda: [int(x) for x in page.eval_on_selector_all("#class-table tbody tr[data-label]", "ts => ts.map(t => t.dataset.label)")]  # noqa: E731
+    assert drawn()[0] == 0 and len(drawn()) < 60
+    page.click("#class-table th[data-key='class']")  # numbers: largest first
+    assert drawn()[0] == 59
+    page.eval_on_selector(".table-wrap", "w => { w.scrollTop = w.scrollHeight; }")
+    page.wait_for_function("[...document.querySelectorAll('#class-table tr[data-label]')].pop().dataset.label === '0'")
+    page.click("#class-table tbody tr[data-label='0']")
+    page.wait_for_selector(".pairs .pair")
+    assert page.inner_text("#detail h2").startswith("tench")
+    page.fill("#filter", "n015")
+    page.wait_for_function("document.getElementById('shown').textContent !== '60 of 60 classes'")
+    expected = [c for c, wnid in enumerate(class_table().synsets_of(np.arange(60))) if str(wnid).startswith("n015")]
+    assert sorted(drawn()) == expected and page.inner_text("#shown") == f"{len(expected)} of 60 classes"
+    w.check_clean()
+    w.close()
 
 
 def _class_detail(site: Path, label: int) -> dict:

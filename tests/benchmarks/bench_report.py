@@ -82,7 +82,6 @@ def _measure_browser(browser, site: Path, classes: int, fd: dict[int, float]) ->
 
 
 def _rows(label: str, compare_url: str, workdir: Path, classes: int, browser, goal_size: bool) -> list[Row]:
-
     from extractor.analysis.report import open_compare, write_report_site
 
     ds, _ = open_compare(compare_url)
