@@ -41,7 +41,7 @@ def run(tmp_path_factory):
     urls = write_compare_run(root, NUM_CLASSES, PER_CLASS, trained=False, copies=1)
     write_report_site(urls["compare"], str(root / "site"))
     trained = xr.open_zarr(urls["compare"]).load()
-    trained.attrs["trained"] = True
+    trained.attrs |= {"trained": True, "model": "preset synthetic, sha256 5e5e5e5e5e5e, trained"}
     write_report_site(trained, str(root / "site-trained"))
     return {**urls, "site": root / "site", "site_trained": root / "site-trained", "shots": tmp_path_factory.mktemp("report-screenshots")}
 

@@ -442,7 +442,7 @@ def _write_classes(ds: xr.Dataset, real: _Side, fake: _Side, writer: _SiteWriter
                 },
                 "projection": _class_projection(x_r, x_f, rng),
             }
-            batch.append((c, detail, real.image_positions[shown_r], fake.image_positions[shown_f], real.image_positions[idx_r[near]] if near.size else np.zeros(0, np.int64)))
+            batch.append(detail)
         _write_batch(batch, real_images, fake_images, writer)
         _log(log, f"classes {start + len(batch)}/{len(labels)} written")
     return {"means": _means_projection(labels, means_r, means_f)}
@@ -467,21 +467,22 @@ def _means_projection(labels: list[int], means_r: list, means_f: list) -> dict[s
     return {"axes": axes, "label": [labels[i] for i in keep], "real": _rounded(emb[: len(keep)]), "fake": _rounded(emb[len(keep) :])}
 
 
-def _write_batch(batch: list, real_images, fake_images, writer: _SiteWriter) -> None:
-    """Read the batch's images with one take per image store, then write each class's grids and detail."""
-    need_r = np.unique(np.concatenate([np.concatenate([b[2], b[4]]) for b in batch] or [np.zeros(0, np.int64)])).astype(np.int64)
-    need_f = np.unique(np.concatenate([b[3] for b in batch] or [np.zeros(0, np.int64)])).astype(np.int64)
-    pix_r, pix_f = real_images.take(need_r), fake_images.take(need_f)
-    for c, detail, shown_r, shown_f, near in batch:
-        stem = f"classes/c{c:04d}"
-        grids = {}
-        for key, positions, need, pix in (("real", shown_r, need_r, pix_r), ("fake", shown_f, need_f, pix_f), ("near", near, need_r, pix_r)):
-            if len(positions):
-                writer.write(f"{stem}-{key}.jpg", grid_jpeg(pix[np.searchsorted(need, positions)]))
-                grids[key] = f"{stem}-{key}.jpg"
-        detail["grids"] = grids
+def _write_batch(details: list[dict[str, Any]], real_images, fake_images, writer: _SiteWriter) -> None:
+    """Read the classes' images with one take per image store, then write each class's grids and detail."""
+    positions = {side: [np.asarray(d[side]["sample"], dtype=np.int64) for d in details] for side in ("real", "fake", "near")}
+    need_r = np.unique(np.concatenate([np.zeros(0, np.int64), *positions["real"], *positions["near"]]))
+    need_f = np.unique(np.concatenate([np.zeros(0, np.int64), *positions["fake"]]))
+    pix = {"real": (need_r, real_images.take(need_r)), "fake": (need_f, fake_images.take(need_f))}
+    pix["near"] = pix["real"]
+    for i, detail in enumerate(details):
+        stem = f"classes/c{detail['label']:04d}"
+        detail["grids"] = {}
+        for side, (need, images) in pix.items():
+            if positions[side][i].size:
+                writer.write(f"{stem}-{side}.jpg", grid_jpeg(images[np.searchsorted(need, positions[side][i])]))
+                detail["grids"][side] = f"{stem}-{side}.jpg"
         payload = json.dumps({k: _json_number(v) for k, v in detail.items()}, allow_nan=False, separators=(",", ":"))
-        writer.write(f"{stem}.js", f"window.imzarrClassLoaded({c},{payload});\n")
+        writer.write(f"{stem}.js", f"window.imzarrClassLoaded({detail['label']},{payload});\n")
 
 
 def _run_data(ds: xr.Dataset, real: _Side, fake: _Side) -> dict[str, Any]:

@@ -49,10 +49,10 @@
   var drawn = [-1, -1, -1];
 
   function columnWidth(c) {
-    if (c.key === "class") return 60;
-    if (c.key === "synset") return 96;
-    if (c.key === "class_name") return 170;
-    return c.kind === "number" ? 84 : 220;
+    if (c.key === "class") return 52;
+    if (c.key === "synset") return 90;
+    if (c.key === "class_name") return 150;
+    return c.kind === "number" ? 72 : 160;
   }
 
   function buildTable() {
