@@ -277,6 +277,8 @@ def _compare(args: argparse.Namespace) -> int:
         claim_report_output(args.output, REPORT_SCHEMA, args.overwrite, inputs)
     if args.plot:
         _check_file_output(args.plot, inputs + ([args.output] if args.output else []))
+    if args.per_class_thumbnails is not None and not args.report:
+        raise CommandLineError("--per-class-thumbnails needs --report (the site it sizes)")
     if args.report:
         from extractor.analysis.report import claim_site_output
 
@@ -308,13 +310,13 @@ def _add_report(sub) -> None:
         "stores' provenance (compare report → activation stores → image stores).",
     )
     rep.add_argument("compare", help="compare report (the Zarr store `imzarr compare -o` wrote)")
-    rep.add_argument("-o", "--output", required=True, help="folder to write the site to (path or fsspec URL); an earlier report site there is replaced, anything else refused")
+    rep.add_argument("-o", "--output", required=True, metavar="DIR", help="folder to write the site to (path or fsspec URL); an earlier report site there is replaced, anything else refused")
     _add_report_thumbnails(rep)
     rep.set_defaults(handler=_report)
 
 
 def _add_report_thumbnails(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--per-class-thumbnails", type=positive_int, default=None, help="real and generated samples shown per class in the report site (default: 16)")
+    p.add_argument("--per-class-thumbnails", type=positive_int, default=None, metavar="N", help="real and generated samples shown per class in the report site (default: 16)")
 
 
 def _report(args: argparse.Namespace) -> int:
