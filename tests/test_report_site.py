@@ -327,3 +327,6 @@ def test_site_on_object_storage(run, s3, monkeypatch):
     local = sorted(str(p.relative_to(run["site"])) for p in run["site"].rglob("*") if p.is_file())
     assert remote == local and result.files == len(local)
     assert fs.cat_file(f"{s3.bucket}/site/classes/c0001-real.jpg") == (run["site"] / "classes" / "c0001-real.jpg").read_bytes()
+    fs.invalidate_cache()  # the listing above cached entries without content types
+    types = {name: fs.info(f"{s3.bucket}/site/{name}")["ContentType"] for name in ("index.html", "assets/report.js", "classes/c0001-real.jpg")}
+    assert types == {"index.html": "text/html", "assets/report.js": "text/javascript", "classes/c0001-real.jpg": "image/jpeg"}  # a static bucket serves these

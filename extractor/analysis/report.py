@@ -21,6 +21,7 @@ import html
 import io
 import json
 import math
+import mimetypes
 import tempfile
 import time
 from dataclasses import dataclass
@@ -303,6 +304,7 @@ class _SiteWriter:
         self.output = output.rstrip("/")
         self.local = local_path(self.output)
         self.fs, self.root = fsspec.core.url_to_fs(self.output)
+        self._s3 = "s3" in ([self.fs.protocol] if isinstance(self.fs.protocol, str) else list(self.fs.protocol))
         self.sizes: dict[str, int] = {}
         self._pending: dict[str, bytes] = {}
 
@@ -328,9 +330,15 @@ class _SiteWriter:
         return sum(self.sizes.values())
 
     def flush(self) -> None:
-        if self._pending:
-            self.fs.pipe(self._pending)  # object stores: many small files in concurrent requests
-            self._pending = {}
+        """Object stores: many small files in concurrent requests, one batch per content type. S3 serves an
+        object with the type it was stored with, and a static bucket must serve index.html as text/html."""
+        by_type: dict[str | None, dict[str, bytes]] = {}
+        for path, raw in self._pending.items():
+            by_type.setdefault(mimetypes.guess_type(path)[0], {})[path] = raw
+        for content_type, batch in by_type.items():
+            extra = {"ContentType": content_type} if content_type and self._s3 else {}
+            self.fs.pipe(batch, **extra)
+        self._pending = {}
 
     def remove_previous(self) -> None:
         """An earlier site here (claimed by its marker): remove what a site holds, nothing else."""
