@@ -146,16 +146,17 @@ def test_numbers_equal_the_compare_store(run, browser):
         assert float(value) == ds.attrs[key] and text == format_number(ds.attrs[key])
     assert [int(shown[k][0]) for k in ("n_real", "n_fake", "classes")] == [ds.attrs["n_real"], ds.attrs["n_fake"], NUM_CLASSES]
     keys = page.eval_on_selector_all("#class-table thead th", "ths => ths.map(t => t.dataset.key)")
-    rows = page.eval_on_selector_all("#class-table tbody tr[data-label]", "trs => trs.map(tr => [...tr.cells].map(c => c.dataset.value ?? c.textContent))")
+    rows = page.eval_on_selector_all("#class-table tbody tr[data-label]", "trs => trs.map(tr => [...tr.cells].map(c => [c.dataset.value ?? null, c.textContent]))")
     for i, row in enumerate(rows):
-        for key, cell in zip(keys, row):
+        for key, (value, text) in zip(keys, row):
             expected = ds[key].values[i]
             if isinstance(expected, (float, np.floating)):
-                assert (math.isnan(expected) and cell == "NaN") or float(cell) == expected, (key, i)
+                assert (math.isnan(expected) and value == "NaN") or float(value) == expected, (key, i)
+                assert text == format_number(None if math.isnan(expected) else float(expected)), (key, i)  # as the page's JS shows it
             elif isinstance(expected, (int, np.integer)):
-                assert int(cell) == expected, (key, i)
+                assert int(value) == expected and text == format_number(int(expected)), (key, i)
             else:
-                assert cell == str(expected), (key, i)
+                assert text == str(expected), (key, i)
     assert set(keys) >= {"class", "synset", "class_name", "n_real", "n_fake", "fd", "precision", "recall", "density", "coverage", "note"}
     w.check_clean()
     w.close()

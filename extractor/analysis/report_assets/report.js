@@ -18,15 +18,20 @@
   var wanted = null; // the label whose detail is awaited
 
   function fmt(v) {
-    // As the Python side's format_number: 4 significant digits, integers with separators, NaN as a dash.
+    // Python's format(v, ".4g") (the overall numbers are written by report.py's format_number): 4 significant
+    // digits, exponent form below 1e-4 and from 1e4, trailing zeros dropped; integers with separators.
     if (v === null || v === undefined) return "\u2014";
     if (typeof v !== "number") return String(v);
     if (Number.isInteger(v) && Math.abs(v) < 1e15) return v.toLocaleString("en-US");
-    var a = Math.abs(v);
-    if (a !== 0 && (a < 1e-4 || a >= 1e16)) return v.toExponential(3).replace(/\.?0+e/, "e");
-    var s = v.toPrecision(4);
-    if (s.indexOf("e") >= 0) return String(Number(s));
-    return s.indexOf(".") >= 0 ? s.replace(/0+$/, "").replace(/\.$/, "") : s;
+    if (v === 0) return "0";
+    var exp = Math.floor(Math.log10(Math.abs(Number(v.toPrecision(4)))));
+    if (exp < -4 || exp >= 4) {
+      var parts = v.toExponential(3).split("e");
+      var e = Number(parts[1]);
+      return parts[0].replace(/\.?0+$/, "") + "e" + (e < 0 ? "-" : "+") + String(Math.abs(e)).padStart(2, "0");
+    }
+    var fixed = v.toFixed(Math.max(0, 3 - exp));
+    return fixed.indexOf(".") >= 0 ? fixed.replace(/0+$/, "").replace(/\.$/, "") : fixed;
   }
 
   function esc(s) {
@@ -198,6 +203,7 @@
     if (prev) prev.classList.remove("selected");
     selected = label;
     markSelected();
+    markMeans();
     if (location.hash !== "#class=" + label) history.replaceState(null, "", "#class=" + label);
     if (loaded[label]) { renderClass(loaded[label]); return; }
     document.getElementById("detail").innerHTML = '<p class="hint">Loading class ' + label + "\u2026</p>";
@@ -309,6 +315,15 @@
     return holder.firstChild;
   }
 
+  function markMeans() {
+    var host = document.getElementById("means-plot");
+    var old = host.querySelectorAll(".sel");
+    for (var i = 0; i < old.length; i++) old[i].classList.remove("sel");
+    if (selected === null) return;
+    var now = host.querySelectorAll('[data-label="' + selected + '"]');
+    for (var j = 0; j < now.length; j++) { now[j].classList.add("sel"); now[j].parentNode.appendChild(now[j]); } // on top
+  }
+
   function buildMeansPlot() {
     var m = RUN.means;
     var host = document.getElementById("means-plot");
@@ -328,6 +343,7 @@
       ev.target.appendChild(t); // titles made on first hover: none of the thousands built up front
     });
     host.appendChild(svg);
+    markMeans();
   }
 
   // ------------------------------------------------------------------ start
