@@ -327,7 +327,7 @@ def _report(args: argparse.Namespace) -> int:
 def _write_site(compare, output: str, per_class: int | None):
     from extractor.analysis.report import write_report_site
 
-    return write_report_site(compare, output, per_class=per_class)
+    return write_report_site(compare, output, per_class=per_class, log=sys.stderr)
 
 
 def _print_site(site) -> None:

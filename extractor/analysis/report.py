@@ -8,7 +8,8 @@ The page's own JavaScript and CSS ship in `report_assets/`; nothing is requested
 
 The images are found through the provenance the stores record: the compare report names its two activation
 stores, each activation store its image store (`source.url`) and, per sample, the image's position there
-(`source_sample`). Features are reduced as compare reduces them (the report's `variable` and `pool`).
+(`source_sample`). Features are reduced as compare reduces them (the report's `variable` and `pool`) and spilled
+to a float32 file in a scratch folder, so memory stays at a read block and one class's rows.
 
 The report's per-class dimension may be called `class` or `label`; every per-class variable becomes a table
 column and every floating-point overall attribute an overall number, so metrics compare adds appear unchanged.
