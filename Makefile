@@ -85,6 +85,7 @@ compare: $(BIN)/imzarr $(DATA)/sample.zarr/zarr.json
 	$(BIN)/imzarr compare $(DATA)/real_feats-$(SPACE).zarr $(DATA)/generated_feats-$(SPACE).zarr --layer $(FEATURE_LAYER) -o $(DATA)/compare-$(SPACE).zarr --plot $(DATA)/compare-$(SPACE).png
 	$(BIN)/imzarr show $(DATA)/sample.zarr -o $(DATA)/real_grid.png
 	$(BIN)/imzarr show $(DATA)/generated.zarr -o $(DATA)/generated_grid.png
+	$(BIN)/imzarr report $(DATA)/compare-$(SPACE).zarr -o $(DATA)/report
 
 test: $(BIN)/imzarr
 	@echo "imzarr: testing with Python $(PYVER) ($(VENV))"

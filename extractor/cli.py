@@ -1,4 +1,4 @@
-"""`imzarr extract|layers|generate|compare|show` (also `python -m extractor …`).
+"""`imzarr extract|layers|generate|compare|report|show` (also `python -m extractor …`).
 
 Building these parsers imports nothing heavy (no torch): choices come from `extractor.vocabulary`; each
 handler imports what it runs.
@@ -26,6 +26,7 @@ def add_commands(sub) -> None:
     _add_layers(sub)
     _add_generate(sub)
     _add_compare(sub)
+    _add_report(sub)
     _add_show(sub)
 
 
@@ -263,6 +264,8 @@ def _add_compare(sub) -> None:
     cmp.add_argument("-o", "--output", default=None, help="write the report (an xarray dataset, per-class table on dim `class`) to this Zarr store; an earlier report there is replaced (default: none)")
     cmp.add_argument("--plot", default=None, help="write a PNG: 2-D projection and per-class panels (default: none)")
     cmp.add_argument("--projection", default="pca", choices=["pca", "umap"], help="projection for --plot (umap needs the optional umap-learn)")
+    cmp.add_argument("--report", default=None, metavar="DIR", help="also write the report as a static web site in this folder (see `imzarr report`; default: none)")
+    _add_report_thumbnails(cmp)
     cmp.add_argument("--overwrite", action="store_true", help="replace another imzarr store at --output (never an input, never anything else)")
     cmp.set_defaults(handler=_compare)
 
@@ -277,6 +280,12 @@ def _compare(args: argparse.Namespace) -> int:
         claim_report_output(args.output, REPORT_SCHEMA, args.overwrite, inputs)
     if args.plot:
         _check_file_output(args.plot, inputs + ([args.output] if args.output else []))
+    if args.per_class_thumbnails is not None and not args.report:
+        raise CommandLineError("--per-class-thumbnails needs --report (the site it sizes)")
+    if args.report:
+        from extractor.analysis.report import claim_site_output
+
+        claim_site_output(args.report, inputs + [p for p in (args.output, args.plot) if p])
     report = compare_stores(
         args.real, args.generated, args.layer, per_class=not args.no_per_class, pool=args.pool, k=args.k,
         output=args.output, plot=args.plot, projection=args.projection,
@@ -285,7 +294,48 @@ def _compare(args: argparse.Namespace) -> int:
     for label, path in (("report", args.output), ("plot", args.plot)):
         if path:
             print(f"{label}: {path}")
+    if args.report:
+        _print_site(_write_site(args.output or report, args.report, args.per_class_thumbnails))
     return 0
+
+
+# --- report -----------------------------------------------------------------------------------------------------
+
+
+def _add_report(sub) -> None:
+    rep = add_command(
+        sub,
+        "report",
+        "compare report → static web site",
+        "Write a compare report as a static site (DIR/index.html and its files) that opens from disk or any static "
+        "server: provenance, overall numbers, a sortable per-class table and, per class, real and generated "
+        "samples side by side with each generated sample's nearest real one. Images are found through the "
+        "stores' provenance (compare report → activation stores → image stores).",
+    )
+    rep.add_argument("compare", help="compare report (the Zarr store `imzarr compare -o` wrote)")
+    rep.add_argument("-o", "--output", required=True, metavar="DIR", help="folder to write the site to (path or fsspec URL); an earlier report site there is replaced, anything else refused")
+    _add_report_thumbnails(rep)
+    rep.set_defaults(handler=_report)
+
+
+def _add_report_thumbnails(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--per-class-thumbnails", type=positive_int, default=None, metavar="N", help="real and generated samples shown per class in the report site (default: 16)")
+
+
+def _report(args: argparse.Namespace) -> int:
+    _print_site(_write_site(args.compare, args.output, args.per_class_thumbnails))
+    return 0
+
+
+def _write_site(compare, output: str, per_class: int | None):
+    from extractor.analysis.report import write_report_site
+
+    return write_report_site(compare, output, per_class=per_class, log=sys.stderr)
+
+
+def _print_site(site) -> None:
+    print(f"report site: {site.files:,} files, {site.bytes / 1e6:.1f} MB in {site.seconds:.1f} s")
+    print(f"open {site.index}")
 
 
 def _check_file_output(path: str, inputs: list[str]) -> None:

@@ -93,10 +93,12 @@ def write_activation_store(
     sigma: float = 80.0,
     model: dict | None = None,
     described: bool = True,
+    source: dict | None = None,
 ) -> str:
     """A complete, valid activation store with one layer (and optional uint8 reconstructions); values come
     from make_block(start, stop), one shard at a time. `described`: with the per-array attributes and
-    `Conventions`, as stores are written now; False makes a store as written before them."""
+    `Conventions`, as stores are written now; False makes a store as written before them. `source`: the image
+    store the samples come from (its `url`), sample i being its image i; default: none ("synthetic")."""
     n = int(labels.size)
     pooling = pooling or ("mean" if len(per_sample_shape) == 1 else "none")
     group = zarr.open_group(url, mode="w", zarr_format=3)
@@ -130,7 +132,7 @@ def write_activation_store(
             "pooling": pooling,
             "dtypes": {"storage": dtype, "compute": "fp32"},
             "selection": {"count": n},
-            "source": {"url": "synthetic", "schema": None, "fingerprint": None, "source_format": None},
+            "source": source or {"url": "synthetic", "schema": None, "fingerprint": None, "source_format": None},
             "versions": {},
             "device": "cpu",
             **(activation_group_attrs(labels) if described else {}),
@@ -156,3 +158,51 @@ def read_shard_rows(paths) -> tuple[np.ndarray, np.ndarray]:
             images.append(shard["data"].reshape(-1, 3, size, size))
             labels.append(table.from_downsampled(shard["labels"]))
     return np.concatenate(images), np.concatenate(labels)
+
+
+def image_features(images: np.ndarray) -> np.ndarray:
+    """Small stand-in features of uint8 (n, 3, S, S) images: per-channel means and spreads and the channel means
+    of each image quarter, in [0, 1] (18 values: similar images get similar features)."""
+    x = images.astype(np.float32) / 255.0
+    n, _, s, _ = x.shape
+    h = s // 2
+    quarters = [x[:, :, a : a + h, b : b + h].mean(axis=(2, 3)) for a in (0, h) for b in (0, h)]
+    return np.concatenate([x.mean(axis=(2, 3)), x.std(axis=(2, 3)), *quarters], axis=1)
+
+
+def write_compare_run(root: Path, num_classes: int, per_class: int, size: int = 64, trained: bool = False, copies: int = 1) -> dict[str, str]:
+    """A whole compare run made at test time: real and generated image stores (`per_class` photo-like images of
+    each of the first `num_classes` classes), their activation stores of `image_features` that name the image
+    stores as their source, and the compare report. The first `copies` generated images of every class are exact
+    copies of real images of that class (what the report's nearest-neighbour check must find).
+    Returns the urls: real_images, fake_images, real_acts, fake_acts, compare."""
+    from converter.convert import ConvertOptions, convert
+    from converter.sources.npz import open_npz_source
+    from extractor.analysis.compare import compare_stores
+    from schemas.image_store import validate_image_store
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    table = class_table()
+    classes = np.repeat(np.arange(num_classes), per_class)
+    ds_labels = np.array([table.downsampled_labels[c] for c in range(num_classes)], dtype=np.int64)[classes]
+    real = photo_like(classes.size, size, seed=1)
+    fake = photo_like(classes.size, size, seed=2)
+    for k in range(min(copies, per_class)):
+        fake[k::per_class] = real[per_class - 1 - k :: per_class]  # the last real images of each class, copied
+    model = {"name": "synthetic", "preset": "synthetic", "sha256": "5e" * 32, "trained": trained}
+    urls: dict[str, str] = {}
+    for role, images in (("real", real), ("fake", fake)):
+        shard = write_npz_shard(root / f"{role}_data.npz", images, ds_labels, mean=False)
+        url = str(root / f"{role}_images.zarr")
+        convert(open_npz_source([shard]), ConvertOptions(url, shard_size=4096, inner_chunk=64))
+        store = validate_image_store(url)
+        labels = np.asarray(store.coordinate("label")).astype(np.int64)
+        feats = image_features(store.read(0, store.num_samples))
+        acts = str(root / f"{role}_acts.zarr")
+        source = {"url": url, "schema": store.attrs.get("schema"), "fingerprint": store.attrs.get("settings_fingerprint"), "source_format": "npz"}
+        write_activation_store(acts, labels, lambda a, b, f=feats: f[a:b], (feats.shape[1],), layer="feat", dtype="float32", model=model, source=source, sigma=0.5)
+        urls[f"{role}_images"], urls[f"{role}_acts"] = url, acts
+    urls["compare"] = str(root / "compare.zarr")
+    compare_stores(urls["real_acts"], urls["fake_acts"], "feat", k=3, output=urls["compare"])
+    return urls
