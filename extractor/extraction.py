@@ -54,6 +54,7 @@ from schemas.activation_store import (
 from schemas.errors import ImzarrError
 from schemas.image_store import ImageStore, validate_image_store
 from schemas.progress_report import ProgressReport
+from schemas.store_integrity import record_checksums, record_unit_checksums
 from schemas.store_lifecycle import finalize_store, inspect_existing, mark_done, path_state, prepare_store, read_done
 from schemas.task_runner import run_tasks
 
@@ -211,6 +212,7 @@ def extract(options: ExtractOptions) -> ExtractResult:
     done = n - sum(min(shard, n - k * shard) for k in state.pending)
     receipts = run_tasks(tasks, run.scheduler, ProgressReport(n, f"extracting {options.output}"), done)
     integrity_pass(options.output, num_shards, receipts)
+    record_checksums(options.output)
     finalize_store(options.output, {})
     return ExtractResult(options.output, n, False, time.monotonic() - started, loaded.trained)
 
@@ -365,5 +367,6 @@ def extract_shard(task: ShardTask) -> dict:
         raise
     finally:
         runner.release()  # the writer thread is done with the buffers either way
+    record_unit_checksums(task.output, task.shard, output.checksums)
     mark_done(task.output, task.shard)
     return {"images": int(n)}
