@@ -23,7 +23,7 @@ import zarr
 from fsspec.implementations.local import LocalFileSystem
 
 from schemas.errors import StoreValidationError
-from schemas.store_integrity import DamagedStoreError, check_store_files, crc32c_of
+from schemas.store_integrity import NO_FILE, DamagedStoreError, check_store_files, crc32c_of, recorded_checksums
 from schemas.variable_attrs import CONVENTIONS, class_table_attrs, coordinates_attribute, missing_array_attrs
 from schemas.zarr_format import (
     CRC32C_BYTES,
@@ -147,9 +147,9 @@ class ImageStore:
     disk, concurrent ranged requests on object stores — which is ~20× faster than zarr-python for random
     samples. Any other layout is read through zarr-python's public API.
 
-    In a store marked complete, a missing shard file, or one shorter than its index says, raises
-    DamagedStoreError naming the file (zarr-python would return fill values: black images); with the other
-    layouts the whole store's files are listed once, before the first read.
+    In a store marked complete, a missing shard file that the store records as written, or any shard shorter
+    than its index says, raises DamagedStoreError naming the file (zarr-python would return fill values: black
+    images); with the other layouts the whole store's files are listed once, before the first read.
     """
 
     url: str
@@ -195,7 +195,8 @@ class ImageStore:
     def fast_reader(self) -> "ShardRangeReader | None":
         """The direct shard reader, or None where the layout needs zarr-python (decided once, from zarr.json)."""
         if self._reader is False:
-            self._reader = shard_range_reader(self.url, IMAGE_VAR, self.storage_options, complete=self.complete)
+            written = recorded_checksums(self.url, IMAGE_VAR, self.storage_options) if self.complete else None
+            self._reader = shard_range_reader(self.url, IMAGE_VAR, self.storage_options, written)
         return self._reader  # type: ignore[return-value]
 
     def coordinate(self, name: str) -> np.ndarray:
@@ -244,9 +245,12 @@ class ShardRangeReader:
     other filesystems get all needed byte ranges in one concurrent `cat_ranges` call, adjacent rows merged.
     """
 
-    def __init__(self, fs: fsspec.AbstractFileSystem, array_root: str, layout: UncompressedShardLayout, complete: bool = False):
+    def __init__(self, fs: fsspec.AbstractFileSystem, array_root: str, layout: UncompressedShardLayout, written: np.ndarray | None = None):
         self.fs, self.root, self.layout = fs, array_root.rstrip("/"), layout
-        self.complete = complete  # a missing shard file is then damage, not fill values
+        # A complete store's checksum record of this array, per shard (−1: no file written, as zarr leaves out
+        # all-fill shards): a shard recorded but missing is damage. None: a missing shard reads as fill values,
+        # as zarr-python reads it (unfinished stores, stores without a record).
+        self.written = None if written is None else np.asarray(written).reshape(-1)
         self.local = isinstance(fs, LocalFileSystem)
         self._index_cache: dict[int, np.ndarray | None] = {}
         self._lock = threading.Lock()
@@ -270,7 +274,7 @@ class ShardRangeReader:
             sel = np.flatnonzero(shard_of == k)
             index = indexes[k]
             if index is None:  # no shard file: every row reads as the fill value, unless the store is complete
-                if self.complete:
+                if self.written is not None and self.written[k] != NO_FILE:
                     raise DamagedStoreError(f"{self.shard_path(k)}: missing; the store is marked complete but lacks this shard file")
                 self._fill(out, order[sel])
                 continue
@@ -381,14 +385,14 @@ class ShardRangeReader:
         return index
 
 
-def shard_range_reader(url: str, array: str, storage_options: dict[str, Any] | None = None, complete: bool = False) -> ShardRangeReader | None:
-    """A direct reader for `array` in the store at `url` when its zarr.json allows one, else None; `complete`: the
-    store is marked complete, so a missing shard file raises instead of reading as fill values."""
+def shard_range_reader(url: str, array: str, storage_options: dict[str, Any] | None = None, written: np.ndarray | None = None) -> ShardRangeReader | None:
+    """A direct reader for `array` in the store at `url` when its zarr.json allows one, else None; `written`: the
+    complete store's checksum record of the array, so that a recorded shard file found missing raises."""
     layout = uncompressed_shard_layout(read_node_metadata(url, array, storage_options))
     if layout is None:
         return None
     fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
-    return ShardRangeReader(fs, f"{root.rstrip('/')}/{array}", layout, complete)
+    return ShardRangeReader(fs, f"{root.rstrip('/')}/{array}", layout, written)
 
 
 def item_runs(byte_pos: np.ndarray, item_bytes: int, max_items: int | None = None) -> list[tuple[int, int]]:

@@ -1,9 +1,12 @@
 """Complete means every byte is there: the data files a store must hold, their recorded checksums, and checks.
 
-Which files: every array's chunk grid (zarr.json's `chunk_grid`) names one file per cell (`chunk_key`); for a
-sharded array each is a shard file, and imzarr's writers store every shard whole (no all-fill shard is skipped),
-so a complete store must hold all of them, each of the size its zarr.json implies (`data_file_size_bounds`).
-Unsharded chunks (the per-sample coordinate arrays) may be absent where zarr skipped an all-fill chunk.
+Which files: every array's chunk grid (zarr.json's `chunk_grid`) names one file per cell (`chunk_key`): a shard
+file for a sharded array. Zarr itself may leave out any all-fill chunk or shard (its default
+`write_empty_chunks=False`), so a missing file is damage only where the store records that it was written:
+the checksum record below, which imzarr's writers make. A file recorded as written must be there, of exactly the
+size its zarr.json implies (`data_file_size_bounds`: imzarr's writers store every inner chunk of a shard); stores
+without a record (made before it existed, or by other tools) get the checks that hold for any Zarr writer: a
+shard holds at least its index, raw chunks are whole.
 
 Checksums (crc32c, Castagnoli, as the Zarr spec's `crc32c` codec): a writer computes each data file's crc32c as
 it writes it and, before recording its unit done, writes them to `_progress/checksums/<unit>.json`
@@ -61,9 +64,10 @@ class DataFile:
     array: str
     key: str  # relative to the array's folder
     cell: tuple[int, ...]
-    least: int  # bytes
+    least: int  # bytes, as imzarr's writers store it (every inner chunk)
     most: int | None
     sharded: bool
+    least_any: int  # bytes any Zarr writer stores (inner chunks may be left out)
 
     @property
     def name(self) -> str:
@@ -102,7 +106,8 @@ def array_files(name: str, metadata: dict[str, Any]) -> list[DataFile]:
     files = []
     for cell in itertools.product(*(range(n) for n in chunk_grid_shape(metadata))):
         least, most = data_file_size_bounds(metadata, cell)
-        files.append(DataFile(name, chunk_key(metadata, cell), cell, least, most, sharded))
+        least_any = data_file_size_bounds(metadata, cell, all_inner_chunks=False)[0]
+        files.append(DataFile(name, chunk_key(metadata, cell), cell, least, most, sharded, least_any))
     return files
 
 
@@ -111,6 +116,17 @@ def _listing(fs: fsspec.AbstractFileSystem, base: str) -> dict[str, int]:
     found = fs.find(base, detail=True)
     prefix = base + "/"
     return {path[len(prefix):] if path.startswith(prefix) else path: int(info.get("size") or 0) for path, info in found.items()}
+
+
+def recorded_checksums(url: str, array: str, storage_options: dict[str, Any] | None = None) -> np.ndarray | None:
+    """One array's recorded crc32c per chunk-grid cell (−1: no file written); None where the store has no record."""
+    try:
+        group = zarr.open_group(url, path=CHECKSUM_GROUP, mode="r", storage_options=storage_options)
+        if group.attrs.get("algorithm") != ALGORITHM:
+            return None
+        return np.asarray(group[array][...])
+    except Exception:  # zarr raises several types for "nothing here"
+        return None
 
 
 def read_checksum_record(url: str, storage_options: dict[str, Any] | None = None) -> dict[str, np.ndarray] | None:
@@ -129,8 +145,8 @@ def missing_or_short(
 ) -> list[Damage]:
     """Data files that a complete store must hold and lacks, or holds with an impossible size (a listing only).
 
-    Required: every shard file of a sharded array, and every file the checksum record says was written.
-    `record`: the checksum record if already read (False: read it here)."""
+    Required: every file the checksum record says was written, of its exact size. `record`: the checksum record
+    if already read (False: read it here)."""
     if record is False:
         record = read_checksum_record(url, storage_options)
     fs, base = store_fs(url, storage_options)
@@ -142,21 +158,22 @@ def missing_or_short(
             size = sizes.get(f.name)
             was_written = recorded is not None and recorded.shape == chunk_grid_shape(metadata) and recorded[f.cell] != NO_FILE
             if size is None:
-                if f.sharded or was_written:
+                if was_written:
                     damage.append(Damage(f"{base}/{f.name}", "missing"))
                 continue
-            problem = size_problem(size, f)
+            problem = size_problem(size, f, exact=was_written)
             if problem:
                 damage.append(Damage(f"{base}/{f.name}", problem))
     return damage
 
 
-def size_problem(size: int, f: DataFile) -> str | None:
-    """Why a file of `size` bytes cannot be `f` (None: it can)."""
-    if f.most is not None and f.most == f.least and size != f.least:
+def size_problem(size: int, f: DataFile, exact: bool = True) -> str | None:
+    """Why a file of `size` bytes cannot be `f` (None: it can); `exact`: as imzarr writes it, every inner chunk."""
+    if exact and f.most is not None and f.most == f.least and size != f.least:
         return f"{'truncated' if size < f.least else 'too long'}: {size} bytes, expected {f.least}"
-    if size < f.least:
-        return f"truncated: {size} bytes, expected at least {f.least}"
+    least = f.least if exact else f.least_any
+    if size < least:
+        return f"truncated: {size} bytes, expected at least {least}"
     if f.most is not None and size > f.most:
         return f"too long: {size} bytes, expected at most {f.most}"
     return None

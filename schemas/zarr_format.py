@@ -169,7 +169,7 @@ def _fixed_item_bytes(metadata: dict[str, Any], codecs: list[dict[str, Any]]) ->
     return _ITEMSIZE[metadata["data_type"]]
 
 
-def data_file_size_bounds(metadata: dict[str, Any], chunk_coords: tuple[int, ...]) -> tuple[int, int | None]:
+def data_file_size_bounds(metadata: dict[str, Any], chunk_coords: tuple[int, ...], all_inner_chunks: bool = True) -> tuple[int, int | None]:
     """(least, most) bytes the file of the chunk or shard at `chunk_coords` may hold, from zarr.json alone; most is
     None where no bound follows. Both are the exact size for raw-byte chunks, for a shard whose inner chunks are
     raw bytes too when every inner chunk inside the array is stored (as imzarr's writers always store them).
@@ -177,7 +177,8 @@ def data_file_size_bounds(metadata: dict[str, Any], chunk_coords: tuple[int, ...
     Sharded (the `sharding_indexed` codec): the index (16 bytes per inner chunk, plus 4 for its crc32c) and, for
     raw inner chunks, each stored inner chunk whole: ⌈m / I⌉ chunks along an axis where the shard holds m of the
     array's elements in chunks of I. Unsharded raw chunks are stored whole, edge chunks included (spec: the chunk
-    is always the grid's chunk shape)."""
+    is always the grid's chunk shape). `all_inner_chunks=False`: the least for any writer, which may leave out
+    all-fill inner chunks (zarr-python's default): the index alone."""
     grid = (metadata.get("chunk_grid") or {}).get("configuration") or {}
     chunk_shape = [int(c) for c in grid.get("chunk_shape", ())]
     codecs = metadata.get("codecs") or []
@@ -195,7 +196,7 @@ def data_file_size_bounds(metadata: dict[str, Any], chunk_coords: tuple[int, ...
         if item is None or len(codecs) != 1:
             return index, None
         exact = index + stored * item * _product(inner)
-        return exact, exact
+        return (exact if all_inner_chunks else index), exact
     item = _fixed_item_bytes(metadata, codecs)
     if item is None:
         return 1, None
