@@ -405,7 +405,7 @@ def _crc_or_error(fs: fsspec.AbstractFileSystem, path: str) -> tuple[int, int] |
 
 
 LOCAL_BLOCK = 1 << 20  # small enough to stay in the CPU cache between the read that fills it and the crc
-PIPELINE_BUFFERS = 8
+PIPELINE_BUFFERS = 4
 
 
 def local_files_crc32c(paths: list[str]) -> Iterator[tuple[str, tuple[int, int] | OSError | None]]:
