@@ -13,7 +13,7 @@ from schemas.classes import class_table
 from schemas.cli import add_command
 from schemas.errors import StoreValidationError
 from schemas.image_store import IMAGE_SCHEMA, validate_image_store
-from schemas.store_integrity import Damage, DamagedStoreError, missing_or_short
+from schemas.store_integrity import Damage, DamagedStoreError, missing_or_short, read_checksum_record
 
 
 def describe_store(url: str) -> str:
@@ -83,8 +83,12 @@ def _info(args: argparse.Namespace) -> int:
     damage = store_damage(args.store)
     if damage is None:
         lines = ["data files   not checked: the store is unfinished"]
+    elif damage:
+        lines = [f"damaged      {d}" for d in damage]
+    elif read_checksum_record(args.store) is None:
+        lines = ["data files   sizes possible; no checksum record (made before imzarr recorded one), so a missing file cannot be told from one zarr left out as all fill"]
     else:
-        lines = [f"damaged      {d}" for d in damage] or ["data files   all present, each of its expected size (`imzarr verify` reads their bytes)"]
+        lines = ["data files   all present, each of its expected size (`imzarr verify` reads their bytes)"]
     print(summary + "\n" + "\n".join(lines))
     if damage:
         raise DamagedStoreError(f"{args.store}: not valid: {len(damage)} data file{'s' if len(damage) > 1 else ''} missing or short, first {damage[0]}")
