@@ -69,10 +69,12 @@ def bare_read(files: list[Path], block: int) -> int:
 
 
 def drop_cached(files: list[Path]) -> None:
-    """Evict these files' pages from the page cache (theirs only; clean pages, so nothing is lost)."""
+    """Evict these files' pages from the page cache (theirs only): written back first, as dirty pages of a
+    store just made would stay."""
     for path in files:
         fd = os.open(path, os.O_RDONLY)
         try:
+            os.fsync(fd)
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
