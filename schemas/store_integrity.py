@@ -68,7 +68,6 @@ class DataFile:
     cell: tuple[int, ...]
     least: int  # bytes, as imzarr's writers store it (every inner chunk)
     most: int | None
-    sharded: bool
     least_any: int  # bytes any Zarr writer stores (inner chunks may be left out)
 
     @property
@@ -104,12 +103,11 @@ def store_arrays(url: str, storage_options: dict[str, Any] | None = None) -> dic
 
 def array_files(name: str, metadata: dict[str, Any]) -> list[DataFile]:
     """Every file the array's chunk grid names, with its size bounds."""
-    sharded = any(c.get("name") == "sharding_indexed" for c in metadata.get("codecs") or [])
     files = []
     for cell in itertools.product(*(range(n) for n in chunk_grid_shape(metadata))):
         least, most = data_file_size_bounds(metadata, cell)
         least_any = data_file_size_bounds(metadata, cell, all_inner_chunks=False)[0]
-        files.append(DataFile(name, chunk_key(metadata, cell), cell, least, most, sharded, least_any))
+        files.append(DataFile(name, chunk_key(metadata, cell), cell, least, most, least_any))
     return files
 
 
@@ -350,8 +348,9 @@ class VerifyResult:
 def verify_store(url: str, storage_options: dict[str, Any] | None = None, progress: Any = None, threads: int | None = None) -> VerifyResult:
     """Check every data file: present, of a possible size, and (where recorded) of the recorded crc32c.
 
-    `progress` gets `update(bytes)` as files are read. Object stores are read by `threads` files at once (default
-    8; 1 on local disk, where one sequential reader already keeps up with the disk)."""
+    `progress` gets `update(bytes)` as files are read. Local files are read in order by a second thread while
+    this one checksums (`local_files_crc32c`); object stores (or any, given `threads`) `threads` files at once
+    (default 8: one request each)."""
     record = read_checksum_record(url, storage_options)
     damage = missing_or_short(url, storage_options, record)
     damaged = {d.path for d in damage}
