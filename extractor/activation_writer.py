@@ -22,6 +22,7 @@ from extractor.shard_writer import ShardFileWriter, direct_layout, local_directo
 from schemas.activation_store import COORDINATES, RECONSTRUCTION_DIMS, RECONSTRUCTION_VAR, activation_inner_chunk, layer_dims
 from schemas.errors import ImzarrError
 from schemas.image_layout import create_coordinate_arrays
+from schemas.store_integrity import files_checksums, shard_file_names
 from schemas.variable_attrs import coordinates_attribute
 
 class ChunkOwnershipError(ImzarrError):
@@ -102,8 +103,9 @@ class ShardOutput:
     `buffers[name]` are the shard's host arrays; `ready(first, stop, wait)` queues rows [first, stop) for the
     writer threads (one per directly written array, so the arrays' bytes go to the page cache on several cores at
     once), which call `wait()` (e.g. a device copy's event) before reading them. `commit` writes what is left and
-    the coordinates, and returns only when every byte is written: then (and only then) the caller marks the
-    shard done. `abort` leaves nothing of the shard behind.
+    the coordinates, and returns only when every byte is written: then (and only then) the caller records
+    `checksums` (crc32c of every file written, schemas.store_integrity) and marks the shard done. `abort` leaves
+    nothing of the shard behind.
     """
 
     def __init__(self, url: str, shard: int, start: int, buffers: dict[str, np.ndarray]):
@@ -116,6 +118,7 @@ class ShardOutput:
             if layout is not None and layout.samples_per_shard * shard == start and buffers[name].shape[1:] == layout.shape[1:]
         }
         self.error: BaseException | None = None
+        self.checksums: dict[str, int | None] = {}  # "<array>/<key>" → crc32c of each file committed
         self.queues: dict[str, queue.Queue] = {name: queue.Queue() for name in self.files}
         self.threads = [
             threading.Thread(target=self._drain, args=(name,), name=f"shard-writer-{shard}-{name}", daemon=True) for name in self.files
@@ -154,8 +157,11 @@ class ShardOutput:
             # Coordinates first, while the writer thread may still be writing data: one chunk per shard, written
             # directly where the layout allows (zarr-python took ~10-20 ms per shard for them, a third of a
             # 100 MB shard's raw write time). Nothing counts as written before the caller marks the shard done.
-            slow = {name: values for name, values in coords.items() if not write_sample_chunk(self.url, name, self.start, np.asarray(values))}
+            direct = {name: write_sample_chunk(self.url, name, self.start, np.asarray(values)) for name, values in coords.items()}
+            slow = {name: values for name, values in coords.items() if direct[name] is None}
             check_whole_chunks(self.url, self.start, slow)
+            direct_names = [name for name in coords if direct[name] is not None]
+            self.checksums.update(zip(shard_file_names(self.url, direct_names, self.shard), (direct[name] for name in direct_names)))
         except BaseException:
             self.abort()
             raise
@@ -164,10 +170,13 @@ class ShardOutput:
             self.abort()
             raise self.error
         try:
-            for file in self.files.values():
+            for name, file in self.files.items():
                 file.commit()
+                self.checksums[f"{name}/{file.layout.shard_key(self.shard)}"] = file.crc32c
             rest = {name: values for name, values in self.buffers.items() if name not in self.files}
             write_with_zarr(self.url, self.start, rest, slow)
+            # What zarr-python wrote is read back once (object stores, other layouts): its encoder is not ours.
+            self.checksums.update(files_checksums(self.url, shard_file_names(self.url, [*rest, *slow], self.shard)))
         except BaseException:
             self.abort()
             raise

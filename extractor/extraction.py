@@ -55,6 +55,7 @@ from schemas.errors import ImzarrError
 from schemas.image_store import ImageStore, validate_image_store
 from schemas.progress_report import ProgressReport
 from schemas.store_identity import GENERATION_ATTR, StoreIdentity, check_unchanged, reader_lease
+from schemas.store_integrity import record_checksums, record_unit_checksums
 from schemas.store_lifecycle import finalize_store, inspect_existing, mark_done, path_state, prepare_store, read_done
 from schemas.task_runner import run_tasks
 
@@ -226,6 +227,7 @@ def _extract(options: ExtractOptions) -> ExtractResult:
     receipts = run_tasks(tasks, run.scheduler, ProgressReport(n, f"extracting {options.output}"), done)
     integrity_pass(options.output, num_shards, receipts)
     check_unchanged(source)  # what was read at the start (labels, coordinates) is still the store's too
+    record_checksums(options.output)
     finalize_store(options.output, {})
     return ExtractResult(options.output, n, False, time.monotonic() - started, loaded.trained)
 
@@ -386,5 +388,6 @@ def extract_shard(task: ShardTask) -> dict:
         raise
     finally:
         runner.release()  # the writer thread is done with the buffers either way
+    record_unit_checksums(task.output, task.shard, output.checksums)
     mark_done(task.output, task.shard)
     return {"images": int(n)}

@@ -37,6 +37,7 @@ from schemas.image_layout import LAYOUT_VERSION, create_image_arrays
 from schemas.image_layout import TEXT_COORDINATES as IMAGE_TEXT_COORDINATES
 from schemas.image_store import IMAGE_SCHEMA, IMAGE_VAR, image_group_attrs
 from schemas.progress_report import ProgressReport
+from schemas.store_integrity import record_checksums, record_unit_checksums
 from schemas.store_lifecycle import StoreState, finalize_store, inspect_existing, mark_done, prepare_store
 from schemas.task_runner import run_tasks
 
@@ -140,8 +141,10 @@ def generate_shard(task: GenerateTask) -> dict:
     finally:
         runner.release()  # the writer threads are done with the buffers either way
     if task.activations_out:
+        record_unit_checksums(task.activations_out, task.shard, outputs["activations"].checksums)
         mark_done(task.activations_out, task.shard)
     if task.output:
+        record_unit_checksums(task.output, task.shard, outputs["images"].checksums)
         mark_done(task.output, task.shard)
     return {"images": n}
 
@@ -240,5 +243,6 @@ def generate(options: GenerateOptions) -> GenerateResult:
     for url in unfinished:
         integrity_pass(url, num_shards, receipts, "the generator's D(x) (`image`) or its captured layers")
     for url in reversed(unfinished):  # the activation store first, as before
+        record_checksums(url)
         finalize_store(url, {})
     return GenerateResult(options.output, options.activations_out, n, False, time.monotonic() - started, loaded.trained)

@@ -13,6 +13,9 @@ shard k of S samples holding m = min(S, n − k·S) of them is the file
 Bytes arrive in pieces (`write`), possibly from a writer thread while the next batch computes, into a temporary
 file next to the shard; `commit` adds padding and index and renames it into place, so a killed process never
 leaves a half shard under the shard's key. Local filesystem paths only: other stores go through zarr-python.
+Each file's crc32c is computed from the bytes as they are written (`ShardFileWriter.crc32c`, `write_chunk_file`'s
+return value), for the store's checksum record (schemas/store_integrity.py); bytes that do not arrive in file
+order (an index at the start of the file) are read back once at commit instead.
 """
 
 from __future__ import annotations
@@ -24,9 +27,11 @@ from pathlib import Path
 
 import fsspec
 import numpy as np
+from fsspec.implementations.local import LocalFileSystem
 from numcodecs import VLenUTF8, Zstd
 
 from schemas.errors import ImzarrError
+from schemas.store_integrity import crc32c_of, file_crc32c
 from schemas.zarr_format import (
     CRC32C_BYTES,
     EMPTY_CHUNK,
@@ -104,6 +109,18 @@ class ShardFileWriter:
         self.temp = self.path.with_name(f"{self.path.name}{PARTIAL_MARK}{uuid.uuid4().hex}")
         self.data_offset = 0 if layout.index_at_end else layout.index_bytes
         self.fd = os.open(self.temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        # crc32c of the file so far while bytes arrive in file order (they do, batch after batch, index last);
+        # None once they do not: then commit reads the file back.
+        self._crc: int | None = 0 if layout.index_at_end else None
+        self._end = self.data_offset
+        self.crc32c: int | None = None  # the committed file's, set by commit
+
+    def _extend_crc(self, offset: int, data: memoryview | bytes) -> None:
+        if self._crc is not None and offset == self._end:
+            self._crc = crc32c_of(data, self._crc)
+            self._end += len(data)
+        else:
+            self._crc = None
 
     def write(self, first: int, values: np.ndarray) -> None:
         """Samples [first, first + len(values)) of this shard (positions within the shard)."""
@@ -113,6 +130,7 @@ class ShardFileWriter:
             )
         view = memoryview(np.ascontiguousarray(values)).cast("B")
         offset = self.data_offset + first * self.layout.item_bytes
+        self._extend_crc(offset, view)
         while view:
             written = os.pwrite(self.fd, view, offset)
             view, offset = view[written:], offset + written
@@ -123,14 +141,20 @@ class ShardFileWriter:
         chunks = -(-self.count // inner)
         padding = chunks * inner - self.count
         if padding:
-            fill = np.full((padding, *self.layout.shape[1:]), self.layout.fill_value, dtype=self.dtype)
-            os.pwrite(self.fd, fill.tobytes(), self.data_offset + self.count * self.layout.item_bytes)
+            fill = np.full((padding, *self.layout.shape[1:]), self.layout.fill_value, dtype=self.dtype).tobytes()
+            os.pwrite(self.fd, fill, self.data_offset + self.count * self.layout.item_bytes)
+            self._extend_crc(self.data_offset + self.count * self.layout.item_bytes, fill)
         index = shard_index_bytes(self.layout, chunks, self.data_offset)
         data_end = self.data_offset + chunks * inner * self.layout.item_bytes
         os.pwrite(self.fd, index, data_end if self.layout.index_at_end else 0)
-        os.ftruncate(self.fd, data_end + (len(index) if self.layout.index_at_end else 0))
+        self._extend_crc(data_end if self.layout.index_at_end else 0, index)
+        size = data_end + (len(index) if self.layout.index_at_end else 0)
+        os.ftruncate(self.fd, size)
         os.close(self.fd)
         self.fd = -1
+        if self._crc is None or self._end != size:
+            self._crc = file_crc32c(LocalFileSystem(), str(self.temp))[0]
+        self.crc32c = self._crc
         os.replace(self.temp, self.path)
 
     def abort(self) -> None:
@@ -183,8 +207,8 @@ def chunk_encoder(metadata: dict) -> Callable[[np.ndarray], bytes] | None:
     return None
 
 
-def write_chunk_file(path: Path, payload: bytes) -> None:
-    """A chunk (or shard) file written whole under a temporary name, then renamed into place."""
+def write_chunk_file(path: Path, payload: bytes) -> int:
+    """A chunk (or shard) file written whole under a temporary name, then renamed into place; its crc32c."""
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_partials(path)
     temp = path.with_name(f"{path.name}{PARTIAL_MARK}{uuid.uuid4().hex}")
@@ -194,27 +218,28 @@ def write_chunk_file(path: Path, payload: bytes) -> None:
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
+    return crc32c_of(payload)
 
 
-def write_sample_chunk(url: str, array: str, start: int, values: np.ndarray) -> bool:
+def write_sample_chunk(url: str, array: str, start: int, values: np.ndarray) -> int | None:
     """Write values as the one whole chunk of a 1-D sample array that starts at `start`, directly, when its
-    layout allows (local store, chunk boundary, an encoder above); False (nothing written) otherwise."""
+    layout allows (local store, chunk boundary, an encoder above), and return the file's crc32c; None (nothing
+    written) otherwise."""
     root = local_directory(url)
     if root is None:
-        return False
+        return None
     metadata = read_node_metadata(url, array)
     encode = chunk_encoder(metadata)
     shape = metadata.get("shape") or []
     chunk_shape = (metadata.get("chunk_grid") or {}).get("configuration", {}).get("chunk_shape") or []
     if encode is None or len(shape) != 1 or len(chunk_shape) != 1:
-        return False
+        return None
     size = int(chunk_shape[0])
     if start % size or len(values) > size or start + len(values) != min(start + size, int(shape[0])):
-        return False
+        return None
     fill = "" if is_string_data_type(metadata.get("data_type")) else metadata.get("fill_value")
     if not isinstance(fill, (int, float, str)):
-        return False
+        return None
     full = np.full(size, fill, dtype=object if isinstance(fill, str) else np.dtype(metadata["data_type"]))
     full[: len(values)] = values  # edge chunks are stored whole, padded with the fill value
-    write_chunk_file(root / array / chunk_key(metadata, (start // size,)), encode(full))
-    return True
+    return write_chunk_file(root / array / chunk_key(metadata, (start // size,)), encode(full))

@@ -45,6 +45,7 @@ import numpy as np
 import zarr
 
 from schemas.errors import StoreValidationError
+from schemas.store_integrity import check_store_files
 from schemas.image_store import COORDINATES as IMAGE_COORDINATES
 from schemas.image_store import SAMPLE_DIM
 from schemas.variable_attrs import (
@@ -215,6 +216,9 @@ def validate_activation_store(url: str, require_complete: bool = True) -> zarr.G
     kind = _check_model_attrs(url, attrs)
     if "Conventions" in attrs:
         _check_array_attrs(url, group, layers, kind)
+    if require_complete:
+        # A listing, no reads: zarr-python reads a missing shard file as fill values (zeros), never an error.
+        check_store_files(url)
     return group
 
 

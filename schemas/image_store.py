@@ -23,6 +23,7 @@ import zarr
 from fsspec.implementations.local import LocalFileSystem
 
 from schemas.errors import StoreValidationError
+from schemas.store_integrity import NO_FILE, DamagedStoreError, check_store_files, crc32c_of, recorded_checksums
 from schemas.variable_attrs import CONVENTIONS, class_table_attrs, coordinates_attribute, missing_array_attrs
 from schemas.zarr_format import (
     CRC32C_BYTES,
@@ -106,6 +107,8 @@ def validate_image_store(url: str, require_complete: bool = True) -> "ImageStore
         )
     if "Conventions" in attrs:
         _check_array_attrs(url, attrs, image)
+    if require_complete:
+        check_store_files(url)  # a listing: a complete store lacking a shard file would read as black images
     return ImageStore(url, group)
 
 
@@ -143,6 +146,10 @@ class ImageStore:
     image is one contiguous byte range of a shard file: `take` then reads those ranges itself — `pread` on local
     disk, concurrent ranged requests on object stores — which is ~20× faster than zarr-python for random
     samples. Any other layout is read through zarr-python's public API.
+
+    In a store marked complete, a missing shard file that the store records as written, or any shard shorter
+    than its index says, raises DamagedStoreError naming the file (zarr-python would return fill values: black
+    images); with the other layouts the whole store's files are listed once, before the first read.
     """
 
     url: str
@@ -150,6 +157,7 @@ class ImageStore:
     storage_options: dict[str, Any] | None = None
     _reader: "ShardRangeReader | None | bool" = field(default=False, init=False, repr=False)
     _image: zarr.Array | None = field(default=None, init=False, repr=False)
+    _files_checked: bool = field(default=False, init=False, repr=False)
 
     @property
     def attrs(self) -> dict[str, Any]:
@@ -161,6 +169,11 @@ class ImageStore:
         if self._image is None:
             self._image = self.group[IMAGE_VAR]
         return self._image
+
+    @property
+    def complete(self) -> bool:
+        """Whether the store is marked complete (then every shard file must be there)."""
+        return self.group.attrs.get("complete") is True
 
     @property
     def num_samples(self) -> int:
@@ -182,7 +195,8 @@ class ImageStore:
     def fast_reader(self) -> "ShardRangeReader | None":
         """The direct shard reader, or None where the layout needs zarr-python (decided once, from zarr.json)."""
         if self._reader is False:
-            self._reader = shard_range_reader(self.url, IMAGE_VAR, self.storage_options)
+            written = recorded_checksums(self.url, IMAGE_VAR, self.storage_options) if self.complete else None
+            self._reader = shard_range_reader(self.url, IMAGE_VAR, self.storage_options, written)
         return self._reader  # type: ignore[return-value]
 
     def coordinate(self, name: str) -> np.ndarray:
@@ -202,6 +216,9 @@ class ImageStore:
         reader = self.fast_reader
         if reader is not None:
             return reader.take(indices).reshape(indices.size, *self.image.shape[1:])
+        if self.complete and not self._files_checked:
+            check_store_files(self.url, self.storage_options)
+            self._files_checked = True
         return take_with_zarr(self.image, indices)
 
 
@@ -228,8 +245,12 @@ class ShardRangeReader:
     other filesystems get all needed byte ranges in one concurrent `cat_ranges` call, adjacent rows merged.
     """
 
-    def __init__(self, fs: fsspec.AbstractFileSystem, array_root: str, layout: UncompressedShardLayout):
+    def __init__(self, fs: fsspec.AbstractFileSystem, array_root: str, layout: UncompressedShardLayout, written: np.ndarray | None = None):
         self.fs, self.root, self.layout = fs, array_root.rstrip("/"), layout
+        # A complete store's checksum record of this array, per shard (−1: no file written, as zarr leaves out
+        # all-fill shards): a shard recorded but missing is damage. None: a missing shard reads as fill values,
+        # as zarr-python reads it (unfinished stores, stores without a record).
+        self.written = None if written is None else np.asarray(written).reshape(-1)
         self.local = isinstance(fs, LocalFileSystem)
         self._index_cache: dict[int, np.ndarray | None] = {}
         self._lock = threading.Lock()
@@ -252,7 +273,9 @@ class ShardRangeReader:
         for k in wanted:
             sel = np.flatnonzero(shard_of == k)
             index = indexes[k]
-            if index is None:  # no shard file: every row reads as the fill value
+            if index is None:  # no shard file: every row reads as the fill value, unless the store is complete
+                if self.written is not None and self.written[k] != NO_FILE:
+                    raise DamagedStoreError(f"{self.shard_path(k)}: missing; the store is marked complete but lacks this shard file")
                 self._fill(out, order[sel])
                 continue
             local = sorted_idx[sel] - k * layout.samples_per_shard
@@ -265,9 +288,10 @@ class ShardRangeReader:
             plans.append((k, byte_pos, order[sel[present]]))
         if self.local:
             for k, byte_pos, dest in plans:
-                fd = os.open(self.shard_path(k), os.O_RDONLY)
+                path = self.shard_path(k)
+                fd = os.open(path, os.O_RDONLY)
                 try:
-                    pread_items(fd, byte_pos, layout.item_bytes, out, dest)
+                    pread_items(fd, byte_pos, layout.item_bytes, out, dest, path)
                 finally:
                     os.close(fd)
         else:
@@ -293,7 +317,7 @@ class ShardRangeReader:
             if isinstance(blob, BaseException):
                 raise StoreValidationError(f"{path}: read failed ({blob})")
             if len(blob) != dest.size * item:
-                raise StoreValidationError(f"{path}: shard is shorter than its index says")
+                raise DamagedStoreError(f"{path}: truncated: shorter than its index says ({len(blob)} of {dest.size * item} bytes read)")
             out[dest] = np.frombuffer(blob, dtype=np.uint8).reshape(dest.size, item)
 
     def shard_indexes(self, shards: list[int]) -> dict[int, np.ndarray | None]:
@@ -317,20 +341,21 @@ class ShardRangeReader:
                     result[k] = None
                     continue
                 try:
-                    at = os.fstat(fd).st_size - nbytes if self.layout.index_at_end else 0
+                    size = os.fstat(fd).st_size
+                    at = size - nbytes if self.layout.index_at_end else 0
                     raw = os.pread(fd, nbytes, at) if at >= 0 else b""
                 finally:
                     os.close(fd)
-                result[k] = self._parse_index(k, raw)
+                result[k] = self._parse_index(k, raw, size)
             return result
         paths = [self.shard_path(k) for k in shards]
         if self.layout.index_at_end:
             sizes = [self._size_or_none(p) for p in paths]
             present = [(k, p, s) for k, p, s in zip(shards, paths, sizes) if s is not None]
             result.update({k: None for k, s in zip(shards, sizes) if s is None})
-            blobs = self.fs.cat_ranges([p for _, p, _ in present], [s - nbytes for *_, s in present], [s for *_, s in present])
-            for (k, _, _), blob in zip(present, blobs):
-                result[k] = self._parse_index(k, b"" if isinstance(blob, BaseException) else blob)
+            blobs = self.fs.cat_ranges([p for _, p, _ in present], [max(s - nbytes, 0) for *_, s in present], [s for *_, s in present])
+            for (k, _, size), blob in zip(present, blobs):
+                result[k] = self._parse_index(k, b"" if isinstance(blob, BaseException) else blob, size)
         else:
             blobs = self.fs.cat_ranges(paths, [0] * len(paths), [nbytes] * len(paths), on_error="return")
             for k, blob in zip(shards, blobs):
@@ -343,19 +368,31 @@ class ShardRangeReader:
         except FileNotFoundError:
             return None
 
-    def _parse_index(self, shard: int, raw: bytes) -> np.ndarray:
+    def _parse_index(self, shard: int, raw: bytes, size: int | None = None) -> np.ndarray:
+        """The (offset, nbytes) index of a shard, checked: its crc32c, and every chunk inside the file's `size`."""
+        path = self.shard_path(shard)
         if len(raw) != self.layout.index_bytes:
-            raise StoreValidationError(f"{self.shard_path(shard)}: shard index is {len(raw)} bytes, expected {self.layout.index_bytes}")
-        return np.frombuffer(raw[:-CRC32C_BYTES], dtype="<u8").reshape(self.layout.inner_per_shard, 2)
+            raise DamagedStoreError(f"{path}: truncated: {len(raw)} bytes where its {self.layout.index_bytes}-byte index should be")
+        if crc32c_of(raw[:-CRC32C_BYTES]) != int.from_bytes(raw[-CRC32C_BYTES:], "little"):
+            # A cut file's last bytes are data, not its index: the spec's crc32c of the index tells them apart.
+            raise DamagedStoreError(f"{path}: shard index fails its crc32c (the file is truncated or altered{'' if size is None else f'; {size} bytes'})")
+        index = np.frombuffer(raw[:-CRC32C_BYTES], dtype="<u8").reshape(self.layout.inner_per_shard, 2)
+        stored = index[:, 0] != EMPTY_CHUNK
+        if size is not None and stored.any():
+            end = int((index[stored, 0] + index[stored, 1]).max())
+            if end > size:
+                raise DamagedStoreError(f"{path}: truncated: {size} bytes, its index points to byte {end}")
+        return index
 
 
-def shard_range_reader(url: str, array: str, storage_options: dict[str, Any] | None = None) -> ShardRangeReader | None:
-    """A direct reader for `array` in the store at `url` when its zarr.json allows one, else None."""
+def shard_range_reader(url: str, array: str, storage_options: dict[str, Any] | None = None, written: np.ndarray | None = None) -> ShardRangeReader | None:
+    """A direct reader for `array` in the store at `url` when its zarr.json allows one, else None; `written`: the
+    complete store's checksum record of the array, so that a recorded shard file found missing raises."""
     layout = uncompressed_shard_layout(read_node_metadata(url, array, storage_options))
     if layout is None:
         return None
     fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
-    return ShardRangeReader(fs, f"{root.rstrip('/')}/{array}", layout)
+    return ShardRangeReader(fs, f"{root.rstrip('/')}/{array}", layout, written)
 
 
 def item_runs(byte_pos: np.ndarray, item_bytes: int, max_items: int | None = None) -> list[tuple[int, int]]:
@@ -370,17 +407,19 @@ def item_runs(byte_pos: np.ndarray, item_bytes: int, max_items: int | None = Non
     return [(c, min(b, c + max_items)) for a, b in runs for c in range(a, b, max_items)]
 
 
-def pread_items(fd: int, byte_pos: np.ndarray, item_bytes: int, flat: np.ndarray, dest: np.ndarray) -> None:
-    """Read items at sorted byte positions into flat[dest], one pread per run of adjacent items."""
+def pread_items(fd: int, byte_pos: np.ndarray, item_bytes: int, flat: np.ndarray, dest: np.ndarray, path: str | None = None) -> None:
+    """Read items at sorted byte positions into flat[dest], one pread per run of adjacent items; a short read
+    raises DamagedStoreError naming `path` (the file of `fd`)."""
+    name = path if path is not None else f"fd {fd}"
     for a, b in item_runs(byte_pos, item_bytes):
         n = b - a
         if n == 1 or np.all(np.diff(dest[a:b]) == 1):
             # destination rows are contiguous too: read straight into them, no intermediate bytes object
             got = os.preadv(fd, [flat[dest[a] : dest[a] + n]], int(byte_pos[a]))
             if got != n * item_bytes:
-                raise StoreValidationError(f"file is shorter than expected: {got} of {n * item_bytes} bytes (fd {fd})")
+                raise DamagedStoreError(f"{name}: truncated: read {got} of {n * item_bytes} bytes at offset {int(byte_pos[a])}")
             continue
         buf = os.pread(fd, n * item_bytes, int(byte_pos[a]))
         if len(buf) != n * item_bytes:
-            raise StoreValidationError(f"file is shorter than expected: {len(buf)} of {n * item_bytes} bytes (fd {fd})")
+            raise DamagedStoreError(f"{name}: truncated: read {len(buf)} of {n * item_bytes} bytes at offset {int(byte_pos[a])}")
         flat[dest[a:b]] = np.frombuffer(buf, dtype=np.uint8).reshape(n, item_bytes)

@@ -151,3 +151,61 @@ def uncompressed_shard_layout(metadata: dict[str, Any]) -> UncompressedShardLayo
         fill_value=metadata.get("fill_value", 0),
         metadata=metadata,
     )
+
+
+def chunk_grid_shape(metadata: dict[str, Any]) -> tuple[int, ...]:
+    """Chunks (shards, for a sharded array) along each axis of a regular chunk grid: ⌈shape / chunk_shape⌉."""
+    grid = metadata.get("chunk_grid") or {}
+    if grid.get("name") != "regular":
+        raise StoreValidationError(f"chunk grid {grid.get('name')!r} is not the spec's regular grid")
+    chunk_shape = [int(c) for c in grid["configuration"]["chunk_shape"]]
+    return tuple(-(-int(s) // max(c, 1)) for s, c in zip(metadata["shape"], chunk_shape))
+
+
+def _fixed_item_bytes(metadata: dict[str, Any], codecs: list[dict[str, Any]]) -> int | None:
+    """Bytes per element when `codecs` is the `bytes` codec alone on a fixed-size numeric type, else None."""
+    if [c.get("name") for c in codecs] != ["bytes"] or metadata.get("data_type") not in _ITEMSIZE:
+        return None
+    return _ITEMSIZE[metadata["data_type"]]
+
+
+def data_file_size_bounds(metadata: dict[str, Any], chunk_coords: tuple[int, ...], all_inner_chunks: bool = True) -> tuple[int, int | None]:
+    """(least, most) bytes the file of the chunk or shard at `chunk_coords` may hold, from zarr.json alone; most is
+    None where no bound follows. Both are the exact size for raw-byte chunks, for a shard whose inner chunks are
+    raw bytes too when every inner chunk inside the array is stored (as imzarr's writers always store them).
+
+    Sharded (the `sharding_indexed` codec): the index (16 bytes per inner chunk, plus 4 for its crc32c) and, for
+    raw inner chunks, each stored inner chunk whole: ⌈m / I⌉ chunks along an axis where the shard holds m of the
+    array's elements in chunks of I. Unsharded raw chunks are stored whole, edge chunks included (spec: the chunk
+    is always the grid's chunk shape). `all_inner_chunks=False`: the least for any writer, which may leave out
+    all-fill inner chunks (zarr-python's default): the index alone."""
+    grid = (metadata.get("chunk_grid") or {}).get("configuration") or {}
+    chunk_shape = [int(c) for c in grid.get("chunk_shape", ())]
+    codecs = metadata.get("codecs") or []
+    if codecs and codecs[0].get("name") == "sharding_indexed":
+        config = codecs[0].get("configuration") or {}
+        inner = [int(c) for c in config.get("chunk_shape", ())]
+        inner_count = 1
+        stored = 1
+        for size, shard, chunk, k in zip(metadata["shape"], chunk_shape, inner, chunk_coords):
+            inner_count *= -(-shard // chunk)
+            held = max(0, min(shard, int(size) - int(k) * shard))
+            stored *= -(-held // chunk)
+        index = inner_count * INDEX_ENTRY_BYTES + CRC32C_BYTES
+        item = _fixed_item_bytes(metadata, config.get("codecs") or [])
+        if item is None or len(codecs) != 1:
+            return index, None
+        exact = index + stored * item * _product(inner)
+        return (exact if all_inner_chunks else index), exact
+    item = _fixed_item_bytes(metadata, codecs)
+    if item is None:
+        return 1, None
+    exact = item * _product(chunk_shape)
+    return exact, exact
+
+
+def _product(values: list[int]) -> int:
+    result = 1
+    for v in values:
+        result *= int(v)
+    return result

@@ -1,5 +1,6 @@
 """NPZ converter: exact pixels, labels, order, shuffle, crash safety, idempotence and every bad input."""
 
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from converter.convert import ConvertOptions, convert
 from converter.sources.npz import open_npz_source
 from schemas.classes import class_table
 from schemas.image_store import ImageStore, validate_image_store
+from schemas.store_integrity import CHECKSUM_GROUP, DamagedStoreError
 from tests.conftest import stores_identical
 from tests.synthetic import photo_like, read_shard_rows, write_adm_samples, write_npz_shard, write_pickle_batch
 
@@ -158,9 +160,16 @@ def test_zero_images_and_fsspec_url(tmp_path):
     np.testing.assert_array_equal(local_store.take(np.arange(200)[::-1]), images[::-1])
     shard_0 = tmp_path / "z.zarr" / "image" / "c" / "0" / "0" / "0" / "0"
     assert shard_0.exists()  # the converter stores black images like any other
-    # zarr's default (write_empty_chunks=False) drops all-black shards and chunks: the fast reader fills them in
+    # zarr's default (write_empty_chunks=False) drops all-black shards and chunks. In a complete store that
+    # records them as written, that is damage, named; without the record (older stores, other writers) the fast
+    # reader fills them in, as zarr does.
     zarr.open_group(local.url, mode="r+", use_consolidated=False)["image"][:128] = images[:128]
     assert not shard_0.exists()
+    with pytest.raises(DamagedStoreError, match=f"{shard_0}: missing"):
+        validate_image_store(local.url)
+    with pytest.raises(DamagedStoreError, match=f"{shard_0}: missing"):
+        validate_image_store(local.url, require_complete=False).take(np.arange(200))
+    shutil.rmtree(tmp_path / "z.zarr" / CHECKSUM_GROUP)
     np.testing.assert_array_equal(validate_image_store(local.url).take(np.arange(200)[::-1]), images[::-1])
 
 

@@ -87,6 +87,14 @@ def test_convert_extract_compare_show_on_s3_match_local(workdir, s3, s3_in_proce
     assert fs.cat_file(s3.url("grid.png"))[:8] == b"\x89PNG\r\n\x1a\n"
     assert fs.cat_file(s3.url("compare.png"))[:8] == b"\x89PNG\r\n\x1a\n"
 
+    # The checksum records written through s3fs verify, and verify names a damaged object by its URL path.
+    for url in (s3.url("images.zarr"), s3.url("acts.zarr")):
+        assert "every crc32c as recorded" in run("verify", url).stdout
+    shard = s3.url("images.zarr/image/c/1/0/0/0").removeprefix("s3://")
+    fs.rm(shard)
+    proc = _imzarr(s3, workdir, "verify", s3.url("images.zarr"))
+    assert proc.returncode == 1 and proc.stdout.splitlines() == [f"{shard}: missing"]
+
 
 def test_killed_conversion_to_s3_resumes_to_the_same_store(workdir, s3, s3_in_process):
     from tests.test_fault_matrix import KILL_AT_STEP
@@ -104,6 +112,11 @@ def test_killed_conversion_to_s3_resumes_to_the_same_store(workdir, s3, s3_in_pr
     assert sorted(a) == sorted(b)
     for name in a:
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    record = lambda url: {name: arr[...] for name, arr in zarr.open_group(url, path="_checksums", mode="r").arrays()}  # noqa: E731
+    killed_record, whole_record = record(s3.url("killed.zarr")), record(s3.url("whole.zarr"))
+    assert sorted(killed_record) == sorted(whole_record)
+    for name in killed_record:
+        np.testing.assert_array_equal(killed_record[name], whole_record[name], err_msg=name)
 
 
 def test_file_urls_work_and_memory_urls_are_refused(workdir, s3):
