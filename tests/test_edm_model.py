@@ -343,7 +343,7 @@ def test_decoder_skip_concatenation_widths() -> None:
 def test_decoder_concatenates_encoder_outputs_in_reverse_order() -> None:
     torch.manual_seed(1)
     model = EDMPrecond(**FOUR_LEVEL).eval()
-    model.reset_parameters(torch.Generator().manual_seed(1), zero_init_scale=0.3)
+    model.reset_parameters(zero_init_scale=0.3, seed=1)
     enc_out: list[torch.Tensor] = []
     dec_in: dict[str, torch.Tensor] = {}
     handles = [b.register_forward_hook(lambda _m, _i, o: enc_out.append(o)) for b in model.model.enc.values()]

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from extractor.models import seeded
 from extractor.models.capture import images_as_float
 from extractor.models.checkpoints import CheckpointError
 
@@ -254,10 +255,12 @@ def build(config: Mapping[str, Any]) -> FIDInceptionV3:
 
 
 def random_state_dict(config: Mapping[str, Any], seed: int) -> dict[str, Tensor]:
-    """Seeded random weights, identical on every machine; key i is drawn from CPU generator `seed + i`.
+    """Seeded random weights, bit-identical on every machine and torch build (extractor/models/seeded.py's rule).
 
-    With z ~ N(0, 1) of the key's shape: conv weights z·√(2 / fan_in) (He), fc weight z / √fan_in, fc bias 0.1·z,
-    BatchNorm weight 1 + 0.1·z, bias 0.1·z, running_mean 0.1·z, running_var exp(0.2·z), num_batches_tracked 0.
+    With z the seeded N(0, 1) draw of state-dict key i (`seeded.standard_normal(seed, i, shape)`): conv weights
+    z·√(2 / fan_in) (He), fc weight z·(1 / √fan_in), fc bias 0.1·z, BatchNorm weight 1 + 0.1·z, bias 0.1·z,
+    running_mean 0.1·z, running_var 1 + 0.2·z + 0.02·z² (exp(0.2·z) to second order, ≥ 0.5 for every z, and only
+    correctly rounded ops), num_batches_tracked 0. Scale factors are Python floats, rounded once to float32.
     """
     with torch.device("meta"):
         shapes = {key: (tuple(t.shape), t.dtype) for key, t in build(config).state_dict().items()}
@@ -266,16 +269,16 @@ def random_state_dict(config: Mapping[str, Any], seed: int) -> dict[str, Tensor]
         if key.endswith("num_batches_tracked"):
             weights[key] = torch.zeros(shape, dtype=dtype)
             continue
-        z = torch.randn(shape, generator=torch.Generator().manual_seed(seed + index))
+        z = seeded.standard_normal(seed, index, shape)
         fan_in = math.prod(shape[1:]) if len(shape) > 1 else 1
         if key.endswith("conv.weight"):
             value = z * math.sqrt(2 / fan_in)
         elif key == "fc.weight":
-            value = z / math.sqrt(fan_in)
+            value = z * (1 / math.sqrt(fan_in))
         elif key.endswith("bn.weight"):
             value = 1 + 0.1 * z
         elif key.endswith("running_var"):
-            value = torch.exp(0.2 * z)
+            value = (0.02 * z + 0.2) * z + 1  # Horner form of 1 + 0.2·z + 0.02·z²
         else:  # bn.bias, running_mean, fc.bias
             value = 0.1 * z
         weights[key] = value
