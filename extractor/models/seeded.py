@@ -1,6 +1,6 @@
 """Seeded random weights whose bits depend on (seed, tensor, shape) alone: one rule for every preset family.
 
-Rule (`SEEDED_WEIGHTS_RULE`): the tensor at position i of a network's `state_dict()` is drawn from the word
+Rule: the tensor at position i of a network's `state_dict()` is drawn from the word
 stream of extractor/noise.py's counter-based recipe with key(seed, i) = mix(mix(seed + γ) ^ i) and words
 w_j = mix(key + (j + 1)·γ) (SplitMix64, all integer arithmetic modulo 2⁶⁴):
 
@@ -12,8 +12,9 @@ by Python-float constants rounded once to float32), never torch's exp/log/sin, w
 builds. torch's random number generators are never used (neither read nor advanced): torch's CPU `randn` takes
 a different vectorised path, and so different bits, per build and CPU capability, where these draws do not.
 So a preset's weights are bit-identical on every machine, CPU, torch build and Python version; the pinned
-state-dict hashes in tests/test_seeded_weights.py hold every lane to it. ("Identical" covers the weights; the
-activations computed from them still differ in the last bits between builds and devices, as any float math does.)
+state-dict hashes in tests/test_seeded_weights.py (dmd2-imagenet64's in tests/test_edm_model.py) hold every lane
+to it. ("Identical" covers the weights; activations computed from them still differ in the last bits between
+builds and devices, as any float math does.)
 """
 
 from __future__ import annotations
@@ -25,12 +26,7 @@ import torch
 from extractor import noise_cpu
 from extractor.noise import per_sample_noise, sample_keys
 
-__all__ = ["SEEDED_WEIGHTS_RULE", "draw", "standard_normal", "uniform"]
-
-SEEDED_WEIGHTS_RULE = (
-    "state-dict tensor i: splitmix64-box-muller/2 stream of key(seed, i); normals = its per-sample noise, "
-    "uniforms = (w_j >> 40) / 2^24; see extractor/models/seeded.py"
-)
+__all__ = ["draw", "standard_normal", "uniform"]
 
 
 def standard_normal(seed: int, index: int, shape: Sequence[int]) -> torch.Tensor:
