@@ -286,16 +286,17 @@ def random_state_dict(config: Mapping[str, Any], seed: int) -> dict[str, Tensor]
         z = seeded.standard_normal(seed, index, shape)
         leaf = key.rsplit(".", 1)[-1]
         is_norm = key == "norm.weight" or key == "norm.bias" or ".norm" in key
+        # In place (fresh memory is slow to touch); each op is one correctly rounded float32 step.
         if key in ("cls_token", "pos_embed", "mask_token"):
-            value = 0.5 * z
+            value = z.mul_(0.5)
         elif leaf == "gamma":
-            value = 0.2 * z
+            value = z.mul_(0.2)
         elif is_norm and leaf == "weight":
-            value = 1 + 0.1 * z
+            value = z.mul_(0.1).add_(1)
         elif leaf == "weight":
-            value = z * (1 / math.sqrt(math.prod(shape[1:])))
+            value = z.mul_(1 / math.sqrt(math.prod(shape[1:])))
         else:  # biases
-            value = 0.1 * z
+            value = z.mul_(0.1)
         weights[key] = value
     return weights
 

@@ -292,16 +292,17 @@ def random_state_dict(config: Mapping[str, Any], seed: int) -> dict[str, Tensor]
             continue
         z = seeded.standard_normal(seed, index, shape)
         fan_in = math.prod(shape[1:]) if len(shape) > 1 else 1
+        # In place where possible (fresh memory is slow to touch); each op is one correctly rounded float32 step.
         if key.endswith("conv.weight"):
-            value = z * math.sqrt(2 / fan_in)
+            value = z.mul_(math.sqrt(2 / fan_in))
         elif key == "fc.weight":
-            value = z * (1 / math.sqrt(fan_in))
+            value = z.mul_(1 / math.sqrt(fan_in))
         elif key.endswith("bn.weight"):
-            value = 1 + 0.1 * z
+            value = z.mul_(0.1).add_(1)
         elif key.endswith("running_var"):
-            value = (0.02 * z + 0.2) * z + 1  # Horner form of 1 + 0.2·z + 0.02·z²
+            value = torch.mul(z, 0.02).add_(0.2).mul_(z).add_(1)  # Horner form of 1 + 0.2·z + 0.02·z²
         else:  # bn.bias, running_mean, fc.bias
-            value = 0.1 * z
+            value = z.mul_(0.1)
         weights[key] = value
     return weights
 
