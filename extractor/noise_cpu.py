@@ -125,6 +125,18 @@ def _gaussian_pairs(keys: np.ndarray, out: np.ndarray) -> None:  # pragma: no co
 
 
 @cached_njit(nogil=True, error_model="numpy")
+def _uniform24(key: np.uint64, out: np.ndarray) -> None:  # pragma: no cover - runs compiled
+    """out[j] ← (w_j >> 40) / 2²⁴ for the SplitMix64 words w_j = mix(key + (j + 1)·γ) (exact: < 2²⁴ in float32)."""
+    scale = _F32(2.0**-24)
+    for j in range(out.shape[0]):
+        z = key + _U64(j + 1) * _GAMMA
+        z = (z ^ (z >> _U64(30))) * _MIX_1
+        z = (z ^ (z >> _U64(27))) * _MIX_2
+        z = z ^ (z >> _U64(31))
+        out[j] = _F32(np.int64(z >> _U64(40))) * scale
+
+
+@cached_njit(nogil=True, error_model="numpy")
 def _noised_input(images: np.ndarray, noise: np.ndarray, sigma: float, add_noise: bool, out: np.ndarray) -> None:  # pragma: no cover
     scale, one = _F32(127.5), _F32(1.0)
     s = _F32(sigma)
@@ -153,4 +165,11 @@ def noised_input(images: np.ndarray, noise: np.ndarray | None, sigma: float, out
 def gaussian_pairs(keys: np.ndarray, out: np.ndarray) -> np.ndarray:
     """Fill out[n, pairs, 2] (float32, C-contiguous) from int64 keys (uint64 bits); returns `out`."""
     _gaussian_pairs(np.ascontiguousarray(keys).view(np.uint64), out)
+    return out
+
+
+def uniform24(key: int, out: np.ndarray) -> np.ndarray:
+    """Fill flat float32 `out` with the top 24 bits of SplitMix64 words 0, 1, … of `key` (int64 or uint64 bits)
+    over 2²⁴: uniforms in [0, 1) that are `extractor.noise.splitmix64_words`' bits exactly; returns `out`."""
+    _uniform24(_U64(int(key) & ((1 << 64) - 1)), out.reshape(-1))
     return out

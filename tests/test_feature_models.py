@@ -4,12 +4,17 @@ How the fixtures were made (the generator holds reference code, so it is not par
 
 - `feature_model_inputs.pt`: two 64×64 uint8 test images (a smooth pattern, 8×8 colour blocks, both with noise)
   and one 320×352 image with fine detail, which both networks downsample (so antialiasing shows).
-- Weights: each network's own `random_state_dict(config, seed=0)` (key i drawn from CPU generator 0 + i; the
-  rule is in its docstring), loaded strictly into the reference network; `weights_sha256` pins the draw.
+- Weights: each network's own `random_state_dict(config, seed=0)` (state-dict key i from the seeded rule of
+  extractor/models/seeded.py: the project's counter-based noise recipe of (0, i), torch's RNG unused; the
+  transforms are in each docstring), drawn in the project's venv, saved, and loaded strictly into the reference
+  network; `weights_sha256` pins the draw (tests/test_seeded_weights.py pins the same hashes as literals).
 - `fid_inception_ref.pt`: pytorch-fid 0.3.0 (torchvision 0.29.1, torch 2.14.1): `InceptionV3(output_blocks=
   [0, 1, 2, 3], resize_input=True, normalize_input=True, use_fid_inception=True)` on images / 255, with the
   weight download replaced by the seeded state dict; hooks on its torchvision modules give Conv2d_* / Mixed_*,
   its block outputs give maxpool1 / maxpool2 / pool3, `fid_inception_v3()` on the block-0 input gives the logits.
+  `fid64` / `fid192` / `fid768` / `fid2048`: pytorch-fid's `--dims` features as its own code computes them, a
+  separate `InceptionV3(output_blocks=[InceptionV3.BLOCK_INDEX_BY_DIM[d]])` per d on images / 255, then fid_score's
+  `adaptive_avg_pool2d(pred, output_size=(1, 1))` where pred is larger than 1×1, `squeeze(3).squeeze(2)`.
   `state_dict_shapes` is that network's state-dict layout (the layout of pt_inception-2015-12-05-6726825d.pth).
 - `dinov2_ref.pt`: facebookresearch/dinov2's `DinoVisionTransformer` (vision_transformer.py and layers/, no
   xFormers) built as hubconf builds dinov2_vit{s,b,l,g}14 (img_size 518, patch 14, init_values 1.0, block_chunks
@@ -167,6 +172,17 @@ def test_fid_every_layer_matches_pytorch_fid(fid_ref: dict, fid_net: FIDInceptio
     assert fid_acts["pool3"].shape == (2, 2048)
 
 
+def test_fid_pytorch_fid_dims_are_its_features(fid_ref: dict, fid_acts: dict) -> None:
+    """`fidD` = pytorch-fid's `--dims D` feature: InceptionV3(output_blocks=[BLOCK_INDEX_BY_DIM[D]]) + fid_score's
+    adaptive average pooling, computed by pytorch-fid 0.3.0's own code in the fixture."""
+    for dims, name in fid_inception.PYTORCH_FID_DIMS.items():
+        assert fid_acts[name].shape == (2, dims) and fid_ref["steps"][name] == 1, name
+        _assert_matches(fid_acts[name], fid_ref["layers"][name], 1, name)
+    torch.testing.assert_close(fid_acts["fid2048"], fid_acts["pool3"], rtol=0, atol=0)
+    for name, block_end in (("fid64", "maxpool1"), ("fid192", "maxpool2"), ("fid768", "Mixed_6e")):
+        torch.testing.assert_close(fid_acts[name], fid_acts[block_end].mean(dim=(2, 3)), rtol=1e-5, atol=1e-6)
+
+
 def test_fid_downsampled_input_matches_pytorch_fid(fid_ref: dict, fid_net: FIDInceptionV3, inputs: dict) -> None:
     ref = fid_ref["large_image"]
     with torch.no_grad():
@@ -266,8 +282,12 @@ def test_presets_are_untrained_feature_networks(fid_loaded: LoadedModel, vits14_
 def test_layer_names_and_resolution(fid_net: FIDInceptionV3, vits14: DinoV2) -> None:
     names = layer_names(fid_net)
     assert names[:4] == ["Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "maxpool1"]
-    assert names[-4:] == ["Mixed_7b", "Mixed_7c", "pool3", "logits"]
+    assert names[-4:] == ["Mixed_7c", "pool3", "fid2048", "logits"]
+    assert names[names.index("maxpool1") + 1] == "fid64" and names[names.index("maxpool2") + 1] == "fid192"
+    assert names[names.index("Mixed_6e") + 1] == "fid768"
     assert resolve_layer(fid_net, "pool3") == "avgpool" and resolve_layer(fid_net, "Mixed_6e") == "Mixed_6e"
+    assert [resolve_layer(fid_net, f"fid{d}") for d in (64, 192, 768, 2048)] == ["maxpool1", "maxpool2", "Mixed_6e",
+                                                                                "avgpool"]
     assert layer_names(vits14) == [f"blocks.{i}" for i in range(12)] + ["cls", "patch_mean"]
     assert resolve_layer(vits14, "cls") == resolve_layer(vits14, "patch_mean") == "norm"
     with pytest.raises(UnknownLayerError) as info:
@@ -275,7 +295,9 @@ def test_layer_names_and_resolution(fid_net: FIDInceptionV3, vits14: DinoV2) -> 
     assert "blocks.11" in str(info.value) and "patch_mean" in str(info.value)
     shapes = dict(describe_layers(vits14, batch=3))
     assert shapes["blocks.0"] == (3, 384, 16, 16) and shapes["cls"] == (3, 384)
-    assert dict(describe_layers(fid_net))["Mixed_6e"] == (1, 768, 17, 17)
+    fid_shapes = dict(describe_layers(fid_net))
+    assert fid_shapes["Mixed_6e"] == (1, 768, 17, 17)
+    assert [fid_shapes[f"fid{d}"] for d in (64, 192, 768, 2048)] == [(1, 64), (1, 192), (1, 768), (1, 2048)]
 
 
 def test_capture_stops_early_and_pools(vits14: DinoV2, vits14_run: tuple, inputs: dict) -> None:

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from extractor.models import seeded
 from extractor.models.capture import images_as_float
 from extractor.models.checkpoints import CheckpointError
 from schemas.errors import ImzarrError
@@ -271,29 +272,31 @@ def build(config: Mapping[str, Any]) -> DinoV2:
 
 
 def random_state_dict(config: Mapping[str, Any], seed: int) -> dict[str, Tensor]:
-    """Seeded random weights, identical on every machine; key i is drawn from CPU generator `seed + i`.
+    """Seeded random weights, bit-identical on every machine and torch build (extractor/models/seeded.py's rule).
 
-    With z ~ N(0, 1) of the key's shape: linear and patch-projection weights z / √fan_in, their biases 0.1·z,
-    LayerNorm weights 1 + 0.1·z and biases 0.1·z, LayerScale γ 0.2·z, cls_token / pos_embed / mask_token 0.5·z
-    (large enough that the position-embedding resampling shows in every output).
+    With z the seeded N(0, 1) draw of state-dict key i (`seeded.standard_normal(seed, i, shape)`): linear and
+    patch-projection weights z·(1 / √fan_in), their biases 0.1·z, LayerNorm weights 1 + 0.1·z and biases 0.1·z,
+    LayerScale γ 0.2·z, cls_token / pos_embed / mask_token 0.5·z (large enough that the position-embedding
+    resampling shows in every output). Scale factors are Python floats, rounded once to float32.
     """
     with torch.device("meta"):
         shapes = {key: tuple(t.shape) for key, t in build(config).state_dict().items()}
     weights = {}
     for index, (key, shape) in enumerate(shapes.items()):
-        z = torch.randn(shape, generator=torch.Generator().manual_seed(seed + index))
+        z = seeded.standard_normal(seed, index, shape)
         leaf = key.rsplit(".", 1)[-1]
         is_norm = key == "norm.weight" or key == "norm.bias" or ".norm" in key
+        # In place (fresh memory is slow to touch); each op is one correctly rounded float32 step.
         if key in ("cls_token", "pos_embed", "mask_token"):
-            value = 0.5 * z
+            value = z.mul_(0.5)
         elif leaf == "gamma":
-            value = 0.2 * z
+            value = z.mul_(0.2)
         elif is_norm and leaf == "weight":
-            value = 1 + 0.1 * z
+            value = z.mul_(0.1).add_(1)
         elif leaf == "weight":
-            value = z / math.sqrt(math.prod(shape[1:]))
+            value = z.mul_(1 / math.sqrt(math.prod(shape[1:])))
         else:  # biases
-            value = 0.1 * z
+            value = z.mul_(0.1)
         weights[key] = value
     return weights
 

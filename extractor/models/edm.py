@@ -15,13 +15,14 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from extractor.models import seeded
 from schemas.errors import ImzarrError
 
 __all__ = [
@@ -91,17 +92,30 @@ class UnsupportedConfigError(ImzarrError, ValueError):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Initialisation (EDM's `weight_init`), drawing from an explicit generator so presets are reproducible.
+# Initialisation (EDM's `weight_init`): from torch's global RNG at construction, as in EDM, or, for presets, from
+# the seeded rule of extractor/models/seeded.py, so preset weights are the same bits on every machine and build.
 
 
-def _draw_(target: Tensor, mode: str, fan_in: int, gain: float, generator: torch.Generator | None) -> None:
-    """EDM's weight_init times `gain`, written into a float32 CPU tensor in place (no large temporaries)."""
-    if mode == "kaiming_uniform":
-        target.uniform_(0, 1, generator=generator).mul_(2).sub_(1).mul_(math.sqrt(3 / fan_in))
-    elif mode == "kaiming_normal":
-        target.normal_(0, 1, generator=generator).mul_(math.sqrt(1 / fan_in))
-    else:
+def _draw_(target: Tensor, mode: str, fan_in: int, gain: float, seeded_as: tuple[int, int] | None) -> None:
+    """EDM's weight_init times `gain`, written into a float32 CPU tensor in place.
+
+    kaiming_uniform: (2u − 1)·√(3 / fan_in), kaiming_normal: z·√(1 / fan_in), then × gain; u ~ U[0, 1), z ~ N(0, 1)
+    from torch's global RNG when `seeded_as` is None, else `seeded.draw(seed, index, ...)` for (seed, index) =
+    `seeded_as`. Every step after the draw is a correctly rounded float32 op (the same bits on every build).
+    """
+    distribution = {"kaiming_uniform": "uniform", "kaiming_normal": "normal"}.get(mode)
+    if distribution is None:
         raise UnsupportedConfigError(f"unsupported init mode {mode!r}")
+    if seeded_as is not None:
+        target.copy_(seeded.draw(*seeded_as, target.shape, distribution))
+    elif distribution == "uniform":
+        target.uniform_(0, 1)
+    else:
+        target.normal_(0, 1)
+    if distribution == "uniform":
+        target.mul_(2).sub_(1).mul_(math.sqrt(3 / fan_in))
+    else:
+        target.mul_(math.sqrt(1 / fan_in))
     target.mul_(gain)
 
 
@@ -115,23 +129,24 @@ class _Initialisable(nn.Module):
     init_bias: float
     fan_in: int
 
-    def reset_parameters(self, generator: torch.Generator | None = None, zero_init_scale: float = 0.0) -> None:
+    def reset_parameters(self, zero_init_scale: float = 0.0, seeded_as: Mapping[str, tuple[int, int]] | None = None) -> None:
         """Re-draw weight and bias; layers EDM zero-initialises get `zero_init_scale` times a kaiming draw.
 
-        Draws happen on the CPU (from `generator`, or the global CPU RNG), so seeded weights are the same on
-        every machine and device. Every tensor is drawn, even for zero gains, as in the original, so the RNG
-        sequence matches EDM's construction-time init.
+        `seeded_as` maps "weight" / "bias" to (seed, state-dict index) for the seeded rule (`_draw_`); without
+        it draws come from torch's global CPU RNG, as at construction. Every tensor is drawn, even for zero
+        gains, as in the original, so the global RNG sequence matches EDM's construction-time init.
         """
-        for param, gain in ((self.weight, self.init_weight), (self.bias, self.init_bias)):
+        for name, param, gain in (("weight", self.weight, self.init_weight), ("bias", self.bias, self.init_bias)):
             if param is None or param.device.type == "meta":
                 continue
             scale = gain if gain != 0 else zero_init_scale
+            source = None if seeded_as is None else seeded_as[name]
             with torch.no_grad():
                 if param.device.type == "cpu" and param.dtype == torch.float32:
-                    _draw_(param.data, self.init_mode, self.fan_in, scale, generator)
+                    _draw_(param.data, self.init_mode, self.fan_in, scale, source)
                 else:
                     value = torch.empty(param.shape)
-                    _draw_(value, self.init_mode, self.fan_in, scale, generator)
+                    _draw_(value, self.init_mode, self.fan_in, scale, source)
                     param.copy_(value)
 
 
@@ -196,8 +211,8 @@ class Conv2d(_Initialisable):
         self.register_buffer("resample_filter", _box_filter() if (up or down) else None)
         self.reset_parameters()
 
-    def reset_parameters(self, generator: torch.Generator | None = None, zero_init_scale: float = 0.0) -> None:
-        super().reset_parameters(generator, zero_init_scale)
+    def reset_parameters(self, zero_init_scale: float = 0.0, seeded_as: Mapping[str, tuple[int, int]] | None = None) -> None:
+        super().reset_parameters(zero_init_scale, seeded_as)
         if self.resample_filter is not None and self.resample_filter.device.type != "meta":
             with torch.no_grad():
                 self.resample_filter.copy_(_box_filter())
@@ -528,15 +543,21 @@ class EDMPrecond(nn.Module):
             **unet_kwargs,
         )
 
-    def reset_parameters(self, generator: torch.Generator | None = None, zero_init_scale: float = 0.0) -> None:
-        """Redo EDM's initialisation from `generator` (global RNG when None, as at construction); skips meta.
+    def reset_parameters(self, zero_init_scale: float = 0.0, seed: int | None = None) -> None:
+        """Redo EDM's initialisation: from torch's global RNG when `seed` is None (as at construction), else by the
+        seeded rule of extractor/models/seeded.py (state-dict tensor i from the stream of (seed, i)); skips meta.
 
         `zero_init_scale` > 0 replaces the zeros EDM puts in conv1/proj/out_conv/map_augment by a scaled kaiming
         draw, so an untrained network still has non-trivial residual branches.
         """
-        for module in self.modules():
+        position = {key: i for i, key in enumerate(self.state_dict(keep_vars=True))}
+        for path, module in self.named_modules():
             if isinstance(module, _Initialisable):
-                module.reset_parameters(generator, zero_init_scale)
+                seeded_as = None
+                if seed is not None:
+                    seeded_as = {name: (seed, position[f"{path}.{name}"]) for name in ("weight", "bias")
+                                 if getattr(module, name) is not None}
+                module.reset_parameters(zero_init_scale, seeded_as)
             elif isinstance(module, GroupNorm):
                 module.reset_parameters()
 

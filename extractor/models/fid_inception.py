@@ -9,9 +9,14 @@ averages over the 3×3 window without counting zero padding (`count_include_pad=
 Input protocol (pytorch-fid's `InceptionV3(resize_input=True, normalize_input=True)`): uint8 RGB x → x / 255 →
 bilinear resize to 299×299 (`align_corners=False`, no antialiasing) → 2x − 1. `forward` does all of it.
 
-Layers: `Conv2d_1a_3x3` … `Conv2d_4a_3x3`, `maxpool1`, `maxpool2` (pytorch-fid's 64- and 192-d block ends),
-`Mixed_5b` … `Mixed_7c` (`Mixed_6e` is its 768-d block end), `pool3` (2048-d global average of Mixed_7c, the FID
-feature) and `logits` (1008-d, `fc(pool3)`).
+Layers: `Conv2d_1a_3x3` … `Conv2d_4a_3x3`, `maxpool1`, `maxpool2`, `Mixed_5b` … `Mixed_7c`, `pool3` (2048-d global
+average of Mixed_7c, the FID feature) and `logits` (1008-d, `fc(pool3)`), each its module's output; and
+pytorch-fid's four feature depths by name, `fid64`, `fid192`, `fid768`, `fid2048`: the features `pytorch-fid
+--dims D` computes, i.e. `InceptionV3(output_blocks=[BLOCK_INDEX_BY_DIM[D]])` (its blocks end after maxpool1
+(64 ch, block 0), maxpool2 (192 ch, block 1), Mixed_6e (768 ch, block 2) and the final 1×1 average pool (2048 ch,
+block 3)) followed by fid_score's `adaptive_avg_pool2d(pred, (1, 1))` where the map is larger than 1×1, squeezed
+to [N, D]. So `fidD` = the spatial mean of that block's output map (`fid2048` equals `pool3`); tested against
+pytorch-fid 0.3.0's own code in tests/test_feature_models.py.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from extractor.models import seeded
 from extractor.models.capture import images_as_float
 from extractor.models.checkpoints import CheckpointError
 
@@ -37,6 +43,7 @@ __all__ = [
     "PREPROCESSING",
     "PRESETS",
     "PRESET_SEED",
+    "PYTORCH_FID_DIMS",
     "build",
     "canonical_state_dict",
     "claims_state_dict",
@@ -189,6 +196,10 @@ class MixedE(nn.Module):
         return torch.cat([self.branch1x1(x), three, double, self.branch_pool(pooled)], dim=1)
 
 
+# pytorch-fid's `--dims` → our layer name; its blocks 0, 1, 2 end at these modules, block 3 at the final avgpool.
+PYTORCH_FID_DIMS: dict[int, str] = {64: "fid64", 192: "fid192", 768: "fid768", 2048: "fid2048"}
+_PYTORCH_FID_BLOCK_ENDS = {"maxpool1": "fid64", "maxpool2": "fid192", "Mixed_6e": "fid768"}
+
 # Modules in execution order (torchvision's names), each a layer.
 _BODY = (
     "Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "maxpool1", "Conv2d_3b_1x1", "Conv2d_4a_3x3", "maxpool2",
@@ -240,11 +251,22 @@ class FIDInceptionV3(nn.Module):
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
     def layer_paths(self) -> dict[str, str]:
-        """Layer name → module path, in execution order."""
-        return {**{name: name for name in _BODY}, "pool3": "avgpool", "logits": "fc"}
+        """Layer name → module path, in execution order (each `fidD` right after the module it is read from)."""
+        paths: dict[str, str] = {}
+        for name in _BODY:
+            paths[name] = name
+            if name in _PYTORCH_FID_BLOCK_ENDS:
+                paths[_PYTORCH_FID_BLOCK_ENDS[name]] = name
+        return {**paths, "pool3": "avgpool", "fid2048": "avgpool", "logits": "fc"}
 
     def layer_value(self, name: str, output: Tensor) -> Tensor:
-        """`pool3` is the [N, 2048, 1, 1] average flattened to [N, 2048]; every other layer is its module output."""
+        """`pool3` is the [N, 2048, 1, 1] average flattened to [N, 2048]; `fidD` is pytorch-fid's --dims D feature
+        (fid_score's 1×1 adaptive average pool of the block's map, flattened); every other layer is its module
+        output."""
+        if name in PYTORCH_FID_DIMS.values():
+            if output.shape[-2:] != (1, 1):  # fid_score pools only maps larger than 1×1
+                output = F.adaptive_avg_pool2d(output, output_size=(1, 1))
+            return torch.flatten(output, 1)
         return torch.flatten(output, 1) if name == "pool3" else output
 
 
@@ -254,10 +276,12 @@ def build(config: Mapping[str, Any]) -> FIDInceptionV3:
 
 
 def random_state_dict(config: Mapping[str, Any], seed: int) -> dict[str, Tensor]:
-    """Seeded random weights, identical on every machine; key i is drawn from CPU generator `seed + i`.
+    """Seeded random weights, bit-identical on every machine and torch build (extractor/models/seeded.py's rule).
 
-    With z ~ N(0, 1) of the key's shape: conv weights z·√(2 / fan_in) (He), fc weight z / √fan_in, fc bias 0.1·z,
-    BatchNorm weight 1 + 0.1·z, bias 0.1·z, running_mean 0.1·z, running_var exp(0.2·z), num_batches_tracked 0.
+    With z the seeded N(0, 1) draw of state-dict key i (`seeded.standard_normal(seed, i, shape)`): conv weights
+    z·√(2 / fan_in) (He), fc weight z·(1 / √fan_in), fc bias 0.1·z, BatchNorm weight 1 + 0.1·z, bias 0.1·z,
+    running_mean 0.1·z, running_var 1 + 0.2·z + 0.02·z² (exp(0.2·z) to second order, ≥ 0.5 for every z, and only
+    correctly rounded ops), num_batches_tracked 0. Scale factors are Python floats, rounded once to float32.
     """
     with torch.device("meta"):
         shapes = {key: (tuple(t.shape), t.dtype) for key, t in build(config).state_dict().items()}
@@ -266,18 +290,19 @@ def random_state_dict(config: Mapping[str, Any], seed: int) -> dict[str, Tensor]
         if key.endswith("num_batches_tracked"):
             weights[key] = torch.zeros(shape, dtype=dtype)
             continue
-        z = torch.randn(shape, generator=torch.Generator().manual_seed(seed + index))
+        z = seeded.standard_normal(seed, index, shape)
         fan_in = math.prod(shape[1:]) if len(shape) > 1 else 1
+        # In place where possible (fresh memory is slow to touch); each op is one correctly rounded float32 step.
         if key.endswith("conv.weight"):
-            value = z * math.sqrt(2 / fan_in)
+            value = z.mul_(math.sqrt(2 / fan_in))
         elif key == "fc.weight":
-            value = z / math.sqrt(fan_in)
+            value = z.mul_(1 / math.sqrt(fan_in))
         elif key.endswith("bn.weight"):
-            value = 1 + 0.1 * z
+            value = z.mul_(0.1).add_(1)
         elif key.endswith("running_var"):
-            value = torch.exp(0.2 * z)
+            value = torch.mul(z, 0.02).add_(0.2).mul_(z).add_(1)  # Horner form of 1 + 0.2·z + 0.02·z²
         else:  # bn.bias, running_mean, fc.bias
-            value = 0.1 * z
+            value = z.mul_(0.1)
         weights[key] = value
     return weights
 

@@ -70,13 +70,15 @@ class UnknownPresetError(KeyError, ValueError, ImzarrError):
 
 @dataclass(frozen=True)
 class PresetInit:
-    """How a preset's random weights are drawn: EDM's init from CPU generator `seed`, zero-init layers scaled."""
+    """How a preset's random weights are drawn: EDM's init by the seeded rule (extractor/models/seeded.py) from
+    `seed`, zero-init layers scaled."""
 
     seed: int
     zero_init_scale: float
 
 
-# All presets are random initialisations (never trained); weights are identical on every machine.
+# All presets are random initialisations (never trained); weights are bit-identical on every machine, CPU and torch
+# build (extractor/models/seeded.py: torch's RNG is not used).
 PRESET_INIT: dict[str, PresetInit] = {
     "dmd2-imagenet64": PresetInit(seed=0, zero_init_scale=0.0),  # EDM's own init: residual branches start at 0
     "tiny-random": PresetInit(seed=0, zero_init_scale=0.2),  # non-zero residual branches: every layer matters
@@ -109,7 +111,8 @@ class ModelFamily:
             config = module.PRESETS[preset]
             with torch.device("meta"):
                 net = module.build(config)
-            # Assigning CPU tensors to a meta-built network: the global RNG is neither used nor advanced.
+            # Assigning CPU tensors (seeded rule, extractor/models/seeded.py) to a meta-built network: torch's RNG
+            # is neither used nor advanced.
             net.load_state_dict(module.random_state_dict(config, module.PRESET_SEED), strict=True, assign=True)
             return net
 
@@ -148,9 +151,9 @@ def _seeded_edm(name: str) -> EDMPrecond:
     init = PRESET_INIT[name]
     with torch.device("meta"):
         model = EDMPrecond(**PRESETS[name])
-    # Built on meta then materialised, so the global RNG is neither used nor advanced.
+    # Built on meta then materialised and drawn by the seeded rule: torch's RNG is neither used nor advanced.
     model.to_empty(device="cpu")
-    model.reset_parameters(torch.Generator().manual_seed(init.seed), zero_init_scale=init.zero_init_scale)
+    model.reset_parameters(zero_init_scale=init.zero_init_scale, seed=init.seed)
     return model
 
 
