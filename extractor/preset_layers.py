@@ -30,9 +30,9 @@ PRESET_LAYERS: dict[str, tuple[str, ...]] = {
         "encoder_bottleneck", "midblock",
     ),
     "fid-inception": (
-        "Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "maxpool1", "Conv2d_3b_1x1", "Conv2d_4a_3x3",
-        "maxpool2", "Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c", "Mixed_6d",
-        "Mixed_6e", "Mixed_7a", "Mixed_7b", "Mixed_7c", "pool3", "logits",
+        "Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "maxpool1", "fid64", "Conv2d_3b_1x1", "Conv2d_4a_3x3",
+        "maxpool2", "fid192", "Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c", "Mixed_6d",
+        "Mixed_6e", "fid768", "Mixed_7a", "Mixed_7b", "Mixed_7c", "pool3", "fid2048", "logits",
     ),
     "dinov2-vits14": (
         "blocks.0", "blocks.1", "blocks.2", "blocks.3", "blocks.4", "blocks.5", "blocks.6", "blocks.7",
