@@ -45,7 +45,7 @@ from schemas.image_store import IMAGE_SCHEMA, image_group_attrs
 from schemas.progress_report import ProgressReport
 from schemas.output_paths import local_path
 from schemas.store_lifecycle import finalize_store, inspect_existing, mark_done, prepare_store, process_alive, settings_fingerprint
-from schemas.task_runner import SchedulerSpec, run_tasks
+from schemas.task_runner import SchedulerSpec, check_scheduler_reachable, run_tasks, scheduler_host_port
 
 
 @dataclass(frozen=True)
@@ -94,6 +94,8 @@ def validate_convert_options(options: ConvertOptions, resolution: int | None = N
         raise ConvertOptionError("--shuffle-seed", seed, "must be a whole number ≥ 0")
     if not options.output:
         raise ConvertOptionError("--output", repr(options.output), "must name a store path or URL")
+    if options.scheduler is not None:
+        scheduler_host_port(options.scheduler)
     if resolution is not None:
         # A write task holds its shard's images (a shard longer than the store holds only the store) and zarr a
         # whole inner chunk while it writes a partial one.
@@ -168,6 +170,7 @@ def convert(source: ImageSource, options: ConvertOptions) -> ConvertResult:
         remove_own_scratch(options)  # a kill between `complete` and the tidy-up left them
         num_samples = int(zarr.open_group(options.output, mode="r").attrs["num_samples"])
         return ConvertResult(options.output, num_samples, [], True, time.monotonic() - started)
+    check_scheduler_reachable(_scheduler(options, processes=False))  # before the scratch folder or the store exists
     scratch = _scratch_dir(options, settings)
     try:
         materialized = _materialize_parts(source, scratch, options)

@@ -1,11 +1,12 @@
-"""Image store → network → labeled activation store. From Python: `extract` (to a store) and `features` (an
-in-memory batch to an xr.Dataset); `extractor.image_dataset.ImageStoreDataset` for PyTorch."""
+"""Image store → network → labeled activation store. From Python: `extract` (to a store), `generate` (samples to
+an image store) and `features` (an in-memory batch to an xr.Dataset); `extractor.image_dataset.ImageStoreDataset`
+for PyTorch."""
 
 from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["extract", "features"]
+__all__ = ["extract", "features", "generate"]
 
 
 def __getattr__(name: str) -> Any:

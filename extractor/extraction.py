@@ -31,6 +31,7 @@ from extractor.forward import (
     RunOptions,
     ShardForward,
     auto_batch_size,
+    check_compute_on_device,
     check_forward_settings,
     forward_batch,
     measured_bytes_per_sample,
@@ -55,7 +56,7 @@ from schemas.errors import ImzarrError
 from schemas.image_store import ImageStore, validate_image_store
 from schemas.progress_report import ProgressReport
 from schemas.store_lifecycle import finalize_store, inspect_existing, mark_done, path_state, prepare_store, read_done
-from schemas.task_runner import run_tasks
+from schemas.task_runner import check_scheduler_reachable, run_tasks
 
 
 class NoiseRecipeError(ImzarrError):
@@ -164,6 +165,8 @@ def extract(options: ExtractOptions) -> ExtractResult:
     started = time.monotonic()
     run = options.run
     device = resolve_device(run.device)
+    check_compute_on_device(options.forward, device)
+    check_scheduler_reachable(run.scheduler)  # before a model is built or any output exists
     if not options.forward.layers:
         raise ExtractionError("no layers requested (--layers L1,L2)")
     images = validate_image_store(options.store)
