@@ -44,6 +44,7 @@ from schemas.image_layout import (
 from schemas.image_store import IMAGE_SCHEMA, image_group_attrs
 from schemas.progress_report import ProgressReport
 from schemas.output_paths import local_path
+from schemas.remote_storage import remote_storage_errors
 from schemas.store_lifecycle import finalize_store, inspect_existing, mark_done, prepare_store, process_alive, settings_fingerprint
 from schemas.task_runner import SchedulerSpec, check_scheduler_reachable, run_tasks, scheduler_host_port
 
@@ -163,6 +164,11 @@ def store_settings(source: ImageSource, options: ConvertOptions) -> dict[str, An
 
 def convert(source: ImageSource, options: ConvertOptions) -> ConvertResult:
     """Convert (or resume, or confirm) one store; idempotent for the same source and options."""
+    with remote_storage_errors():  # a stalled or unreachable object store: one line naming its URL
+        return _convert(source, options)
+
+
+def _convert(source: ImageSource, options: ConvertOptions) -> ConvertResult:
     started = time.monotonic()
     validate_convert_options(options, source.resolution, sum(p.num_rows for p in source.parts))
     settings = store_settings(source, options)

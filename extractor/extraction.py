@@ -52,9 +52,10 @@ from schemas.activation_store import (
     activation_array_attrs,
     activation_group_attrs,
 )
-from schemas.errors import ImzarrError
+from schemas.errors import ImzarrError, output_write_errors
 from schemas.image_store import ImageStore, validate_image_store
 from schemas.progress_report import ProgressReport
+from schemas.remote_storage import remote_storage_errors
 from schemas.store_lifecycle import finalize_store, inspect_existing, mark_done, path_state, prepare_store, read_done
 from schemas.task_runner import check_scheduler_reachable, run_tasks
 
@@ -162,6 +163,12 @@ def network_input(loaded: LoadedModel, fwd: ForwardSettings) -> str:
 
 def extract(options: ExtractOptions) -> ExtractResult:
     """Run (or resume, or confirm) one extraction; idempotent for the same inputs and settings."""
+    # A full disk names the store (a shard's write names no file); a stalled object store names its URL.
+    with output_write_errors(options.output), remote_storage_errors():
+        return _extract(options)
+
+
+def _extract(options: ExtractOptions) -> ExtractResult:
     started = time.monotonic()
     run = options.run
     device = resolve_device(run.device)

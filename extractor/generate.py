@@ -34,10 +34,12 @@ from extractor.noise import NOISE_RECIPE, noise_attrs
 from extractor.selection import resolve_classes
 from schemas.activation_store import ACTIVATION_LAYOUT_VERSION, ACTIVATION_SCHEMA, DIFFUSION_KIND, activation_array_attrs, activation_group_attrs
 from schemas.classes import NUM_CLASSES, class_table
+from schemas.errors import output_write_errors
 from schemas.image_layout import LAYOUT_VERSION, create_image_arrays
 from schemas.image_layout import TEXT_COORDINATES as IMAGE_TEXT_COORDINATES
 from schemas.image_store import IMAGE_SCHEMA, IMAGE_VAR, image_group_attrs
 from schemas.progress_report import ProgressReport
+from schemas.remote_storage import remote_storage_errors
 from schemas.store_lifecycle import StoreState, finalize_store, inspect_existing, mark_done, prepare_store
 from schemas.task_runner import check_scheduler_reachable, run_tasks
 
@@ -175,6 +177,13 @@ def check_generate_options(options: GenerateOptions) -> None:
 
 def generate(options: GenerateOptions) -> GenerateResult:
     """Sample (or resume, or confirm) a generated image store; idempotent for the same settings."""
+    outputs = options.output + (f" or {options.activations_out}" if options.activations_out else "")
+    # A full disk names the store(s) (a shard's write names no file); a stalled object store names its URL.
+    with output_write_errors(outputs), remote_storage_errors():
+        return _generate(options)
+
+
+def _generate(options: GenerateOptions) -> GenerateResult:
     check_generate_options(options)
     started = time.monotonic()
     run = options.run

@@ -234,6 +234,14 @@ def _npy_header(path: Path | str, member: _Member) -> tuple[tuple[int, ...], np.
         raise SourceError(path, f"{member.name} is not a valid .npy array ({exc})") from None
     if fortran:
         raise SourceError(path, f"{member.name} is stored in Fortran order")
+    if dtype.hasobject:
+        # Its bytes are a pickle, so the size check below would only report a mismatch.
+        raise SourceError(
+            path,
+            f"{member.name.removesuffix('.npy')} is a pickled object array (dtype {dtype}), which can run code when loaded; "
+            "imzarr never unpickles .npz members (--allow-pickle opts in only for extension-less pickled batches): "
+            "save the images as one uint8 array",
+        )
     header_len = head.tell()
     declared = header_len + math.prod(shape) * dtype.itemsize
     if declared != member.size:
