@@ -177,9 +177,9 @@ def _extract(options: ExtractOptions) -> ExtractResult:
     if not options.forward.layers:
         raise ExtractionError("no layers requested (--layers L1,L2)")
     images = validate_image_store(options.store)
-    loaded, fwd = load_forward(options.forward, device, options.selection.per_class is not None)
     labels, synsets = images.coordinate("label"), images.coordinate("synset")
-    chosen = select_samples(options.selection, labels, synsets)
+    chosen = select_samples(options.selection, labels, synsets)  # before the network is built: a bad selection is quick
+    loaded, fwd = load_forward(options.forward, device, options.selection.per_class is not None)
     check_resolution(loaded, images.resolution, options.store)
     shapes, paths = probe_layers(loaded, fwd, device, images.resolution)
     selection = describe_selection(options.selection, chosen)
