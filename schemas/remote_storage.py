@@ -9,9 +9,10 @@ configuration to every worker (schemas/task_runner.py).
 Why each default, and the bound they give (botocore's client Config and aiohttp's timeouts):
 - `connect_timeout` 5 s and `read_timeout` 5 s: no answer on a socket for that long counts as a failed attempt
   (S3 answers within a second; a slow store can be given more with `--storage-options`).
-- `retries` {"mode": "standard", "max_attempts": 2}: botocore tries a request twice (5xx answers, throttling,
-  timeouts); s3fs itself tries a request that timed out up to 5 times (`S3FileSystem.retries`, with 0.1–0.8 s
-  pauses), so a stalled endpoint fails a request after at most 5 × 2 × 5 s + 2 s ≈ 52 s.
+- `retries` {"mode": "standard", "total_max_attempts": 2}: botocore tries a request twice (5xx answers,
+  throttling, timeouts); s3fs itself tries a request that timed out up to 5 times (`S3FileSystem.retries`, with 0.1–0.8 s
+  pauses; botocore's own pause is under 1 s), so a stalled endpoint fails a request after at most
+  5 × 2 × (5 s + 1 s) + 2 s ≈ 62 s (measured with 1 s timeouts: 16 s for a GET).
 - aiohttp starts its read timeout only once a request's body is sent, and waits for S3's "100 Continue" with no
   timeout at all: a PUT to a stalled server would wait forever. `stall_bounded_session` (botocore's
   `http_session_cls`) bounds each request's send to connect + 2 × read timeout + 1 s per MiB of body, and fails it

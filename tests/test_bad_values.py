@@ -201,3 +201,13 @@ def test_full_disk_during_extract_names_the_store(work, tmp_path):
     errors = [line for line in proc.stderr.splitlines() if ": error:" in line]
     assert proc.returncode == 1 and len(errors) == 1, proc.stderr[-2000:]
     assert errors[0].startswith(f"imzarr extract: error: {output}") and "cannot write (File too large)" in errors[0], errors[0]
+
+
+@pytest.mark.parametrize("address, code, error_class", [("notaurl", 2, SchedulerError), ("tcp://127.0.0.1:1", 1, SchedulerUnreachableError)])
+def test_convert_with_a_bad_scheduler_creates_nothing(in_work, capsys, address, code, error_class):
+    got, line = _one_line(["convert", "npz", "src/train", "-o", "out.zarr", "--scheduler", address], capsys, in_work)
+    before = _files(in_work)
+    with pytest.raises(error_class) as raised:
+        convert_npz("src/train", "out.zarr", scheduler=address)
+    assert got == code and line == f"imzarr convert: error: {raised.value}" and address in line
+    assert _files(in_work) == before  # no store, no scratch folder
