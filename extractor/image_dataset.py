@@ -76,7 +76,7 @@ class ImageStoreDataset(Dataset[Item]):
         all_labels = store.coordinate("label")
         all_synsets = store.coordinate("synset")
         n = all_labels.size
-        given = np.arange(n, dtype=np.int64) if indices is None else checked_positions(_as_list(indices), n, "indices")
+        given = np.arange(n, dtype=np.int64) if indices is None else checked_positions(_as_array(indices), n, "indices")
         spec = SelectionSpec(num_samples=num_samples, classes=class_entries(classes), per_class=per_class, seed=seed)
         # select_samples works on positions within the arrays it is given: run it on the given positions' labels,
         # then map its answer back to store positions (the same result as `--indices-file` with these positions).
@@ -156,5 +156,5 @@ class ImageStoreDataset(Dataset[Item]):
         return f"{type(self).__name__}({self.url!r}, {len(self)} samples, output={self.output!r})"
 
 
-def _as_list(indices: Iterable[int] | np.ndarray | torch.Tensor) -> np.ndarray:
+def _as_array(indices: Iterable[int] | np.ndarray | torch.Tensor) -> np.ndarray:
     return np.asarray(indices if isinstance(indices, (np.ndarray, torch.Tensor)) else list(indices))
