@@ -15,6 +15,7 @@ from pathlib import Path
 import fsspec.config
 import numpy as np
 import pytest
+import zarr
 
 from converter.api import convert_npz
 from converter.sample import write_sample_shards
@@ -181,8 +182,27 @@ def test_npz_of_a_pickled_object_array_says_so(in_work, capsys):
     with pytest.raises(SourceError) as raised:
         convert_npz("objects", "out.zarr")
     assert code == 2 and line == f"imzarr convert: error: {raised.value}"
-    assert "objects/train_data_batch_1.npz: data is a pickled object array (dtype object)" in line and "--allow-pickle" in line
+    assert line.endswith("objects/train_data_batch_1.npz: data is a pickled object array (dtype object), which can run code when loaded; pass --allow-pickle if you trust it")
     assert not (in_work / "out.zarr").exists()
+
+
+def test_npz_of_a_pickled_object_array_converts_with_allow_pickle(work, tmp_path):
+    """Opted in, the rows of the object array convert exactly as the same rows saved as one uint8 array."""
+    rows = np.random.default_rng(1).integers(0, 256, (3, 3 * 64 * 64), dtype=np.uint8)
+    pickled, plain = tmp_path / "pickled", tmp_path / "plain"
+    one_per_row = np.empty(3, dtype=object)
+    one_per_row[:] = list(rows)
+    for folder, data in ((pickled, one_per_row), (tmp_path / "elementwise", rows.astype(object)), (plain, rows)):
+        folder.mkdir()
+        np.savez(folder / "train_data_batch_1.npz", data=data, labels=np.array([1, 2, 3]))
+    convert_npz(str(plain), str(tmp_path / "plain.zarr"))
+    a = zarr.open_group(str(tmp_path / "plain.zarr"), mode="r")
+    np.testing.assert_array_equal(a["image"][:].reshape(3, -1), rows)
+    for name in ("pickled", "elementwise"):
+        convert_npz(str(tmp_path / name), str(tmp_path / f"{name}.zarr"), allow_pickle=True)
+        b = zarr.open_group(str(tmp_path / f"{name}.zarr"), mode="r")
+        for array in ("image", "label", "global_index"):
+            np.testing.assert_array_equal(a[array][:], b[array][:], err_msg=f"{name}: {array}")
 
 
 def _file_size_limit(limit: int):
