@@ -44,6 +44,7 @@ from schemas.image_layout import (
 from schemas.image_store import IMAGE_SCHEMA, IMAGE_VAR, image_group_attrs
 from schemas.progress_report import ProgressReport
 from schemas.output_paths import local_path
+from schemas.remote_storage import remote_storage_errors
 from schemas.store_integrity import files_checksums, record_checksums, record_unit_checksums, shard_file_names
 from schemas.store_lifecycle import (
     finalize_store,
@@ -57,7 +58,7 @@ from schemas.store_lifecycle import (
     settings_fingerprint,
     take_writer_lock_early,
 )
-from schemas.task_runner import SchedulerSpec, run_tasks
+from schemas.task_runner import SchedulerSpec, check_scheduler_reachable, run_tasks, scheduler_host_port
 
 
 @dataclass(frozen=True)
@@ -106,6 +107,8 @@ def validate_convert_options(options: ConvertOptions, resolution: int | None = N
         raise ConvertOptionError("--shuffle-seed", seed, "must be a whole number ≥ 0")
     if not options.output:
         raise ConvertOptionError("--output", repr(options.output), "must name a store path or URL")
+    if options.scheduler is not None:
+        scheduler_host_port(options.scheduler)
     if resolution is not None:
         # A write task holds its shard's images (a shard longer than the store holds only the store) and zarr a
         # whole inner chunk while it writes a partial one.
@@ -173,11 +176,17 @@ def store_settings(source: ImageSource, options: ConvertOptions) -> dict[str, An
 
 def convert(source: ImageSource, options: ConvertOptions) -> ConvertResult:
     """Convert (or resume, or confirm) one store; idempotent for the same source and options."""
+    with remote_storage_errors():  # a stalled or unreachable object store: one line naming its URL
+        return _convert(source, options)
+
+
+def _convert(source: ImageSource, options: ConvertOptions) -> ConvertResult:
     started = time.monotonic()
     validate_convert_options(options, source.resolution, sum(p.num_rows for p in source.parts))
     settings = store_settings(source, options)
     if inspect_existing(options.output, IMAGE_SCHEMA, settings, options.overwrite, source.input_paths) == "complete":
         return _already_complete(options, started)
+    check_scheduler_reachable(_scheduler(options, processes=False))  # before the scratch folder or the store exists
     # One writer from the start: a second identical command is refused here (naming the holder) before it reads a
     # source, or, if the first finished while it started, finds the store complete just below.
     with _output_errors(options.output):

@@ -1,7 +1,7 @@
-"""Image store → network → labeled activation store. From Python: `extract` (to a store) and `features` (an
-in-memory batch to an xr.Dataset), `report_site` (a compare report as a static web site);
-`extractor.image_dataset.ImageStoreDataset` for PyTorch. Importing the package
-also gives every xarray Dataset the `ds.imzarr` accessor (extractor/accessor.py)."""
+"""Image store → network → labeled activation store. From Python: `extract` (to a store), `generate` (samples to
+an image store), `features` (an in-memory batch to an xr.Dataset) and `report_site` (a compare report as a static
+web site); `extractor.image_dataset.ImageStoreDataset` for PyTorch. Importing the package also gives every xarray
+Dataset the `ds.imzarr` accessor (extractor/accessor.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import importlib.util
 import sys
 from typing import Any
 
-__all__ = ["extract", "features", "report_site"]
+__all__ = ["extract", "features", "generate", "report_site"]
 
 
 def __getattr__(name: str) -> Any:

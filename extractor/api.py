@@ -1,6 +1,7 @@
 """The extractor from Python (a notebook): `extract` writes an activation store exactly as `imzarr extract` does
-(same defaults, checks and resumability); `features` runs an in-memory batch through the same forward path and
-returns a labelled `xr.Dataset`."""
+and `generate` an image store as `imzarr generate` does (same defaults, checks and resumability: the command line
+builds its runs with `extract_options` and `generate_options`); `features` runs an in-memory batch through the
+same forward path and returns a labelled `xr.Dataset`."""
 
 from __future__ import annotations
 
@@ -13,10 +14,12 @@ import xarray as xr
 
 from extractor.extraction import ExtractOptions, ExtractResult, check_resolution, load_forward, probe_layers
 from extractor.extraction import extract as run_extraction
-from extractor.forward import ForwardSettings, RunOptions, ShardForward, resolve_device
+from extractor.forward import ForwardSettings, RunOptions, ShardForward, check_compute_on_device, resolve_device
+from extractor.generate import GenerateOptions, GenerateResult
+from extractor.generate import generate as run_generation
 from extractor.models import ModelSpec
 from extractor.preset_layers import check_preset_layers
-from extractor.selection import SelectionSpec, class_entries
+from extractor.selection import SelectionSpec, class_entries, layer_entries, listed_entries, resolve_class
 from extractor.vocabulary import PRESET_NAMES
 from schemas.activation_store import layer_dims
 from schemas.classes import class_table
@@ -35,11 +38,32 @@ def as_model_spec(model: str | ModelSpec) -> ModelSpec:
     return ModelSpec(preset=model) if model in PRESET_NAMES else ModelSpec(checkpoint=str(model))
 
 
+def run_options(
+    batch_size: int | None = None,
+    device: str = "auto",
+    scheduler: str | None = None,
+    workers: int = 2,
+    resources: str | None = None,
+    overwrite: bool = False,
+    shard_size: int | None = None,
+    compile: bool = False,
+) -> RunOptions:
+    """How an extraction or generation runs (values checked here, before anything is read or written)."""
+    return RunOptions(
+        batch_size=batch_size,
+        device=device,
+        scheduler=SchedulerSpec(scheduler, workers, parse_resources(resources)),
+        overwrite=overwrite,
+        shard_size=shard_size,
+        compile=compile,
+    )
+
+
 def extract_options(
     store: str,
     output: str,
     *,
-    layers: Sequence[str],
+    layers: str | Sequence[str],
     preset: str | None = None,
     checkpoint: str | None = None,
     sigma: float | None = None,
@@ -66,10 +90,10 @@ def extract_options(
     """One extraction's options from `imzarr extract`'s options as keywords (the command line builds its run here
     too, so both have the same defaults and meanings). One `seed` serves the noise and --per-class sampling."""
     store, output, checkpoint = local_file_url_to_path([str(store), str(output), checkpoint])  # file:// as the CLI takes it
-    check_preset_layers(preset, layers)
+    check_preset_layers(preset, layer_entries(layers))
     forward = ForwardSettings(
         model=model_spec(preset, checkpoint),
-        layers=tuple(layers),
+        layers=layer_entries(layers),
         sigma=sigma,
         noise_seed=seed,
         noise=noise,
@@ -86,14 +110,7 @@ def extract_options(
         per_class=per_class,
         seed=seed or 0,
     )
-    run = RunOptions(
-        batch_size=batch_size,
-        device=device,
-        scheduler=SchedulerSpec(scheduler, workers, parse_resources(resources)),
-        overwrite=overwrite,
-        shard_size=shard_size,
-        compile=compile,
-    )
+    run = run_options(batch_size, device, scheduler, workers, resources, overwrite, shard_size, compile)
     return ExtractOptions(str(store), str(output), forward, selection, run)
 
 
@@ -107,9 +124,69 @@ def extract(store: str, output: str, **options: Any) -> ExtractResult:
 extract.__signature__ = inspect.signature(extract_options).replace(return_annotation="ExtractResult")  # type: ignore[attr-defined]
 
 
+def generate_options(
+    output: str,
+    *,
+    preset: str | None = None,
+    checkpoint: str | None = None,
+    per_class: int | None = None,
+    num_samples: int | None = None,
+    classes: str | int | Sequence[str | int] | None = None,
+    seed: int | None = None,
+    sigma: float | None = None,
+    layers: str | Sequence[str] | None = None,
+    activations_out: str | None = None,
+    pool: str = "none",
+    dtype: str = "float16",
+    compute_dtype: str = "auto",
+    batch_size: int | None = None,
+    device: str = "auto",
+    scheduler: str | None = None,
+    workers: int = 2,
+    resources: str | None = None,
+    overwrite: bool = False,
+    shard_size: int | None = None,
+    compile: bool = False,
+) -> GenerateOptions:
+    """One generation's options from `imzarr generate`'s options as keywords (the command line builds its run here
+    too). `classes`: WNIDs, class names or 0-based indices (default: every class)."""
+    output, activations_out, checkpoint = local_file_url_to_path([str(output), activations_out, checkpoint])
+    check_preset_layers(preset, layer_entries(layers))
+    forward = ForwardSettings(
+        model=model_spec(preset, checkpoint),
+        layers=layer_entries(layers),
+        sigma=sigma,
+        noise_seed=seed,
+        pool=pool,
+        storage_dtype=dtype,
+        compute_dtype=compute_dtype,
+    )
+    run = run_options(batch_size, device, scheduler, workers, resources, overwrite, shard_size, compile)
+    return GenerateOptions(output, forward, per_class, num_samples, class_entries(classes), activations_out, run)
+
+
+def generate(output: str, **options: Any) -> GenerateResult:
+    """Sample the one-step generator into an image store at `output`; keywords and defaults as `imzarr generate`'s
+    options (`generate_options` lists them: per_class=K or num_samples=N is required)."""
+    return run_generation(generate_options(output, **options))
+
+
+generate.__signature__ = inspect.signature(generate_options).replace(return_annotation="GenerateResult")  # type: ignore[attr-defined]
+
+
+def class_labels(labels: np.ndarray | Sequence[int | str]) -> np.ndarray:
+    """Labels as 0-based class indices (int64): ints as given (-1: unknown), or WNIDs / class names / index text."""
+    listed = labels if isinstance(labels, np.ndarray) else list(labels)
+    if isinstance(listed, np.ndarray) and listed.dtype.kind in "iu":
+        return listed.astype(np.int64)
+    table = class_table()
+    resolved = [int(v) if isinstance(v, (int, np.integer)) else table.index_of_wnid(resolve_class(str(v))) for v in listed]
+    return np.asarray(resolved, dtype=np.int64)
+
+
 def features(
     images: np.ndarray,
-    labels: np.ndarray | Sequence[int] | None = None,
+    labels: np.ndarray | Sequence[int | str] | None = None,
     *,
     layers: Sequence[str],
     model: str | ModelSpec,
@@ -128,9 +205,12 @@ def features(
     if images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"images must be uint8 (N, 3, S, S), got shape {images.shape}")
     n = images.shape[0]
-    labels = np.full(n, -1, dtype=np.int64) if labels is None else np.asarray(labels, dtype=np.int64)
-    settings = ForwardSettings(model=as_model_spec(model), layers=tuple(layers), pool=pool, storage_dtype="float32", **forward)
+    labels = np.full(n, -1, dtype=np.int64) if labels is None else class_labels(labels)
+    if labels.shape != (n,):
+        raise ValueError(f"labels must hold one label per image ({n}), got shape {labels.shape}")
+    settings = ForwardSettings(model=as_model_spec(model), layers=layer_entries(layers), pool=pool, storage_dtype="float32", **forward)
     device = resolve_device(device)
+    check_compute_on_device(settings, device)
     loaded, fwd = load_forward(settings, device)
     check_resolution(loaded, images.shape[-1], "images")
     shapes, paths = probe_layers(loaded, fwd, device, images.shape[-1])

@@ -10,8 +10,9 @@ import argparse
 import sys
 
 from extractor.preset_layers import check_preset_layers
+from extractor.selection import layer_entries
 from extractor.vocabulary import COMPUTE_DTYPES, POOL_MODES, PRESET_NAMES, STORAGE_DTYPES
-from schemas.cli import CommandParser, HelpFormatter, add_command, comma_list, dispatch, non_negative_int, positive_int
+from schemas.cli import CommandParser, HelpFormatter, add_command, dispatch, non_negative_int, positive_int
 from schemas.errors import ImzarrError, StoreValidationError
 from schemas.output_paths import check_output_location
 
@@ -50,52 +51,10 @@ def _run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the network's blocks (CUDA): about 2x the eager bf16 rate of the DMD2 network on an H200 (5,048 against 2,489 img/s), after ~25 s of compiling on the first batch; worth it from roughly 100,000 images")
 
 
-def _run_options(args: argparse.Namespace):
-    from extractor.forward import RunOptions
-    from schemas.task_runner import SchedulerSpec, parse_resources
-
-    return RunOptions(
-        batch_size=args.batch_size,
-        device=args.device,
-        scheduler=SchedulerSpec(args.scheduler, args.workers, parse_resources(args.resources)),
-        overwrite=args.overwrite,
-        shard_size=args.shard_size,
-        compile=args.compile,
-    )
-
-
 def _model_spec(args: argparse.Namespace):
     from extractor.models import ModelSpec
 
     return ModelSpec(preset=args.preset) if args.preset else ModelSpec(checkpoint=args.checkpoint)
-
-
-def _check_device_and_dtype(args: argparse.Namespace) -> None:
-    """fp16/bf16 autocast is a CUDA feature here; refuse it on CPU before anything is written."""
-    if args.compute_dtype in ("fp32", "auto"):
-        return
-    import torch
-
-    on_cpu = args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available())
-    if on_cpu:
-        raise CommandLineError(f"--compute-dtype {args.compute_dtype}: needs a CUDA device (this run is on the CPU); use fp32")
-
-
-def _forward_settings(args: argparse.Namespace, noise_seed: int | None, **extra):
-    """σ and the noise seed stay None unless given: the extractor picks the diffusion defaults (σ 80, seed 0),
-    and feature networks, which see the clean image, refuse them."""
-    from extractor.extraction import ForwardSettings
-
-    return ForwardSettings(
-        model=_model_spec(args),
-        layers=tuple(args.layers or ()),
-        sigma=args.sigma,
-        noise_seed=noise_seed,
-        pool=args.pool,
-        storage_dtype=args.dtype,
-        compute_dtype=args.compute_dtype,
-        **extra,
-    )
 
 
 def _print_outcome(result, what: str, untrained_note: str) -> None:
@@ -123,7 +82,7 @@ def _add_extract(sub) -> None:
     )
     ex.add_argument("store", help="image store (made by `imzarr convert` or `imzarr generate`)")
     ex.add_argument("-o", "--output", required=True, help="activation store path or fsspec URL")
-    ex.add_argument("--layers", type=comma_list, required=True, help="comma-separated layer names or aliases (encoder_bottleneck, midblock); `imzarr layers` lists them")
+    ex.add_argument("--layers", required=True, help="comma-separated layer names or aliases (encoder_bottleneck, midblock); `imzarr layers` lists them")
     _model_args(ex)
     ex.add_argument("--sigma", type=float, default=None, help="noise level σ a diffusion network is conditioned on (default: 80, the generator's own; feature networks take none)")
     ex.add_argument("--seed", type=non_negative_int, default=None, help="seed of the per-sample noise of diffusion networks and of --per-class sampling (default: 0)")
@@ -134,7 +93,7 @@ def _add_extract(sub) -> None:
     ex.add_argument("--reconstructions", action="store_true", help="also store D(x) as uint8 images (runs the whole network)")
     ex.add_argument("--num-samples", type=positive_int, default=None, help="the first N samples (a uniform random sample if the store was written shuffled; default: all)")
     ex.add_argument("--indices", default=None, help="file of store positions (.npy or one integer per line; default: all)")
-    ex.add_argument("--classes", type=comma_list, default=None, help="classes to keep: WNIDs, class names or indices, comma-separated (default: all)")
+    ex.add_argument("--classes", default=None, help="classes to keep: WNIDs, class names or indices, comma-separated (default: all)")
     ex.add_argument("--per-class", type=positive_int, default=None, help="K samples per class, chosen with --seed (default: all)")
     ex.add_argument("--shard-size", type=positive_int, default=None, help="samples per output shard/task (default: ~64 MB of the largest layer)")
     ex.add_argument("--dry-run", action="store_true", help="one batch through the hooks, then a table of shapes, sizes and memory; writes nothing")
@@ -143,14 +102,13 @@ def _add_extract(sub) -> None:
 
 
 def _extract(args: argparse.Namespace) -> int:
-    check_preset_layers(args.preset, args.layers or ())  # before torch is imported: a typo answers at once
+    check_preset_layers(args.preset, layer_entries(args.layers))  # before torch is imported: a typo answers at once
     from extractor.api import extract_options
     from extractor.extraction import extract
 
     check_output_location(args.output, [args.store], allow_memory=False)
-    _check_device_and_dtype(args)
     options = extract_options(
-        args.store, args.output, layers=args.layers or (), preset=args.preset, checkpoint=args.checkpoint, sigma=args.sigma,
+        args.store, args.output, layers=args.layers, preset=args.preset, checkpoint=args.checkpoint, sigma=args.sigma,
         seed=args.seed, noise=not args.no_noise, class_free=args.class_free, pool=args.pool, dtype=args.dtype,
         compute_dtype=args.compute_dtype, reconstructions=args.reconstructions, num_samples=args.num_samples,
         indices=args.indices, classes=args.classes, per_class=args.per_class, batch_size=args.batch_size, device=args.device,
@@ -205,10 +163,10 @@ def _add_generate(sub) -> None:
     count = gen.add_mutually_exclusive_group(required=True)
     count.add_argument("--per-class", type=positive_int, help="K samples of each class (class-major order)")
     count.add_argument("--num-samples", type=positive_int, help="N samples with classes drawn uniformly (seeded)")
-    gen.add_argument("--classes", type=comma_list, default=None, help="classes: WNIDs, class names or indices, comma-separated (default: all 1000)")
+    gen.add_argument("--classes", default=None, help="classes: WNIDs, class names or indices, comma-separated (default: all 1000)")
     gen.add_argument("--seed", type=non_negative_int, default=None, help="noise seed (default: 0)")
     gen.add_argument("--sigma", type=float, default=None, help="the generator's input σ (default: 80)")
-    gen.add_argument("--layers", type=comma_list, default=None, help="also capture these layers during sampling (needs --activations-out; default: none)")
+    gen.add_argument("--layers", default=None, help="also capture these layers during sampling (needs --activations-out; default: none)")
     gen.add_argument("--activations-out", default=None, help="activation store for --layers (default: none)")
     gen.add_argument("--pool", default="none", choices=POOL_MODES, help="spatial reduction of captured layers")
     gen.add_argument("--dtype", default="float16", choices=STORAGE_DTYPES, help="storage dtype of captured layers")
@@ -218,26 +176,21 @@ def _add_generate(sub) -> None:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    check_preset_layers(args.preset, args.layers or ())
-    from extractor.generate import GenerateOptions, generate
+    check_preset_layers(args.preset, layer_entries(args.layers))  # before torch is imported: a typo answers at once
+    from extractor.api import generate_options
+    from extractor.generate import generate
 
     check_output_location(args.output, allow_memory=False)
-    if args.layers and not args.activations_out:
-        raise CommandLineError("--layers needs --activations-out (the activation store to write them to)")
     if args.activations_out:
         check_output_location(args.activations_out, [args.output], allow_memory=False)
-    _check_device_and_dtype(args)
-    result = generate(
-        GenerateOptions(
-            output=args.output,
-            forward=_forward_settings(args, args.seed),
-            per_class=args.per_class,
-            num_samples=args.num_samples,
-            classes=args.classes,
-            activations_out=args.activations_out,
-            run=_run_options(args),
-        )
-    )
+    options = generate_options(
+        args.output, preset=args.preset, checkpoint=args.checkpoint, per_class=args.per_class, num_samples=args.num_samples,
+        classes=args.classes, seed=args.seed, sigma=args.sigma, layers=args.layers, activations_out=args.activations_out,
+        pool=args.pool, dtype=args.dtype, compute_dtype=args.compute_dtype, batch_size=args.batch_size, device=args.device,
+        scheduler=args.scheduler, workers=args.workers, resources=args.resources, overwrite=args.overwrite,
+        shard_size=args.shard_size, compile=args.compile,
+    )  # fmt: skip
+    result = generate(options)
     what = result.url + (f" and {result.activations_url}" if result.activations_url else "")
     _print_outcome(result, what, "generated by an UNTRAINED network (random weights of a preset): these images are noise-like patterns, not ImageNet samples")
     return 0
@@ -355,7 +308,7 @@ def _add_show(sub) -> None:
     show = add_command(sub, "show", "contact sheet of a store's images", "A grid of images, one row per class, with class names: real, generated or reconstructions.")
     show.add_argument("store", help="image store, or activation store with reconstructions")
     show.add_argument("-o", "--output", default="grid.png", help="PNG to write")
-    show.add_argument("--classes", type=comma_list, default=None, help="classes: WNIDs, class names or indices, comma-separated (default: the first classes in the store)")
+    show.add_argument("--classes", default=None, help="classes: WNIDs, class names or indices, comma-separated (default: the first classes in the store)")
     show.add_argument("--per-class", type=positive_int, default=8, help="images per row")
     show.add_argument("--max-classes", type=positive_int, default=10, help="rows when --classes is not given")
     show.set_defaults(handler=_show)
@@ -374,7 +327,7 @@ def _show(args: argparse.Namespace) -> int:
         raise StoreValidationError(f"{args.store}: not a Zarr group ({type(exc).__name__})") from None
     variable = RECONSTRUCTION_VAR if RECONSTRUCTION_VAR in group else "image"
     path = write_contact_sheet(
-        args.store, args.output, classes=list(args.classes) if args.classes else None,
+        args.store, args.output, classes=args.classes,
         per_class=args.per_class, max_classes=args.max_classes, variable=variable,
     )
     print(path)

@@ -31,6 +31,7 @@ from extractor.forward import (
     RunOptions,
     ShardForward,
     auto_batch_size,
+    check_compute_on_device,
     check_forward_settings,
     forward_batch,
     measured_bytes_per_sample,
@@ -51,13 +52,14 @@ from schemas.activation_store import (
     activation_array_attrs,
     activation_group_attrs,
 )
-from schemas.errors import ImzarrError
+from schemas.errors import ImzarrError, output_write_errors
 from schemas.image_store import ImageStore, validate_image_store
 from schemas.progress_report import ProgressReport
+from schemas.remote_storage import remote_storage_errors
 from schemas.store_identity import GENERATION_ATTR, StoreIdentity, check_unchanged, reader_lease
 from schemas.store_integrity import record_checksums, record_unit_checksums
 from schemas.store_lifecycle import finalize_store, inspect_existing, mark_done, path_state, prepare_store, read_done
-from schemas.task_runner import run_tasks
+from schemas.task_runner import check_scheduler_reachable, run_tasks
 
 
 class NoiseRecipeError(ImzarrError):
@@ -166,7 +168,8 @@ def extract(options: ExtractOptions) -> ExtractResult:
 
     The input store is leased while the run reads it, and each task and the finish check it is still the store
     that was opened (schemas/store_identity.py): one rewritten meanwhile fails the run, never completing it."""
-    with reader_lease(options.store):
+    # A full disk names the store (a shard's write names no file); a stalled object store names its URL.
+    with output_write_errors(options.output), remote_storage_errors(), reader_lease(options.store):
         return _extract(options)
 
 
@@ -174,13 +177,15 @@ def _extract(options: ExtractOptions) -> ExtractResult:
     started = time.monotonic()
     run = options.run
     device = resolve_device(run.device)
+    check_compute_on_device(options.forward, device)
+    check_scheduler_reachable(run.scheduler)  # before a model is built or any output exists
     if not options.forward.layers:
         raise ExtractionError("no layers requested (--layers L1,L2)")
     images = validate_image_store(options.store)
     source = StoreIdentity.of(options.store, images.attrs)
-    loaded, fwd = load_forward(options.forward, device, options.selection.per_class is not None)
     labels, synsets = images.coordinate("label"), images.coordinate("synset")
-    chosen = select_samples(options.selection, labels, synsets)
+    chosen = select_samples(options.selection, labels, synsets)  # before the network is built: a bad selection is quick
+    loaded, fwd = load_forward(options.forward, device, options.selection.per_class is not None)
     check_resolution(loaded, images.resolution, options.store)
     shapes, paths = probe_layers(loaded, fwd, device, images.resolution)
     selection = describe_selection(options.selection, chosen)

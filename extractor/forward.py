@@ -12,6 +12,9 @@ writer) is told, per batch, when its rows are final.
 from __future__ import annotations
 
 import contextlib
+import math
+import numbers
+import re
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
@@ -46,6 +49,11 @@ FREE_MEMORY_SHARE = 0.5
 DEFAULT_SIGMA = 80.0
 DEFAULT_NOISE_SEED = 0
 FEATURE_INPUT_REFUSAL = "feature networks see the clean image; σ and noise belong to diffusion networks"
+# The largest σ taken: the preconditioning computes σ² in float32 (finite below ~1.8e19); EDM/DMD2 train on
+# σ in 0.002..80, so anything near this bound is far outside what the networks have seen.
+LARGEST_SIGMA = 1e18
+# What --device takes: torch's CPU, CUDA and CUDA:N devices (other backends are not supported here).
+DEVICE_NAME = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
 
 
 class ExtractionError(ImzarrError):
@@ -67,6 +75,9 @@ class ForwardSettings:
     compute_dtype: str = AUTO  # auto: bf16 autocast on CUDA for diffusion networks, fp32 otherwise
     reconstructions: bool = False
 
+    def __post_init__(self) -> None:
+        check_forward_settings(self)  # whoever builds the settings (CLI, API, features) gets the same refusals
+
     @property
     def noised(self) -> bool:
         """Is noise added to the input? (Resolved settings only: `resolve_forward` sets noise_seed exactly then.)"""
@@ -84,14 +95,33 @@ class RunOptions:
     shard_size: int | None = None  # samples per output shard (= per task)
     compile: bool = False  # torch.compile the network's blocks (CUDA; first batches pay the compile)
 
+    def __post_init__(self) -> None:
+        check_device_name(self.device)
+        for option, value in (("--batch-size", self.batch_size), ("--shard-size", self.shard_size)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ExtractionError(f"{option} {value!r}: must be a whole number ≥ 1")
+
+
+def check_device_name(device: object) -> None:
+    """Refuse a device name this project does not run on (before torch is asked about it)."""
+    if not isinstance(device, str) or not DEVICE_NAME.fullmatch(device):
+        raise ExtractionError(f"--device {device!r}: choose auto, cpu, cuda or cuda:N")
+
 
 def resolve_device(device: str) -> str:
     """`auto` → cuda when available, else cpu; refuse CUDA where there is none."""
+    check_device_name(device)
     if device == AUTO:
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ExtractionError(f"--device {device}: CUDA is not available on this machine (use cpu or auto)")
     return device
+
+
+def check_compute_on_device(fwd: ForwardSettings, device: str) -> None:
+    """fp16/bf16 autocast is a CUDA feature here; refuse it on the CPU before anything is written."""
+    if fwd.compute_dtype not in (AUTO, "fp32") and not device.startswith("cuda"):
+        raise ExtractionError(f"--compute-dtype {fwd.compute_dtype}: needs a CUDA device (this run is on the CPU); use fp32")
 
 
 def resolve_compute(fwd: ForwardSettings, device: str, kind: str = DIFFUSION_KIND) -> ForwardSettings:
@@ -130,11 +160,22 @@ def resolve_forward(fwd: ForwardSettings, loaded: LoadedModel, device: str, seed
 
 def check_forward_settings(fwd: ForwardSettings) -> None:
     """Refuse settings no forward can honour, each with a one-line reason (σ is checked where there is one)."""
-    if fwd.sigma is not None and not fwd.sigma > 0:
-        raise ExtractionError(
-            f"--sigma {fwd.sigma}: σ must be > 0 (ln σ conditions the network; σ = 0 gives NaN everywhere); "
-            f"for a nearly clean input use a small σ such as {SMALLEST_TRAINING_SIGMA}"
-        )
+    if fwd.sigma is not None:
+        if isinstance(fwd.sigma, bool) or not isinstance(fwd.sigma, numbers.Real):
+            raise ExtractionError(f"--sigma {fwd.sigma!r}: σ must be a number")
+        if not fwd.sigma > 0:
+            raise ExtractionError(
+                f"--sigma {fwd.sigma}: σ must be > 0 (ln σ conditions the network; σ = 0 gives NaN everywhere); "
+                f"for a nearly clean input use a small σ such as {SMALLEST_TRAINING_SIGMA}"
+            )
+        if not math.isfinite(fwd.sigma) or fwd.sigma > LARGEST_SIGMA:
+            raise ExtractionError(
+                f"--sigma {fwd.sigma}: σ must be at most {LARGEST_SIGMA:g} (σ² must be finite in float32); "
+                "the networks are trained on σ up to 80"
+            )
+    repeated = sorted({name for name in fwd.layers if fwd.layers.count(name) > 1})
+    if repeated:
+        raise ExtractionError(f"--layers {','.join(fwd.layers)!r}: {repeated[0]!r} is given twice")
     if fwd.pool not in ("none", "mean", "max"):
         raise ExtractionError(f"--pool {fwd.pool!r}: choose none, mean or max")
     if fwd.storage_dtype not in STORAGE_DTYPES:

@@ -28,18 +28,21 @@ from extractor.extraction import (
     run_attrs,
     versions,
 )
-from extractor.forward import ShardForward, prepare_module, resolve_device
+from extractor.forward import ShardForward, check_compute_on_device, prepare_module, resolve_device
 from extractor.models import LoadedModel, cached_model
 from extractor.noise import NOISE_RECIPE, noise_attrs
+from extractor.selection import resolve_classes
 from schemas.activation_store import ACTIVATION_LAYOUT_VERSION, ACTIVATION_SCHEMA, DIFFUSION_KIND, activation_array_attrs, activation_group_attrs
 from schemas.classes import NUM_CLASSES, class_table
+from schemas.errors import output_write_errors
 from schemas.image_layout import LAYOUT_VERSION, create_image_arrays
 from schemas.image_layout import TEXT_COORDINATES as IMAGE_TEXT_COORDINATES
 from schemas.image_store import IMAGE_SCHEMA, IMAGE_VAR, image_group_attrs
 from schemas.progress_report import ProgressReport
+from schemas.remote_storage import remote_storage_errors
 from schemas.store_integrity import record_checksums, record_unit_checksums
 from schemas.store_lifecycle import StoreState, finalize_store, inspect_existing, mark_done, prepare_store
-from schemas.task_runner import run_tasks
+from schemas.task_runner import check_scheduler_reachable, run_tasks
 
 DEFAULT_GENERATE_SHARD = 1024
 
@@ -52,9 +55,14 @@ class GenerateOptions:
     forward: ForwardSettings  # layers may be empty; noise_seed is the sampling seed (None: DEFAULT_NOISE_SEED)
     per_class: int | None = None
     num_samples: int | None = None
-    classes: tuple[str, ...] | None = None  # WNIDs; default: every class the model is conditioned on
+    classes: tuple[str, ...] | None = None  # WNIDs, class names or 0-based indices (kept as WNIDs); default: every class
     activations_out: str | None = None
     run: RunOptions = field(default_factory=RunOptions)
+
+    def __post_init__(self) -> None:
+        if self.classes is not None:  # '0', 'tench' and 'n01440764' are one class, recorded as its WNID
+            object.__setattr__(self, "classes", resolve_classes(self.classes))
+        check_generate_options(self)
 
 
 @dataclass(frozen=True)
@@ -157,6 +165,11 @@ def check_generator(loaded: LoadedModel) -> None:
 
 def check_generate_options(options: GenerateOptions) -> None:
     """Refuse option combinations generation cannot honour, one line each."""
+    if (options.per_class is None) == (options.num_samples is None):
+        raise ExtractionError("give exactly one of --per-class K or --num-samples N")
+    for option, value in (("--per-class", options.per_class), ("--num-samples", options.num_samples)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ExtractionError(f"{option} {value!r}: must be a whole number ≥ 1")
     if not options.forward.noise:
         raise ExtractionError("generation needs noise: the generator's input is σ·ε")
     if options.forward.layers and not options.activations_out:
@@ -167,10 +180,19 @@ def check_generate_options(options: GenerateOptions) -> None:
 
 def generate(options: GenerateOptions) -> GenerateResult:
     """Sample (or resume, or confirm) a generated image store; idempotent for the same settings."""
+    outputs = options.output + (f" or {options.activations_out}" if options.activations_out else "")
+    # A full disk names the store(s) (a shard's write names no file); a stalled object store names its URL.
+    with output_write_errors(outputs), remote_storage_errors():
+        return _generate(options)
+
+
+def _generate(options: GenerateOptions) -> GenerateResult:
     check_generate_options(options)
     started = time.monotonic()
     run = options.run
     device = resolve_device(run.device)
+    check_compute_on_device(options.forward, device)
+    check_scheduler_reachable(run.scheduler)  # before a model is built or any output exists
     check_generator(cached_model(options.forward.model, device))
     loaded, fwd = load_forward(options.forward, device)
     labels = generation_labels(options.per_class, options.num_samples, options.classes, fwd.noise_seed)

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from extractor.selection import SelectionError, SelectionSpec, class_entries, select_samples
+from extractor.selection import SelectionSpec, checked_positions, class_entries, select_samples
 from schemas.errors import ImzarrError
 from schemas.image_store import ImageStore, validate_image_store
 
@@ -49,7 +49,7 @@ class ImageStoreDataset(Dataset[Item]):
     """Selected samples of an image store as `(image (3, S, S) tensor, label int)` items.
 
     Selection follows `extractor.selection` (the rules of `imzarr extract`), applied in this order:
-    `indices` (store positions, taken sorted and without repeats, like `--indices-file`), `classes` (WNIDs,
+    `indices` (store positions, taken sorted; a position listed twice is refused, like `--indices`), `classes` (WNIDs,
     class names or label indices), `per_class` (K per class, drawn with `seed`), `num_samples` (the first N
     remaining: a uniform random sample when the store was written with `--shuffle-seed`). Items are in
     ascending store order; shuffle with the DataLoader.
@@ -75,7 +75,8 @@ class ImageStoreDataset(Dataset[Item]):
         store = validate_image_store(self.url)
         all_labels = store.coordinate("label")
         all_synsets = store.coordinate("synset")
-        given = _given_positions(indices, all_labels.size)
+        n = all_labels.size
+        given = np.arange(n, dtype=np.int64) if indices is None else checked_positions(_as_array(indices), n, "indices")
         spec = SelectionSpec(num_samples=num_samples, classes=class_entries(classes), per_class=per_class, seed=seed)
         # select_samples works on positions within the arrays it is given: run it on the given positions' labels,
         # then map its answer back to store positions (the same result as `--indices-file` with these positions).
@@ -155,13 +156,5 @@ class ImageStoreDataset(Dataset[Item]):
         return f"{type(self).__name__}({self.url!r}, {len(self)} samples, output={self.output!r})"
 
 
-def _given_positions(indices: Iterable[int] | np.ndarray | None, num_samples: int) -> np.ndarray:
-    """Store positions to select from: all of them, or the given ones sorted without repeats, range-checked."""
-    if indices is None:
-        return np.arange(num_samples, dtype=np.int64)
-    listed = indices if isinstance(indices, (np.ndarray, torch.Tensor)) else list(indices)
-    positions = np.unique(np.asarray(listed, dtype=np.int64).reshape(-1))
-    outside = (positions < 0) | (positions >= num_samples)
-    if outside.any():
-        raise SelectionError(f"indices: store position {int(positions[outside][0])} is outside 0..{num_samples - 1}")
-    return positions
+def _as_array(indices: Iterable[int] | np.ndarray | torch.Tensor) -> np.ndarray:
+    return np.asarray(indices if isinstance(indices, (np.ndarray, torch.Tensor)) else list(indices))

@@ -1,7 +1,9 @@
 """Which samples of an image store to run: first N, an index file, some classes, or K per class.
 
 Classes may be named by WNID (n01440764), by class name (`tench`, `Great White Shark`: case-insensitive, exact,
-or a prefix that only one class has) or by 0-based label index (`0`); all resolve to WNIDs.
+or a prefix that only one class has) or by 0-based label index (`0`); all resolve to WNIDs. The one parser of
+extract, generate, show, `features` and the torch Dataset: an empty list, an empty entry, or two entries naming
+the same class (or position, or layer) are refused, never read as "everything" or silently merged.
 """
 
 from __future__ import annotations
@@ -27,13 +29,56 @@ class UnknownClassNameError(SelectionError):
     """A --classes entry that names no ImageNet-1k class (or more than one); the message lists candidates."""
 
 
-def class_entries(classes: str | int | Iterable[str | int] | None) -> tuple[str, ...] | None:
-    """`classes` as the text entries SelectionSpec takes; one name or index alone is one class, not its letters."""
-    if classes is None:
+class RepeatedEntryError(SelectionError):
+    """A list (classes, layers, sample positions) that names one thing twice."""
+
+
+CLASS_ENTRIES_HINT = "give WNIDs, class names or 0-based label indices, comma-separated"
+
+
+def listed_entries(value: str | int | Iterable[str | int] | None, option: str, hint: str = "") -> tuple[str, ...] | None:
+    """`'a, b'` or a sequence of entries → ('a', 'b'); None stays None. An empty list, an empty entry or one given
+    twice (case-insensitively) is refused naming `option`; one int or str alone is one entry, not its letters."""
+    if value is None:
         return None
-    if isinstance(classes, (str, int, np.integer)):
-        classes = [classes]
-    return tuple(str(c) for c in classes)
+    if isinstance(value, str):
+        entries = [item.strip() for item in value.split(",")]
+        shown = value
+    else:
+        items = [value] if isinstance(value, (int, np.integer)) else list(value)
+        entries = [str(item).strip() for item in items]
+        shown = ",".join(entries)
+    hint = f"; {hint}" if hint else ""
+    if not any(entries):
+        raise SelectionError(f"{option} {shown!r}: names nothing{hint}")
+    if "" in entries:
+        raise SelectionError(f"{option} {shown!r}: entry {entries.index('') + 1} is empty{hint}")
+    seen: dict[str, str] = {}
+    for entry in entries:
+        key = entry.casefold()
+        if key in seen:
+            raise RepeatedEntryError(f"{option} {shown!r}: {entry!r} is given twice")
+        seen[key] = entry
+    return tuple(entries)
+
+
+def layer_entries(layers: str | Iterable[str] | None) -> tuple[str, ...]:
+    """`'a,b'` or a list of layer names → ('a', 'b'); an empty entry or a layer given twice is refused."""
+    return listed_entries(layers, "--layers", "`imzarr layers` lists the layer names") or ()
+
+
+def class_entries(classes: str | int | Iterable[str | int] | None) -> tuple[str, ...] | None:
+    """`classes` (`'tench,0'`, a list of names, WNIDs or indices) as the checked entries SelectionSpec takes."""
+    return listed_entries(classes, "--classes", CLASS_ENTRIES_HINT)
+
+
+def refuse_repeated_classes(entries: Iterable[str], wnids: Iterable[str]) -> None:
+    """Two entries that name one class (`tench,0`) are refused, naming both."""
+    first: dict[str, str] = {}
+    for entry, wnid in zip(entries, wnids):
+        if wnid in first:
+            raise RepeatedEntryError(f"--classes: {first[wnid]!r} and {entry!r} both name {wnid} ({_class_name(wnid)})")
+        first[wnid] = entry
 
 
 def resolve_class(name: str) -> str:
@@ -64,9 +109,17 @@ def resolve_class(name: str) -> str:
     raise UnknownClassNameError(f"--classes {name!r} is not an ImageNet-1k WNID, label index or class name{hint}")
 
 
-def resolve_classes(names: Iterable[str]) -> tuple[str, ...]:
-    """WNIDs of every entry (see resolve_class), in the given order, repeats dropped."""
-    return tuple(dict.fromkeys(resolve_class(n) for n in names if n.strip()))
+def resolve_classes(names: str | int | Iterable[str | int]) -> tuple[str, ...]:
+    """WNIDs of every entry (see resolve_class and class_entries), in the given order; repeats refused."""
+    entries = class_entries(names) or ()
+    wnids = [resolve_class(n) for n in entries]
+    refuse_repeated_classes(entries, wnids)
+    return tuple(wnids)
+
+
+def _class_name(wnid: str) -> str:
+    table = class_table()
+    return table.names[table.index_of_wnid(wnid)] if table.is_wnid(wnid) else "a class of this store"
 
 
 @lru_cache(maxsize=1)
@@ -101,7 +154,8 @@ def select_samples(spec: SelectionSpec, labels: np.ndarray, synsets: np.ndarray)
     if spec.classes:
         known = set(synsets[chosen].tolist())
         # A store's own folder-named classes (not in ImageNet-1k) are taken as given.
-        wnids = tuple(dict.fromkeys(c if c in known else resolve_class(c) for c in spec.classes))
+        wnids = tuple(c if c in known else resolve_class(c) for c in spec.classes)
+        refuse_repeated_classes(spec.classes, wnids)
         unknown = [w for w in wnids if w not in known]
         if unknown:
             raise SelectionError(f"classes {unknown} have no samples in this store")
@@ -118,6 +172,9 @@ def select_samples(spec: SelectionSpec, labels: np.ndarray, synsets: np.ndarray)
     if spec.num_samples is not None:
         if spec.num_samples < 1:
             raise SelectionError(f"--num-samples must be ≥ 1, got {spec.num_samples}")
+        if spec.num_samples > chosen.size:
+            narrowed = "" if chosen.size == n else f"; the selection before it has {chosen.size:,}"
+            raise SelectionError(f"--num-samples {spec.num_samples:,}: the store holds {n:,} samples{narrowed}")
         chosen = chosen[: spec.num_samples]
     if chosen.size == 0:
         raise SelectionError("the selection is empty")
@@ -130,11 +187,25 @@ def _read_indices(path: str, n: int) -> np.ndarray:
         raw = np.load(p) if p.suffix == ".npy" else np.loadtxt(p, dtype=np.int64, ndmin=1)
     except (OSError, ValueError) as exc:
         raise SelectionError(f"{path}: cannot read sample indices ({exc})") from None
-    idx = np.asarray(raw).astype(np.int64).reshape(-1)
+    return checked_positions(raw, n, path)
+
+
+def checked_positions(positions: Any, n: int, where: str) -> np.ndarray:
+    """Store positions, ascending: each a whole number in 0..n-1, none twice (`where` names the list's source)."""
+    listed = np.asarray(positions)
+    if listed.size and not (np.issubdtype(listed.dtype, np.integer) or (np.issubdtype(listed.dtype, np.floating) and np.all(np.mod(listed, 1) == 0))):
+        raise SelectionError(f"{where}: sample positions must be whole numbers, got dtype {listed.dtype}")
+    idx = listed.astype(np.int64).reshape(-1)
+    if idx.size == 0:
+        raise SelectionError(f"{where}: lists no sample positions")
     bad = (idx < 0) | (idx >= n)
     if bad.any():
-        raise SelectionError(f"{path}: index {idx[bad][0]} outside 0..{n - 1}")
-    return np.unique(idx)
+        raise SelectionError(f"{where}: index {idx[bad][0]} outside 0..{n - 1}")
+    unique, counts = np.unique(idx, return_counts=True)
+    if (counts > 1).any():
+        repeated = unique[counts > 1]
+        raise RepeatedEntryError(f"{where}: position {repeated[0]} is listed {counts[counts > 1][0]} times ({repeated.size} positions repeat); each sample may be listed once")
+    return unique
 
 
 def _recorded_class(name: str) -> str:

@@ -5,7 +5,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from schemas.remote_storage import install_remote_defaults
+
 __all__ = ["open_image_store"]
+
+# Every S3 filesystem this process makes gets connect/read timeouts and bounded retries unless told otherwise
+# (schemas/remote_storage.py): from the command line and from Python alike.
+install_remote_defaults()
 
 
 def open_image_store(url: str, require_complete: bool = True) -> Any:

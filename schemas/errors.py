@@ -4,7 +4,10 @@
 command), 1 for a run that failed (a writer holds the store, values failed a check, the disk is full).
 """
 
+import contextlib
+import errno
 import os
+from collections.abc import Iterator
 
 
 class ImzarrError(Exception):
@@ -42,3 +45,28 @@ class StoreValidationError(ImzarrError):
 
 class StoreLockedError(RunFailedError):
     """Another live process is writing the same store."""
+
+
+class OutputWriteError(RunFailedError, PathError):
+    """The output or scratch location cannot be written (read-only, disk full); exit code 1."""
+
+    @classmethod
+    def from_os_error(cls, path: object, exc: OSError) -> "OutputWriteError":
+        """Name the file the system refused (or `path`) and its reason, e.g. 'No space left on device'."""
+        return cls(exc.filename or path, f"cannot write ({exc.strerror or exc})")
+
+
+# What a filesystem says when it will take no more: full, over quota, read-only, or past the file size limit.
+FULL_OR_READ_ONLY = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG})
+
+
+@contextlib.contextmanager
+def output_write_errors(url: object) -> Iterator[None]:
+    """A full disk, quota or read-only filesystem while writing a store becomes one line naming the file the
+    system refused, or the store `url` where the error does not say (a write through an open descriptor)."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno in FULL_OR_READ_ONLY:
+            raise OutputWriteError.from_os_error(url, exc) from None
+        raise

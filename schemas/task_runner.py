@@ -9,18 +9,60 @@ so workers reach the same object store the same way.
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import dask
 import dask.threaded
 
-from schemas.errors import ImzarrError
+from schemas.errors import ImzarrError, RunFailedError
 from schemas.progress_report import DaskProgress, ProgressReport
+
+# Schemes of a dask.distributed scheduler address reached over the network (tcp:// when none is written).
+SCHEDULER_SCHEMES = ("tcp", "tls", "ws", "wss")
+# How long a run waits for the scheduler's port to answer before anything is written.
+SCHEDULER_PROBE_TIMEOUT_S = 10.0
 
 
 class SchedulerError(ImzarrError):
     """A scheduler address or resource list that cannot be used."""
+
+
+class SchedulerUnreachableError(RunFailedError):
+    """A well-formed scheduler address where no scheduler answers (checked before any output exists)."""
+
+
+def scheduler_host_port(address: str) -> tuple[str, int]:
+    """(host, port) of `tcp://HOST:PORT` (or tls://, ws://, wss://, or a bare HOST:PORT); SchedulerError otherwise."""
+    text = address.strip() if isinstance(address, str) else ""
+    parts = urlsplit(text if "://" in text else f"tcp://{text}")
+    expected = "expected tcp://HOST:PORT of a running dask.distributed scheduler"
+    if parts.scheme not in SCHEDULER_SCHEMES:
+        raise SchedulerError(f"--scheduler {address!r}: scheme {parts.scheme!r} is not one of {', '.join(SCHEDULER_SCHEMES)}; {expected}")
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    if not parts.hostname or port is None or not 0 < port < 65536 or parts.path not in ("", "/"):
+        raise SchedulerError(f"--scheduler {address!r}: not a scheduler address; {expected}")
+    return parts.hostname, port
+
+
+def check_scheduler_reachable(spec: SchedulerSpec) -> None:
+    """Refuse, before any output exists, a scheduler address whose port does not answer (one quick TCP connect)."""
+    if spec.address is None:
+        return
+    host, port = scheduler_host_port(spec.address)
+    try:
+        socket.create_connection((host, port), timeout=SCHEDULER_PROBE_TIMEOUT_S).close()
+    except socket.timeout:
+        raise SchedulerUnreachableError(
+            f"{spec.address}: cannot reach the dask scheduler (no answer within {SCHEDULER_PROBE_TIMEOUT_S:.0f} s); nothing was written"
+        ) from None
+    except OSError as exc:
+        raise SchedulerUnreachableError(f"{spec.address}: cannot reach the dask scheduler ({exc.strerror or exc}); nothing was written") from None
 
 
 @dataclass(frozen=True)
@@ -31,6 +73,10 @@ class SchedulerSpec:
     workers: int | None = 2  # local threads or processes; None = one per core
     resources: tuple[tuple[str, float], ...] = ()  # e.g. (("GPU", 1),): each task needs one worker GPU
     processes: bool = False  # local worker processes instead of threads (ignored with an address)
+
+    def __post_init__(self) -> None:
+        if self.address is not None:
+            scheduler_host_port(self.address)
 
     @property
     def describe(self) -> str:
@@ -66,7 +112,7 @@ def _run_distributed(tasks: list, spec: SchedulerSpec, report: ProgressReport) -
     try:
         client = Client(spec.address, timeout="30s")
     except OSError as exc:
-        raise SchedulerError(f"{spec.address}: cannot reach the dask scheduler ({exc})") from None
+        raise SchedulerUnreachableError(f"{spec.address}: cannot reach the dask scheduler ({exc})") from None
     with client:
         client.run(_apply_fsspec_defaults, {k: dict(v) for k, v in fsspec.config.conf.items() if isinstance(v, dict)})
         # optimize_graph=False: graph optimisation may drop the resource annotations

@@ -19,6 +19,7 @@ CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing
 class LocalS3:
     endpoint: str
     bucket: str
+    pid: int = 0  # the server process (tests stop and resume it to play a stalled object store)
 
     @property
     def storage_options(self) -> dict:
@@ -57,7 +58,7 @@ def local_s3(bucket: str = "imzarr-test") -> Iterator[LocalS3]:
         stderr=subprocess.DEVNULL,
     )
     try:
-        s3 = LocalS3(f"http://127.0.0.1:{port}", bucket)
+        s3 = LocalS3(f"http://127.0.0.1:{port}", bucket, server.pid)
         _wait_for_port(port, server)
         fs = s3fs.S3FileSystem(**s3.storage_options, skip_instance_cache=True)
         fs.mkdir(bucket)

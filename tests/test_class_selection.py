@@ -16,7 +16,8 @@ def test_one_class_many_spellings(given):
 def test_names_with_spaces_and_prefixes():
     assert resolve_class("great white shark") == "n01484850"
     assert resolve_class("Great White") == "n01484850"
-    assert resolve_classes(["tench", "n01440764", "1"]) == ("n01440764", "n01443537")  # repeats dropped, order kept
+    assert resolve_classes(["tench", "1"]) == ("n01440764", "n01443537")  # order kept
+    assert resolve_classes("Tench, 1") == ("n01440764", "n01443537")  # one comma-separated text
 
 
 def test_ambiguous_and_unknown_names_list_candidates():

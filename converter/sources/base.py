@@ -15,7 +15,7 @@ from typing import Iterable, Protocol
 import numpy as np
 
 from converter.sources.source_files import fingerprint, read_items_into
-from schemas.errors import ImzarrError, PathError, RunFailedError
+from schemas.errors import ImzarrError, OutputWriteError, PathError  # noqa: F401 - OutputWriteError: re-exported
 
 
 class SourceError(PathError):
@@ -28,15 +28,6 @@ class ConvertOptionError(ImzarrError):
     def __init__(self, option: str, value: object, reason: str):
         super().__init__(f"{option} {value}: {reason}")
         self.option, self.value, self.reason = option, value, reason
-
-
-class OutputWriteError(RunFailedError, PathError):
-    """The output or scratch location cannot be written (read-only, disk full); exit code 1."""
-
-    @classmethod
-    def from_os_error(cls, path: object, exc: OSError) -> "OutputWriteError":
-        """Name the file the system refused (or `path`) and its reason, e.g. 'No space left on device'."""
-        return cls(exc.filename or path, f"cannot write ({exc.strerror or exc})")
 
 
 @dataclass(frozen=True)

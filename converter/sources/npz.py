@@ -235,6 +235,8 @@ def _npy_header(path: Path | str, member: _Member) -> tuple[tuple[int, ...], np.
     if fortran:
         raise SourceError(path, f"{member.name} is stored in Fortran order")
     header_len = head.tell()
+    if dtype.hasobject:  # a pickle follows the header: its size says nothing (the caller refuses or opts in)
+        return shape, dtype, header_len
     declared = header_len + math.prod(shape) * dtype.itemsize
     if declared != member.size:
         raise SourceError(
@@ -417,8 +419,9 @@ def read_npz_labels(path: Path, member: _Member, num_rows: int, order: str) -> n
     return check_labels(path, what, _read_small_member(path, member), num_rows, order)
 
 
-def open_npz_part(path: Path, rel: str, label_order: str | None) -> tuple[NpzPart, str, str, str]:
-    """One `.npz` file → (its part, kind, label order, fingerprint); reads headers and labels, never the pixels."""
+def open_npz_part(path: Path, rel: str, label_order: str | None, allow_pickle: bool = False) -> tuple[NpzPart | ObjectArrayPart, str, str, str]:
+    """One `.npz` file → (its part, kind, label order, fingerprint); reads headers and labels, never the pixels
+    (but for a pickled object array, read whole, and only with `allow_pickle`)."""
     members, fingerprint = _zip_members(path)
     if "data" in members:
         kind, layout, image_name, label_name = "downsampled-imagenet", "chw", "data", "labels"
@@ -430,12 +433,55 @@ def open_npz_part(path: Path, rel: str, label_order: str | None) -> tuple[NpzPar
         raise SourceError(path, "no 'labels' array")
     order = label_order or ("downsampled" if kind == "downsampled-imagenet" else "sorted")
     shape, dtype, header_len = _npy_header(path, members[image_name])
+    pickled = dtype.hasobject
+    if pickled:
+        if not allow_pickle:
+            raise SourceError(path, f"{image_name} is a pickled object array (dtype {dtype}), which can run code when loaded; pass --allow-pickle if you trust it")
+        shape, dtype = _read_object_member(path, image_name).shape, np.dtype(np.uint8)
     n, res = _check_rows(path, shape, dtype, layout)
     if label_name in members:
         labels = read_npz_labels(path, members[label_name], n, order)
     else:
         labels = np.full(n, -1, dtype=np.int16)
+    if pickled:
+        return ObjectArrayPart(str(path), rel, n, res, layout, image_name, labels), kind, order, fingerprint
     return NpzPart(str(path), rel, n, res, layout, members[image_name], header_len, labels), kind, order, fingerprint
+
+
+@dataclass(frozen=True)
+class ObjectArrayPart(_RowsOfOneFile):
+    """An `.npz` whose image member is a pickled object array of rows (read only with --allow-pickle)."""
+
+    path: str
+    relpath: str
+    num_rows: int
+    resolution: int
+    layout: str
+    member_name: str
+    label_values: np.ndarray
+
+    def row_file(self) -> RowFile | None:
+        return None
+
+    def materialize(self, dest: str) -> MaterializedPart:
+        write_atomically(dest, [_read_object_member(self.path, self.member_name).data])
+        return MaterializedPart(RowFile(dest, 0, self.num_rows, self.resolution, self.layout), np.ones(self.num_rows, dtype=bool))
+
+
+def _read_object_member(path: Path | str, name: str) -> np.ndarray:
+    """A pickled object array of uint8 rows (or images), unpickled (only reached with --allow-pickle) and stacked."""
+    try:
+        with source_files.open_input(path) as raw, zipfile.ZipFile(raw) as zf, zf.open(f"{name}.npy") as f:
+            rows = np.lib.format.read_array(f, allow_pickle=True)  # noqa: S301 - only reached with --allow-pickle
+        # One object per row (arrays), or an object array of the image's own shape (Python ints).
+        stacked = np.stack([np.asarray(row) for row in rows]) if rows.ndim == 1 else np.asarray(rows.tolist())
+    except Exception as exc:  # unpickling may raise anything the pickle's objects raise
+        raise SourceError(path, f"cannot read the pickled object array {name} ({type(exc).__name__}: {exc})") from None
+    if stacked.dtype.kind in "iu" and stacked.size and 0 <= stacked.min() and stacked.max() <= 255:
+        stacked = stacked.astype(np.uint8)
+    if stacked.dtype != np.uint8:
+        raise SourceError(path, f"the pickled object array {name} holds {stacked.dtype} rows, expected uint8")
+    return np.ascontiguousarray(stacked)
 
 
 def open_npz_source(sources: list[str | Path], label_order: str | None = None, allow_pickle: bool = False) -> ImageSource:
@@ -452,7 +498,7 @@ def open_npz_source(sources: list[str | Path], label_order: str | None = None, a
             part = PicklePart(str(path), rel, n, res, check_labels(path, "labels", raw_labels, n, order))
             fingerprint = fingerprint_file(path)
         elif magic == "zip":
-            part, kind, order, fingerprint = open_npz_part(path, rel, label_order)
+            part, kind, order, fingerprint = open_npz_part(path, rel, label_order, allow_pickle)
         else:
             raise SourceError(path, f"not an .npz (zip) file or a pickled batch ({magic} content)")
         kinds.add((kind, order))

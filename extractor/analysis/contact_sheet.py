@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ import zarr
 from PIL import Image, ImageDraw
 
 from extractor.analysis.provenance import describe_model
-from extractor.selection import UnknownClassNameError, resolve_class
+from extractor.selection import UnknownClassNameError, class_entries, refuse_repeated_classes, resolve_class
 from schemas.activation_store import ACTIVATION_SCHEMA, RECONSTRUCTION_VAR, validate_activation_store
 from schemas.classes import class_table
 from schemas.errors import ImzarrError
@@ -45,7 +46,7 @@ class ContactSheetError(ImzarrError):
 def write_contact_sheet(
     store_url: str,
     output_png: str | Path,
-    classes: list[str] | None = None,
+    classes: str | int | Sequence[str | int] | None = None,
     per_class: int = 8,
     max_classes: int = 10,
     variable: str = "image",
@@ -55,8 +56,9 @@ def write_contact_sheet(
     store and its provenance. On an activation store `variable` "image" means its reconstructions."""
     if per_class < 1 or max_classes < 1:
         raise ContactSheetError(f"per_class and max_classes must be positive, got {per_class} and {max_classes}")
+    entries = class_entries(classes)  # before the store is opened: '' or a repeat is refused as everywhere
     synsets, names, read, attrs = _open(store_url, variable)
-    chosen = _choose_classes(store_url, synsets, classes, max_classes)
+    chosen = _choose_classes(store_url, synsets, entries, max_classes)
     members = [np.flatnonzero(synsets == wnid) for wnid in chosen]
     rows = [m[:per_class] for m in members]
     images = read(np.concatenate(rows)) if rows else np.zeros((0, 3, 1, 1), np.uint8)
@@ -115,7 +117,7 @@ def _open(url: str, variable: str):
     return store.coordinate("synset"), store.coordinate("class_name"), store.take, store.attrs
 
 
-def _choose_classes(url: str, synsets: np.ndarray, classes: list[str] | None, max_classes: int) -> list[str]:
+def _choose_classes(url: str, synsets: np.ndarray, classes: tuple[str, ...] | None, max_classes: int) -> list[str]:
     present = set(synsets.tolist()) - {""}
     if classes is None:
         return sorted(present)[:max_classes]  # sorted WNIDs are label order
@@ -133,7 +135,8 @@ def _choose_classes(url: str, synsets: np.ndarray, classes: list[str] | None, ma
             name = table.names[table.index_of_wnid(wnid)]
             raise ContactSheetError(f"{url}: no samples of {wnid} ({name}); the store has {len(present)} classes, e.g. {sorted(present)[:5]}")
         chosen.append(wnid)
-    return list(dict.fromkeys(chosen))
+    refuse_repeated_classes(classes, chosen)
+    return chosen
 
 
 def _take(array: zarr.Array, indices: np.ndarray) -> np.ndarray:

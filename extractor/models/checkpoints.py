@@ -164,6 +164,8 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]
     file = resolve_checkpoint_file(path)
     suffix = file.suffix.lower()
     init_kwargs: dict[str, Any] | None = None
+    if suffix != ".safetensors":
+        _check_recognised(file)
     if suffix == ".safetensors":
         obj: Any = _read_safetensors(file)
     elif suffix in _PICKLE_SUFFIXES and not _is_zip(file):
@@ -174,6 +176,19 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]
 
 
 _ZIP_MAGIC = b"PK\x03\x04"
+# A pickle of protocol 2 or newer (torch's legacy format, EDM's network pickles) opens with PROTO (0x80) and its version.
+_PICKLE_PROTOCOLS = range(2, 6)
+
+
+def _check_recognised(file: Path) -> None:
+    """A torch zip or a pickle passes; a file that is neither (random bytes, text, an image) is refused as not a
+    checkpoint, before any unpickler sees it."""
+    with file.open("rb") as fh:
+        head = fh.read(4)
+    if head == _ZIP_MAGIC or (len(head) >= 2 and head[0] == pickle.PROTO[0] and head[1] in _PICKLE_PROTOCOLS):
+        return
+    what = "an empty file" if not head else f"starts with {head.hex(' ')}"
+    raise CheckpointError(f"{file}: not a checkpoint (unrecognised format: {what}; expected a torch zip or pickle, an EDM .pkl or .safetensors)")
 
 
 def _is_zip(file: Path) -> bool:
@@ -555,6 +570,8 @@ def read_plain_state_dict(path: str | Path) -> dict[str, Tensor]:
     file = resolve_checkpoint_file(path)
     if is_edm_network_pickle(file):
         raise CheckpointError(f"{file}: an EDM network pickle, not a plain state dict")
+    if file.suffix.lower() != ".safetensors":
+        _check_recognised(file)
     if file.suffix.lower() == ".safetensors":
         found: Any = _read_safetensors(file)
     elif _is_zip(file):  # memory-mapped: deciding which network a file holds reads no weights

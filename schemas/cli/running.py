@@ -13,6 +13,7 @@ import sys
 from typing import Callable, NoReturn
 
 from schemas.errors import ImzarrError
+from schemas.remote_storage import translate_remote_error
 
 INTERRUPTED = 130
 
@@ -50,6 +51,10 @@ def run_command(prog: str, body: Callable[[], int | None], debug: bool = False) 
     except Exception as exc:  # noqa: BLE001 — the last line of defence: one line instead of a traceback
         if debug:
             raise
+        remote = translate_remote_error(exc)  # an object store that timed out or cannot be reached
+        if remote is not None:
+            _say(prog, str(remote))
+            return remote.exit_code
         _say(prog, f"unexpected {type(exc).__name__}: {exc} (re-run with --debug for the traceback)")
         return 1
 

@@ -5,18 +5,23 @@ command names (s3://, gs://, …): for S3, e.g. `{"endpoint_url": "http://127.0.
 They go into `fsspec.config.conf[protocol]`, which fsspec applies whenever it makes a filesystem of that
 protocol in this process — so zarr, xarray, our readers and writers all get them without each passing them
 on. The standard variables (AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL, FSSPEC_S3_ENDPOINT_URL, …) work as usual.
+Given options go on top of the timeout defaults of schemas/remote_storage.py, key by key (`config_kwargs` too).
+Values of the options whose type is known are checked here, so a wrong one is one line, not a library's traceback.
 """
 
 from __future__ import annotations
 
 import json
+import numbers
 from collections.abc import Iterable
 from typing import Any
+from urllib.parse import urlsplit
 
 import fsspec.config
 
 from schemas.errors import ImzarrError
 from schemas.output_paths import url_protocol
+from schemas.remote_storage import install_remote_defaults, merged_options
 
 # Protocols that need no storage options (memory:// is refused by the commands anyway).
 LOCAL_PROTOCOLS = frozenset({"file", "local", "memory"})
@@ -43,7 +48,39 @@ def parse_storage_options(text: str | None) -> dict[str, Any]:
         raise StorageOptionsError(f"--storage-options: not valid JSON ({exc})") from None
     if not isinstance(options, dict):
         raise StorageOptionsError("--storage-options: must be a JSON object of filesystem keyword arguments")
+    check_storage_option_values(options)
     return options
+
+
+# Options whose values have one type whatever the filesystem (s3fs, gcsfs, adlfs, HTTP all read them the same way).
+TEXT_OPTIONS = ("key", "secret", "token", "region_name", "profile", "username", "password")
+FLAG_OPTIONS = ("anon", "use_ssl", "requester_pays", "version_aware")
+NESTED_OPTIONS = ("client_kwargs", "config_kwargs", "s3_additional_kwargs")
+SECONDS_OPTIONS = ("connect_timeout", "read_timeout")
+
+
+def check_storage_option_values(options: dict[str, Any], where: str = "") -> None:
+    """Refuse a value of the wrong type for a well-known option (endpoint URLs, credentials, flags, timeouts)."""
+    for name, value in options.items():
+        shown = f"--storage-options {where}{name}"
+        if name.endswith("_url"):
+            parts = urlsplit(value) if isinstance(value, str) else None
+            if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+                raise StorageOptionsError(f"{shown}: {json.dumps(value)} is not an http:// or https:// URL")
+            try:
+                parts.port
+            except ValueError:
+                raise StorageOptionsError(f"{shown}: {json.dumps(value)} has no valid port") from None
+        elif name in TEXT_OPTIONS and not isinstance(value, str):
+            raise StorageOptionsError(f"{shown}: {json.dumps(value)} must be text")
+        elif name in FLAG_OPTIONS and not isinstance(value, bool):
+            raise StorageOptionsError(f"{shown}: {json.dumps(value)} must be true or false")
+        elif name in SECONDS_OPTIONS and (isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0):
+            raise StorageOptionsError(f"{shown}: {json.dumps(value)} must be a number of seconds > 0")
+        elif name in NESTED_OPTIONS:
+            if not isinstance(value, dict):
+                raise StorageOptionsError(f"{shown}: must be a JSON object")
+            check_storage_option_values(value, f"{where}{name}.")
 
 
 def remote_protocols(values: Iterable[Any]) -> set[str]:
@@ -58,9 +95,11 @@ def remote_protocols(values: Iterable[Any]) -> set[str]:
 
 
 def apply_storage_options(options: dict[str, Any], protocols: Iterable[str]) -> None:
-    """Make `options` the defaults of every filesystem of these protocols made from now on in this process."""
+    """Make `options` the defaults of every filesystem of these protocols made from now on in this process (on top
+    of the timeout defaults, nested options merged key by key)."""
+    install_remote_defaults()
     for protocol in protocols:
-        fsspec.config.conf.setdefault(protocol, {}).update(options)
+        fsspec.config.conf[protocol] = merged_options(fsspec.config.conf.get(protocol, {}), options)
 
 
 def local_file_url_to_path(value: Any) -> Any:

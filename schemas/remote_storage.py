@@ -1,0 +1,138 @@
+"""Object stores never hang: default timeouts and bounded retries for s3:// (s3fs), and one-line errors for a
+storage endpoint that stalls or cannot be reached.
+
+The defaults go into `fsspec.config.conf["s3"]`, which fsspec applies whenever it makes an S3 filesystem in this
+process (zarr, xarray, our readers and writers alike); options the user gives (`--storage-options`, their own
+fsspec configuration) win, key by key, `config_kwargs` included. A dask.distributed run hands the same
+configuration to every worker (schemas/task_runner.py).
+
+Why each default, and the bound they give (botocore's client Config and aiohttp's timeouts):
+- `connect_timeout` 5 s and `read_timeout` 5 s: no answer on a socket for that long counts as a failed attempt
+  (S3 answers within a second; a slow store can be given more with `--storage-options`).
+- `retries` {"mode": "standard", "total_max_attempts": 2}: botocore tries a request twice (5xx answers,
+  throttling, timeouts); s3fs itself tries a request that timed out up to 5 times (`S3FileSystem.retries`, with 0.1–0.8 s
+  pauses; botocore's own pause is under 1 s), so a stalled endpoint fails a request after at most
+  5 × 2 × (5 s + 1 s) + 2 s ≈ 62 s (measured with 1 s timeouts: 16 s for a GET).
+- aiohttp starts its read timeout only once a request's body is sent, and waits for S3's "100 Continue" with no
+  timeout at all: a PUT to a stalled server would wait forever. `stall_bounded_session` (botocore's
+  `http_session_cls`) bounds each request's send to connect + 2 × read timeout + 1 s per MiB of body, and fails it
+  without retries (it was the server that stalled, not the network that blipped).
+A command stops at the first failed request; requests already in flight on other threads end within the same
+bounds, so a command gives up within about two minutes of an endpoint going silent, naming the URL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+from schemas.errors import RunFailedError
+
+CONNECT_TIMEOUT_S = 5.0
+READ_TIMEOUT_S = 5.0
+BOTOCORE_ATTEMPTS = 2
+# The slowest upload a request is given time for, beyond its timeouts (bytes per second).
+SLOWEST_UPLOAD_RATE = 1 << 20
+
+
+class RemoteStorageError(RunFailedError):
+    """An object store that timed out or could not be reached; the message names the URL (exit code 1)."""
+
+
+class RemoteStorageTimeoutError(RemoteStorageError):
+    """A request to an object store that got no answer within its bound. Deliberately not a TimeoutError: s3fs
+    retries those (socket.timeout is TimeoutError), which would multiply the bound."""
+
+
+def s3_defaults() -> dict[str, Any]:
+    """What every S3 filesystem made in this process gets unless told otherwise (see the module docstring)."""
+    return {
+        "config_kwargs": {
+            "connect_timeout": CONNECT_TIMEOUT_S,
+            "read_timeout": READ_TIMEOUT_S,
+            "retries": {"mode": "standard", "total_max_attempts": BOTOCORE_ATTEMPTS},
+            "http_session_cls": stall_bounded_session,
+        }
+    }
+
+
+def merged_options(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """`override` on top of `base`, nested dicts (config_kwargs, client_kwargs) merged key by key."""
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merged_options(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def install_remote_defaults(conf: dict[str, dict[str, Any]] | None = None) -> None:
+    """Put the S3 defaults under whatever `conf` (fsspec's configuration) already says for s3://."""
+    if conf is None:
+        import fsspec.config
+
+        conf = fsspec.config.conf
+    conf["s3"] = merged_options(s3_defaults(), conf.get("s3", {}))
+
+
+def stall_bounded_session(**kwargs: Any) -> Any:
+    """botocore's HTTP session for aiobotocore (its `http_session_cls` may be any callable): aiobotocore's own,
+    with every request's send bounded (see the module docstring). aiobotocore is imported only when S3 is used."""
+    return _bounded_session_class()(**kwargs)
+
+
+@contextlib.contextmanager
+def remote_storage_errors() -> Iterator[None]:
+    """botocore's connection and timeout errors (after its and s3fs's retries) as one line naming the URL."""
+    try:
+        yield
+    except Exception as exc:  # noqa: BLE001 - only botocore's connection errors are translated; the rest re-raised
+        translated = translate_remote_error(exc)
+        if translated is None:
+            raise
+        raise translated from None
+
+
+def translate_remote_error(exc: BaseException) -> RemoteStorageError | None:
+    """A RemoteStorageError for botocore's "timed out" and "cannot connect" errors, else None (botocore is not
+    imported: the classes are known by name)."""
+    if not type(exc).__module__.startswith("botocore"):
+        return None
+    kind = type(exc).__name__
+    where = getattr(exc, "kwargs", {}).get("endpoint_url") or "the storage endpoint"
+    if kind in ("ReadTimeoutError", "ConnectTimeoutError"):
+        phase = "reading from" if kind == "ReadTimeoutError" else "connecting to"
+        return RemoteStorageTimeoutError(f"{where}: timed out {phase} the object store, after retries (the server stalled?); re-run the same command to resume")
+    if kind in ("EndpointConnectionError", "ConnectionClosedError", "ProxyConnectionError"):
+        return RemoteStorageError(f"{where}: cannot connect to the object store ({exc}); check the endpoint, then re-run the same command")
+    return None
+
+
+_SESSION_CLASS: type | None = None
+
+
+def _bounded_session_class() -> type:
+    global _SESSION_CLASS
+    if _SESSION_CLASS is None:
+        from aiobotocore.httpsession import AIOHTTPSession
+
+        class StallBoundedSession(AIOHTTPSession):
+            async def send(self, request: Any) -> Any:
+                timeout = self._timeout  # aiohttp.ClientTimeout(sock_connect, sock_read), from the client Config
+                body = int(request.headers.get("Content-Length") or 0)
+                bound = (timeout.sock_connect or CONNECT_TIMEOUT_S) + 2 * (timeout.sock_read or READ_TIMEOUT_S) + body / SLOWEST_UPLOAD_RATE
+                try:
+                    return await asyncio.wait_for(super().send(request), bound)
+                except asyncio.TimeoutError as exc:
+                    if type(exc) is not asyncio.TimeoutError:  # aiohttp's own timeouts, which botocore retries
+                        raise
+                    raise RemoteStorageTimeoutError(
+                        f"{request.url}: timed out: the object store did not answer within {bound:.0f} s (the server "
+                        "stalled?); re-run the same command to resume"
+                    ) from None
+
+        _SESSION_CLASS = StallBoundedSession
+    return _SESSION_CLASS
