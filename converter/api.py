@@ -11,7 +11,7 @@ from typing import Any
 
 from converter.convert import ConvertOptions, ConvertResult, convert, validate_convert_options
 from converter.sources.base import ConvertOptionError
-from schemas.cli.storage import local_file_url_to_path
+from schemas.output_paths import local_file_url_to_path
 from schemas.output_paths import check_output_location
 
 

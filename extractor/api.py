@@ -23,7 +23,7 @@ from extractor.selection import SelectionSpec, class_entries, layer_entries, res
 from extractor.vocabulary import PRESET_NAMES
 from schemas.activation_store import layer_dims
 from schemas.classes import class_table
-from schemas.cli.storage import local_file_url_to_path
+from schemas.output_paths import local_file_url_to_path
 from schemas.task_runner import SchedulerSpec, parse_resources
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Iterable
+from typing import Any
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -22,6 +23,18 @@ class OutputOverlapsInputError(ImzarrError):
 
 class UnsupportedOutputError(ImzarrError):
     """An output URL that cannot hold a result past the end of the command (memory://)."""
+
+
+def local_file_url_to_path(value: Any) -> Any:
+    """`file:///abs/x.zarr` → `/abs/x.zarr` (zarr and our writers treat plain paths as local folders);
+    lists and tuples item by item."""
+    if isinstance(value, str) and value.startswith("file://"):
+        return value[len("file://"):] or "/"
+    if isinstance(value, list):
+        return [local_file_url_to_path(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(local_file_url_to_path(v) for v in value)
+    return value
 
 
 def location(url: str) -> tuple[str, str]:

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from extractor.models.edm import CONFIG_KEYS, EDMPrecond
-from schemas.cli.storage import local_file_url_to_path
+from schemas.output_paths import local_file_url_to_path
 from schemas.errors import ImzarrError
 from schemas.output_paths import is_remote_url
 

@@ -100,14 +100,3 @@ def apply_storage_options(options: dict[str, Any], protocols: Iterable[str]) -> 
     install_remote_defaults()
     for protocol in protocols:
         fsspec.config.conf[protocol] = merged_options(fsspec.config.conf.get(protocol, {}), options)
-
-
-def local_file_url_to_path(value: Any) -> Any:
-    """`file:///abs/x.zarr` → `/abs/x.zarr` (zarr and our writers treat plain paths as local folders)."""
-    if isinstance(value, str) and value.startswith("file://"):
-        return value[len("file://"):] or "/"
-    if isinstance(value, list):
-        return [local_file_url_to_path(v) for v in value]
-    if isinstance(value, tuple):
-        return tuple(local_file_url_to_path(v) for v in value)
-    return value
