@@ -44,7 +44,7 @@ from schemas.image_layout import (
 from schemas.image_store import IMAGE_SCHEMA, IMAGE_VAR, image_group_attrs
 from schemas.progress_report import ProgressReport
 from schemas.output_paths import local_path
-from schemas.remote_storage import remote_storage_errors
+from schemas.remote_storage import remote_storage_errors, translate_remote_error
 from schemas.store_integrity import files_checksums, record_checksums, record_unit_checksums, shard_file_names
 from schemas.store_lifecycle import (
     finalize_store,
@@ -262,10 +262,13 @@ def _convert_locked(source: ImageSource, options: ConvertOptions, settings: dict
 
 @contextlib.contextmanager
 def _output_errors(url: str) -> Iterator[None]:
-    """An OSError while writing the store (read-only, disk full) becomes one line naming the file."""
+    """An OSError while writing the store (read-only, disk full) becomes one line naming the file. botocore's
+    timeouts are OSErrors too: those are left to `remote_storage_errors`, which names the endpoint."""
     try:
         yield
     except OSError as exc:
+        if translate_remote_error(exc) is not None:
+            raise
         raise OutputWriteError.from_os_error(url, exc) from None
 
 

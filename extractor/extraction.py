@@ -52,7 +52,7 @@ from schemas.activation_store import (
     activation_array_attrs,
     activation_group_attrs,
 )
-from schemas.errors import ImzarrError, output_write_errors
+from schemas.errors import ImzarrError, RunFailedError, output_write_errors
 from schemas.image_store import ImageStore, validate_image_store
 from schemas.progress_report import ProgressReport
 from schemas.remote_storage import remote_storage_errors
@@ -250,14 +250,18 @@ def nonfinite_summary(receipts: list[dict]) -> str | None:
     return f"first bad sample {first}; " + "; ".join(parts[:5])
 
 
+class IntegrityError(RunFailedError):
+    """A run that produced NaN/Inf values or left shards unwritten: the store stays incomplete; exit code 1."""
+
+
 def integrity_pass(url: str, num_shards: int, receipts: list[dict], what: str = "the activations") -> None:
     """Refuse to finish a store whose tasks found NaN/Inf, or whose shards are not all recorded done."""
     summary = nonfinite_summary(receipts)
     if summary:
-        raise ExtractionError(f"{url}: NaN/Inf in {what}, store left incomplete (nothing marked complete) — {summary}")
+        raise IntegrityError(f"{url}: NaN/Inf in {what}, store left incomplete (nothing marked complete) — {summary}")
     done = read_done(url, num_shards)
     if not done.all():
-        raise ExtractionError(f"{url}: shards {np.flatnonzero(~done)[:10].tolist()} were not written; re-run to finish")
+        raise IntegrityError(f"{url}: shards {np.flatnonzero(~done)[:10].tolist()} were not written; re-run to finish")
 
 
 def model_attrs(fwd: ForwardSettings, loaded: LoadedModel) -> dict[str, Any]:

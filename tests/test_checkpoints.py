@@ -6,8 +6,6 @@ import collections
 import hashlib
 import os
 import pickle
-import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -25,6 +23,7 @@ from extractor.models import (
     load_checkpoint,
     load_model,
 )
+from tests.edm_pickles import edm_style
 
 ARCH_KEYS = ("img_resolution", "img_channels", "label_dim", "model_channels", "channel_mult",
              "channel_mult_emb", "num_blocks", "attn_resolutions", "augment_dim")  # fmt: skip
@@ -153,67 +152,6 @@ def test_garbage_and_foreign_files_are_refused_with_the_path(tmp_path: Path) -> 
 # Pickles: EDM's network pickles load without running their embedded code; malicious ones are refused.
 
 
-class _FakePersistent:
-    """Pickles like an EDM persistent-class instance: reduce to the reconstruct function with a meta dict."""
-
-    def __init__(self, meta: dict, reconstruct) -> None:
-        self.meta = meta
-        self.reconstruct = reconstruct
-
-    def __reduce__(self):
-        return (self.reconstruct, (self.meta,))
-
-
-@pytest.fixture()
-def edm_modules(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
-    """Importable stand-ins for torch_utils.persistence and dnnlib.util; the reconstructor runs module_src."""
-    persistence = types.ModuleType("torch_utils.persistence")
-
-    def _reconstruct_persistent_obj(meta):
-        exec(meta["module_src"], {})  # what the real one does
-        return meta["class_name"]
-
-    _reconstruct_persistent_obj.__module__ = "torch_utils.persistence"
-    _reconstruct_persistent_obj.__qualname__ = "_reconstruct_persistent_obj"
-    persistence._reconstruct_persistent_obj = _reconstruct_persistent_obj
-    torch_utils = types.ModuleType("torch_utils")
-    torch_utils.persistence = persistence
-
-    util = types.ModuleType("dnnlib.util")
-
-    class EasyDict(dict):
-        pass
-
-    EasyDict.__module__ = "dnnlib.util"
-    EasyDict.__qualname__ = "EasyDict"
-    util.EasyDict = EasyDict
-    dnnlib = types.ModuleType("dnnlib")
-    dnnlib.util = util
-    for name, module in [("torch_utils", torch_utils), ("torch_utils.persistence", persistence),
-                         ("dnnlib", dnnlib), ("dnnlib.util", util)]:  # fmt: skip
-        monkeypatch.setitem(sys.modules, name, module)
-    return _reconstruct_persistent_obj, EasyDict
-
-
-def _edm_style(module: torch.nn.Module, reconstruct, marker: Path, init_kwargs: dict | None) -> object:
-    """Rebuild a module tree the way EDM pickles it: persistent classes for ours, torch.nn classes as is."""
-    children = collections.OrderedDict(
-        (n, _edm_style(c, reconstruct, marker, None)) for n, c in module._modules.items()
-    )
-    if isinstance(module, torch.nn.ModuleDict):
-        plain = torch.nn.ModuleDict()
-        plain._modules.update(children)  # bypasses type checks: values are persistent stand-ins
-        return plain
-    state = {k: v for k, v in module.__dict__.items() if k != "_modules"}
-    state["_modules"] = children
-    if init_kwargs is not None:
-        state["_init_args"] = ()
-        state["_init_kwargs"] = init_kwargs
-    module_src = f"open({str(marker)!r}, 'w').write('embedded code ran')\n"
-    meta = dict(type="class", version=6, module_src=module_src, class_name=type(module).__name__, state=state)
-    return _FakePersistent(meta, reconstruct)
-
-
 def test_edm_network_pickle_loads_without_running_embedded_code(
     tmp_path: Path, edm_reference: dict, sd: dict, edm_modules
 ) -> None:
@@ -224,8 +162,8 @@ def test_edm_network_pickle_loads_without_running_embedded_code(
     net.load_state_dict(sd)
     net.model.enc["16x16_block0"].register_buffer("scratch", torch.ones(3), persistent=False)
     payload = dict(
-        ema=_edm_style(net, reconstruct, marker, init_kwargs=easy_dict(config)),
-        loss_fn=_edm_style(torch.nn.Identity(), reconstruct, marker, None),
+        ema=edm_style(net, reconstruct, marker, init_kwargs=easy_dict(config)),
+        loss_fn=edm_style(torch.nn.Identity(), reconstruct, marker, None),
         augment_pipe=None,
         dataset_kwargs=easy_dict(path="imagenet-64x64.zip", xflip=False),
     )
@@ -254,7 +192,7 @@ def test_edm_pickle_init_kwargs_take_precedence_over_inference(
     net.load_state_dict(sd)
     path = tmp_path / "network-snapshot-000100.pkl"
     with path.open("wb") as fh:
-        pickle.dump({"ema": _edm_style(net, reconstruct, tmp_path / "m", init_kwargs=config)}, fh)
+        pickle.dump({"ema": edm_style(net, reconstruct, tmp_path / "m", init_kwargs=config)}, fh)
     model = load_checkpoint(path)
     assert model.config["dropout"] == 0.1 and model.config["use_fp16"] is True
     assert model.config["attn_resolutions"] == [16, 4]

@@ -8,7 +8,7 @@ import torch
 import zarr
 
 from extractor.extraction import (
-    ExtractionError,
+    IntegrityError,
     ExtractOptions,
     ForwardSettings,
     RunOptions,
@@ -22,7 +22,7 @@ from extractor.models import EDMPrecond, ModelSpec
 from extractor.noise import NoiseGenerator, sqrt_correctly_rounded_
 from extractor.selection import SelectionSpec
 from tests.stand_in import StandInNetwork, serving
-from tests.test_extract import BF16_LAYER_TOLERANCE, BF16_OUTPUT_TOLERANCE, image_store  # noqa: F401 - a fixture
+from tests.conftest import BF16_LAYER_TOLERANCE, BF16_OUTPUT_TOLERANCE
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -130,7 +130,7 @@ def test_host_buffers_are_pinned():
 def test_nonfinite_values_found_on_the_device(image_store, tmp_path):
     network = StandInNetwork({"a": (4, 8, 8)}, {"b": (4, 8, 8)}, value=70000.0)  # finite in float32, Inf in float16
     fwd = ForwardSettings(PRESET, ("encoder_bottleneck",))
-    with serving(network), pytest.raises(ExtractionError, match=r"NaN/Inf.*encoder_bottleneck: samples \[0, 1, 2"):
+    with serving(network), pytest.raises(IntegrityError, match=r"NaN/Inf.*encoder_bottleneck: samples \[0, 1, 2"):
         extract(ExtractOptions(image_store, str(tmp_path / "nan.zarr"), fwd, SelectionSpec(num_samples=32), RunOptions(batch_size=16, device="cuda", shard_size=32)))
 
 

@@ -473,6 +473,20 @@ def test_dmd2_full_size_forward_on_cpu() -> None:
     assert torch.isfinite(out).all()
     # EDM's init zeroes out_conv, so a fresh network is the pure skip path: D = c_skip x.
     torch.testing.assert_close(out, x * 0.25 / (80.0**2 + 0.25))
+    # With out_conv (and every zero-initialised layer) drawn non-zero, the U-Net body must reach the output: at
+    # σ = 0.5, c_out = 0.35 weighs its F_x. Each sample is computed on its own (a batch of one gives row 0), and
+    # the class label conditions it.
+    model.reset_parameters(zero_init_scale=0.2, seed=0)
+    x = x / 80 * 0.5
+    sigma = torch.full((2,), 0.5)
+    with torch.no_grad():
+        out = model(x, sigma, torch.tensor([207, 999]))
+        alone = model(x[:1], sigma[:1], torch.tensor([207]))
+        relabelled = model(x[:1], sigma[:1], torch.tensor([0]))
+    skip = x * 0.25 / (0.5**2 + 0.25)
+    assert torch.isfinite(out).all() and (out - skip).abs().mean() > 0.1 * skip.abs().mean()
+    torch.testing.assert_close(alone, out[:1], rtol=1e-4, atol=1e-5)
+    assert (relabelled - alone).abs().max() > 1e-3
 
 
 def test_construction_init_follows_edm_weight_init() -> None:

@@ -19,7 +19,7 @@ from converter.convert import ConvertOptions, convert
 from converter.sample import write_sample_shards
 from converter.sources.npz import open_npz_source
 from extractor.cli import main as extractor_main
-from extractor.extraction import ExtractionError, ExtractOptions, ForwardSettings, NoiseRecipeError, RunOptions, extract
+from extractor.extraction import ExtractionError, ExtractOptions, IntegrityError, ForwardSettings, NoiseRecipeError, RunOptions, extract
 from extractor.forward import DEFAULT_NOISE_SEED, DEFAULT_SIGMA, forward_batch, ieee_float32_convolutions, nonfinite_rows, resolve_forward
 from extractor.models import EDMPrecond, ModelSpec, build_preset, cached_model
 from extractor.noise import LEGACY_NOISE_RECIPE, NOISE_RECIPE, per_sample_noise
@@ -27,20 +27,11 @@ from extractor.selection import SelectionSpec
 from schemas.activation_store import activation_inner_chunk, validate_activation_store
 from schemas.image_store import validate_image_store
 from schemas.task_runner import SchedulerSpec
-from tests.conftest import stores_identical
+from tests.conftest import BF16_LAYER_TOLERANCE, BF16_OUTPUT_TOLERANCE, stores_identical
 from tests.stand_in import StandInNetwork, serving
 
 PRESET = ModelSpec(preset="tiny-random")
 LAYERS = ("encoder_bottleneck", "model.enc.32x32_block0")
-
-
-@pytest.fixture(scope="module")
-def image_store(tmp_path_factory):
-    root = tmp_path_factory.mktemp("images")
-    write_sample_shards(root / "npz", per_shard=60, train_shards=2, val_size=10)
-    url = str(root / "images.zarr")
-    convert(open_npz_source([root / "npz" / "train"]), ConvertOptions(url, shuffle_seed=5, shard_size=32, inner_chunk=8))
-    return url
 
 
 def direct_forward(store_url, positions, layers, sigma=80.0, seed=0, pool="none"):
@@ -238,7 +229,6 @@ def test_bad_input_one_clear_line(image_store, tmp_path, case, args, message):
 FIXTURE = Path(__file__).parent / "fixtures" / "edm_small_A.pt"
 # bf16 autocast (the CUDA default): every fixture layer within 3 % of its largest |value|, D(x) within 1 %
 # (measured on CPU autocast: 1.7 % and 0.5 %).
-BF16_LAYER_TOLERANCE, BF16_OUTPUT_TOLERANCE = 0.03, 0.01
 
 
 @pytest.mark.parametrize("compute_dtype", ["fp32", "bf16"])
@@ -316,7 +306,7 @@ def test_nonfinite_rows_exact_for_storage_dtypes():
 def test_nonfinite_activations_leave_the_store_incomplete(image_store, tmp_path):
     out = str(tmp_path / "nan.zarr")
     network = StandInNetwork({"a": (4, 8, 8)}, {"b": (4, 8, 8)}, value=70000.0)  # finite in float32, Inf in float16
-    with serving(network), pytest.raises(ExtractionError, match=r"NaN/Inf.*encoder_bottleneck: samples \[0, 1, 2"):
+    with serving(network), pytest.raises(IntegrityError, match=r"NaN/Inf.*encoder_bottleneck: samples \[0, 1, 2"):
         run(image_store, out, selection=SelectionSpec(num_samples=16), layers=("encoder_bottleneck",))
     with pytest.raises(Exception, match="not complete"):
         validate_activation_store(out)

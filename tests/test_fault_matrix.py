@@ -14,52 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.faults import KILL_AT_STEP
+
 pytestmark = pytest.mark.slow
-
-# Runs one imzarr command, killing its own process at the named step. Fault injection wraps our lifecycle
-# functions (and zarr's array creation, the first write after the group exists); nothing is replaced.
-KILL_AT_STEP = r"""
-import os, signal, sys, threading
-step, count, argv = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
-import zarr
-import schemas.store_lifecycle as lifecycle
-
-def die():
-    os.kill(os.getpid(), signal.SIGKILL)
-
-def wrap(owner, name, before=None, after=None):
-    original = getattr(owner, name)
-    def wrapper(*args, **kwargs):
-        if before and before():
-            die()
-        result = original(*args, **kwargs)
-        if after and after(result):
-            die()
-        return result
-    setattr(owner, name, wrapper)
-
-calls = {"n": 0}
-def nth_call(*_):
-    calls["n"] += 1
-    return calls["n"] == count
-
-if step == "after_group_create":
-    wrap(zarr.Group, "create_array", before=lambda: True)
-elif step == "after_attrs":
-    wrap(lifecycle, "prepare_store", after=lambda state: not state.already_complete)
-elif step == "after_shard":
-    wrap(lifecycle, "mark_done", after=nth_call)
-elif step == "after_complete":
-    wrap(lifecycle, "_drop_progress_and_consolidate", before=lambda: True)
-elif step == "before_consolidate":
-    wrap(zarr, "consolidate_metadata", before=lambda: True)
-elif step == "before_lock_release":
-    wrap(lifecycle, "release_writer_lock", before=lambda: True)
-elif step == "random":
-    threading.Timer(count / 1000, die).start()
-from schemas.cli.dispatch import main
-sys.exit(main(argv))
-"""
 
 STEPS = [("after_group_create", 0), ("after_attrs", 0), ("after_shard", 2), ("after_complete", 0), ("before_consolidate", 0),
          ("before_lock_release", 0)]

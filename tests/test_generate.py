@@ -5,7 +5,7 @@ import pytest
 import torch
 import zarr
 
-from extractor.extraction import ExtractionError, ExtractOptions, ForwardSettings, RunOptions, extract
+from extractor.extraction import ExtractOptions, IntegrityError, ForwardSettings, RunOptions, extract
 from extractor.generate import GenerateOptions, generate
 from extractor.models import ModelSpec, build_preset
 from extractor.noise import NOISE_RECIPE, per_sample_noise
@@ -123,7 +123,7 @@ def test_nan_weights_fail_the_run_and_mark_nothing_complete(tmp_path):
     out, acts = tmp_path / "nan.zarr", tmp_path / "nan-acts.zarr"
     fwd = ForwardSettings(ModelSpec(checkpoint=str(checkpoint)), ("midblock",), storage_dtype="float32")
     options = GenerateOptions(str(out), fwd, per_class=2, classes=CLASSES, activations_out=str(acts), run=RunOptions(batch_size=4, device="cpu", shard_size=4))
-    with pytest.raises(ExtractionError, match=r"NaN/Inf in the generator's D\(x\).*first bad sample 0;.*image: samples \[0, 1, 2") as err:
+    with pytest.raises(IntegrityError, match=r"NaN/Inf in the generator's D\(x\).*first bad sample 0;.*image: samples \[0, 1, 2") as err:
         generate(options)
     assert str(out) in str(err.value) and "\n" not in str(err.value)
     for url in (out, acts):

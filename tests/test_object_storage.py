@@ -76,9 +76,15 @@ def test_convert_extract_compare_show_on_s3_match_local(workdir, s3, s3_in_proce
     for name in local_acts:
         np.testing.assert_array_equal(local_acts[name], remote_acts[name], err_msg=name)
 
-    run("compare", "local_acts.zarr", "local_acts.zarr", "--layer", "midblock", "-o", "report.zarr")
-    run("compare", s3.url("acts.zarr"), s3.url("acts.zarr"), "--layer", "midblock", "-o", s3.url("report.zarr"), "--plot", s3.url("compare.png"))
+    # Two different feature sets (σ 0.5 against σ 2), so the report holds real distances, not a store against itself.
+    noisier = [*extract[:-4], "--sigma", "2", "--device", "cpu"]
+    run(*noisier, "local.zarr", "-o", "local_noisier.zarr")
+    run(*noisier, s3.url("images.zarr"), "-o", s3.url("noisier.zarr"))
+    run("compare", "local_acts.zarr", "local_noisier.zarr", "--layer", "midblock", "-o", "report.zarr")
+    run("compare", s3.url("acts.zarr"), s3.url("noisier.zarr"), "--layer", "midblock", "-o", s3.url("report.zarr"), "--plot", s3.url("compare.png"))
     local_report, remote_report = _arrays(str(workdir / "report.zarr")), _arrays(s3.url("report.zarr"))
+    assert zarr.open_group(str(workdir / "report.zarr"), mode="r").attrs["fd"] > 0
+    assert sorted(local_report) == sorted(remote_report) and "fd" in local_report
     for name in local_report:
         np.testing.assert_array_equal(local_report[name], remote_report[name], err_msg=name)
 
@@ -97,7 +103,7 @@ def test_convert_extract_compare_show_on_s3_match_local(workdir, s3, s3_in_proce
 
 
 def test_killed_conversion_to_s3_resumes_to_the_same_store(workdir, s3, s3_in_process):
-    from tests.test_fault_matrix import KILL_AT_STEP
+    from tests.faults import KILL_AT_STEP
 
     args = ["convert", "npz", "src/train", "--shard-size", "32", "--inner-chunk", "16", "--storage-options", s3.storage_options_json]
     killed = subprocess.run(

@@ -19,7 +19,7 @@ from schemas.classes import class_table
 from schemas.cli.dispatch import main as imzarr
 from tests.conftest import stores_identical
 from tests.synthetic import TREE_WNIDS, photo_like, read_shard_rows, write_mixed_jpeg_tree, write_npz_shard
-from tests.test_checkpoints import _edm_style, edm_modules  # noqa: F401 - edm_modules is a fixture
+from tests.edm_pickles import edm_style
 
 pytest.importorskip("moto.server")
 s3fs = pytest.importorskip("s3fs")
@@ -207,7 +207,7 @@ def test_checkpoint_from_s3_gives_the_local_activations(inputs, s3, cli, tmp_pat
     marker = tmp_path / "MARKER"
     local = tmp_path / "edm-net.pkl"
     with local.open("wb") as fh:
-        pickle.dump({"ema": _edm_style(net, reconstruct, marker, init_kwargs=easy_dict(config))}, fh)
+        pickle.dump({"ema": edm_style(net, reconstruct, marker, init_kwargs=easy_dict(config))}, fh)
     fs = s3fs.S3FileSystem(**s3.storage_options, skip_instance_cache=True)
     fs.put_file(str(local), f"{s3.bucket}/ckpt/edm-net.pkl")
     folder = tmp_path / "dmd2"
