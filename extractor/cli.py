@@ -14,6 +14,7 @@ from extractor.selection import layer_entries
 from extractor.vocabulary import COMPUTE_DTYPES, POOL_MODES, PRESET_NAMES, STORAGE_DTYPES
 from schemas.cli import CommandParser, HelpFormatter, add_command, dispatch, non_negative_int, positive_int
 from schemas.errors import ImzarrError, StoreValidationError
+from schemas.remote_storage import open_store_group
 from schemas.output_paths import check_output_location
 
 
@@ -321,10 +322,7 @@ def _show(args: argparse.Namespace) -> int:
     from schemas.activation_store import RECONSTRUCTION_VAR
 
     _check_file_output(args.output, [args.store])
-    try:
-        group = zarr.open_group(args.store, mode="r")
-    except Exception as exc:  # zarr raises several types for "nothing here"
-        raise StoreValidationError(f"{args.store}: not a Zarr group ({type(exc).__name__})") from None
+    group = open_store_group(args.store)
     variable = RECONSTRUCTION_VAR if RECONSTRUCTION_VAR in group else "image"
     path = write_contact_sheet(
         args.store, args.output, classes=args.classes,

@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 import zarr
 
+from schemas.remote_storage import open_store_group
 from schemas.errors import StoreValidationError
 from schemas.store_integrity import check_store_files
 from schemas.image_store import COORDINATES as IMAGE_COORDINATES
@@ -165,10 +166,7 @@ def activation_group_attrs(labels: np.ndarray) -> dict[str, Any]:
 
 def validate_activation_store(url: str, require_complete: bool = True) -> zarr.Group:
     """Open an activation store and check it against the contract; StoreValidationError says what is wrong."""
-    try:
-        group = zarr.open_group(url, mode="r")
-    except Exception as exc:
-        raise StoreValidationError(f"{url}: not a Zarr group ({type(exc).__name__}: {exc})") from None
+    group = open_store_group(url)
     attrs = dict(group.attrs)
     if attrs.get("schema") != ACTIVATION_SCHEMA:
         raise StoreValidationError(f"{url}: schema is {attrs.get('schema')!r}, expected {ACTIVATION_SCHEMA!r}")

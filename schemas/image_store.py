@@ -22,6 +22,7 @@ import numpy as np
 import zarr
 from fsspec.implementations.local import LocalFileSystem
 
+from schemas.remote_storage import open_store_group
 from schemas.errors import StoreValidationError
 from schemas.store_integrity import NO_FILE, DamagedStoreError, check_store_files, crc32c_of, recorded_checksums
 from schemas.variable_attrs import CONVENTIONS, class_table_attrs, coordinates_attribute, missing_array_attrs
@@ -74,10 +75,7 @@ def image_group_attrs(labels: np.ndarray, synsets: list[str] | None = None, clas
 
 def validate_image_store(url: str, require_complete: bool = True) -> "ImageStore":
     """Open a store and check it against the contract; raise StoreValidationError naming what is wrong."""
-    try:
-        group = zarr.open_group(url, mode="r")
-    except Exception as exc:  # zarr raises several types for "nothing here"
-        raise StoreValidationError(f"{url}: not a Zarr group ({type(exc).__name__}: {exc})") from None
+    group = open_store_group(url)
     attrs = dict(group.attrs)
     if attrs.get("schema") != IMAGE_SCHEMA:
         raise StoreValidationError(f"{url}: schema is {attrs.get('schema')!r}, expected {IMAGE_SCHEMA!r}")

@@ -13,15 +13,13 @@ from schemas.classes import class_table
 from schemas.cli import add_command
 from schemas.errors import StoreValidationError
 from schemas.image_store import IMAGE_SCHEMA, validate_image_store
+from schemas.remote_storage import open_store_group
 from schemas.store_integrity import Damage, DamagedStoreError, missing_or_short, read_checksum_record
 
 
 def describe_store(url: str) -> str:
     """A human summary of a validated store (raises StoreValidationError when it breaks its contract)."""
-    try:
-        attrs = dict(zarr.open_group(url, mode="r").attrs)
-    except Exception as exc:
-        raise StoreValidationError(f"{url}: not a Zarr group ({type(exc).__name__})") from None
+    attrs = dict(open_store_group(url).attrs)
     schema = attrs.get("schema")
     if schema == IMAGE_SCHEMA:
         return _describe_images(url, attrs)

@@ -96,18 +96,26 @@ def remote_storage_errors() -> Iterator[None]:
         raise translated from None
 
 
-def translate_remote_error(exc: BaseException) -> RemoteStorageError | None:
+def translate_remote_error(exc: BaseException, url: str | None = None) -> RemoteStorageError | None:
     """A RemoteStorageError for botocore's "timed out" and "cannot connect" errors, else None (botocore is not
     imported: the classes are known by name)."""
     if not type(exc).__module__.startswith("botocore"):
         return None
     kind = type(exc).__name__
-    where = getattr(exc, "kwargs", {}).get("endpoint_url") or "the storage endpoint"
+    where = getattr(exc, "kwargs", {}).get("endpoint_url") or url or "the storage endpoint"
     if kind in ("ReadTimeoutError", "ConnectTimeoutError"):
         phase = "reading from" if kind == "ReadTimeoutError" else "connecting to"
         return RemoteStorageTimeoutError(f"{where}: timed out {phase} the object store, after retries (the server stalled?); re-run the same command to resume")
     if kind in ("EndpointConnectionError", "ConnectionClosedError", "ProxyConnectionError"):
-        return RemoteStorageError(f"{where}: cannot connect to the object store ({exc}); check the endpoint, then re-run the same command")
+        return RemoteStorageError(
+            f"{where}: cannot reach the object store ({exc}); check the endpoint (--storage-options "
+            "'{\"endpoint_url\": \"http://HOST:PORT\"}' or FSSPEC_S3_ENDPOINT_URL), then re-run the same command"
+        )
+    if kind in ("NoCredentialsError", "PartialCredentialsError"):
+        return RemoteStorageError(
+            f"{where}: no credentials for the object store; set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, or pass "
+            "--storage-options '{\"key\": …, \"secret\": …, \"endpoint_url\": …}' (README \"Object storage and clusters\")"
+        )
     return None
 
 
@@ -136,3 +144,19 @@ def _bounded_session_class() -> type:
 
         _SESSION_CLASS = StallBoundedSession
     return _SESSION_CLASS
+
+
+def open_store_group(url: str) -> Any:
+    """`zarr.open_group(url, mode="r")`, or one line: an unreachable object store or missing credentials say so
+    (with the --storage-options hint); anything else is "not a Zarr group" naming `url`."""
+    import zarr
+
+    from schemas.errors import StoreValidationError
+
+    try:
+        return zarr.open_group(url, mode="r")
+    except Exception as exc:  # zarr raises several types for "nothing here"
+        translated = translate_remote_error(exc, url) or translate_remote_error(exc.__cause__ or exc.__context__ or exc, url)
+        if translated is not None:
+            raise translated from None
+        raise StoreValidationError(f"{url}: not a Zarr group ({type(exc).__name__}: {exc})") from None

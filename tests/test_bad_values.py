@@ -171,10 +171,23 @@ def test_an_unreachable_endpoint_is_one_line_naming_it(in_work, capsys, monkeypa
     endpoint = "http://127.0.0.1:1"
     options = f'{{"endpoint_url": "{endpoint}"}}'
     code, line = _one_line(["convert", "npz", "src/train", "-o", "s3://bucket/x.zarr", "--storage-options", options], capsys, in_work)
-    assert code == 1 and line.startswith(f"imzarr convert: error: {endpoint}/") and "cannot connect" in line, line
+    assert code == 1 and line.startswith(f"imzarr convert: error: {endpoint}/") and "cannot reach" in line, line
+    assert "--storage-options" in line  # where the endpoint is set
     with pytest.raises(RemoteStorageError) as raised:
         convert_npz("src/train", "s3://bucket/x.zarr")  # the CLI left its options in fsspec's configuration
     assert line == f"imzarr convert: error: {raised.value}"
+
+
+def test_an_input_store_without_credentials_or_endpoint_says_what_to_set(in_work, capsys, monkeypatch):
+    pytest.importorskip("s3fs")
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE", "FSSPEC_S3_ENDPOINT_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(in_work / "no-credentials"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(in_work / "no-config"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    code, line = _one_line(["info", "s3://bucket/images.zarr"], capsys, in_work)
+    assert code == 1 and line.startswith("imzarr info: error: s3://bucket/images.zarr: no credentials"), line
+    assert "--storage-options" in line and "not a Zarr group" not in line
 
 
 def test_npz_of_a_pickled_object_array_says_so(in_work, capsys):

@@ -319,6 +319,22 @@ def test_empty_root_and_no_images(tmp_path):
         scan_jpeg_tree(tmp_path)
 
 
+def test_each_reader_names_the_other_when_given_its_format(tmp_path):
+    from converter.sources.npz import find_shards
+    from converter.sources.base import SourceError
+
+    npz, tree = tmp_path / "npz", tmp_path / "tree"
+    touch(npz / "train_data_batch_1.npz")
+    touch(tree / TENCH / "a.JPEG")
+    with pytest.raises(JpegTreeError, match=r"no image files found; it holds \.npz shards: use `imzarr convert npz`$"):
+        scan_jpeg_tree(npz)
+    with pytest.raises(SourceError, match=r"no shards found .*; it holds image files: use `imzarr convert jpeg`$"):
+        find_shards([tree])
+    touch(tmp_path / "empty" / "notes.txt")
+    with pytest.raises(SourceError, match=r"extension-less batches\)$"):
+        find_shards([tmp_path / "empty"])
+
+
 def test_missing_root_and_mixed_layout(tmp_path):
     with pytest.raises(JpegTreeError, match="does not exist"):
         scan_jpeg_tree(tmp_path / "nope")

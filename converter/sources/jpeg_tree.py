@@ -23,12 +23,9 @@ from pathlib import Path
 import numpy as np
 
 from converter.sources import source_files
-from converter.sources.source_files import is_remote
+from converter.sources.source_files import IMAGE_EXTENSIONS, is_remote
 from schemas.classes import UnknownClassError, class_table
 from schemas.errors import PathError
-
-# Extensions only decide what counts as an image; decoding later goes by content.
-IMAGE_EXTENSIONS = frozenset({".jpeg", ".jpg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm"})
 
 _KAGGLE_CLS_LOC = Path("ILSVRC", "Data", "CLS-LOC")
 _VAL_NAME = re.compile(r"ILSVRC2012_val_(\d+)")
@@ -78,7 +75,7 @@ def scan_jpeg_tree(
 
         return _scan_folders(root, folders, top_ignored, val_labels, label_from_folders, walk)
     if not top_images:
-        raise JpegTreeError(root, "no image files found")
+        raise JpegTreeError(root, "no image files found" + source_files.other_format_hint(root, "jpeg"))
     return _label_flat(root, sorted(top_images), top_ignored, val_labels, label_from_folders)
 
 
@@ -275,7 +272,7 @@ def _scan_folders(
         walk(name, files, ignored)
         labels.extend([folder_index[name]] * (len(files) - start))
     if not files:
-        raise JpegTreeError(root, "no image files found in its folders")
+        raise JpegTreeError(root, "no image files found in its folders" + source_files.other_format_hint(root, "jpeg"))
     order = sorted(range(len(files)), key=files.__getitem__)
     return JpegTree(
         root=root,

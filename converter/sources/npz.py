@@ -66,7 +66,8 @@ def find_shards(sources: list[str | Path]) -> list[tuple[Path | str, str]]:
         else:
             raise SourceError(src, "no such file or folder")
     if not found:
-        raise SourceError(", ".join(map(str, sources)), "no shards found (expected .npz files or extension-less batches)")
+        hint = "".join(source_files.other_format_hint(given, "npz") for given in sources[:1])
+        raise SourceError(", ".join(map(str, sources)), "no shards found (expected .npz files or extension-less batches)" + hint)
     kinds = {("val" if "val" in rel.lower() else "train" if "train" in rel.lower() else "other") for _, rel in found}
     if {"train", "val"} <= kinds:
         raise SourceError(", ".join(map(str, sources)), "train and val shards found together; convert them in separate runs")

@@ -18,6 +18,9 @@ import fsspec
 import numpy as np
 
 from schemas.image_store import item_runs, pread_items
+
+# What the JPEG-tree reader takes for an image file: extensions only decide that; decoding goes by content.
+IMAGE_EXTENSIONS = frozenset({".jpeg", ".jpg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm"})
 from schemas.output_paths import is_remote_url
 
 # Reading a zip's directory and headers: small blocks, or fsspec's read-ahead would fetch tens of MB per seek.
@@ -208,3 +211,22 @@ def read_items_into(path: str, byte_pos: np.ndarray, item_bytes: int, flat: np.n
         if len(blob) != stop - start:
             raise OSError(f"{path}: file is shorter than expected: {len(blob)} of {stop - start} bytes at {start}")
         flat[dest[a:b]] = np.frombuffer(blob, dtype=np.uint8).reshape(b - a, item_bytes)
+
+
+def other_format_hint(folder: str | os.PathLike[str], wanted: str) -> str:
+    """'; it holds …: use `imzarr convert X`' when a local folder given to the `wanted` reader ("npz" or "jpeg")
+    holds the other format's files (a peek at its top level and a few class folders), else ''."""
+    root = Path(folder)
+    if is_remote(str(folder)) or not root.is_dir():
+        return ""
+    try:
+        entries = sorted(root.iterdir())
+        below = [p for sub in [e for e in entries if e.is_dir()][:3] for p in sorted(sub.iterdir())[:20]]
+    except OSError:
+        return ""
+    suffixes = {p.suffix.lower() for p in [*entries, *below] if p.is_file()}
+    if wanted == "jpeg" and ".npz" in suffixes:
+        return "; it holds .npz shards: use `imzarr convert npz`"
+    if wanted == "npz" and suffixes & IMAGE_EXTENSIONS:
+        return "; it holds image files: use `imzarr convert jpeg`"
+    return ""
