@@ -54,7 +54,7 @@ from extractor.analysis.metrics import (
     prdc_blocked,
 )
 from extractor.analysis.provenance import describe_model, short_sha
-from extractor.analysis.statistics import ReferenceStatistics, read_reference, statistics_accumulator, store_inception_score
+from extractor.analysis.reference_statistics import ReferenceStatistics, read_reference, statistics_accumulator, store_inception_score
 from schemas.classes import class_table
 from schemas.output_paths import check_output_location, local_path
 from schemas.store_lifecycle import claim_report_output
@@ -505,10 +505,11 @@ def write_report(report: xr.Dataset, output: str) -> None:
 
 
 def open_report(path: str) -> xr.Dataset:
-    """A compare report as a Dataset on dimension `label`; reports written with `class` are renamed on open."""
+    """A compare report, in memory (a few arrays of one row per class), on dimension `label`; reports written
+    before it was named so (dimension `class`) are renamed on open."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
-        ds = xr.open_zarr(path)
+        ds = xr.open_zarr(path).load()
     if "class" in ds.dims:
         ds = ds.rename({"class": REPORT_DIM})
         if "label" in ds.variables:
