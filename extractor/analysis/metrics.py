@@ -113,13 +113,15 @@ class GaussianAccumulator:
         if block.ndim != 2 or block.shape[1] != self.dim:
             raise MetricInputError(f"GaussianAccumulator({self.dim}): block has shape {block.shape}")
         for a in range(0, block.shape[0], self._chunk_rows):
-            x = np.array(block[a : a + self._chunk_rows], dtype=self.product_dtype)  # always a copy: centred in place
+            chunk = block[a : a + self._chunk_rows]
+            mean_b = np.asarray(chunk.mean(axis=0, dtype=np.float64))
+            centre = mean_b.astype(self.product_dtype)
+            x = np.array(chunk, dtype=self.product_dtype)  # always a copy: centred in place
+            x -= centre
             n_b = x.shape[0]
-            x -= x.mean(axis=0, dtype=np.float64).astype(self.product_dtype)
-            residual = x.mean(axis=0, dtype=np.float64)  # what rounding the chunk mean left behind
-            mean_b = np.asarray(block[a : a + self._chunk_rows].mean(axis=0, dtype=np.float64))
+            offset = mean_b - centre  # Σ(x−c)(x−c)ᵀ = M2 + n(μ−c)(μ−c)ᵀ: remove what rounding the centre added
             m2_b = (x.T @ x).astype(np.float64)
-            m2_b -= n_b * np.outer(residual, residual)
+            m2_b -= n_b * np.outer(offset, offset)
             total = self.count + n_b
             delta = mean_b - self._mean
             self._m2 += m2_b
