@@ -230,3 +230,15 @@ def test_per_class_refused_with_its_size_when_it_does_not_fit(stores, tmp_path, 
     with pytest.raises(InsufficientSpaceError, match=r"3 classes × 64² float64 take 0\.00 GB"):
         statistics(real, layer="pool3", output=str(tmp_path / "pc.zarr"), per_class=True)
     assert not (tmp_path / "pc.zarr").exists()
+
+
+def test_compare_records_the_inception_score_of_the_generated_store(ref, stores, tmp_path):
+    *_, logits, _ = stores
+    ref_npz = str(tmp_path / "logits.npz")
+    statistics(logits, layer="logits", output=ref_npz)
+    report = compare_to_reference(logits, ref_npz, "logits", metrics="fd,is", output=str(tmp_path / "is.zarr"))
+    a = open_report(str(tmp_path / "is.zarr")).attrs
+    assert a["inception_score"] == pytest.approx(float(ref["isc_mean"]), rel=RTOL) and a["inception_score_std"] == pytest.approx(float(ref["isc_std"]), rel=RTOL)
+    assert (a["inception_score_splits"], a["inception_score_seed"], a["inception_score_layer"]) == (10, 2020, "logits")
+    assert abs(report.attrs["fd"]) < 1e-6 * np.trace(read_reference(ref_npz).sigma)  # a store against its own statistics
+    assert "IS " in format_report_table(report)
