@@ -34,7 +34,7 @@ import zarr
 
 from extractor.analysis import GaussianAccumulator, inception_score, kid, layer_statistics, read_reference, statistics, store_inception_score
 from extractor.analysis.compare import CompareError, LayerMismatchError, compare_stores, compare_to_reference, format_report_table, open_report, write_report
-from extractor.analysis.kid import KID_SEED, KID_SUBSET_SIZE, KID_SUBSETS
+from extractor.analysis.kernel_inception_distance import KID_SEED, KID_SUBSET_SIZE, KID_SUBSETS
 from extractor.analysis.reference_statistics import InsufficientSpaceError, OutputExistsError, ReferenceFileError, per_class_bytes
 from extractor.cli import main as extractor_main
 from tests.synthetic import write_activation_store

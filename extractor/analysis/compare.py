@@ -29,8 +29,8 @@ import numpy as np
 import torch
 import xarray as xr
 
-from extractor.analysis.inception_score import IS_LAYER, IS_SEED, IS_SPLITS, inception_score_attrs
-from extractor.analysis.kid import KID_SEED, KID_SUBSET_SIZE, KID_SUBSETS, class_subset_size, kid_from_takers
+from extractor.analysis.inception_scoring import IS_LAYER, IS_SEED, IS_SPLITS, inception_score_attrs
+from extractor.analysis.kernel_inception_distance import KID_SEED, KID_SUBSET_SIZE, KID_SUBSETS, class_subset_size, kid_from_takers
 from extractor.analysis.layer_features import (
     MAX_FLAT_DIM,
     POOLS,

@@ -30,7 +30,7 @@ from typing import TextIO
 import numpy as np
 import zarr
 
-from extractor.analysis.inception_score import IS_LAYER, IS_SEED, IS_SPLITS, InceptionScore, InceptionScoreAccumulator, inception_score_attrs
+from extractor.analysis.inception_scoring import IS_LAYER, IS_SEED, IS_SPLITS, InceptionScore, InceptionScoreAccumulator, inception_score_attrs
 from extractor.analysis.layer_features import AnalysisInputError, LayerFeatures, class_rows, feature_blocks, open_layer, stream_layer
 from extractor.analysis.metrics import GaussianAccumulator
 from schemas.classes import class_table
