@@ -22,18 +22,26 @@ with SciPy from the files our `stats` writes.
 
 from __future__ import annotations
 
+import hashlib
 import json
-import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import scipy.linalg
 import xarray as xr
-import zarr
 
-from extractor.analysis import GaussianAccumulator, inception_score, kid, layer_statistics, read_reference, statistics, store_inception_score
-from extractor.analysis.compare import CompareError, LayerMismatchError, compare_stores, compare_to_reference, format_report_table, open_report, write_report
+from extractor.analysis import GaussianAccumulator, inception_score, kid, read_reference, statistics, store_inception_score
+from extractor.analysis.compare import (
+    CompareError,
+    LayerMismatchError,
+    compare_options,
+    compare_stores,
+    compare_to_reference,
+    format_report_table,
+    open_report,
+    write_report,
+)
 from extractor.analysis.kernel_inception_distance import KID_SEED, KID_SUBSET_SIZE, KID_SUBSETS
 from extractor.analysis.reference_statistics import InsufficientSpaceError, OutputExistsError, ReferenceFileError, per_class_bytes
 from extractor.cli import main as extractor_main
@@ -92,7 +100,7 @@ def test_fd_against_reference_equals_pytorch_fid_and_edm(ref, stores):
     r, f = read_reference(real_npz), read_reference(fake_npz)
     assert fd == pytest.approx(edm_fid(f.mu, f.sigma, r.mu, r.sigma), rel=RTOL)
     back = open_report(str(root / "vs_ref.zarr"))
-    import hashlib
+
 
     assert back.attrs["reference_sha256"] == hashlib.sha256(Path(real_npz).read_bytes()).hexdigest()
     assert back.attrs["reference"] == real_npz and back.attrs["reference_dim"] == 64 and back.attrs["fd"] == fd  # full float64
@@ -151,6 +159,12 @@ def test_compare_metrics_choice_prdc_subset_and_label_dimension(stores, tmp_path
         compare_stores(real, fake, "pool3", metrics="fid")
     with pytest.raises(CompareError, match="need the real samples"):
         compare_to_reference(fake, "unused.npz", "pool3", metrics="fd,kid")
+    with pytest.raises(CompareError, match="give two stores"):
+        compare_options([fake], layer="pool3")
+    with pytest.raises(CompareError, match="with --reference give one store"):
+        compare_options([real, fake], layer="pool3", reference="ref.npz")
+    with pytest.raises(CompareError, match="saved statistics .* have no samples to draw"):
+        compare_options([fake], layer="pool3", reference="ref.npz", plot=str(tmp_path / "x.png"))
 
 
 def test_reports_written_with_class_open_on_label(stores, tmp_path):
