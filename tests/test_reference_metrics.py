@@ -100,8 +100,6 @@ def test_fd_against_reference_equals_pytorch_fid_and_edm(ref, stores):
     r, f = read_reference(real_npz), read_reference(fake_npz)
     assert fd == pytest.approx(edm_fid(f.mu, f.sigma, r.mu, r.sigma), rel=RTOL)
     back = open_report(str(root / "vs_ref.zarr"))
-
-
     assert back.attrs["reference_sha256"] == hashlib.sha256(Path(real_npz).read_bytes()).hexdigest()
     assert back.attrs["reference"] == real_npz and back.attrs["reference_dim"] == 64 and back.attrs["fd"] == fd  # full float64
     both = compare_stores(real, fake, "pool3", metrics="fd", per_class=False)
