@@ -1,4 +1,4 @@
-"""`imzarr extract|layers|generate|compare|report|show` (also `python -m extractor …`).
+"""`imzarr extract|layers|generate|compare|stats|report|show` (also `python -m extractor …`).
 
 Building these parsers imports nothing heavy (no torch): choices come from `extractor.vocabulary`; each
 handler imports what it runs.
@@ -29,6 +29,7 @@ def add_commands(sub) -> None:
     _add_generate(sub)
     _add_compare(sub)
     _add_report(sub)
+    _add_stats(sub)
     _add_show(sub)
 
 
@@ -204,18 +205,28 @@ def _add_compare(sub) -> None:
     cmp = add_command(
         sub,
         "compare",
-        "compare two activation stores per class",
-        "Fréchet distance, precision/recall (Kynkäänniemi et al. 2019) and density/coverage (Naeem et al. 2020) "
-        "between two activation stores in one layer's feature space, overall and per class; streaming, bounded "
-        "memory. A is taken as the real set, B as the generated one.",
+        "compare two activation stores (or one against saved statistics)",
+        "Fréchet distance, KID (Bińkowski et al. 2018), precision/recall (Kynkäänniemi et al. 2019) and density/coverage "
+        "(Naeem et al. 2020) between two activation stores in one layer's feature space, overall and per class; "
+        "streaming, bounded memory. The first store is taken as the real set, the second as the generated one. With "
+        "--reference, one store's FD against saved statistics (an .npz with mu and sigma, as `imzarr stats`, "
+        "pytorch-fid --save-stats and EDM's fid.py ref write them).",
     )
-    cmp.add_argument("real", help="activation store A (real samples)")
-    cmp.add_argument("generated", help="activation store B (generated samples)")
+    cmp.add_argument("stores", nargs="+", metavar="STORE", help="REAL GENERATED activation stores, or one GENERATED store with --reference")
     cmp.add_argument("--layer", required=True, help="layer variable present in both stores")
+    cmp.add_argument("--reference", default=None, help="saved statistics (.npz with mu, sigma) to compare one store against (default: none)")
+    cmp.add_argument("--metrics", default=None, help="comma-separated from fd,kid,prdc,is (prdc: precision, recall, density, coverage; is: Inception Score of the generated store's --is-layer); default fd,kid,prdc (fd with --reference)")
     cmp.add_argument("--pool", default="mean", choices=POOL_MODES, help="spatial reduction of unpooled layers")
     cmp.add_argument("--no-per-class", action="store_true", help="overall metrics only")
     cmp.add_argument("-k", type=positive_int, default=5, help="nearest neighbours for precision/recall/density/coverage")
-    cmp.add_argument("-o", "--output", default=None, help="write the report (an xarray dataset, per-class table on dim `class`) to this Zarr store; an earlier report there is replaced (default: none)")
+    cmp.add_argument("--prdc-subset", type=non_negative_int, default=10_000, help="samples per side drawn (seeded) for the overall precision/recall/density/coverage, as Naeem et al.; 0: every sample")
+    cmp.add_argument("--seed", type=non_negative_int, default=0, help="seed of the --prdc-subset draw")
+    cmp.add_argument("--kid-subsets", type=positive_int, default=100, help="KID subsets (torch-fidelity's default)")
+    cmp.add_argument("--kid-subset-size", type=positive_int, default=1000, help="samples per side in each KID subset (torch-fidelity's default; per class: at most the class's counts)")
+    cmp.add_argument("--kid-seed", type=non_negative_int, default=2020, help="seed of the KID subsets (torch-fidelity's default, drawn in its order)")
+    cmp.add_argument("--is-layer", default="logits", help="layer holding the classifier logits for --metrics is (fid-inception's 1008-way logits)")
+    cmp.add_argument("--is-splits", type=positive_int, default=10, help="Inception Score splits")
+    cmp.add_argument("-o", "--output", default=None, help="write the report (an xarray dataset, per-class variables on dim `label`) to this Zarr store; an earlier report there is replaced (default: none)")
     cmp.add_argument("--plot", default=None, help="write a PNG: 2-D projection and per-class panels (default: none)")
     cmp.add_argument("--projection", default="pca", choices=["pca", "umap"], help="projection for --plot (umap needs the optional umap-learn)")
     cmp.add_argument("--report", default=None, metavar="DIR", help="also write the report as a static web site in this folder (see `imzarr report`; default: none)")
@@ -225,25 +236,25 @@ def _add_compare(sub) -> None:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from extractor.analysis.compare import REPORT_SCHEMA, compare_stores, format_report_table
-    from schemas.store_lifecycle import claim_report_output
+    from extractor.analysis.compare import compare, compare_options, format_report_table
 
-    inputs = [args.real, args.generated]
-    if args.output:
-        check_output_location(args.output, inputs, allow_memory=False)
-        claim_report_output(args.output, REPORT_SCHEMA, args.overwrite, inputs)
-    if args.plot:
-        _check_file_output(args.plot, inputs + ([args.output] if args.output else []))
+    inputs = list(args.stores) + ([args.reference] if args.reference else [])
+    for path in (args.output, args.plot):
+        if path:
+            check_output_location(path, inputs, allow_memory=False)
     if args.per_class_thumbnails is not None and not args.report:
         raise CommandLineError("--per-class-thumbnails needs --report (the site it sizes)")
     if args.report:
         from extractor.analysis.report import claim_site_output
 
         claim_site_output(args.report, inputs + [p for p in (args.output, args.plot) if p])
-    report = compare_stores(
-        args.real, args.generated, args.layer, per_class=not args.no_per_class, pool=args.pool, k=args.k,
-        output=args.output, plot=args.plot, projection=args.projection,
-    )
+    options = compare_options(
+        args.stores, layer=args.layer, reference=args.reference, metrics=args.metrics, per_class=not args.no_per_class,
+        pool=args.pool, k=args.k, prdc_subset=args.prdc_subset, prdc_seed=args.seed, kid_subsets=args.kid_subsets,
+        kid_subset_size=args.kid_subset_size, kid_seed=args.kid_seed, is_layer=args.is_layer, is_splits=args.is_splits,
+        output=args.output, plot=args.plot, projection=args.projection, overwrite=args.overwrite,
+    )  # fmt: skip
+    report = compare(options)
     print(format_report_table(report))
     for label, path in (("report", args.output), ("plot", args.plot)):
         if path:
@@ -290,6 +301,51 @@ def _write_site(compare, output: str, per_class: int | None):
 def _print_site(site) -> None:
     print(f"report site: {site.files:,} files, {site.bytes / 1e6:.1f} MB in {site.seconds:.1f} s")
     print(f"open {site.index}")
+
+
+# --- stats ------------------------------------------------------------------------------------------------------
+
+
+def _add_stats(sub) -> None:
+    st = add_command(
+        sub,
+        "stats",
+        "reference statistics (mu, sigma) of a layer; Inception Score",
+        "Mean and covariance of a layer's features, streamed in bounded memory, written as an .npz with mu (float64, D) "
+        "and sigma (float64, D×D) that pytorch-fid and EDM's fid.py read as their own reference statistics; with "
+        "--per-class, a Zarr store of per-class mu/sigma/count on dimension `label`. --inception-score prints the "
+        "Inception Score of the store's logits layer.",
+    )
+    st.add_argument("store", help="activation store")
+    st.add_argument("--layer", default=None, help="layer whose features the statistics describe (default: none; needed with -o)")
+    st.add_argument("-o", "--output", default=None, help="ref.npz (or, with --per-class, a Zarr store) to write (default: none)")
+    st.add_argument("--per-class", action="store_true", help="per-class statistics into a Zarr store (refused, with the size it would take, when it does not fit on the output's disk)")
+    st.add_argument("--pool", default="mean", choices=POOL_MODES, help="spatial reduction of unpooled layers")
+    st.add_argument("--inception-score", action="store_true", help="also compute the Inception Score of --is-layer (10 splits, torch-fidelity's order)")
+    st.add_argument("--is-layer", default="logits", help="layer holding the classifier logits (fid-inception's 1008-way logits)")
+    st.add_argument("--is-splits", type=positive_int, default=10, help="Inception Score splits")
+    st.add_argument("--overwrite", action="store_true", help="replace an existing output file or statistics store (never an input)")
+    st.set_defaults(handler=_stats)
+
+
+def _stats(args: argparse.Namespace) -> int:
+    from extractor.analysis.reference_statistics import run_statistics, statistics_options
+
+    if args.output:
+        check_output_location(args.output, [args.store], allow_memory=False)
+    options = statistics_options(
+        args.store, layer=args.layer, output=args.output, per_class=args.per_class, pool=args.pool,
+        inception_score=args.inception_score, is_layer=args.is_layer, is_splits=args.is_splits, overwrite=args.overwrite,
+    )  # fmt: skip
+    result = run_statistics(options)
+    if result.inception_score is not None:
+        s = result.inception_score
+        print(f"Inception Score {s.mean!r} ± {s.std!r} ({s.splits} splits of {s.samples} samples, layer {args.is_layer})")
+    if result.statistics is not None:
+        print(f"{result.output}: mu ({result.statistics.dim},), sigma ({result.statistics.dim}, {result.statistics.dim}) of {result.statistics.count} samples in {result.seconds:.1f} s")
+    elif args.per_class:
+        print(f"{result.output}: per-class statistics in {result.seconds:.1f} s")
+    return 0
 
 
 def _check_file_output(path: str, inputs: list[str]) -> None:

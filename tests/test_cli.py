@@ -31,7 +31,7 @@ def _leaf_parsers(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()):
 def test_help_lists_every_command_and_version(capsys):
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
-    for command in ("convert", "sample", "extract", "layers", "generate", "compare", "report", "show", "info"):
+    for command in ("convert", "sample", "extract", "layers", "generate", "compare", "stats", "report", "show", "info"):
         assert f"    {command} " in out
     assert main(["--version"]) == 0
     assert capsys.readouterr().out.strip() == f"imzarr {version('imzarr')}"

@@ -100,21 +100,21 @@ def test_overall_and_per_class_equal_references(stores):
         assert a[name] == pytest.approx(value, abs=1.01 / min(len(real), len(fake))), name
     assert a["classes_only_in_real"] == 1 and a["classes_only_in_fake"] == 0
 
-    assert ds["class"].values.tolist() == [FULL, HALF, QUARTER, TINY]
+    assert ds["label"].values.tolist() == [FULL, HALF, QUARTER, TINY]
     names = class_table().names
     assert ds["class_name"].values.tolist() == [names[c] for c in (FULL, HALF, QUARTER, TINY)]
     for label in (FULL, HALF, QUARTER):
-        row = ds.sel({"class": label})
+        row = ds.sel(label=label)
         r, f = real[real_labels == label], fake[fake_labels == label]
         assert int(row.n_real) == len(r) and int(row.n_fake) == len(f)
         assert float(row.fd) == pytest.approx(reference_fd(r, f), rel=1e-6)
         for name, value in reference_prdc(r, f, 5).items():
             assert float(row[name]) == pytest.approx(value, abs=1e-12), (label, name)
         assert str(row.note.values) == ""
-    cov = ds["coverage"].sel({"class": [FULL, HALF, QUARTER]}).values
+    cov = ds["coverage"].sel(label=[FULL, HALF, QUARTER]).values
     assert cov[0] > cov[1] > cov[2]  # all modes > half of them > a quarter
     assert cov[0] > 0.9 and 0.35 < cov[1] < 0.65 and cov[2] < 0.4
-    tiny = ds.sel({"class": TINY})
+    tiny = ds.sel(label=TINY)
     assert np.isnan(float(tiny.coverage)) and np.isnan(float(tiny.precision)) and "k+1=6" in str(tiny.note.values)
     assert np.isfinite(float(tiny.fd))  # 3 samples per side are enough for a (rank-2) Fréchet distance
 
@@ -239,6 +239,6 @@ def test_without_per_class(stores, tmp_path):
     real_url, fake_url, *_ = stores
     out = str(tmp_path / "overall.zarr")
     ds = compare_stores(real_url, fake_url, "feat", per_class=False, output=out)
-    assert ds.sizes["class"] == 0 and ds.attrs["per_class"] is False
+    assert ds.sizes["label"] == 0 and ds.attrs["per_class"] is False
     assert xr.open_zarr(out).attrs["coverage"] == ds.attrs["coverage"]
     assert format_report_table(ds).splitlines()[-1].startswith("overall")

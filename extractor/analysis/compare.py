@@ -1,20 +1,27 @@
-"""`imzarr compare`: how a generated activation store differs from a reference ("real") one, overall and per class.
+"""`imzarr compare`: how a generated activation store differs from a reference ("real") one, overall and per class,
+or from saved reference statistics (`--reference ref.npz`).
 
 One streaming pass per store reads the layer in blocks, reduces each sample to a feature vector (spatial mean
 or max, or the flattened map), feeds the streaming Gaussian statistics and spills the float32 features to a raw
-file in a scratch folder. Everything after that reads the spill files: the blocked k-NN metrics over all
-samples, and each class's rows (a few hundred at most in ImageNet-sized stores) for the per-class metrics.
-Memory therefore stays at a few blocks whatever the store sizes; disk use is the two feature sets in float32.
+file in a scratch folder. Everything after that reads the spill files: KID's subsets, precision/recall/density/
+coverage on a seeded subset of each side (Naeem et al.'s 10,000 by default; every pair with `prdc_subset=0`),
+and each class's rows (a few hundred at most in ImageNet-sized stores) for the per-class metrics, which use all
+of a class's samples. Memory therefore stays at a few blocks whatever the store sizes; disk use is the two
+feature sets in float32.
+
+The report is an xarray Dataset: overall numbers are attributes (full float64: JSON numbers round-trip), per-class
+numbers are variables on dimension `label` with `synset` and `class_name` coordinates, as in the stores.
 """
 
 from __future__ import annotations
 
+import json
 import math
-import os
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TextIO
 
@@ -23,7 +30,22 @@ import torch
 import xarray as xr
 import zarr
 
-from extractor.analysis.provenance import describe_model, short_sha
+from extractor.analysis.inception_scoring import IS_LAYER, IS_SEED, IS_SPLITS, inception_score_attrs
+from extractor.analysis.kernel_inception_distance import KID_SEED, KID_SUBSET_SIZE, KID_SUBSETS, class_subset_size, kid_from_takers
+from extractor.analysis.layer_features import (
+    MAX_FLAT_DIM,
+    POOLS,
+    AnalysisInputError,
+    LayerFeatures,
+    LayerMismatchError,
+    NonFiniteFeaturesError,
+    RowFile,
+    check_compatible,
+    class_rows,
+    describe,
+    open_layer,
+    stream_layer,
+)
 from extractor.analysis.metrics import (
     PRDC,
     GaussianAccumulator,
@@ -32,15 +54,26 @@ from extractor.analysis.metrics import (
     prdc,
     prdc_blocked,
 )
-from schemas.activation_store import validate_activation_store
+from extractor.analysis.provenance import describe_model, short_sha
+from extractor.analysis.reference_statistics import ReferenceStatistics, read_reference, statistics_accumulator, store_inception_score
 from schemas.classes import class_table
 from schemas.errors import ImzarrError
 from schemas.store_identity import StoreIdentity, check_unchanged, reader_lease
+from schemas.output_paths import check_output_location, local_path
+from schemas.store_lifecycle import claim_report_output
+
+__all__ = [
+    "MAX_FLAT_DIM", "POOLS", "CompareError", "CompareOptions", "LayerMismatchError", "NonFiniteFeaturesError",
+    "compare", "compare_options", "compare_stores", "compare_to_reference", "format_report_table", "open_report", "write_report",
+]  # fmt: skip
 
 REPORT_SCHEMA = "imzarr.compare/1"
-POOLS = ("mean", "max", "none")
-MAX_FLAT_DIM = 4096  # flattened maps beyond this make k-NN in that space meaningless and the covariance huge
-READ_BUDGET_BYTES = 128 << 20  # stored bytes of one read block (unpooled maps are ~100 KB per sample)
+REPORT_DIM = "label"  # as in the image and activation stores; reports before it used `class` (open_report renames)
+METRIC_GROUPS = ("fd", "kid", "prdc", "is")
+DEFAULT_METRICS = ("fd", "kid", "prdc")
+PRDC_NAMES = ("precision", "recall", "density", "coverage")
+PRDC_SUBSET = 10_000  # per side, as Naeem et al. 2020 evaluate
+PRDC_SEED = 0
 IN_MEMORY_CLASS_ROWS = 2048  # larger classes go through the blocked k-NN (2048² float64 distances = 32 MB)
 PLOT_SAMPLE_ROWS = 5000  # per side
 # Blocked k-NN over whole stores runs in float32 on features centred on the real mean: about twice as fast as
@@ -50,10 +83,13 @@ PER_CLASS_FD_NOTE = (
     "per-class FD uses each class's sample covariance, rank-deficient when a class has fewer samples than "
     "feature dimensions; compare it only across classes of similar size"
 )
-METRICS = ("fd", "precision", "recall", "density", "coverage")
+PER_CLASS_KID_NOTE = "per-class KID uses subsets of min(kid_subset_size, the class's real count, its generated count) per side (variable kid_subset_size)"
 # The report describes itself (long_name, description) like the stores it compares.
 REPORT_VARIABLE_ATTRS: dict[str, dict[str, str]] = {
     "fd": {"long_name": "Fréchet distance", "description": "||μr−μg||² + Tr(Σr + Σg − 2(ΣrΣg)^½) of Gaussians fitted to the class's real and generated features"},
+    "kid": {"long_name": "kernel inception distance", "description": "mean over seeded subsets of the unbiased MMD² with k(x,y) = (x·y/D + 1)³ (Bińkowski et al. 2018)"},
+    "kid_std": {"long_name": "KID standard deviation", "description": "standard deviation (ddof 0) of the per-subset MMD² values"},
+    "kid_subset_size": {"long_name": "KID subset size", "description": "samples per side in each KID subset: the default, limited by the class's counts"},
     "precision": {"long_name": "k-NN precision", "description": "fraction of generated samples inside some real sample's k-NN ball (Kynkäänniemi et al. 2019)"},
     "recall": {"long_name": "k-NN recall", "description": "fraction of real samples inside some generated sample's k-NN ball (Kynkäänniemi et al. 2019)"},
     "density": {"long_name": "density", "description": "mean count of real k-NN balls holding a generated sample, divided by k (Naeem et al. 2020)"},
@@ -61,223 +97,265 @@ REPORT_VARIABLE_ATTRS: dict[str, dict[str, str]] = {
     "n_real": {"long_name": "real samples of the class", "description": "samples of this class in the real store"},
     "n_fake": {"long_name": "generated samples of the class", "description": "samples of this class in the generated store"},
     "note": {"long_name": "note", "description": "why a metric is NaN for this class (too few samples), else empty"},
-    "class": {"long_name": "ImageNet-1k class index", "description": "0-based index in sorted-WNID order"},
+    "label": {"long_name": "ImageNet-1k class index", "description": "0-based index in sorted-WNID order"},
     "synset": {"long_name": "WordNet ID of the class", "description": "WNID such as n01440764"},
     "class_name": {"long_name": "class name", "description": "ImageNet-1k class name from the packaged class table"},
 }
 
 
-class CompareError(ImzarrError):
-    """Two activation stores (or a layer of them) cannot be compared: the message names the store and why."""
+class CompareError(AnalysisInputError):
+    """Two activation stores (or a store and reference statistics) cannot be compared: the message says why."""
 
 
-class LayerMismatchError(CompareError):
-    """The layer is missing from a store, or its features differ in shape or reduction between the stores."""
+@dataclass(frozen=True)
+class CompareOptions:
+    """One comparison; `compare_options` builds and checks it (the command line builds its run there too)."""
 
-
-class NonFiniteFeaturesError(CompareError):
-    """A store holds inf or NaN activations (float16 overflow, or a diverged network)."""
-
-
-@dataclass
-class _Side:
-    """One store's layer and how its samples become feature vectors."""
-
-    role: str  # "real" or "generated", for messages
-    url: str
-    var: str
-    array: zarr.Array
-    reduce: str | None  # spatial reduction compare applies (None: the store is pooled already)
-    reduction: str  # what each feature is, whoever did it: "mean", "max" or "none" (flattened)
-    dim: int
-    labels: np.ndarray
-    attrs: dict  # the store's group attributes: model, σ, layers (provenance)
+    generated: str
+    layer: str
+    real: str | None = None  # the real store, or None with `reference`
+    reference: str | None = None  # saved statistics (.npz with mu, sigma) instead of a real store
+    metrics: tuple[str, ...] = DEFAULT_METRICS
+    per_class: bool = True
+    pool: str = "mean"
+    k: int = 5
+    prdc_subset: int = PRDC_SUBSET  # per side; 0: every sample
+    prdc_seed: int = PRDC_SEED
+    kid_subsets: int = KID_SUBSETS
+    kid_subset_size: int = KID_SUBSET_SIZE
+    kid_seed: int = KID_SEED
+    is_layer: str = IS_LAYER
+    is_splits: int = IS_SPLITS
+    is_seed: int = IS_SEED
+    output: str | None = None
+    plot: str | None = None
+    projection: str = "pca"
+    block_size: int = 8192
+    scratch_dir: str | None = None
 
     @property
-    def n(self) -> int:
-        return int(self.array.shape[0])
+    def inputs(self) -> list[str]:
+        return [p for p in (self.real, self.generated, self.reference) if p is not None]
 
 
-class _RowFile:
-    """Float32 features spilled to a raw file: block reads for the k-NN passes, row gathers for classes."""
-
-    def __init__(self, path: Path, n: int, dim: int):
-        self.path, self.n, self.dim = path, n, dim
-        self.row_bytes = dim * 4
-
-    def read(self, start: int, stop: int) -> np.ndarray:
-        count = (stop - start) * self.dim
-        return np.fromfile(self.path, dtype=np.float32, count=count, offset=start * self.row_bytes).reshape(-1, self.dim)
-
-    def take(self, indices: np.ndarray) -> np.ndarray:
-        """Rows at sorted indices; one pread per run of adjacent rows."""
-        out = np.empty((indices.size, self.dim), dtype=np.float32)
-        if indices.size == 0:
-            return out
-        breaks = np.flatnonzero(np.diff(indices) != 1) + 1
-        starts, stops = np.concatenate([[0], breaks]), np.concatenate([breaks, [indices.size]])
-        with open(self.path, "rb") as f:
-            fd = f.fileno()
-            for a, b in zip(starts.tolist(), stops.tolist()):
-                raw = os.pread(fd, (b - a) * self.row_bytes, int(indices[a]) * self.row_bytes)
-                out[a:b] = np.frombuffer(raw, dtype=np.float32).reshape(b - a, self.dim)
-        return out
-
-    def reader(self, indices: np.ndarray):
-        """A (start, stop) reader over the given rows, for the blocked metrics."""
-        return lambda a, b: self.take(indices[a:b])
+def parse_metrics(metrics: str | Sequence[str] | None, reference: bool) -> tuple[str, ...]:
+    """`fd,kid,prdc,is` (a comma list or a sequence) → the metric groups, checked; None: the defaults."""
+    if metrics is None:
+        return ("fd",) if reference else DEFAULT_METRICS
+    names = [m.strip().lower() for m in (metrics.split(",") if isinstance(metrics, str) else metrics) if m.strip()]
+    unknown = [m for m in names if m not in METRIC_GROUPS]
+    if unknown or not names:
+        raise CompareError(f"metrics: unknown {unknown or names!r}; choose from {','.join(METRIC_GROUPS)} (prdc = precision, recall, density, coverage)")
+    if reference and set(names) - {"fd", "is"}:
+        raise CompareError(f"metrics {','.join(sorted(set(names) - {'fd', 'is'}))} need the real samples; saved statistics (--reference) give FD only (and IS of the store)")
+    return tuple(m for m in METRIC_GROUPS if m in names)
 
 
-def compare_stores(
-    a_url: str,
-    b_url: str,
+def compare_options(
+    stores: str | Sequence[str],
+    *,
     layer: str,
+    reference: str | None = None,
+    metrics: str | Sequence[str] | None = None,
     per_class: bool = True,
     pool: str = "mean",
     k: int = 5,
+    prdc_subset: int = PRDC_SUBSET,
+    prdc_seed: int = PRDC_SEED,
+    kid_subsets: int = KID_SUBSETS,
+    kid_subset_size: int = KID_SUBSET_SIZE,
+    kid_seed: int = KID_SEED,
+    is_layer: str = IS_LAYER,
+    is_splits: int = IS_SPLITS,
+    is_seed: int = IS_SEED,
     output: str | None = None,
     plot: str | None = None,
-    block_size: int = 8192,
     projection: str = "pca",
+    block_size: int = 8192,
     scratch_dir: str | None = None,
-    log: TextIO | None = None,
-) -> xr.Dataset:
-    """Compare store `b_url` (generated) against store `a_url` (real) on one layer; return the report Dataset.
-
-    Overall: Fréchet distance of Gaussians fitted to each store, and k-NN precision/recall/density/coverage
-    (attrs). Per class (classes present in both stores): the same metrics plus sample counts (variables on dim
-    `class`); NaN with a note where a side has too few samples. Unpooled layers are reduced spatially with `pool`
-    ("mean"/"max"), or flattened with "none" (at most 4096 values); layers pooled at extraction keep their pooling.
-    `output` writes the report as Zarr v3,
-    `plot` a PNG (projection "pca" or "umap"); `scratch_dir` holds the spilled float32 features.
-    """
-    started = time.monotonic()
+    overwrite: bool = False,
+) -> CompareOptions:
+    """`imzarr compare`'s options as keywords, checked before anything is read: REAL GENERATED, or GENERATED with
+    `reference`; `output` is claimed (an earlier report there may be replaced; another imzarr store only with
+    `overwrite`)."""
+    stores = [stores] if isinstance(stores, str) else list(stores)
+    if reference is not None and len(stores) != 1:
+        raise CompareError(f"with --reference give one store (the generated one), got {len(stores)}: {stores}")
+    if reference is None and len(stores) != 2:
+        raise CompareError(f"give two stores (real, then generated) or one store and --reference, got {len(stores)}: {stores}")
     if pool not in POOLS:
         raise CompareError(f"pool must be one of {POOLS}, got {pool!r}")
-    if k < 1 or block_size < 1:
-        raise CompareError(f"k and block_size must be positive, got k={k}, block_size={block_size}")
+    if k < 1 or block_size < 1 or prdc_subset < 0 or kid_subsets < 1 or kid_subset_size < 2 or is_splits < 1:
+        raise CompareError(
+            f"k, block_size, kid_subsets and is_splits must be positive, kid_subset_size at least 2 and prdc_subset at least 0; got k={k}, "
+            f"block_size={block_size}, kid_subsets={kid_subsets}, kid_subset_size={kid_subset_size}, is_splits={is_splits}, prdc_subset={prdc_subset}"
+        )
+    chosen = parse_metrics(metrics, reference is not None)
     if plot is not None:
         from extractor.analysis.plots import check_plotting
 
+        if reference is not None:
+            raise CompareError("--plot draws both feature sets; saved statistics (--reference) have no samples to draw")
         check_plotting(projection)
-    with reader_lease(a_url, b_url):  # neither store may be rewritten while it is read (schemas/store_identity.py)
-        real = _open_side("real", a_url, layer, pool)
-        fake = _open_side("generated", b_url, layer, pool)
-        _check_compatible(real, fake, layer)
-        for side in (real, fake):
-            if side.n < k + 1:
-                raise CompareError(f"{side.url}: {side.n} samples; k-NN metrics with k={k} need at least {k + 1}")
-
-        with tempfile.TemporaryDirectory(prefix="imzarr-compare-", dir=scratch_dir) as scratch:
-            real_rows, real_stats = _stream_features(real, Path(scratch), block_size, log)
-            fake_rows, fake_stats = _stream_features(fake, Path(scratch), block_size, log)
-            for side in (real, fake):
-                check_unchanged(StoreIdentity.of(side.url, side.attrs))  # the features read are still the stores'
-            fd = frechet_distance(real_stats.mean, real_stats.cov, fake_stats.mean, fake_stats.cov)
-            _log(log, f"overall FD {fd:.4f}; k-NN over {real.n} × {fake.n} samples")
-            overall = prdc_blocked(
-                real_rows.read, real.n, fake_rows.read, fake.n, k=k, block_size=block_size, dtype=BLOCKED_DTYPE, shift=real_stats.mean
-            )
-            classes, per_class_values = _per_class(real, fake, real_rows, fake_rows, k, block_size, log) if per_class else (np.zeros(0, np.int16), None)
-            report = _report(real, fake, layer, k, fd, overall, classes, per_class_values, per_class)
-            report.attrs["seconds"] = round(time.monotonic() - started, 3)
-            if plot is not None:
-                from extractor.analysis.plots import plot_comparison
-
-                real_x, real_y = _plot_sample(real_rows, real.labels)
-                fake_x, fake_y = _plot_sample(fake_rows, fake.labels)
-                plot_comparison(real_x, fake_x, report, plot, projection=projection, real_labels=real_y, fake_labels=fake_y)
-        if output is not None:
-            write_report(report, output)
-        _log(log, f"done in {time.monotonic() - started:.1f} s")
-        return report
+    real, generated = (None, stores[0]) if reference is not None else (stores[0], stores[1])
+    options = CompareOptions(
+        generated=generated, layer=layer, real=real, reference=reference, metrics=chosen, per_class=per_class and reference is None,
+        pool=pool, k=k, prdc_subset=prdc_subset, prdc_seed=prdc_seed, kid_subsets=kid_subsets, kid_subset_size=kid_subset_size,
+        kid_seed=kid_seed, is_layer=is_layer, is_splits=is_splits, is_seed=is_seed, output=output, plot=plot, projection=projection,
+        block_size=block_size, scratch_dir=scratch_dir,
+    )  # fmt: skip
+    if output is not None:
+        claim_report_output(output, REPORT_SCHEMA, overwrite, options.inputs)
+    if plot is not None:
+        check_output_location(plot, options.inputs + ([output] if output else []), allow_memory=False)
+        local = local_path(plot)
+        if local is not None and Path(local).is_dir():
+            raise CompareError(f"{plot}: is a folder; give a file name such as {plot.rstrip('/')}/compare.png")
+    return options
 
 
-# ---------------------------------------------------------------- opening and checking
+def compare_stores(a_url: str, b_url: str, layer: str, log: TextIO | None = None, **options) -> xr.Dataset:
+    """Compare store `b_url` (generated) against store `a_url` (real) on one layer; return the report Dataset.
+
+    Keywords as `compare_options` takes them. Overall (attributes): Fréchet distance of Gaussians fitted to each
+    store, KID over seeded subsets, precision/recall/density/coverage on a seeded subset of each side. Per class
+    (classes present in both stores, all their samples): the same metrics plus sample counts, as variables on
+    dim `label`; NaN with a note where a side has too few samples. Unpooled layers are reduced spatially with
+    `pool` ("mean"/"max"), or flattened with "none" (at most 4096 values); layers pooled at extraction keep their
+    pooling. `output` writes the report as Zarr v3, `plot` a PNG (projection "pca" or "umap").
+    """
+    return compare(compare_options([a_url, b_url], layer=layer, **options), log=log)
 
 
-def _open_side(role: str, url: str, layer: str, pool: str) -> _Side:
-    group = validate_activation_store(url)
-    attrs = dict(group.attrs)
-    layers: dict[str, str] = attrs["layers"]
-    # Accept the module path a layer was captured from as well as its variable name.
-    var = layer if layer in layers else next((v for v, path in layers.items() if path == layer), None)
-    if var is None:
-        raise LayerMismatchError(f"{url}: no layer {layer!r}; this {role} store has {sorted(layers)}")
-    array = group[var]
-    if array.ndim == 2:
-        return _Side(role, url, var, array, None, str(attrs["pooling"]), int(array.shape[1]), group["label"][:], attrs)
-    dim = int(np.prod(array.shape[1:])) if pool == "none" else int(array.shape[1])
-    if dim > MAX_FLAT_DIM:
-        raise LayerMismatchError(
-            f"{url}: layer {var} flattened is {dim} values per sample (shape {tuple(array.shape[1:])}), over {MAX_FLAT_DIM}; "
-            f"use --pool mean (or max) to compare its channel means"
-        )
-    return _Side(role, url, var, array, pool, pool, dim, group["label"][:], attrs)
+def compare_to_reference(store: str, reference: str, layer: str, log: TextIO | None = None, **options) -> xr.Dataset:
+    """FD (and with metrics "fd,is" the Inception Score) of a store's layer against saved `mu`/`sigma` statistics."""
+    return compare(compare_options([store], layer=layer, reference=reference, **options), log=log)
 
 
-def _check_compatible(real: _Side, fake: _Side, layer: str) -> None:
-    same_shape = real.array.shape[1:] == fake.array.shape[1:] if real.array.ndim == fake.array.ndim else True
-    if real.dim != fake.dim or real.reduction != fake.reduction or not same_shape:
-        raise LayerMismatchError(
-            f"layer {layer}: features differ: {real.url} has per-sample shape {tuple(real.array.shape[1:])} → "
-            f"{real.dim} features ({_describe(real)}), {fake.url} has {tuple(fake.array.shape[1:])} → {fake.dim} "
-            f"({_describe(fake)})"
-        )
+def compare(options: CompareOptions, log: TextIO | None = None) -> xr.Dataset:
+    """Run a comparison built by `compare_options`; return (and with `output`, write) the report.
 
-
-def _describe(side: _Side) -> str:
-    if side.reduce is None:
-        return f"pooled '{side.reduction}' at extraction"
-    return "flattened" if side.reduction == "none" else f"spatial {side.reduction} here"
-
-
-# ---------------------------------------------------------------- the streaming pass
-
-
-def _stream_features(side: _Side, scratch: Path, block_size: int, log: TextIO | None) -> tuple[_RowFile, GaussianAccumulator]:
-    """Read the layer once in blocks: reduce, check, accumulate statistics, spill float32 rows to disk."""
+    The input stores are leased while they are read, and checked afterwards to be the stores that were opened
+    (schemas/store_identity.py): one rewritten meanwhile fails the comparison instead of mixing two stores."""
     started = time.monotonic()
-    rows = _rows_per_read(side.array, block_size)
-    stats = GaussianAccumulator(side.dim)
-    path = scratch / f"{side.role}.f32"
-    with open(path, "wb") as f:
-        for a in range(0, side.n, rows):
-            b = min(side.n, a + rows)
-            feats = _reduce(side.array[a:b], side.reduce)
-            finite = np.isfinite(feats).all(axis=1)
-            if not finite.all():
-                bad = a + int(np.flatnonzero(~finite)[0])
-                raise NonFiniteFeaturesError(
-                    f"{side.url}: layer {side.var} has inf/NaN activations (first at sample {bad}, "
-                    f"{int((~finite).sum())} samples in rows {a}..{b - 1}); float16 storage overflows beyond ±65504"
-                )
-            stats.update(feats)
-            feats.tofile(f)
-    _log(log, f"{side.role} {side.url}: {side.n} samples × {side.dim} features read in {time.monotonic() - started:.1f} s")
-    return _RowFile(path, side.n, side.dim), stats
+    stores = [url for url in (options.real, options.generated) if url is not None]
+    with reader_lease(*stores):
+        opened = [StoreIdentity.of(url, dict(zarr.open_group(url, mode="r").attrs)) for url in stores]
+        if options.reference is not None:
+            report = _against_reference(options, log)
+        else:
+            report = _between_stores(options, log)
+        if "is" in options.metrics:
+            score = store_inception_score(options.generated, options.is_layer, options.is_splits, options.is_seed, options.block_size)
+            report.attrs.update(inception_score_attrs(score) | {"inception_score_layer": options.is_layer})
+            _log(log, f"Inception Score {score.mean:.4f} ± {score.std:.4f} ({score.splits} splits)")
+        for identity in opened:
+            check_unchanged(identity)  # the features read are still the stores'
+    report.attrs["seconds"] = round(time.monotonic() - started, 3)
+    if options.output is not None:
+        write_report(report, options.output)
+    _log(log, f"done in {time.monotonic() - started:.1f} s")
+    return report
 
 
-def _rows_per_read(array: zarr.Array, block_size: int) -> int:
-    """Rows per read: at most block_size and READ_BUDGET_BYTES, a whole number of inner chunks when possible."""
-    row_bytes = int(np.prod(array.shape[1:])) * array.dtype.itemsize
-    rows = max(1, min(block_size, READ_BUDGET_BYTES // max(row_bytes, 1)))
-    chunk = int(array.chunks[0])
-    return rows if rows < chunk else rows - rows % chunk
+# ---------------------------------------------------------------- against saved statistics
 
 
-def _reduce(block: np.ndarray, reduce: str | None) -> np.ndarray:
-    """(n, C[, H, W]) stored values → (n, dim) float32 features."""
-    if reduce is None:
-        return block.astype(np.float32, copy=False)
-    if reduce == "mean":
-        return block.mean(axis=(2, 3), dtype=np.float32)  # accumulates float16 in float32 without a full copy
-    if reduce == "max":
-        return block.max(axis=(2, 3)).astype(np.float32)
-    return block.reshape(block.shape[0], -1).astype(np.float32)
+def _against_reference(options: CompareOptions, log: TextIO | None) -> xr.Dataset:
+    fake = open_layer("generated", options.generated, options.layer, options.pool)
+    ref = read_reference(options.reference)
+    _check_reference(ref, fake)
+    attrs = _base_attrs(options, fake) | {
+        "reference": ref.path,
+        "reference_sha256": ref.sha256,
+        "reference_dim": ref.dim,
+        "reference_metadata": json.dumps(ref.metadata, sort_keys=True),
+        "real_store": None,
+        "n_real": ref.metadata.get("count"),
+        **_side_provenance("fake", fake),
+    }
+    if "fd" in options.metrics:
+        acc = statistics_accumulator(fake.dim)
+        stream_layer(fake, options.block_size, [lambda a, b, x: acc.update(x)], log=log)
+        if acc.count < 2:
+            raise CompareError(f"{fake.url}: {acc.count} samples; FD needs at least 2")
+        attrs["fd"] = frechet_distance(ref.mu, ref.sigma, acc.mean, acc.cov)
+        _log(log, f"FD against {ref.path}: {attrs['fd']:.4f}")
+    attrs["model"], attrs["trained"], attrs["module_path"], attrs["sigma"] = attrs["fake_model"], attrs["fake_trained"], attrs["fake_module_path"], attrs["fake_sigma"]
+    return _dataset(np.zeros(0, np.int64), {}, attrs)
 
 
-def _plot_sample(rows: _RowFile, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _check_reference(ref: ReferenceStatistics, fake: LayerFeatures) -> None:
+    """A D mismatch, or imzarr metadata naming another layer or pooling, is refused in one line."""
+    if ref.dim != fake.dim:
+        raise LayerMismatchError(f"{ref.path}: statistics of D={ref.dim} features, but layer {fake.var} of {fake.url} gives D={fake.dim} ({describe(fake)})")
+    meta = ref.metadata
+    if meta.get("layer") is not None and meta.get("layer") != fake.var and meta.get("module_path") != fake.module_path:
+        raise LayerMismatchError(f"{ref.path}: statistics of layer {meta['layer']} ({meta.get('module_path')}), not of {fake.var} ({fake.module_path}) of {fake.url}")
+    if meta.get("pool") is not None and meta["pool"] != fake.reduction:
+        raise LayerMismatchError(f"{ref.path}: statistics of {meta['pool']!r}-reduced features, but {fake.url} gives {describe(fake)}; pass --pool {meta['pool']}")
+
+
+# ---------------------------------------------------------------- between two stores
+
+
+def _between_stores(options: CompareOptions, log: TextIO | None) -> xr.Dataset:
+    real = open_layer("real", options.real, options.layer, options.pool)
+    fake = open_layer("generated", options.generated, options.layer, options.pool)
+    check_compatible(real, fake, options.layer)
+    metrics = options.metrics
+    if "prdc" in metrics:
+        for side in (real, fake):
+            if side.n < options.k + 1:
+                raise CompareError(f"{side.url}: {side.n} samples; k-NN metrics with k={options.k} need at least {options.k + 1}")
+    attrs = _base_attrs(options, real) | {"n_real": real.n, "n_fake": fake.n, "real_store": real.url, **_provenance(real, fake)}
+    with tempfile.TemporaryDirectory(prefix="imzarr-compare-", dir=options.scratch_dir) as scratch:
+        stats = [statistics_accumulator(side.dim) for side in (real, fake)]
+        real_rows = stream_layer(real, options.block_size, [lambda a, b, x: stats[0].update(x)], Path(scratch), log)
+        fake_rows = stream_layer(fake, options.block_size, [lambda a, b, x: stats[1].update(x)], Path(scratch), log)
+        if "fd" in metrics:
+            attrs["fd"] = frechet_distance(stats[0].mean, stats[0].cov, stats[1].mean, stats[1].cov)
+            _log(log, f"overall FD {attrs['fd']:.4f}")
+        if "kid" in metrics:
+            size = class_subset_size(real.n, fake.n, options.kid_subset_size)
+            if size < 2:
+                raise CompareError(f"KID needs at least 2 samples per side, got {real.n} real and {fake.n} generated")
+            result = kid_from_takers(real_rows.take, real.n, fake_rows.take, fake.n, options.kid_subsets, size, options.kid_seed)
+            attrs |= {"kid": result.mean, "kid_std": result.std, "kid_subsets": result.subsets, "kid_subset_size": result.subset_size, "kid_seed": result.seed}
+            _log(log, f"overall KID {result.mean:.6f} ± {result.std:.6f} ({result.subsets} subsets of {result.subset_size})")
+        if "prdc" in metrics:
+            attrs |= _overall_prdc(options, real_rows, fake_rows, stats[0].mean, log)
+        labels, values = np.zeros(0, np.int64), {}
+        if options.per_class:
+            labels, values = _per_class(options, real, fake, real_rows, fake_rows, log)
+        report = _dataset(labels, values, attrs)
+        if options.plot is not None:
+            from extractor.analysis.plots import plot_comparison
+
+            real_x, real_y = _plot_sample(real_rows, real.labels)
+            fake_x, fake_y = _plot_sample(fake_rows, fake.labels)
+            plot_comparison(real_x, fake_x, report, options.plot, projection=options.projection, real_labels=real_y, fake_labels=fake_y)
+    known_r, known_f = set(np.unique(real.labels[real.labels >= 0]).tolist()), set(np.unique(fake.labels[fake.labels >= 0]).tolist())
+    report.attrs |= {"classes_only_in_real": len(known_r - known_f), "classes_only_in_fake": len(known_f - known_r)}
+    return report
+
+
+def _overall_prdc(options: CompareOptions, real_rows: RowFile, fake_rows: RowFile, shift: np.ndarray, log: TextIO | None) -> dict:
+    """Precision/recall/density/coverage on a seeded subset of each side (every sample with prdc_subset 0)."""
+    rng = np.random.default_rng(options.prdc_seed)
+    picks = []
+    for rows in (real_rows, fake_rows):
+        size = rows.n if options.prdc_subset == 0 else min(rows.n, options.prdc_subset)
+        picks.append(np.arange(rows.n) if size == rows.n else np.sort(rng.choice(rows.n, size, replace=False)))
+    idx_r, idx_f = picks
+    _log(log, f"k-NN over {idx_r.size} × {idx_f.size} samples")
+    result = prdc_blocked(
+        real_rows.reader(idx_r), idx_r.size, fake_rows.reader(idx_f), idx_f.size, k=options.k, block_size=options.block_size, dtype=BLOCKED_DTYPE, shift=shift
+    )
+    return result.as_dict() | {"prdc_subset_real": int(idx_r.size), "prdc_subset_fake": int(idx_f.size), "prdc_seed": options.prdc_seed, "k": options.k}
+
+
+def _plot_sample(rows: RowFile, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Up to PLOT_SAMPLE_ROWS feature rows drawn at random (seeded), with their labels."""
     rng = np.random.default_rng(0)
     idx = np.sort(rng.choice(rows.n, size=min(rows.n, PLOT_SAMPLE_ROWS), replace=False))
@@ -288,65 +366,73 @@ def _plot_sample(rows: _RowFile, labels: np.ndarray) -> tuple[np.ndarray, np.nda
 
 
 def _per_class(
-    real: _Side, fake: _Side, real_rows: _RowFile, fake_rows: _RowFile, k: int, block_size: int, log: TextIO | None
+    options: CompareOptions, real: LayerFeatures, fake: LayerFeatures, real_rows: RowFile, fake_rows: RowFile, log: TextIO | None
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     started = time.monotonic()
-    groups_r, groups_f = _class_rows(real.labels), _class_rows(fake.labels)
-    classes = np.array(sorted(set(groups_r) & set(groups_f)), dtype=np.int16)
-    values: dict[str, np.ndarray] = {m: np.full(classes.size, np.nan) for m in METRICS}
-    values["n_real"] = np.zeros(classes.size, dtype=np.int64)
-    values["n_fake"] = np.zeros(classes.size, dtype=np.int64)
-    values["note"] = np.full(classes.size, "", dtype=object)
-    for i, c in enumerate(classes.tolist()):
+    groups_r, groups_f = class_rows(real.labels), class_rows(fake.labels)
+    labels = np.array(sorted(set(groups_r) & set(groups_f)), dtype=np.int64)
+    names = _per_class_names(options.metrics)
+    values: dict[str, np.ndarray] = {m: np.full(labels.size, np.nan) for m in names}
+    if "kid" in options.metrics:
+        values["kid_subset_size"] = np.zeros(labels.size, dtype=np.int64)
+    values["n_real"] = np.zeros(labels.size, dtype=np.int64)
+    values["n_fake"] = np.zeros(labels.size, dtype=np.int64)
+    values["note"] = np.full(labels.size, "", dtype=object)
+    for i, c in enumerate(labels.tolist()):
         idx_r, idx_f = groups_r[c], groups_f[c]
         values["n_real"][i], values["n_fake"][i] = idx_r.size, idx_f.size
-        fd, metrics, note = _class_metrics(real_rows, idx_r, fake_rows, idx_f, k, block_size)
-        values["fd"][i] = fd
-        for name, value in metrics.items():
+        found, note = _class_metrics(options, real_rows, idx_r, fake_rows, idx_f)
+        for name, value in found.items():
             values[name][i] = value
         values["note"][i] = note
-    _log(log, f"{classes.size} classes compared in {time.monotonic() - started:.1f} s")
-    return classes, values
+    _log(log, f"{labels.size} classes compared in {time.monotonic() - started:.1f} s")
+    return labels, values
 
 
-def _class_rows(labels: np.ndarray) -> dict[int, np.ndarray]:
-    """Sorted sample positions of every known label (-1, unknown, is left out)."""
-    order = np.argsort(labels, kind="stable")  # stable: positions stay ascending within a class
-    sorted_labels = labels[order]
-    uniq, starts = np.unique(sorted_labels, return_index=True)
-    stops = np.append(starts[1:], labels.size)
-    return {int(c): order[a:b] for c, a, b in zip(uniq, starts, stops) if c >= 0}
+def _per_class_names(metrics: tuple[str, ...]) -> list[str]:
+    names = []
+    if "fd" in metrics:
+        names.append("fd")
+    if "kid" in metrics:
+        names += ["kid", "kid_std"]
+    if "prdc" in metrics:
+        names += list(PRDC_NAMES)
+    return names
 
 
-def _class_metrics(
-    real_rows: _RowFile, idx_r: np.ndarray, fake_rows: _RowFile, idx_f: np.ndarray, k: int, block_size: int
-) -> tuple[float, dict[str, float], str]:
-    n_r, n_f = idx_r.size, idx_f.size
-    notes = []
+def _class_metrics(options: CompareOptions, real_rows: RowFile, idx_r: np.ndarray, fake_rows: RowFile, idx_f: np.ndarray) -> tuple[dict, str]:
+    n_r, n_f, k, block_size = idx_r.size, idx_f.size, options.k, options.block_size
+    notes, found = [], {}
     small = max(n_r, n_f) <= IN_MEMORY_CLASS_ROWS
     if small:
         real_x, fake_x = real_rows.take(idx_r), fake_rows.take(idx_f)
-    fd = math.nan
-    if min(n_r, n_f) < 2:
-        notes.append("FD needs at least 2 samples per side")
-    elif small:
-        fd = frechet_distance_from_samples(real_x, fake_x)
-    else:
-        fd = _blocked_fd(real_rows, idx_r, fake_rows, idx_f, block_size)
-    metrics: dict[str, float] = {}
-    if min(n_r, n_f) < k + 1:
-        notes.append(f"k-NN metrics need at least k+1={k + 1} samples per side")
-    elif small:
-        metrics = prdc(real_x, fake_x, k=k).as_dict()
-    else:
-        shift = real_rows.take(idx_r[: min(n_r, block_size)]).mean(axis=0)
-        metrics = prdc_blocked(
-            real_rows.reader(idx_r), n_r, fake_rows.reader(idx_f), n_f, k=k, block_size=block_size, dtype=BLOCKED_DTYPE, shift=shift
-        ).as_dict()
-    return fd, metrics, "; ".join(notes)
+    if "fd" in options.metrics:
+        if min(n_r, n_f) < 2:
+            notes.append("FD needs at least 2 samples per side")
+        else:
+            found["fd"] = frechet_distance_from_samples(real_x, fake_x) if small else _blocked_fd(real_rows, idx_r, fake_rows, idx_f, block_size)
+    if "kid" in options.metrics:
+        size = class_subset_size(n_r, n_f, options.kid_subset_size)
+        if size < 2:
+            notes.append("KID needs at least 2 samples per side")
+        else:
+            take_r, take_f = (lambda i: real_x[i], lambda i: fake_x[i]) if small else (lambda i: real_rows.take(idx_r[i]), lambda i: fake_rows.take(idx_f[i]))
+            result = kid_from_takers(take_r, n_r, take_f, n_f, options.kid_subsets, size, options.kid_seed)
+            found |= {"kid": result.mean, "kid_std": result.std, "kid_subset_size": size}
+    if "prdc" in options.metrics:
+        if min(n_r, n_f) < k + 1:
+            notes.append(f"k-NN metrics need at least k+1={k + 1} samples per side")
+        elif small:
+            found |= prdc(real_x, fake_x, k=k).as_dict()
+        else:
+            shift = real_rows.take(idx_r[: min(n_r, block_size)]).mean(axis=0)
+            found |= prdc_blocked(
+                real_rows.reader(idx_r), n_r, fake_rows.reader(idx_f), n_f, k=k, block_size=block_size, dtype=BLOCKED_DTYPE, shift=shift
+            ).as_dict()
+    return found, "; ".join(notes)
 
 
-def _blocked_fd(real_rows: _RowFile, idx_r: np.ndarray, fake_rows: _RowFile, idx_f: np.ndarray, block_size: int) -> float:
+def _blocked_fd(real_rows: RowFile, idx_r: np.ndarray, fake_rows: RowFile, idx_f: np.ndarray, block_size: int) -> float:
     stats = []
     for rows, idx in ((real_rows, idx_r), (fake_rows, idx_f)):
         acc = GaussianAccumulator(rows.dim)
@@ -359,58 +445,56 @@ def _blocked_fd(real_rows: _RowFile, idx_r: np.ndarray, fake_rows: _RowFile, idx
 # ---------------------------------------------------------------- the report
 
 
-def _report(
-    real: _Side, fake: _Side, layer: str, k: int, fd: float, overall: PRDC, classes: np.ndarray, values: dict | None, per_class: bool
-) -> xr.Dataset:
-    table = class_table()
-    labels = classes.astype(np.int64)
-    if values is None:
-        values = {m: np.zeros(0) for m in METRICS} | {"n_real": np.zeros(0, np.int64), "n_fake": np.zeros(0, np.int64), "note": np.zeros(0, object)}
-    known_r, known_f = set(np.unique(real.labels[real.labels >= 0]).tolist()), set(np.unique(fake.labels[fake.labels >= 0]).tolist())
+def _base_attrs(options: CompareOptions, side: LayerFeatures) -> dict:
     attrs = {
         "schema": REPORT_SCHEMA,
-        "layer": layer,
-        "variable": real.var,
-        "pool": real.reduction,
-        "k": int(k),
-        "fd": float(fd),
-        **{name: float(value) for name, value in overall.as_dict().items()},
-        "n_real": real.n,
-        "n_fake": fake.n,
-        "real_store": real.url,
-        "fake_store": fake.url,
-        "per_class": bool(per_class),
-        "classes_only_in_real": len(known_r - known_f),
-        "classes_only_in_fake": len(known_f - known_r),
-        "per_class_fd_note": PER_CLASS_FD_NOTE,
+        "layer": options.layer,
+        "variable": side.var,
+        "pool": side.reduction,
+        "metrics": ",".join(options.metrics),
+        "fake_store": options.generated,
+        "n_fake": None,
+        "per_class": bool(options.per_class),
         "blocked_knn_dtype": str(BLOCKED_DTYPE).removeprefix("torch."),
-        **_provenance(real, fake),
     }
-    data_vars = {name: ("class", values[name], dict(REPORT_VARIABLE_ATTRS[name])) for name in (*METRICS, "n_real", "n_fake", "note")}
+    if "fd" in options.metrics and options.per_class:
+        attrs["per_class_fd_note"] = PER_CLASS_FD_NOTE
+    if "kid" in options.metrics and options.per_class:
+        attrs["per_class_kid_note"] = PER_CLASS_KID_NOTE
+    if options.reference is not None:
+        attrs["n_fake"] = side.n
+    return attrs
+
+
+def _dataset(labels: np.ndarray, values: dict[str, np.ndarray], attrs: dict) -> xr.Dataset:
+    table = class_table()
+    data_vars = {name: (REPORT_DIM, array, dict(REPORT_VARIABLE_ATTRS[name])) for name, array in values.items()}
     coords = {
-        "class": ("class", classes.astype(np.int16), dict(REPORT_VARIABLE_ATTRS["class"])),
-        "synset": ("class", table.synsets_of(labels).astype(object), dict(REPORT_VARIABLE_ATTRS["synset"])),
-        "class_name": ("class", table.names_of(labels).astype(object), dict(REPORT_VARIABLE_ATTRS["class_name"])),
+        "label": (REPORT_DIM, labels.astype(np.int16), dict(REPORT_VARIABLE_ATTRS["label"])),
+        "synset": (REPORT_DIM, table.synsets_of(labels).astype(object), dict(REPORT_VARIABLE_ATTRS["synset"])),
+        "class_name": (REPORT_DIM, table.names_of(labels).astype(object), dict(REPORT_VARIABLE_ATTRS["class_name"])),
     }
-    return xr.Dataset(data_vars, coords=coords, attrs=attrs)
+    return xr.Dataset(data_vars, coords=coords, attrs={k: v for k, v in attrs.items() if v is not None})
 
 
-def _provenance(real: _Side, fake: _Side) -> dict:
+def _side_provenance(prefix: str, side: LayerFeatures) -> dict:
+    model = side.attrs.get("model") or {}
+    return {
+        f"{prefix}_model": describe_model(model),
+        f"{prefix}_model_sha256": short_sha(model.get("sha256")),
+        f"{prefix}_trained": model.get("trained") is True,
+        f"{prefix}_sigma": side.attrs.get("sigma"),
+        f"{prefix}_module_path": side.module_path,
+    }
+
+
+def _provenance(real: LayerFeatures, fake: LayerFeatures) -> dict:
     """Where both feature sets came from: model (preset or checkpoint, short sha256, trained), σ, module, stores.
 
     Flat keys per side (`real_…`, `fake_…`), plus `model` (one line, or both when they differ) and `trained`
     (true only when both models were trained), so the figure and any reader can state them without the stores.
     """
-    out: dict = {}
-    for prefix, side in (("real", real), ("fake", fake)):
-        model = side.attrs.get("model") or {}
-        out |= {
-            f"{prefix}_model": describe_model(model),
-            f"{prefix}_model_sha256": short_sha(model.get("sha256")),
-            f"{prefix}_trained": model.get("trained") is True,
-            f"{prefix}_sigma": side.attrs.get("sigma"),
-            f"{prefix}_module_path": side.attrs["layers"][side.var],
-        }
+    out = _side_provenance("real", real) | _side_provenance("fake", fake)
     same_model = out["real_model"] == out["fake_model"]
     out["model"] = out["real_model"] if same_model else f"real: {out['real_model']}; generated: {out['fake_model']}"
     out["trained"] = out["real_trained"] and out["fake_trained"]
@@ -431,36 +515,64 @@ def write_report(report: xr.Dataset, output: str) -> None:
         out.to_zarr(output, mode="w", zarr_format=3, consolidated=True)
 
 
+def open_report(path: str) -> xr.Dataset:
+    """A compare report, in memory (a few arrays of one row per class), on dimension `label`; reports written
+    before it was named so (dimension `class`) are renamed on open."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
+        ds = xr.open_zarr(path).load()
+    if "class" in ds.dims:
+        ds = ds.rename({"class": REPORT_DIM})
+        if "label" in ds.variables:
+            ds["label"].attrs = dict(REPORT_VARIABLE_ATTRS["label"])
+    return ds
+
+
+def _num(a: dict, key: str, fmt: str) -> str:
+    value = a.get(key)
+    return "n/a" if value is None else format(value, fmt)
+
+
 def format_report_table(ds: xr.Dataset, worst: int = 15) -> str:
-    """A short terminal table: the overall line, then the worst-covered classes first."""
+    """A short terminal table: the overall line, then the worst-covered (or highest-FD) classes first."""
     a = ds.attrs
-    lines = [
-        f"layer {a['layer']} ({a.get('module_path', '?')}; features: {a['pool']}, k={a['k']}, σ = {a.get('sigma', '?')})",
-        f"  model      {a.get('model', 'not recorded')}",
-        f"  real       {a['real_store']}  ({a['n_real']:,} samples)",
-        f"  generated  {a['fake_store']}  ({a['n_fake']:,} samples)",
-        f"overall  FD {a['fd']:.4g}  precision {a['precision']:.3f}  recall {a['recall']:.3f}  "
-        f"density {a['density']:.3f}  coverage {a['coverage']:.3f}",
-    ]
-    n_classes = ds.sizes.get("class", 0)
+    metrics = str(a.get("metrics", "fd,prdc")).split(",")
+    k = f", k={a['k']}" if "k" in a else ""
+    lines = [f"layer {a['layer']} ({a.get('module_path', '?')}; features: {a['pool']}{k}, σ = {a.get('sigma', '?')})", f"  model      {a.get('model', 'not recorded')}"]
+    if a.get("reference"):
+        lines.append(f"  reference  {a['reference']}  (sha256 {short_sha(a.get('reference_sha256'))}, D = {a.get('reference_dim')})")
+    else:
+        lines.append(f"  real       {a['real_store']}  ({a['n_real']:,} samples)")
+    lines.append(f"  generated  {a['fake_store']}  ({a['n_fake']:,} samples)")
+    overall = []
+    if "fd" in metrics:
+        overall.append(f"FD {_num(a, 'fd', '.4g')}")
+    if "kid" in metrics:
+        overall.append(f"KID {_num(a, 'kid', '.4g')} ± {_num(a, 'kid_std', '.2g')} ({a.get('kid_subsets')}×{a.get('kid_subset_size')})")
+    if "prdc" in metrics:
+        overall.append(" ".join(f"{m} {_num(a, m, '.3f')}" for m in PRDC_NAMES) + f" (on {a.get('prdc_subset_real')}×{a.get('prdc_subset_fake')})")
+    if "is" in metrics:
+        overall.append(f"IS {_num(a, 'inception_score', '.4g')} ± {_num(a, 'inception_score_std', '.2g')}")
+    lines.append("overall  " + "  ".join(overall))
+    n_classes = ds.sizes.get(REPORT_DIM, 0)
     if not n_classes:
         return "\n".join(lines)
-    coverage = ds["coverage"].values
-    defined = np.flatnonzero(~np.isnan(coverage))
-    order = defined[np.argsort(coverage[defined], kind="stable")][:worst]
-    lines.append(f"per class: {n_classes} classes in both stores; {len(order)} worst coverage first")
-    header = f"  {'label':>5}  {'synset':<9}  {'class':<24} {'n_real':>6} {'n_fake':>6} {'FD':>9} {'prec':>5} {'recall':>6} {'dens':>5} {'cov':>5}"
-    lines.append(header)
+    key = "coverage" if "coverage" in ds else next((m for m in ("fd", "kid") if m in ds), None)
+    values = ds[key].values if key else np.zeros(n_classes)
+    defined = np.flatnonzero(~np.isnan(values))
+    ranked = np.argsort(values[defined], kind="stable")
+    order = defined[ranked if key == "coverage" else ranked[::-1]][:worst]
+    lines.append(f"per class: {n_classes} classes in both stores; {len(order)} worst {key or ''} first")
+    columns = [("fd", "FD", 9, ".4g"), ("kid", "KID", 9, ".3g"), ("precision", "prec", 5, ".3f"), ("recall", "recall", 6, ".3f"), ("density", "dens", 5, ".3f"), ("coverage", "cov", 5, ".3f")]
+    shown = [c for c in columns if c[0] in ds]
+    lines.append(f"  {'label':>5}  {'synset':<9}  {'class':<24} {'n_real':>6} {'n_fake':>6} " + " ".join(f"{title:>{w}}" for _, title, w, _ in shown))
     for i in order.tolist():
         name = str(ds["class_name"].values[i]).split(",")[0][:24]
-        lines.append(
-            f"  {int(ds['class'].values[i]):>5}  {ds['synset'].values[i]!s:<9}  {name:<24} {int(ds['n_real'].values[i]):>6} "
-            f"{int(ds['n_fake'].values[i]):>6} {ds['fd'].values[i]:>9.4g} {ds['precision'].values[i]:>5.3f} "
-            f"{ds['recall'].values[i]:>6.3f} {ds['density'].values[i]:>5.3f} {coverage[i]:>5.3f}"
-        )
+        cells = " ".join(f"{ds[v].values[i]:>{w}{f}}" for v, _, w, f in shown)
+        lines.append(f"  {int(ds['label'].values[i]):>5}  {ds['synset'].values[i]!s:<9}  {name:<24} {int(ds['n_real'].values[i]):>6} {int(ds['n_fake'].values[i]):>6} {cells}")
     undefined = n_classes - defined.size
     if undefined:
-        lines.append(f"  {undefined} classes have too few samples for k-NN metrics (NaN; see the `note` variable)")
+        lines.append(f"  {undefined} classes have too few samples for {key} (NaN; see the `note` variable)")
     if a.get("classes_only_in_real") or a.get("classes_only_in_fake"):
         lines.append(f"  classes only in the real store: {a['classes_only_in_real']}, only in the generated store: {a['classes_only_in_fake']}")
     return "\n".join(lines)

