@@ -157,7 +157,7 @@ def test_numbers_equal_the_compare_store(run, browser):
                 assert int(value) == expected and text == format_number(int(expected)), (key, i)
             else:
                 assert text == str(expected), (key, i)
-    assert set(keys) >= {"class", "synset", "class_name", "n_real", "n_fake", "fd", "precision", "recall", "density", "coverage", "note"}
+    assert set(keys) >= {"label", "synset", "class_name", "n_real", "n_fake", "fd", "precision", "recall", "density", "coverage", "note"}
     w.check_clean()
     w.close()
 
@@ -168,7 +168,7 @@ def test_sorting_by_fd_puts_the_largest_first_and_the_filter_finds_a_class(run, 
     page = w.open(file_url(run["site"]))
     page.click("#class-table th[data-key='fd']")
     labels = [int(x) for x in page.eval_on_selector_all("#class-table tbody tr[data-label]", "trs => trs.map(t => t.dataset.label)")]
-    fd = dict(zip(ds["class"].values.tolist(), ds["fd"].values.tolist()))
+    fd = dict(zip(ds["label"].values.tolist(), ds["fd"].values.tolist()))
     assert labels == sorted(fd, key=lambda c: -fd[c])
     page.click("#class-table th[data-key='fd']")  # a second click reverses
     assert int(page.eval_on_selector("#class-table tbody tr[data-label]", "t => t.dataset.label")) == min(fd, key=fd.get)
@@ -177,7 +177,7 @@ def test_sorting_by_fd_puts_the_largest_first_and_the_filter_finds_a_class(run, 
         page.fill("#filter", query)
         page.wait_for_function(f"document.getElementById('shown').textContent.startsWith('1 of')")
         visible = page.eval_on_selector_all("#class-table tbody tr[data-label]", "trs => trs.map(t => t.dataset.label)")
-        assert visible == [str(ds["class"].values[3])]
+        assert visible == [str(ds["label"].values[3])]
     page.fill("#filter", "")
     page.wait_for_function(f"document.getElementById('shown').textContent.startsWith('{NUM_CLASSES} of')")
     w.check_clean()
@@ -234,7 +234,7 @@ def test_the_table_draws_only_rows_in_view_and_reaches_every_class(browser, tmp_
     assert page.inner_text("#shown") == "60 of 60 classes"
     drawn = lambda: [int(x) for x in page.eval_on_selector_all("#class-table tbody tr[data-label]", "ts => ts.map(t => t.dataset.label)")]  # noqa: E731
     assert drawn()[0] == 0 and len(drawn()) < 60
-    page.click("#class-table th[data-key='class']")  # numbers: largest first
+    page.click("#class-table th[data-key='label']")  # numbers: largest first
     assert drawn()[0] == 59
     page.eval_on_selector(".table-wrap", "w => { w.scrollTop = w.scrollHeight; }")
     page.wait_for_function("[...document.querySelectorAll('#class-table tr[data-label]')].pop().dataset.label === '0'")
@@ -262,15 +262,15 @@ def _run_data(site: Path) -> dict:
 # ---------------------------------------------------------------- without a browser
 
 
-def test_label_dimension_and_new_metrics_appear_without_code_changes(run, tmp_path):
-    ds = xr.open_zarr(run["compare"]).load().rename({"class": "label"})
-    ds["kid"] = ("label", np.arange(NUM_CLASSES, dtype=np.float64) / 10, {"long_name": "kernel inception distance"})
+def test_older_class_dimension_and_new_metrics_appear_without_code_changes(run, tmp_path):
+    ds = xr.open_zarr(run["compare"]).load().rename({"label": "class"})  # reports written before were on `class`
+    ds["kid"] = ("class", np.arange(NUM_CLASSES, dtype=np.float64) / 10, {"long_name": "kernel inception distance"})
     ds.attrs["kid"] = 0.25
     write_report_site(ds, str(tmp_path / "site"))
     data = _run_data(tmp_path / "site")
     assert "kid" in [c["key"] for c in data["columns"]] and data["values"]["kid"] == [0.0, 0.1, 0.2, 0.3, 0.4]
     assert {m["key"]: m["value"] for m in data["overall"]}["kid"] == 0.25
-    assert data["values"]["class"] == list(range(NUM_CLASSES)) and len(data["means"]["label"]) == NUM_CLASSES
+    assert data["values"]["label"] == list(range(NUM_CLASSES)) and len(data["means"]["label"]) == NUM_CLASSES
 
 
 def test_missing_inputs_are_named(run, tmp_path):

@@ -47,7 +47,7 @@ SITE_SCHEMA = "imzarr.report-site/1"
 MARKER = "imzarr-report.json"  # names the folder as a report site this command may replace
 SITE_ENTRIES = ("index.html", "assets", "data", "classes")  # everything a site holds besides its marker
 COMPARE_SCHEMA = "imzarr.compare/1"
-CLASS_DIMS = ("class", "label")  # the report's per-class dimension, whichever name it has
+CLASS_DIMS = ("label", "class")  # the report's per-class dimension: `label`, or `class` in reports written before
 ASSETS = ("report.js", "report.css")
 THUMBS_PER_SIDE = 16
 TILE = 64  # thumbnail side in pixels: ImageNet-64 at its own size; smaller images are upscaled, larger reduced
@@ -62,7 +62,7 @@ TEXT_FIRST = ("synset", "class_name")
 COUNT_COLUMNS = ("n_real", "n_fake")
 # compare's metrics in the order it lists them; metrics it adds later follow, in alphabetical order.
 METRIC_ORDER = ("fd", "precision", "recall", "density", "coverage")
-TITLES = {"class": "label", "synset": "WNID", "class_name": "name", "fd": "FD"}
+TITLES = {"synset": "WNID", "class_name": "name", "fd": "FD"}
 
 
 class ReportSiteError(ImzarrError):
@@ -141,8 +141,8 @@ def open_compare(compare: str | xr.Dataset) -> tuple[xr.Dataset, str | None]:
     if schema != COMPARE_SCHEMA:
         raise ReportSiteError(f"{url or 'dataset'}: not a compare report (schema {schema!r}, expected {COMPARE_SCHEMA})")
     dim = next((d for d in CLASS_DIMS if d in compare.dims), None)
-    if dim is not None and dim != "class":
-        compare = compare.rename({dim: "class"})
+    if dim is not None and dim != "label":
+        compare = compare.rename({dim: "label"})
     return compare, url
 
 
@@ -238,8 +238,8 @@ def _rounded(points: np.ndarray) -> list[list[float]]:
 
 def table_columns(ds: xr.Dataset) -> list[dict[str, Any]]:
     """Every per-class variable (and the class's label, WNID, name) as a column: key, title, description, kind."""
-    per_class = [name for name in ds.variables if ds[name].dims == ("class",)]
-    order = [n for n in ("class", *TEXT_FIRST, *COUNT_COLUMNS, *METRIC_ORDER) if n in per_class]
+    per_class = [name for name in ds.variables if ds[name].dims == ("label",)]
+    order = [n for n in ("label", *TEXT_FIRST, *COUNT_COLUMNS, *METRIC_ORDER) if n in per_class]
     order += sorted(n for n in per_class if n not in order and ds[n].dtype.kind in "fiub")
     order += sorted(n for n in per_class if n not in order)
     columns = []
@@ -406,7 +406,7 @@ def write_report_site(
         writer.flush()
     seconds = time.monotonic() - started
     _log(log, f"{writer.files} files, {writer.bytes / 1e6:.1f} MB in {seconds:.1f} s")
-    return SiteResult(writer.output, writer.url("index.html"), int(ds.sizes.get("class", 0)), writer.files, writer.bytes, seconds)
+    return SiteResult(writer.output, writer.url("index.html"), int(ds.sizes.get("label", 0)), writer.files, writer.bytes, seconds)
 
 
 def _class_rows(labels: np.ndarray) -> dict[int, np.ndarray]:
@@ -418,7 +418,7 @@ def _class_rows(labels: np.ndarray) -> dict[int, np.ndarray]:
 
 def _write_classes(ds: xr.Dataset, real: _Side, fake: _Side, writer: _SiteWriter, per_class: int, log: TextIO | None) -> dict[str, Any]:
     """Each class's detail file and grids; returns the class means' projection for the whole-run picture."""
-    labels = [int(c) for c in ds["class"].values] if "class" in ds.coords else []
+    labels = [int(c) for c in ds["label"].values] if "label" in ds.coords else []
     rows_r, rows_f = _class_rows(real.labels), _class_rows(fake.labels)
     real_images, fake_images = validate_image_store(real.images_url), validate_image_store(fake.images_url)
     names = ds["class_name"].values if "class_name" in ds.variables else [""] * len(labels)
@@ -504,7 +504,7 @@ def _run_data(ds: xr.Dataset, real: _Side, fake: _Side) -> dict[str, Any]:
         "columns": columns,
         "values": values,
         "overall": overall_metrics(ds),
-        "counts": {"n_real": _json_number(ds.attrs.get("n_real")), "n_fake": _json_number(ds.attrs.get("n_fake")), "classes": int(ds.sizes.get("class", 0))},
+        "counts": {"n_real": _json_number(ds.attrs.get("n_real")), "n_fake": _json_number(ds.attrs.get("n_fake")), "classes": int(ds.sizes.get("label", 0))},
         "trained": _trained(ds, [real, fake]),
         "thumbs_per_side": THUMBS_PER_SIDE,
     }

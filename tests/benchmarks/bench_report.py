@@ -85,7 +85,7 @@ def _rows(label: str, compare_url: str, workdir: Path, classes: int, browser, go
     from extractor.analysis.report import open_compare, write_report_site
 
     ds, _ = open_compare(compare_url)
-    fd = dict(zip(ds["class"].values.tolist(), ds["fd"].values.tolist()))
+    fd = dict(zip(ds["label"].values.tolist(), ds["fd"].values.tolist()))
     site = workdir / f"site-{label.split()[0]}"
     QuietGate().wait()
     result = write_report_site(compare_url, str(site))
@@ -119,7 +119,7 @@ def run(workdir: Path, quick: bool = False) -> list[Row]:
     if own.exists():
         from extractor.analysis.report import open_compare
 
-        runs.append(("make-compare sample", str(own), int(open_compare(str(own))[0].sizes["class"]), False))
+        runs.append(("make-compare sample", str(own), int(open_compare(str(own))[0].sizes["label"]), False))
     rows: list[Row] = []
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)

@@ -8,7 +8,7 @@
   var columns = RUN.columns;
   var values = RUN.values;
   var nRows = columns.length ? values[columns[0].key].length : 0;
-  var labels = values["class"] || [];
+  var labels = values["label"] || [];
   var rowOf = {}; // label -> row index
   var tbody = null;
   var order = [];
@@ -54,7 +54,7 @@
   var drawn = [-1, -1, -1];
 
   function columnWidth(c) {
-    if (c.key === "class") return 52;
+    if (c.key === "label") return 52;
     if (c.key === "synset") return 90;
     if (c.key === "class_name") return 150;
     return c.kind === "number" ? 72 : 160;
@@ -220,7 +220,7 @@
     if (i === undefined) return "";
     var out = "";
     columns.forEach(function (c) {
-      if (c.kind !== "number" || c.key === "class") return;
+      if (c.kind !== "number" || c.key === "label") return;
       out += '<span class="pill" title="' + esc(c.long_name) + '">' + esc(c.title) + " <b>" + fmt(values[c.key][i]) + "</b></span>";
     });
     return out;
