@@ -26,7 +26,7 @@ import asyncio
 import concurrent.futures
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -111,12 +111,13 @@ class ObstoreRanges:
         """A missing object as FileNotFoundError (as s3fs returns it); a timeout or no connection raised at once."""
         from obstore.exceptions import NotFoundError
 
-        if isinstance(exc, NotFoundError):
+        if isinstance(exc, (NotFoundError, FileNotFoundError)):  # obstore raises the builtin one
             return FileNotFoundError(f"{path}: no such object")
+        # obstore's message ends with the Rust error's debug text, whose HttpError kind says what failed.
         text = str(exc).lower()
-        if "timed out" in text or "timeout" in text:
+        if "kind: timeout" in text or "timedout" in text:
             raise RemoteStorageTimeoutError(f"{self.endpoint}: timed out reading from the object store, after retries (the server stalled?); re-run the same command to resume") from None
-        if "connect" in text or "error sending request" in text:
+        if "kind: connect" in text or "connection refused" in text:
             raise RemoteStorageError(f"{self.endpoint}: cannot connect to the object store ({str(exc).splitlines()[0]}); check the endpoint, then re-run the same command") from None
         return exc
 
@@ -180,11 +181,11 @@ def obstore_settings(storage_options: dict[str, Any], environ: dict[str, str] | 
     return settings
 
 
-def obstore_ranges_for(fs: Any) -> ObstoreRanges | None:
-    """An obstore range reader equal to this s3fs filesystem, or None (obstore not installed, not S3, or options
+def obstore_ranges_for(fs: Any, importable: Callable[[], bool] = obstore_available) -> ObstoreRanges | None:
+    """An obstore range reader equal to this s3fs filesystem, or None (obstore not `importable`, not S3, or options
     obstore cannot honour)."""
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    if protocol not in ("s3", "s3a") or not obstore_available():
+    if protocol not in ("s3", "s3a") or not importable():
         return None
     settings = obstore_settings(getattr(fs, "storage_options", {}) or {})
     return None if settings is None else ObstoreRanges(settings)
