@@ -10,6 +10,12 @@ object, 3 ms of a 1 MB one), so on it every reader is bound by the shard size; t
 default 4,096-image shards (48 MB) and 256-image shards (3 MB). A last row measures the server's own ceiling: a
 bare `cat_ranges` of one image-sized range from each of 100 small (64 KB) objects, where reading an object costs
 next to nothing — a client that fetches only the needed bytes takes random single images at about that rate at best.
+
+Client CPU (issue 26, goal ≤ 0.3 ms per random image): the same random takes through obstore and through s3fs
+(`shard_range_reader(..., use_obstore=...)`), interleaved, on the 256-image-shard store with indexes cached: this
+process's CPU time (`time.process_time`, every thread, s3fs's event loop included; moto runs in its own process)
+divided by the images read, and img/s of the same rounds. moto's server speaks HTTP/1.0 (werkzeug's default), so
+every request of either client opens a new connection, a cost a keep-alive S3 endpoint does not charge.
 """
 
 from __future__ import annotations
@@ -24,13 +30,15 @@ import numpy as np
 import zarr
 
 from schemas.image_layout import create_image_arrays, write_image_shard
-from schemas.image_store import ImageStore, take_with_zarr
+from schemas.image_store import IMAGE_VAR, ImageStore, shard_range_reader, take_with_zarr
 from tests.benchmarks.run import make_row
 from tests.s3_server import CREDENTIALS, local_s3
 
 GROUP = "object store"
 SAMPLES, RESOLUTION, TAKE, ROUNDS = 8192, 64, 100, 7
 SHARDS = (4096, 256)
+CPU_ROUNDS, CPU_ROUNDS_QUICK = 30, 8
+CPU_GOAL_MS = 0.3
 OLD_PATH_IMG_S = 120.0  # zarr-python fallback on the same server, measured when the issue was filed
 
 
@@ -47,6 +55,7 @@ def run(workdir: Path, quick: bool = False) -> list[dict]:
         fsspec.config.conf["s3"] = dict(s3.storage_options)
         for shard in SHARDS:
             rows += _rows_for_layout(s3.url(f"bench-{shard}.zarr"), shard, rng, quick)
+        rows += _client_cpu_rows(s3.url(f"bench-{SHARDS[-1]}.zarr"), SHARDS[-1], rng, quick)
         rows.append(_server_ceiling_row(s3.url("ceiling/object"), rng, quick))
     return rows
 
@@ -105,6 +114,37 @@ def _rows_for_layout(url: str, shard: int, rng: np.random.Generator, quick: bool
                  note=f"baseline: bare fsspec cat_ranges of the same ranges; {best(warm) / OLD_PATH_IMG_S:.1f}× the issue's 120 img/s"),
         make_row(GROUP, f"random take, 100 of 8,192, {size}, first call", best(cold), "img/s", baseline=best(via_zarr),
                  goal="≥ 20× zarr-python's path", met=best(cold) >= 20 * best(via_zarr), note="baseline: zarr-python slicing of the same samples, same run"),
+    ]
+
+
+def _client_cpu_rows(url: str, shard: int, rng: np.random.Generator, quick: bool) -> list[dict]:
+    """Client CPU per random image and img/s, obstore against s3fs: the same indices, rounds interleaved."""
+    try:
+        import obstore  # noqa: F401
+    except ImportError as exc:
+        return [make_row(GROUP, "random take, client CPU per image, obstore vs s3fs", None, "", note=f"skipped: {exc}")]
+    readers = {name: shard_range_reader(url, IMAGE_VAR, use_obstore=name == "obstore") for name in ("obstore", "s3fs")}
+    assert readers["obstore"].range_client == "obstore" and readers["s3fs"].range_client == "fsspec"
+    for reader in readers.values():
+        reader.shard_indexes(list(range(SAMPLES // shard)))
+    cpu = {name: 0.0 for name in readers}
+    wall = {name: 0.0 for name in readers}
+    for round_ in range(CPU_ROUNDS_QUICK if quick else CPU_ROUNDS):
+        idx = rng.integers(0, SAMPLES, TAKE)
+        for name in sorted(readers, reverse=round_ % 2 == 1):  # alternate which goes first
+            c0, t0 = time.process_time(), time.perf_counter()
+            readers[name].take(idx)
+            cpu[name] += time.process_time() - c0
+            wall[name] += time.perf_counter() - t0
+    images = TAKE * (CPU_ROUNDS_QUICK if quick else CPU_ROUNDS)
+    ms = {name: 1e3 * cpu[name] / images for name in readers}
+    rate = {name: images / wall[name] for name in readers}
+    load = os.getloadavg()[0]
+    where = f"moto on 127.0.0.1, {shard:,}-image shards, 100 random images per take, indexes cached, one connection per request (HTTP/1.0); load avg {load:.1f} on {os.cpu_count()} cores"
+    return [
+        make_row(GROUP, "random take, client CPU per image, obstore", ms["obstore"], "ms/img", baseline=ms["s3fs"], goal=f"≤ {CPU_GOAL_MS} ms",
+                 met=ms["obstore"] <= CPU_GOAL_MS, note=f"baseline: s3fs, same ranges, same run (lower is better); {where}"),
+        make_row(GROUP, "random take, img/s, obstore", rate["obstore"], "img/s", baseline=rate["s3fs"], note=f"baseline: s3fs, same rounds; {where}"),
     ]
 
 
