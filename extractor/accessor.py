@@ -22,14 +22,13 @@ import xarray as xr
 
 from extractor.selection import SelectionError, resolve_class
 from schemas.classes import class_table
+from schemas.compare_report import REPORT_DIMS
 from schemas.errors import ImzarrError
 from schemas.image_store import SAMPLE_DIM
 from schemas.variable_attrs import TEXT_VARIABLES, classes_lookup
 
 ACCESSOR_NAME = "imzarr"
 LABEL = "label"
-# The class dimension of compare reports: `label` since issue 26, `class` before.
-REPORT_CLASS_DIMS = (LABEL, "class")
 ClassNames = str | int | Iterable[str | int]
 
 
@@ -55,7 +54,7 @@ class ImzarrAccessor:
         """`sample` for stores (one row per sample), `label` (or `class`) for compare reports."""
         if SAMPLE_DIM in self._ds.dims:
             return SAMPLE_DIM
-        for dim in REPORT_CLASS_DIMS:
+        for dim in REPORT_DIMS:
             if dim in self._ds.dims:
                 return dim
         raise AccessorError(f"dataset has dims {sorted(map(str, self._ds.dims))}: not an imzarr store or compare report (no 'sample', 'label' or 'class' dim)")

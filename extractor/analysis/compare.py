@@ -57,6 +57,8 @@ from extractor.analysis.metrics import (
 from extractor.analysis.provenance import describe_model, short_sha
 from extractor.analysis.reference_statistics import ReferenceStatistics, read_reference, statistics_accumulator, store_inception_score
 from schemas.classes import class_table
+from schemas.compare_report import COMPARE_SCHEMA as REPORT_SCHEMA
+from schemas.compare_report import REPORT_DIM, on_label_dimension
 from schemas.errors import ImzarrError
 from schemas.store_identity import StoreIdentity, check_unchanged, reader_lease
 from schemas.output_paths import check_output_location, local_path
@@ -67,8 +69,6 @@ __all__ = [
     "compare", "compare_options", "compare_stores", "compare_to_reference", "format_report_table", "open_report", "write_report",
 ]  # fmt: skip
 
-REPORT_SCHEMA = "imzarr.compare/1"
-REPORT_DIM = "label"  # as in the image and activation stores; reports before it used `class` (open_report renames)
 METRIC_GROUPS = ("fd", "kid", "prdc", "is")
 DEFAULT_METRICS = ("fd", "kid", "prdc")
 PRDC_NAMES = ("precision", "recall", "density", "coverage")
@@ -521,11 +521,10 @@ def open_report(path: str) -> xr.Dataset:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
         ds = xr.open_zarr(path).load()
-    if "class" in ds.dims:
-        ds = ds.rename({"class": REPORT_DIM})
-        if "label" in ds.variables:
-            ds["label"].attrs = dict(REPORT_VARIABLE_ATTRS["label"])
-    return ds
+    renamed = on_label_dimension(ds)
+    if renamed is not ds and "label" in renamed.variables:
+        renamed["label"].attrs = dict(REPORT_VARIABLE_ATTRS["label"])
+    return renamed
 
 
 def _num(a: dict, key: str, fmt: str) -> str:

@@ -38,6 +38,7 @@ from PIL import Image
 
 from extractor.analysis.plots import UNTRAINED_BANNER
 from extractor.analysis.provenance import describe_model, short_sha
+from schemas.compare_report import COMPARE_SCHEMA, on_label_dimension
 from schemas.activation_store import validate_activation_store
 from schemas.errors import ImzarrError
 from schemas.image_store import validate_image_store
@@ -46,8 +47,6 @@ from schemas.output_paths import check_output_location, local_path, write_output
 SITE_SCHEMA = "imzarr.report-site/1"
 MARKER = "imzarr-report.json"  # names the folder as a report site this command may replace
 SITE_ENTRIES = ("index.html", "assets", "data", "classes")  # everything a site holds besides its marker
-COMPARE_SCHEMA = "imzarr.compare/1"
-CLASS_DIMS = ("label", "class")  # the report's per-class dimension: `label`, or `class` in reports written before
 ASSETS = ("report.js", "report.css")
 THUMBS_PER_SIDE = 16
 TILE = 64  # thumbnail side in pixels: ImageNet-64 at its own size; smaller images are upscaled, larger reduced
@@ -127,7 +126,7 @@ def _exists(url: str) -> bool:
 
 
 def open_compare(compare: str | xr.Dataset) -> tuple[xr.Dataset, str | None]:
-    """The compare report as a Dataset (and its URL), its per-class dimension named `class`."""
+    """The compare report as a Dataset (and its URL), its per-class dimension named `label`."""
     url = None
     if not isinstance(compare, xr.Dataset):
         url = str(compare)
@@ -140,10 +139,7 @@ def open_compare(compare: str | xr.Dataset) -> tuple[xr.Dataset, str | None]:
     schema = compare.attrs.get("schema")
     if schema != COMPARE_SCHEMA:
         raise ReportSiteError(f"{url or 'dataset'}: not a compare report (schema {schema!r}, expected {COMPARE_SCHEMA})")
-    dim = next((d for d in CLASS_DIMS if d in compare.dims), None)
-    if dim is not None and dim != "label":
-        compare = compare.rename({dim: "label"})
-    return compare, url
+    return on_label_dimension(compare), url
 
 
 def _open_side(role: str, url: str, compare_url: str, variable: str, pool: str, scratch: Path) -> _Side:
