@@ -242,12 +242,9 @@ def _compare(args: argparse.Namespace) -> int:
     for path in (args.output, args.plot):
         if path:
             check_output_location(path, inputs, allow_memory=False)
-    if args.per_class_thumbnails is not None and not args.report:
-        raise CommandLineError("--per-class-thumbnails needs --report (the site it sizes)")
-    if args.report:
-        from extractor.analysis.report import claim_site_output
+    from extractor.analysis.report import claim_site_output
 
-        claim_site_output(args.report, inputs + [p for p in (args.output, args.plot) if p])
+    claim_site_output(args.report, inputs + [p for p in (args.output, args.plot) if p], args.per_class_thumbnails)
     options = compare_options(
         args.stores, layer=args.layer, reference=args.reference, metrics=args.metrics, per_class=not args.no_per_class,
         pool=args.pool, k=args.k, prdc_subset=args.prdc_subset, prdc_seed=args.seed, kid_subsets=args.kid_subsets,

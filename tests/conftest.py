@@ -97,3 +97,11 @@ def image_store(tmp_path_factory) -> str:
     url = str(root / "images.zarr")
     convert(open_npz_source([root / "npz" / "train"]), ConvertOptions(url, shuffle_seed=5, shard_size=32, inner_chunk=8))
     return url
+
+
+def run_imzarr(*args: object, cwd: object = None) -> "subprocess.CompletedProcess[str]":
+    """The `imzarr` command (`python -m schemas`, what the console script runs) in a child process, output captured."""
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "schemas", *map(str, args)], cwd=cwd, capture_output=True, text=True)

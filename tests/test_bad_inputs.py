@@ -5,18 +5,13 @@ tests/test_converter_bad_inputs.py.)"""
 from __future__ import annotations
 
 import pickle
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import zarr
+from tests.conftest import run_imzarr
 
 SAMPLE_WNID = "n01440764"
-
-
-def _imzarr(*args, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "schemas", *map(str, args)], cwd=cwd, capture_output=True, text=True)
 
 
 def _snapshot(root: Path) -> dict[str, bytes]:
@@ -27,9 +22,9 @@ def _snapshot(root: Path) -> dict[str, bytes]:
 def work(tmp_path_factory) -> Path:
     """A small sample, its image store, an activation store, and a few hostile files."""
     work = tmp_path_factory.mktemp("bad")
-    assert _imzarr("sample", "src", "--per-shard", "60", "--train-shards", "1", "--val-size", "10", cwd=work).returncode == 0
-    assert _imzarr("convert", "npz", "src/train", "-o", "images.zarr", cwd=work).returncode == 0
-    made = _imzarr("extract", "images.zarr", "-o", "acts.zarr", "--preset", "tiny-random", "--layers", "midblock", "--pool", "mean", "--device", "cpu", cwd=work)
+    assert run_imzarr("sample", "src", "--per-shard", "60", "--train-shards", "1", "--val-size", "10", cwd=work).returncode == 0
+    assert run_imzarr("convert", "npz", "src/train", "-o", "images.zarr", cwd=work).returncode == 0
+    made = run_imzarr("extract", "images.zarr", "-o", "acts.zarr", "--preset", "tiny-random", "--layers", "midblock", "--pool", "mean", "--device", "cpu", cwd=work)
     assert made.returncode == 0, made.stderr
     (work / "notes").mkdir()
     (work / "notes" / "keep.txt").write_text("mine")
@@ -85,7 +80,7 @@ CASES = [
 @pytest.mark.parametrize("case, argv, code, text", CASES, ids=[c[0] for c in CASES])
 def test_refused_in_one_line_with_nothing_touched(work, case, argv, code, text):
     before = _snapshot(work)
-    proc = _imzarr(*argv, cwd=work)
+    proc = run_imzarr(*argv, cwd=work)
     errors = [line for line in proc.stderr.splitlines() if ": error:" in line]
     assert proc.returncode == code, (proc.returncode, proc.stderr[-1500:])
     assert "Traceback" not in proc.stderr, proc.stderr[-1500:]

@@ -2,29 +2,24 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import zarr
 from distributed import LocalCluster
+from tests.conftest import run_imzarr
 
 pytestmark = pytest.mark.slow
 
 
-def _imzarr(*args, cwd) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "schemas", *map(str, args)], cwd=cwd, capture_output=True, text=True)
-
-
 def test_convert_on_a_local_cluster_of_processes_matches_the_local_run(tmp_path):
-    assert _imzarr("sample", "src", "--per-shard", "10", "--train-shards", "1", "--val-size", "200", cwd=tmp_path).returncode == 0
+    assert run_imzarr("sample", "src", "--per-shard", "10", "--train-shards", "1", "--val-size", "200", cwd=tmp_path).returncode == 0
     shards = ["--shard-size", "64", "--inner-chunk", "16"]
     # val_data.npz is deflated: stage 1 inflates it into scratch on the workers, stage 2 writes shards there too.
-    local = _imzarr("convert", "npz", "src/val", *shards, "-o", "local.zarr", cwd=tmp_path)
+    local = run_imzarr("convert", "npz", "src/val", *shards, "-o", "local.zarr", cwd=tmp_path)
     assert local.returncode == 0, local.stderr
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
-        remote = _imzarr("convert", "npz", "src/val", *shards, "-o", "cluster.zarr", "--scheduler", cluster.scheduler_address, cwd=tmp_path)
+        remote = run_imzarr("convert", "npz", "src/val", *shards, "-o", "cluster.zarr", "--scheduler", cluster.scheduler_address, cwd=tmp_path)
     assert remote.returncode == 0, remote.stderr
     a, b = zarr.open_group(tmp_path / "local.zarr", mode="r"), zarr.open_group(tmp_path / "cluster.zarr", mode="r")
     assert sorted(n for n, _ in a.arrays()) == sorted(n for n, _ in b.arrays())

@@ -15,15 +15,12 @@ from pathlib import Path
 import pytest
 
 from tests.faults import KILL_AT_STEP
+from tests.conftest import run_imzarr
 
 pytestmark = pytest.mark.slow
 
 STEPS = [("after_group_create", 0), ("after_attrs", 0), ("after_shard", 2), ("after_complete", 0), ("before_consolidate", 0),
          ("before_lock_release", 0)]
-
-
-def _imzarr(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "schemas", *args], cwd=cwd, capture_output=True, text=True)
 
 
 def _killed_run(step: str, count: int, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
@@ -58,8 +55,8 @@ def _generation(store: Path) -> str | None:
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
     work = tmp_path_factory.mktemp("faults")
-    assert _imzarr("sample", "src", "--per-shard", "150", "--train-shards", "2", "--val-size", "20", cwd=work).returncode == 0
-    assert _imzarr("convert", "npz", "src/train", "-o", "images.zarr", "--shard-size", "64", "--inner-chunk", "16", cwd=work).returncode == 0
+    assert run_imzarr("sample", "src", "--per-shard", "150", "--train-shards", "2", "--val-size", "20", cwd=work).returncode == 0
+    assert run_imzarr("convert", "npz", "src/train", "-o", "images.zarr", "--shard-size", "64", "--inner-chunk", "16", cwd=work).returncode == 0
     return work
 
 
@@ -82,7 +79,7 @@ def reference(workdir) -> dict[str, dict]:
     for command in COMMANDS:
         args, outputs = _args(command, f"ref-{command}.zarr")
         started = time.monotonic()
-        proc = _imzarr(*args, cwd=workdir)
+        proc = run_imzarr(*args, cwd=workdir)
         seconds[command] = time.monotonic() - started
         assert proc.returncode == 0, proc.stderr
         trees[command] = {o.replace(f"ref-{command}.zarr", "X"): _tree(workdir / o, f"ref-{command}.zarr") for o in outputs}
@@ -92,7 +89,7 @@ def reference(workdir) -> dict[str, dict]:
 def _check_rerun_matches(workdir: Path, command: str, out: str, reference) -> None:
     args, outputs = _args(command, out)
     started_as = {o: _generation(workdir / o) for o in outputs}
-    proc = _imzarr(*args, cwd=workdir)
+    proc = run_imzarr(*args, cwd=workdir)
     assert proc.returncode == 0, proc.stderr
     for o, generation in started_as.items():  # a resumed (or tidied) store keeps the id it was created with
         assert generation is None or _generation(workdir / o) == generation, (command, o)

@@ -332,3 +332,14 @@ def test_site_on_object_storage(run, s3, monkeypatch):
     types = {name: fs.info(f"{s3.bucket}/site/{name}")["ContentType"] for name in ("index.html", "assets/report.js", "classes/c0001-real.jpg")}
     assert types["index.html"] == "text/html" and types["classes/c0001-real.jpg"] == "image/jpeg"  # a static bucket serves these
     assert types["assets/report.js"] in ("text/javascript", "application/javascript")  # by Python version and /etc/mime.types
+
+
+def test_thumbnails_without_a_site_are_refused_by_the_library_and_the_cli(run, tmp_path, capsys):
+    from extractor.analysis.report import claim_site_output
+    from schemas.cli.dispatch import main
+
+    with pytest.raises(ReportSiteError, match=r"^--per-class-thumbnails needs --report") as raised:
+        claim_site_output(None, [run["real_acts"]], per_class=4)
+    code = main(["compare", run["real_acts"], run["fake_acts"], "--layer", "feat", "--per-class-thumbnails", "4"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err == [f"imzarr compare: error: {raised.value}"]

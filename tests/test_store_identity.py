@@ -17,6 +17,7 @@ import zarr
 
 from schemas.store_identity import GENERATION_ATTR, InputChangedError, StoreIdentity, StoreInUseError, check_unchanged, reader_lease
 from schemas.store_lifecycle import StoreExistsError
+from tests.conftest import run_imzarr
 
 # `imzarr extract` whose first shard task, before it reads, says so in a file and waits for the test's go file:
 # the rewrite then lands while the extraction is certainly running. Only our own function is wrapped.
@@ -36,10 +37,6 @@ sys.exit(main(argv))
 """
 
 
-def _imzarr(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "schemas", *args], cwd=cwd, capture_output=True, text=True)
-
-
 def _files(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
@@ -47,7 +44,7 @@ def _files(root: Path) -> dict[str, bytes]:
 @pytest.fixture(scope="module")
 def work(tmp_path_factory) -> Path:
     work = tmp_path_factory.mktemp("identity")
-    assert _imzarr("sample", "src", "--per-shard", "48", "--train-shards", "1", "--val-size", "8", cwd=work).returncode == 0
+    assert run_imzarr("sample", "src", "--per-shard", "48", "--train-shards", "1", "--val-size", "8", cwd=work).returncode == 0
     return work
 
 
@@ -55,7 +52,7 @@ def test_overwrite_of_a_store_being_extracted_is_refused_naming_the_reader(work)
     """Case 1 on a local disk: the rewrite is refused (exit 1, one line, the reader's pid and host); the
     extraction finishes from the unchanged store, complete and recording the input's generation."""
     convert = ["convert", "npz", "src/train", "-o", "img.zarr", "--shard-size", "16"]
-    assert _imzarr(*convert, cwd=work).returncode == 0
+    assert run_imzarr(*convert, cwd=work).returncode == 0
     before = _files(work / "img.zarr")
     generation = zarr.open_group(str(work / "img.zarr"), mode="r").attrs[GENERATION_ATTR]
     extract = ["extract", "img.zarr", "-o", "act.zarr", "--preset", "tiny-random", "--layers", "midblock", "--num-samples", "32",
@@ -68,7 +65,7 @@ def test_overwrite_of_a_store_being_extracted_is_refused_naming_the_reader(work)
         while not reading.exists():
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
             time.sleep(0.05)
-        rewrite = _imzarr(*convert, "--overwrite", "--shuffle-seed", "7", cwd=work)
+        rewrite = run_imzarr(*convert, "--overwrite", "--shuffle-seed", "7", cwd=work)
     finally:
         go.touch()
         out, err = proc.communicate(timeout=120)

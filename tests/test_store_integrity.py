@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import fsspec
@@ -32,6 +30,7 @@ from schemas.store_integrity import (
 )
 from schemas.store_lifecycle import finalize_store, mark_done, prepare_store
 from tests.synthetic import photo_like, write_npz_shard
+from tests.conftest import run_imzarr
 
 SHARD, INNER, N = 64, 16, 200  # 4 image shards of 16×16 images, the last one partial
 
@@ -105,10 +104,6 @@ def _copy(store: Path, tmp_path: Path) -> Path:
     return target
 
 
-def _imzarr(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "schemas", *args], capture_output=True, text=True)
-
-
 def _data_files(store: Path) -> list[Path]:
     """Every chunk and shard file of the store's arrays (not metadata, not the checksum record)."""
     return sorted(p for p in store.rglob("*") if p.is_file() and p.name != "zarr.json" and CHECKSUM_GROUP not in p.parts)
@@ -148,11 +143,11 @@ def _damage(store: Path, array: str) -> dict[str, Path]:
 @pytest.mark.parametrize("kind", ["image", "activation"])
 def test_verify_names_a_flipped_a_truncated_and_a_missing_shard(kind, image_store, activation_store, tmp_path):
     store = _copy(image_store if kind == "image" else activation_store, tmp_path)
-    clean = _imzarr("verify", str(store))
+    clean = run_imzarr("verify", str(store))
     assert clean.returncode == 0, clean.stderr
     assert "every crc32c as recorded" in clean.stdout
     damaged = _damage(store, "image" if kind == "image" else "feat")
-    proc = _imzarr("verify", str(store))
+    proc = run_imzarr("verify", str(store))
     assert proc.returncode == 1
     lines = proc.stdout.splitlines()
     assert sorted(lines) == sorted(
@@ -170,10 +165,10 @@ def test_verify_names_a_flipped_a_truncated_and_a_missing_shard(kind, image_stor
 
 def test_info_names_missing_and_short_shards_and_calls_the_store_not_valid(image_store, tmp_path):
     store = _copy(image_store, tmp_path)
-    ok = _imzarr("info", str(store))
+    ok = run_imzarr("info", str(store))
     assert ok.returncode == 0 and "data files   all present" in ok.stdout
     damaged = _damage(store, "image")
-    proc = _imzarr("info", str(store))
+    proc = run_imzarr("info", str(store))
     assert proc.returncode == 1
     named = [line for line in proc.stdout.splitlines() if line.startswith("damaged")]
     assert sorted(named) == sorted([f"damaged      {damaged['missing']}: missing",
@@ -208,14 +203,14 @@ def test_commands_over_a_store_missing_a_shard_fail_in_one_line(image_store, act
     shard.unlink()
     for args in (["extract", str(images), "-o", str(tmp_path / "a.zarr"), "--preset", "tiny-random", "--layers", "midblock", "--device", "cpu"],
                  ["show", str(images), "-o", str(tmp_path / "grid.png")]):
-        proc = _imzarr(*args)
+        proc = run_imzarr(*args)
         assert proc.returncode == 1, (args[0], proc.stderr)
         assert proc.stderr.strip().splitlines() == [f"imzarr {args[0]}: error: {shard}: missing; the store is marked complete but lacks data"]
     assert not (tmp_path / "a.zarr").exists() and not (tmp_path / "grid.png").exists()
     acts = _copy(activation_store, tmp_path)
     gone = acts / "feat" / "c" / "0" / "0" / "0" / "0"
     gone.unlink()
-    proc = _imzarr("compare", str(activation_store), str(acts), "--layer", "feat")
+    proc = run_imzarr("compare", str(activation_store), str(acts), "--layer", "feat")
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == [f"imzarr compare: error: {gone}: missing; the store is marked complete but lacks data"]
 
@@ -248,12 +243,12 @@ def test_a_store_without_a_record_gets_the_listing_checks(image_store, tmp_path)
     meta = json.loads((store / "zarr.json").read_text())
     meta["consolidated_metadata"]["metadata"] = {k: v for k, v in meta["consolidated_metadata"]["metadata"].items() if not k.startswith(CHECKSUM_GROUP)}
     (store / "zarr.json").write_text(json.dumps(meta))
-    proc = _imzarr("verify", str(store))
+    proc = run_imzarr("verify", str(store))
     assert proc.returncode == 0 and "no checksum record" in proc.stderr and f"{store}: ok (presence and sizes)" in proc.stdout
-    assert "data files   sizes possible; no checksum record" in _imzarr("info", str(store)).stdout
+    assert "data files   sizes possible; no checksum record" in run_imzarr("info", str(store)).stdout
     shard = store / "image" / "c" / "1" / "0" / "0" / "0"
     os.truncate(shard, 10)  # shorter than any shard's index
-    proc = _imzarr("verify", str(store))
+    proc = run_imzarr("verify", str(store))
     assert proc.returncode == 1 and proc.stdout.splitlines() == [f"{shard}: truncated: 10 bytes, expected at least {4 * 16 + 4}"]
 
 

@@ -83,8 +83,13 @@ class SiteResult:
 # ---------------------------------------------------------------- claiming the output
 
 
-def claim_site_output(output: str, inputs: list[str] | tuple[str, ...] = ()) -> None:
-    """Refuse an output folder that overlaps an input or holds anything but an earlier report site."""
+def claim_site_output(output: str | None, inputs: list[str] | tuple[str, ...] = (), per_class: int | None = None) -> None:
+    """Refuse an output folder that overlaps an input or holds anything but an earlier report site, and a
+    thumbnail count without a site to size (`output` None)."""
+    if output is None:
+        if per_class is not None:
+            raise ReportSiteError("--per-class-thumbnails needs --report (the site it sizes)")
+        return
     check_output_location(output, [i for i in inputs if i], allow_memory=True)
     fs, path = fsspec.core.url_to_fs(output)
     if not fs.exists(path):
