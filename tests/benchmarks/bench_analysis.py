@@ -19,7 +19,6 @@ each timed run (this VM evicts pages unused for ~60 s).
 
 from __future__ import annotations
 
-import os
 import time
 import warnings
 from pathlib import Path
@@ -36,7 +35,7 @@ from schemas.classes import NUM_CLASSES, class_table
 from schemas.image_layout import DEFAULT_SHARD, NUMERIC_COORDINATES, create_image_arrays
 from schemas.image_store import COORDINATES as IMAGE_COORDINATES
 from schemas.variable_attrs import TEXT_VARIABLES, image_store_array_attrs
-from tests.benchmarks.run import QuietGate, Row, make_row
+from tests.benchmarks.run import QuietGate, Row, make_row, warm_files
 
 INNER_CHUNK_TARGET_BYTES = 8 << 20  # proposed: largest power of two of samples within this, capped at the shard
 MEAN_GOAL_RATIO = 0.8
@@ -177,19 +176,10 @@ def coordinates_only_store(workdir: Path, n: int, written: bool) -> str:
 # ---------------------------------------------------------------- timing
 
 
-def _warm(url: str) -> None:
-    """Read every file of the store once, right before timing (pages unused for ~60 s are evicted here)."""
-    for folder, _, files in os.walk(url):
-        for name in files:
-            with open(os.path.join(folder, name), "rb") as f:
-                while f.read(16 << 20):
-                    pass
-
-
 def _best_seconds(url: str, action: Callable[[], object]) -> float:
     best = float("inf")
     for _ in range(ROUNDS):
-        _warm(url)
+        warm_files(url)
         started = time.perf_counter()
         action()
         best = min(best, time.perf_counter() - started)

@@ -24,7 +24,7 @@ import numpy as np
 import xarray as xr
 
 import extractor  # noqa: F401  (registers ds.imzarr)
-from tests.benchmarks.run import QuietGate, Row, make_row
+from tests.benchmarks.run import QuietGate, Row, make_row, warm_files
 from tests.synthetic import write_activation_store
 
 FULL_IMAGENET = 1_281_167
@@ -47,14 +47,6 @@ def layer_store(workdir: Path, n: int) -> str:
 
         write_activation_store(url, labels, block, (CHANNELS,), layer=LAYER, shard=4096)
     return url
-
-
-def _warm(url: str) -> None:
-    for folder, _, files in os.walk(url):
-        for name in files:
-            with open(os.path.join(folder, name), "rb") as f:
-                while f.read(16 << 20):
-                    pass
 
 
 def in_memory(url: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -87,7 +79,7 @@ def accessor_way(url: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def _timed(url: str, action: Callable[[str], tuple]) -> tuple[float, tuple]:
     best, result = float("inf"), ()
     for _ in range(ROUNDS):
-        _warm(url)
+        warm_files(url)
         started = time.perf_counter()
         result = action(url)
         best = min(best, time.perf_counter() - started)
