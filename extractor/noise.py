@@ -16,7 +16,7 @@ modulo 2⁶⁴ on CPU and CUDA alike, and right shifts masked to be logical. The
 correctly rounded operations (+, −, ×, ÷, sqrt, conversions; never a device's own log/sin/cos, which differ by
 ULPs between CPU and CUDA), each as its own elementwise op, in float32 except one exact step: a + 1 is split into
 f·2ᵉ through an integer view of its float64 bits, and f is then rounded once to float32. So the bits are the same
-on every device, batch size, order and worker count (the pinned values in tests/test_noise.py hold any device to
+on every device, batch size, order and worker count (the pinned values in tests/extractor/test_noise.py hold any device to
 it); they lie within 3e-6 of the exact values of the formula above.
 
 torch's own float32 sqrt is not correctly rounded on x86 CPUs (it goes through MKL: 17 % of results one ULP off,

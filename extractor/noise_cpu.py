@@ -5,7 +5,7 @@ The torch implementation runs each of the recipe's ~110 elementwise steps as its
 that made noise most of an extraction's non-network time (measured: 9,500-11,000 img/s on one core at 64×64).
 Here every step of one (cos, sin) pair happens in registers, in the same order and precision: the same
 correctly rounded float32 operations with float32 constants, the same exact integer and float64-bit steps, so
-the output bits equal the torch path's (tests/test_noise.py checks both against the pinned table and each other).
+the output bits equal the torch path's (tests/extractor/test_noise.py checks both against the pinned table and each other).
 numba compiles without fast-math, so no multiply-add is fused and nothing is reordered.
 """
 

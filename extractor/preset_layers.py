@@ -1,5 +1,5 @@
 """Every preset's layer names, known without building the network (or importing torch), so `--layers` typos are
-refused at once. tests/test_preset_layers.py checks each table against the names of the built network."""
+refused at once. tests/extractor/test_preset_layers.py checks each table against the names of the built network."""
 
 from __future__ import annotations
 

@@ -4,27 +4,8 @@ import numpy as np
 import pytest
 import zarr
 
-REPO = Path(__file__).resolve().parent.parent
-FIXTURES = REPO / "tests" / "fixtures"
-
-
-def stores_identical(a: str, b: str, ignore_attrs: tuple[str, ...] = ()) -> None:
-    """Assert two stores hold the same arrays (values, dtypes, chunking) and the same group attributes (but
-    `ignore_attrs`, and `generation`: an id drawn at random each time a store is created, so that a rewrite is
-    told apart from the store a reader opened — schemas/store_identity.py)."""
-    ignore_attrs = (*ignore_attrs, "generation")
-    ga, gb = zarr.open_group(str(a), mode="r"), zarr.open_group(str(b), mode="r")
-    assert {k: v for k, v in ga.attrs.items() if k not in ignore_attrs} == {k: v for k, v in gb.attrs.items() if k not in ignore_attrs}
-    names_a, names_b = sorted(k for k, _ in ga.arrays()), sorted(k for k, _ in gb.arrays())
-    assert names_a == names_b
-    for name in names_a:
-        x, y = ga[name], gb[name]
-        assert x.shape == y.shape and x.dtype == y.dtype and x.chunks == y.chunks, name
-        np.testing.assert_array_equal(x[:], y[:], err_msg=name)
-    assert sorted(k for k, _ in ga.groups()) == sorted(k for k, _ in gb.groups())
-
-
-EDM_REFERENCE = FIXTURES / "edm_small_A.pt"
+from tests.support.commands import run_imzarr  # noqa: F401  (also a plain import for tests)
+from tests.support.locations import EDM_REFERENCE, REPO  # noqa: F401
 
 
 @pytest.fixture(scope="session")
@@ -37,10 +18,10 @@ def edm_reference() -> dict:
 
 @pytest.fixture(scope="module")
 def s3():
-    """A moto S3 server on a free 127.0.0.1 port for one test module (tests/s3_server.py), stopped after it."""
+    """A moto S3 server on a free 127.0.0.1 port for one test module (tests/support/s3_server.py), stopped after it."""
     pytest.importorskip("moto.server")
     pytest.importorskip("s3fs")
-    from tests.s3_server import local_s3
+    from tests.support.s3_server import local_s3
 
     with local_s3() as server:
         yield server
@@ -49,7 +30,7 @@ def s3():
 @pytest.fixture()
 def edm_modules(monkeypatch: pytest.MonkeyPatch):
     """Importable stand-ins for torch_utils.persistence and dnnlib.util (EDM's pickles name them); the
-    reconstructor runs the pickle's module_src, as the real one does (tests/edm_pickles.py builds such pickles)."""
+    reconstructor runs the pickle's module_src, as the real one does (tests/support/edm_pickles.py builds such pickles)."""
     import sys
     import types
 
@@ -81,10 +62,6 @@ def edm_modules(monkeypatch: pytest.MonkeyPatch):
     return _reconstruct_persistent_obj, EasyDict
 
 
-# bf16 autocast against fp32 on the EDM reference fixture: each layer within 3 % of its largest value, D(x) within 1 %.
-BF16_LAYER_TOLERANCE, BF16_OUTPUT_TOLERANCE = 0.03, 0.01
-
-
 @pytest.fixture(scope="module")
 def image_store(tmp_path_factory) -> str:
     """A small shuffled image store of the embedded sample (120 images, 32-image shards, 8-image inner chunks)."""
@@ -97,11 +74,3 @@ def image_store(tmp_path_factory) -> str:
     url = str(root / "images.zarr")
     convert(open_npz_source([root / "npz" / "train"]), ConvertOptions(url, shuffle_seed=5, shard_size=32, inner_chunk=8))
     return url
-
-
-def run_imzarr(*args: object, cwd: object = None) -> "subprocess.CompletedProcess[str]":
-    """The `imzarr` command (`python -m schemas`, what the console script runs) in a child process, output captured."""
-    import subprocess
-    import sys
-
-    return subprocess.run([sys.executable, "-m", "schemas", *map(str, args)], cwd=cwd, capture_output=True, text=True)

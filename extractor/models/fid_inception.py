@@ -16,7 +16,7 @@ pytorch-fid's four feature depths by name, `fid64`, `fid192`, `fid768`, `fid2048
 (64 ch, block 0), maxpool2 (192 ch, block 1), Mixed_6e (768 ch, block 2) and the final 1×1 average pool (2048 ch,
 block 3)) followed by fid_score's `adaptive_avg_pool2d(pred, (1, 1))` where the map is larger than 1×1, squeezed
 to [N, D]. So `fidD` = the spatial mean of that block's output map (`fid2048` equals `pool3`); tested against
-pytorch-fid 0.3.0's own code in tests/test_feature_models.py.
+pytorch-fid 0.3.0's own code in tests/extractor/test_feature_models.py.
 """
 
 from __future__ import annotations

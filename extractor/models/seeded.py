@@ -12,7 +12,7 @@ by Python-float constants rounded once to float32), never torch's exp/log/sin, w
 builds. torch's random number generators are never used (neither read nor advanced): torch's CPU `randn` takes
 a different vectorised path, and so different bits, per build and CPU capability, where these draws do not.
 So a preset's weights are bit-identical on every machine, CPU, torch build and Python version; the pinned
-state-dict hashes in tests/test_seeded_weights.py (dmd2-imagenet64's in tests/test_edm_model.py) hold every lane
+state-dict hashes in tests/extractor/test_seeded_weights.py (dmd2-imagenet64's in tests/extractor/test_edm_model.py) hold every lane
 to it. ("Identical" covers the weights; activations computed from them still differ in the last bits between
 builds and devices, as any float math does.)
 """
@@ -51,7 +51,7 @@ def uniform(seed: int, index: int, shape: Sequence[int]) -> torch.Tensor:
     shape = tuple(int(s) for s in shape)
     key = int(sample_keys(seed, torch.tensor([index], dtype=torch.int64))[0])
     out = torch.empty(shape, dtype=torch.float32)
-    noise_cpu.uniform24(key, out.numpy())  # compiled; its bits are the torch ops' (tests/test_seeded_weights.py)
+    noise_cpu.uniform24(key, out.numpy())  # compiled; its bits are the torch ops' (tests/extractor/test_seeded_weights.py)
     return out
 
 

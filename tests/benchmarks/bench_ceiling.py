@@ -24,7 +24,7 @@ import numpy as np
 
 from tests.benchmarks.bench_extract import bench_image_store
 from tests.benchmarks.run import QuietGate, make_row, others_busy_cores
-from tests.stand_in import StandInNetwork, serving
+from tests.support.stand_in import StandInNetwork, serving
 
 LAYERS = ("model.enc.8x8_a", "model.enc.8x8_b")
 LAYER_SHAPE = (768, 8, 8)
@@ -133,7 +133,7 @@ def _noise_row(batch: int = 128, rounds: int = 5) -> dict:
     finally:
         torch.set_num_threads(threads)
     return make_row("ceiling", "noise, 3×64×64 per image, one core: compiled loop", rates[True], "img/s", baseline=rates[False],
-                    note="baseline: the recipe's torch ops on CPU; bit-identical outputs (tests/test_noise.py)")
+                    note="baseline: the recipe's torch ops on CPU; bit-identical outputs (tests/extractor/test_noise.py)")
 
 
 def _cast_rate(batch: int = 128, rounds: int = 5) -> float:

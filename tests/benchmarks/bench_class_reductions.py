@@ -25,7 +25,7 @@ import xarray as xr
 
 import extractor  # noqa: F401  (registers ds.imzarr)
 from tests.benchmarks.run import QuietGate, Row, make_row, warm_files
-from tests.synthetic import write_activation_store
+from tests.support.synthetic import write_activation_store
 
 FULL_IMAGENET = 1_281_167
 CHANNELS = 64

@@ -18,7 +18,7 @@ import numpy as np
 
 from schemas.classes import NUM_CLASSES
 from tests.benchmarks.run import QuietGate, Row, make_row, run_child
-from tests.synthetic import write_activation_store
+from tests.support.synthetic import write_activation_store
 
 DIM = 768
 LAYER = "features"

@@ -125,7 +125,7 @@ def _npz_paths(folder: Path, n: int) -> dict[str, Path]:
 
 
 def _generate_npz_inputs(paths: dict[str, Path], sizes: Sizes) -> None:
-    from tests.synthetic import photo_like, write_npz_shard
+    from tests.support.synthetic import photo_like, write_npz_shard
 
     n = sizes.shard_images
     rng = np.random.default_rng(SEED)
@@ -175,7 +175,7 @@ def _write_jpeg_tree(root: Path, num_files: int, num_folders: int) -> None:
     from PIL import Image
 
     from schemas.classes import class_table
-    from tests.synthetic import photo_like
+    from tests.support.synthetic import photo_like
 
     started = time.perf_counter()
     wnids = class_table().wnids

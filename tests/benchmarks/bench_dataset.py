@@ -60,7 +60,7 @@ class Inputs:
 
 def prepare_inputs(workdir: Path, num_images: int) -> Inputs:
     """Photo-like NPZ shards (stored, as released) and the store the CLI converts them into."""
-    from tests.synthetic import photo_like, write_npz_shard
+    from tests.support.synthetic import photo_like, write_npz_shard
 
     folder = workdir / "shards"
     folder.mkdir(parents=True, exist_ok=True)

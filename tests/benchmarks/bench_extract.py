@@ -16,7 +16,7 @@ import torch
 import zarr
 
 from tests.benchmarks.run import make_row, run_child
-from tests.synthetic import photo_like, write_npz_shard
+from tests.support.synthetic import photo_like, write_npz_shard
 
 LAYER = "encoder_bottleneck"
 BATCH = 64

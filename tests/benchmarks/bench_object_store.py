@@ -32,7 +32,7 @@ import zarr
 from schemas.image_layout import create_image_arrays, write_image_shard
 from schemas.image_store import IMAGE_VAR, ImageStore, shard_range_reader, take_with_zarr
 from tests.benchmarks.run import make_row
-from tests.s3_server import CREDENTIALS, local_s3
+from tests.support.s3_server import CREDENTIALS, local_s3
 
 GROUP = "object store"
 SAMPLES, RESOLUTION, TAKE, ROUNDS = 8192, 64, 100, 7

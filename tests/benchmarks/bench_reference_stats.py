@@ -28,7 +28,7 @@ import numpy as np
 
 from schemas.classes import NUM_CLASSES
 from tests.benchmarks.run import DEFAULT_WORK_PARENT, QuietGate, Row, make_row, run_child
-from tests.synthetic import write_activation_store
+from tests.support.synthetic import write_activation_store
 
 FULL_N, FULL_DIM, GENERATED_N = 1_281_167, 2048, 50_000
 QUICK_N, QUICK_DIM, QUICK_GENERATED_N = 100_000, 256, 10_000

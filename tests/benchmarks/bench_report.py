@@ -6,7 +6,7 @@ For each: the time to write the site, its size on disk (goal < 60 MB at 1,000 cl
 `file://…/index.html` to the page's ready mark (table built, handlers attached), measured both as the page's own
 `performance.now()` at the mark and as wall time around `goto` (the larger is the row's value); then the time
 to sort 1,000 rows by FD, to scroll the table to its end (checking FD order at both ends) and to open one class (its detail script and three grid JPEGs). The runs are made with
-`tests.synthetic.write_compare_run` (photo-like 64-px images, 18 stand-in features), reused between runs.
+`tests.support.synthetic.write_compare_run` (photo-like 64-px images, 18 stand-in features), reused between runs.
 With `data/compare-own.zarr` from `make compare` present, its site is measured too.
 """
 
@@ -24,11 +24,11 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run"
 INTERACTIVE_GOAL_S = 2.0
 SITE_GOAL_MB = 60.0
 MB = 1e6
-REPO = Path(__file__).resolve().parents[2]
+from tests.support.locations import REPO  # noqa: E402
 
 
 def _compare_run(workdir: Path, classes: int, per_class: int) -> str:
-    from tests.synthetic import write_compare_run
+    from tests.support.synthetic import write_compare_run
 
     root = workdir / f"run-{classes}x{per_class}"
     marker = root / "ready.json"

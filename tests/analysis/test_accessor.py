@@ -1,0 +1,194 @@
+"""`ds.imzarr` and the plain xarray idioms of issue 26, on image stores, activation stores and compare reports.
+
+Every idiom of the issue's list is here: it works as typed, or the accessor call that replaces it (README,
+"Analysis with the accessor") gives what the idiom meant, checked against NumPy on the stored values."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+import xarray as xr
+import zarr
+
+import converter
+import extractor  # noqa: F401  (registers ds.imzarr)
+from extractor.accessor import AccessorError, ProvenanceError
+from extractor.selection import SelectionError, UnknownClassNameError
+from schemas.classes import class_table
+from tests.support.synthetic import write_activation_store, write_npz_shard
+
+TENCH, KIT_FOX, GOLDFISH = 0, 278, 1
+LABELS = np.array([TENCH, KIT_FOX, GOLDFISH, KIT_FOX, TENCH, KIT_FOX, GOLDFISH, TENCH, KIT_FOX, KIT_FOX] * 30, dtype=np.int16)
+
+
+def _layer_values(a: int, b: int) -> np.ndarray:
+    # Values near float16's largest (65504): a float16 sum overflows after two of them.
+    rows = np.arange(a, b)[:, None]
+    return (60000.0 + 37.0 * np.sin(rows * 0.7 + np.arange(6)[None, :])).astype(np.float16)
+
+
+@pytest.fixture(scope="module")
+def acts(tmp_path_factory) -> str:
+    url = str(tmp_path_factory.mktemp("acts") / "acts.zarr")
+    return write_activation_store(url, LABELS, _layer_values, (6,), layer="midblock", shard=128)
+
+
+@pytest.fixture(scope="module")
+def images_and_acts(tmp_path_factory):
+    """An image store converted from an NPZ shard, and an activation store computed (synthetically) from every
+    third image of it, with the provenance the extractor records."""
+    root = tmp_path_factory.mktemp("prov")
+    rng = np.random.default_rng(3)
+    (root / "src").mkdir()
+    npz_labels = np.array([449, 2, 449, 7] * 15)  # 1-based map_clsloc labels: 449 is tench
+    write_npz_shard(root / "src" / "train_data_batch_1.npz", rng.integers(0, 256, (60, 64 * 64 * 3), dtype=np.uint8), npz_labels)
+    images = str(root / "images.zarr")
+    converter.convert_npz(root / "src", images)
+    positions = np.arange(0, 60, 3)
+    labels = zarr.open_array(images, path="label", mode="r")[:][positions]
+    url = write_activation_store(str(root / "acts.zarr"), labels, lambda a, b: np.ones((b - a, 4)), (4,), layer="midblock", shard=64)
+    group = zarr.open_group(url, mode="r+")
+    group["source_sample"][:] = positions
+    image_attrs = dict(zarr.open_group(images, mode="r").attrs)
+    group.attrs["source"] = {"url": images, "schema": image_attrs["schema"], "fingerprint": image_attrs["settings_fingerprint"], "source_format": "npz"}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
+        zarr.consolidate_metadata(url)
+    return images, url, positions
+
+
+def test_registered_on_import_without_importing_xarray_or_torch():
+    code = (
+        "import sys, extractor\n"
+        "assert 'xarray' not in sys.modules, 'import extractor imported xarray'\n"
+        "import xarray as xr\n"
+        "assert hasattr(xr.Dataset, 'imzarr') and 'torch' not in sys.modules\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    after = subprocess.run([sys.executable, "-c", "import xarray as xr, extractor; assert hasattr(xr.Dataset, 'imzarr')"], capture_output=True, text=True)
+    assert after.returncode == 0, after.stderr
+
+
+def test_sel_by_wnid_name_and_label(acts):
+    ds = xr.open_zarr(acts)
+    chosen = ds.imzarr.sel(classes=["tench", "n02119789", 1])
+    expected = np.flatnonzero(np.isin(LABELS, [TENCH, KIT_FOX, GOLDFISH]))
+    np.testing.assert_array_equal(chosen.source_sample.values, expected)
+    fox = ds.imzarr.sel(classes="kit fox")
+    assert set(fox.synset.values.tolist()) == {"n02119789"}
+    np.testing.assert_array_equal(fox.midblock.values, ds.midblock.values[LABELS == KIT_FOX])
+    assert fox.midblock.chunks is not None  # still lazy
+
+
+def test_sel_refusals_name_the_class(acts):
+    ds = xr.open_zarr(acts)
+    with pytest.raises(SelectionError, match="n01530575"):
+        ds.imzarr.sel(classes=["tench", "brambling"])  # brambling has no rows here
+    with pytest.raises(UnknownClassNameError, match="kit fox"):
+        ds.imzarr.sel(classes="kitfox")  # the shared parser's close matches
+
+
+def test_plain_sel_by_label_after_set_xindex(acts):
+    # The issue's `ds.sel(synset=…)`: no index exists at open (it would decode every string). A label index is
+    # cheap (int16): `set_xindex("label")` makes `sel(label=…)` work for one label; several go through the accessor.
+    ds = xr.open_zarr(acts)
+    with pytest.raises(KeyError):
+        ds.sel(synset="n01440764")
+    one = ds.set_xindex("label").sel(label=KIT_FOX)
+    np.testing.assert_array_equal(one.midblock.values, ds.midblock.values[LABELS == KIT_FOX])
+    np.testing.assert_array_equal(ds.imzarr.sel(classes="n01440764").midblock.values, ds.midblock.values[LABELS == TENCH])
+
+
+@pytest.mark.parametrize("drop", [True, False])
+def test_where_with_text_variables(acts, drop):
+    ds = xr.open_zarr(acts)
+    with pytest.raises(Exception):
+        ds.where(ds.label == KIT_FOX, drop=drop).compute()  # the plain idiom: StringDType cannot hold NaN
+    for cond in (ds.label == KIT_FOX, ds.synset == "n02119789"):
+        got = ds.imzarr.where(cond, drop=drop)
+        rows = LABELS == KIT_FOX
+        if drop:
+            np.testing.assert_array_equal(got.midblock.values, ds.midblock.values[rows])
+            assert set(got.class_name.values.tolist()) == {"kit fox"}
+        else:
+            np.testing.assert_array_equal(np.isnan(got.midblock.values).all(axis=1), ~rows)
+            np.testing.assert_array_equal(got.synset.values == "", ~rows)
+
+
+def test_class_reductions_against_float64_numpy(acts):
+    ds = xr.open_zarr(acts)
+    stored = zarr.open_array(acts, path="midblock", mode="r")[:].astype(np.float64)
+    assert ds.midblock.dtype == np.float64  # CF scale_factor: reductions accumulate in float64
+    labels = np.unique(LABELS)
+    want_mean = np.stack([stored[LABELS == c].mean(axis=0) for c in labels])
+    want_std = np.stack([stored[LABELS == c].std(axis=0, ddof=1) for c in labels])
+    mean = ds.imzarr.class_mean("midblock")
+    np.testing.assert_allclose(mean.values, want_mean, rtol=1e-12)
+    assert mean.class_name.values.tolist() == [class_table().names[c] for c in labels]
+    np.testing.assert_allclose(ds.imzarr.class_std("midblock", ddof=1).values, want_std, rtol=1e-9)
+    count = ds.imzarr.class_count()
+    assert count.values.tolist() == [int((LABELS == c).sum()) for c in labels] and count.synset.values[0] == "n01440764"
+    # The xarray way, grouped by the in-memory labels the accessor hands over (flox reduces the dask chunks).
+    grouped = ds.imzarr.groupby_class().mean()
+    np.testing.assert_allclose(grouped.midblock.values, want_mean, rtol=1e-12)
+    assert "synset" not in grouped.data_vars
+    named = ds.imzarr.with_class_names(grouped)
+    assert named.synset.values.tolist() == [class_table().wnids[c] for c in labels]
+    # The README's idiom: label loaded, then plain groupby.
+    ds.label.load()
+    np.testing.assert_allclose(ds.midblock.groupby("label").mean().values, want_mean, rtol=1e-12)
+    np.testing.assert_allclose(float(ds.midblock.mean()), stored.mean(), rtol=1e-12)
+
+
+def test_float32_view_is_half_the_float64_size_and_accurate(acts):
+    ds = xr.open_zarr(acts)
+    stored = zarr.open_array(acts, path="midblock", mode="r")[:].astype(np.float64)
+    small = ds.imzarr.as_float32()
+    assert small.midblock.dtype == np.float32 and small.midblock.nbytes * 2 == ds.midblock.nbytes
+    assert small.midblock.nbytes == 2 * stored.size * 2  # twice the float16 bytes on disk
+    for got, want in ((small.midblock.mean(), stored.mean()), (small.midblock.std(), stored.std())):
+        assert np.isfinite(float(got)) and np.isclose(float(got), want, rtol=1e-5)
+    per_class = small.imzarr.class_mean("midblock").values
+    want = np.stack([stored[LABELS == c].mean(axis=0) for c in np.unique(LABELS)])
+    assert np.isfinite(per_class).all() and np.allclose(per_class, want, rtol=1e-6)
+
+
+def test_image_store_selection_and_images_through_provenance(images_and_acts):
+    images_url, acts_url, positions = images_and_acts
+    images = xr.open_zarr(images_url)
+    pixels = zarr.open_array(images_url, path="image", mode="r")[:]
+    labels = zarr.open_array(images_url, path="label", mode="r")[:]
+    tench = images.imzarr.sel(classes="tench")
+    np.testing.assert_array_equal(tench.image.values, pixels[labels == TENCH])
+    np.testing.assert_allclose(images.imzarr.class_mean("image").sel(label=TENCH).values, pixels[labels == TENCH].mean(axis=0))
+    acts = xr.open_zarr(acts_url)
+    assert images.imzarr.images() is images
+    chosen = acts.imzarr.sel(classes="tench")
+    matched = chosen.imzarr.images()
+    assert matched.image.chunks is not None  # lazy
+    want = positions[labels[positions] == TENCH]
+    np.testing.assert_array_equal(matched.image.values, pixels[want])
+    np.testing.assert_array_equal(matched.label.values, chosen.label.values)
+    with pytest.raises(ProvenanceError, match="fingerprint"):
+        acts.assign_attrs(source={**acts.attrs["source"], "fingerprint": "0" * 64}).imzarr.images()
+
+
+@pytest.mark.parametrize("class_dim", ["label", "class"])
+def test_compare_reports_old_and_new(class_dim):
+    table = class_table()
+    classes = np.array([0, 1, 278], dtype=np.int16)
+    report = xr.Dataset(
+        {"fd": (class_dim, [1.0, 2.0, 3.0])},
+        coords={class_dim: classes, "synset": (class_dim, table.synsets_of(classes)), "class_name": (class_dim, table.names_of(classes))},
+    )
+    picked = report.imzarr.sel(classes=["kit fox", "n01440764"])
+    assert picked.fd.values.tolist() == [1.0, 3.0]
+    with pytest.raises(AccessorError, match="one row per class"):
+        report.imzarr.groupby_class()
+    with pytest.raises(AccessorError, match="not an imzarr store"):
+        xr.Dataset({"x": ("time", [1])}).imzarr.labels()

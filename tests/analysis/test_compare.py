@@ -1,0 +1,244 @@
+"""compare_stores: overall and per-class metrics equal reference computations on the stored values, pooling and
+flattening of unpooled layers, the Zarr report, the terminal table, the PNG, and clear errors."""
+
+import importlib.util
+import warnings
+
+import numpy as np
+import pytest
+import scipy.linalg
+import xarray as xr
+from PIL import Image
+from scipy.spatial.distance import cdist
+
+from extractor.analysis import compare as compare_module
+from extractor.analysis.compare import CompareError, LayerMismatchError, NonFiniteFeaturesError, compare_stores, format_report_table
+from extractor.analysis.plots import PlotError
+from schemas.classes import class_table
+from tests.support.synthetic import write_activation_store
+
+DIM = 8
+MODES = 4
+PER_MODE = 20
+FULL, HALF, QUARTER, TINY, REAL_ONLY = 1, 7, 42, 300, 99  # labels: how many of the real modes the fakes cover
+
+
+def reference_fd(x1, x2):
+    mu1, mu2, s1, s2 = x1.mean(0), x2.mean(0), np.cov(x1, rowvar=False), np.cov(x2, rowvar=False)
+    return float(np.sum((mu1 - mu2) ** 2) + np.trace(s1 + s2 - 2 * scipy.linalg.sqrtm(s1 @ s2).real))
+
+
+def reference_prdc(real, fake, k):
+    d_rr, d_ff, d_rf = cdist(real, real), cdist(fake, fake), cdist(real, fake)
+    r_real, r_fake = np.sort(d_rr, axis=1)[:, k], np.sort(d_ff, axis=1)[:, k]
+    inside = d_rf <= r_real[:, None]
+    return {
+        "precision": inside.any(axis=0).mean(),
+        "recall": (d_rf <= r_fake[None, :]).any(axis=1).mean(),
+        "density": inside.sum() / (k * fake.shape[0]),
+        "coverage": (d_rf.min(axis=1) <= r_real).mean(),
+    }
+
+
+def mode_centres(label):
+    rng = np.random.default_rng(label)
+    return rng.normal(0, 1, (MODES, DIM)) * 0.3 + np.eye(MODES, DIM) * 12 + label * 0.5
+
+
+def sample_class(rng, label, modes, per_mode):
+    centres = mode_centres(label)[list(modes)]
+    return np.concatenate([c + rng.normal(0, 1, (per_mode, DIM)) for c in centres])
+
+
+def make_features(seed=0):
+    """Real: every class has 4 separated modes. Fake: FULL covers all 4, HALF 2, QUARTER 1; TINY has 3 per side."""
+    rng = np.random.default_rng(seed)
+    real_parts, fake_parts, real_labels, fake_labels = [], [], [], []
+    for label, fake_modes in ((FULL, range(4)), (HALF, range(2)), (QUARTER, range(1))):
+        real_parts.append(sample_class(rng, label, range(4), PER_MODE))
+        real_labels += [label] * (MODES * PER_MODE)
+        per_mode = MODES * PER_MODE // len(fake_modes) - 3  # similar class sizes on both sides, not equal
+        fake_parts.append(sample_class(rng, label, fake_modes, per_mode))
+        fake_labels += [label] * (per_mode * len(fake_modes))
+    real_parts += [sample_class(rng, TINY, [0], 3), sample_class(rng, REAL_ONLY, [0], 10)]
+    real_labels += [TINY] * 3 + [REAL_ONLY] * 10
+    fake_parts.append(sample_class(rng, TINY, [0], 3))
+    fake_labels += [TINY] * 3
+    real, fake = np.concatenate(real_parts), np.concatenate(fake_parts)
+    real_labels, fake_labels = np.array(real_labels), np.array(fake_labels)
+    # Shuffle so classes are interleaved across blocks, as in a real store.
+    pr, pf = rng.permutation(len(real)), rng.permutation(len(fake))
+    return real[pr], real_labels[pr], fake[pf], fake_labels[pf]
+
+
+def store(path, features, labels, dtype="float16", pooling=None, layer="feat"):
+    url = str(path)
+    write_activation_store(url, labels, lambda a, b: features[a:b], features.shape[1:], layer=layer, dtype=dtype, shard=64, pooling=pooling)
+    return url
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory):
+    root = tmp_path_factory.mktemp("compare")
+    real, real_labels, fake, fake_labels = make_features()
+    real_url = store(root / "real.zarr", real, real_labels, dtype="float16")
+    fake_url = store(root / "fake.zarr", fake, fake_labels, dtype="float32")
+    # The metrics see what was stored: float16 rounding included.
+    return real_url, fake_url, real.astype(np.float16).astype(np.float64), real_labels, fake, fake_labels, root
+
+
+def test_overall_and_per_class_equal_references(stores):
+    real_url, fake_url, real, real_labels, fake, fake_labels, root = stores
+    ds = compare_stores(real_url, fake_url, "feat", k=5, block_size=50)  # blocks do not divide the sizes
+    a = ds.attrs
+    assert a["n_real"] == len(real) and a["n_fake"] == len(fake) and a["k"] == 5 and a["layer"] == "feat" and a["pool"] == "mean"
+    assert a["real_store"] == real_url and a["fake_store"] == fake_url
+    assert a["fd"] == pytest.approx(reference_fd(real, fake), rel=1e-6)
+    overall = reference_prdc(real, fake, 5)
+    for name, value in overall.items():
+        # float32 blocked distances: at most one sample on a ball's edge may flip
+        assert a[name] == pytest.approx(value, abs=1.01 / min(len(real), len(fake))), name
+    assert a["classes_only_in_real"] == 1 and a["classes_only_in_fake"] == 0
+
+    assert ds["label"].values.tolist() == [FULL, HALF, QUARTER, TINY]
+    names = class_table().names
+    assert ds["class_name"].values.tolist() == [names[c] for c in (FULL, HALF, QUARTER, TINY)]
+    for label in (FULL, HALF, QUARTER):
+        row = ds.sel(label=label)
+        r, f = real[real_labels == label], fake[fake_labels == label]
+        assert int(row.n_real) == len(r) and int(row.n_fake) == len(f)
+        assert float(row.fd) == pytest.approx(reference_fd(r, f), rel=1e-6)
+        for name, value in reference_prdc(r, f, 5).items():
+            assert float(row[name]) == pytest.approx(value, abs=1e-12), (label, name)
+        assert str(row.note.values) == ""
+    cov = ds["coverage"].sel(label=[FULL, HALF, QUARTER]).values
+    assert cov[0] > cov[1] > cov[2]  # all modes > half of them > a quarter
+    assert cov[0] > 0.9 and 0.35 < cov[1] < 0.65 and cov[2] < 0.4
+    tiny = ds.sel(label=TINY)
+    assert np.isnan(float(tiny.coverage)) and np.isnan(float(tiny.precision)) and "k+1=6" in str(tiny.note.values)
+    assert np.isfinite(float(tiny.fd))  # 3 samples per side are enough for a (rank-2) Fréchet distance
+
+
+def test_report_zarr_table_and_png(stores):
+    real_url, fake_url, *_, root = stores
+    out, png = str(root / "report.zarr"), root / "report.png"
+    ds = compare_stores(real_url, fake_url, "feat", output=out, plot=str(png))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no consolidated-metadata or string-dtype warnings
+        back = xr.open_zarr(out)
+    assert back.attrs["fd"] == ds.attrs["fd"] and back.attrs["schema"] == "imzarr.compare/1"
+    np.testing.assert_array_equal(back["coverage"].values, ds["coverage"].values)
+    assert list(back["synset"].values) == list(ds["synset"].values)  # vlen strings (StringDType) read back
+
+    table = format_report_table(ds, worst=2)
+    lines = table.splitlines()
+    assert any(line.startswith("overall  FD") for line in lines)
+    header = next(i for i, line in enumerate(lines) if "n_real" in line)
+    worst = lines[header + 1 : header + 3]
+    wnids = class_table().wnids
+    assert wnids[QUARTER] in worst[0] and wnids[HALF] in worst[1]  # the worst-covered class first
+    assert "1 classes have too few samples" in table
+
+    with Image.open(png) as img:
+        assert img.format == "PNG" and img.size == (1800, 900)
+        pixels = np.asarray(img.convert("RGB"))
+    assert pixels.std() > 10  # something was drawn
+    # Coverage bars in orange, and the untrained model's warning in red below the panels.
+    assert ((pixels[..., 0] > 240) & (pixels[..., 1] > 140) & (pixels[..., 1] < 175) & (pixels[..., 2] < 90)).sum() > 50
+    bottom = pixels[-40:]
+    assert ((bottom[..., 0] > 190) & (bottom[..., 1] < 70) & (bottom[..., 2] < 70)).sum() > 100
+
+
+def test_report_states_its_provenance(stores, tmp_path):
+    """Model (preset/checkpoint, short sha256, trained), σ, layer and module, both stores: in the report and table."""
+    real_url, fake_url, *_ = stores
+    ds = compare_stores(real_url, fake_url, "feat", per_class=False)
+    a = ds.attrs
+    assert a["real_store"] == real_url and a["fake_store"] == fake_url and a["layer"] == "feat"
+    assert a["module_path"] == "synthetic.feat" and a["sigma"] == 80.0 and a["trained"] is False
+    assert "UNTRAINED" in a["model"] and a["real_trained"] is False
+    table = format_report_table(ds)
+    assert "UNTRAINED" in table and "synthetic.feat" in table and "σ = 80.0" in table
+
+    rng = np.random.default_rng(3)
+    labels = np.repeat([1, 2], 10)
+    trained = {"name": "ckpt", "preset": None, "checkpoint": "/ckpt/dmd2/pytorch_model.bin", "sha256": "f" * 64, "trained": True}
+    a_url = store(tmp_path / "a.zarr", rng.normal(size=(20, 4)), labels)
+    b_url = write_activation_store(str(tmp_path / "b.zarr"), labels, lambda a, b: rng.normal(size=(b - a, 4)), (4,), layer="feat", shard=64, sigma=0.5, model=trained)
+    mixed = compare_stores(a_url, b_url, "feat", per_class=False).attrs
+    assert mixed["trained"] is False and mixed["fake_trained"] is True
+    assert mixed["fake_model"] == "checkpoint …/dmd2/pytorch_model.bin, sha256 ffffffffffff, trained"
+    assert mixed["model"].startswith("real: synthetic") and "generated: checkpoint" in mixed["model"]
+    assert mixed["sigma"] == "real 80.0, generated 0.5"
+
+
+def test_report_variables_describe_themselves(stores):
+    real_url, fake_url, *_ = stores
+    ds = compare_stores(real_url, fake_url, "feat")
+    for name in ds.variables:
+        assert ds[name].attrs.get("long_name") and ds[name].attrs.get("description"), name
+
+
+def test_large_classes_take_the_blocked_path(stores, monkeypatch):
+    real_url, fake_url, *_ = stores
+    in_memory = compare_stores(real_url, fake_url, "feat", block_size=32)
+    monkeypatch.setattr(compare_module, "IN_MEMORY_CLASS_ROWS", 30)
+    blocked = compare_stores(real_url, fake_url, "feat", block_size=32)
+    for name in ("fd", "precision", "recall", "density", "coverage"):
+        np.testing.assert_allclose(blocked[name].values, in_memory[name].values, rtol=1e-6, atol=0.02, err_msg=name)
+
+
+def test_unpooled_layers_mean_max_and_flatten(tmp_path):
+    rng = np.random.default_rng(1)
+    labels_r, labels_f = np.repeat([3, 5], 40), np.repeat([3, 5], 35)
+    maps_r = rng.normal(size=(80, 4, 3, 3)) + labels_r[:, None, None, None]
+    maps_f = rng.normal(size=(70, 4, 3, 3)) * 1.3 + labels_f[:, None, None, None]
+    ur = store(tmp_path / "r.zarr", maps_r, labels_r, dtype="float32")
+    uf = store(tmp_path / "f.zarr", maps_f, labels_f, dtype="float32")
+    for pool, reduce in (("mean", lambda m: m.mean(axis=(2, 3))), ("max", lambda m: m.max(axis=(2, 3))), ("none", lambda m: m.reshape(len(m), -1))):
+        ds = compare_stores(ur, uf, "feat", pool=pool, block_size=16)
+        r, f = reduce(maps_r.astype(np.float32)).astype(np.float64), reduce(maps_f.astype(np.float32)).astype(np.float64)
+        assert ds.attrs["pool"] == pool
+        assert ds.attrs["fd"] == pytest.approx(reference_fd(r, f), rel=1e-5), pool
+        assert ds.attrs["coverage"] == pytest.approx(reference_prdc(r, f, 5)["coverage"], abs=1.01 / 70), pool
+    # A store pooled at extraction compares with an unpooled one reduced the same way, and not with another way.
+    pooled = store(tmp_path / "p.zarr", maps_f.astype(np.float32).mean(axis=(2, 3)), labels_f, dtype="float32", pooling="mean")
+    mixed = compare_stores(ur, pooled, "feat", pool="mean")
+    assert mixed.attrs["fd"] == pytest.approx(compare_stores(ur, uf, "feat", pool="mean").attrs["fd"], rel=1e-6)
+    with pytest.raises(LayerMismatchError, match="pooled 'mean' at extraction"):
+        compare_stores(ur, pooled, "feat", pool="max")
+
+
+def test_errors_name_store_and_reason(tmp_path, stores):
+    real_url, fake_url, *_ = stores
+    labels = np.repeat([1, 2], 10)
+    other = store(tmp_path / "other.zarr", np.zeros((20, 5)), labels, layer="midblock")
+    with pytest.raises(LayerMismatchError, match=r"no layer 'feat'; this generated store has \['midblock'\]"):
+        compare_stores(real_url, other, "feat")
+    wider = store(tmp_path / "wider.zarr", np.zeros((20, DIM + 1)), labels)
+    with pytest.raises(LayerMismatchError, match="features differ"):
+        compare_stores(real_url, wider, "feat")
+    huge = store(tmp_path / "huge.zarr", np.zeros((8, 520, 3, 3), dtype=np.float16), np.arange(8))
+    with pytest.raises(LayerMismatchError, match="4680 values per sample.*--pool mean"):
+        compare_stores(huge, huge, "feat", pool="none")
+    bad = np.random.default_rng(0).normal(size=(20, DIM))
+    bad[13, 2] = np.inf  # what float16 storage makes of values beyond ±65504
+    overflow = store(tmp_path / "inf.zarr", bad, labels)
+    with pytest.raises(NonFiniteFeaturesError, match="first at sample 13"):
+        compare_stores(real_url, overflow, "feat")
+    with pytest.raises(CompareError, match="pool must be one of"):
+        compare_stores(real_url, fake_url, "feat", pool="median")
+    with pytest.raises(PlotError, match="projection must be one of"):
+        compare_stores(real_url, fake_url, "feat", plot=str(tmp_path / "x.png"), projection="tsne")
+    if importlib.util.find_spec("umap") is None:
+        with pytest.raises(PlotError, match="umap-learn"):
+            compare_stores(real_url, fake_url, "feat", plot=str(tmp_path / "x.png"), projection="umap")
+
+
+def test_without_per_class(stores, tmp_path):
+    real_url, fake_url, *_ = stores
+    out = str(tmp_path / "overall.zarr")
+    ds = compare_stores(real_url, fake_url, "feat", per_class=False, output=out)
+    assert ds.sizes["label"] == 0 and ds.attrs["per_class"] is False
+    assert xr.open_zarr(out).attrs["coverage"] == ds.attrs["coverage"]
+    assert format_report_table(ds).splitlines()[-1].startswith("overall")

@@ -1,0 +1,92 @@
+"""Every refusal is one line naming the file or option and the reason, with a meaningful exit code; no input is
+touched, nothing foreign is replaced, nothing is left marked complete. (NPZ and JPEG contents: see
+tests/converter/test_converter_bad_inputs.py.)"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import pytest
+import zarr
+from tests.support.commands import run_imzarr
+
+SAMPLE_WNID = "n01440764"
+
+
+def _snapshot(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    """A small sample, its image store, an activation store, and a few hostile files."""
+    work = tmp_path_factory.mktemp("bad")
+    assert run_imzarr("sample", "src", "--per-shard", "60", "--train-shards", "1", "--val-size", "10", cwd=work).returncode == 0
+    assert run_imzarr("convert", "npz", "src/train", "-o", "images.zarr", cwd=work).returncode == 0
+    made = run_imzarr("extract", "images.zarr", "-o", "acts.zarr", "--preset", "tiny-random", "--layers", "midblock", "--pool", "mean", "--device", "cpu", cwd=work)
+    assert made.returncode == 0, made.stderr
+    (work / "notes").mkdir()
+    (work / "notes" / "keep.txt").write_text("mine")
+    (work / "garbage.pt").write_bytes(b"\x00not a checkpoint" * 10)
+    (work / "evil.pkl").write_bytes(pickle.dumps(__import__("os").system, protocol=2))  # would run code if unpickled fully
+    (work / "indices.txt").write_text("0\n5\n999999\n")
+    incomplete = zarr.open_group(str(work / "half.zarr"), mode="w", zarr_format=3)
+    incomplete.update_attributes({"schema": "imzarr.images/1", "complete": False})
+    return work
+
+
+EXTRACT = ["extract", "images.zarr", "--preset", "tiny-random", "--layers", "midblock", "--device", "cpu"]
+
+# (case, argv, exit code, text the one error line must contain)
+CASES = [
+    ("extract onto its input", [*EXTRACT, "-o", "images.zarr", "--overwrite"], 2, "is the input"),
+    ("extract into its input", [*EXTRACT, "-o", "images.zarr/acts.zarr"], 2, "lies inside the input"),
+    ("extract around its input", [*EXTRACT, "-o", ".", "--overwrite"], 2, "contains the input"),
+    ("extract onto a foreign folder", [*EXTRACT, "-o", "notes", "--overwrite"], 2, "not an imzarr store"),
+    ("extract onto a store of another kind", [*EXTRACT, "-o", "acts.zarr", "--sigma", "3"], 2, "other inputs or options"),
+    ("extract from nothing", ["extract", "missing.zarr", "-o", "o.zarr", "--preset", "tiny-random", "--layers", "midblock"], 2, "missing.zarr"),
+    ("extract from an activation store", ["extract", "acts.zarr", "-o", "o.zarr", "--preset", "tiny-random", "--layers", "midblock"], 2, "schema"),
+    ("extract from an unfinished store", ["extract", "half.zarr", "-o", "o.zarr", "--preset", "tiny-random", "--layers", "midblock"], 2, "not complete"),
+    ("unknown layer", ["extract", "images.zarr", "-o", "o.zarr", "--preset", "tiny-random", "--layers", "model.enc.nope"], 2, "valid layers"),
+    ("sigma zero", [*EXTRACT, "-o", "o.zarr", "--sigma", "0"], 2, "σ must be > 0"),
+    ("garbage checkpoint", ["extract", "images.zarr", "-o", "o.zarr", "--checkpoint", "garbage.pt", "--layers", "midblock"], 2, "garbage.pt"),
+    ("missing checkpoint", ["extract", "images.zarr", "-o", "o.zarr", "--checkpoint", "nope.pt", "--layers", "midblock"], 2, "nope.pt"),
+    ("pickle that runs code", ["extract", "images.zarr", "-o", "o.zarr", "--checkpoint", "evil.pkl", "--layers", "midblock"], 2, "evil.pkl"),
+    ("unknown class name", [*EXTRACT, "-o", "o.zarr", "--classes", "tenchh"], 2, "tench"),
+    ("indices out of range", [*EXTRACT, "-o", "o.zarr", "--indices", "indices.txt"], 2, "999999"),
+    ("batch size zero", [*EXTRACT, "-o", "o.zarr", "--batch-size", "0"], 2, "--batch-size"),
+    ("shard size negative", [*EXTRACT, "-o", "o.zarr", "--shard-size", "-4"], 2, "--shard-size"),
+    ("fp16 on the CPU", [*EXTRACT, "-o", "o.zarr", "--compute-dtype", "fp16"], 2, "CUDA"),
+    ("memory URL", [*EXTRACT, "-o", "memory://x/o.zarr"], 2, "memory://"),
+    ("bad storage options", [*EXTRACT, "-o", "o.zarr", "--storage-options", "{endpoint"], 2, "--storage-options"),
+    ("compare onto an input", ["compare", "acts.zarr", "acts.zarr", "--layer", "midblock", "-o", "acts.zarr", "--overwrite"], 2, "is the input"),
+    ("compare onto a foreign folder", ["compare", "acts.zarr", "acts.zarr", "--layer", "midblock", "-o", "notes"], 2, "not an imzarr store"),
+    ("compare onto an image store", ["compare", "acts.zarr", "acts.zarr", "--layer", "midblock", "-o", "images.zarr"], 2, "holds an imzarr.images/1 store"),
+    ("compare a missing layer", ["compare", "acts.zarr", "acts.zarr", "--layer", "encoder_bottleneck"], 2, "encoder_bottleneck"),
+    ("show onto a folder", ["show", "images.zarr", "-o", "notes"], 2, "is a folder"),
+    ("show onto its input", ["show", "images.zarr", "-o", "images.zarr/grid.png"], 2, "lies inside the input"),
+    ("show a missing store", ["show", "missing.zarr", "-o", "g.png"], 2, "missing.zarr"),
+    ("generate two stores in one path", ["generate", "-o", "g.zarr", "--preset", "tiny-random", "--per-class", "1", "--layers", "midblock", "--activations-out", "g.zarr"], 2, "is the input"),
+    ("generate layers without a store", ["generate", "-o", "g.zarr", "--preset", "tiny-random", "--per-class", "1", "--layers", "midblock"], 2, "--activations-out"),
+    ("info on a foreign folder", ["info", "notes"], 2, "notes"),
+    ("convert onto its source file", ["convert", "npz", "src/train/train_data_batch_1.npz", "-o", "src/train/train_data_batch_1.npz"], 2, "is the input"),
+    ("convert into its source folder", ["convert", "npz", "src/train", "-o", "src/train/out.zarr"], 2, "lies inside the input"),
+    ("convert onto an image store it did not make this way", ["convert", "npz", "src/train", "-o", "acts.zarr"], 2, "imzarr.activations"),
+    ("layers of a missing checkpoint", ["layers", "--checkpoint", "nope.pt"], 2, "nope.pt"),
+]
+
+
+@pytest.mark.parametrize("case, argv, code, text", CASES, ids=[c[0] for c in CASES])
+def test_refused_in_one_line_with_nothing_touched(work, case, argv, code, text):
+    before = _snapshot(work)
+    proc = run_imzarr(*argv, cwd=work)
+    errors = [line for line in proc.stderr.splitlines() if ": error:" in line]
+    assert proc.returncode == code, (proc.returncode, proc.stderr[-1500:])
+    assert "Traceback" not in proc.stderr, proc.stderr[-1500:]
+    assert len(errors) == 1 and errors[0].startswith(f"imzarr {argv[0]}"), proc.stderr
+    assert text in errors[0], errors[0]
+    after = _snapshot(work)
+    assert {k: v for k, v in after.items() if k in before} == before, "an existing file changed"
+    for new in set(after) - set(before):
+        assert not new.endswith("zarr.json") or zarr.open_group(str(work / Path(new).parent), mode="r").attrs.get("complete") is not True, new

@@ -1,0 +1,126 @@
+"""JPEG trees end to end: recipes applied per file, odd files, rejects, labels, strictness, crash safety."""
+
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from converter.cli import main as convert_main
+from converter.sources.jpeg_recipes import RECIPES, load_and_resize
+from schemas.classes import class_table
+from schemas.image_store import validate_image_store
+from tests.support.store_equality import stores_identical
+from tests.support.synthetic import TREE_WNIDS, write_mixed_jpeg_tree
+
+TABLE = class_table()
+WNIDS = TREE_WNIDS
+
+
+def _photo(h, w, seed):
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
+    img = np.stack([np.sin(6 * yy + seed), np.cos(5 * xx), yy * xx], -1) * 100 + 120
+    return np.clip(img + rng.normal(0, 5, img.shape), 0, 255).astype(np.uint8)
+
+
+@pytest.fixture
+def odd_tree(tmp_path):
+    root = write_mixed_jpeg_tree(tmp_path / "train", ((375, 500), (300, 200), (120, 160), (90, 70), (20, 30)), _photo)
+    Image.fromarray(_photo(40, 1000, 6)).save(root / WNIDS[2] / "f_wide.JPEG", quality=90)
+    Image.fromarray(_photo(1000, 40, 7)).save(root / WNIDS[2] / "g_tall.JPEG", quality=90)
+    good = (root / WNIDS[0] / "a_plain.JPEG").read_bytes()
+    (root / WNIDS[0] / "h_truncated.JPEG").write_bytes(good[: len(good) // 2])
+    (root / WNIDS[1] / "i_empty.JPEG").write_bytes(b"")
+    (root / WNIDS[1] / "labels.txt").write_text("not an image")
+    return root
+
+
+def test_tree_every_recipe_exact_with_rejects(odd_tree, tmp_path, capsys):
+    good = ["a_plain", "b_cmyk", "c_gray", "d_png", "e_small", "f_wide", "g_tall"]
+    for recipe in RECIPES:
+        out = tmp_path / f"{recipe}.zarr"
+        assert convert_main(["jpeg", str(odd_tree), "-o", str(out), "--recipe", recipe, "--size", "32"]) == 0
+        summary = capsys.readouterr().out
+        assert "7 converted, 2 rejected, 1 non-image files ignored" in summary
+        store = validate_image_store(str(out))
+        files = list(store.coordinate("source_file"))
+        assert [f.split("/")[1].split(".")[0] for f in files] == good
+        expected = np.stack([load_and_resize(odd_tree / f, recipe, 32) for f in files])
+        np.testing.assert_array_equal(store.image[:], expected)
+        np.testing.assert_array_equal(store.coordinate("label"), [0, 0, 278, 278, 980, 980, 980])
+        assert list(store.coordinate("global_index")) == [0, 1, 3, 4, 6, 7, 8]  # sorted paths, rejects leave gaps
+        attrs = store.attrs
+        assert sorted(map(tuple, attrs["rejected"])) == [
+            (f"{WNIDS[0]}/h_truncated.JPEG", "truncated image"),
+            (f"{WNIDS[1]}/i_empty.JPEG", "empty file"),
+        ]
+        assert attrs["recipe"] == recipe and attrs["pillow_version"] == Image.__version__
+        assert attrs["image_files_found"] == len(files) + len(attrs["rejected"])
+        assert attrs["ignored_files"] == [f"{WNIDS[1]}/labels.txt"]
+
+
+def test_strict_fails_on_rejects(odd_tree, tmp_path):
+    assert convert_main(["jpeg", str(odd_tree), "-o", str(tmp_path / "s.zarr"), "--strict"]) == 1
+
+
+def test_flat_val_with_devkit_labels(tmp_path):
+    val = tmp_path / "val"
+    val.mkdir()
+    ids = [449, 1, 980]
+    for i in range(3):
+        Image.fromarray(_photo(64, 80, i)).save(val / f"ILSVRC2012_val_{i + 1:08d}.JPEG", quality=90)
+    gt = tmp_path / "ILSVRC2012_validation_ground_truth.txt"
+    gt.write_text("".join(f"{i}\n" for i in ids))
+    out = tmp_path / "v.zarr"
+    assert convert_main(["jpeg", str(val), "--val-labels", str(gt), "-o", str(out)]) == 0
+    store = validate_image_store(str(out))
+    np.testing.assert_array_equal(store.coordinate("label"), TABLE.from_downsampled(np.array(ids)))
+    assert store.coordinate("label")[0] == 0 and store.coordinate("label")[1] == 278
+    assert store.attrs["label_source"] == "devkit-ground-truth"
+
+
+def test_label_from_folders(tmp_path):
+    for name in ("dogs", "cats"):
+        (tmp_path / "t" / name).mkdir(parents=True)
+        Image.fromarray(_photo(50, 50, 1)).save(tmp_path / "t" / name / "x.jpg")
+    assert convert_main(["jpeg", str(tmp_path / "t"), "-o", str(tmp_path / "bad.zarr")]) == 2
+    out = tmp_path / "f.zarr"
+    assert convert_main(["jpeg", str(tmp_path / "t"), "--label-from-folders", "-o", str(out)]) == 0
+    store = validate_image_store(str(out))
+    assert list(store.coordinate("label")) == [0, 1] and list(store.coordinate("synset")) == ["cats", "dogs"]
+    assert store.attrs["folder_classes"] == ["cats", "dogs"] and store.attrs["source_label_order"] == "folder-names-sorted"
+
+
+def test_crash_then_rerun_equals_uninterrupted(tmp_path):
+    root = tmp_path / "tree"
+    for w in WNIDS:
+        (root / w).mkdir(parents=True)
+    for i in range(700):
+        Image.fromarray(_photo(48, 64, i)).save(root / WNIDS[i % 3] / f"{i:04d}.JPEG", quality=85)
+    args = [sys.executable, "-m", "converter", "jpeg", str(root), "--shard-size", "64", "--workers", "2", "--shuffle-seed", "1"]
+    subprocess.run([*args, "-o", str(tmp_path / "ref.zarr")], check=True, capture_output=True)
+    crashed = tmp_path / "crashed.zarr"
+    proc = subprocess.Popen([*args, "-o", str(crashed)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:
+        if any(tmp_path.glob("crashed.zarr.scratch-*/part-*.json")):
+            break
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "conversion finished before it could be killed"
+    assert not (crashed / "zarr.json").exists()  # still in stage 1: no store that could look complete
+    rerun = subprocess.run([*args, "-o", str(crashed)], capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr
+    stores_identical(str(tmp_path / "ref.zarr"), str(crashed))
+
+
+def test_processes_equal_threads(odd_tree, tmp_path):
+    assert convert_main(["jpeg", str(odd_tree), "-o", str(tmp_path / "t.zarr"), "--workers", "2"]) == 0
+    assert convert_main(["jpeg", str(odd_tree), "-o", str(tmp_path / "p.zarr"), "--workers", "2", "--processes"]) == 0
+    threads, procs = (validate_image_store(str(tmp_path / f"{n}.zarr")) for n in "tp")
+    np.testing.assert_array_equal(threads.image[:], procs.image[:])
+    assert threads.attrs["rejected"] == procs.attrs["rejected"]

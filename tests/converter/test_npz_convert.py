@@ -1,0 +1,327 @@
+"""NPZ converter: exact pixels, labels, order, shuffle, crash safety, idempotence and every bad input."""
+
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import dask
+import numpy as np
+import pytest
+import xarray as xr
+import zarr
+
+from converter.cli import main as convert_main
+from converter.convert import ConvertOptions, convert
+from converter.sources.npz import open_npz_source
+from schemas.classes import class_table
+from schemas.image_store import ImageStore, validate_image_store
+from schemas.store_integrity import CHECKSUM_GROUP, DamagedStoreError
+from tests.support.store_equality import stores_identical
+from tests.support.synthetic import photo_like, read_shard_rows, write_adm_samples, write_npz_shard, write_pickle_batch
+
+TABLE = class_table()
+
+
+def shard_folder(tmp_path: Path) -> Path:
+    """A folder for input shards, beside (never around) the output stores the tests write."""
+    src = tmp_path / "src"
+    src.mkdir()
+    return src
+
+
+def run_convert(*argv) -> int:
+    return convert_main(["npz", *map(str, argv)])
+
+
+
+
+@pytest.mark.parametrize("size", [64, 32, 16])
+@pytest.mark.parametrize("compressed", [False, True], ids=["stored", "deflated"])
+def test_pixels_and_labels_exact(tmp_path, size, compressed):
+    rng = np.random.default_rng(size)
+    src = shard_folder(tmp_path)
+    paths = [
+        write_npz_shard(src / f"train_data_batch_{i}.npz", photo_like(n, size, seed=i), rng.integers(1, 1001, n), compressed)
+        for i, n in ((1, 150), (2, 170))
+    ]
+    out = tmp_path / "out.zarr"
+    assert run_convert(src, "-o", out, "--shard-size", "128", "--inner-chunk", "16") == 0
+    expected, labels = read_shard_rows(paths)
+    store = validate_image_store(str(out))
+    np.testing.assert_array_equal(store.image[:], expected)
+    np.testing.assert_array_equal(store.coordinate("label"), labels)
+    np.testing.assert_array_equal(store.coordinate("global_index"), np.arange(320))
+    np.testing.assert_array_equal(store.coordinate("source_row"), np.r_[np.arange(150), np.arange(170)])
+    assert list(store.coordinate("source_file")[[0, 149, 150]]) == ["train_data_batch_1.npz"] * 2 + ["train_data_batch_2.npz"]
+    assert list(store.coordinate("synset")[:5]) == [TABLE.wnids[i] for i in labels[:5]]
+    assert list(store.coordinate("class_name")[:5]) == [TABLE.names[i] for i in labels[:5]]
+    attrs = store.attrs
+    assert attrs["complete"] is True and attrs["resolution"] == size and attrs["source_label_order"] == "downsampled"
+    assert [s["path"] for s in attrs["sources"]] == ["train_data_batch_1.npz", "train_data_batch_2.npz"]
+    assert attrs["rejected"] == [] and attrs["shuffle_seed"] is None
+
+
+def test_natural_shard_order(tmp_path):
+    src = shard_folder(tmp_path)
+    for i in (10, 2, 1, 9):
+        write_npz_shard(src / f"train_data_batch_{i}.npz", np.full((3, 3, 16, 16), i, np.uint8), np.full(3, i))
+    out = tmp_path / "o.zarr"
+    assert run_convert(src, "-o", out) == 0
+    store = validate_image_store(str(out))
+    assert list(store.coordinate("source_file")[::3]) == [f"train_data_batch_{i}.npz" for i in (1, 2, 9, 10)]
+    np.testing.assert_array_equal(store.image[::3, 0, 0, 0], [1, 2, 9, 10])
+
+
+def test_label_remap_all_classes(tmp_path):
+    npz_labels = np.arange(1, 1001)
+    write_npz_shard(tmp_path / "val_data.npz", photo_like(1000, 16), npz_labels, mean=False)
+    out = tmp_path / "o.zarr"
+    assert run_convert(tmp_path / "val_data.npz", "-o", out) == 0
+    label = validate_image_store(str(out)).coordinate("label")
+    table_index = {int(d): i for i, d in enumerate(TABLE.downsampled_labels)}
+    np.testing.assert_array_equal(label, [table_index[v] for v in npz_labels])
+    assert label[0] == 278 and label[448] == 0  # NPZ 1 → kit fox, NPZ 449 → tench
+    assert not np.any(label == npz_labels - 1)  # "label − 1" is wrong for every class
+    assert sorted(label.tolist()) == list(range(1000))
+
+
+def test_adm_sample_files(tmp_path):
+    images = photo_like(40, 32, seed=3)
+    labels = np.arange(40) * 7
+    write_adm_samples(tmp_path / "samples_40x32x32x3.npz", images, labels)
+    out = tmp_path / "o.zarr"
+    assert run_convert(tmp_path / "samples_40x32x32x3.npz", "-o", out) == 0
+    store = validate_image_store(str(out))
+    np.testing.assert_array_equal(store.image[:], images)
+    np.testing.assert_array_equal(store.coordinate("label"), labels)
+    assert store.attrs["source_label_order"] == "sorted" and store.attrs["source_format"] == "adm-npz"
+    write_adm_samples(tmp_path / "nolabels.npz", images, None)
+    assert run_convert(tmp_path / "nolabels.npz", "-o", tmp_path / "n.zarr") == 0
+    nolab = validate_image_store(str(tmp_path / "n.zarr"))
+    assert (nolab.coordinate("label") == -1).all() and list(nolab.coordinate("synset")[:1]) == [""]
+
+
+def test_shuffle_seed(tmp_path):
+    src = shard_folder(tmp_path)
+    write_npz_shard(src / "train_data_batch_1.npz", photo_like(300, 16, 1), np.arange(300) % 1000 + 1)
+    write_npz_shard(src / "train_data_batch_2.npz", photo_like(200, 16, 2), np.arange(200) % 1000 + 1, compressed=True)
+    for name, seed in (("a", 7), ("b", 7), ("c", 8)):
+        assert run_convert(src, "-o", tmp_path / f"{name}.zarr", "--shuffle-seed", seed, "--shard-size", "64") == 0
+    stores_identical(str(tmp_path / "a.zarr"), str(tmp_path / "b.zarr"))
+    a, c = validate_image_store(str(tmp_path / "a.zarr")), validate_image_store(str(tmp_path / "c.zarr"))
+    gi = a.coordinate("global_index")
+    assert sorted(gi.tolist()) == list(range(500)) and not np.array_equal(gi, np.arange(500))
+    assert not np.array_equal(gi, c.coordinate("global_index"))
+    expected, labels = read_shard_rows([src / "train_data_batch_1.npz", src / "train_data_batch_2.npz"])
+    np.testing.assert_array_equal(a.image[:], expected[gi])
+    np.testing.assert_array_equal(a.coordinate("label"), labels[gi])
+    assert a.attrs["shuffle_seed"] == 7
+
+
+def test_reads_identically_through_zarr_xarray_and_fast_reader(tmp_path):
+    src = shard_folder(tmp_path)
+    write_npz_shard(src / "val_data.npz", photo_like(500, 32, 5), np.arange(500) + 1, mean=False)
+    out = str(tmp_path / "o.zarr")
+    assert run_convert(src, "-o", out, "--shard-size", "128", "--inner-chunk", "8") == 0
+    expected, labels = read_shard_rows([src / "val_data.npz"])
+    direct = zarr.open_group(out, mode="r")
+    np.testing.assert_array_equal(direct["image"][:], expected)
+    ds = xr.open_zarr(out)
+    assert ds.image.dims == ("sample", "channel", "y", "x") and isinstance(ds.image.data, dask.array.Array)
+    assert ds.image.data.chunks[0][0] == 8  # xarray's dask chunk is the inner chunk
+    # Numeric per-sample arrays are coordinates, in one chunk; text arrays are plain variables, one chunk per shard.
+    assert set(ds.coords) == {"label", "global_index", "source_row"} and ds.label.data.numblocks == (1,)
+    assert {"synset", "class_name", "source_file"} <= set(ds.data_vars) and ds.synset.data.chunks[0][0] == 128
+    np.testing.assert_array_equal(ds.image.values, expected)
+    np.testing.assert_array_equal(ds.label.values, labels)
+    store = ImageStore(out, direct)
+    idx = np.random.default_rng(0).integers(0, 500, 300)  # unsorted, with repeats
+    np.testing.assert_array_equal(store.take(idx), expected[idx])
+    np.testing.assert_array_equal(store.read(100, 300), expected[100:300])
+
+
+def test_zero_images_and_fsspec_url(tmp_path):
+    """All-black images (whole black shards) read back as written through every reader; memory:// works end to end."""
+    images = photo_like(200, 16)
+    images[:128] = 0
+    write_npz_shard(tmp_path / "val_data.npz", images, np.ones(200, int), mean=False)
+    source = open_npz_source([tmp_path / "val_data.npz"])
+    result = convert(source, ConvertOptions("memory://imzarr-test/o.zarr", shard_size=64, inner_chunk=16))
+    assert result.num_samples == 200
+    store = validate_image_store("memory://imzarr-test/o.zarr")
+    np.testing.assert_array_equal(store.image[:], images)
+    np.testing.assert_array_equal(store.take(np.array([5, 150])), images[[5, 150]])
+    local = convert(source, ConvertOptions(str(tmp_path / "z.zarr"), shard_size=64, inner_chunk=16))
+    local_store = validate_image_store(local.url)
+    np.testing.assert_array_equal(local_store.take(np.arange(200)[::-1]), images[::-1])
+    shard_0 = tmp_path / "z.zarr" / "image" / "c" / "0" / "0" / "0" / "0"
+    assert shard_0.exists()  # the converter stores black images like any other
+    # zarr's default (write_empty_chunks=False) drops all-black shards and chunks. In a complete store that
+    # records them as written, that is damage, named; without the record (older stores, other writers) the fast
+    # reader fills them in, as zarr does.
+    zarr.open_group(local.url, mode="r+", use_consolidated=False)["image"][:128] = images[:128]
+    assert not shard_0.exists()
+    with pytest.raises(DamagedStoreError, match=f"{shard_0}: missing"):
+        validate_image_store(local.url)
+    with pytest.raises(DamagedStoreError, match=f"{shard_0}: missing"):
+        validate_image_store(local.url, require_complete=False).take(np.arange(200))
+    shutil.rmtree(tmp_path / "z.zarr" / CHECKSUM_GROUP)
+    np.testing.assert_array_equal(validate_image_store(local.url).take(np.arange(200)[::-1]), images[::-1])
+
+
+def test_idempotent_rerun_and_changed_options(tmp_path, capsys):
+    src = shard_folder(tmp_path)
+    write_npz_shard(src / "val_data.npz", photo_like(100, 16), np.ones(100, int), mean=False)
+    out = tmp_path / "o.zarr"
+    assert run_convert(src, "-o", out) == 0
+    before = (out / "image" / "c" / "0" / "0" / "0" / "0").stat().st_mtime_ns
+    capsys.readouterr()
+    assert run_convert(src, "-o", out) == 0
+    assert "nothing to do" in capsys.readouterr().out
+    assert (out / "image" / "c" / "0" / "0" / "0" / "0").stat().st_mtime_ns == before
+    assert run_convert(src, "-o", out, "--shuffle-seed", "1") == 2
+    assert "shuffle_seed" in capsys.readouterr().err
+    assert run_convert(src, "-o", out, "--shuffle-seed", "1", "--overwrite") == 0
+    assert validate_image_store(str(out)).attrs["shuffle_seed"] == 1
+
+
+def test_pickle_batches_need_opt_in(tmp_path, capsys):
+    images = photo_like(30, 32)
+    src = shard_folder(tmp_path)
+    write_pickle_batch(src / "train_data_batch_1", images, np.arange(30) + 1)
+    out = tmp_path / "o.zarr"
+    assert run_convert(src, "-o", out) == 2
+    err = capsys.readouterr().err
+    assert "train_data_batch_1" in err and "--allow-pickle" in err and not out.exists()
+    assert run_convert(src, "-o", out, "--allow-pickle") == 0
+    store = validate_image_store(str(out))
+    np.testing.assert_array_equal(store.image[:], images)
+    np.testing.assert_array_equal(store.coordinate("label"), TABLE.from_downsampled(np.arange(30) + 1))
+
+
+def _bad(tmp_path: Path, kind: str) -> tuple[list, str]:
+    good = photo_like(10, 16)
+    if kind == "no shards":
+        (tmp_path / "empty").mkdir()
+        return [tmp_path / "empty"], "no shards found"
+    if kind == "truncated zip":
+        p = write_npz_shard(tmp_path / "val_data.npz", good, np.ones(10, int))
+        p.write_bytes(p.read_bytes()[:2000])
+        return [p], "truncated or corrupt zip"
+    if kind == "corrupt deflate":
+        p = write_npz_shard(tmp_path / "val_data.npz", photo_like(200, 32), np.ones(200, int), compressed=True)
+        raw = bytearray(p.read_bytes())
+        with zipfile.ZipFile(p) as zf:
+            info = zf.getinfo("data.npy")
+        mid = info.header_offset + 100 + info.compress_size // 2
+        raw[mid : mid + 64] = bytes(64)
+        p.write_bytes(bytes(raw))
+        return [p], "val_data.npz"
+    if kind == "missing data":
+        p = tmp_path / "val_data.npz"
+        np.savez(p, labels=np.ones(3))
+        return [p], "no 'data'"
+    if kind == "missing labels":
+        p = tmp_path / "val_data.npz"
+        np.savez(p, data=good.reshape(10, -1))
+        return [p], "no 'labels'"
+    if kind == "length mismatch":
+        p = tmp_path / "val_data.npz"
+        np.savez(p, data=good.reshape(10, -1), labels=np.ones(9, int))
+        return [p], "10 rows but labels has 9"
+    if kind == "row length":
+        p = tmp_path / "val_data.npz"
+        np.savez(p, data=np.zeros((4, 100), np.uint8), labels=np.ones(4, int))
+        return [p], "row length 100"
+    if kind == "label range":
+        p = write_npz_shard(tmp_path / "val_data.npz", good, np.r_[np.ones(9, int), 1001])
+        return [p], "label 1001 outside 1..1000"
+    if kind == "sorted label range":
+        p = write_npz_shard(tmp_path / "val_data.npz", good, np.r_[np.ones(9, int), 1000])
+        return [p, "--label-order", "sorted"], "label 1000 outside 0..999"
+    if kind == "mixed resolutions":
+        src = shard_folder(tmp_path)
+        write_npz_shard(src / "train_data_batch_1.npz", good, np.ones(10, int))
+        write_npz_shard(src / "train_data_batch_2.npz", photo_like(10, 32), np.ones(10, int))
+        return [src], "mixed resolutions"
+    if kind == "pickle":
+        src = shard_folder(tmp_path)
+        write_pickle_batch(src / "train_data_batch_1", good, np.ones(10, int))
+        return [src], "--allow-pickle"
+    if kind == "foreign output":
+        write_npz_shard(tmp_path / "val_data.npz", good, np.ones(10, int))
+        (tmp_path / "o.zarr").mkdir()
+        (tmp_path / "o.zarr" / "notes.txt").write_text("mine")
+        return [tmp_path / "val_data.npz"], "not an imzarr store"
+    raise AssertionError(kind)
+
+
+BAD_INPUTS = ["no shards", "truncated zip", "corrupt deflate", "missing data", "missing labels", "length mismatch",
+              "row length", "label range", "sorted label range", "mixed resolutions", "pickle", "foreign output"]
+
+
+@pytest.mark.parametrize("kind", BAD_INPUTS)
+def test_bad_input_one_clear_line(tmp_path, kind):
+    args, message = _bad(tmp_path, kind)
+    out = tmp_path / "o.zarr"
+    proc = subprocess.run([sys.executable, "-m", "converter", "npz", *map(str, args), "-o", str(out)], capture_output=True, text=True)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("imzarr convert: error: ") and message in lines[0], proc.stderr
+    if out.exists() and (out / "zarr.json").exists():
+        assert zarr.open_group(str(out), mode="r").attrs["complete"] is False
+
+
+def test_crash_then_rerun_equals_uninterrupted(tmp_path):
+    """SIGKILL the conversion once some shards are recorded done; the re-run must end identical."""
+    rng = np.random.default_rng(0)
+    src = shard_folder(tmp_path)
+    for i in (1, 2):
+        write_npz_shard(src / f"train_data_batch_{i}.npz", photo_like(6000, 32, i), rng.integers(1, 1001, 6000), compressed=(i == 2))
+    args = [sys.executable, "-m", "converter", "npz", str(src), "--shard-size", "64", "--workers", "1", "--shuffle-seed", "3"]
+    reference = tmp_path / "ref.zarr"
+    subprocess.run([*args, "-o", str(reference)], check=True, capture_output=True)
+    crashed = tmp_path / "crashed.zarr"
+    proc = subprocess.Popen([*args, "-o", str(crashed)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    done_dir = crashed / "_progress" / "done" / "c"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:
+        if done_dir.exists() and len(list(done_dir.iterdir())) >= 3:
+            break
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "conversion finished before it could be killed"
+    assert zarr.open_group(str(crashed), mode="r", use_consolidated=False).attrs["complete"] is False
+    with pytest.raises(Exception, match="not complete"):
+        validate_image_store(str(crashed))
+    rerun = subprocess.run([*args, "-o", str(crashed)], capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr
+    stores_identical(str(reference), str(crashed))
+    assert not list(tmp_path.glob("*.scratch-*"))
+
+
+def test_remote_row_reads_equal_local_pread(tmp_path, monkeypatch):
+    """Scattered, adjacent and long runs of rows from a URL (memory://, remote like s3://) land where pread puts
+    them, also when runs are split into several ranges."""
+    import fsspec
+
+    from converter.sources import source_files
+
+    item = 48
+    data = np.random.default_rng(0).integers(0, 256, 200 * item, dtype=np.uint8).tobytes()
+    (tmp_path / "rows.raw").write_bytes(data)
+    url = "memory://imzarr-test-rows/rows.raw"
+    fsspec.filesystem("memory").pipe_file("/imzarr-test-rows/rows.raw", data)
+    rows = np.array([0, 1, 2, 3, 4, 5, 6, 40, 41, 99, 150, 151, 152, 199])
+    dest = np.random.default_rng(1).permutation(rows.size)
+    monkeypatch.setattr(source_files, "RANGE_BYTES", 3 * item)  # runs of 7 and 3 rows become several ranges
+    local, remote = np.zeros((rows.size, item), np.uint8), np.zeros((rows.size, item), np.uint8)
+    source_files.read_items_into(str(tmp_path / "rows.raw"), rows * item, item, local, dest)
+    source_files.read_items_into(url, rows * item, item, remote, dest)
+    np.testing.assert_array_equal(remote, local)
+    np.testing.assert_array_equal(local[dest], np.frombuffer(data, np.uint8).reshape(200, item)[rows])
+    fsspec.filesystem("memory").rm("/imzarr-test-rows", recursive=True)

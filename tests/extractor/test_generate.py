@@ -1,0 +1,133 @@
+"""Generation: reproducible per sample, equal to a direct call of the network, and a store the extractor reads."""
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from extractor.extraction import ExtractOptions, IntegrityError, ForwardSettings, RunOptions, extract
+from extractor.generate import GenerateOptions, generate
+from extractor.models import ModelSpec, build_preset
+from extractor.noise import NOISE_RECIPE, per_sample_noise
+from schemas.activation_store import validate_activation_store
+from schemas.image_layout import LAYOUT_VERSION
+from schemas.image_store import validate_image_store
+from schemas.store_lifecycle import DONE_ARRAY
+
+PRESET = ModelSpec(preset="tiny-random")
+CLASSES = ("n01440764", "n02119789", "n09472597")
+
+
+def gen(out, batch_size=64, seed=0, layers=(), acts=None, shard=4):
+    fwd = ForwardSettings(PRESET, layers, noise_seed=seed, storage_dtype="float32")
+    run = RunOptions(batch_size=batch_size, device="cpu", shard_size=shard)
+    return generate(GenerateOptions(str(out), fwd, per_class=3, classes=CLASSES, activations_out=acts, run=run))
+
+
+def test_generation_is_reproducible_and_matches_direct_call(tmp_path):
+    gen(tmp_path / "a.zarr", batch_size=64)
+    gen(tmp_path / "b.zarr", batch_size=2)
+    a, b = (validate_image_store(str(tmp_path / f"{n}.zarr")) for n in "ab")
+    # The noise is bit-identical for any batch size (tests/extractor/test_noise.py); the network's float32 sums differ by
+    # ~1e-7 between batch sizes (CPU convolution kernels), enough to flip a truncated uint8 now and then.
+    assert np.abs(a.image[:].astype(int) - b.image[:]).max() <= 1 and (a.image[:] == b.image[:]).mean() > 0.9999
+    np.testing.assert_array_equal(a.coordinate("label"), [0, 0, 0, 278, 278, 278, 980, 980, 980])
+    assert list(a.coordinate("synset")[:1]) == ["n01440764"] and a.attrs["source_format"] == "generated"
+    gen(tmp_path / "c.zarr", seed=1)
+    assert not np.array_equal(validate_image_store(str(tmp_path / "c.zarr")).image[:], a.image[:])
+    # the reference: DMD2's sampling written out here
+    model = build_preset("tiny-random").eval()
+    eps = per_sample_noise(0, np.arange(9), (3, 64, 64), "cpu")
+    labels = torch.nn.functional.one_hot(torch.tensor([0, 0, 0, 278, 278, 278, 980, 980, 980]), 1000).float()
+    with torch.no_grad():
+        d = model(80.0 * eps, torch.full((9,), 80.0), labels)
+    expected = ((d + 1) * 127.5).clamp(0, 255).to(torch.uint8).numpy()
+    assert np.abs(a.image[:].astype(int) - expected).max() <= 1
+    assert (a.image[:] == expected).mean() > 0.999
+
+
+def test_generator_activations_and_extraction_of_generated_store(tmp_path):
+    gen(tmp_path / "g.zarr", layers=("midblock",), acts=str(tmp_path / "ga.zarr"))
+    acts = validate_activation_store(str(tmp_path / "ga.zarr"))
+    assert acts["midblock"].shape == (9, 64, 16, 16) and dict(acts.attrs)["source"]["generated"] is True
+    model = build_preset("tiny-random").eval()
+    eps = per_sample_noise(0, np.arange(9), (3, 64, 64), "cpu")
+    got = {}
+    model.get_submodule("model.dec.16x16_in0").register_forward_hook(lambda m, i, o: got.__setitem__("mid", o))
+    labels = torch.nn.functional.one_hot(torch.tensor([0, 0, 0, 278, 278, 278, 980, 980, 980]), 1000).float()
+    with torch.no_grad():
+        model(80.0 * eps, torch.full((9,), 80.0), labels)
+    np.testing.assert_allclose(acts["midblock"][:], got["mid"].numpy(), rtol=1e-4, atol=1e-5)
+    # the generated store is an ordinary image store for the extractor
+    fwd = ForwardSettings(PRESET, ("encoder_bottleneck",), pool="mean")
+    extract(ExtractOptions(str(tmp_path / "g.zarr"), str(tmp_path / "e.zarr"), fwd, run=RunOptions(device="cpu")))
+    ext = validate_activation_store(str(tmp_path / "e.zarr"))
+    np.testing.assert_array_equal(ext["label"][:], acts["label"][:])
+
+
+def test_unfinished_generation_resumes_to_identical(tmp_path):
+    """A store left with some shards unrecorded (as a crash leaves it) is finished identically by a re-run."""
+    from tests.support.store_equality import stores_identical
+    from schemas.store_lifecycle import mark_done
+
+    gen(tmp_path / "ref.zarr", shard=2)
+    gen(tmp_path / "x.zarr", shard=2)
+    # forget two finished shards and the completion, and damage one of the forgotten shards
+    group = zarr.open_group(str(tmp_path / "x.zarr"), mode="r+", use_consolidated=False)
+    group.attrs["complete"] = False
+    group.create_array("_progress/done", shape=(5,), chunks=(1,), dtype="int8", fill_value=0, compressors=None)
+    for k in (0, 2, 4):
+        mark_done(str(tmp_path / "x.zarr"), k)
+    group["image"][2:4] = 0
+    gen(tmp_path / "x.zarr", shard=2)
+    stores_identical(str(tmp_path / "ref.zarr"), str(tmp_path / "x.zarr"))
+
+
+def test_generated_store_with_the_old_noise_recipe_is_refused(tmp_path):
+    from extractor.extraction import NoiseRecipeError
+
+    gen(tmp_path / "old.zarr")
+    group = zarr.open_group(str(tmp_path / "old.zarr"), mode="r+", use_consolidated=False)
+    assert group.attrs["noise"]["recipe"] == NOISE_RECIPE and NOISE_RECIPE in group.attrs["sampling"]
+    attrs = dict(group.attrs)
+    del attrs["noise"]  # what stores made before the recipe carried: the numpy sampling line only
+    attrs["sampling"] = "one step: D(sigma * eps; sigma, one-hot(label)), eps ~ numpy default_rng([seed, index])"
+    group.attrs.clear()
+    group.update_attributes(attrs)
+    with pytest.raises(NoiseRecipeError, match="numpy default_rng"):
+        gen(tmp_path / "old.zarr")
+
+
+def test_generated_stores_have_the_image_layout_and_describe_themselves(tmp_path):
+    gen(tmp_path / "g.zarr", layers=("midblock",), acts=str(tmp_path / "ga.zarr"), shard=4)
+    images = zarr.open_group(str(tmp_path / "g.zarr"), mode="r")
+    acts = zarr.open_group(str(tmp_path / "ga.zarr"), mode="r")
+    for name in ("label", "global_index", "source_row"):
+        assert images[name].chunks == (9,), name  # written whole at creation
+    for name in ("synset", "class_name", "source_file"):
+        assert images[name].chunks == (4,) and acts[name].chunks == (4,), name  # one per shard, by its task
+    np.testing.assert_array_equal(images["source_row"][:], np.arange(9))
+    assert images.attrs["settings"]["layout"] == LAYOUT_VERSION and images.attrs["classes"]["label"] == [0, 278, 980]
+    assert acts["label"].chunks == (9,) and acts.attrs["classes"]["synset"] == list(CLASSES)
+    assert "the generator's own input" in acts["midblock"].attrs["description"] and acts["midblock"].attrs["sigma"] == 80.0
+    validate_image_store(str(tmp_path / "g.zarr"))
+    validate_activation_store(str(tmp_path / "ga.zarr"))
+
+
+def test_nan_weights_fail_the_run_and_mark_nothing_complete(tmp_path):
+    """D(x) of NaN weights would become black uint8 images: the shard is refused before the conversion."""
+    state = build_preset("tiny-random").state_dict()
+    state["model.enc.64x64_conv.weight"][0, 0, 0, 0] = float("nan")
+    checkpoint = tmp_path / "nan.pt"
+    torch.save(state, checkpoint)
+    out, acts = tmp_path / "nan.zarr", tmp_path / "nan-acts.zarr"
+    fwd = ForwardSettings(ModelSpec(checkpoint=str(checkpoint)), ("midblock",), storage_dtype="float32")
+    options = GenerateOptions(str(out), fwd, per_class=2, classes=CLASSES, activations_out=str(acts), run=RunOptions(batch_size=4, device="cpu", shard_size=4))
+    with pytest.raises(IntegrityError, match=r"NaN/Inf in the generator's D\(x\).*first bad sample 0;.*image: samples \[0, 1, 2") as err:
+        generate(options)
+    assert str(out) in str(err.value) and "\n" not in str(err.value)
+    for url in (out, acts):
+        group = zarr.open_group(str(url), mode="r", use_consolidated=False)
+        assert group.attrs["complete"] is False and not group[DONE_ARRAY][:].any()
+    with pytest.raises(Exception, match="not complete"):
+        validate_image_store(str(out))

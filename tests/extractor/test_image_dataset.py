@@ -1,0 +1,172 @@
+"""ImageStoreDataset on a store made by the real CLI: exact pixels and labels, batched fetches, DataLoader workers,
+and the same selection as `imzarr extract`."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from tests.support.synthetic import read_shard_rows
+
+from extractor.image_dataset import ImageDatasetError, ImageStoreDataset, SampleIndexError
+from extractor.selection import SelectionError, SelectionSpec, select_samples
+from schemas.classes import class_table
+from schemas.errors import ImzarrError
+from schemas.image_store import validate_image_store
+from tests.support.locations import REPO
+
+TABLE = class_table()
+PER_SHARD = 300
+SHUFFLE_SEED = 5
+
+
+def imzarr(*args: str, cwd: Path) -> None:
+    """Run the `imzarr` command (`python -m schemas`) and fail with its output."""
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    done = subprocess.run([sys.executable, "-m", "schemas", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, f"imzarr {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}"
+
+
+
+
+@pytest.fixture(scope="module")
+def sample_store(tmp_path_factory) -> tuple[str, np.ndarray, np.ndarray]:
+    """(store URL, source images and labels by store position): the embedded sample, converted with a shuffle."""
+    root = tmp_path_factory.mktemp("dataset")
+    imzarr("sample", "shards", "--per-shard", str(PER_SHARD), "--train-shards", "2", "--val-size", "10", cwd=root)
+    imzarr("convert", "npz", "shards/train", "-o", "sample.zarr", "--shuffle-seed", str(SHUFFLE_SEED), "--shard-size", "256", cwd=root)
+    url = str(root / "sample.zarr")
+    images, labels = read_shard_rows([root / "shards/train/train_data_batch_1.npz", root / "shards/train/train_data_batch_2.npz"])
+    source_of = validate_image_store(url).coordinate("global_index")
+    assert not np.array_equal(source_of, np.arange(source_of.size)), "the store should be shuffled"
+    return url, images[source_of], labels[source_of]
+
+
+def test_items_are_the_source_rows_exactly(sample_store):
+    url, images, labels = sample_store
+    dataset = ImageStoreDataset(url)
+    assert len(dataset) == 2 * PER_SHARD
+    items = dataset.__getitems__(list(range(len(dataset))))
+    np.testing.assert_array_equal(torch.stack([image for image, _ in items]).numpy(), images)
+    assert [label for _, label in items] == labels.tolist()
+    image, label = dataset[7]
+    assert image.dtype == torch.uint8 and image.shape == (3, 64, 64) and type(label) is int
+    np.testing.assert_array_equal(image.numpy(), images[7])
+    np.testing.assert_array_equal(dataset.labels, labels)
+    assert dataset.synsets.tolist() == [TABLE.wnids[i] for i in labels]
+    assert dataset.class_names.tolist() == [TABLE.names[i] for i in labels]
+
+
+def test_getitems_equals_getitem(sample_store):
+    url, images, _ = sample_store
+    for output in ("uint8", "float"):
+        dataset = ImageStoreDataset(url, output=output)
+        wanted = [5, 599, 0, 5, -1, 300, 42]  # unsorted, a repeat, a negative index, two shards
+        batch = dataset.__getitems__(wanted)
+        assert len(batch) == len(wanted)
+        for index, (image, label) in zip(wanted, batch):
+            single_image, single_label = dataset[index]
+            assert torch.equal(image, single_image) and label == single_label
+    image, _ = ImageStoreDataset(url, output="float")[3]
+    assert image.dtype == torch.float32 and 0 <= image.min() and image.max() <= 1
+    torch.testing.assert_close(image, torch.from_numpy(images[3]).float() / 255, rtol=0, atol=0)
+
+
+def test_transform_applies_to_each_image(sample_store):
+    url, images, _ = sample_store
+    dataset = ImageStoreDataset(url, transform=lambda image: image.flip(-1))
+    for image, index in zip([image for image, _ in dataset.__getitems__([1, 2])], (1, 2)):
+        np.testing.assert_array_equal(image.numpy(), images[index][..., ::-1])
+
+
+# fork copies the opened dataset (the store is opened again in the worker); spawn unpickles it (URL and selection).
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded, use of fork:DeprecationWarning")
+@pytest.mark.parametrize("start_method", ["fork", "spawn"])
+def test_dataloader_workers_yield_the_same_batches(sample_store, start_method):
+    url, images, _ = sample_store
+    dataset = ImageStoreDataset(url, num_samples=200)
+    dataset[0]  # open the store in this process before workers start
+
+    def batches(num_workers: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        order = torch.Generator().manual_seed(11)  # the sampler draws in the main process: same order for any workers
+        context = start_method if num_workers else None
+        loader = DataLoader(dataset, batch_size=16, shuffle=True, generator=order, num_workers=num_workers, multiprocessing_context=context)
+        return list(loader)
+
+    single, workers = batches(0), batches(2)
+    assert len(single) == len(workers) == 13
+    seen = []
+    for (a_images, a_labels), (b_images, b_labels) in zip(single, workers):
+        assert a_images.dtype == torch.uint8 and a_labels.dtype == torch.int64
+        assert torch.equal(a_images, b_images) and torch.equal(a_labels, b_labels)
+        seen.append(a_images.numpy())
+    np.testing.assert_array_equal(np.sort(np.concatenate(seen).reshape(200, -1), axis=0), np.sort(images[:200].reshape(200, -1), axis=0))
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"num_samples": 40},
+        {"per_class": 7, "seed": 3},
+        {"classes": ["n01440764", "278", "Orange"]},
+        {"classes": "volcano", "per_class": 4, "seed": 1, "num_samples": 3},
+        {"classes": 0},
+    ],
+    ids=["num_samples", "per_class", "classes", "combined", "one-index"],
+)
+def test_selection_is_the_extractors(sample_store, options):
+    url, images, _ = sample_store
+    store = validate_image_store(url)
+    labels, synsets = store.coordinate("label"), store.coordinate("synset")
+    classes = options.get("classes")
+    entries = None if classes is None else tuple(str(c) for c in ([classes] if isinstance(classes, (str, int)) else classes))
+    spec = SelectionSpec(num_samples=options.get("num_samples"), classes=entries, per_class=options.get("per_class"), seed=options.get("seed", 0))
+    dataset = ImageStoreDataset(url, **options)
+    expected = select_samples(spec, labels, synsets)
+    np.testing.assert_array_equal(dataset.store_positions, expected)
+    np.testing.assert_array_equal(dataset.labels, labels[expected])
+    np.testing.assert_array_equal(torch.stack([image for image, _ in dataset.__getitems__(range(len(dataset)))]).numpy(), images[expected])
+
+
+def test_indices_select_like_an_indices_file(sample_store, tmp_path):
+    url, _, _ = sample_store
+    store = validate_image_store(url)
+    labels, synsets = store.coordinate("label"), store.coordinate("synset")
+    given = np.random.default_rng(0).choice(600, 250, replace=False)  # unsorted
+    np.save(tmp_path / "indices.npy", given)
+    spec = SelectionSpec(indices_file=str(tmp_path / "indices.npy"), per_class=6, seed=2)
+    dataset = ImageStoreDataset(url, indices=given.tolist(), per_class=6, seed=2)
+    np.testing.assert_array_equal(dataset.store_positions, select_samples(spec, labels, synsets))
+
+
+def test_pickles_as_url_and_selection(sample_store):
+    url, images, _ = sample_store
+    dataset = ImageStoreDataset(url, num_samples=100)
+    dataset[0]
+    copy = pickle.loads(pickle.dumps(dataset))
+    assert copy._store is None  # opened on first use in the process that unpickled it
+    np.testing.assert_array_equal(copy[99][0].numpy(), images[99])
+    assert len(pickle.dumps(dataset)) < 8 * 100 * 3  # positions and labels, nothing of the store
+
+
+def test_bad_requests_say_what_is_wrong(sample_store):
+    url, _, _ = sample_store
+    dataset = ImageStoreDataset(url, num_samples=10)
+    with pytest.raises(SampleIndexError, match="index 10 is outside 0..9") as caught:
+        dataset[10]
+    assert isinstance(caught.value, IndexError) and isinstance(caught.value, ImzarrError)
+    assert len([item for item in dataset]) == 10  # iteration stops at the end
+    with pytest.raises(ImageDatasetError, match="'rgb'"):
+        ImageStoreDataset(url, output="rgb")
+    with pytest.raises(SelectionError, match="600"):
+        ImageStoreDataset(url, indices=[3, 600])
+    with pytest.raises(SelectionError, match="goldfish|n01443537"):
+        ImageStoreDataset(url, classes="goldfish")
