@@ -20,7 +20,7 @@ from extractor.generate import generate as run_generation
 from extractor.models import ModelSpec
 from extractor.preset_layers import check_preset_layers
 from extractor.selection import SelectionSpec, class_entries, layer_entries, resolve_class
-from extractor.vocabulary import PRESET_NAMES
+from schemas.vocabulary import PRESET_NAMES
 from schemas.activation_store import layer_dims
 from schemas.classes import class_table
 from schemas.output_paths import local_file_url_to_path

@@ -1,6 +1,6 @@
 """`imzarr extract|layers|generate|compare|stats|report|show` (also `python -m extractor …`).
 
-Building these parsers imports nothing heavy (no torch): choices come from `extractor.vocabulary`; each
+Building these parsers imports nothing heavy (no torch): choices come from `schemas.vocabulary`; each
 handler imports what it runs.
 """
 
@@ -11,7 +11,7 @@ import sys
 
 from extractor.preset_layers import check_preset_layers
 from extractor.selection import layer_entries
-from extractor.vocabulary import COMPUTE_DTYPES, POOL_MODES, PRESET_NAMES, STORAGE_DTYPES
+from schemas.vocabulary import COMPUTE_DTYPE_NAMES, POOL_MODES, PRESET_NAMES, STORAGE_DTYPES
 from schemas.cli import CommandParser, HelpFormatter, add_command, dispatch, non_negative_int, positive_int
 from schemas.errors import ImzarrError, StoreValidationError
 from schemas.remote_storage import open_store_group
@@ -41,7 +41,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     group.add_argument("--checkpoint", help="DMD2 pytorch_model.bin / model.safetensors (or their folder), a .pt/.pth state dict, or an EDM network .pkl (read without running its code)")
     group.add_argument("--preset", choices=PRESET_NAMES, help="a built-in architecture with seeded random weights (UNTRAINED: for demos and tests)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
-    p.add_argument("--compute-dtype", default="auto", choices=COMPUTE_DTYPES, help="network precision: auto is bf16 autocast on CUDA for diffusion networks (tolerance against fp32 checked on a reference fixture: README \"Models\") and fp32 otherwise; bf16/fp16 need CUDA")
+    p.add_argument("--compute-dtype", default="auto", choices=COMPUTE_DTYPE_NAMES, help="network precision: auto is bf16 autocast on CUDA for diffusion networks (tolerance against fp32 checked on a reference fixture: README \"Models\") and fp32 otherwise; bf16/fp16 need CUDA")
     p.add_argument("--batch-size", type=positive_int, default=None, help="samples per forward pass (default: 64 on CPU, chosen from free memory on CUDA; README \"What values depend on\")")
 
 

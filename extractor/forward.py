@@ -34,7 +34,8 @@ from extractor.models import (
     resolve_compute_dtype,
 )
 from extractor.noise import NoiseGenerator
-from schemas.activation_store import DIFFUSION_KIND, FEATURE_KIND, STORAGE_DTYPES
+from schemas.activation_store import DIFFUSION_KIND, FEATURE_KIND
+from schemas.vocabulary import POOL_MODES, STORAGE_DTYPES
 from schemas.errors import ImzarrError
 from schemas.task_runner import SchedulerSpec
 
@@ -176,8 +177,8 @@ def check_forward_settings(fwd: ForwardSettings) -> None:
     repeated = sorted({name for name in fwd.layers if fwd.layers.count(name) > 1})
     if repeated:
         raise ExtractionError(f"--layers {','.join(fwd.layers)!r}: {repeated[0]!r} is given twice")
-    if fwd.pool not in ("none", "mean", "max"):
-        raise ExtractionError(f"--pool {fwd.pool!r}: choose none, mean or max")
+    if fwd.pool not in POOL_MODES:
+        raise ExtractionError(f"--pool {fwd.pool!r}: choose one of {POOL_MODES}")
     if fwd.storage_dtype not in STORAGE_DTYPES:
         raise ExtractionError(f"--dtype {fwd.storage_dtype!r}: choose one of {STORAGE_DTYPES}")
     if fwd.compute_dtype != AUTO:

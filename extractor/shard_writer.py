@@ -31,6 +31,7 @@ from fsspec.implementations.local import LocalFileSystem
 from numcodecs import VLenUTF8, Zstd
 
 from schemas.errors import ImzarrError
+from schemas.vocabulary import LOCAL_FILE_PROTOCOLS
 from schemas.store_integrity import crc32c_of, file_crc32c
 from schemas.zarr_format import (
     CRC32C_BYTES,
@@ -58,7 +59,7 @@ def local_directory(url: str) -> Path | None:
     """The local directory of a store URL or path, or None for any other filesystem."""
     fs, path = fsspec.core.url_to_fs(url)
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    return Path(path) if protocol in ("file", "local") else None
+    return Path(path) if protocol in LOCAL_FILE_PROTOCOLS else None
 
 
 def direct_layout(url: str, array: str) -> UncompressedShardLayout | None:

@@ -49,6 +49,7 @@ from schemas.errors import StoreValidationError
 from schemas.store_integrity import check_store_files
 from schemas.image_store import COORDINATES as IMAGE_COORDINATES
 from schemas.image_store import SAMPLE_DIM
+from schemas.vocabulary import POOL_MODES, STORAGE_DTYPES
 from schemas.variable_attrs import (
     CONVENTIONS,
     REQUIRED_ARRAY_ATTRS,
@@ -67,8 +68,6 @@ COORDINATES: dict[str, str] = {k: v for k, v in IMAGE_COORDINATES.items() if k !
 REQUIRED_ATTRS = (
     "schema", "complete", "model", "layers", "sigma", "noise", "pooling", "dtypes", "selection", "source", "versions", "device",
 )
-STORAGE_DTYPES = ("float16", "float32")
-POOLINGS = ("none", "mean", "max")
 DIFFUSION_KIND, FEATURE_KIND = "diffusion", "feature"
 MODEL_KINDS = (DIFFUSION_KIND, FEATURE_KIND)
 # What `model` records since feature networks exist (older stores: diffusion networks, without them).
@@ -116,8 +115,8 @@ def activation_variable_attrs(
     `sigma` None)."""
     if network_input not in NETWORK_INPUTS:
         raise StoreValidationError(f"layer {layer}: network input {network_input!r} is not one of {sorted(NETWORK_INPUTS)}")
-    if pool not in POOLINGS:
-        raise StoreValidationError(f"layer {layer}: pooling {pool!r} is not one of {POOLINGS}")
+    if pool not in POOL_MODES:
+        raise StoreValidationError(f"layer {layer}: pooling {pool!r} is not one of {POOL_MODES}")
     if storage_dtype not in STORAGE_DTYPES:
         raise StoreValidationError(f"layer {layer}: storage dtype {storage_dtype!r} is not one of {STORAGE_DTYPES}")
     if (sigma is None) != (network_input == "feature"):

@@ -15,6 +15,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from schemas.errors import ImzarrError
+from schemas.vocabulary import LOCAL_FILE_PROTOCOLS
 
 
 class OutputOverlapsInputError(ImzarrError):
@@ -46,9 +47,6 @@ def location(url: str) -> tuple[str, str]:
     return protocol, "/" + path.strip("/")
 
 
-LOCAL_PROTOCOLS = ("file", "local")
-
-
 def url_protocol(path: object) -> str | None:
     """The protocol of a URL (the innermost of a chain such as `simplecache::s3://…`), lower case; None otherwise."""
     if not isinstance(path, str) or "://" not in path:
@@ -59,7 +57,7 @@ def url_protocol(path: object) -> str | None:
 def is_remote_url(path: object) -> bool:
     """True for a URL of a filesystem other than the local one (s3://, gs://, memory://, …); `file://` is local."""
     protocol = url_protocol(path)
-    return protocol is not None and protocol not in LOCAL_PROTOCOLS
+    return protocol is not None and protocol not in LOCAL_FILE_PROTOCOLS
 
 
 def local_path(url: str) -> str | None:

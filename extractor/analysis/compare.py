@@ -34,7 +34,6 @@ from extractor.analysis.inception_scoring import IS_LAYER, IS_SEED, IS_SPLITS, i
 from extractor.analysis.kernel_inception_distance import KID_SEED, KID_SUBSET_SIZE, KID_SUBSETS, class_subset_size, kid_from_takers
 from extractor.analysis.layer_features import (
     MAX_FLAT_DIM,
-    POOLS,
     AnalysisInputError,
     LayerFeatures,
     LayerMismatchError,
@@ -63,9 +62,10 @@ from schemas.errors import ImzarrError
 from schemas.store_identity import StoreIdentity, check_unchanged, reader_lease
 from schemas.output_paths import check_output_location, local_path
 from schemas.store_lifecycle import claim_report_output
+from schemas.vocabulary import POOL_MODES
 
 __all__ = [
-    "MAX_FLAT_DIM", "POOLS", "CompareError", "CompareOptions", "LayerMismatchError", "NonFiniteFeaturesError",
+    "MAX_FLAT_DIM", "CompareError", "CompareOptions", "LayerMismatchError", "NonFiniteFeaturesError",
     "compare", "compare_options", "compare_stores", "compare_to_reference", "format_report_table", "open_report", "write_report",
 ]  # fmt: skip
 
@@ -183,8 +183,8 @@ def compare_options(
         raise CompareError(f"with --reference give one store (the generated one), got {len(stores)}: {stores}")
     if reference is None and len(stores) != 2:
         raise CompareError(f"give two stores (real, then generated) or one store and --reference, got {len(stores)}: {stores}")
-    if pool not in POOLS:
-        raise CompareError(f"pool must be one of {POOLS}, got {pool!r}")
+    if pool not in POOL_MODES:
+        raise CompareError(f"pool must be one of {POOL_MODES}, got {pool!r}")
     if k < 1 or block_size < 1 or prdc_subset < 0 or kid_subsets < 1 or kid_subset_size < 2 or is_splits < 1:
         raise CompareError(
             f"k, block_size, kid_subsets and is_splits must be positive, kid_subset_size at least 2 and prdc_subset at least 0; got k={k}, "

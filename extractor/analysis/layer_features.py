@@ -16,8 +16,8 @@ import zarr
 
 from schemas.activation_store import validate_activation_store
 from schemas.errors import ImzarrError
+from schemas.vocabulary import POOL_MODES
 
-POOLS = ("mean", "max", "none")
 MAX_FLAT_DIM = 4096  # flattened maps beyond this make k-NN in that space meaningless and the covariance huge
 READ_BUDGET_BYTES = 128 << 20  # stored bytes of one read block (unpooled maps are ~100 KB per sample)
 
@@ -59,8 +59,8 @@ class LayerFeatures:
 
 def open_layer(role: str, url: str, layer: str, pool: str = "mean") -> LayerFeatures:
     """Open `layer` (a variable name or the module path it was captured from) of the activation store at `url`."""
-    if pool not in POOLS:
-        raise AnalysisInputError(f"pool must be one of {POOLS}, got {pool!r}")
+    if pool not in POOL_MODES:
+        raise AnalysisInputError(f"pool must be one of {POOL_MODES}, got {pool!r}")
     group = validate_activation_store(url)
     attrs = dict(group.attrs)
     layers: dict[str, str] = attrs["layers"]

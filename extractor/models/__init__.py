@@ -3,7 +3,6 @@ loading, model families and presets, and layer capture."""
 
 from extractor.models.capture import (
     ALIASES,
-    POOL_MODES,
     FeatureNetwork,
     InvalidImageBatchError,
     UnknownLayerError,
@@ -28,9 +27,9 @@ from extractor.models.checkpoints import (
 from extractor.models.dinov2 import DinoV2
 from extractor.models.fid_inception import FIDInceptionV3
 from extractor.models.edm import (
-    COMPUTE_DTYPES,
     PRESETS,
     SMALLEST_TRAINING_SIGMA,
+    TORCH_COMPUTE_DTYPES,
     DhariwalUNet,
     EDMPrecond,
     InvalidClassLabelsError,
@@ -59,14 +58,13 @@ from extractor.models.registry import (
 
 __all__ = [
     "ALIASES",
-    "COMPUTE_DTYPES",
     "FAMILIES",
     "KINDS",
     "MODEL_PRESETS",
-    "POOL_MODES",
     "PRESETS",
     "PRESET_INIT",
     "SMALLEST_TRAINING_SIGMA",
+    "TORCH_COMPUTE_DTYPES",
     "CheckpointError",
     "CheckpointMismatchError",
     "DhariwalUNet",

@@ -11,19 +11,18 @@ token). They take uint8 (or float 0..255) images and ignore σ and class labels.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
 
 from extractor.models.edm import EDMPrecond
 from extractor.preset_layers import UnknownLayerError
-from extractor.vocabulary import POOL_MODES
+from schemas.vocabulary import POOL_MODES
 from schemas.errors import ImzarrError
 
 __all__ = [
     "ALIASES",
-    "POOL_MODES",
     "FeatureNetwork",
     "InvalidImageBatchError",
     "UnknownLayerError",
@@ -37,7 +36,6 @@ __all__ = [
 ]
 
 ALIASES: tuple[str, ...] = ("encoder_bottleneck", "midblock")
-PoolMode = Literal["none", "mean", "max"]
 
 
 class InvalidImageBatchError(ImzarrError, ValueError):
@@ -127,7 +125,7 @@ def capture_layers(
     sigma: Tensor | float | None,
     class_labels: Tensor | None,
     layers: Sequence[str],
-    pool: PoolMode = "none",
+    pool: str = "none",  # one of POOL_MODES, checked below
     need_output: bool = False,
 ) -> tuple[dict[str, Tensor], Tensor | None]:
     """Run the network and return ({requested name: activation}, D(x) or None).

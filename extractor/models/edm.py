@@ -26,7 +26,6 @@ from extractor.models import seeded
 from schemas.errors import ImzarrError
 
 __all__ = [
-    "COMPUTE_DTYPES",
     "CONFIG_KEYS",
     "Conv2d",
     "DhariwalUNet",
@@ -38,6 +37,7 @@ __all__ = [
     "PRESETS",
     "PositionalEmbedding",
     "SMALLEST_TRAINING_SIGMA",
+    "TORCH_COMPUTE_DTYPES",
     "UNetBlock",
     "UnsupportedConfigError",
     "autocast_context",
@@ -633,27 +633,21 @@ CONFIG_KEYS: tuple[str, ...] = (
 # ---------------------------------------------------------------------------------------------------------------
 # Precision.
 
-COMPUTE_DTYPES: dict[str, torch.dtype] = {
-    "fp32": torch.float32,
-    "float32": torch.float32,
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-    "fp16": torch.float16,
-    "float16": torch.float16,
-}
+# The torch dtype of each precision name the commands offer (schemas.vocabulary.COMPUTE_DTYPE_NAMES, less auto).
+TORCH_COMPUTE_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def resolve_compute_dtype(compute_dtype: str | torch.dtype) -> torch.dtype:
     """Map "fp32"/"bf16"/"fp16" (or a torch dtype) to the torch dtype, rejecting anything else."""
     if isinstance(compute_dtype, torch.dtype):
-        if compute_dtype not in COMPUTE_DTYPES.values():
+        if compute_dtype not in TORCH_COMPUTE_DTYPES.values():
             raise ValueError(f"unsupported compute dtype {compute_dtype}")
         return compute_dtype
     try:
-        return COMPUTE_DTYPES[compute_dtype.lower()]
+        return TORCH_COMPUTE_DTYPES[compute_dtype.lower()]
     except (KeyError, AttributeError):
         raise ValueError(
-            f"unsupported compute dtype {compute_dtype!r}; choose one of fp32, bf16, fp16"
+            f"unsupported compute dtype {compute_dtype!r}; choose one of {', '.join(TORCH_COMPUTE_DTYPES)}"
         ) from None
 
 

@@ -22,9 +22,8 @@ import fsspec.config
 from schemas.errors import ImzarrError
 from schemas.output_paths import url_protocol
 from schemas.remote_storage import install_remote_defaults, merged_options
+from schemas.vocabulary import PROTOCOLS_WITHOUT_STORAGE_OPTIONS
 
-# Protocols that need no storage options (memory:// is refused by the commands anyway).
-LOCAL_PROTOCOLS = frozenset({"file", "local", "memory"})
 
 
 class StorageOptionsError(ImzarrError):
@@ -89,7 +88,7 @@ def remote_protocols(values: Iterable[Any]) -> set[str]:
     for value in values:
         for item in value if isinstance(value, (list, tuple)) else [value]:
             protocol = url_protocol(item)
-            if protocol is not None and protocol not in LOCAL_PROTOCOLS:
+            if protocol is not None and protocol not in PROTOCOLS_WITHOUT_STORAGE_OPTIONS:
                 found.add(protocol)
     return found
 

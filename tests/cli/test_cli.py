@@ -122,14 +122,14 @@ def test_debug_shows_the_traceback_of_an_unexpected_error(tmp_path):
 
 def test_command_line_vocabulary_is_the_models_own():
     """The torch-free words the parsers offer are exactly what the model code accepts."""
-    from extractor.forward import AUTO
-    from extractor.models.edm import COMPUTE_DTYPES as MODEL_COMPUTE_DTYPES
+    from extractor.models.edm import TORCH_COMPUTE_DTYPES
     from extractor.models.registry import FAMILIES, MODEL_PRESETS
-    from extractor.vocabulary import COMPUTE_DTYPES, FEATURE_PRESET_NAMES, PRESET_NAMES
+    from schemas.vocabulary import AUTO_COMPUTE_DTYPE, COMPUTE_DTYPE_NAMES, DIFFUSION_PRESET_NAMES, FEATURE_PRESET_NAMES, PRESET_NAMES
 
     assert PRESET_NAMES == tuple(MODEL_PRESETS)
     assert set(FEATURE_PRESET_NAMES) == {name for name, family in MODEL_PRESETS.items() if FAMILIES[family].kind == "feature"}
-    assert set(COMPUTE_DTYPES) - {AUTO} <= set(MODEL_COMPUTE_DTYPES)
+    assert set(DIFFUSION_PRESET_NAMES) == {name for name, family in MODEL_PRESETS.items() if FAMILIES[family].kind == "diffusion"}
+    assert set(COMPUTE_DTYPE_NAMES) - {AUTO_COMPUTE_DTYPE} == set(TORCH_COMPUTE_DTYPES)
 
 
 def test_building_the_command_tree_does_not_import_torch():

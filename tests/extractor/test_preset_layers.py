@@ -11,7 +11,7 @@ import torch
 from extractor.models.capture import layer_names
 from extractor.models.registry import FAMILIES, MODEL_PRESETS, UnknownPresetError, family_of_preset
 from extractor.preset_layers import PRESET_LAYERS, UnknownLayerError, check_preset_layers
-from extractor.vocabulary import PRESET_NAMES
+from schemas.vocabulary import PRESET_NAMES
 from schemas.suggestions import did_you_mean
 
 
