@@ -27,9 +27,9 @@ from converter.sources.base import (
     OutputWriteError,
     RowFile,
     SourceError,
-    write_atomically,
 )
 from converter.sources.source_files import is_remote
+from schemas.atomic_files import write_atomically
 from schemas.classes import class_table
 from schemas.errors import ImzarrError
 from schemas.image_layout import (
@@ -41,11 +41,11 @@ from schemas.image_layout import (
     preferred_inner_chunk,
     write_image_shard,
 )
-from schemas.image_store import IMAGE_SCHEMA, IMAGE_VAR, image_group_attrs
+from schemas.image_store import IMAGE_SCHEMA, image_group_attrs
 from schemas.progress_report import ProgressReport
 from schemas.output_paths import local_path
 from schemas.remote_storage import remote_storage_errors, translate_remote_error
-from schemas.store_integrity import files_checksums, record_checksums, record_unit_checksums, shard_file_names
+from schemas.store_integrity import record_checksums, record_unit_checksums
 from schemas.store_lifecycle import (
     finalize_store,
     give_back_early_lock,
@@ -460,10 +460,8 @@ def _write_shard(url: str, k: int, start: int, plan: dict[str, np.ndarray], row_
         row_files[p].read_into(plan["row"][sel], images, sel)
     coords = {name: plan[name] for name in TEXT_COORDINATES}  # the numeric ones were written at creation
     with _output_errors(url):
-        write_image_shard(url, start, images, coords)
-        # zarr-python wrote the files: their crc32c is taken by reading them back once (from the page cache on
-        # local disk), before the shard counts as done (schemas/store_integrity.py).
-        record_unit_checksums(url, k, files_checksums(url, shard_file_names(url, [IMAGE_VAR, *coords], k)))
+        # The crc32c of every file written is recorded before the shard counts as done (schemas/store_integrity.py).
+        record_unit_checksums(url, k, write_image_shard(url, start, images, coords))
         mark_done(url, k)
     return {"images": n}
 

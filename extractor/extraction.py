@@ -22,7 +22,8 @@ import numpy as np
 import torch
 import zarr
 
-from extractor.activation_writer import TEXT_COORDINATES, ShardOutput, create_activation_arrays, default_shard_size
+from extractor.activation_writer import TEXT_COORDINATES, create_activation_arrays, default_shard_size
+from schemas.shard_writer import ShardOutput
 from extractor.forward import (
     MAX_AUTO_BATCH,
     MAX_AUTO_FEATURE_BATCH,

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field, replace
 import dask
 import numpy as np
 
-from extractor.activation_writer import TEXT_COORDINATES, ShardOutput, create_activation_arrays, default_shard_size
+from extractor.activation_writer import TEXT_COORDINATES, create_activation_arrays, default_shard_size
+from schemas.shard_writer import ShardOutput
 from extractor.extraction import (
     ExtractionError,
     ForwardSettings,

@@ -7,13 +7,13 @@ and `-o file:///abs/in.zarr` are the input itself.
 from __future__ import annotations
 
 import os
-import threading
 from collections.abc import Iterable
 from typing import Any
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from schemas.atomic_files import write_atomically
 from schemas.errors import ImzarrError
 from schemas.vocabulary import LOCAL_FILE_PROTOCOLS
 
@@ -100,15 +100,6 @@ def write_output_file(url: str, data: bytes) -> str:
         with fsspec.open(url, "wb") as fh:
             fh.write(data)
         return url
-    folder = os.path.dirname(local) or "."
-    os.makedirs(folder, exist_ok=True)
-    # One name per writer thread; the `.partial` ending is what a store's tidying removes after a kill.
-    temp = os.path.join(folder, f".{os.path.basename(local)}.{os.getpid()}-{threading.get_ident()}.partial")
-    try:
-        with open(temp, "wb") as fh:
-            fh.write(data)
-        os.replace(temp, local)
-    finally:
-        if os.path.exists(temp):
-            os.remove(temp)
+    os.makedirs(os.path.dirname(local) or ".", exist_ok=True)
+    write_atomically(local, [data])
     return local

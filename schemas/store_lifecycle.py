@@ -36,6 +36,8 @@ import fsspec
 import numpy as np
 import zarr
 
+# zarr-python's local store and ours write each file under a `.partial` name, then rename it
+from schemas.atomic_files import PARTIAL_SUFFIX, temporary_path
 from schemas.errors import ImzarrError, StoreLockedError
 from schemas.output_paths import check_output_location, local_path, write_output_file
 from schemas.store_identity import GENERATION_ATTR, new_generation, rewrite_guard
@@ -45,7 +47,6 @@ PROGRESS_GROUP = "_progress"
 DONE_ARRAY = f"{PROGRESS_GROUP}/done"
 UNDER_CONSTRUCTION = "imzarr_under_construction"
 LOCK_FILE = ".imzarr-writer.lock"
-PARTIAL_SUFFIX = ".partial"  # zarr-python's local store writes each file under this suffix, then renames it
 
 
 class StoreExistsError(ImzarrError):
@@ -332,7 +333,6 @@ def clear_store(url: str) -> None:
 # two late starters cannot both remove a stale lock and one of them the other's fresh one.
 
 _HELD_LOCKS: dict[str, int | None] = {}  # store root → the open lock file whose flock we hold (None: no flock here)
-_LOCK_TEMP_SUFFIX = ".partial"  # `<lock>.<pid>.partial` while being made; tidied as any partial file
 
 
 def _lock_owner() -> str:
@@ -363,7 +363,7 @@ def _try_flock(fd: int, mode: int) -> bool | None:
 
 def _create_lock(lock: str, me: str) -> int | None:
     """Make the lock file whole and take its flock; return its fd (-1: made, no flock), or None if it exists."""
-    temp = f"{lock}.{os.getpid()}{_LOCK_TEMP_SUFFIX}"
+    temp = temporary_path(lock)  # while being made; tidied as any partial file
     fd = os.open(temp, os.O_CREAT | os.O_TRUNC | os.O_RDWR, 0o644)
     try:
         locked = _try_flock(fd, fcntl.LOCK_EX)

@@ -7,14 +7,12 @@ file by a stage-1 task (`materialize()`: inflate, unpickle, decode and resize).
 
 from __future__ import annotations
 
-import os
-import threading
 from dataclasses import dataclass, field
-from typing import Iterable, Protocol
+from typing import Protocol
 
 import numpy as np
 
-from converter.sources.source_files import fingerprint, read_items_into
+from converter.sources.source_files import read_items_into
 from schemas.errors import ImzarrError, OutputWriteError, PathError  # noqa: F401 - OutputWriteError: re-exported
 
 
@@ -117,47 +115,3 @@ class ImageSource:
     input_paths: tuple[str, ...] = ()
     # Labels numbered from folder names (not ImageNet classes): synset and class_name come from here.
     label_synsets: tuple[str, ...] | None = None
-
-
-def fingerprint_file(path: str | os.PathLike) -> str:
-    """Size and modification time (ns) of a file: any write changes them, at the cost of one stat; at a URL,
-    size and ETag (or last-modified time), at the cost of one metadata request.
-
-    Limit: a rewrite that keeps the size and then puts the old mtime back (`touch -d`, `cp -p` of other
-    content) goes unnoticed; hashing every byte would cost a full read of 1.5 GB shards and trees of 140 GB."""
-    return fingerprint(path)
-
-
-def write_atomically(dest: str, chunks: Iterable[bytes | memoryview]) -> None:
-    """Write byte-like chunks to dest via a temporary name: a failure or crash never leaves a partial `dest`,
-    and a failure removes the temporary file. Errors reading the chunks pass through as they are; errors
-    writing become OutputWriteError naming the file."""
-    # A name of this writer's own: two runs materializing the same part at once must not write one file.
-    tmp = f"{dest}.{os.getpid()}-{threading.get_ident()}.partial"
-    try:
-        f = open(tmp, "wb")
-    except OSError as exc:
-        raise OutputWriteError.from_os_error(tmp, exc) from None
-    try:
-        with f:
-            for chunk in chunks:
-                try:
-                    f.write(chunk)
-                except OSError as exc:
-                    raise OutputWriteError.from_os_error(tmp, exc) from None
-            try:
-                f.flush()
-            except OSError as exc:
-                raise OutputWriteError.from_os_error(tmp, exc) from None
-        os.replace(tmp, dest)
-    except BaseException:
-        _remove_quietly(tmp)
-        raise
-
-
-def _remove_quietly(path: str) -> None:
-    """Remove a temporary file of ours if it is there (it may never have been created)."""
-    try:
-        os.remove(path)
-    except OSError:
-        pass

@@ -16,11 +16,10 @@ from converter.sources.base import (
     MaterializedPart,
     RowFile,
     SourceFile,
-    fingerprint_file,
-    write_atomically,
 )
 from converter.sources import source_files
 from converter.sources.source_files import is_remote
+from schemas.atomic_files import write_atomically
 from schemas.errors import printable_path
 from converter.sources.jpeg_recipes import DEFAULT_RECIPE, ImageDecodeError, get_recipe, load_and_resize
 from converter.sources.jpeg_tree import scan_jpeg_tree
@@ -135,7 +134,7 @@ def open_jpeg_source(
     files = [_tree_fingerprint(tree.root, tree.files, tree.stamps)]
     if val_labels is not None:
         name = source_files.basename(val_labels)
-        files.append(SourceFile(printable_path(name), source_files.file_size(val_labels), fingerprint_file(val_labels)))
+        files.append(SourceFile(printable_path(name), source_files.file_size(val_labels), source_files.fingerprint(val_labels)))
     parts = [
         JpegBlock(str(tree.root), tree.files[a : a + FILES_PER_BLOCK], tree.labels[a : a + FILES_PER_BLOCK], recipe, size, fast_draft)
         for a in range(0, len(tree.files), FILES_PER_BLOCK)

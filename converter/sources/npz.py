@@ -22,11 +22,10 @@ from converter.sources.base import (
     RowFile,
     SourceError,
     SourceFile,
-    fingerprint_file,
-    write_atomically,
 )
 from converter.sources import source_files
 from converter.sources.source_files import SMALL_BLOCK, is_remote
+from schemas.atomic_files import write_atomically
 from schemas.errors import printable_path
 from schemas.classes import NUM_CLASSES, class_table
 
@@ -193,7 +192,7 @@ def _zip_members(path: Path | str) -> tuple[dict[str, _Member], str]:
     for (_, end, name), (start, _, next_name) in zip(spans, spans[1:]):
         if start < end:
             raise SourceError(path, f"corrupt zip: member {name} overlaps member {next_name}")
-    digest = hashlib.sha256(fingerprint_file(path).encode())
+    digest = hashlib.sha256(source_files.fingerprint(path).encode())
     for name in sorted(members):
         m = members[name]
         digest.update(f"{m.name}\0{m.size}\0{m.compressed_size}\0{m.crc:08x}\n".encode("utf-8", "surrogateescape"))
@@ -497,7 +496,7 @@ def open_npz_source(sources: list[str | Path], label_order: str | None = None, a
             data, raw_labels = _load_pickle_batch(path)
             n, res = _check_rows(path, data.shape, data.dtype, "chw")
             part = PicklePart(str(path), rel, n, res, check_labels(path, "labels", raw_labels, n, order))
-            fingerprint = fingerprint_file(path)
+            fingerprint = source_files.fingerprint(path)
         elif magic == "zip":
             part, kind, order, fingerprint = open_npz_part(path, rel, label_order, allow_pickle)
         else:

@@ -88,7 +88,8 @@ def _raw_write_rate(folder: Path, n: int, bytes_per_image: int, fsync: bool = Fa
 
 def _shard_write_rate(folder: Path, n: int) -> float:
     """img/s of the extractor's shard writes alone (both layers, coordinates, done record), data already in memory."""
-    from extractor.activation_writer import create_activation_arrays, write_activation_shard
+    from extractor.activation_writer import create_activation_arrays
+    from schemas.shard_writer import ShardOutput
     from schemas.activation_store import ACTIVATION_SCHEMA
     from schemas.store_lifecycle import mark_done, prepare_store
 
@@ -106,7 +107,9 @@ def _shard_write_rate(folder: Path, n: int) -> float:
     start = time.perf_counter()
     for k in range(num_shards):
         first, count = k * SHARD, min(SHARD, n - k * SHARD)
-        write_activation_shard(url, first, {name: values[:count] for name in LAYERS}, {c: v[first : first + count] for c, v in coords.items()}, shard=k)
+        output = ShardOutput(url, k, first, {name: values[:count] for name in LAYERS})
+        output.ready(0, count)
+        output.commit({c: v[first : first + count] for c, v in coords.items()})
         mark_done(url, k)
     return n / (time.perf_counter() - start)
 

@@ -239,14 +239,14 @@ def create_store_like_array(path: Path, num_images: int) -> Any:
     """A zarr array with the converter's image layout: same chunking, sharding, codec (none), fill value."""
     import zarr
 
-    from schemas.image_layout import DEFAULT_INNER, DEFAULT_SHARD
+    from schemas.image_layout import DEFAULT_SHARD, inner_chunk_for
 
     s = RESOLUTION
     return zarr.create_array(
         store=str(path),
         shape=(num_images, 3, s, s),
         dtype="uint8",
-        chunks=(min(DEFAULT_INNER, DEFAULT_SHARD), 3, s, s),
+        chunks=(inner_chunk_for(s, DEFAULT_SHARD), 3, s, s),
         shards=(DEFAULT_SHARD, 3, s, s),
         compressors=None,
         fill_value=0,

@@ -57,7 +57,8 @@ def _forward_only(store_url: str, n: int) -> float:
 
 def _write_rates(acts_url: str, workdir: Path) -> tuple[float, float, int]:
     """MB/s of the extractor's shard writer (direct shard files) vs a bare zarr write of the same bytes and layout."""
-    from extractor.activation_writer import create_activation_arrays, write_activation_shard
+    from extractor.activation_writer import create_activation_arrays
+    from schemas.shard_writer import ShardOutput
 
     src = zarr.open_group(acts_url, mode="r")
     data = src[LAYER][:]
@@ -68,7 +69,9 @@ def _write_rates(acts_url: str, workdir: Path) -> tuple[float, float, int]:
     create_activation_arrays(ours, n, {LAYER: data.shape[1:]}, str(data.dtype), shard, None)
     start = time.perf_counter()
     for a in range(0, n, shard):
-        write_activation_shard(str(workdir / "write_ours.zarr"), a, {LAYER: data[a : a + shard]}, {k: v[a : a + shard] for k, v in coords.items()}, shard=a // shard)
+        output = ShardOutput(str(workdir / "write_ours.zarr"), a // shard, a, {LAYER: np.ascontiguousarray(data[a : a + shard])})
+        output.ready(0, min(shard, n - a))
+        output.commit({k: v[a : a + shard] for k, v in coords.items()})
     ours_s = time.perf_counter() - start
     bare = zarr.create_array(str(workdir / "write_bare.zarr"), shape=data.shape, dtype=data.dtype, chunks=src[LAYER].chunks, shards=src[LAYER].shards, compressors=None, fill_value=0.0)
     start = time.perf_counter()

@@ -29,8 +29,7 @@ GOAL = 0.8
 
 def make_store(workdir: Path, shards: int) -> Path:
     """The store (reused when a previous run left one of the same size)."""
-    from extractor.shard_writer import direct_layout, write_whole_shard
-    from schemas.image_layout import create_image_arrays
+    from schemas.image_layout import create_image_arrays, write_image_shard
     from schemas.store_integrity import record_checksums
 
     url = workdir / f"verify-{shards}.zarr"
@@ -40,12 +39,11 @@ def make_store(workdir: Path, shards: int) -> Path:
     group = zarr.open_group(str(url), mode="w", zarr_format=3)
     index = np.arange(n, dtype=np.int64)
     create_image_arrays(group, n, RESOLUTION, SHARD, coordinates={"label": (index % 1000).astype(np.int16), "global_index": index, "source_row": index})
-    layout = direct_layout(str(url), "image")
     rng = np.random.default_rng(0)
     block = rng.integers(0, 256, (SHARD, 3, RESOLUTION, RESOLUTION), dtype=np.uint8)
     for k in range(shards):
         block[:, 0, 0, 0] = k  # every shard different
-        write_whole_shard(str(url), "image", k, block, layout)
+        write_image_shard(str(url), k * SHARD, block, {})
     record_checksums(str(url))
     return url
 

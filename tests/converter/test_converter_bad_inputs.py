@@ -26,7 +26,8 @@ import zarr
 from PIL import Image
 
 from converter.convert import ConvertOptions, convert, remove_own_scratch, validate_convert_options
-from converter.sources.base import ConvertOptionError, write_atomically
+from converter.sources.base import ConvertOptionError
+from schemas.atomic_files import write_atomically
 from converter.sources.jpeg import open_jpeg_source
 from converter.sources.npz import open_npz_source
 from schemas.classes import class_table

@@ -15,7 +15,8 @@ import zarr
 
 from converter.convert import ConvertOptions, convert
 from converter.sources.npz import open_npz_source
-from extractor.activation_writer import ShardOutput, create_activation_arrays
+from extractor.activation_writer import create_activation_arrays
+from schemas.shard_writer import ShardOutput
 from schemas.activation_store import ACTIVATION_SCHEMA, validate_activation_store
 from schemas.classes import class_table
 from schemas.image_store import ImageStore, validate_image_store
@@ -255,7 +256,7 @@ def test_a_store_without_a_record_gets_the_listing_checks(image_store, tmp_path)
 @pytest.mark.parametrize("order", ["in file order", "out of order"])
 def test_shard_writer_crc32c_is_the_committed_files(order, tmp_path):
     """The direct writer checksums bytes as they arrive; batches out of file order fall back to reading back."""
-    from extractor.shard_writer import ShardFileWriter, direct_layout
+    from schemas.shard_writer import ShardFileWriter, direct_layout
 
     url = str(tmp_path / "s.zarr")
     group = zarr.open_group(url, mode="w", zarr_format=3)

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import zarr
 
-from extractor.activation_writer import ChunkOwnershipError, ShardOutput, create_activation_arrays, write_with_zarr
-from extractor.shard_writer import PARTIAL_MARK, ShardFileWriter, ShardWriteError, direct_layout, write_whole_shard
+from extractor.activation_writer import create_activation_arrays
+from schemas.atomic_files import PARTIAL_SUFFIX
+from schemas.shard_writer import ChunkOwnershipError, ShardFileWriter, ShardOutput, ShardWriteError, direct_layout, write_with_zarr
 
 COORDS = ("label", "synset", "class_name", "global_index", "source_file", "source_sample")
 
@@ -66,7 +67,7 @@ def test_direct_shards_read_like_zarr_written_ones(tmp_path, n, shard, dtype):
             for k in range((n + shard - 1) // shard):
                 with open(os.path.join(ours, name, "c", str(k)), "rb") as f, open(os.path.join(theirs, name, "c", str(k)), "rb") as g:
                     assert f.read() == g.read(), (name, k)  # coordinates too: written directly, byte for byte
-    assert not list(tmp_path.rglob(f"*{PARTIAL_MARK}*"))
+    assert not list(tmp_path.rglob(f"*{PARTIAL_SUFFIX}"))
 
 
 def test_uncommitted_shard_is_invisible_and_cleaned(tmp_path):
@@ -75,11 +76,14 @@ def test_uncommitted_shard_is_invisible_and_cleaned(tmp_path):
     layout = direct_layout(url, "a")
     writer = ShardFileWriter(tmp_path / "s.zarr" / "a", layout, 1, np.dtype("float16"))
     writer.write(0, np.ones((32, 2, 2, 2), dtype=np.float16))  # then "killed": never committed
-    os.close(writer.fd)
-    assert list((tmp_path / "s.zarr" / "a").rglob(f"*{PARTIAL_MARK}*"))
+    writer.file.close()
+    assert list((tmp_path / "s.zarr" / "a").rglob(f"*{PARTIAL_SUFFIX}"))
     np.testing.assert_array_equal(zarr.open_array(url, path="a", mode="r")[64:], 0)  # fill value, not data
-    write_whole_shard(url, "a", 1, np.full((64, 2, 2, 2), 2, dtype=np.float16))
-    assert not list((tmp_path / "s.zarr" / "a").rglob(f"*{PARTIAL_MARK}*"))
+    output = ShardOutput(url, 1, 64, {"a": np.full((64, 2, 2, 2), 2, dtype=np.float16)})  # the rerun's write
+    assert set(output.files) == {"a"}
+    output.ready(0, 64)
+    output.commit({})
+    assert not list((tmp_path / "s.zarr" / "a").rglob(f"*{PARTIAL_SUFFIX}"))
     np.testing.assert_array_equal(zarr.open_array(url, path="a", mode="r")[64:], 2)
 
 
@@ -122,7 +126,7 @@ def test_numeric_coordinates_written_whole_are_never_written_by_a_shard_task(tmp
     with pytest.raises(ChunkOwnershipError, match=r"label is stored in chunks of 40 samples"):
         output.commit({"label": numeric["label"][shard : 2 * shard]})
     assert not zarr.open_group(url, mode="r")["a"][shard : 2 * shard].any()  # nothing of the shard became visible
-    assert not list((tmp_path / "whole.zarr").rglob(f"*{PARTIAL_MARK}*"))
+    assert not list((tmp_path / "whole.zarr").rglob(f"*{PARTIAL_SUFFIX}"))
     output = ShardOutput(url, 1, shard, {"a": values})
     output.ready(0, shard)
     text = {name: values for name, values in _coords(shard, shard).items() if name in ("synset", "class_name", "source_file")}
