@@ -1,7 +1,9 @@
-"""The one root of every error imzarr raises on purpose; the CLI turns each into one clear line.
+"""The roots of every error imzarr raises on purpose; the CLI turns each into one clear line.
 
 `exit_code` says what kind of error it is to a shell: 2 for bad input or options (the user can fix the
-command), 1 for a run that failed (a writer holds the store, values failed a check, the disk is full).
+command: ImzarrError), 1 for a run that failed (a writer holds the store, values failed a check, the disk is
+full: RunFailedError), 130 for a run interrupted by Ctrl-C (RunInterruptedError). Every exception class of
+converter, extractor and schemas derives from one of these (README "Commands" holds the table; a test checks it).
 """
 
 import contextlib
@@ -20,6 +22,16 @@ class RunFailedError(ImzarrError):
     """The inputs were acceptable but the run could not finish; exit code 1."""
 
     exit_code = 1
+
+
+class RunInterruptedError(ImzarrError):
+    """The user stopped the run (Ctrl-C, SIGINT); what was written stays, and the same command resumes it.
+    Exit code 130, the shell's code for a process ended by SIGINT (128 + 2)."""
+
+    exit_code = 130
+
+    def __init__(self, message: str = "interrupted; re-run the same command to resume") -> None:
+        super().__init__(message)
 
 
 def printable_path(path: object) -> str:

@@ -12,10 +12,8 @@ import os
 import sys
 from typing import Callable, NoReturn
 
-from schemas.errors import ImzarrError
+from schemas.errors import ImzarrError, RunInterruptedError
 from schemas.remote_storage import translate_remote_error
-
-INTERRUPTED = 130
 
 
 def run_command(prog: str, body: Callable[[], int | None], debug: bool = False) -> int:
@@ -28,8 +26,9 @@ def run_command(prog: str, body: Callable[[], int | None], debug: bool = False) 
         _say(prog, str(exc))
         return exc.exit_code
     except KeyboardInterrupt:
-        print(f"{prog}: interrupted; re-run the same command to resume", file=sys.stderr)
-        return INTERRUPTED
+        interrupted = RunInterruptedError()
+        print(f"{prog}: {interrupted}", file=sys.stderr)
+        return interrupted.exit_code
     except BrokenPipeError:
         # The reader of our output went away (`imzarr layers … | head`): nothing more to say, nothing failed.
         _silence_stdout()
