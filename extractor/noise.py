@@ -19,10 +19,11 @@ f·2ᵉ through an integer view of its float64 bits, and f is then rounded once 
 on every device, batch size, order and worker count (the pinned values in tests/extractor/test_noise.py hold any device to
 it); they lie within 3e-6 of the exact values of the formula above.
 
-torch's own float32 sqrt is not correctly rounded on x86 CPUs (it goes through MKL: 17 % of results one ULP off,
-measured), so the radius's sqrt is made exact here (`sqrt_correctly_rounded_`). Recipe /1 was this formula with
-that CPU sqrt; its stores are refused on resume. On CPU the recipe runs compiled
-(`extractor.noise_cpu`, 12× the torch ops' speed, measured); its bits equal these ops' (tested).
+torch's own float32 sqrt is not correctly rounded on x86 CPUs (it goes through MKL, whose results are sometimes
+one ULP off; BENCHMARKS.md), so the radius's sqrt is made exact here (`sqrt_correctly_rounded_`). The recipe's
+name carries a version because a store records it and a resume must add the same bits: a store of any other
+recipe is refused on resume. On CPU the recipe runs compiled (`extractor.noise_cpu`, several times the torch
+ops' speed; BENCHMARKS.md); its bits equal these ops' (tested).
 
     ln u  = (e − 32)·ln 2 + 2·atanh(t),  a + 1 = f·2ᵉ with f ∈ [√½, √2),  t = (f − 1)/(f + 1),
             atanh(t) = t·Σₖ₌₀⁵ t²ᵏ/(2k + 1)                       (|t| ≤ 0.172: truncation < 1e-10)
@@ -63,11 +64,6 @@ def _signed(value: int) -> int:
     """A uint64 constant as the int64 with the same bits (torch has no uint64 arithmetic)."""
     value &= _MASK64
     return value - (1 << 64) if value >= 1 << 63 else value
-
-
-def _shift_right(z: torch.Tensor, bits: int) -> torch.Tensor:
-    # int64 >> is arithmetic; masking the sign-extended bits makes it the logical shift of the uint64.
-    return (z >> bits) & ((1 << (64 - bits)) - 1)
 
 
 def _mix64_(z: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:

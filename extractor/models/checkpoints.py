@@ -47,11 +47,11 @@ __all__ = [
 
 # In a DMD2/accelerate checkpoint folder the generator is model 0; `*_1` files hold the guidance/critic.
 _FOLDER_CANDIDATES = ("pytorch_model.bin", "model.safetensors")
-_TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 _PICKLE_SUFFIXES = (".pkl", ".pickle")
 # Keys under which training scripts nest the generator's state dict, most specific first.
 _CONTAINER_KEYS = ("ema", "generator", "state_dict", "model")
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+# Key segments that DDP (`module`) and torch.compile (`_orig_mod`) insert around a wrapped submodule.
+_WRAPPER_SEGMENTS = ("module", "_orig_mod")
 _GENERATOR_PREFIX = "feedforward_model."
 _MAX_LISTED_KEYS = 5
 
@@ -388,7 +388,7 @@ def _strip_wrappers(keys_to_tensors: dict[str, Tensor]) -> dict[str, Tensor]:
     """Drop DDP (`module.`) and torch.compile (`_orig_mod.`) segments wherever they wrap a submodule."""
     out = {}
     for key, value in keys_to_tensors.items():
-        parts = [p for p in key.split(".") if p not in ("module", "_orig_mod")]
+        parts = [p for p in key.split(".") if p not in _WRAPPER_SEGMENTS]
         out[".".join(parts)] = value
     return out
 
