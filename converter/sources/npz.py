@@ -272,6 +272,25 @@ class _RowsOfOneFile:
         return np.full(self.num_rows, self.relpath, dtype=object), np.arange(self.num_rows, dtype=np.int64)
 
 
+class _RowsUnpickledWhole(_RowsOfOneFile):
+    """Parts whose rows exist only once the whole file is unpickled: none readable in place, all materialized."""
+
+    path: str
+    resolution: int
+    layout: str  # of the rows as unpickled (RowFile.layout)
+
+    def rows_in_memory(self) -> np.ndarray:
+        """The file's rows, unpickled, as one uint8 array in `layout`."""
+        raise NotImplementedError
+
+    def row_file(self) -> RowFile | None:
+        return None
+
+    def materialize(self, dest: str) -> MaterializedPart:
+        write_atomically(dest, [np.ascontiguousarray(self.rows_in_memory(), dtype=np.uint8).data])
+        return MaterializedPart(RowFile(dest, 0, self.num_rows, self.resolution, self.layout), np.ones(self.num_rows, dtype=bool))
+
+
 @dataclass(frozen=True)
 class NpzPart(_RowsOfOneFile):
     """The image member of one `.npz` file (`data` rows of planes, or `arr_0` NHWC samples)."""
@@ -363,7 +382,7 @@ class NpzPart(_RowsOfOneFile):
 
 
 @dataclass(frozen=True)
-class PicklePart(_RowsOfOneFile):
+class PicklePart(_RowsUnpickledWhole):
     """A legacy extension-less batch (a pickled dict with `data`, `labels`); loaded only on explicit opt-in."""
 
     path: str
@@ -371,14 +390,10 @@ class PicklePart(_RowsOfOneFile):
     num_rows: int
     resolution: int
     label_values: np.ndarray
+    layout: str = "chw"
 
-    def row_file(self) -> RowFile | None:
-        return None
-
-    def materialize(self, dest: str) -> MaterializedPart:
-        data, _ = _load_pickle_batch(self.path)
-        write_atomically(dest, [np.ascontiguousarray(data, dtype=np.uint8).data])
-        return MaterializedPart(RowFile(dest, 0, self.num_rows, self.resolution), np.ones(self.num_rows, dtype=bool))
+    def rows_in_memory(self) -> np.ndarray:
+        return _load_pickle_batch(self.path)[0]
 
 
 def _load_pickle_batch(path: Path | str) -> tuple[np.ndarray, np.ndarray]:
@@ -449,7 +464,7 @@ def open_npz_part(path: Path, rel: str, label_order: str | None, allow_pickle: b
 
 
 @dataclass(frozen=True)
-class ObjectArrayPart(_RowsOfOneFile):
+class ObjectArrayPart(_RowsUnpickledWhole):
     """An `.npz` whose image member is a pickled object array of rows (read only with --allow-pickle)."""
 
     path: str
@@ -460,12 +475,8 @@ class ObjectArrayPart(_RowsOfOneFile):
     member_name: str
     label_values: np.ndarray
 
-    def row_file(self) -> RowFile | None:
-        return None
-
-    def materialize(self, dest: str) -> MaterializedPart:
-        write_atomically(dest, [_read_object_member(self.path, self.member_name).data])
-        return MaterializedPart(RowFile(dest, 0, self.num_rows, self.resolution, self.layout), np.ones(self.num_rows, dtype=bool))
+    def rows_in_memory(self) -> np.ndarray:
+        return _read_object_member(self.path, self.member_name)
 
 
 def _read_object_member(path: Path | str, name: str) -> np.ndarray:

@@ -15,11 +15,11 @@ defaults (10 splits, seed 2020) and order, so the same logits give the same numb
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 
-from extractor.analysis.metrics import MetricInputError
+from extractor.analysis.metrics import MetricInputError, SubsetEstimate
 
 IS_SPLITS = 10
 IS_SEED = 2020
@@ -27,15 +27,12 @@ IS_LAYER = "logits"  # fid-inception's 1008-way classifier output
 
 
 @dataclass(frozen=True)
-class InceptionScore:
-    mean: float
-    std: float
+class InceptionScore(SubsetEstimate):
+    """IS's mean and standard deviation over `splits` parts of the `samples`, drawn with `seed`."""
+
     splits: int
     seed: int
     samples: int
-
-    def as_dict(self) -> dict[str, float | int]:
-        return asdict(self)
 
 
 class InceptionScoreAccumulator:

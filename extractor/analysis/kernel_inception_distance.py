@@ -15,12 +15,12 @@ subsets and the same value. The kernel sums are float64.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 
-from extractor.analysis.metrics import MetricInputError
+from extractor.analysis.metrics import MetricInputError, SubsetEstimate
 
 KID_SUBSETS = 100
 KID_SUBSET_SIZE = 1000
@@ -31,17 +31,12 @@ RowTaker = Callable[[np.ndarray], np.ndarray]
 
 
 @dataclass(frozen=True)
-class KID:
+class KID(SubsetEstimate):
     """KID's mean and standard deviation (numpy's, ddof 0) over `subsets` subsets of `subset_size` per side."""
 
-    mean: float
-    std: float
     subsets: int
     subset_size: int
     seed: int
-
-    def as_dict(self) -> dict[str, float | int]:
-        return asdict(self)
 
 
 def polynomial_kernel(x: np.ndarray, y: np.ndarray) -> np.ndarray:

@@ -148,16 +148,30 @@ class GaussianAccumulator:
 
 
 @dataclass(frozen=True)
-class PRDC:
+class MetricValues:
+    """A metric's values, recorded in a report as `as_dict()`: its fields in order."""
+
+    def as_dict(self) -> dict[str, float | int]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class SubsetEstimate(MetricValues):
+    """A metric estimated over random subsets (KID) or splits (Inception Score): mean and standard deviation
+    (numpy's, ddof 0) of the per-subset values; each metric adds how its subsets were drawn."""
+
+    mean: float
+    std: float
+
+
+@dataclass(frozen=True)
+class PRDC(MetricValues):
     """k-NN precision and recall (Kynkäänniemi et al. 2019), density and coverage (Naeem et al. 2020)."""
 
     precision: float
     recall: float
     density: float
     coverage: float
-
-    def as_dict(self) -> dict[str, float]:
-        return asdict(self)
 
 
 def prdc(real: np.ndarray, fake: np.ndarray, k: int = 5, dtype: torch.dtype = torch.float64) -> PRDC:
