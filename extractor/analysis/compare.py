@@ -30,7 +30,7 @@ import torch
 import xarray as xr
 import zarr
 
-from extractor.analysis.inception_scoring import IS_LAYER, IS_SEED, IS_SPLITS, inception_score_attrs
+from extractor.analysis.inception_scoring import IS_LAYER, IS_SEED, IS_SPLITS, InceptionScoreSettings, inception_score_attrs
 from extractor.analysis.kernel_inception_distance import KID_SEED, KID_SUBSET_SIZE, KID_SUBSETS, class_subset_size, kid_from_takers
 from extractor.analysis.layer_features import (
     MAX_FLAT_DIM,
@@ -124,9 +124,7 @@ class CompareOptions:
     kid_subsets: int = KID_SUBSETS
     kid_subset_size: int = KID_SUBSET_SIZE
     kid_seed: int = KID_SEED
-    is_layer: str = IS_LAYER
-    is_splits: int = IS_SPLITS
-    is_seed: int = IS_SEED
+    is_settings: InceptionScoreSettings = InceptionScoreSettings()
     output: str | None = None
     plot: str | None = None
     projection: str = "pca"
@@ -201,7 +199,7 @@ def compare_options(
     options = CompareOptions(
         generated=generated, layer=layer, real=real, reference=reference, metrics=chosen, per_class=per_class and reference is None,
         pool=pool, k=k, prdc_subset=prdc_subset, prdc_seed=prdc_seed, kid_subsets=kid_subsets, kid_subset_size=kid_subset_size,
-        kid_seed=kid_seed, is_layer=is_layer, is_splits=is_splits, is_seed=is_seed, output=output, plot=plot, projection=projection,
+        kid_seed=kid_seed, is_settings=InceptionScoreSettings(is_layer, is_splits, is_seed), output=output, plot=plot, projection=projection,
         block_size=block_size, scratch_dir=scratch_dir,
     )  # fmt: skip
     if output is not None:
@@ -246,8 +244,8 @@ def compare(options: CompareOptions, log: TextIO | None = None) -> xr.Dataset:
         else:
             report = _between_stores(options, log)
         if "is" in options.metrics:
-            score = store_inception_score(options.generated, options.is_layer, options.is_splits, options.is_seed, options.block_size)
-            report.attrs.update(inception_score_attrs(score) | {"inception_score_layer": options.is_layer})
+            score = store_inception_score(options.generated, options.is_settings, options.block_size)
+            report.attrs.update(inception_score_attrs(score) | {"inception_score_layer": options.is_settings.layer})
             _log(log, f"Inception Score {score.mean:.4f} ± {score.std:.4f} ({score.splits} splits)")
         for identity in opened:
             check_unchanged(identity)  # the features read are still the stores'

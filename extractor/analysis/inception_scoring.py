@@ -27,6 +27,15 @@ IS_LAYER = "logits"  # fid-inception's 1008-way classifier output
 
 
 @dataclass(frozen=True)
+class InceptionScoreSettings:
+    """Where the logits are (a store's layer) and how the samples are split: one setting for compare and stats."""
+
+    layer: str = IS_LAYER
+    splits: int = IS_SPLITS
+    seed: int = IS_SEED
+
+
+@dataclass(frozen=True)
 class InceptionScore(SubsetEstimate):
     """IS's mean and standard deviation over `splits` parts of the `samples`, drawn with `seed`."""
 

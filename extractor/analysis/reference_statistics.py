@@ -30,7 +30,7 @@ from typing import TextIO
 import numpy as np
 import zarr
 
-from extractor.analysis.inception_scoring import IS_LAYER, IS_SEED, IS_SPLITS, InceptionScore, InceptionScoreAccumulator, inception_score_attrs
+from extractor.analysis.inception_scoring import IS_LAYER, IS_SEED, IS_SPLITS, InceptionScore, InceptionScoreAccumulator, InceptionScoreSettings, inception_score_attrs
 from extractor.analysis.layer_features import AnalysisInputError, LayerFeatures, class_rows, feature_blocks, open_layer, stream_layer
 from extractor.analysis.metrics import GaussianAccumulator
 from schemas.classes import class_table
@@ -263,12 +263,12 @@ def write_per_class_statistics(
 # ---------------------------------------------------------------- Inception Score of a store
 
 
-def store_inception_score(store: str, layer: str = IS_LAYER, splits: int = IS_SPLITS, seed: int = IS_SEED, block_size: int = BLOCK_SIZE) -> InceptionScore:
+def store_inception_score(store: str, settings: InceptionScoreSettings = InceptionScoreSettings(), block_size: int = BLOCK_SIZE) -> InceptionScore:
     """Inception Score of a store's logits layer (fid-inception's `logits`), read once in blocks."""
-    side = open_layer("store", store, layer, "none")
+    side = open_layer("store", store, settings.layer, "none")
     if side.reduce is not None:
         raise AnalysisInputError(f"{store}: layer {side.var} has per-sample shape {tuple(side.array.shape[1:])}; the Inception Score needs logits (n, classes)")
-    acc = InceptionScoreAccumulator(side.n, side.dim, splits, seed)
+    acc = InceptionScoreAccumulator(side.n, side.dim, settings.splits, settings.seed)
     for a, _, logits in feature_blocks(side, block_size):
         acc.update(a, logits)
     return acc.result()
@@ -285,9 +285,7 @@ class StatisticsOptions:
     per_class: bool = False
     pool: str = "mean"
     inception_score: bool = False
-    is_layer: str = IS_LAYER
-    is_splits: int = IS_SPLITS
-    is_seed: int = IS_SEED
+    is_settings: InceptionScoreSettings = InceptionScoreSettings()
     overwrite: bool = False
     block_size: int = BLOCK_SIZE
     scratch_dir: str | None = None
@@ -323,7 +321,8 @@ def statistics_options(
             check_file_output(output, [store], overwrite)
     if block_size < 1:
         raise AnalysisInputError(f"block_size must be positive, got {block_size}")
-    return StatisticsOptions(store, layer, output, per_class, pool, inception_score, is_layer, is_splits, is_seed, overwrite, block_size, scratch_dir)
+    is_settings = InceptionScoreSettings(is_layer, is_splits, is_seed)
+    return StatisticsOptions(store, layer, output, per_class, pool, inception_score, is_settings, overwrite, block_size, scratch_dir)
 
 
 def run_statistics(options: StatisticsOptions, log: TextIO | None = None) -> StatisticsResult:
@@ -331,7 +330,7 @@ def run_statistics(options: StatisticsOptions, log: TextIO | None = None) -> Sta
     started = time.monotonic()
     score = None
     if options.inception_score:
-        score = store_inception_score(options.store, options.is_layer, options.is_splits, options.is_seed, options.block_size)
+        score = store_inception_score(options.store, options.is_settings, options.block_size)
     stats = None
     extra = {} if score is None else inception_score_attrs(score)
     if options.output is not None and options.per_class:
