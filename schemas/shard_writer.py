@@ -27,7 +27,6 @@ import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-import fsspec
 import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 import zarr
@@ -35,7 +34,7 @@ from numcodecs import VLenUTF8, Zstd
 
 from schemas.atomic_files import AtomicFile, remove_stale_temporaries, write_atomically
 from schemas.errors import ImzarrError
-from schemas.vocabulary import LOCAL_FILE_PROTOCOLS
+from schemas.output_paths import local_path
 from schemas.store_integrity import crc32c_of, file_crc32c, files_checksums, shard_file_names
 from schemas.zarr_format import (
     CRC32C_BYTES,
@@ -63,9 +62,8 @@ class ChunkOwnershipError(ImzarrError):
 
 def local_directory(url: str) -> Path | None:
     """The local directory of a store URL or path, or None for any other filesystem."""
-    fs, path = fsspec.core.url_to_fs(url)
-    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    return Path(path) if protocol in LOCAL_FILE_PROTOCOLS else None
+    path = local_path(url)
+    return None if path is None else Path(path)
 
 
 def direct_layout(url: str, array: str) -> UncompressedShardLayout | None:
