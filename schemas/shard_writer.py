@@ -28,8 +28,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
-from fsspec.implementations.local import LocalFileSystem
 import zarr
+from fsspec.implementations.local import LocalFileSystem
 from numcodecs import VLenUTF8, Zstd
 
 from schemas.atomic_files import AtomicFile, remove_stale_temporaries, write_atomically
