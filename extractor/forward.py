@@ -156,13 +156,13 @@ def resolve_compute_device(fwd: ForwardSettings, device: str) -> str:
     return resolved
 
 
-def resolve_compute(fwd: ForwardSettings, device: str, kind: str = DIFFUSION_KIND) -> ForwardSettings:
-    """Settings with `compute_dtype` auto replaced by what runs: bf16 on CUDA for diffusion networks, else fp32.
+def resolved_compute_dtype(compute_dtype: str, device: str, kind: str = DIFFUSION_KIND) -> str:
+    """`compute_dtype` with auto replaced by what runs: bf16 on CUDA for diffusion networks, else fp32.
 
     Feature networks run in fp32 by default: the FID and FD_DINOv2 protocols are defined in fp32."""
-    if fwd.compute_dtype != AUTO:
-        return fwd
-    return replace(fwd, compute_dtype="bf16" if device.startswith("cuda") and kind == DIFFUSION_KIND else "fp32")
+    if compute_dtype != AUTO:
+        return compute_dtype
+    return "bf16" if device.startswith("cuda") and kind == DIFFUSION_KIND else "fp32"
 
 
 def resolve_forward(fwd: ForwardSettings, loaded: LoadedModel, device: str, seed_picks_samples: bool = False) -> ForwardSettings:
@@ -184,10 +184,10 @@ def resolve_forward(fwd: ForwardSettings, loaded: LoadedModel, device: str, seed
         for refused, message in given:
             if refused:
                 raise ExtractionError(f"{message} ({loaded.name} is a feature network)")
-        return resolve_compute(replace(fwd, sigma=None, noise_seed=None, noise=False), device, FEATURE_KIND)
+        return replace(fwd, sigma=None, noise_seed=None, noise=False, compute_dtype=resolved_compute_dtype(fwd.compute_dtype, device, FEATURE_KIND))
     sigma = DEFAULT_SIGMA if fwd.sigma is None else float(fwd.sigma)
     seed = (DEFAULT_NOISE_SEED if fwd.noise_seed is None else fwd.noise_seed) if fwd.noise else None
-    return resolve_compute(replace(fwd, sigma=sigma, noise_seed=seed), device, DIFFUSION_KIND)
+    return replace(fwd, sigma=sigma, noise_seed=seed, compute_dtype=resolved_compute_dtype(fwd.compute_dtype, device, DIFFUSION_KIND))
 
 
 def check_forward_settings(fwd: ForwardSettings) -> None:
