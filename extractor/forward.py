@@ -376,6 +376,7 @@ class PreparedForward:
         self.paths: dict[str, str] = {} if self.capture is None else dict(self.capture.paths)
         self._layer_shapes = layer_shapes if layer_shapes is not None or self.capture is not None else {}
         self._batch_size = batch_size
+        self._kept = False  # True: built by for_plan and kept for later tasks (closed when dropped)
 
     @classmethod
     def prepare(
@@ -407,6 +408,9 @@ class PreparedForward:
         kept (the last few); its module in the layout (and compiled state) the plan asks for."""
         with _SERVING_GUARD:
             forward = _SERVING.get(plan.key())
+            if forward is not None and forward._kept and cached_model(plan.settings.model, forward.device) is not forward.loaded:
+                _SERVING.pop(plan.key()).close()  # the model cache let its network go: follow it
+                forward = None
             if forward is None:
                 device = resolve_device(plan.device)
                 forward = cls(cached_model(plan.settings.model, device), plan.settings, device, plan.resolution, plan.compile,
@@ -415,7 +419,7 @@ class PreparedForward:
                 _SERVING[plan.key()] = forward
                 for stale in list(_SERVING)[:-_KEPT]:
                     evicted = _SERVING.pop(stale)
-                    if getattr(evicted, "_kept", False):
+                    if evicted._kept:
                         evicted.close()
         prepare_module(forward.loaded.module, forward.device, forward.compile)
         return forward
