@@ -155,8 +155,8 @@ def test_layer_capture_registers_once_and_serves_every_batch(edm_reference: dict
         plain = model(ref["x"], ref["sigma"], ref["class_labels"])
         with LayerCapture(model, layers) as capture:
             assert capture.paths == {"midblock": "model.dec.8x8_in0", "encoder_bottleneck": "model.enc.8x8_block0", "model.enc.8x8_block0": "model.enc.8x8_block0"}
-            hooked = [name for name, m in model.named_modules() if m._forward_hooks]
-            assert sorted(hooked) == ["model.dec.8x8_in0", "model.enc.8x8_block0"]
+            hooked = sorted(name for name, m in model.named_modules() if m._forward_hooks)
+            assert hooked == ["model.dec.8x8_in0", "model.enc.8x8_block0"]
             for _ in range(3):
                 acts, out = capture.run(ref["x"], ref["sigma"], ref["class_labels"], need_output=True)
                 assert list(acts) == layers and sorted(name for name, m in model.named_modules() if m._forward_hooks) == hooked
