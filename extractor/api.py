@@ -12,9 +12,9 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from extractor.extraction import ExtractOptions, ExtractResult, check_resolution, load_forward, probe_layers
+from extractor.extraction import ExtractOptions, ExtractResult
 from extractor.extraction import extract as run_extraction
-from extractor.forward import ForwardSettings, RunOptions, ShardForward, check_compute_on_device, resolve_device
+from extractor.forward import ForwardSettings, PreparedForward, RunOptions
 from extractor.generate import GenerateOptions, GenerateResult
 from extractor.generate import generate as run_generation
 from extractor.models import ModelSpec
@@ -209,23 +209,9 @@ def features(
     if labels.shape != (n,):
         raise ValueError(f"labels must hold one label per image ({n}), got shape {labels.shape}")
     settings = ForwardSettings(model=as_model_spec(model), layers=layer_entries(layers), pool=pool, storage_dtype="float32", **forward)
-    device = resolve_device(device)
-    check_compute_on_device(settings, device)
-    loaded, fwd = load_forward(settings, device)
-    check_resolution(loaded, images.shape[-1], "images")
-    shapes, paths = probe_layers(loaded, fwd, device, images.shape[-1])
-    forward = ShardForward(loaded, fwd, device, n, shapes, output_name=None, resolution=images.shape[-1])
-    try:
-        import torch
-
-        global_index = np.arange(n, dtype=np.int64)
-        for a in range(0, n, batch_size):
-            b = min(n, a + batch_size)
-            forward.run(a, torch.from_numpy(images[a:b]), labels[a:b], global_index[a:b])
-        forward.finish()
-        values = {name: np.array(forward.buffers[name]) for name in fwd.layers}
-    finally:
-        forward.release()
+    with PreparedForward.prepare(settings, device, images.shape[-1], batch_size=batch_size) as prepared:
+        values = _run_features(prepared, images, labels)
+    fwd, loaded, shapes, paths = prepared.settings, prepared.loaded, prepared.layer_shapes, prepared.paths
     table = class_table()
     known = labels >= 0
     synsets = np.where(known, table.synsets_of(np.maximum(labels, 0)), "")
@@ -237,3 +223,22 @@ def features(
     coords = {"label": ("sample", labels.astype(np.int16)), "synset": ("sample", synsets), "class_name": ("sample", names)}
     attrs = {"model": loaded.name, "trained": loaded.trained, "sha256": loaded.sha256, "sigma": fwd.sigma, "noise_seed": fwd.noise_seed}
     return xr.Dataset(data_vars, coords=coords, attrs=attrs)
+
+
+def _run_features(prepared: PreparedForward, images: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
+    """Every image through the prepared forward, batch by batch; sample i gets the noise of global_index i."""
+    import torch
+
+    from extractor.shard_forward import ShardForward
+
+    n = images.shape[0]
+    runner = ShardForward(prepared, n, output_name=None)
+    try:
+        global_index = np.arange(n, dtype=np.int64)
+        for a in range(0, n, prepared.batch_size):
+            b = min(n, a + prepared.batch_size)
+            runner.run(a, torch.from_numpy(images[a:b]), labels[a:b], global_index[a:b])
+        runner.finish()
+        return {name: np.array(runner.buffers[name]) for name in prepared.settings.layers}
+    finally:
+        runner.release()

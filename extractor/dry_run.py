@@ -8,8 +8,8 @@ import numpy as np
 import torch
 
 from extractor.activation_writer import default_shard_size
-from extractor.extraction import ExtractOptions, check_resolution, choose_batch_size, load_forward, probe_layers
-from extractor.forward import resolve_device
+from extractor.extraction import ExtractOptions
+from extractor.forward import PreparedForward
 from extractor.selection import select_samples
 from schemas.image_store import validate_image_store
 
@@ -25,23 +25,22 @@ def _size(nbytes: float) -> str:
 def dry_run_table(options: ExtractOptions) -> str:
     """One batch through the hooks at the batch size the run would use, then a table of shapes, sizes and memory."""
     run = options.run
-    device = resolve_device(run.device)
     images = validate_image_store(options.store)
-    loaded, fwd = load_forward(options.forward, device, options.selection.per_class is not None)
-    chosen = select_samples(options.selection, images.coordinate("label"), images.coordinate("synset"))
     res = images.resolution
-    check_resolution(loaded, res, options.store)
-    if run.batch_size:
-        batch = run.batch_size
-    else:  # the automatic choice needs the layer shapes: probe one sample first
-        shapes, _ = probe_layers(loaded, fwd, device, res)
-        batch = choose_batch_size(loaded, fwd, shapes, device, res, run.compile)
-    batch = max(1, min(batch, int(chosen.size)))
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-    shapes, paths = probe_layers(loaded, fwd, device, res, batch=batch)
+    chosen = select_samples(options.selection, images.coordinate("label"), images.coordinate("synset"))
+    with PreparedForward.prepare(options.forward, run.device, res, run.compile, run.batch_size,
+                                 seed_picks_samples=options.selection.per_class is not None, where=options.store) as forward:
+        batch = max(1, min(forward.batch_size, int(chosen.size)))  # the automatic choice probes one sample first
+        device = forward.device
+        if device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+        shapes, paths = forward.probe(batch), forward.paths
+        return _table(options, forward, shapes, paths, batch, int(chosen.size), res)
+
+
+def _table(options: ExtractOptions, forward: PreparedForward, shapes: dict, paths: dict, batch: int, n: int, res: int) -> str:
+    run, fwd, loaded, device = options.run, forward.settings, forward.loaded, forward.device
     itemsize = np.dtype(fwd.storage_dtype).itemsize
-    n = int(chosen.size)
     rows = [("layer", "module", "shape / sample", "bytes / sample", f"store for {n:,} samples")]
     total = 0
     for name, shape in shapes.items():
@@ -49,16 +48,16 @@ def dry_run_table(options: ExtractOptions) -> str:
         total += per
         rows.append((name, paths[name], str(shape), f"{per:,}", _size(per * n)))
     if fwd.reconstructions:
-        per = 3 * images.resolution**2
+        per = 3 * res**2
         total += per
-        rows.append(("reconstruction", "D(x) as uint8", str((3, images.resolution, images.resolution)), f"{per:,}", _size(per * n)))
+        rows.append(("reconstruction", "D(x) as uint8", str((3, res, res)), f"{per:,}", _size(per * n)))
     rows.append(("total", "", "", f"{total:,}", _size(total * n)))
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
     shard = run.shard_size or default_shard_size(shapes, fwd.storage_dtype)
     params = sum(p.numel() * p.element_size() for p in loaded.module.parameters())
     workers = run.scheduler.workers or os.cpu_count() or 1
-    host = (3 * images.resolution**2 + total) * shard * 2 * workers  # inputs + outputs, twice while writing
+    host = (3 * res**2 + total) * shard * 2 * workers  # inputs + outputs, twice while writing
     lines.append("")
     lines.append(f"batch {batch}, compute {fwd.compute_dtype}")
     lines.append(f"model {loaded.name} ({'trained' if loaded.trained else 'UNTRAINED preset'}), {_size(params)} of weights on {device}")

@@ -1,12 +1,10 @@
-"""The one forward path of extract and generate: a batch through the network, checked and cast on the device.
+"""The forward of extract, generate, features and the dry run: its settings, their rules, and PreparedForward.
 
-A task's samples go through `ShardForward` batch by batch. Per batch, on the compute device: the input (for
-diffusion networks x = uint8/127.5 − 1 and/or σ·`extractor.noise` noise; feature networks get the clean image as
-float 0..255 and preprocess it themselves), the forward with hooks (under the per-device lock, and only it), pooling,
-the cast to the storage dtype and a per-sample NaN/Inf flag. The results then land in shard-sized host buffers:
-on CPU the cast writes straight into them; on CUDA they are pinned and filled by non-blocking copies on a copy
-stream, so the copy of one batch overlaps the next batch's compute. Whoever consumes the buffers (the shard
-writer) is told, per batch, when its rows are final.
+`ForwardSettings` say what decides the numbers for one sample; `PreparedForward.prepare` turns them, once per run,
+into the network ready on its device: model loaded (once per process), device and compute dtype resolved and
+checked, layer names resolved to module paths and their hooks registered (`extractor.models.LayerCapture`), the
+image side checked, layer shapes probed and the batch size chosen. Tasks get the same object in their own process
+from a picklable `ForwardPlan`. `extractor.shard_forward` runs a task's batches through it.
 """
 
 from __future__ import annotations
@@ -23,21 +21,22 @@ from typing import Any
 import numpy as np
 import torch
 
-from extractor import cast_cpu, noise_cpu
 from extractor.models import (
     SMALLEST_TRAINING_SIGMA,
+    LayerCapture,
     LoadedModel,
     ModelSpec,
     autocast_context,
-    capture_layers,
+    cached_model,
     is_feature_network,
     resolve_compute_dtype,
 )
-from extractor.noise import NoiseGenerator
+from extractor.noise import NOISE_RECIPE
 from schemas.activation_store import DIFFUSION_KIND, FEATURE_KIND
 from schemas.vocabulary import POOL_MODES, STORAGE_DTYPES
 from schemas.errors import ImzarrError
 from schemas.task_runner import SchedulerSpec
+
 
 AUTO = "auto"
 CPU_BATCH_SIZE = 64
@@ -58,7 +57,12 @@ DEVICE_NAME = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
 
 
 class ExtractionError(ImzarrError):
-    """Bad extraction settings, or values that failed the integrity pass."""
+    """Bad extraction or generation settings (exit code 2)."""
+
+
+class ComputeDeviceError(ExtractionError):
+    """A compute dtype the run's device cannot take: fp16/bf16 autocast needs a CUDA device here."""
+
 
 
 @dataclass(frozen=True)
@@ -83,6 +87,26 @@ class ForwardSettings:
     def noised(self) -> bool:
         """Is noise added to the input? (Resolved settings only: `resolve_forward` sets noise_seed exactly then.)"""
         return self.noise_seed is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The forward's part of an activation store's settings fingerprint (resolved settings): σ only where the
+        network takes one, the noise recipe only where noise is added, so stores made without them keep theirs."""
+        settings: dict[str, Any] = {
+            "layers": list(self.layers),
+            "noise_seed": self.noise_seed,
+            "class_free": self.class_free,
+            "pool": self.pool,
+            "storage_dtype": self.storage_dtype,
+            "compute_dtype": self.compute_dtype,
+            "reconstructions": self.reconstructions,
+        }
+        if self.sigma is not None:
+            settings["sigma"] = self.sigma
+        if self.noised:
+            settings["noise_recipe"] = NOISE_RECIPE
+        return settings
+
+
 
 
 @dataclass(frozen=True)
@@ -122,16 +146,24 @@ def resolve_device(device: str) -> str:
 def check_compute_on_device(fwd: ForwardSettings, device: str) -> None:
     """fp16/bf16 autocast is a CUDA feature here; refuse it on the CPU before anything is written."""
     if fwd.compute_dtype not in (AUTO, "fp32") and not device.startswith("cuda"):
-        raise ExtractionError(f"--compute-dtype {fwd.compute_dtype}: needs a CUDA device (this run is on the CPU); use fp32")
+        raise ComputeDeviceError(f"--compute-dtype {fwd.compute_dtype}: needs a CUDA device (this run is on the CPU); use fp32")
 
 
-def resolve_compute(fwd: ForwardSettings, device: str, kind: str = DIFFUSION_KIND) -> ForwardSettings:
-    """Settings with `compute_dtype` auto replaced by what runs: bf16 on CUDA for diffusion networks, else fp32.
+
+def resolve_compute_device(fwd: ForwardSettings, device: str) -> str:
+    """The device `device` names (auto → cuda when available), refusing a compute dtype it cannot run."""
+    resolved = resolve_device(device)
+    check_compute_on_device(fwd, resolved)
+    return resolved
+
+
+def resolved_compute_dtype(compute_dtype: str, device: str, kind: str = DIFFUSION_KIND) -> str:
+    """`compute_dtype` with auto replaced by what runs: bf16 on CUDA for diffusion networks, else fp32.
 
     Feature networks run in fp32 by default: the FID and FD_DINOv2 protocols are defined in fp32."""
-    if fwd.compute_dtype != AUTO:
-        return fwd
-    return replace(fwd, compute_dtype="bf16" if device.startswith("cuda") and kind == DIFFUSION_KIND else "fp32")
+    if compute_dtype != AUTO:
+        return compute_dtype
+    return "bf16" if device.startswith("cuda") and kind == DIFFUSION_KIND else "fp32"
 
 
 def resolve_forward(fwd: ForwardSettings, loaded: LoadedModel, device: str, seed_picks_samples: bool = False) -> ForwardSettings:
@@ -153,10 +185,10 @@ def resolve_forward(fwd: ForwardSettings, loaded: LoadedModel, device: str, seed
         for refused, message in given:
             if refused:
                 raise ExtractionError(f"{message} ({loaded.name} is a feature network)")
-        return resolve_compute(replace(fwd, sigma=None, noise_seed=None, noise=False), device, FEATURE_KIND)
+        return replace(fwd, sigma=None, noise_seed=None, noise=False, compute_dtype=resolved_compute_dtype(fwd.compute_dtype, device, FEATURE_KIND))
     sigma = DEFAULT_SIGMA if fwd.sigma is None else float(fwd.sigma)
     seed = (DEFAULT_NOISE_SEED if fwd.noise_seed is None else fwd.noise_seed) if fwd.noise else None
-    return resolve_compute(replace(fwd, sigma=sigma, noise_seed=seed), device, DIFFUSION_KIND)
+    return replace(fwd, sigma=sigma, noise_seed=seed, compute_dtype=resolved_compute_dtype(fwd.compute_dtype, device, DIFFUSION_KIND))
 
 
 def check_forward_settings(fwd: ForwardSettings) -> None:
@@ -188,7 +220,8 @@ def check_forward_settings(fwd: ForwardSettings) -> None:
             raise ExtractionError(str(exc)) from None
 
 
-# One lock per device and process: hooks live on the shared module, and two CPU forwards would only fight for cores.
+# One lock per device and process: a LayerCapture collects into one place per module, and two CPU forwards would
+# only fight for cores.
 _LOCKS: dict[str, threading.Lock] = {}
 _LOCKS_GUARD = threading.Lock()
 
@@ -208,9 +241,9 @@ _precision_before = True
 def ieee_float32_convolutions(device: str) -> Iterator[None]:
     """fp32 compute means IEEE float32 on CUDA too: torch lets cuDNN convolutions round their float32 operands to
     TF32 (10-bit mantissa) by default, which moves activations by ~1e-3 relative. The setting is process-wide, so
-    it is counted: the first forward in sets it, the last one out restores what was there. Through the long-standing
-    `torch.backends.cudnn.allow_tf32`: setting only the newer per-operator flag left the two out of step, and any
-    code reading `allow_tf32` meanwhile got a RuntimeError."""
+    it is counted: the first forward in sets it, the last one out restores what was there. It is set through
+    `torch.backends.cudnn.allow_tf32`, which torch keeps in step with its per-operator precision flag: setting the
+    per-operator flag alone leaves the two disagreeing, and reading `allow_tf32` then raises a RuntimeError."""
     global _ieee_users, _precision_before
     if not device.startswith("cuda"):
         yield
@@ -234,9 +267,9 @@ def ieee_float32_convolutions(device: str) -> Iterator[None]:
 _PREPARED: dict[tuple[int, str], bool] = {}
 
 
-# The weights' memory layout on CUDA, by whether the blocks are compiled (measured on an H200, bf16, full DMD2 to the
-# midblock, batch 256: eager ran 24 % faster in NCHW than in channels_last, whose GroupNorm and elementwise kernels
-# take slower paths; compiled blocks fuse those and ran at CUDA_LAYOUT[True]'s best).
+# The weights' memory layout on CUDA, by whether the blocks are compiled: eager GroupNorm and elementwise kernels take
+# slower paths in channels_last, so eager runs NCHW; compiled blocks fuse those kernels and run fastest in
+# channels_last (BENCHMARKS.md, "CUDA").
 CUDA_LAYOUT = {False: torch.contiguous_format, True: torch.channels_last}
 
 
@@ -262,7 +295,7 @@ def prepare_module(module: torch.nn.Module, device: str, compile_blocks: bool = 
 
             dynamo_config = torch._dynamo.config
             # Up to five batch sizes per block: the layer probe's (1), the memory probe's (8), the run's, a shard's
-            # tail and the last shard's tail (each new size compiles every block again, ~25 s for DMD2 on an H200).
+            # tail and the last shard's tail (each new size compiles every block again).
             needed = 5 * len(blocks) + 5
             dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, needed)
             dynamo_config.accumulated_recompile_limit = max(dynamo_config.accumulated_recompile_limit, needed)
@@ -282,282 +315,6 @@ def auto_batch_size(per_sample_bytes: int, device: str, largest: int = MAX_AUTO_
     return int(min(largest, max(1, 1 << (max(fit, 1).bit_length() - 1))))
 
 
-def measured_bytes_per_sample(module: torch.nn.Module, fwd: ForwardSettings, resolution: int, label_dim: int, device: str, probe: int = 8) -> int:
-    """CUDA memory one sample takes through the forward (peak over a `probe`-sample batch, per sample)."""
-    dev = torch.device(device)
-    torch.cuda.synchronize(dev)
-    before = torch.cuda.memory_allocated(dev)
-    torch.cuda.reset_peak_memory_stats(dev)
-    x = torch.zeros(probe, 3, resolution, resolution, device=device)
-    one_hot = torch.zeros(probe, label_dim, device=device) if label_dim else None
-    forward_batch(module, x, one_hot, fwd, device, need_output=fwd.reconstructions or not fwd.layers)
-    torch.cuda.synchronize(dev)
-    return max(1, (torch.cuda.max_memory_allocated(dev) - before) // probe)
-
-
-def one_hot_labels(labels: np.ndarray, label_dim: int, device: str, class_free: bool = False) -> torch.Tensor:
-    """One-hot rows for labels ≥ 0; unknown labels (-1) and class-free runs get zero rows."""
-    one_hot = torch.zeros(labels.shape[0], label_dim, device=device)
-    if not class_free and label_dim:
-        known = np.flatnonzero(labels >= 0)
-        one_hot[torch.from_numpy(known).to(device), torch.from_numpy(labels[known].astype(np.int64)).to(device)] = 1
-    return one_hot
-
-
-def to_uint8_images(d: torch.Tensor) -> torch.Tensor:
-    """DMD2's own conversion of D(x) to images: clamp((D + 1) · 127.5), then truncate (not round)."""
-    return ((d.float() + 1) * 127.5).clamp(0, 255).to(torch.uint8)
-
-
-# Per float dtype: the integer view, the mask clearing the sign bit, and the bits of +Inf. A value is Inf or NaN
-# exactly when its sign-cleared bits are ≥ those of +Inf (exponent all ones).
-_MAGNITUDE_BITS = {
-    torch.float16: (torch.int16, 0x7FFF, 0x7C00),
-    torch.bfloat16: (torch.int16, 0x7FFF, 0x7F80),
-    torch.float32: (torch.int32, 0x7FFFFFFF, 0x7F800000),
-}
-
-
-def nonfinite_rows(values: torch.Tensor, scratch: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-sample bool: does the row hold NaN or Inf? Exact, from the bits: one masking pass and one integer max.
-
-    `scratch` (uint8, at least values' bytes, on its device) takes the masked bits; without it they are allocated.
-    On CPU this ran 2.5× faster than a float max and min on float16 (measured); other dtypes use max and min,
-    which propagate NaN (+Inf can only hide from the min, −Inf from the max).
-    """
-    flat = values.reshape(values.shape[0], -1)
-    spec = _MAGNITUDE_BITS.get(values.dtype)
-    if spec is None:
-        return ~(torch.isfinite(flat.amax(dim=1)) & torch.isfinite(flat.amin(dim=1)))
-    int_dtype, sign_cleared, inf_bits = spec
-    bits = flat.view(int_dtype)
-    if scratch is None:
-        magnitudes = bits & sign_cleared
-    else:
-        magnitudes = torch.bitwise_and(bits, sign_cleared, out=scratch[: flat.numel() * flat.element_size()].view(int_dtype).view(flat.shape))
-    return magnitudes.amax(dim=1) >= inf_bits
-
-
-def forward_batch(
-    module: torch.nn.Module,
-    x: torch.Tensor,
-    one_hot: torch.Tensor | None,
-    fwd: ForwardSettings,
-    device: str,
-    need_output: bool,
-    sigma: torch.Tensor | None = None,
-) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
-    """The network on one prepared input batch: ({layer: activation}, network output or None), on the device.
-
-    Diffusion networks: σ is `fwd.sigma` (DEFAULT_SIGMA when unset) for every sample unless given per sample, and
-    the output is D(x). Feature networks take `x` (float 0..255 images) alone; their output is what their forward
-    returns. Only this holds the per-device lock; pooling happens inside (capture_layers), on the device.
-    """
-    feature = is_feature_network(module)
-    if sigma is None and not feature:
-        sigma = torch.full((x.shape[0],), DEFAULT_SIGMA if fwd.sigma is None else fwd.sigma, device=device)
-    precision = ieee_float32_convolutions(device) if resolve_compute_dtype(fwd.compute_dtype) == torch.float32 else contextlib.nullcontext()
-    with torch.inference_mode(), autocast_context(device, fwd.compute_dtype), precision, model_lock(device):
-        if fwd.layers:
-            acts, out = capture_layers(module, x, sigma, one_hot, list(fwd.layers), fwd.pool, need_output=need_output)
-        else:
-            acts, out = {}, (module(x) if feature else module(x, sigma, one_hot))
-    return acts, out
-
-
-ReadyCallback = Callable[[int, int, Callable[[], None] | None], None]
-
-
-class ReusePool:
-    """Objects (shard buffers, noise generators, input scratch) handed from task to task within a process.
-
-    Fresh memory is slow to touch (page faults: ~0.5 GB/s on the CPU machines, measured), pinned memory slow to
-    allocate: a 100 MB shard buffer made per task capped the write path at that rate. Keys say what fits.
-    """
-
-    def __init__(self) -> None:
-        self._free: dict[tuple, list[Any]] = {}
-        self._guard = threading.Lock()
-
-    def take(self, key: tuple, make: Callable[[], Any]) -> Any:
-        with self._guard:
-            free = self._free.get(key)
-            if free:
-                return free.pop()
-        return make()
-
-    def give(self, key: tuple, value: Any) -> None:
-        with self._guard:
-            self._free.setdefault(key, []).append(value)
-
-
-REUSE = ReusePool()
-
-
-def _scratch_key(tensor: torch.Tensor, device: str) -> tuple:
-    return ("scratch", tuple(tensor.shape), tensor.dtype, device)
-
-
-def _host_buffer_key(shape: tuple[int, ...], dtype: torch.dtype, pinned: bool) -> tuple:
-    return ("host", shape, dtype, pinned)
-
-
-class ShardForward:
-    """One task's samples through the network into shard-sized host buffers, batch by batch.
-
-    `buffers[name]` ([count, *shape], storage dtype; uint8 for `output_name`, the network's D(x) as images) are
-    filled in place; after each batch `on_ready(first, stop, wait)` says rows [first, stop) are final once `wait()`
-    returns (None: already). `nonfinite()` gives the NaN/Inf rows per layer and of D(x) (checked before its uint8
-    conversion, which would turn NaN into black pixels), as positions offset by `start`. `resolution` is the
-    side of the images fed in (the image store's; feature networks resize them themselves).
-    """
-
-    def __init__(
-        self,
-        loaded: Any,
-        fwd: ForwardSettings,
-        device: str,
-        count: int,
-        layer_shapes: dict[str, tuple[int, ...]],
-        output_name: str | None,
-        on_ready: ReadyCallback | None = None,
-        resolution: int | None = None,
-    ):
-        self.loaded, self.fwd, self.device, self.count = loaded, fwd, device, count
-        self.output_name = output_name
-        self.on_ready = on_ready
-        self.device_type = torch.device(device).type
-        self.cuda = self.device_type == "cuda"
-        self.feature = loaded.kind == FEATURE_KIND
-        self.storage = getattr(torch, fwd.storage_dtype)
-        res = loaded.resolution if resolution is None else resolution
-        self.image_shape = (3, res, res)
-        shapes = {name: (tuple(layer_shapes[name]), self.storage) for name in fwd.layers}
-        if output_name is not None:
-            shapes[output_name] = (self.image_shape, torch.uint8)
-        # Pinned on CUDA: the only host memory a non-blocking device→host copy really overlaps with.
-        self._keys = {name: _host_buffer_key((count, *shape), dtype, self.cuda) for name, (shape, dtype) in shapes.items()}
-        self.host = {
-            name: REUSE.take(key, lambda key=key: torch.empty(key[1], dtype=key[2], pin_memory=key[3])) for name, key in self._keys.items()
-        }
-        self.buffers = {name: t.numpy() for name, t in self.host.items()}
-        checked = [*fwd.layers, *([output_name] if output_name is not None else [])]
-        self.flags = {name: torch.zeros(count, dtype=torch.bool, device=device) for name in checked}
-        self._noise_key = ("noise", fwd.noise_seed, self.image_shape, device)
-        self.noise = None if fwd.noise_seed is None else REUSE.take(self._noise_key, lambda: NoiseGenerator(fwd.noise_seed, self.image_shape, device))
-        self.copy_stream = torch.cuda.Stream(device=device) if self.cuda else None
-        self._scratch_tensors: dict[str, torch.Tensor] = {}
-
-    def release(self) -> None:
-        """Hand the buffers on to the next task; call once nothing reads them any more (after the shard write)."""
-        for name, key in self._keys.items():
-            REUSE.give(key, self.host[name])
-        if self.noise is not None:
-            REUSE.give(self._noise_key, self.noise)
-        for tensor in self._scratch_tensors.values():
-            REUSE.give(_scratch_key(tensor, self.device), tensor)
-        self.host, self.buffers, self.noise, self._scratch_tensors = {}, {}, None, {}
-
-    def _scratch(self, name: str, n: int) -> torch.Tensor:
-        """A float32 [n, 3, H, W] tensor on the device, reused batch to batch (and task to task)."""
-        return self._reused(name, (n, *self.image_shape), torch.float32)
-
-    def _check_scratch(self, values: torch.Tensor) -> torch.Tensor | None:
-        """Bytes for nonfinite_rows' masked bits on CPU (fresh memory is slow to touch); None on CUDA, whose
-        caching allocator makes temporaries cheap."""
-        return None if self.cuda else self._reused("check", (values.numel() * values.element_size(),), torch.uint8)
-
-    def _reused(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        """A work tensor on the device with at least `shape[0]` rows, kept by name and handed on through REUSE."""
-        tensor = self._scratch_tensors.get(name)
-        if tensor is None or tensor.shape[0] < shape[0]:
-            if tensor is not None:
-                REUSE.give(_scratch_key(tensor, self.device), tensor)
-            tensor = REUSE.take(("scratch", shape, dtype, self.device), lambda: torch.empty(shape, dtype=dtype, device=self.device))
-            self._scratch_tensors[name] = tensor
-        return tensor[: shape[0]]
-
-    def input_batch(self, images: torch.Tensor | None, global_index: np.ndarray) -> torch.Tensor:
-        """On the device: x = uint8/127.5 − 1 (+ σ·noise), or σ·noise alone without images (generation); for a
-        feature network the images as float32 0..255 (it does its own preprocessing)."""
-        n = global_index.shape[0]
-        x = self._scratch("input", n)
-        if images is None:
-            if self.noise is None:
-                raise ExtractionError("generation needs a seed for its noise")
-            return self.noise(global_index, out=x).mul_(self.fwd.sigma)
-        noise = None if self.noise is None else self.noise(global_index, out=self._scratch("noise", n))  # None: feature networks
-        if self.device_type == "cpu" and not self.feature:  # one pass instead of five over the batch, same bits
-            noise_cpu.noised_input(images.numpy(), None if noise is None else noise.numpy(), self.fwd.sigma or 0.0, x.numpy())
-            return x
-        x.copy_(images.to(self.device, non_blocking=True))
-        if self.feature:
-            return x
-        x.div_(127.5).sub_(1.0)
-        if noise is not None:
-            x.add_(noise.mul_(self.fwd.sigma))
-        return x
-
-    def run(self, first: int, images: torch.Tensor | None, labels: np.ndarray, global_index: np.ndarray) -> None:
-        """Rows [first, first + len(labels)): forward, check and cast on the device, then into the host buffers."""
-        stop = first + labels.shape[0]
-        x = self.input_batch(images, global_index)
-        one_hot = None if self.feature else one_hot_labels(labels, self.loaded.label_dim, self.device, self.fwd.class_free)
-        acts, out = forward_batch(self.loaded.module, x, one_hot, self.fwd, self.device, need_output=self.output_name is not None)
-        results = {name: acts[name] for name in self.fwd.layers}
-        if self.output_name is not None:
-            self.flags[self.output_name][first:stop] = nonfinite_rows(out, self._check_scratch(out))  # before uint8 makes NaN black
-            results[self.output_name] = to_uint8_images(out)
-        if not self.cuda:
-            for name, value in results.items():
-                target = self.host[name][first:stop]  # the storage-dtype cast goes straight into the shard buffer
-                if name == self.output_name:
-                    target.copy_(value)
-                elif value.dtype == torch.float32 and target.dtype == torch.float16:  # the default: one pass
-                    self.flags[name][first:stop] = torch.from_numpy(cast_cpu.cast_to_float16(value.contiguous().numpy(), target.numpy()))
-                else:
-                    target.copy_(value)
-                    self.flags[name][first:stop] = nonfinite_rows(target, self._check_scratch(target))
-            if self.on_ready is not None:
-                self.on_ready(first, stop, None)
-            return
-        staged = {}
-        for name, value in results.items():
-            # contiguous (NCHW) like the host buffer: channels_last outputs would otherwise copy twice
-            cast = value.to(self.host[name].dtype, memory_format=torch.contiguous_format)
-            if name != self.output_name:
-                self.flags[name][first:stop] = nonfinite_rows(cast)
-            staged[name] = cast
-        computed = torch.cuda.current_stream(self.device).record_event()
-        with torch.cuda.stream(self.copy_stream):
-            self.copy_stream.wait_event(computed)
-            for name, cast in staged.items():
-                self.host[name][first:stop].copy_(cast, non_blocking=True)
-                cast.record_stream(self.copy_stream)  # the allocator must not reuse it before the copy ran
-            copied = self.copy_stream.record_event()
-        if self.on_ready is not None:
-            self.on_ready(first, stop, copied.synchronize)
-
-    def finish(self) -> None:
-        """Wait until every copy into the host buffers has landed."""
-        if self.cuda:
-            self.copy_stream.synchronize()
-
-    def nonfinite(self, start: int) -> dict[str, list[int]]:
-        """{layer or output name: sample positions (start + row)} of rows holding NaN or Inf."""
-        found = {}
-        for name, flags in self.flags.items():
-            rows = torch.nonzero(flags).flatten().cpu().numpy()
-            if rows.size:
-                found[name] = (start + rows).tolist()
-        return found
-
-
-def pinned_images(images: np.ndarray, device: str) -> torch.Tensor:
-    """A task's uint8 images as a tensor; pinned on CUDA so their uploads are non-blocking."""
-    tensor = torch.from_numpy(images)
-    return tensor.pin_memory() if device.startswith("cuda") else tensor
-
 
 def per_sample_bytes(layer_shapes: dict[str, tuple[int, ...]], resolution: int, storage_dtype: str) -> int:
     """Device memory per sample besides the forward itself: input and noise scratch (float32), and the cast
@@ -565,3 +322,194 @@ def per_sample_bytes(layer_shapes: dict[str, tuple[int, ...]], resolution: int, 
     scratch = 2 * 3 * resolution * resolution * 4
     outputs = sum(int(np.prod(s)) for s in layer_shapes.values()) * np.dtype(storage_dtype).itemsize
     return scratch + 2 * outputs
+
+
+def check_resolution(loaded: LoadedModel, resolution: int, where: str) -> None:
+    """A diffusion network takes one image side only; feature networks resize every input to their own."""
+    if loaded.kind != FEATURE_KIND and loaded.resolution != resolution:
+        raise ExtractionError(f"{where}: images are {resolution}×{resolution}, the model takes {loaded.resolution}×{loaded.resolution}")
+
+
+@dataclass(frozen=True)
+class ForwardPlan:
+    """What a task needs to get the run's PreparedForward in its own process; cheap to pickle (the model is
+    named, never shipped)."""
+
+    settings: ForwardSettings  # resolved
+    device: str  # as the run was given it: `auto` resolves in each process
+    resolution: int  # side of the images fed in
+    compile: bool
+    layer_shapes: tuple[tuple[str, tuple[int, ...]], ...]
+    batch_size: int
+
+    def key(self) -> tuple:
+        return (self.settings, self.device, self.resolution, self.compile)
+
+    def without_layers(self) -> ForwardPlan:
+        """The same forward with no capture (a task that writes the network's output only)."""
+        return replace(self, settings=replace(self.settings, layers=()), layer_shapes=())
+
+
+class PreparedForward:
+    """One run's network, prepared once: model, device, resolved settings, layer capture, shapes, batch size.
+
+    `run` takes one input batch on the device through the network (under the per-device lock, IEEE float32
+    convolutions for fp32, autocast otherwise) and returns the captured layers and the output. The hooks stay on
+    the module until `close` (or the end of a `with` block); within the block, tasks in this process that ask
+    `for_plan` for this run's plan get this very object.
+    """
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        settings: ForwardSettings,
+        device: str,
+        resolution: int,
+        compile_blocks: bool = False,
+        device_option: str | None = None,
+        layer_shapes: dict[str, tuple[int, ...]] | None = None,
+        batch_size: int | None = None,
+    ):
+        self.loaded, self.settings, self.device, self.resolution = loaded, settings, device, resolution
+        self.compile = compile_blocks
+        self.device_option = device if device_option is None else device_option
+        self.capture = LayerCapture(loaded.module, settings.layers, settings.pool) if settings.layers else None
+        self.paths: dict[str, str] = {} if self.capture is None else dict(self.capture.paths)
+        self._layer_shapes = layer_shapes if layer_shapes is not None or self.capture is not None else {}
+        self._batch_size = batch_size
+        self._kept = False  # True: built by for_plan and kept for later tasks (closed when dropped)
+
+    @classmethod
+    def prepare(
+        cls,
+        settings: ForwardSettings,
+        device: str = AUTO,
+        resolution: int | None = None,
+        compile_blocks: bool = False,
+        batch_size: int | None = None,
+        seed_picks_samples: bool = False,
+        where: str = "images",
+        check_network: Callable[[LoadedModel], None] | None = None,
+    ) -> PreparedForward:
+        """The network for `settings` on `device` (loaded once per process), fed images of side `resolution`
+        (None: the network's own); `check_network` may refuse it before its settings are resolved, and
+        `seed_picks_samples` is resolve_forward's. `where` names the images in a wrong-size refusal."""
+        target = resolve_compute_device(settings, device)
+        loaded = cached_model(settings.model, target)
+        if check_network is not None:
+            check_network(loaded)
+        fwd = resolve_forward(settings, loaded, target, seed_picks_samples)
+        side = loaded.resolution if resolution is None else resolution
+        check_resolution(loaded, side, where)
+        return cls(loaded, fwd, target, side, compile_blocks, device, batch_size=batch_size)
+
+    @classmethod
+    def for_plan(cls, plan: ForwardPlan) -> PreparedForward:
+        """This process's PreparedForward for `plan`: the run's own where it runs here, else one built once and
+        kept (the last few); its module in the layout (and compiled state) the plan asks for."""
+        with _SERVING_GUARD:
+            forward = _SERVING.get(plan.key())
+            if forward is not None and forward._kept and cached_model(plan.settings.model, forward.device) is not forward.loaded:
+                _SERVING.pop(plan.key()).close()  # the model cache let its network go: follow it
+                forward = None
+            if forward is None:
+                device = resolve_device(plan.device)
+                forward = cls(cached_model(plan.settings.model, device), plan.settings, device, plan.resolution, plan.compile,
+                              plan.device, dict(plan.layer_shapes), plan.batch_size)
+                forward._kept = True
+                _SERVING[plan.key()] = forward
+                for stale in list(_SERVING)[:-_KEPT]:
+                    evicted = _SERVING.pop(stale)
+                    if evicted._kept:
+                        evicted.close()
+        prepare_module(forward.loaded.module, forward.device, forward.compile)
+        return forward
+
+    def plan(self) -> ForwardPlan:
+        """What a task needs to find (or build) this forward in its process."""
+        shapes = tuple((name, tuple(shape)) for name, shape in self.layer_shapes.items())
+        return ForwardPlan(self.settings, self.device_option, self.resolution, self.compile, shapes, self.batch_size)
+
+    def run(self, x: torch.Tensor, one_hot: torch.Tensor | None, need_output: bool, sigma: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+        """The network on one prepared input batch: ({layer: activation}, network output or None), on the device.
+
+        Diffusion networks: σ is the settings' (DEFAULT_SIGMA when unset) for every sample unless given per sample,
+        and the output is D(x). Feature networks take `x` (float 0..255 images) alone; their output is what their
+        forward returns. Pooling happens inside the capture, on the device."""
+        fwd, device, module = self.settings, self.device, self.loaded.module
+        feature = is_feature_network(module)
+        if sigma is None and not feature:
+            sigma = torch.full((x.shape[0],), DEFAULT_SIGMA if fwd.sigma is None else fwd.sigma, device=device)
+        precision = ieee_float32_convolutions(device) if resolve_compute_dtype(fwd.compute_dtype) == torch.float32 else contextlib.nullcontext()
+        with torch.inference_mode(), autocast_context(device, fwd.compute_dtype), precision, model_lock(device):
+            if self.capture is not None:
+                return self.capture.run(x, sigma, one_hot, need_output)
+            return {}, (module(x) if feature else module(x, sigma, one_hot))
+
+    def probe(self, batch: int = 1) -> dict[str, tuple[int, ...]]:
+        """Per-sample output shape of every requested layer, from one real forward on `batch` zero images."""
+        x = torch.zeros(batch, 3, self.resolution, self.resolution, device=self.device)
+        acts, _ = self.run(x, None, need_output=False)
+        return {name: tuple(a.shape[1:]) for name, a in acts.items()}
+
+    @property
+    def layer_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Per-sample output shape of every requested layer (probed once, on one image)."""
+        if self._layer_shapes is None:
+            self._layer_shapes = self.probe()
+        return self._layer_shapes
+
+    @property
+    def batch_size(self) -> int:
+        """The batch given, else 64 on CPU; on CUDA from free memory and a measured forward of a few samples
+        (at most MAX_AUTO_FEATURE_BATCH for feature networks). Chosen once, when first asked."""
+        if self._batch_size is None:
+            self._batch_size = self._chosen_batch_size()
+        return self._batch_size
+
+    def _chosen_batch_size(self) -> int:
+        if not self.device.startswith("cuda"):
+            return auto_batch_size(0, self.device)
+        prepare_module(self.loaded.module, self.device, self.compile)
+        planned = self._measured_bytes_per_sample() + per_sample_bytes(self.layer_shapes, self.resolution, self.settings.storage_dtype)
+        return auto_batch_size(planned, self.device, MAX_AUTO_FEATURE_BATCH if self.loaded.kind == FEATURE_KIND else MAX_AUTO_BATCH)
+
+    def _measured_bytes_per_sample(self, probe: int = 8) -> int:
+        """CUDA memory one sample takes through the forward (peak over a `probe`-sample batch, per sample)."""
+        dev = torch.device(self.device)
+        torch.cuda.synchronize(dev)
+        before = torch.cuda.memory_allocated(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        x = torch.zeros(probe, 3, self.resolution, self.resolution, device=self.device)
+        label_dim = self.loaded.label_dim
+        one_hot = torch.zeros(probe, label_dim, device=self.device) if label_dim else None
+        self.run(x, one_hot, need_output=self.settings.reconstructions or not self.settings.layers)
+        torch.cuda.synchronize(dev)
+        return max(1, (torch.cuda.max_memory_allocated(dev) - before) // probe)
+
+    def close(self) -> None:
+        """Remove the hooks from the (shared) module."""
+        if self.capture is not None:
+            self.capture.close()
+
+    def __enter__(self) -> PreparedForward:
+        """Serve this run's tasks in this process from this object until the block ends."""
+        with _SERVING_GUARD:
+            _SERVING[self.plan_key()] = self
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        with _SERVING_GUARD:
+            if _SERVING.get(self.plan_key()) is self:
+                del _SERVING[self.plan_key()]
+        self.close()
+
+    def plan_key(self) -> tuple:
+        return (self.settings, self.device_option, self.resolution, self.compile)
+
+
+# This process's PreparedForwards by plan key: the running driver's own (its tasks here share its hooks), and those
+# built for tasks sent from elsewhere, of which the last _KEPT stay (one per run, as the model cache keeps models).
+_SERVING: dict[tuple, PreparedForward] = {}
+_SERVING_GUARD = threading.Lock()
+_KEPT = 4

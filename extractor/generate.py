@@ -9,30 +9,20 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import dask
 import numpy as np
 
 from extractor.activation_writer import TEXT_COORDINATES, create_activation_arrays, default_shard_size
+from extractor.forward import ExtractionError, ForwardPlan, ForwardSettings, PreparedForward, RunOptions, resolve_compute_device
+from extractor.integrity import integrity_pass
+from extractor.models import LoadedModel
 from schemas.shard_writer import ShardOutput
-from extractor.extraction import (
-    ExtractionError,
-    ForwardSettings,
-    RunOptions,
-    check_noise_recipe,
-    choose_batch_size,
-    device_name,
-    integrity_pass,
-    load_forward,
-    model_attrs,
-    probe_layers,
-    run_attrs,
-    versions,
-)
-from extractor.forward import ShardForward, check_compute_on_device, prepare_module, resolve_device
-from extractor.models import LoadedModel, cached_model
 from extractor.noise import NOISE_RECIPE, noise_attrs
 from extractor.selection import resolve_classes
+from extractor.shard_forward import ShardForward
+from extractor.store_attrs import check_noise_recipe, device_name, model_attrs, run_attrs, versions
 from schemas.activation_store import ACTIVATION_LAYOUT_VERSION, ACTIVATION_SCHEMA, DIFFUSION_KIND, activation_array_attrs, activation_group_attrs
 from schemas.classes import NUM_CLASSES, class_table
 from schemas.errors import output_write_errors
@@ -64,6 +54,22 @@ class GenerateOptions:
         if self.classes is not None:  # '0', 'tench' and 'n01440764' are one class, recorded as its WNID
             object.__setattr__(self, "classes", resolve_classes(self.classes))
         check_generate_options(self)
+
+    def selection(self, count: int) -> dict[str, Any]:
+        """How the samples were chosen, as the stores record it."""
+        return {"per_class": self.per_class, "num_samples": self.num_samples, "classes": list(self.classes) if self.classes else None, "count": int(count)}
+
+    def to_dict(self, model_sha256: str, count: int, shard_size: int, store: str = IMAGE_SCHEMA) -> dict[str, Any]:
+        """The settings (fingerprint) of the generated image store, or with `store` ACTIVATION_SCHEMA of its
+        activation store, from options whose forward is resolved."""
+        fwd = self.forward
+        settings: dict[str, Any] = {"schema": IMAGE_SCHEMA, "format": "generated", "layout": LAYOUT_VERSION, "model_sha256": model_sha256,
+                                    "sigma": fwd.sigma, "seed": fwd.noise_seed, "compute_dtype": fwd.compute_dtype,
+                                    "selection": self.selection(count), "shard_size": shard_size, "noise_recipe": NOISE_RECIPE}
+        if store == ACTIVATION_SCHEMA:
+            settings.update({"schema": ACTIVATION_SCHEMA, "layout": ACTIVATION_LAYOUT_VERSION, "layers": list(fwd.layers),
+                             "pool": fwd.pool, "storage_dtype": fwd.storage_dtype})
+        return settings
 
 
 @dataclass(frozen=True)
@@ -100,11 +106,7 @@ class GenerateTask:
     shard: int
     start: int
     labels: np.ndarray
-    forward: ForwardSettings  # compute dtype resolved
-    layer_shapes: dict[str, tuple[int, ...]]
-    batch_size: int
-    device: str
-    compile: bool = False
+    forward: ForwardPlan  # settings resolved, layer shapes and batch size known
 
 
 def generate_shard(task: GenerateTask) -> dict:
@@ -113,14 +115,12 @@ def generate_shard(task: GenerateTask) -> dict:
     Only the text arrays are written here: both stores got their numeric coordinates whole at creation. Rows
     whose D(x) or captured layers hold NaN/Inf leave the shard unwritten and unrecorded (the receipt says which).
     """
-    device = resolve_device(task.device)
-    loaded = cached_model(task.forward.model, device)
-    prepare_module(loaded.module, device, task.compile)
     # Only what a store still lacks is computed: no capture without activations, no decoder without images.
-    fwd = task.forward if task.activations_out else replace(task.forward, layers=())
+    forward = PreparedForward.for_plan(task.forward if task.activations_out else task.forward.without_layers())
+    fwd = forward.settings
     n = task.labels.size
     index = np.arange(task.start, task.start + n, dtype=np.int64)
-    runner = ShardForward(loaded, fwd, device, n, task.layer_shapes, IMAGE_VAR if task.output else None)
+    runner = ShardForward(forward, n, IMAGE_VAR if task.output else None)
     outputs: dict[str, ShardOutput] = {}
     if task.output:
         outputs["images"] = ShardOutput(task.output, task.shard, task.start, {IMAGE_VAR: runner.buffers[IMAGE_VAR]})
@@ -130,8 +130,8 @@ def generate_shard(task: GenerateTask) -> dict:
     table = class_table()
     text = {"synset": table.synsets_of(task.labels), "class_name": table.names_of(task.labels), "source_file": np.full(n, "", dtype=object)}
     try:
-        for a in range(0, n, task.batch_size):
-            b = min(n, a + task.batch_size)
+        for a in range(0, n, forward.batch_size):
+            b = min(n, a + forward.batch_size)
             runner.run(a, None, task.labels[a:b], index[a:b])
         runner.finish()
         nonfinite = runner.nonfinite(task.start)
@@ -191,23 +191,21 @@ def _generate(options: GenerateOptions) -> GenerateResult:
     check_generate_options(options)
     started = time.monotonic()
     run = options.run
-    device = resolve_device(run.device)
-    check_compute_on_device(options.forward, device)
+    resolve_compute_device(options.forward, run.device)  # refused before anything is written
     check_scheduler_reachable(run.scheduler)  # before a model is built or any output exists
-    check_generator(cached_model(options.forward.model, device))
-    loaded, fwd = load_forward(options.forward, device)
+    with PreparedForward.prepare(options.forward, run.device, None, run.compile, run.batch_size, check_network=check_generator) as forward:
+        return _generate_stores(replace(options, forward=forward.settings), forward, started)
+
+
+def _generate_stores(options: GenerateOptions, forward: PreparedForward, started: float) -> GenerateResult:
+    """Create (or confirm, or resume) the image store and the optional activation store; `options.forward` resolved."""
+    run, fwd, loaded, shapes = options.run, forward.settings, forward.loaded, forward.layer_shapes
     labels = generation_labels(options.per_class, options.num_samples, options.classes, fwd.noise_seed)
     n = labels.size
-    res = loaded.resolution
-    shapes, paths = probe_layers(loaded, fwd, device, res) if fwd.layers else ({}, {})
     shard = run.shard_size or min(DEFAULT_GENERATE_SHARD, default_shard_size(shapes, fwd.storage_dtype))
     num_shards = -(-n // shard)
-    selection = {"per_class": options.per_class, "num_samples": options.num_samples, "classes": list(options.classes) if options.classes else None, "count": int(n)}
-    image_settings = {"schema": IMAGE_SCHEMA, "format": "generated", "layout": LAYOUT_VERSION, "model_sha256": loaded.sha256, "sigma": fwd.sigma,
-                      "seed": fwd.noise_seed, "compute_dtype": fwd.compute_dtype, "selection": selection, "shard_size": shard,
-                      "noise_recipe": NOISE_RECIPE}
-    act_settings = {**image_settings, "schema": ACTIVATION_SCHEMA, "layout": ACTIVATION_LAYOUT_VERSION, "layers": list(fwd.layers),
-                    "pool": fwd.pool, "storage_dtype": fwd.storage_dtype}
+    image_settings = options.to_dict(loaded.sha256, n, shard)
+    act_settings = options.to_dict(loaded.sha256, n, shard, ACTIVATION_SCHEMA)
     for url in (options.output, options.activations_out):
         if url:
             check_noise_recipe(url, fwd.noise_seed, run.overwrite)
@@ -216,8 +214,42 @@ def _generate(options: GenerateOptions) -> GenerateResult:
         statuses.append(inspect_existing(options.activations_out, ACTIVATION_SCHEMA, act_settings, run.overwrite))
     if all(st == "complete" for st in statuses):
         return GenerateResult(options.output, options.activations_out, n, True, time.monotonic() - started, loaded.trained)
+    image_state, act_state = _prepare_stores(options, forward, labels, shard, num_shards, image_settings, act_settings)
+    if all(state is None or state.already_complete for state in (image_state, act_state)):  # another run finished them
+        return GenerateResult(options.output, options.activations_out, n, True, time.monotonic() - started, loaded.trained)
+    image_pending = set(image_state.pending)
+    act_pending = set(act_state.pending) if act_state is not None else set()
+    pending = image_pending | act_pending
+    plan = forward.plan()  # the batch size is chosen here, once a store needs writing
+    tasks = [
+        dask.delayed(generate_shard, pure=False)(
+            GenerateTask(options.output if k in image_pending else None, options.activations_out if k in act_pending else None,
+                         k, k * shard, labels[k * shard : (k + 1) * shard], plan)
+        )
+        for k in sorted(pending)
+    ]
+    done = n - sum(min(shard, n - k * shard) for k in pending)
+    receipts = run_tasks(tasks, run.scheduler, ProgressReport(n, f"generating {options.output}"), done)
+    # A store found complete (a crash can land between finishing one store and the other) is left as it is. Both
+    # are checked before either is finished: NaN/Inf anywhere leaves both incomplete.
+    unfinished = [url for url, state in ((options.output, image_state), (options.activations_out, act_state)) if state is not None and not state.already_complete]
+    for url in unfinished:
+        integrity_pass(url, num_shards, receipts, "the generator's D(x) (`image`) or its captured layers")
+    for url in reversed(unfinished):  # the activation store first: the image store's completeness implies it
+        record_checksums(url)
+        finalize_store(url, {})
+    return GenerateResult(options.output, options.activations_out, n, False, time.monotonic() - started, loaded.trained)
+
+
+def _prepare_stores(
+    options: GenerateOptions, forward: PreparedForward, labels: np.ndarray, shard: int, num_shards: int, image_settings: dict, act_settings: dict
+) -> tuple[StoreState, StoreState | None]:
+    """Create (or reopen) the image store and the optional activation store, every numeric coordinate written
+    whole while each is created (all are known before sampling)."""
+    run, fwd, loaded, shapes, res = options.run, forward.settings, forward.loaded, forward.layer_shapes, forward.resolution
+    n = labels.size
+    selection = options.selection(n)
     index = np.arange(n, dtype=np.int64)
-    # Every numeric coordinate is known before sampling: written once, whole, while each store is created.
     image_numeric = {"label": labels, "global_index": index, "source_row": index}
     image_state = prepare_store(
         options.output, IMAGE_SCHEMA, image_settings, num_shards,
@@ -229,43 +261,20 @@ def _generate(options: GenerateOptions) -> GenerateResult:
             "versions": versions(), "model": model_attrs(fwd, loaded), "sigma": fwd.sigma, "seed": fwd.noise_seed, "selection": selection,
             "sampling": f"one step: D(sigma * eps; sigma, one-hot(label)), eps = {NOISE_RECIPE} noise of (seed, index)",
             "noise": noise_attrs(fwd.noise_seed),
-            "device": device_name(device),
+            "device": device_name(forward.device),
             **image_group_attrs(labels),
         },
     )
-    act_state: StoreState | None = None
-    if options.activations_out:
-        act_numeric = {"label": labels, "global_index": index, "source_sample": index}
-        array_attrs = activation_array_attrs(paths, fwd.pool, fwd.sigma, fwd.storage_dtype, False, "generator")
-        act_state = prepare_store(
-            options.activations_out, ACTIVATION_SCHEMA, act_settings, num_shards,
-            lambda g: create_activation_arrays(g, n, shapes, fwd.storage_dtype, shard, None, array_attrs, coordinates=act_numeric), run.overwrite,
-            initial_attrs={**run_attrs(fwd, loaded, paths, device), "selection": selection,
-                           "source": {"url": options.output, "schema": IMAGE_SCHEMA, "generated": True},
-                           "input_scaling": "none: the generator's own input sigma * eps",
-                           **activation_group_attrs(labels)},
-        )
-    if all(state is None or state.already_complete for state in (image_state, act_state)):  # another run finished them
-        return GenerateResult(options.output, options.activations_out, n, True, time.monotonic() - started, loaded.trained)
-    image_pending = set(image_state.pending)
-    act_pending = set(act_state.pending) if act_state is not None else set()
-    pending = image_pending | act_pending
-    batch = run.batch_size or choose_batch_size(loaded, fwd, shapes, device, res, run.compile)
-    tasks = [
-        dask.delayed(generate_shard, pure=False)(
-            GenerateTask(options.output if k in image_pending else None, options.activations_out if k in act_pending else None,
-                         k, k * shard, labels[k * shard : (k + 1) * shard], fwd, shapes, batch, run.device, run.compile)
-        )
-        for k in sorted(pending)
-    ]
-    done = n - sum(min(shard, n - k * shard) for k in pending)
-    receipts = run_tasks(tasks, run.scheduler, ProgressReport(n, f"generating {options.output}"), done)
-    # A store found complete (a crash can land between finishing one store and the other) is left as it is. Both
-    # are checked before either is finished: NaN/Inf anywhere leaves both incomplete.
-    unfinished = [url for url, state in ((options.output, image_state), (options.activations_out, act_state)) if state is not None and not state.already_complete]
-    for url in unfinished:
-        integrity_pass(url, num_shards, receipts, "the generator's D(x) (`image`) or its captured layers")
-    for url in reversed(unfinished):  # the activation store first, as before
-        record_checksums(url)
-        finalize_store(url, {})
-    return GenerateResult(options.output, options.activations_out, n, False, time.monotonic() - started, loaded.trained)
+    if not options.activations_out:
+        return image_state, None
+    act_numeric = {"label": labels, "global_index": index, "source_sample": index}
+    array_attrs = activation_array_attrs(forward.paths, fwd.pool, fwd.sigma, fwd.storage_dtype, False, "generator")
+    act_state = prepare_store(
+        options.activations_out, ACTIVATION_SCHEMA, act_settings, num_shards,
+        lambda g: create_activation_arrays(g, n, shapes, fwd.storage_dtype, shard, None, array_attrs, coordinates=act_numeric), run.overwrite,
+        initial_attrs={**run_attrs(fwd, loaded, forward.paths, forward.device), "selection": selection,
+                       "source": {"url": options.output, "schema": IMAGE_SCHEMA, "generated": True},
+                       "input_scaling": "none: the generator's own input sigma * eps",
+                       **activation_group_attrs(labels)},
+    )
+    return image_state, act_state

@@ -25,6 +25,7 @@ __all__ = [
     "ALIASES",
     "FeatureNetwork",
     "InvalidImageBatchError",
+    "LayerCapture",
     "UnknownLayerError",
     "capture_layers",
     "describe_layers",
@@ -119,6 +120,85 @@ def _pool(output: Tensor, pool: str) -> Tensor:
     return output.detach().float().amax(dim=(2, 3))
 
 
+class LayerCapture:
+    """Forward hooks on the modules of named layers, registered once; `run` collects one batch's activations.
+
+    Built once per run (in the spirit of torchvision's create_feature_extractor: the names are the API): each name
+    is resolved to its module path here (UnknownLayerError lists the valid ones) and one hook is registered per
+    module. The hooks do nothing outside `run`, so other forwards of the same (shared, cached) module are
+    unaffected; `close` removes them. Callers serialise `run` per module (the per-device lock does).
+
+    Activations are [N, C, H, W] for pool "none", else [N, C] (float32 mean/max over H, W, computed on the
+    tensor's device); layers that are vectors ([N, C]) stay so under every pool mode. A feature network gets `x`
+    as uint8 (or float 0..255) images and ignores `sigma` and `class_labels`; its output is what its forward
+    returns (e.g. logits, the CLS token).
+    """
+
+    def __init__(self, model: nn.Module, layers: Sequence[str], pool: PoolMode = "none") -> None:
+        if pool not in POOL_MODES:
+            raise ValueError(f"pool must be one of {POOL_MODES}, got {pool!r}")
+        if not layers:
+            raise ValueError("no layers requested")
+        self.model, self.layers, self.pool = model, tuple(layers), pool
+        self.feature_net = is_feature_network(model)
+        self.paths = {name: resolve_layer(model, name) for name in self.layers}
+        wanted: dict[str, list[str]] = {}
+        for name in self.layers:
+            wanted.setdefault(self.paths[name], []).append(name)
+        order = module_layers(model)
+        self._last = max(wanted, key=order.index)
+        self._captured: dict[str, Tensor] | None = None  # None: not inside `run`, the hooks stay idle
+        self._stop_after_last = False
+        self._handles = [model.get_submodule(path).register_forward_hook(self._hook(path, names)) for path, names in wanted.items()]
+
+    def _hook(self, path: str, names: list[str]):
+        def hook(_module: nn.Module, _inputs: tuple, output: Tensor) -> None:
+            captured = self._captured
+            if captured is None:
+                return
+            if self.feature_net:
+                for name in names:
+                    captured[name] = _pool(self.model.layer_value(name, output), self.pool)
+            else:
+                pooled = _pool(output, self.pool)
+                for name in names:
+                    captured[name] = pooled
+            if path == self._last and self._stop_after_last:
+                raise _StopForward
+
+        return hook
+
+    def run(self, x: Tensor, sigma: Tensor | float | None, class_labels: Tensor | None, need_output: bool = False) -> tuple[dict[str, Tensor], Tensor | None]:
+        """Run the network once and return ({requested name: activation}, its output or None).
+
+        With `need_output` False the forward stops right after the last requested layer runs, so later modules
+        (usually the whole decoder) are never computed."""
+        self._captured, self._stop_after_last = {}, not need_output
+        out: Tensor | None = None
+        try:
+            out = self.model(x) if self.feature_net else self.model(x, sigma, class_labels)
+        except _StopForward:
+            pass
+        finally:
+            captured, self._captured = self._captured, None
+        missing = [name for name in self.layers if name not in captured]
+        if missing:  # only possible if the network's control flow skipped a module
+            raise RuntimeError(f"layers {missing} did not run during the forward pass")
+        return {name: captured[name] for name in self.layers}, (out if need_output else None)
+
+    def close(self) -> None:
+        """Remove the hooks from the network."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def __enter__(self) -> LayerCapture:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+
 def capture_layers(
     model: nn.Module,
     x: Tensor,
@@ -128,56 +208,9 @@ def capture_layers(
     pool: str = "none",  # one of POOL_MODES, checked below
     need_output: bool = False,
 ) -> tuple[dict[str, Tensor], Tensor | None]:
-    """Run the network and return ({requested name: activation}, D(x) or None).
-
-    Activations are [N, C, H, W] for pool "none", else [N, C] (float32 mean/max over H, W, computed on the
-    tensor's device); layers that are vectors ([N, C]) stay so under every pool mode. With `need_output` False the
-    forward stops right after the last requested layer runs, so later modules (usually the whole decoder) are
-    never computed. Hooks are removed in all cases.
-
-    A feature network gets `x` as uint8 (or float 0..255) images and ignores `sigma` and `class_labels`; its
-    output is what its forward returns (e.g. logits, the CLS token).
-    """
-    if pool not in POOL_MODES:
-        raise ValueError(f"pool must be one of {POOL_MODES}, got {pool!r}")
-    if not layers:
-        raise ValueError("no layers requested")
-    feature_net = is_feature_network(model)
-    order = module_layers(model)
-    wanted: dict[str, list[str]] = {}
-    for name in layers:
-        wanted.setdefault(resolve_layer(model, name), []).append(name)
-    last = max(wanted, key=order.index)
-
-    captured: dict[str, Tensor] = {}
-
-    def make_hook(path: str):
-        def hook(_module: nn.Module, _inputs: tuple, output: Tensor) -> None:
-            if feature_net:
-                for name in wanted[path]:
-                    captured[name] = _pool(model.layer_value(name, output), pool)
-            else:
-                pooled = _pool(output, pool)
-                for name in wanted[path]:
-                    captured[name] = pooled
-            if path == last and not need_output:
-                raise _StopForward
-
-        return hook
-
-    handles = [model.get_submodule(path).register_forward_hook(make_hook(path)) for path in wanted]
-    out: Tensor | None = None
-    try:
-        out = model(x) if feature_net else model(x, sigma, class_labels)
-    except _StopForward:
-        pass
-    finally:
-        for handle in handles:
-            handle.remove()
-    missing = [name for name in layers if name not in captured]
-    if missing:  # only possible if the network's control flow skipped a module
-        raise RuntimeError(f"layers {missing} did not run during the forward pass")
-    return {name: captured[name] for name in layers}, (out if need_output else None)
+    """One forward with hooks for this call only (a LayerCapture built, run once and closed): see LayerCapture."""
+    with LayerCapture(model, layers, pool) as capture:
+        return capture.run(x, sigma, class_labels, need_output)
 
 
 def describe_layers(model: nn.Module, batch: int = 1) -> list[tuple[str, tuple[int, ...]]]:

@@ -34,24 +34,23 @@ def _emit(rows: list[dict], row: dict) -> None:
     print("cuda-row:", json.dumps(row), flush=True)
 
 
-def gflop_per_image(loaded, fwd) -> float:
+def gflop_per_image(forward) -> float:
     """FLOPs of one image through the captured layers (the forward stops after the last), counted by torch."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from extractor.forward import forward_batch
-
     x = torch.zeros(1, 3, 64, 64, device="cuda")
-    one_hot = torch.zeros(1, loaded.label_dim, device="cuda")
+    one_hot = torch.zeros(1, forward.loaded.label_dim, device="cuda")
     with FlopCounterMode(display=False) as counter:
-        forward_batch(loaded.module, x, one_hot, fwd, "cuda", need_output=False)
+        forward.run(x, one_hot, need_output=False)
     return counter.get_total_flops() / 1e9
 
 
-def forward_only_rate(loaded, fwd, batch: int = BATCH, iters: int = 10, through_extractor: bool = True) -> float:
+def forward_only_rate(forward, batch: int = BATCH, iters: int = 10, through_extractor: bool = True) -> float:
     """img/s of the network alone on a device-resident batch, median of `iters` calls timed with CUDA events:
-    through the extractor's forward_batch (lock, precision, hooks, pooling), or capture_layers bare."""
-    from extractor.forward import forward_batch
+    through the extractor's PreparedForward (lock, precision, hooks, pooling), or capture_layers bare."""
     from extractor.models import capture_layers
+
+    fwd = forward.settings
 
     gen = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(batch, 3, 64, 64, device="cuda", generator=gen) * 80
@@ -60,10 +59,10 @@ def forward_only_rate(loaded, fwd, batch: int = BATCH, iters: int = 10, through_
 
     def call() -> None:
         if through_extractor:
-            forward_batch(loaded.module, x, one_hot, fwd, "cuda", need_output=False, sigma=sigma)
+            forward.run(x, one_hot, need_output=False, sigma=sigma)
         else:
             with torch.inference_mode():
-                capture_layers(loaded.module, x, sigma, one_hot, list(fwd.layers), fwd.pool)
+                capture_layers(forward.loaded.module, x, sigma, one_hot, list(fwd.layers), fwd.pool)
 
     for _ in range(3):
         call()
@@ -107,13 +106,7 @@ def pipeline_rate(
 def run(workdir: Path, quick: bool = False) -> list[dict]:
     if not torch.cuda.is_available():
         return [make_row("cuda", "CUDA rows", None, "", note="skipped: no CUDA device on this machine")]
-    from extractor.extraction import (
-        ForwardSettings,
-        choose_batch_size,
-        load_forward,
-        probe_layers,
-    )
-    from extractor.forward import prepare_module
+    from extractor.forward import ForwardSettings, PreparedForward, prepare_module
     from extractor.models import ModelSpec
 
     card = torch.cuda.get_device_name(0)
@@ -123,22 +116,25 @@ def run(workdir: Path, quick: bool = False) -> list[dict]:
     store = bench_image_store(workdir, n_fast)
     print(f"cuda: image store of {n_fast:,} images in {time.perf_counter() - started:.1f} s", flush=True)
 
-    def settings(compute: str, pool: str = "none"):
-        loaded, fwd = load_forward(ForwardSettings(ModelSpec(preset=PRESET), LAYERS, pool=pool, compute_dtype=compute), "cuda")
-        prepare_module(loaded.module, "cuda")  # the memory layout extraction runs it in
-        return loaded, fwd
+    def settings(compute: str, pool: str = "none") -> PreparedForward:
+        forward = PreparedForward.prepare(ForwardSettings(ModelSpec(preset=PRESET), LAYERS, pool=pool, compute_dtype=compute), "cuda", 64)
+        prepare_module(forward.loaded.module, "cuda")  # the memory layout extraction runs it in
+        return forward
 
-    gflop = gflop_per_image(*settings("fp32"))
+    with settings("fp32") as forward:
+        gflop = gflop_per_image(forward)
     forward_rates = {}
     for compute in ("fp32", "bf16"):
-        rate = forward_rates[compute] = forward_only_rate(*settings(compute))
+        with settings(compute) as forward:
+            rate = forward_rates[compute] = forward_only_rate(forward)
         _emit(rows, make_row("cuda", f"forward only, {PRESET} to midblock, batch {BATCH}, {compute}", rate, "img/s",
                              note=f"{rate * gflop / 1e3:.1f} TFLOP/s ({gflop:.1f} GFLOP/img); {card}"))
     # What torch's own float32 default (TF32 convolutions, which imzarr's fp32 turns off) would give: capture_layers
     # bare, outside forward_batch's IEEE setting.
     before, torch.backends.cudnn.allow_tf32 = torch.backends.cudnn.allow_tf32, True
     try:
-        rate = forward_only_rate(*settings("fp32"), through_extractor=False)
+        with settings("fp32") as forward:
+            rate = forward_only_rate(forward, through_extractor=False)
     finally:
         torch.backends.cudnn.allow_tf32 = before
     _emit(rows, make_row("cuda", f"forward only, {PRESET} to midblock, batch {BATCH}, fp32 with TF32 convolutions", rate, "img/s",
@@ -150,8 +146,8 @@ def run(workdir: Path, quick: bool = False) -> list[dict]:
     for compute, pool, n, batch, workers in cases:
         label = f"batch {batch}"
         if batch is None:
-            loaded, fwd = settings(compute, pool)
-            label = f"automatic batch ({choose_batch_size(loaded, fwd, probe_layers(loaded, fwd, 'cuda', 64)[0], 'cuda', 64)})"
+            with settings(compute, pool) as forward:
+                label = f"automatic batch ({forward.batch_size})"
         rate = pipeline_rate(store, workdir / "acts.zarr", n, compute, pool, batch, workers)
         minutes = IMAGENET_TRAIN / rate / 60
         _emit(rows, make_row("cuda", f"extract, {PRESET}, {compute}, {'unpooled' if pool == 'none' else 'pooled ' + pool}, {label}, {workers} threads",
@@ -159,9 +155,9 @@ def run(workdir: Path, quick: bool = False) -> list[dict]:
                              note=f"ratio: share of forward-only; {rate * gflop / 1e3:.1f} TFLOP/s; 1.28 M images in {minutes:.1f} min; "
                                   f"{n:,} images, float16 storage; {card}"))
     # Last, since it wraps the cached network's blocks: --compile (its first run pays ~25 s of compiling).
-    loaded, fwd = settings("bf16")
-    prepare_module(loaded.module, "cuda", compile_blocks=True)
-    compiled = forward_only_rate(loaded, fwd)
+    with settings("bf16") as forward:
+        prepare_module(forward.loaded.module, "cuda", compile_blocks=True)
+        compiled = forward_only_rate(forward)
     # extract's layer probe runs one image: a batch size the blocks compile for once, outside the timed rows
     pipeline_rate(store, workdir / "warm.zarr", 1_024, "bf16", compile_blocks=True)
     _emit(rows, make_row("cuda", f"forward only, {PRESET} to midblock, batch {BATCH}, bf16, compiled blocks", compiled, "img/s",

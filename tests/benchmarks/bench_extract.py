@@ -37,22 +37,21 @@ def bench_image_store(workdir: Path, n: int) -> str:
 
 def _forward_only(store_url: str, n: int) -> float:
     """images/s of the extractor's forward path on batches already in memory (noise, capture, cast, checks)."""
-    from extractor.extraction import ForwardSettings, load_forward, probe_layers
-    from extractor.forward import ShardForward
+    from extractor.forward import ForwardSettings, PreparedForward
+    from extractor.shard_forward import ShardForward
     from extractor.models import ModelSpec
     from schemas.image_store import validate_image_store
 
     store = validate_image_store(store_url)
     images = torch.from_numpy(store.read(0, n))
     labels, gidx = store.coordinate("label")[:n], store.coordinate("global_index")[:n]
-    loaded, fwd = load_forward(ForwardSettings(ModelSpec(preset="tiny-random"), (LAYER,)), "cpu")
-    shapes, _ = probe_layers(loaded, fwd, "cpu", store.resolution)
-    ShardForward(loaded, fwd, "cpu", BATCH, shapes, None).run(0, images[:BATCH], labels[:BATCH], gidx[:BATCH])  # warm-up
-    runner = ShardForward(loaded, fwd, "cpu", n, shapes, None)
-    start = time.perf_counter()
-    for a in range(0, n, BATCH):
-        runner.run(a, images[a : a + BATCH], labels[a : a + BATCH], gidx[a : a + BATCH])
-    return n / (time.perf_counter() - start)
+    with PreparedForward.prepare(ForwardSettings(ModelSpec(preset="tiny-random"), (LAYER,)), "cpu", store.resolution) as forward:
+        ShardForward(forward, BATCH, None).run(0, images[:BATCH], labels[:BATCH], gidx[:BATCH])  # warm-up
+        runner = ShardForward(forward, n, None)
+        start = time.perf_counter()
+        for a in range(0, n, BATCH):
+            runner.run(a, images[a : a + BATCH], labels[a : a + BATCH], gidx[a : a + BATCH])
+        return n / (time.perf_counter() - start)
 
 
 def _write_rates(acts_url: str, workdir: Path) -> tuple[float, float, int]:

@@ -10,6 +10,7 @@ from extractor.models import (
     PRESETS,
     EDMPrecond,
     InvalidSigmaError,
+    LayerCapture,
     UnknownLayerError,
     build_preset,
     capture_layers,
@@ -143,3 +144,24 @@ def test_bad_arguments(model: EDMPrecond) -> None:
         capture_layers(model, x, 1.0, None, ["midblock"], pool="median")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="no layers"):
         capture_layers(model, x, 1.0, None, [])
+
+
+def test_layer_capture_registers_once_and_serves_every_batch(edm_reference: dict, model: EDMPrecond) -> None:
+    """Names resolved once, one hook per module for the capture's life, the reference values on every batch, and
+    idle hooks: a plain forward of the module meanwhile is unchanged; closed, nothing is left on the module."""
+    ref = edm_reference
+    layers = ["midblock", "encoder_bottleneck", "model.enc.8x8_block0"]  # two names for one module
+    with torch.no_grad():
+        plain = model(ref["x"], ref["sigma"], ref["class_labels"])
+        with LayerCapture(model, layers) as capture:
+            assert capture.paths == {"midblock": "model.dec.8x8_in0", "encoder_bottleneck": "model.enc.8x8_block0", "model.enc.8x8_block0": "model.enc.8x8_block0"}
+            hooked = sorted(name for name, m in model.named_modules() if m._forward_hooks)
+            assert hooked == ["model.dec.8x8_in0", "model.enc.8x8_block0"]
+            for _ in range(3):
+                acts, out = capture.run(ref["x"], ref["sigma"], ref["class_labels"], need_output=True)
+                assert list(acts) == layers and sorted(name for name, m in model.named_modules() if m._forward_hooks) == hooked
+                for name in layers:
+                    torch.testing.assert_close(acts[name], ref["activations"][capture.paths[name]], rtol=1e-4, atol=1e-5)
+                torch.testing.assert_close(out, ref["out"], rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(model(ref["x"], ref["sigma"], ref["class_labels"]), plain, rtol=0, atol=0)
+    assert _no_hooks(model)

@@ -4,7 +4,7 @@ import numpy as np
 import torch
 
 from extractor.cast_cpu import cast_to_float16
-from extractor.forward import nonfinite_rows
+from extractor.shard_forward import nonfinite_rows
 
 
 def every_exponent_with_edge_mantissas() -> np.ndarray:

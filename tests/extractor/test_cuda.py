@@ -7,18 +7,11 @@ import pytest
 import torch
 import zarr
 
-from extractor.extraction import (
-    IntegrityError,
-    ExtractOptions,
-    ForwardSettings,
-    RunOptions,
-    choose_batch_size,
-    extract,
-    load_forward,
-    probe_layers,
-)
-from extractor.forward import ShardForward, forward_batch
-from extractor.models import EDMPrecond, ModelSpec
+from extractor.extraction import ExtractOptions, extract
+from extractor.forward import ForwardSettings, PreparedForward, RunOptions
+from extractor.integrity import IntegrityError
+from extractor.models import EDMPrecond, LoadedModel, ModelSpec
+from extractor.shard_forward import ShardForward
 from extractor.noise import NoiseGenerator, sqrt_correctly_rounded_
 from extractor.selection import SelectionSpec
 from tests.support.stand_in import StandInNetwork, serving
@@ -67,7 +60,9 @@ def test_edm_reference_fixture_on_cuda(edm_reference, compute_dtype):
     model.cuda()
     layers = tuple(ref["module_order"])
     fwd = ForwardSettings(PRESET, layers, compute_dtype=compute_dtype)
-    acts, out = forward_batch(model, ref["x"].cuda(), ref["class_labels"].cuda(), fwd, "cuda", need_output=True, sigma=ref["sigma"].cuda())
+    loaded = LoadedModel(model, "edm reference fixture", ref["config"], False, "", model.img_resolution, model.label_dim)
+    with PreparedForward(loaded, fwd, "cuda", model.img_resolution) as forward:
+        acts, out = forward.run(ref["x"].cuda(), ref["class_labels"].cuda(), need_output=True, sigma=ref["sigma"].cuda())
     for path in layers:
         got, want = acts[path].float().cpu(), ref["activations"][path]
         if compute_dtype == "fp32":
@@ -111,20 +106,19 @@ def test_bf16_extraction_within_tolerance(image_store, cpu_reference, tmp_path):
 
 
 def test_automatic_batch_equals_fixed(image_store, cpu_reference, tmp_path):
-    loaded, fwd = load_forward(ForwardSettings(PRESET, LAYERS, storage_dtype="float32", compute_dtype="fp32", reconstructions=True), "cuda")
-    shapes, _ = probe_layers(loaded, fwd, "cuda", 64)
-    batch = choose_batch_size(loaded, fwd, shapes, "cuda", 64)
+    with PreparedForward.prepare(ForwardSettings(PRESET, LAYERS, storage_dtype="float32", compute_dtype="fp32", reconstructions=True), "cuda", 64) as forward:
+        batch = forward.batch_size
     assert batch >= 64 and batch & (batch - 1) == 0
     assert_close_to(cpu_reference, run_extraction(image_store, str(tmp_path / "auto.zarr"), "cuda", batch=None))
 
 
 def test_host_buffers_are_pinned():
-    loaded, fwd = load_forward(ForwardSettings(PRESET, ("encoder_bottleneck",)), "cuda")
-    runner = ShardForward(loaded, fwd, "cuda", 8, {"encoder_bottleneck": (256, 8, 8)}, "reconstruction")
-    try:
-        assert all(t.is_pinned() for t in runner.host.values())
-    finally:
-        runner.release()
+    with PreparedForward.prepare(ForwardSettings(PRESET, ("encoder_bottleneck",)), "cuda", 64) as forward:
+        runner = ShardForward(forward, 8, "reconstruction")
+        try:
+            assert all(t.is_pinned() for t in runner.host.values())
+        finally:
+            runner.release()
 
 
 def test_nonfinite_values_found_on_the_device(image_store, tmp_path):

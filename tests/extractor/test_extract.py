@@ -19,9 +19,21 @@ from converter.convert import ConvertOptions, convert
 from converter.sample import write_sample_shards
 from converter.sources.npz import open_npz_source
 from extractor.cli import main as extractor_main
-from extractor.extraction import ExtractionError, ExtractOptions, IntegrityError, ForwardSettings, NoiseRecipeError, RunOptions, extract
-from extractor.forward import DEFAULT_NOISE_SEED, DEFAULT_SIGMA, forward_batch, ieee_float32_convolutions, nonfinite_rows, resolve_forward
-from extractor.models import EDMPrecond, ModelSpec, build_preset, cached_model
+from extractor.extraction import ExtractOptions, extract
+from extractor.forward import (
+    DEFAULT_NOISE_SEED,
+    DEFAULT_SIGMA,
+    ExtractionError,
+    ForwardSettings,
+    PreparedForward,
+    RunOptions,
+    ieee_float32_convolutions,
+    resolve_forward,
+)
+from extractor.integrity import IntegrityError
+from extractor.models import EDMPrecond, LoadedModel, ModelSpec, build_preset, cached_model
+from extractor.shard_forward import nonfinite_rows
+from extractor.store_attrs import NoiseRecipeError
 from extractor.noise import LEGACY_NOISE_RECIPE, NOISE_RECIPE, per_sample_noise
 from extractor.selection import SelectionSpec
 from schemas.activation_store import activation_inner_chunk, validate_activation_store
@@ -239,7 +251,11 @@ def test_edm_reference_fixture_through_the_forward_path(compute_dtype):
     model.load_state_dict(ref["state_dict"])
     layers = tuple(ref["module_order"])
     fwd = ForwardSettings(PRESET, layers, compute_dtype=compute_dtype)
-    acts, out = forward_batch(model, ref["x"], ref["class_labels"], fwd, "cpu", need_output=True, sigma=ref["sigma"])
+    # Built from its parts (the fixture's network is no preset): `prepare`, which refuses bf16 on the CPU, is not
+    # asked; the CPU's bf16 autocast is the only place this tolerance can be checked without a GPU.
+    loaded = LoadedModel(model, "edm reference fixture", ref["config"], False, "", model.img_resolution, model.label_dim)
+    with PreparedForward(loaded, fwd, "cpu", model.img_resolution) as forward:
+        acts, out = forward.run(ref["x"], ref["class_labels"], need_output=True, sigma=ref["sigma"])
     for path in layers:
         want = ref["activations"][path]
         if compute_dtype == "fp32":
@@ -394,3 +410,73 @@ def test_no_noise_on_the_command_line_feeds_the_clean_image(image_store, tmp_pat
     assert extractor_main(args) == 0
     attrs = dict(validate_activation_store(out).attrs)
     assert attrs["noise"] is None and attrs["settings"]["noise_seed"] is None
+
+
+def _hook_count(module: torch.nn.Module) -> int:
+    return sum(len(m._forward_hooks) for m in module.modules())
+
+
+def test_hooks_are_registered_once_per_run(image_store, tmp_path, monkeypatch):
+    """Six batches in three tasks on two worker threads: one LayerCapture, one hook per module; none left after."""
+    from extractor.models import LayerCapture
+
+    module = cached_model(PRESET, "cpu").module
+    before = _hook_count(module)
+    built, seen = [], []
+    original_init, original_run = LayerCapture.__init__, LayerCapture.run
+
+    def counting_init(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        built.append(self)
+
+    def counting_run(self, *args, **kwargs):
+        seen.append(_hook_count(module))
+        return original_run(self, *args, **kwargs)
+
+    monkeypatch.setattr(LayerCapture, "__init__", counting_init)
+    monkeypatch.setattr(LayerCapture, "run", counting_run)
+    run(image_store, tmp_path / "once.zarr", batch_size=8, shard_size=16, selection=SelectionSpec(num_samples=48), layers=LAYERS + ("midblock",))
+    assert len(built) == 1
+    assert len(seen) == 1 + 6  # the layer probe, then 48 samples in batches of 8
+    assert set(seen) == {before + 3}  # encoder_bottleneck, model.enc.32x32_block0, midblock: three modules
+    assert _hook_count(module) == before
+
+
+def test_prepared_forward_hooks_stay_idle_outside_its_batches():
+    """Hooks on the shared module change nothing for other forwards of it while the run holds them."""
+    settings = ForwardSettings(PRESET, ("midblock",), storage_dtype="float32", compute_dtype="fp32")
+    module = cached_model(PRESET, "cpu").module
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        bare = module(x, torch.full((2,), 80.0), None)
+    with PreparedForward.prepare(settings, "cpu", 64) as forward:
+        first, _ = forward.run(x, None, need_output=False)
+        with torch.inference_mode():
+            torch.testing.assert_close(module(x, torch.full((2,), 80.0), None), bare, rtol=0, atol=0)
+        again, _ = forward.run(x, None, need_output=False)
+    torch.testing.assert_close(first["midblock"], again["midblock"], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("compute_dtype", ["bf16", "fp16"])
+def test_half_precision_on_the_cpu_is_refused_by_the_library_as_on_the_command_line(image_store, tmp_path, compute_dtype):
+    from extractor.api import features, generate
+    from extractor.forward import ComputeDeviceError
+    from tests.support.commands import run_imzarr
+
+    message = f"--compute-dtype {compute_dtype}: needs a CUDA device (this run is on the CPU); use fp32"
+    settings = ForwardSettings(PRESET, ("midblock",), compute_dtype=compute_dtype)
+    images = np.zeros((2, 3, 64, 64), dtype=np.uint8)
+    calls = [
+        lambda: extract(ExtractOptions(image_store, str(tmp_path / "o.zarr"), settings, run=RunOptions(device="cpu"))),
+        lambda: features(images, layers=["midblock"], model="tiny-random", device="cpu", compute_dtype=compute_dtype),
+        lambda: generate(str(tmp_path / "g.zarr"), preset="tiny-random", num_samples=2, device="cpu", compute_dtype=compute_dtype),
+        lambda: PreparedForward.prepare(settings, "cpu", 64),
+    ]
+    for call in calls:
+        with pytest.raises(ComputeDeviceError) as err:
+            call()
+        assert str(err.value) == message
+    proc = run_imzarr("extract", image_store, "-o", tmp_path / "cli.zarr", "--preset", "tiny-random", "--layers", "midblock",
+                      "--device", "cpu", "--compute-dtype", compute_dtype)
+    assert proc.returncode == 2 and proc.stderr.strip() == f"imzarr extract: error: {message}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

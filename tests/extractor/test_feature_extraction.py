@@ -16,7 +16,8 @@ from converter.convert import ConvertOptions, convert
 from converter.sample import write_sample_shards
 from converter.sources.npz import open_npz_source
 from extractor.cli import main as extractor_main
-from extractor.extraction import ExtractionError, ExtractOptions, ForwardSettings, RunOptions, extract
+from extractor.extraction import ExtractOptions, extract
+from extractor.forward import ExtractionError, ForwardSettings, RunOptions
 from extractor.generate import GenerateOptions, generate
 from extractor.models import ModelSpec, build_preset, capture_layers, family_of_preset
 from schemas.activation_store import validate_activation_store

@@ -5,7 +5,9 @@ import pytest
 import torch
 import zarr
 
-from extractor.extraction import ExtractOptions, IntegrityError, ForwardSettings, RunOptions, extract
+from extractor.extraction import ExtractOptions, extract
+from extractor.forward import ForwardSettings, RunOptions
+from extractor.integrity import IntegrityError
 from extractor.generate import GenerateOptions, generate
 from extractor.models import ModelSpec, build_preset
 from extractor.noise import NOISE_RECIPE, per_sample_noise
@@ -84,7 +86,7 @@ def test_unfinished_generation_resumes_to_identical(tmp_path):
 
 
 def test_generated_store_with_the_old_noise_recipe_is_refused(tmp_path):
-    from extractor.extraction import NoiseRecipeError
+    from extractor.store_attrs import NoiseRecipeError
 
     gen(tmp_path / "old.zarr")
     group = zarr.open_group(str(tmp_path / "old.zarr"), mode="r+", use_consolidated=False)

@@ -72,7 +72,7 @@ def test_every_exception_derives_from_a_root_and_exits_with_its_code(cls):
 
 def test_integrity_failures_are_failed_runs():
     """NaN/Inf in the values or a shard left unwritten is a run that failed (exit 1), not bad input."""
-    from extractor.extraction import IntegrityError
+    from extractor.integrity import IntegrityError
 
     assert issubclass(IntegrityError, schemas.errors.RunFailedError)
     assert IntegrityError("x").exit_code == EXIT_CODES["RunFailedError"] == 1

@@ -67,5 +67,5 @@ def serving(network: StandInNetwork):
     def load(spec: ModelSpec, device: torch.device | str = "cpu") -> LoadedModel:
         return loaded
 
-    with mock.patch("extractor.extraction.cached_model", load), mock.patch("extractor.generate.cached_model", load):
+    with mock.patch("extractor.forward.cached_model", load):
         yield loaded

@@ -1,0 +1,96 @@
+"""What an activation or generated image store records about the run that made it (group attributes), and the
+check that an existing store's noise is this version's recipe (schemas/activation_store.py, "The network")."""
+
+from __future__ import annotations
+
+from importlib.metadata import version
+from typing import Any
+
+import numpy as np
+import torch
+import zarr
+
+from extractor.forward import ForwardSettings
+from extractor.models import LoadedModel
+from extractor.noise import NOISE_RECIPE, noise_attrs, recorded_noise_recipe
+from schemas.activation_store import FEATURE_KIND
+from schemas.errors import ImzarrError
+from schemas.image_store import ImageStore
+from schemas.store_identity import GENERATION_ATTR
+from schemas.store_lifecycle import path_state
+
+
+class NoiseRecipeError(ImzarrError):
+    """An existing store's noise was made with another recipe than this version's."""
+
+
+def check_noise_recipe(url: str, noise_seed: int | None, overwrite: bool) -> None:
+    """Refuse to resume or confirm a store whose noise another recipe made (its values could not be matched)."""
+    if overwrite or noise_seed is None or path_state(url) != "store":
+        return
+    recorded = recorded_noise_recipe(dict(zarr.open_group(url, mode="r", use_consolidated=False).attrs))
+    if recorded is not None and recorded != NOISE_RECIPE:
+        raise NoiseRecipeError(
+            f"{url}: its noise was made with {recorded!r}, this version makes {NOISE_RECIPE!r}; "
+            "it cannot be resumed or confirmed: pass --overwrite to replace it"
+        )
+
+
+def model_attrs(fwd: ForwardSettings, loaded: LoadedModel) -> dict[str, Any]:
+    """How a store records the network that made its values (schemas/activation_store.py, "The network")."""
+    return {
+        "name": loaded.name,
+        "family": loaded.family,
+        "kind": loaded.kind,
+        "preset": loaded.preset,
+        "checkpoint": fwd.model.checkpoint,
+        "sha256": loaded.sha256,
+        "config": {k: (str(v) if isinstance(v, float) and not np.isfinite(v) else v) for k, v in loaded.config.items()},
+        "trained": loaded.trained,
+        "preprocessing": loaded.preprocessing,
+        "resolution": loaded.resolution,
+    }
+
+
+def versions() -> dict[str, str]:
+    """The versions of imzarr and of the libraries that decide the values."""
+    return {"imzarr": version("imzarr"), "torch": torch.__version__, "zarr": zarr.__version__, "numpy": np.__version__}
+
+
+def device_name(device: str) -> str:
+    """The card a run computed on (its CUDA name), or cpu."""
+    return torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else "cpu"
+
+
+def run_attrs(fwd: ForwardSettings, loaded: LoadedModel, paths: dict[str, str], device: str) -> dict[str, Any]:
+    """Attributes every activation store carries: model, layers, σ, noise, pooling, dtypes, versions, device."""
+    if loaded.kind == FEATURE_KIND:
+        conditioning = "none (a feature network)"
+    else:
+        conditioning = "none (zero labels)" if fwd.class_free else "one-hot of label"
+    return {
+        "model": model_attrs(fwd, loaded),
+        "layers": paths,
+        "sigma": fwd.sigma,
+        "noise": noise_attrs(fwd.noise_seed) if fwd.noised else None,
+        "class_conditioning": conditioning,
+        "pooling": fwd.pool,
+        "dtypes": {"storage": fwd.storage_dtype, "compute": fwd.compute_dtype},
+        "versions": versions(),
+        "device": device_name(device),
+    }
+
+
+def extraction_attrs(store: str, fwd: ForwardSettings, images: ImageStore, loaded: LoadedModel, paths: dict[str, str], selection: dict, device: str) -> dict[str, Any]:
+    """An extraction store's group attributes: the run's, how images became the network's input, selection, source."""
+    if loaded.kind == FEATURE_KIND:
+        scaling = loaded.preprocessing
+    else:
+        scaling = "uint8 / 127.5 - 1, then + sigma * noise" if fwd.noised else "uint8 / 127.5 - 1 (no noise)"
+    return {
+        **run_attrs(fwd, loaded, paths, device),
+        "input_scaling": scaling,
+        "selection": selection,
+        "source": {"url": store, "schema": images.attrs.get("schema"), "fingerprint": images.attrs.get("settings_fingerprint"),
+                   "generation": images.attrs.get(GENERATION_ATTR), "source_format": images.attrs.get("source_format")},
+    }
