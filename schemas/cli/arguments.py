@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import inspect
+from collections.abc import Callable
+from typing import Any
 
 from schemas.suggestions import did_you_mean
 
@@ -55,10 +58,12 @@ def _int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r}: not a whole number") from None
 
 
-def comma_list(text: str) -> tuple[str, ...]:
-    """'a, b,c' → ('a', 'b', 'c'); empty items dropped."""
-    return tuple(item.strip() for item in text.split(",") if item.strip())
-
-
 def add_debug_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an unexpected error")
+
+
+def builder_keywords(builder: Callable[..., Any], args: argparse.Namespace, **renamed: str) -> dict[str, Any]:
+    """The parsed options that `builder` (a package API's options builder) takes as keywords, by name: a flag's
+    argparse name is the builder's parameter name, or `renamed` maps parameter → argparse name."""
+    taken = [p.name for p in inspect.signature(builder).parameters.values() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    return {name: getattr(args, renamed.get(name, name)) for name in taken if hasattr(args, renamed.get(name, name))}
