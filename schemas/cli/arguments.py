@@ -64,6 +64,15 @@ def add_debug_option(parser: argparse.ArgumentParser) -> None:
 
 def builder_keywords(builder: Callable[..., Any], args: argparse.Namespace, **renamed: str) -> dict[str, Any]:
     """The parsed options that `builder` (a package API's options builder) takes as keywords, by name: a flag's
-    argparse name is the builder's parameter name, or `renamed` maps parameter → argparse name."""
-    taken = [p.name for p in inspect.signature(builder).parameters.values() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
-    return {name: getattr(args, renamed.get(name, name)) for name in taken if hasattr(args, renamed.get(name, name))}
+    argparse name is the builder's parameter name, or `renamed` maps parameter → argparse name. An option left
+    unset (None) where the builder has a default of its own is left out: the library owns the default."""
+    taken = {}
+    for p in inspect.signature(builder).parameters.values():
+        source = renamed.get(p.name, p.name)
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or not hasattr(args, source):
+            continue
+        value = getattr(args, source)
+        if value is None and p.default not in (None, p.empty):
+            continue
+        taken[p.name] = value
+    return taken
