@@ -4,9 +4,8 @@ function takes the command's options as keywords, applies every default and refu
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +13,7 @@ from converter.convert import ConvertOptions, ConvertResult, convert
 from converter.sample import write_sample_shards
 from converter.sources.base import ConvertOptionError
 from schemas.image_layout import DEFAULT_SHARD
+from schemas.keywords import keyword_parameters, takes_keywords_of
 from schemas.output_paths import check_output_location, for_workers, local_file_url_to_path
 
 __all__ = ["DEFAULT_SHARD", "ConvertResult", "convert_jpeg", "convert_npz", "run_option_names", "write_sample_shards"]
@@ -77,16 +77,5 @@ def run_option_names() -> list[str]:
     return [f.name for f in dataclasses.fields(ConvertOptions) if f.name != "output"]
 
 
-def _with_run_options(entry: Callable[..., ConvertResult]) -> None:
-    """help() and the command line see the ConvertOptions fields among the entry's keywords."""
-    signature = inspect.signature(entry)
-    fields = [
-        inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=f.type)
-        for f in dataclasses.fields(ConvertOptions) if f.name != "output"
-    ]  # fmt: skip
-    own = [p for p in signature.parameters.values() if p.kind != p.VAR_KEYWORD]
-    entry.__signature__ = signature.replace(parameters=own + fields)  # type: ignore[attr-defined]
-
-
-_with_run_options(convert_npz)
-_with_run_options(convert_jpeg)
+takes_keywords_of(convert_npz, keyword_parameters(dataclasses.fields(ConvertOptions)[1:]))
+takes_keywords_of(convert_jpeg, keyword_parameters(dataclasses.fields(ConvertOptions)[1:]))

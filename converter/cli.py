@@ -85,11 +85,11 @@ def _output_args(p: argparse.ArgumentParser) -> None:
 
 
 def _convert_npz(args: argparse.Namespace) -> int:
-    return _report(api.convert_npz(**builder_keywords(api.convert_npz, args)))
+    return _report(api.convert_npz(**builder_keywords(args, api.convert_npz)))
 
 
 def _convert_jpeg(args: argparse.Namespace) -> int:
-    return _report(api.convert_jpeg(**builder_keywords(api.convert_jpeg, args)), strict=args.strict)
+    return _report(api.convert_jpeg(**builder_keywords(args, api.convert_jpeg)), strict=args.strict)
 
 
 def _sample(args: argparse.Namespace) -> int:

@@ -62,17 +62,18 @@ def add_debug_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an unexpected error")
 
 
-def builder_keywords(builder: Callable[..., Any], args: argparse.Namespace, **renamed: str) -> dict[str, Any]:
-    """The parsed options that `builder` (a package API's options builder) takes as keywords, by name: a flag's
-    argparse name is the builder's parameter name, or `renamed` maps parameter → argparse name. An option left
-    unset (None) where the builder has a default of its own is left out: the library owns the default."""
-    taken = {}
-    for p in inspect.signature(builder).parameters.values():
-        source = renamed.get(p.name, p.name)
-        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or not hasattr(args, source):
-            continue
-        value = getattr(args, source)
-        if value is None and p.default not in (None, p.empty):
-            continue
-        taken[p.name] = value
+def builder_keywords(args: argparse.Namespace, *builders: Callable[..., Any], **renamed: str) -> dict[str, Any]:
+    """The parsed options that the `builders` (a package API's entry and the options builders it hands its keywords
+    to) take, by name: a flag's argparse name is the parameter's name, or `renamed` maps parameter → argparse name.
+    An option left unset (None) where the builder has a default of its own is left out: the library owns it."""
+    taken: dict[str, Any] = {}
+    for builder in builders:
+        for p in inspect.signature(builder).parameters.values():
+            source = renamed.get(p.name, p.name)
+            if p.name in taken or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or not hasattr(args, source):
+                continue
+            value = getattr(args, source)
+            if value is None and p.default not in (None, p.empty):
+                continue
+            taken[p.name] = value
     return taken
