@@ -57,6 +57,11 @@ def _print_outcome(result, what: str, untrained_note: str) -> None:
         print(f"NOTE: {untrained_note}.")
 
 
+def _print_site(site) -> None:
+    print(f"report site: {site.files:,} files, {site.bytes / 1e6:.1f} MB in {site.seconds:.1f} s")
+    print(f"open {site.index}")
+
+
 # --- extract ----------------------------------------------------------------------------------------------------
 
 
@@ -232,11 +237,6 @@ def _add_report_thumbnails(p: argparse.ArgumentParser) -> None:
 def _report(args: argparse.Namespace) -> int:
     _print_site(api.report_site(args.compare, args.output, per_class=args.per_class_thumbnails, log=sys.stderr))
     return 0
-
-
-def _print_site(site) -> None:
-    print(f"report site: {site.files:,} files, {site.bytes / 1e6:.1f} MB in {site.seconds:.1f} s")
-    print(f"open {site.index}")
 
 
 # --- stats ------------------------------------------------------------------------------------------------------

@@ -1,20 +1,23 @@
-"""What the command line (and a notebook) asks of `schemas`: summarise and verify a store, open one, and the rules
-for where a command may write. Importing it stays light (no zarr): every command's dispatch does."""
+"""What the command line (and a notebook) asks of `schemas`: summarise and verify a store, open one, the rules
+for where a command may write, object-storage options, and the root of the errors a command reports. Importing it stays light (no zarr): every command's dispatch does."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from schemas.errors import ImzarrError
 from schemas.output_paths import check_output_location, local_file_url_to_path
-from schemas.remote_storage import open_store_group
+from schemas.remote_storage import open_store_group, translate_remote_error
+from schemas.storage_options import StorageOptionsError, apply_storage_options, parse_storage_options, remote_protocols
 
 if TYPE_CHECKING:
     from schemas.store_integrity import Damage, VerifyResult
 
 __all__ = [
-    "StoreInfo", "StoreVerification", "check_output_location", "local_file_url_to_path", "open_store_group",
-    "refuse_process_bound_output", "store_info", "verify_store_files",
+    "ImzarrError", "StorageOptionsError", "StoreInfo", "StoreVerification", "apply_storage_options",
+    "check_output_location", "local_file_url_to_path", "open_store_group", "parse_storage_options",
+    "refuse_process_bound_output", "remote_protocols", "store_info", "translate_remote_error", "verify_store_files",
 ]  # fmt: skip
 
 

@@ -12,8 +12,7 @@ import os
 import sys
 from typing import Callable, NoReturn
 
-from schemas.errors import ImzarrError
-from schemas.remote_storage import translate_remote_error
+from schemas.api import ImzarrError, translate_remote_error
 
 INTERRUPTED = 130
 
