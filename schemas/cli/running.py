@@ -74,7 +74,7 @@ def _silence_stdout() -> None:
 def exit_process(code: int | None) -> NoReturn:
     """Exit a command's process with `code`, sparing it the interpreter's final garbage collections.
 
-    Those walk every object numpy, zarr, dask and torch created at import (~70 ms per command, measured);
+    Those walk every object numpy, zarr, dask and torch created at import (a noticeable share of a short command);
     frozen objects are left out, and nothing of ours relies on garbage collection at exit.
     """
     gc.freeze()
