@@ -1,5 +1,5 @@
-"""The converter from Python (a notebook, a pipeline): the same conversions as `imzarr convert npz|jpeg`,
-with the same defaults, safety checks and resumability."""
+"""The converter's front door, for Python (a notebook, a pipeline) and for `imzarr convert npz|jpeg` alike: each
+function takes the command's options as keywords, applies every default and refusal, and converts."""
 
 from __future__ import annotations
 
@@ -9,10 +9,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from converter.convert import ConvertOptions, ConvertResult, convert, validate_convert_options
+from converter.convert import ConvertOptions, ConvertResult, convert
+from converter.sample import write_sample_shards
 from converter.sources.base import ConvertOptionError
-from schemas.output_paths import local_file_url_to_path
-from schemas.output_paths import check_output_location
+from schemas.image_layout import DEFAULT_SHARD
+from schemas.keywords import keyword_parameters, takes_keywords_of
+from schemas.output_paths import check_output_location, for_workers, local_file_url_to_path
+
+__all__ = ["DEFAULT_SHARD", "ConvertResult", "convert_jpeg", "convert_npz", "run_option_names", "write_sample_shards"]
 
 
 def convert_npz(
@@ -29,10 +33,8 @@ def convert_npz(
     scratch_dir, scheduler), with the CLI's defaults."""
     from converter.sources.npz import open_npz_source
 
-    paths = local_file_url_to_path([os.fspath(p) for p in ([sources] if isinstance(sources, (str, Path)) else sources)])
-    output = local_file_url_to_path(os.fspath(output))  # file:// URLs as the CLI takes them
-    checked = _checked_options(output, options)
-    check_output_location(output, paths)
+    paths = [os.fspath(p) for p in ([sources] if isinstance(sources, (str, Path)) else sources)]
+    paths, checked = _located(paths, output, options)
     return convert(open_npz_source(paths, label_order, allow_pickle), checked)
 
 
@@ -52,21 +54,28 @@ def convert_jpeg(
     `options` are ConvertOptions fields, as for `convert_npz`."""
     from converter.sources.jpeg import open_jpeg_source
 
-    root, output, val_labels = local_file_url_to_path([os.fspath(root), os.fspath(output), val_labels])  # file:// as the CLI
-    checked = _checked_options(output, options)
-    check_output_location(output, [root, val_labels])
+    (root, val_labels), checked = _located([os.fspath(root), val_labels], output, options)
     return convert(open_jpeg_source(root, recipe, size, val_labels, label_from_folders, fast_draft), checked)
 
 
-def _checked_options(output: str | Path, options: dict[str, Any]) -> ConvertOptions:
-    unknown = sorted(set(options) - {f.name for f in dataclasses.fields(ConvertOptions)})  # `output` is a parameter
+def _located(inputs: list[str | None], output: str | Path, options: dict[str, Any]) -> tuple[list[str | None], ConvertOptions]:
+    """The inputs and the options as the conversion takes them: file:// URLs as paths, absolute paths for a
+    cluster's workers (they run in other folders), and an output that is never an input or around one."""
+    unknown = sorted(set(options) - set(run_option_names()))
     if unknown:
         raise ConvertOptionError("options", unknown, f"not conversion options; choose from {run_option_names()}")
-    converted = ConvertOptions(output=os.fspath(output), **options)
-    validate_convert_options(converted)
-    return converted
+    inputs, output = local_file_url_to_path(inputs), local_file_url_to_path(os.fspath(output))
+    scratch_dir = local_file_url_to_path(options.get("scratch_dir"))
+    if options.get("scheduler"):
+        inputs, output, scratch_dir = [for_workers(p) for p in inputs], for_workers(output), for_workers(scratch_dir)
+    check_output_location(output, inputs)
+    return inputs, ConvertOptions(output=output, **(options | {"scratch_dir": scratch_dir}))
 
 
 def run_option_names() -> list[str]:
     """The ConvertOptions fields besides `output`: what `--shard-size`, `--workers`, … set."""
     return [f.name for f in dataclasses.fields(ConvertOptions) if f.name != "output"]
+
+
+takes_keywords_of(convert_npz, keyword_parameters(dataclasses.fields(ConvertOptions)[1:]))
+takes_keywords_of(convert_jpeg, keyword_parameters(dataclasses.fields(ConvertOptions)[1:]))

@@ -5,9 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from schemas.cli import CommandParser, HelpFormatter, add_command, dispatch, non_negative_int, positive_int
-from schemas.image_layout import DEFAULT_SHARD
-from schemas.output_paths import check_output_location, for_workers
+from converter import api
+from schemas.cli import CommandParser, HelpFormatter, add_command, builder_keywords, dispatch, non_negative_int, positive_int
 
 
 def add_commands(sub) -> None:
@@ -44,6 +43,7 @@ def add_convert_commands(sub) -> None:
         "arr_1 sorted labels) into one store. Labels are remapped to the sorted-WNID order models use. "
         "Re-running the same command resumes an interrupted conversion, and does nothing on a finished one.",
         prog_name="imzarr convert",
+        outputs=("output",),
     )
     npz.add_argument("sources", nargs="+", help="shard files and/or folders holding them, paths or URLs such as s3://bucket/train/ (ordered naturally: _2 before _10)")
     npz.add_argument("--label-order", choices=["downsampled", "sorted"], default=None, help="order of the labels in the files (default: downsampled for data/labels shards, sorted for arr_0/arr_1 files)")
@@ -59,6 +59,7 @@ def add_convert_commands(sub) -> None:
         "by content (CMYK, grayscale and PNG-in-.JPEG are converted to RGB); unreadable files are rejected one by "
         "one and listed.",
         prog_name="imzarr convert",
+        outputs=("output",),
     )
     jpeg.add_argument("root", help="tree root, a path or a URL such as s3://bucket/train/: <wnid>/*.JPEG folders, the Kaggle ILSVRC/ tree, or a flat val folder")
     jpeg.add_argument("--recipe", default=None, help="resize recipe: edm-center-crop (default), adm-center-crop or box")
@@ -74,7 +75,7 @@ def add_convert_commands(sub) -> None:
 def _output_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--output", required=True, help="output store: a path or an fsspec URL (e.g. s3://bucket/x.zarr); never inside or around an input")
     p.add_argument("--shuffle-seed", type=non_negative_int, default=None, help="write samples in this seeded random order, so any prefix of the store is a uniform random sample (global_index keeps source positions); default: source order")
-    p.add_argument("--shard-size", type=positive_int, default=DEFAULT_SHARD, help="samples per shard file and per write task")
+    p.add_argument("--shard-size", type=positive_int, default=api.DEFAULT_SHARD, help="samples per shard file and per write task")
     p.add_argument("--inner-chunk", type=positive_int, default=None, help="samples per inner chunk, the unit zarr reads and xarray's default dask chunk (default: auto, the largest power of two of images within 8 MiB, capped at the shard: 512 for 64×64)")
     p.add_argument("--workers", type=positive_int, default=None, help="parallel tasks (default: all cores)")
     p.add_argument("--scheduler", default=None, help="tcp://host:port of a running dask.distributed scheduler: its workers read the sources and write the shards (--scratch-dir must then be a folder every worker sees; default: this machine)")
@@ -83,45 +84,16 @@ def _output_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scratch-dir", default=None, help="where compressed inputs are inflated/decoded before writing (default: beside the output)")
 
 
-def _run_options(args: argparse.Namespace) -> dict:
-    """The conversion options the flags set (their argparse names are ConvertOptions' field names)."""
-    from converter.api import run_option_names
-
-    return {name: getattr(args, name) for name in run_option_names()}
-
-
-def _paths_for_cluster(args: argparse.Namespace, *names: str) -> None:
-    """Workers run elsewhere, in other folders: give them absolute paths."""
-    if args.scheduler:
-        for name in names:
-            value = getattr(args, name)
-            setattr(args, name, [for_workers(v) for v in value] if isinstance(value, list) else for_workers(value))
-
-
 def _convert_npz(args: argparse.Namespace) -> int:
-    from converter.api import convert_npz
-
-    check_output_location(args.output, args.sources, allow_memory=False)
-    _paths_for_cluster(args, "sources", "output", "scratch_dir")
-    return _report(convert_npz(args.sources, args.output, label_order=args.label_order, allow_pickle=args.allow_pickle, **_run_options(args)))
+    return _report(api.convert_npz(**builder_keywords(args, api.convert_npz)))
 
 
 def _convert_jpeg(args: argparse.Namespace) -> int:
-    from converter.api import convert_jpeg
-
-    check_output_location(args.output, [args.root, args.val_labels], allow_memory=False)
-    _paths_for_cluster(args, "root", "val_labels", "output", "scratch_dir")
-    result = convert_jpeg(
-        args.root, args.output, recipe=args.recipe, size=args.size, val_labels=args.val_labels,
-        label_from_folders=args.label_from_folders, fast_draft=args.fast_draft, **_run_options(args),
-    )
-    return _report(result, strict=args.strict)
+    return _report(api.convert_jpeg(**builder_keywords(args, api.convert_jpeg)), strict=args.strict)
 
 
 def _sample(args: argparse.Namespace) -> int:
-    from converter.sample import write_sample_shards
-
-    for path in write_sample_shards(args.directory, args.per_shard, args.train_shards, args.val_size):
+    for path in api.write_sample_shards(args.directory, args.per_shard, args.train_shards, args.val_size):
         print(path)
     return 0
 

@@ -192,10 +192,11 @@ def _convert(source: ImageSource, options: ConvertOptions) -> ConvertResult:
     with _output_errors(options.output):
         made_folder = take_writer_lock_early(options.output)
     try:
-        if inspect_existing(options.output, IMAGE_SCHEMA, settings, options.overwrite, source.input_paths) == "complete":
+        status = inspect_existing(options.output, IMAGE_SCHEMA, settings, options.overwrite, source.input_paths)
+        if status == "complete":
             release_writer_lock(options.output)
             return _already_complete(options, started)
-        return _convert_locked(source, options, settings, started)
+        return _convert_locked(source, options, settings, started, status)
     except BaseException:
         # Before the store exists (stage 1 failed) the lock is given back; after, it is held to the end of the
         # process as any writer's, since tasks of a failed graph may still be writing.
@@ -211,8 +212,9 @@ def _already_complete(options: ConvertOptions, started: float) -> ConvertResult:
     return ConvertResult(options.output, num_samples, [], True, time.monotonic() - started)
 
 
-def _convert_locked(source: ImageSource, options: ConvertOptions, settings: dict[str, Any], started: float) -> ConvertResult:
-    """Stage 1, the store, stage 2 and the finish, with the writer lock held."""
+def _convert_locked(source: ImageSource, options: ConvertOptions, settings: dict[str, Any], started: float, status: str) -> ConvertResult:
+    """Stage 1, the store, stage 2 and the finish, with the writer lock held (`status`: the output as inspected
+    under it)."""
     scratch = _scratch_dir(options, settings)
     try:
         materialized = _materialize_parts(source, scratch, options)
@@ -240,10 +242,8 @@ def _convert_locked(source: ImageSource, options: ConvertOptions, settings: dict
             lambda g: create_image_arrays(g, n, source.resolution, shard, inner, coordinates=numeric),
             options.overwrite,
             initial_attrs={**_final_attrs(source, options, n, rejected), **_group_attrs(source, plan["label"])},
-            inputs=source.input_paths,
+            inspected=status,
         )
-    if state.already_complete:  # cannot happen with the lock held from the start; never finish another's store
-        return _already_complete(options, started)
     row_files = {i: m.row_file for i, m in materialized.items()}
     for i, part in enumerate(source.parts):
         row_files.setdefault(i, part.row_file())

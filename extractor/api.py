@@ -1,41 +1,76 @@
-"""The extractor from Python (a notebook): `extract` writes an activation store exactly as `imzarr extract` does
-and `generate` an image store as `imzarr generate` does (same defaults, checks and resumability: the command line
-builds its runs with `extract_options` and `generate_options`); `features` runs an in-memory batch through the
-same forward path and returns a labelled `xr.Dataset`."""
+"""The extractor's front door, for Python (a notebook) and for the `imzarr` commands alike: each command has one
+entry here that takes its options as keywords and applies every default and refusal: `extract` (and `dry_run`),
+`generate`, `layer_table`, `compare`, `stats`, `report_site`, `show`; `features` runs an in-memory batch through
+the same forward path and returns a labelled `xr.Dataset`.
+
+Importing this module stays light (no torch, no xarray): the command line builds its parsers from the choices
+below, and each entry imports what it runs."""
 
 from __future__ import annotations
 
-import inspect
+import sys
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TextIO
 
+import fsspec
 import numpy as np
-import xarray as xr
 
-from extractor.extraction import ExtractOptions, ExtractResult
-from extractor.extraction import extract as run_extraction
-from extractor.forward import ForwardSettings, PreparedForward, RunOptions
-from extractor.generate import GenerateOptions, GenerateResult
-from extractor.generate import generate as run_generation
-from extractor.models import ModelSpec
 from extractor.preset_layers import check_preset_layers
-from extractor.selection import SelectionSpec, class_entries, layer_entries, resolve_class
-from schemas.vocabulary import PRESET_NAMES
-from schemas.activation_store import layer_dims
+from extractor.selection import class_entries, layer_entries, resolve_class
+from schemas.vocabulary import COMPUTE_DTYPE_NAMES, POOL_MODES, PRESET_NAMES, STORAGE_DTYPES
 from schemas.classes import class_table
-from schemas.output_paths import local_file_url_to_path
-from schemas.task_runner import SchedulerSpec, parse_resources
+from schemas.errors import PathError
+from schemas.keywords import takes_keywords_of
+from schemas.output_paths import check_output_location, local_file_url_to_path
+
+if TYPE_CHECKING:
+    import xarray as xr
+
+    from extractor.analysis.compare import CompareOptions
+    from extractor.analysis.reference_statistics import StatisticsResult
+    from extractor.analysis.report import SiteResult
+    from extractor.extraction import ExtractOptions, ExtractResult
+    from extractor.forward import PreparedForward, RunOptions
+    from extractor.generate import GenerateOptions, GenerateResult
+    from extractor.models import ModelSpec
+
+__all__ = [
+    "COMPUTE_DTYPE_NAMES", "POOL_MODES", "PRESET_NAMES", "STORAGE_DTYPES", "CompareRun", "LayerTable", "SheetOutputError",
+    "compare", "compare_options", "dry_run", "extract", "extract_options", "features", "generate", "generate_options", "layer_table",
+    "report_site", "show", "statistics_options", "stats",
+]  # fmt: skip
 
 
-def model_spec(preset: str | None, checkpoint: str | None) -> ModelSpec:
+def __getattr__(name: str) -> Any:
+    # The options builders of compare and stats, imported on first use (they import torch).
+    if name == "compare_options":
+        from extractor.analysis.compare import compare_options
+
+        return compare_options
+    if name == "statistics_options":
+        from extractor.analysis.reference_statistics import statistics_options
+
+        return statistics_options
+    raise AttributeError(f"module 'extractor.api' has no attribute {name!r}")
+
+
+class SheetOutputError(PathError):
+    """A contact sheet's output that is not a file name (an existing folder)."""
+
+
+def model_spec(preset: str | None = None, checkpoint: str | None = None) -> ModelSpec:
+    """The network a command names: a checkpoint file, else a preset (ModelSpec refuses both or neither)."""
+    from extractor.models import ModelSpec
+
     return ModelSpec(preset=preset) if checkpoint is None else ModelSpec(checkpoint=str(checkpoint))
 
 
 def as_model_spec(model: str | ModelSpec) -> ModelSpec:
     """A preset name (`tiny-random`, `fid-inception`, …), a checkpoint path, or a ModelSpec."""
-    if isinstance(model, ModelSpec):
+    if not isinstance(model, str):
         return model
-    return ModelSpec(preset=model) if model in PRESET_NAMES else ModelSpec(checkpoint=str(model))
+    return model_spec(preset=model) if model in PRESET_NAMES else model_spec(checkpoint=model)
 
 
 def run_options(
@@ -49,14 +84,11 @@ def run_options(
     compile: bool = False,
 ) -> RunOptions:
     """How an extraction or generation runs (values checked here, before anything is read or written)."""
-    return RunOptions(
-        batch_size=batch_size,
-        device=device,
-        scheduler=SchedulerSpec(scheduler, workers, parse_resources(resources)),
-        overwrite=overwrite,
-        shard_size=shard_size,
-        compile=compile,
-    )
+    from extractor.forward import RunOptions
+    from schemas.task_runner import SchedulerSpec, parse_resources
+
+    scheduled = SchedulerSpec(scheduler, workers, parse_resources(resources))
+    return RunOptions(batch_size=batch_size, device=device, scheduler=scheduled, overwrite=overwrite, shard_size=shard_size, compile=compile)
 
 
 def extract_options(
@@ -78,50 +110,38 @@ def extract_options(
     indices: str | None = None,
     classes: str | int | Sequence[str | int] | None = None,
     per_class: int | None = None,
-    batch_size: int | None = None,
-    device: str = "auto",
-    scheduler: str | None = None,
-    workers: int = 2,
-    resources: str | None = None,
-    overwrite: bool = False,
-    shard_size: int | None = None,
-    compile: bool = False,
+    **run: Any,
 ) -> ExtractOptions:
-    """One extraction's options from `imzarr extract`'s options as keywords (the command line builds its run here
-    too, so both have the same defaults and meanings). One `seed` serves the noise and --per-class sampling."""
+    """One extraction's options from `imzarr extract`'s options as keywords (`run`: run_options' keywords), checked
+    before anything is read. One `seed` serves the noise and --per-class sampling."""
     store, output, checkpoint = local_file_url_to_path([str(store), str(output), checkpoint])  # file:// as the CLI takes it
-    check_preset_layers(preset, layer_entries(layers))
+    check_preset_layers(preset, layer_entries(layers))  # before torch is imported: a typo answers at once
+    check_output_location(output, [store])
+    from extractor.extraction import ExtractOptions
+    from extractor.forward import ForwardSettings
+    from extractor.selection import SelectionSpec
+
     forward = ForwardSettings(
-        model=model_spec(preset, checkpoint),
-        layers=layer_entries(layers),
-        sigma=sigma,
-        noise_seed=seed,
-        noise=noise,
-        class_free=class_free,
-        pool=pool,
-        storage_dtype=dtype,
-        compute_dtype=compute_dtype,
-        reconstructions=reconstructions,
-    )
-    selection = SelectionSpec(
-        num_samples=num_samples,
-        indices_file=indices,
-        classes=class_entries(classes),
-        per_class=per_class,
-        seed=seed or 0,
-    )
-    run = run_options(batch_size, device, scheduler, workers, resources, overwrite, shard_size, compile)
-    return ExtractOptions(str(store), str(output), forward, selection, run)
+        model=model_spec(preset, checkpoint), layers=layer_entries(layers), sigma=sigma, noise_seed=seed, noise=noise,
+        class_free=class_free, pool=pool, storage_dtype=dtype, compute_dtype=compute_dtype, reconstructions=reconstructions,
+    )  # fmt: skip
+    selection = SelectionSpec(num_samples=num_samples, indices_file=indices, classes=class_entries(classes), per_class=per_class, seed=seed or 0)
+    return ExtractOptions(str(store), str(output), forward, selection, run_options(**run))
 
 
 def extract(store: str, output: str, **options: Any) -> ExtractResult:
     """Image store → activation store of the named layers; keywords and defaults as `imzarr extract`'s options
     (`extract_options` lists them: layers=[…] is required)."""
+    from extractor.extraction import extract as run_extraction
+
     return run_extraction(extract_options(store, output, **options))
 
 
-# help(extractor.extract) and editors show the keywords themselves.
-extract.__signature__ = inspect.signature(extract_options).replace(return_annotation="ExtractResult")  # type: ignore[attr-defined]
+def dry_run(store: str, output: str, **options: Any) -> str:
+    """One batch of `extract` through the hooks: a table of shapes, sizes and memory; writes nothing."""
+    from extractor.dry_run import dry_run_table
+
+    return dry_run_table(extract_options(store, output, **options))
 
 
 def generate_options(
@@ -139,39 +159,121 @@ def generate_options(
     pool: str = "none",
     dtype: str = "float16",
     compute_dtype: str = "auto",
-    batch_size: int | None = None,
-    device: str = "auto",
-    scheduler: str | None = None,
-    workers: int = 2,
-    resources: str | None = None,
-    overwrite: bool = False,
-    shard_size: int | None = None,
-    compile: bool = False,
+    **run: Any,
 ) -> GenerateOptions:
-    """One generation's options from `imzarr generate`'s options as keywords (the command line builds its run here
-    too). `classes`: WNIDs, class names or 0-based indices (default: every class)."""
+    """One generation's options from `imzarr generate`'s options as keywords (`run`: run_options' keywords).
+    `classes`: WNIDs, class names or 0-based indices (default: every class)."""
     output, activations_out, checkpoint = local_file_url_to_path([str(output), activations_out, checkpoint])
-    check_preset_layers(preset, layer_entries(layers))
+    check_preset_layers(preset, layer_entries(layers))  # before torch is imported: a typo answers at once
+    check_output_location(output)
+    if activations_out:
+        check_output_location(activations_out, [output])
+    from extractor.forward import ForwardSettings
+    from extractor.generate import GenerateOptions
+
     forward = ForwardSettings(
-        model=model_spec(preset, checkpoint),
-        layers=layer_entries(layers),
-        sigma=sigma,
-        noise_seed=seed,
-        pool=pool,
-        storage_dtype=dtype,
-        compute_dtype=compute_dtype,
-    )
-    run = run_options(batch_size, device, scheduler, workers, resources, overwrite, shard_size, compile)
-    return GenerateOptions(output, forward, per_class, num_samples, class_entries(classes), activations_out, run)
+        model=model_spec(preset, checkpoint), layers=layer_entries(layers), sigma=sigma, noise_seed=seed, pool=pool,
+        storage_dtype=dtype, compute_dtype=compute_dtype,
+    )  # fmt: skip
+    return GenerateOptions(output, forward, per_class, num_samples, class_entries(classes), activations_out, run_options(**run))
 
 
 def generate(output: str, **options: Any) -> GenerateResult:
     """Sample the one-step generator into an image store at `output`; keywords and defaults as `imzarr generate`'s
     options (`generate_options` lists them: per_class=K or num_samples=N is required)."""
+    from extractor.generate import generate as run_generation
+
     return run_generation(generate_options(output, **options))
 
 
-generate.__signature__ = inspect.signature(generate_options).replace(return_annotation="GenerateResult")  # type: ignore[attr-defined]
+for _builder in (extract_options, generate_options):
+    takes_keywords_of(_builder, run_options)
+takes_keywords_of(extract, extract_options)
+takes_keywords_of(dry_run, extract_options)
+takes_keywords_of(generate, generate_options)
+
+
+@dataclass(frozen=True)
+class LayerTable:
+    """A network's layers: (name or alias, module path, output shape per sample), and whether it was trained."""
+
+    model: str
+    trained: bool
+    rows: list[tuple[str, str, tuple[int, ...]]]
+
+
+def layer_table(preset: str | None = None, checkpoint: str | None = None) -> LayerTable:
+    """Every layer name (module paths and aliases) of a network with its output shape for one sample (on the CPU)."""
+    from extractor.models import cached_model, describe_layers, resolve_layer
+
+    loaded = cached_model(model_spec(preset, checkpoint), "cpu")
+    rows = [(name, resolve_layer(loaded.module, name), tuple(shape[1:])) for name, shape in describe_layers(loaded.module)]
+    return LayerTable(loaded.name, loaded.trained, rows)
+
+
+@dataclass(frozen=True)
+class CompareRun:
+    """A comparison's report (written to its `output` when given) and the report site written with it, if any."""
+
+    report: xr.Dataset
+    options: CompareOptions
+    site: SiteResult | None
+
+
+def compare(
+    stores: str | Sequence[str], *, report: str | None = None, per_class_thumbnails: int | None = None, log: TextIO | None = None, **options: Any
+) -> CompareRun:
+    """`imzarr compare`: REAL GENERATED activation stores (or GENERATED with reference=…) compared on one layer;
+    keywords as `compare_options` takes them. Every output (output, plot, the `report` site folder) is claimed
+    before anything is read."""
+    from extractor.analysis.compare import compare as run_compare
+    from extractor.analysis.compare import compare_options
+    from extractor.analysis.report import claim_site_output, write_report_site
+
+    stores = [stores] if isinstance(stores, str) else list(stores)
+    inputs = stores + [p for p in (options.get("reference"), options.get("output"), options.get("plot")) if p]
+    claim_site_output(report, inputs, per_class_thumbnails)
+    checked = compare_options(stores, **options)
+    result = run_compare(checked, log=log)
+    site = None if report is None else write_report_site(checked.output or result, report, per_class=per_class_thumbnails, log=log or sys.stderr)
+    return CompareRun(result, checked, site)
+
+
+def format_report_table(report: xr.Dataset) -> str:
+    """The overall figures and the worst classes of a compare report, as a text table."""
+    from extractor.analysis.compare import format_report_table as table
+
+    return table(report)
+
+
+def report_site(compare: str | xr.Dataset, output: str, per_class: int | None = None, log: TextIO | None = None) -> SiteResult:
+    """A compare report (its store, or the Dataset) → a static web site in the folder `output`."""
+    from extractor.analysis.report import write_report_site
+
+    return write_report_site(compare, output, per_class=per_class, log=log)
+
+
+def stats(store: str, *, log: TextIO | None = None, **options: Any) -> StatisticsResult:
+    """`imzarr stats`: reference statistics (mu, sigma) of a layer and/or the store's Inception Score; keywords as
+    `statistics_options` takes them."""
+    from extractor.analysis.reference_statistics import run_statistics, statistics_options
+
+    return run_statistics(statistics_options(store, **options), log=log)
+
+
+def show(store: str, output: str = "grid.png", *, classes: str | Sequence[str | int] | None = None, per_class: int = 8, max_classes: int = 10) -> str:
+    """A contact sheet (PNG) of a store's images, one row per class: an image store's images, or an activation
+    store's reconstructions. The output is a file, never an input or inside one."""
+    check_output_location(output, [store])
+    fs, path = fsspec.core.url_to_fs(output)
+    if fs.isdir(path):
+        raise SheetOutputError(output, f"is a folder; give a file name such as {output.rstrip('/')}/grid.png")
+    from extractor.analysis.contact_sheet import write_contact_sheet
+    from schemas.activation_store import RECONSTRUCTION_VAR
+    from schemas.remote_storage import open_store_group
+
+    variable = RECONSTRUCTION_VAR if RECONSTRUCTION_VAR in open_store_group(store) else "image"
+    return write_contact_sheet(store, output, classes=classes, per_class=per_class, max_classes=max_classes, variable=variable)
 
 
 def class_labels(labels: np.ndarray | Sequence[int | str]) -> np.ndarray:
@@ -201,6 +303,11 @@ def features(
 
     Sample i gets the noise of `global_index` i (as row i of a store would), so the same images give the same
     values here and through `extract`."""
+    import xarray as xr
+
+    from extractor.forward import ForwardSettings, PreparedForward
+    from schemas.activation_store import layer_dims
+
     images = np.ascontiguousarray(images, dtype=np.uint8)
     if images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"images must be uint8 (N, 3, S, S), got shape {images.shape}")

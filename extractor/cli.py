@@ -1,7 +1,8 @@
 """`imzarr extract|layers|generate|compare|stats|report|show` (also `python -m extractor …`).
 
-Building these parsers imports nothing heavy (no torch): choices come from `schemas.vocabulary`; each
-handler imports what it runs.
+Each handler maps its arguments to one entry of extractor/api.py (by name: an option's argparse name is the
+entry's keyword) and prints; every default, parse and refusal lives there. Building these parsers imports nothing
+heavy (no torch): the API imports what it runs when it runs.
 """
 
 from __future__ import annotations
@@ -9,17 +10,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from extractor.preset_layers import check_preset_layers
-from extractor.selection import layer_entries
-from schemas.vocabulary import COMPUTE_DTYPE_NAMES, POOL_MODES, PRESET_NAMES, STORAGE_DTYPES
-from schemas.cli import CommandParser, HelpFormatter, add_command, dispatch, non_negative_int, positive_int
-from schemas.errors import ImzarrError, StoreValidationError
-from schemas.remote_storage import open_store_group
-from schemas.output_paths import check_output_location
-
-
-class CommandLineError(ImzarrError):
-    """Options that contradict each other or the machine (checked before any output exists)."""
+from extractor import api
+from extractor.api import COMPUTE_DTYPE_NAMES, POOL_MODES, PRESET_NAMES, STORAGE_DTYPES
+from schemas.cli import CommandParser, HelpFormatter, add_command, builder_keywords, dispatch, non_negative_int, positive_int
 
 
 def add_commands(sub) -> None:
@@ -50,13 +43,7 @@ def _run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resources", default=None, help="resources each task needs on a distributed worker, e.g. GPU=1 (default: none)")
     p.add_argument("--workers", type=positive_int, default=2, help="local threads: one computes while another reads or writes")
     p.add_argument("--overwrite", action="store_true", help="replace an imzarr store made with other settings (never an input, never anything else)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the network's blocks (CUDA): about 2x the eager bf16 rate of the DMD2 network on an H200 (5,048 against 2,489 img/s), after ~25 s of compiling on the first batch; worth it from roughly 100,000 images")
-
-
-def _model_spec(args: argparse.Namespace):
-    from extractor.models import ModelSpec
-
-    return ModelSpec(preset=args.preset) if args.preset else ModelSpec(checkpoint=args.checkpoint)
+    p.add_argument("--compile", action="store_true", help="torch.compile the network's blocks (CUDA): faster for long runs, after a one-off compile on the first batch (BENCHMARKS.md)")
 
 
 def _print_outcome(result, what: str, untrained_note: str) -> None:
@@ -70,6 +57,11 @@ def _print_outcome(result, what: str, untrained_note: str) -> None:
         print(f"NOTE: {untrained_note}.")
 
 
+def _print_site(site) -> None:
+    print(f"report site: {site.files:,} files, {site.bytes / 1e6:.1f} MB in {site.seconds:.1f} s")
+    print(f"open {site.index}")
+
+
 # --- extract ----------------------------------------------------------------------------------------------------
 
 
@@ -81,6 +73,7 @@ def _add_extract(sub) -> None:
         "Stream an image store through the network and store named layers' activations, labeled by sample and "
         "class, as a Zarr v3 activation store (imzarr.activations/1). Re-running the same command resumes an "
         "interrupted run; other settings on an existing store are refused unless --overwrite.",
+        outputs=("output",),
     )
     ex.add_argument("store", help="image store (made by `imzarr convert` or `imzarr generate`)")
     ex.add_argument("-o", "--output", required=True, help="activation store path or fsspec URL")
@@ -104,25 +97,11 @@ def _add_extract(sub) -> None:
 
 
 def _extract(args: argparse.Namespace) -> int:
-    check_preset_layers(args.preset, layer_entries(args.layers))  # before torch is imported: a typo answers at once
-    from extractor.api import extract_options
-    from extractor.extraction import extract
-
-    check_output_location(args.output, [args.store], allow_memory=False)
-    options = extract_options(
-        args.store, args.output, layers=args.layers, preset=args.preset, checkpoint=args.checkpoint, sigma=args.sigma,
-        seed=args.seed, noise=not args.no_noise, class_free=args.class_free, pool=args.pool, dtype=args.dtype,
-        compute_dtype=args.compute_dtype, reconstructions=args.reconstructions, num_samples=args.num_samples,
-        indices=args.indices, classes=args.classes, per_class=args.per_class, batch_size=args.batch_size, device=args.device,
-        scheduler=args.scheduler, workers=args.workers, resources=args.resources, overwrite=args.overwrite,
-        shard_size=args.shard_size, compile=args.compile,
-    )  # fmt: skip
+    keywords = builder_keywords(args, api.extract) | {"noise": not args.no_noise}
     if args.dry_run:
-        from extractor.dry_run import dry_run_table
-
-        print(dry_run_table(options))
+        print(api.dry_run(**keywords))
         return 0
-    result = extract(options)
+    result = api.extract(**keywords)
     _print_outcome(result, result.url, "these activations come from an UNTRAINED network (random weights of a preset); pass --checkpoint for real ones")
     return 0
 
@@ -137,14 +116,12 @@ def _add_layers(sub) -> None:
 
 
 def _print_layers(args: argparse.Namespace) -> int:
-    from extractor.models import cached_model, describe_layers, resolve_layer
-
-    loaded = cached_model(_model_spec(args), "cpu")
-    if not loaded.trained:
-        print(f"note: {loaded.name} is an UNTRAINED preset (seeded random weights)")
+    table = api.layer_table(**builder_keywords(args, api.layer_table))
+    if not table.trained:
+        print(f"note: {table.model} is an UNTRAINED preset (seeded random weights)")
     print(f"{'layer':<28} {'module':<26} output shape (per sample)")
-    for name, shape in describe_layers(loaded.module):
-        print(f"{name:<28} {resolve_layer(loaded.module, name):<26} {tuple(shape[1:])}")
+    for name, module, shape in table.rows:
+        print(f"{name:<28} {module:<26} {shape}")
     return 0
 
 
@@ -159,6 +136,7 @@ def _add_generate(sub) -> None:
         "DMD2 one-step sampling: image = D(σ·ε; σ, one-hot(label)), ε seeded per sample from (seed, sample index), "
         "converted to uint8 as DMD2 does. Writes an image store (imzarr.images/1, source_format generated) that "
         "`imzarr extract` reads like real data; with --layers, also the generator's own activations while sampling.",
+        outputs=("output", "activations_out"),
     )
     gen.add_argument("-o", "--output", required=True, help="generated image store path or fsspec URL")
     _model_args(gen)
@@ -178,21 +156,7 @@ def _add_generate(sub) -> None:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    check_preset_layers(args.preset, layer_entries(args.layers))  # before torch is imported: a typo answers at once
-    from extractor.api import generate_options
-    from extractor.generate import generate
-
-    check_output_location(args.output, allow_memory=False)
-    if args.activations_out:
-        check_output_location(args.activations_out, [args.output], allow_memory=False)
-    options = generate_options(
-        args.output, preset=args.preset, checkpoint=args.checkpoint, per_class=args.per_class, num_samples=args.num_samples,
-        classes=args.classes, seed=args.seed, sigma=args.sigma, layers=args.layers, activations_out=args.activations_out,
-        pool=args.pool, dtype=args.dtype, compute_dtype=args.compute_dtype, batch_size=args.batch_size, device=args.device,
-        scheduler=args.scheduler, workers=args.workers, resources=args.resources, overwrite=args.overwrite,
-        shard_size=args.shard_size, compile=args.compile,
-    )  # fmt: skip
-    result = generate(options)
+    result = api.generate(**builder_keywords(args, api.generate))
     what = result.url + (f" and {result.activations_url}" if result.activations_url else "")
     _print_outcome(result, what, "generated by an UNTRAINED network (random weights of a preset): these images are noise-like patterns, not ImageNet samples")
     return 0
@@ -211,6 +175,7 @@ def _add_compare(sub) -> None:
         "streaming, bounded memory. The first store is taken as the real set, the second as the generated one. With "
         "--reference, one store's FD against saved statistics (an .npz with mu and sigma, as `imzarr stats`, "
         "pytorch-fid --save-stats and EDM's fid.py ref write them).",
+        outputs=("output", "plot"),
     )
     cmp.add_argument("stores", nargs="+", metavar="STORE", help="REAL GENERATED activation stores, or one GENERATED store with --reference")
     cmp.add_argument("--layer", required=True, help="layer variable present in both stores")
@@ -236,28 +201,13 @@ def _add_compare(sub) -> None:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from extractor.analysis.compare import compare, compare_options, format_report_table
-
-    inputs = list(args.stores) + ([args.reference] if args.reference else [])
-    for path in (args.output, args.plot):
-        if path:
-            check_output_location(path, inputs, allow_memory=False)
-    from extractor.analysis.report import claim_site_output
-
-    claim_site_output(args.report, inputs + [p for p in (args.output, args.plot) if p], args.per_class_thumbnails)
-    options = compare_options(
-        args.stores, layer=args.layer, reference=args.reference, metrics=args.metrics, per_class=not args.no_per_class,
-        pool=args.pool, k=args.k, prdc_subset=args.prdc_subset, prdc_seed=args.seed, kid_subsets=args.kid_subsets,
-        kid_subset_size=args.kid_subset_size, kid_seed=args.kid_seed, is_layer=args.is_layer, is_splits=args.is_splits,
-        output=args.output, plot=args.plot, projection=args.projection, overwrite=args.overwrite,
-    )  # fmt: skip
-    report = compare(options)
-    print(format_report_table(report))
+    run = api.compare(**builder_keywords(args, api.compare, api.compare_options, prdc_seed="seed") | {"per_class": not args.no_per_class})
+    print(api.format_report_table(run.report))
     for label, path in (("report", args.output), ("plot", args.plot)):
         if path:
             print(f"{label}: {path}")
-    if args.report:
-        _print_site(_write_site(args.output or report, args.report, args.per_class_thumbnails))
+    if run.site is not None:
+        _print_site(run.site)
     return 0
 
 
@@ -285,19 +235,8 @@ def _add_report_thumbnails(p: argparse.ArgumentParser) -> None:
 
 
 def _report(args: argparse.Namespace) -> int:
-    _print_site(_write_site(args.compare, args.output, args.per_class_thumbnails))
+    _print_site(api.report_site(args.compare, args.output, per_class=args.per_class_thumbnails, log=sys.stderr))
     return 0
-
-
-def _write_site(compare, output: str, per_class: int | None):
-    from extractor.analysis.report import write_report_site
-
-    return write_report_site(compare, output, per_class=per_class, log=sys.stderr)
-
-
-def _print_site(site) -> None:
-    print(f"report site: {site.files:,} files, {site.bytes / 1e6:.1f} MB in {site.seconds:.1f} s")
-    print(f"open {site.index}")
 
 
 # --- stats ------------------------------------------------------------------------------------------------------
@@ -312,6 +251,7 @@ def _add_stats(sub) -> None:
         "and sigma (float64, D×D) that pytorch-fid and EDM's fid.py read as their own reference statistics; with "
         "--per-class, a Zarr store of per-class mu/sigma/count on dimension `label`. --inception-score prints the "
         "Inception Score of the store's logits layer.",
+        outputs=("output",),
     )
     st.add_argument("store", help="activation store")
     st.add_argument("--layer", default=None, help="layer whose features the statistics describe (default: none; needed with -o)")
@@ -326,15 +266,7 @@ def _add_stats(sub) -> None:
 
 
 def _stats(args: argparse.Namespace) -> int:
-    from extractor.analysis.reference_statistics import run_statistics, statistics_options
-
-    if args.output:
-        check_output_location(args.output, [args.store], allow_memory=False)
-    options = statistics_options(
-        args.store, layer=args.layer, output=args.output, per_class=args.per_class, pool=args.pool,
-        inception_score=args.inception_score, is_layer=args.is_layer, is_splits=args.is_splits, overwrite=args.overwrite,
-    )  # fmt: skip
-    result = run_statistics(options)
+    result = api.stats(**builder_keywords(args, api.stats, api.statistics_options))
     if result.inception_score is not None:
         s = result.inception_score
         print(f"Inception Score {s.mean!r} ± {s.std!r} ({s.splits} splits of {s.samples} samples, layer {args.is_layer})")
@@ -345,21 +277,11 @@ def _stats(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_file_output(path: str, inputs: list[str]) -> None:
-    """A single output file (a PNG): never an input or inside one, never an existing folder."""
-    import fsspec
-
-    check_output_location(path, inputs, allow_memory=False)
-    fs, p = fsspec.core.url_to_fs(path)
-    if fs.isdir(p):
-        raise CommandLineError(f"{path}: is a folder; give a file name such as {path.rstrip('/')}/grid.png")
-
-
 # --- show -------------------------------------------------------------------------------------------------------
 
 
 def _add_show(sub) -> None:
-    show = add_command(sub, "show", "contact sheet of a store's images", "A grid of images, one row per class, with class names: real, generated or reconstructions.")
+    show = add_command(sub, "show", "contact sheet of a store's images", "A grid of images, one row per class, with class names: real, generated or reconstructions.", outputs=("output",))
     show.add_argument("store", help="image store, or activation store with reconstructions")
     show.add_argument("-o", "--output", default="grid.png", help="PNG to write")
     show.add_argument("--classes", default=None, help="classes: WNIDs, class names or indices, comma-separated (default: the first classes in the store)")
@@ -369,19 +291,7 @@ def _add_show(sub) -> None:
 
 
 def _show(args: argparse.Namespace) -> int:
-    import zarr
-
-    from extractor.analysis.contact_sheet import write_contact_sheet
-    from schemas.activation_store import RECONSTRUCTION_VAR
-
-    _check_file_output(args.output, [args.store])
-    group = open_store_group(args.store)
-    variable = RECONSTRUCTION_VAR if RECONSTRUCTION_VAR in group else "image"
-    path = write_contact_sheet(
-        args.store, args.output, classes=args.classes,
-        per_class=args.per_class, max_classes=args.max_classes, variable=variable,
-    )
-    print(path)
+    print(api.show(**builder_keywords(args, api.show)))
     return 0
 
 

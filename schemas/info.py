@@ -1,20 +1,18 @@
-"""`imzarr info STORE`: validate a store of either kind, check that its data files are all there (a listing), and
-print what it holds; `imzarr verify STORE` (schemas/verify.py) also reads them against their checksums."""
+"""What `imzarr info STORE` shows: a store of either kind validated and summarised, and its data files checked to be
+all there (a listing); schemas/verify.py also reads them against their checksums."""
 
 from __future__ import annotations
 
-import argparse
 import json
 from collections import Counter
 
 import zarr
 
 from schemas.classes import class_table
-from schemas.cli import add_command
 from schemas.errors import StoreValidationError
 from schemas.image_store import IMAGE_SCHEMA, validate_image_store
 from schemas.remote_storage import open_store_group
-from schemas.store_integrity import Damage, DamagedStoreError, missing_or_short, read_checksum_record
+from schemas.store_integrity import Damage, missing_or_short
 
 
 def describe_store(url: str) -> str:
@@ -64,31 +62,3 @@ def store_damage(url: str) -> list[Damage] | None:
     except Exception:
         return None  # describe_store words "not a store"
     return missing_or_short(url) if complete else None
-
-
-def add_commands(sub) -> None:
-    """`imzarr info STORE` and `imzarr verify STORE` (the store commands of `schemas`)."""
-    from schemas.verify import add_verify_command
-
-    info = add_command(sub, "info", "validate a store (images or activations), check its data files are all there, and summarise it")
-    info.add_argument("store", help="store path or fsspec URL")
-    info.set_defaults(handler=_info)
-    add_verify_command(sub)
-
-
-def _info(args: argparse.Namespace) -> int:
-    summary = describe_store(args.store)
-    damage = store_damage(args.store)
-    if damage is None:
-        lines = ["data files   not checked: the store is unfinished"]
-    elif damage:
-        lines = [f"damaged      {d}" for d in damage]
-    elif read_checksum_record(args.store) is None:
-        lines = ["data files   sizes possible; no checksum record (made before imzarr recorded one), so a missing file cannot be told from one zarr left out as all fill"]
-    else:
-        lines = ["data files   all present, each of its expected size (`imzarr verify` reads their bytes)"]
-    print(summary + "\n" + "\n".join(lines))
-    if damage:
-        raise DamagedStoreError(f"{args.store}: not valid: {len(damage)} data file{'s' if len(damage) > 1 else ''} missing or short, first {damage[0]}")
-    return 0
-

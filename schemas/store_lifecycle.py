@@ -152,15 +152,19 @@ def prepare_store(
     overwrite: bool,
     initial_attrs: dict[str, Any] | None = None,
     inputs: Iterable[str] = (),
+    inspected: str | None = None,
 ) -> StoreState:
     """Create the store, or reopen one made with the same settings to resume; refuse anything else.
 
-    Takes the store's writer lock (held until `finalize_store` or the end of the process).
+    Takes the store's writer lock (held until `finalize_store` or the end of the process). `inspected`: the
+    caller's `inspect_existing` answer, taken while it already held the lock (nothing can have changed since).
     """
-    inputs = tuple(inputs)
-    inspect_existing(url, schema, settings, overwrite, inputs)  # refuse before creating even a lock file
-    acquire_writer_lock(url)
-    status = inspect_existing(url, schema, settings, overwrite, inputs)  # again, now that no one else writes
+    status = inspected
+    if status is None:
+        inputs = tuple(inputs)
+        inspect_existing(url, schema, settings, overwrite, inputs)  # refuse before creating even a lock file
+        acquire_writer_lock(url)
+        status = inspect_existing(url, schema, settings, overwrite, inputs)  # again, now that no one else writes
     if status == "complete":
         release_writer_lock(url)
         return StoreState(url, np.ones(num_units, dtype=bool), already_complete=True)

@@ -1,7 +1,7 @@
 """What every imzarr command line shares: the `imzarr` dispatcher, argument types and help, and one way to run
 a command so that every error is one clear line with a meaningful exit code."""
 
-from schemas.cli.arguments import CommandParser, HelpFormatter, add_debug_option, comma_list, non_negative_int, positive_int
+from schemas.cli.arguments import CommandParser, HelpFormatter, add_debug_option, builder_keywords, non_negative_int, positive_int
 from schemas.cli.dispatch import add_command, dispatch
 from schemas.cli.running import exit_process, run_command
 
@@ -11,7 +11,7 @@ __all__ = [
     "add_command",
     "dispatch",
     "add_debug_option",
-    "comma_list",
+    "builder_keywords",
     "exit_process",
     "non_negative_int",
     "positive_int",

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import inspect
+from collections.abc import Callable
+from typing import Any
 
 from schemas.suggestions import did_you_mean
 
@@ -55,10 +58,22 @@ def _int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r}: not a whole number") from None
 
 
-def comma_list(text: str) -> tuple[str, ...]:
-    """'a, b,c' → ('a', 'b', 'c'); empty items dropped."""
-    return tuple(item.strip() for item in text.split(",") if item.strip())
-
-
 def add_debug_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an unexpected error")
+
+
+def builder_keywords(args: argparse.Namespace, *builders: Callable[..., Any], **renamed: str) -> dict[str, Any]:
+    """The parsed options that the `builders` (a package API's entry and the options builders it hands its keywords
+    to) take, by name: a flag's argparse name is the parameter's name, or `renamed` maps parameter → argparse name.
+    An option left unset (None) where the builder has a default of its own is left out: the library owns it."""
+    taken: dict[str, Any] = {}
+    for builder in builders:
+        for p in inspect.signature(builder).parameters.values():
+            source = renamed.get(p.name, p.name)
+            if p.name in taken or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or not hasattr(args, source):
+                continue
+            value = getattr(args, source)
+            if value is None and p.default not in (None, p.empty):
+                continue
+            taken[p.name] = value
+    return taken

@@ -14,8 +14,7 @@ from importlib.metadata import PackageNotFoundError, entry_points, version
 from schemas.cli.arguments import CommandParser, HelpFormatter, add_debug_option
 from schemas.cli.running import exit_process, run_command
 from schemas.suggestions import did_you_mean
-from schemas.cli.storage import apply_storage_options, parse_storage_options, remote_protocols
-from schemas.output_paths import local_file_url_to_path
+from schemas.api import apply_storage_options, local_file_url_to_path, parse_storage_options, refuse_process_bound_output, remote_protocols
 
 ENTRY_POINT_GROUP = "imzarr.commands"
 # Order in `imzarr --help`: the workflow's order; packages not listed come after, by name.
@@ -76,15 +75,20 @@ def dispatch(parser: argparse.ArgumentParser, argv: list[str]) -> int:
             setattr(args, name, local_file_url_to_path(value))
         options = parse_storage_options(getattr(args, "storage_options", None))
         apply_storage_options(options, remote_protocols(vars(args).values()))
+        for name in args.process_outputs:
+            refuse_process_bound_output(getattr(args, name))
         return args.handler(args)
 
     return run_command(args.prog_name, body, debug=getattr(args, "debug", False))
 
 
-def add_command(sub, name: str, help_: str, description: str | None = None, prog_name: str | None = None) -> argparse.ArgumentParser:
+def add_command(
+    sub, name: str, help_: str, description: str | None = None, prog_name: str | None = None, outputs: tuple[str, ...] = ()
+) -> argparse.ArgumentParser:
     """A command's parser with the house help formatter and `--debug`.
 
-    `prog_name` starts its error lines (default `imzarr NAME`), the same however the command was started.
+    `prog_name` starts its error lines (default `imzarr NAME`), the same however the command was started;
+    `outputs` names the options whose stores must outlive the command's process (memory:// refused).
     """
     parser = sub.add_parser(name, help=help_, description=description or help_, formatter_class=HelpFormatter)
     add_debug_option(parser)
@@ -96,7 +100,7 @@ def add_command(sub, name: str, help_: str, description: str | None = None, prog
         '\'{"endpoint_url": "http://127.0.0.1:9000"}\' for an S3-compatible server (default: none; the standard '
         "AWS_* and FSSPEC_* variables also apply)",
     )
-    parser.set_defaults(prog_name=prog_name or f"imzarr {name}")
+    parser.set_defaults(prog_name=prog_name or f"imzarr {name}", process_outputs=outputs)
     return parser
 
 

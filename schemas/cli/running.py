@@ -12,8 +12,7 @@ import os
 import sys
 from typing import Callable, NoReturn
 
-from schemas.errors import ImzarrError, RunInterruptedError
-from schemas.remote_storage import translate_remote_error
+from schemas.api import ImzarrError, RunInterruptedError, translate_remote_error
 
 
 def run_command(prog: str, body: Callable[[], int | None], debug: bool = False) -> int:
@@ -74,7 +73,7 @@ def _silence_stdout() -> None:
 def exit_process(code: int | None) -> NoReturn:
     """Exit a command's process with `code`, sparing it the interpreter's final garbage collections.
 
-    Those walk every object numpy, zarr, dask and torch created at import (~70 ms per command, measured);
+    Those walk every object numpy, zarr, dask and torch created at import (a noticeable share of a short command);
     frozen objects are left out, and nothing of ours relies on garbage collection at exit.
     """
     gc.freeze()

@@ -26,7 +26,7 @@ from extractor.image_dataset import ImageStoreDataset
 from extractor.models.checkpoints import CheckpointError, read_checkpoint
 from extractor.selection import RepeatedEntryError, SelectionError
 from schemas.cli.dispatch import main as imzarr
-from schemas.cli.storage import StorageOptionsError, parse_storage_options
+from schemas.api import StorageOptionsError, parse_storage_options
 from schemas.remote_storage import RemoteStorageError
 from schemas.task_runner import SchedulerError, SchedulerUnreachableError
 

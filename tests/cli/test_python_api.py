@@ -12,6 +12,8 @@ import zarr
 import converter
 import schemas
 from converter.sources.base import ConvertOptionError
+from schemas.cli.dispatch import main as imzarr_main
+from schemas.errors import ImzarrError
 from schemas.output_paths import OutputOverlapsInputError
 
 
@@ -103,3 +105,76 @@ def test_features_refuse_images_of_another_size():
     images = np.zeros((2, 3, 32, 32), dtype=np.uint8)
     with pytest.raises(ExtractionError, match="images are 32×32, the model takes 64×64"):
         extractor.features(images, layers=["encoder_bottleneck"], model="tiny-random", device="cpu")
+
+
+# Each refusal of a command, as its command line and as the Python call the command maps it to. Every one is
+# refused before any work (no store is read or written), so the whole table runs in seconds.
+REFUSALS = [
+    ("convert npz into its input", ["convert", "npz", "src/train", "-o", "src/train/x.zarr"],
+     lambda: converter.convert_npz("src/train", "src/train/x.zarr")),
+    ("convert npz scratch is a file", ["convert", "npz", "src/train", "-o", "x.zarr", "--scratch-dir", "src/val/val_data.npz"],
+     lambda: converter.convert_npz("src/train", "x.zarr", scratch_dir="src/val/val_data.npz")),
+    ("convert jpeg into its root", ["convert", "jpeg", "src", "-o", "src/x.zarr"],
+     lambda: converter.convert_jpeg("src", "src/x.zarr")),
+    ("convert jpeg unknown recipe", ["convert", "jpeg", "src", "-o", "x.zarr", "--recipe", "bicubic"],
+     lambda: converter.convert_jpeg("src", "x.zarr", recipe="bicubic")),
+    ("extract unknown layer", ["extract", "in.zarr", "-o", "out.zarr", "--layers", "midblok", "--preset", "tiny-random"],
+     lambda: _api().extract("in.zarr", "out.zarr", layers="midblok", preset="tiny-random")),
+    ("extract into its input", ["extract", "in.zarr", "-o", "in.zarr/acts.zarr", "--layers", "midblock", "--preset", "tiny-random"],
+     lambda: _api().extract("in.zarr", "in.zarr/acts.zarr", layers="midblock", preset="tiny-random")),
+    ("extract unknown device", ["extract", "in.zarr", "-o", "out.zarr", "--layers", "midblock", "--preset", "tiny-random", "--device", "tpu"],
+     lambda: _api().extract("in.zarr", "out.zarr", layers="midblock", preset="tiny-random", device="tpu")),
+    ("extract bad resources", ["extract", "in.zarr", "-o", "out.zarr", "--layers", "midblock", "--preset", "tiny-random", "--resources", "GPU"],
+     lambda: _api().extract("in.zarr", "out.zarr", layers="midblock", preset="tiny-random", resources="GPU")),
+    ("generate layers without their store", ["generate", "-o", "gen.zarr", "--preset", "tiny-random", "--per-class", "1", "--layers", "midblock"],
+     lambda: _api().generate("gen.zarr", preset="tiny-random", per_class=1, layers="midblock")),
+    ("generate activations inside the images", ["generate", "-o", "gen.zarr", "--preset", "tiny-random", "--per-class", "1", "--layers", "midblock", "--activations-out", "gen.zarr/a.zarr"],
+     lambda: _api().generate("gen.zarr", preset="tiny-random", per_class=1, layers="midblock", activations_out="gen.zarr/a.zarr")),
+    ("generate unknown class", ["generate", "-o", "gen.zarr", "--preset", "tiny-random", "--per-class", "1", "--classes", "n99999999"],
+     lambda: _api().generate("gen.zarr", preset="tiny-random", per_class=1, classes="n99999999")),
+    ("compare one store", ["compare", "a.zarr", "--layer", "midblock"],
+     lambda: _api().compare(["a.zarr"], layer="midblock")),
+    ("compare unknown metric", ["compare", "a.zarr", "b.zarr", "--layer", "midblock", "--metrics", "fid"],
+     lambda: _api().compare(["a.zarr", "b.zarr"], layer="midblock", metrics="fid")),
+    ("compare report inside an input", ["compare", "a.zarr", "b.zarr", "--layer", "midblock", "-o", "a.zarr/r.zarr"],
+     lambda: _api().compare(["a.zarr", "b.zarr"], layer="midblock", output="a.zarr/r.zarr")),
+    ("compare thumbnails without a site", ["compare", "a.zarr", "b.zarr", "--layer", "midblock", "--per-class-thumbnails", "4"],
+     lambda: _api().compare(["a.zarr", "b.zarr"], layer="midblock", per_class_thumbnails=4)),
+    ("compare site onto a file", ["compare", "a.zarr", "b.zarr", "--layer", "midblock", "--report", "src/val/val_data.npz"],
+     lambda: _api().compare(["a.zarr", "b.zarr"], layer="midblock", report="src/val/val_data.npz")),
+    ("stats with nothing to do", ["stats", "a.zarr"],
+     lambda: _api().stats("a.zarr")),
+    ("stats output without a layer", ["stats", "a.zarr", "-o", "ref.npz"],
+     lambda: _api().stats("a.zarr", output="ref.npz")),
+    ("stats reference not an npz", ["stats", "a.zarr", "--layer", "midblock", "-o", "ref.txt"],
+     lambda: _api().stats("a.zarr", layer="midblock", output="ref.txt")),
+    ("report of no compare store", ["report", "missing.zarr", "-o", "site"],
+     lambda: _api().report_site("missing.zarr", "site")),
+    ("show onto a folder", ["show", "a.zarr", "-o", "src"],
+     lambda: _api().show("a.zarr", "src")),
+    ("show into its input", ["show", "src", "-o", "src/grid.png"],
+     lambda: _api().show("src", "src/grid.png")),
+]  # fmt: skip
+
+
+def _api():
+    from extractor import api
+
+    return api
+
+
+@pytest.mark.parametrize("argv, call", [case[1:] for case in REFUSALS], ids=[case[0] for case in REFUSALS])
+def test_each_refusal_of_the_command_line_is_the_python_apis(sample, monkeypatch, capsys, argv, call) -> None:
+    """The same error class and message from `imzarr …` (in process; --debug hands over the exception itself) and
+    from the Python call, and the command's one line and exit code say it."""
+    monkeypatch.chdir(sample)
+    before = sorted(sample.rglob("*"))
+    with pytest.raises(ImzarrError) as from_cli:
+        imzarr_main([*argv, "--debug"])
+    with pytest.raises(ImzarrError) as from_api:
+        call()
+    assert (type(from_api.value), str(from_api.value)) == (type(from_cli.value), str(from_cli.value))
+    capsys.readouterr()
+    assert imzarr_main(argv) == from_cli.value.exit_code
+    assert str(from_cli.value).splitlines()[0] in capsys.readouterr().err
+    assert sorted(sample.rglob("*")) == before  # refused before anything was written

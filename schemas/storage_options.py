@@ -1,4 +1,4 @@
-"""Object-storage settings from the command line, applied through fsspec's own configuration.
+"""Object-storage settings (`--storage-options` of every command), parsed, checked and applied through fsspec's own configuration.
 
 `--storage-options JSON` (or `@file.json`) holds keyword arguments for the filesystem of every remote URL the
 command names (s3://, gs://, …): for S3, e.g. `{"endpoint_url": "http://127.0.0.1:9000", "anon": false}`.
