@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 from schemas.errors import ImzarrError, RunInterruptedError
 from schemas.output_paths import check_output_location, local_file_url_to_path
 from schemas.remote_storage import open_store_group, translate_remote_error
+from schemas.suggestions import did_you_mean
 from schemas.storage_options import StorageOptionsError, apply_storage_options, parse_storage_options, remote_protocols
 
 if TYPE_CHECKING:
@@ -16,7 +17,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ImzarrError", "RunInterruptedError", "StorageOptionsError", "StoreInfo", "StoreVerification", "apply_storage_options",
-    "check_output_location", "local_file_url_to_path", "open_store_group", "parse_storage_options",
+    "check_output_location", "did_you_mean", "local_file_url_to_path", "open_store_group", "parse_storage_options",
     "refuse_process_bound_output", "remote_protocols", "store_info", "translate_remote_error", "verify_store_files",
 ]  # fmt: skip
 

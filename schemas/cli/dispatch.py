@@ -13,7 +13,7 @@ from importlib.metadata import PackageNotFoundError, entry_points, version
 
 from schemas.cli.arguments import CommandParser, HelpFormatter, add_debug_option
 from schemas.cli.running import exit_process, run_command
-from schemas.suggestions import did_you_mean
+from schemas.api import did_you_mean
 from schemas.api import apply_storage_options, local_file_url_to_path, parse_storage_options, refuse_process_bound_output, remote_protocols
 
 ENTRY_POINT_GROUP = "imzarr.commands"
