@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from extractor.analysis.report import SiteResult
     from extractor.extraction import ExtractOptions, ExtractResult
     from extractor.forward import PreparedForward, RunOptions
-    from extractor.generate import GenerateOptions, GenerateResult
+    from extractor.generation import GenerateOptions, GenerateResult
     from extractor.models import ModelSpec
 
 __all__ = [
@@ -169,7 +169,7 @@ def generate_options(
     if activations_out:
         check_output_location(activations_out, [output])
     from extractor.forward import ForwardSettings
-    from extractor.generate import GenerateOptions
+    from extractor.generation import GenerateOptions
 
     forward = ForwardSettings(
         model=model_spec(preset, checkpoint), layers=layer_entries(layers), sigma=sigma, noise_seed=seed, pool=pool,
@@ -181,7 +181,7 @@ def generate_options(
 def generate(output: str, **options: Any) -> GenerateResult:
     """Sample the one-step generator into an image store at `output`; keywords and defaults as `imzarr generate`'s
     options (`generate_options` lists them: per_class=K or num_samples=N is required)."""
-    from extractor.generate import generate as run_generation
+    from extractor.generation import generate as run_generation
 
     return run_generation(generate_options(output, **options))
 

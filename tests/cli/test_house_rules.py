@@ -89,3 +89,17 @@ def test_command_line_modules_reach_the_library_only_through_the_apis(table):
             if not (is_cli(target) or target in APIS or target in PACKAGES):
                 bad.append(f"{module} imports {name}")
     assert not bad, "\n".join(bad)
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_public_names_stay_what_they_are_once_every_module_is_imported(package):
+    """A submodule named like a public function (`extractor/generate.py` beside `extractor.generate`) would replace
+    the function on the package as soon as anything imports the submodule."""
+    import importlib
+
+    top = importlib.import_module(package)
+    public = {name: getattr(top, name) for name in getattr(top, "__all__", ())}
+    for path in sorted((REPO / package).rglob("*.py")):
+        importlib.import_module(module_name(path))
+    for name in public:
+        assert callable(getattr(top, name)) and not isinstance(getattr(top, name), type(top)), f"{package}.{name}"

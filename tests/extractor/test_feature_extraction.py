@@ -18,7 +18,7 @@ from converter.sources.npz import open_npz_source
 from extractor.cli import main as extractor_main
 from extractor.extraction import ExtractOptions, extract
 from extractor.forward import ExtractionError, ForwardSettings, RunOptions
-from extractor.generate import GenerateOptions, generate
+from extractor.generation import GenerateOptions, generate
 from extractor.models import ModelSpec, build_preset, capture_layers, family_of_preset
 from schemas.activation_store import validate_activation_store
 from schemas.image_store import validate_image_store

@@ -8,7 +8,7 @@ import zarr
 from extractor.extraction import ExtractOptions, extract
 from extractor.forward import ForwardSettings, RunOptions
 from extractor.integrity import IntegrityError
-from extractor.generate import GenerateOptions, generate
+from extractor.generation import GenerateOptions, generate
 from extractor.models import ModelSpec, build_preset
 from extractor.noise import NOISE_RECIPE, per_sample_noise
 from schemas.activation_store import validate_activation_store
