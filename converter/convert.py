@@ -77,6 +77,23 @@ class ConvertOptions:
     # themselves (scratch must then be a folder every worker sees). None: this machine.
     scheduler: str | None = None
 
+    def to_dict(self, source: ImageSource) -> dict[str, Any]:
+        """The store's `settings`: everything that changes the output bytes (these options and what the source
+        says of itself); a store made with other settings is never resumed. Its hash is the settings fingerprint."""
+        return {
+            "schema": IMAGE_SCHEMA,
+            "format": source.format,
+            "resolution": source.resolution,
+            "shuffle_seed": self.shuffle_seed,
+            "shard_size": self.shard_size,
+            "inner_chunk": effective_inner_chunk(self, source.resolution),
+            # Stores of another layout are never resumed: their shard tasks wrote coordinates that ours do not.
+            "layout": LAYOUT_VERSION,
+            "sources": [dataclasses.asdict(f) for f in source.files],
+            "labels": labels_digest(source),
+            **source.settings,
+        }
+
 
 @dataclass(frozen=True)
 class ConvertResult:
@@ -157,23 +174,6 @@ def labels_digest(source: ImageSource) -> str:
     return "sha256:" + digest.hexdigest()
 
 
-def store_settings(source: ImageSource, options: ConvertOptions) -> dict[str, Any]:
-    """Everything that changes the output bytes; a store made with other settings is never resumed."""
-    return {
-        "schema": IMAGE_SCHEMA,
-        "format": source.format,
-        "resolution": source.resolution,
-        "shuffle_seed": options.shuffle_seed,
-        "shard_size": options.shard_size,
-        "inner_chunk": effective_inner_chunk(options, source.resolution),
-        # Stores of another layout are never resumed: their shard tasks wrote coordinates that ours do not.
-        "layout": LAYOUT_VERSION,
-        "sources": [dataclasses.asdict(f) for f in source.files],
-        "labels": labels_digest(source),
-        **source.settings,
-    }
-
-
 def convert(source: ImageSource, options: ConvertOptions) -> ConvertResult:
     """Convert (or resume, or confirm) one store; idempotent for the same source and options."""
     with remote_storage_errors():  # a stalled or unreachable object store: one line naming its URL
@@ -183,7 +183,7 @@ def convert(source: ImageSource, options: ConvertOptions) -> ConvertResult:
 def _convert(source: ImageSource, options: ConvertOptions) -> ConvertResult:
     started = time.monotonic()
     validate_convert_options(options, source.resolution, sum(p.num_rows for p in source.parts))
-    settings = store_settings(source, options)
+    settings = options.to_dict(source)
     if inspect_existing(options.output, IMAGE_SCHEMA, settings, options.overwrite, source.input_paths) == "complete":
         return _already_complete(options, started)
     check_scheduler_reachable(_scheduler(options, processes=False))  # before the scratch folder or the store exists

@@ -346,11 +346,11 @@ def _lock_owner() -> str:
 def process_alive(pid: int) -> bool:
     """Whether a process with this pid runs on this host (one owned by another user counts as alive)."""
     try:
-        os.kill(pid, 0)
+        os.kill(pid, 0)  # signal 0: only asks whether the pid exists
+    except PermissionError:  # it exists, owned by someone else
+        pass
     except ProcessLookupError:
         return False
-    except PermissionError:
-        return True
     return True
 
 

@@ -188,13 +188,12 @@ class Conv2d(_Initialisable):
         self,
         in_channels: int,
         out_channels: int,
-        kernel: int,
+        kernel: int,  # 0: resample only
         bias: bool = True,
         up: bool = False,
         down: bool = False,
-        init_mode: str = "kaiming_normal",
-        init_weight: float = 1.0,
-        init_bias: float = 0.0,
+        # EDM's weight initialisation (replaced by a checkpoint's or a preset's seeded weights)
+        init_mode: str = "kaiming_normal", init_weight: float = 1.0, init_bias: float = 0.0,
     ) -> None:
         if up and down:
             raise UnsupportedConfigError("Conv2d cannot both upsample and downsample")

@@ -479,9 +479,9 @@ def test_scratch_folder_not_made_by_us_is_never_used(tmp_path: Path) -> None:
     out = str(tmp_path / "o.zarr")
     scratch = tmp_path / "scratch"
     source = open_npz_source([shard])
-    from converter.convert import _scratch_dir, store_settings
+    from converter.convert import _scratch_dir
 
-    squatter = _scratch_dir(ConvertOptions(out, scratch_dir=str(scratch)), store_settings(source, ConvertOptions(out, scratch_dir=str(scratch))))
+    squatter = _scratch_dir(ConvertOptions(out, scratch_dir=str(scratch)), ConvertOptions(out, scratch_dir=str(scratch)).to_dict(source))
     squatter.mkdir(parents=True)
     (squatter / "part-000000.raw").write_bytes(b"not ours")
     with pytest.raises(Exception, match="not an imzarr scratch folder"):
