@@ -12,8 +12,12 @@ A Zarr v3 group:
 
 from __future__ import annotations
 
+import concurrent.futures
+import errno
+import mmap
 import os
 import threading
+import weakref
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -36,6 +40,17 @@ from schemas.zarr_format import (
     read_node_metadata,
     uncompressed_shard_layout,
 )
+
+# Local reads: a run of adjacent images longer than this is read as several pieces, so that one big read keeps
+# several requests in flight on the disk (a cold sequential read is then disk-bound, not latency-bound).
+LOCAL_PIECE_BYTES = 1 << 20
+# Threads reading pieces that are not in the page cache (and every piece of a big read); what a single SSD or a
+# network disk needs to reach its throughput (bench_reads' plain-file baseline reads with as many).
+LOCAL_READ_THREADS = 8
+# Shuffled reads of cached images copy a shard's images with one fancy index where it holds at least this many.
+MAPPED_GATHER_ROWS = 8
+# Shard files a local reader keeps open (one descriptor each); further shards are opened for each read.
+MAX_OPEN_SHARDS = 256
 
 IMAGE_SCHEMA = "imzarr.images/1"
 SAMPLE_DIM = "sample"
@@ -241,10 +256,16 @@ def take_with_zarr(array: zarr.Array, indices: np.ndarray) -> np.ndarray:
 class ShardRangeReader:
     """Reads rows of an uncompressed sharded array straight from its shard files (layout from zarr.json).
 
-    Each shard's index is read once and cached. Local files are read with `pread`/`preadv` into the output;
-    other filesystems get all needed byte ranges in one concurrent `cat_ranges` call, adjacent rows merged: through
-    obstore on s3:// when it is installed and can honour the filesystem's options (schemas/obstore_ranges.py: the
-    same requests for a fraction of s3fs's client CPU), else the filesystem's own `cat_ranges`.
+    Each shard's index is read once and cached. Local files are read with `preadv` straight into the output, in
+    the order asked, one call per run of adjacent rows: first without waiting for the disk (`RWF_NOWAIT`), which
+    is all a read from the page cache needs; what is not cached, and every piece of a big read, is then read by
+    LOCAL_READ_THREADS threads, so that the disk has many requests at once. Other filesystems get all needed byte
+    ranges in one concurrent `cat_ranges` call, adjacent rows merged: through obstore on s3:// when it is installed
+    and can honour the filesystem's options (schemas/obstore_ranges.py: the same requests for a fraction of
+    s3fs's client CPU), else the filesystem's own `cat_ranges`.
+
+    It pickles as its layout, record and cached indexes (no open files, no zarr objects), so a DataLoader worker
+    reads without opening the store again; a shard file gone or cut short since still raises DamagedStoreError.
     """
 
     def __init__(self, fs: fsspec.AbstractFileSystem, array_root: str, layout: UncompressedShardLayout, written: np.ndarray | None = None, use_obstore: bool = True):
@@ -254,18 +275,39 @@ class ShardRangeReader:
         # as zarr-python reads it (unfinished stores, stores without a record).
         self.written = None if written is None else np.asarray(written).reshape(-1)
         self.local = isinstance(fs, LocalFileSystem)
-        # The one place remote byte ranges are fetched: (paths, starts, ends) → bytes or the exception per range.
-        obstore_ranges = None if self.local or not use_obstore else obstore_ranges_for(fs)
-        self.range_client = "obstore" if obstore_ranges is not None else "fsspec"
-        self._cat_ranges = obstore_ranges.cat_ranges if obstore_ranges is not None else partial(fs.cat_ranges, on_error="return")
+        self.use_obstore = use_obstore
         self._index_cache: dict[int, np.ndarray | None] = {}
+        self._start_process()
+
+    def _start_process(self) -> None:
+        """What each process holds for itself: the lock, the range client, the open shard files."""
+        # The one place remote byte ranges are fetched: (paths, starts, ends) → bytes or the exception per range.
+        obstore_ranges = None if self.local or not self.use_obstore else obstore_ranges_for(self.fs)
+        self.range_client = "obstore" if obstore_ranges is not None else "fsspec"
+        self._cat_ranges = obstore_ranges.cat_ranges if obstore_ranges is not None else partial(self.fs.cat_ranges, on_error="return")
         self._lock = threading.Lock()
+        self._pid = os.getpid()
+        self._open: dict[int, _OpenShard] = {}
+        self._nowait = hasattr(os, "RWF_NOWAIT")
+        weakref.finalize(self, _close_shards, self._open, self._pid)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = {k: v for k, v in self.__dict__.items() if k in ("fs", "root", "layout", "written", "local", "use_obstore")}
+        with self._lock:
+            state["_index_cache"] = dict(self._index_cache)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._start_process()
 
     def shard_path(self, shard: int) -> str:
         return f"{self.root}/{self.layout.shard_key(shard)}"
 
     def take(self, indices: np.ndarray) -> np.ndarray:
         """Rows at `indices` as a (n, item_bytes) uint8 array of raw little-endian bytes."""
+        if self.local:
+            return self._take_local(np.asarray(indices, dtype=np.int64))
         layout = self.layout
         out = np.empty((indices.size, layout.item_bytes), dtype=np.uint8)
         if indices.size == 0:
@@ -280,8 +322,7 @@ class ShardRangeReader:
             sel = np.flatnonzero(shard_of == k)
             index = indexes[k]
             if index is None:  # no shard file: every row reads as the fill value, unless the store is complete
-                if self.written is not None and self.written[k] != NO_FILE:
-                    raise DamagedStoreError(f"{self.shard_path(k)}: missing; the store is marked complete but lacks this shard file")
+                self._check_absent(k)
                 self._fill(out, order[sel])
                 continue
             local = sorted_idx[sel] - k * layout.samples_per_shard
@@ -292,17 +333,173 @@ class ShardRangeReader:
                 self._fill(out, order[sel[~present]])
             byte_pos = offsets[present].astype(np.int64) + (local[present] % layout.samples_per_inner) * layout.item_bytes
             plans.append((k, byte_pos, order[sel[present]]))
-        if self.local:
-            for k, byte_pos, dest in plans:
-                path = self.shard_path(k)
-                fd = os.open(path, os.O_RDONLY)
-                try:
-                    pread_items(fd, byte_pos, layout.item_bytes, out, dest, path)
-                finally:
-                    os.close(fd)
-        else:
-            self._read_remote(plans, out)
+        self._read_remote(plans, out)
         return out
+
+    def _check_absent(self, shard: int) -> None:
+        """A shard without a file reads as fill values, unless the store's record says it was written."""
+        if self.written is not None and self.written[shard] != NO_FILE:
+            raise DamagedStoreError(f"{self.shard_path(shard)}: missing; the store is marked complete but lacks this shard file")
+
+    def _take_local(self, indices: np.ndarray) -> np.ndarray:
+        layout = self.layout
+        item = layout.item_bytes
+        out = np.empty((indices.size, item), dtype=np.uint8)
+        if indices.size == 0:
+            return out
+        shard_of = indices // layout.samples_per_shard
+        wanted = np.unique(shard_of)
+        indexes = self.shard_indexes(wanted.tolist())
+        # Byte offset of every inner chunk of the wanted shards, −1 where there is none (no file, or left empty).
+        chunk_offsets = np.full((wanted.size, layout.inner_per_shard), -1, dtype=np.int64)
+        for slot, k in enumerate(wanted.tolist()):
+            index = indexes[k]
+            if index is None:
+                self._check_absent(k)
+                continue
+            stored = index[:, 0] != EMPTY_CHUNK
+            chunk_offsets[slot, stored] = index[stored, 0].astype(np.int64)
+        slot_of = np.searchsorted(wanted, shard_of)
+        local = indices - shard_of * layout.samples_per_shard
+        byte_pos = chunk_offsets[slot_of, local // layout.samples_per_inner]
+        absent = byte_pos < 0
+        if absent.any():
+            self._fill(out, np.flatnonzero(absent))
+        byte_pos += (local % layout.samples_per_inner) * item
+        # Pieces: runs of rows that follow each other both in the output and in one shard file, at most
+        # LOCAL_PIECE_BYTES long; a sequential read is a few big pieces, a shuffled batch one piece per image.
+        rows = np.flatnonzero(~absent)
+        if rows.size == 0:
+            return out
+        follows = (np.diff(rows) == 1) & (np.diff(slot_of[rows]) == 0) & (np.diff(byte_pos[rows]) == item)
+        starts = np.flatnonzero(np.r_[True, ~follows])
+        stops = np.r_[starts[1:], rows.size]
+        most = max(1, LOCAL_PIECE_BYTES // item)
+        if (stops - starts).max() > most:
+            starts = np.concatenate([np.arange(a, b, most) for a, b in zip(starts.tolist(), stops.tolist())])
+            stops = np.r_[starts[1:], rows.size]
+        first = rows[starts]
+        pieces = list(zip(wanted[slot_of[first]].tolist(), byte_pos[first].tolist(), first.tolist(), (stops - starts).tolist()))
+        shards = self._open_shards({k for k, *_ in pieces})
+        try:
+            if len(pieces) > 1 and (stops - starts).max() * item < LOCAL_PIECE_BYTES and self._probe_cached(pieces[0], shards, out):
+                # Small pieces, and the first was in the page cache: copy the rest from the memory maps.
+                self._copy_mapped(rows[1:], wanted[slot_of[rows[1:]]], byte_pos[rows[1:]], shards, out)
+            else:
+                self._read_pieces(pieces, shards, out)
+        finally:
+            self._close_uncached(shards)
+        return out
+
+    def _probe_cached(self, piece: tuple[int, int, int, int], shards: dict[int, "_OpenShard"], out: np.ndarray) -> bool:
+        """Read one piece if (and only if) it is in the page cache, and say whether it was."""
+        k, at, row, n = piece
+        if not self._nowait or any(s.view is None for s in shards.values()):
+            return False
+        item = self.layout.item_bytes
+        return self._read_cached(shards[k].fd, memoryview(out).cast("B")[row * item : (row + n) * item], at)
+
+    def _copy_mapped(self, rows: np.ndarray, row_shard: np.ndarray, row_pos: np.ndarray, shards: dict[int, "_OpenShard"], out: np.ndarray) -> None:
+        """out[rows] = the images at row_pos of each row's shard, copied from the shards' memory maps: one
+        fancy-indexing copy per shard holding several rows, a memory copy per row elsewhere (no system calls)."""
+        item = self.layout.item_bytes
+        by_shard = np.argsort(row_shard, kind="stable")
+        cuts = np.flatnonzero(np.diff(row_shard[by_shard])) + 1
+        flat = memoryview(out).cast("B")
+        for group in np.split(by_shard, cuts):
+            k = int(row_shard[group[0]])
+            opened, dest, pos = shards[k], rows[group], row_pos[group]
+            self._check_mapped_size(k, opened)
+            end = int(pos.max()) + item
+            if end > opened.size:
+                raise DamagedStoreError(f"{self.shard_path(k)}: truncated: {opened.size} bytes, an image ends at byte {end}")
+            phase = int(pos[0]) % item
+            if group.size >= MAPPED_GATHER_ROWS and np.all(pos % item == phase):
+                whole = (opened.size - phase) // item
+                images = np.frombuffer(opened.map, dtype=np.uint8, count=whole * item, offset=phase).reshape(whole, item)
+                out[dest] = images[(pos - phase) // item]
+                continue
+            for row, at in zip(dest.tolist(), pos.tolist()):
+                flat[row * item : (row + 1) * item] = opened.view[at : at + item]
+
+    def _read_pieces(self, pieces: list[tuple[int, int, int, int]], shards: dict[int, "_OpenShard"], out: np.ndarray) -> None:
+        """Read each (shard, byte offset, first row, rows) into out: small pieces first without waiting for the
+        disk (`RWF_NOWAIT`), then what was not cached and every big piece by the thread pool, many at once."""
+        item = self.layout.item_bytes
+        flat = memoryview(out).cast("B")
+        if len(pieces) == 1:
+            self._read_waiting(pieces, shards, flat)
+            return
+        later: list[tuple[int, int, int, int]] = []
+        for piece in pieces:
+            k, at, row, n = piece
+            if n * item >= LOCAL_PIECE_BYTES:
+                later.append(piece)  # a big piece is worth a thread, cached or not
+            elif not self._nowait:
+                self._read_waiting([piece], shards, flat)
+            elif not self._read_cached(shards[k].fd, flat[row * item : (row + n) * item], at):
+                later.append(piece)
+        if len(later) <= 1:
+            self._read_waiting(later, shards, flat)
+            return
+        groups = [later[g :: LOCAL_READ_THREADS] for g in range(min(LOCAL_READ_THREADS, len(later)))]
+        pool = _read_pool()
+        for done in [pool.submit(self._read_waiting, group, shards, flat) for group in groups]:
+            done.result()
+
+    def _check_mapped_size(self, shard: int, opened: "_OpenShard") -> None:
+        """Refuse a mapped file cut short since it was opened (touching its lost pages would kill the process)."""
+        size = os.fstat(opened.fd).st_size
+        if size < opened.size:
+            raise DamagedStoreError(f"{self.shard_path(shard)}: truncated: {size} bytes, {opened.size} when it was opened")
+
+    def _read_cached(self, fd: int, into: memoryview, at: int) -> bool:
+        """Fill `into` from the page cache alone; False where the disk would have to be waited for (or the
+        read came short: the caller reads again, waiting, and tells a cut file from an uncached one)."""
+        try:
+            return os.preadv(fd, [into], at, os.RWF_NOWAIT) == len(into)
+        except BlockingIOError:
+            return False
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            self._nowait = False  # this filesystem cannot say "not cached": read without asking from now on
+            return False
+
+    def _read_waiting(self, pieces: list[tuple[int, int, int, int]], shards: dict[int, "_OpenShard"], flat: memoryview) -> None:
+        item = self.layout.item_bytes
+        for k, at, row, n in pieces:
+            got = os.preadv(shards[k].fd, [flat[row * item : (row + n) * item]], at)
+            if got != n * item:
+                raise DamagedStoreError(f"{self.shard_path(k)}: truncated: read {got} of {n * item} bytes at offset {at}")
+
+    def _open_shards(self, shards: set[int]) -> dict[int, "_OpenShard"]:
+        """Each shard file open: kept open (up to MAX_OPEN_SHARDS per process) or opened for this read only."""
+        if self._pid != os.getpid():  # a forked child: its copies of the parent's files are its own to close
+            inherited = list(self._open.values())
+            self._start_process()
+            for opened in inherited:
+                opened.close()
+        result: dict[int, _OpenShard] = {}
+        for k in shards:
+            opened = self._open.get(k)
+            if opened is None:
+                try:
+                    opened = _OpenShard(self.shard_path(k))
+                except FileNotFoundError:
+                    self._close_uncached(result)
+                    raise DamagedStoreError(f"{self.shard_path(k)}: missing; its index was read, then the file went") from None
+                with self._lock:
+                    if len(self._open) < MAX_OPEN_SHARDS and k not in self._open:
+                        self._open[k] = opened
+            result[k] = opened
+        return result
+
+    def _close_uncached(self, shards: dict[int, "_OpenShard"]) -> None:
+        with self._lock:
+            for k, opened in shards.items():
+                if self._open.get(k) is not opened:
+                    opened.close()
 
     def _fill(self, out: np.ndarray, rows: np.ndarray) -> None:
         fill = np.zeros(1, dtype=self.layout.metadata["data_type"])
@@ -432,3 +629,42 @@ def pread_items(fd: int, byte_pos: np.ndarray, item_bytes: int, flat: np.ndarray
         if len(buf) != n * item_bytes:
             raise DamagedStoreError(f"{name}: truncated: read {len(buf)} of {n * item_bytes} bytes at offset {int(byte_pos[a])}")
         flat[dest[a:b]] = np.frombuffer(buf, dtype=np.uint8).reshape(n, item_bytes)
+
+
+class _OpenShard:
+    """A shard file a local reader holds: its descriptor, and its bytes mapped read-only (None for an empty file)."""
+
+    __slots__ = ("fd", "size", "map", "view")
+
+    def __init__(self, path: str):
+        self.fd = os.open(path, os.O_RDONLY)
+        self.size = os.fstat(self.fd).st_size
+        self.map = mmap.mmap(self.fd, 0, access=mmap.ACCESS_READ) if self.size else None
+        self.view = memoryview(self.map) if self.map is not None else None
+
+    def close(self) -> None:
+        if self.view is not None:
+            self.view.release()
+            self.map.close()
+        os.close(self.fd)
+
+
+def _close_shards(shards: dict[int, _OpenShard], pid: int) -> None:
+    """Close a reader's shard files (in the process that opened them: a fork's copies are its own)."""
+    if os.getpid() == pid:
+        for opened in shards.values():
+            opened.close()
+    shards.clear()
+
+
+_pool: tuple[int, concurrent.futures.ThreadPoolExecutor] | None = None
+_pool_lock = threading.Lock()
+
+
+def _read_pool() -> concurrent.futures.ThreadPoolExecutor:
+    """The threads that wait for the disk, one pool per process (a forked child cannot use its parent's)."""
+    global _pool
+    with _pool_lock:
+        if _pool is None or _pool[0] != os.getpid():
+            _pool = (os.getpid(), concurrent.futures.ThreadPoolExecutor(LOCAL_READ_THREADS, thread_name_prefix="imzarr-read"))
+        return _pool[1]
