@@ -291,6 +291,13 @@ class ShardRangeReader:
         self._nowait = hasattr(os, "RWF_NOWAIT")
         weakref.finalize(self, _close_shards, self._open, self._pid)
 
+    def _own_process(self) -> None:
+        """After a fork: the parent's open files are this process's copies, to close; the rest starts anew."""
+        inherited = list(self._open.values())
+        self._start_process()
+        for opened in inherited:
+            opened.close()
+
     def __getstate__(self) -> dict[str, Any]:
         state = {k: v for k, v in self.__dict__.items() if k in ("fs", "root", "layout", "written", "local", "use_obstore")}
         with self._lock:
@@ -306,6 +313,8 @@ class ShardRangeReader:
 
     def take(self, indices: np.ndarray) -> np.ndarray:
         """Rows at `indices` as a (n, item_bytes) uint8 array of raw little-endian bytes."""
+        if self._pid != os.getpid():  # a forked child (a DataLoader worker): its own files, lock and clients
+            self._own_process()
         if self.local:
             return self._take_local(np.asarray(indices, dtype=np.int64))
         layout = self.layout
@@ -475,11 +484,6 @@ class ShardRangeReader:
 
     def _open_shards(self, shards: set[int]) -> dict[int, "_OpenShard"]:
         """Each shard file open: kept open (up to MAX_OPEN_SHARDS per process) or opened for this read only."""
-        if self._pid != os.getpid():  # a forked child: its copies of the parent's files are its own to close
-            inherited = list(self._open.values())
-            self._start_process()
-            for opened in inherited:
-                opened.close()
         result: dict[int, _OpenShard] = {}
         for k in shards:
             opened = self._open.get(k)

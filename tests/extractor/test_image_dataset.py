@@ -154,7 +154,11 @@ def test_pickles_as_url_and_selection(sample_store):
     copy = pickle.loads(pickle.dumps(dataset))
     assert copy._store is None  # opened on first use in the process that unpickled it
     np.testing.assert_array_equal(copy[99][0].numpy(), images[99])
-    assert len(pickle.dumps(dataset)) < 8 * 100 * 3  # positions and labels, nothing of the store
+    # positions, labels and the shard reader (its layout and the shard indexes read when validating), no zarr objects
+    pickled = pickle.dumps(dataset)
+    assert len(pickled) < 8 * 100 * 3 + len(pickle.dumps(dataset._reader)) and b"zarr.core" not in pickled
+    fresh = pickle.loads(pickled)
+    assert 0 in fresh._reader._index_cache and not fresh._reader._open  # the indexes travel; files open on first read
 
 
 def test_bad_requests_say_what_is_wrong(sample_store):
