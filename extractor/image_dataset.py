@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import operator
 import os
-from typing import Any, Callable, Iterable, Literal, Sequence
+from typing import Any, Callable, Iterable, Iterator, Literal, Sequence
 
 import numpy as np
 import torch
@@ -50,38 +50,48 @@ class SampleIndexError(ImzarrError, IndexError):
     """A dataset index outside 0..len-1 (an IndexError too, so `for item in dataset` stops at the end)."""
 
 
-class BatchItem(tuple):
-    """An `(image, label)` item of a batch read at once, `image` a row of the batch's one tensor: a plain tuple
-    to its users, and a type `default_collate` knows (see `collate_batch_items`)."""
+class ImageBatch:
+    """One batch read at once: its images (one tensor) and labels."""
 
-    __slots__ = ()
+    __slots__ = ("images", "labels")
+
+    def __init__(self, images: torch.Tensor, labels: list[int]):
+        self.images, self.labels = images, labels
+
+
+class BatchItem(Sequence[Any]):
+    """The `(image, label)` item at `row` of an ImageBatch: unpacks and indexes like that tuple, and makes the
+    image (a row of the batch's tensor) only when asked; `default_collate` passes the batch's tensor on whole."""
+
+    __slots__ = ("batch", "row")
+
+    def __init__(self, batch: ImageBatch, row: int):
+        self.batch, self.row = batch, row
+
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, index: int) -> Any:  # type: ignore[override]
+        return (self.batch.images[self.row], self.batch.labels[self.row])[index]
+
+    def __iter__(self) -> Iterator[Any]:
+        yield self.batch.images[self.row]
+        yield self.batch.labels[self.row]
+
+    def __eq__(self, other: object) -> bool:
+        return tuple(self) == other if isinstance(other, tuple) else NotImplemented
+
+    def __repr__(self) -> str:
+        return repr(tuple(self))
 
 
 def collate_batch_items(batch: Sequence[BatchItem], *, collate_fn_map: dict[Any, Callable[..., Any]] | None = None) -> list[Any]:
-    """What `default_collate` gives for `(image, label)` tuples, `[images (B, ...), labels (B,) int64]`, with the
-    images tensor the items are the rows of, in order, as it is (no copy); other batches are stacked as usual."""
-    images = [item[0] for item in batch]
-    whole = _rows_of_one_tensor(images)
-    if whole is None:
-        return [collate(list(samples), collate_fn_map=collate_fn_map) for samples in zip(*batch)]
-    return [whole, torch.tensor([item[1] for item in batch])]
-
-
-def _rows_of_one_tensor(images: list[torch.Tensor]) -> torch.Tensor | None:
-    """The tensor whose consecutive rows `images` are, all of it, or None."""
-    first = images[0]
-    if not isinstance(first, torch.Tensor) or first.storage_offset() != 0 or not first.is_contiguous():
-        return None
-    storage = first.untyped_storage()
-    row_bytes = first.numel() * first.element_size()
-    if storage.nbytes() != row_bytes * len(images):
-        return None
-    start = storage.data_ptr()
-    for k, image in enumerate(images):
-        if not (type(image) is torch.Tensor and image.data_ptr() == start + k * row_bytes and image.shape == first.shape
-                and image.dtype == first.dtype and image.is_contiguous()):
-            return None
-    return first.new_empty(0).set_(storage, 0, (len(images), *first.shape))
+    """What `default_collate` gives for `(image, label)` tuples, `[images (B, ...), labels (B,) int64]`: the tensor
+    of the ImageBatch itself where the items are all its rows in order (no copy), else the rows stacked."""
+    whole = batch[0].batch
+    if len(batch) == whole.images.shape[0] and all(type(item) is BatchItem and item.batch is whole and item.row == k for k, item in enumerate(batch)):
+        return [whole.images, torch.tensor(whole.labels)]
+    return [collate(list(samples), collate_fn_map=collate_fn_map) for samples in zip(*(tuple(item) for item in batch))]
 
 
 # `default_collate`'s documented extension point: a collate function for one more element type.
@@ -153,7 +163,8 @@ class ImageStoreDataset(Dataset[Item]):
             images = images.to(torch.float32).div_(255)
         labels = self._labels[local].tolist()
         if self.transform is None:
-            return list(map(BatchItem, zip(images.unbind(0), labels)))
+            batch = ImageBatch(images, labels)
+            return [BatchItem(batch, row) for row in range(len(labels))]
         return [(self.transform(image), label) for image, label in zip(images.unbind(0), labels)]
 
     def _take(self, positions: np.ndarray) -> np.ndarray:

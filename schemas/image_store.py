@@ -288,6 +288,8 @@ class ShardRangeReader:
         self._lock = threading.Lock()
         self._pid = os.getpid()
         self._open: dict[int, _OpenShard] = {}
+        self._offsets: np.ndarray | None = None
+        self._offsets_known = np.zeros(0, dtype=bool)
         self._nowait = hasattr(os, "RWF_NOWAIT")
         weakref.finalize(self, _close_shards, self._open, self._pid)
 
@@ -358,19 +360,9 @@ class ShardRangeReader:
             return out
         shard_of = indices // layout.samples_per_shard
         wanted = np.unique(shard_of)
-        indexes = self.shard_indexes(wanted.tolist())
-        # Byte offset of every inner chunk of the wanted shards, −1 where there is none (no file, or left empty).
-        chunk_offsets = np.full((wanted.size, layout.inner_per_shard), -1, dtype=np.int64)
-        for slot, k in enumerate(wanted.tolist()):
-            index = indexes[k]
-            if index is None:
-                self._check_absent(k)
-                continue
-            stored = index[:, 0] != EMPTY_CHUNK
-            chunk_offsets[slot, stored] = index[stored, 0].astype(np.int64)
         slot_of = np.searchsorted(wanted, shard_of)
         local = indices - shard_of * layout.samples_per_shard
-        byte_pos = chunk_offsets[slot_of, local // layout.samples_per_inner]
+        byte_pos = self._chunk_offsets(wanted)[shard_of, local // layout.samples_per_inner]
         absent = byte_pos < 0
         if absent.any():
             self._fill(out, np.flatnonzero(absent))
@@ -388,17 +380,39 @@ class ShardRangeReader:
             starts = np.concatenate([np.arange(a, b, most) for a, b in zip(starts.tolist(), stops.tolist())])
             stops = np.r_[starts[1:], rows.size]
         first = rows[starts]
-        pieces = list(zip(wanted[slot_of[first]].tolist(), byte_pos[first].tolist(), first.tolist(), (stops - starts).tolist()))
-        shards = self._open_shards({k for k, *_ in pieces})
+        piece_shard, piece_pos, piece_rows = wanted[slot_of[first]], byte_pos[first], stops - starts
+        shards = self._open_shards(wanted[np.unique(slot_of[rows])].tolist())
         try:
-            if len(pieces) > 1 and (stops - starts).max() * item < LOCAL_PIECE_BYTES and self._probe_cached(pieces[0], shards, out):
-                # Small pieces, and the first was in the page cache: copy the rest from the memory maps.
-                self._copy_mapped(rows[1:], wanted[slot_of[rows[1:]]], byte_pos[rows[1:]], shards, out)
+            probe = (int(piece_shard[0]), int(piece_pos[0]), int(first[0]), int(piece_rows[0]))
+            if first.size > 1 and int(piece_rows.max()) * item < LOCAL_PIECE_BYTES and self._probe_cached(probe, shards, out):
+                # Small pieces, and the first was in the page cache: copy them all from the memory maps.
+                self._copy_mapped(rows, wanted, slot_of[rows], byte_pos[rows], shards, out)
             else:
+                pieces = list(zip(piece_shard.tolist(), piece_pos.tolist(), first.tolist(), piece_rows.tolist()))
                 self._read_pieces(pieces, shards, out)
         finally:
             self._close_uncached(shards)
         return out
+
+    def _chunk_offsets(self, shards: np.ndarray) -> np.ndarray:
+        """Byte offset of every inner chunk, by (shard, inner chunk), −1 where there is none (no file, or a chunk
+        left empty); filled in for `shards` (read from the cached indexes once per shard and process)."""
+        if self._offsets is None:
+            count = -(-self.layout.shape[0] // self.layout.samples_per_shard)
+            self._offsets = np.full((count, self.layout.inner_per_shard), -1, dtype=np.int64)
+            self._offsets_known = np.zeros(count, dtype=bool)
+        new = shards[~self._offsets_known[shards]]
+        if new.size:
+            indexes = self.shard_indexes(new.tolist())
+            for k in new.tolist():
+                index = indexes[k]
+                if index is None:
+                    self._check_absent(k)
+                else:
+                    stored = index[:, 0] != EMPTY_CHUNK
+                    self._offsets[k, stored] = index[stored, 0].astype(np.int64)
+                self._offsets_known[k] = True
+        return self._offsets
 
     def _probe_cached(self, piece: tuple[int, int, int, int], shards: dict[int, "_OpenShard"], out: np.ndarray) -> bool:
         """Read one piece if (and only if) it is in the page cache, and say whether it was."""
@@ -408,28 +422,38 @@ class ShardRangeReader:
         item = self.layout.item_bytes
         return self._read_cached(shards[k].fd, memoryview(out).cast("B")[row * item : (row + n) * item], at)
 
-    def _copy_mapped(self, rows: np.ndarray, row_shard: np.ndarray, row_pos: np.ndarray, shards: dict[int, "_OpenShard"], out: np.ndarray) -> None:
-        """out[rows] = the images at row_pos of each row's shard, copied from the shards' memory maps: one
-        fancy-indexing copy per shard holding several rows, a memory copy per row elsewhere (no system calls)."""
+    def _copy_mapped(self, rows: np.ndarray, wanted: np.ndarray, row_slot: np.ndarray, row_pos: np.ndarray, shards: dict[int, "_OpenShard"], out: np.ndarray) -> None:
+        """out[rows] = the image at row_pos in each row's shard file, copied from the memory maps without a
+        system call per image: each shard's rows gathered with one `np.take` (a per-image memory copy where a
+        shard's images do not line up), then put in the order asked with one more."""
         item = self.layout.item_bytes
-        by_shard = np.argsort(row_shard, kind="stable")
-        cuts = np.flatnonzero(np.diff(row_shard[by_shard])) + 1
-        flat = memoryview(out).cast("B")
-        for group in np.split(by_shard, cuts):
-            k = int(row_shard[group[0]])
-            opened, dest, pos = shards[k], rows[group], row_pos[group]
+        by_shard = np.argsort(row_slot, kind="stable")
+        bounds = np.searchsorted(row_slot[by_shard], np.arange(wanted.size + 1))
+        gathered = np.empty((rows.size, item), dtype=np.uint8)
+        flat = memoryview(gathered).cast("B")
+        for slot, (a, b) in enumerate(zip(bounds[:-1].tolist(), bounds[1:].tolist())):
+            if a == b:
+                continue
+            k = int(wanted[slot])
+            opened, pos = shards[k], row_pos[by_shard[a:b]]
             self._check_mapped_size(k, opened)
             end = int(pos.max()) + item
             if end > opened.size:
                 raise DamagedStoreError(f"{self.shard_path(k)}: truncated: {opened.size} bytes, an image ends at byte {end}")
             phase = int(pos[0]) % item
-            if group.size >= MAPPED_GATHER_ROWS and np.all(pos % item == phase):
+            if b - a >= MAPPED_GATHER_ROWS and np.all(pos % item == phase):
                 whole = (opened.size - phase) // item
                 images = np.frombuffer(opened.map, dtype=np.uint8, count=whole * item, offset=phase).reshape(whole, item)
-                out[dest] = images[(pos - phase) // item]
+                np.take(images, (pos - phase) // item, axis=0, out=gathered[a:b], mode="clip")  # in range: checked above
                 continue
-            for row, at in zip(dest.tolist(), pos.tolist()):
-                flat[row * item : (row + 1) * item] = opened.view[at : at + item]
+            for into, at in enumerate(pos.tolist(), start=a):
+                flat[into * item : (into + 1) * item] = opened.view[at : at + item]
+        order = np.empty_like(by_shard)
+        order[by_shard] = np.arange(by_shard.size)
+        if rows.size == out.shape[0]:
+            np.take(gathered, order, axis=0, out=out, mode="clip")
+        else:
+            out[rows] = gathered[order]
 
     def _read_pieces(self, pieces: list[tuple[int, int, int, int]], shards: dict[int, "_OpenShard"], out: np.ndarray) -> None:
         """Read each (shard, byte offset, first row, rows) into out: small pieces first without waiting for the
@@ -482,7 +506,7 @@ class ShardRangeReader:
             if got != n * item:
                 raise DamagedStoreError(f"{self.shard_path(k)}: truncated: read {got} of {n * item} bytes at offset {at}")
 
-    def _open_shards(self, shards: set[int]) -> dict[int, "_OpenShard"]:
+    def _open_shards(self, shards: list[int]) -> dict[int, "_OpenShard"]:
         """Each shard file open: kept open (up to MAX_OPEN_SHARDS per process) or opened for this read only."""
         result: dict[int, _OpenShard] = {}
         for k in shards:
