@@ -78,9 +78,6 @@ class BatchItem(Sequence[Any]):
         yield self.batch.images[self.row]
         yield self.batch.labels[self.row]
 
-    def __eq__(self, other: object) -> bool:
-        return tuple(self) == other if isinstance(other, tuple) else NotImplemented
-
     def __repr__(self) -> str:
         return repr(tuple(self))
 

@@ -43,7 +43,7 @@ from schemas.zarr_format import (
 
 # Local reads: a run of adjacent images longer than this is read as several pieces, so that one big read keeps
 # several requests in flight on the disk (a cold sequential read is then disk-bound, not latency-bound).
-LOCAL_PIECE_BYTES = 1 << 20
+LOCAL_PIECE_BYTES = 4 << 20
 BIG_PIECE_BYTES = LOCAL_PIECE_BYTES // 2  # a piece longer than this is read in a thread, cached or not
 # Threads reading pieces that are not in the page cache (and every piece of a big read); what a single SSD or a
 # network disk needs to reach its throughput (bench_reads' plain-file baseline reads with as many).
