@@ -157,9 +157,11 @@ class ImageStore:
     """Read access to a validated image store.
 
     When the `image` array's zarr.json says its inner chunks are raw bytes (the layout imzarr writes), one
-    image is one contiguous byte range of a shard file: `take` then reads those ranges itself — `pread` on local
-    disk, concurrent ranged requests on object stores — which is ~20× faster than zarr-python for random
-    samples. Any other layout is read through zarr-python's public API.
+    image is one contiguous byte range of a shard file: `take` then reads those ranges itself — on local disk
+    copies from the shard files' memory maps when they are in the page cache, else `preadv` on a pool of
+    threads (many requests in flight: a cold sequential read runs at the disk's pace); concurrent ranged
+    requests on object stores — which is ~20× faster than zarr-python for random samples. Any other layout is
+    read through zarr-python's public API.
 
     In a store marked complete, a missing shard file that the store records as written, or any shard shorter
     than its index says, raises DamagedStoreError naming the file (zarr-python would return fill values: black

@@ -97,10 +97,18 @@ def warm(files: list[Path]) -> None:
                 pass
 
 
-def make_cold(files: list[Path]) -> None:
-    drop_cached(files)
-    if is_cached(files[0]):
-        raise RuntimeError(f"{files[0]}: still in the page cache after POSIX_FADV_DONTNEED: the cold rows would be warm")
+def make_cold(files: list[Path], patience_s: float = 10.0) -> None:
+    """Drop the files from the page cache, and check: pages still mapped by a process stay (a DataLoader worker
+    of the epoch before may take a moment to exit), so try again until they are gone."""
+    gc.collect()  # readers no longer used close their memory maps
+    deadline = time.perf_counter() + patience_s
+    while True:
+        drop_cached(files)
+        if not is_cached(files[0]):
+            return
+        if time.perf_counter() > deadline:
+            raise RuntimeError(f"{files[0]}: still in the page cache after POSIX_FADV_DONTNEED: the cold rows would be warm")
+        time.sleep(0.1)
 
 
 # ---------------------------------------------------------------- sequential reads
