@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterable, Iterator, Literal, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, get_worker_info
 from torch.utils.data._utils.collate import collate, default_collate_fn_map
 
 from extractor.selection import SelectionSpec, checked_positions, class_entries, select_samples
@@ -87,7 +87,12 @@ def collate_batch_items(batch: Sequence[BatchItem], *, collate_fn_map: dict[Any,
     of the ImageBatch itself where the items are all its rows in order (no copy), else the rows stacked."""
     whole = batch[0].batch
     if len(batch) == whole.images.shape[0] and all(type(item) is BatchItem and item.batch is whole and item.row == k for k, item in enumerate(batch)):
-        return [whole.images, torch.tensor(whole.labels)]
+        images = whole.images
+        if get_worker_info() is not None:
+            # A worker's batch reaches the main process through shared memory. default_collate puts it there
+            # itself (one copy); left to pickling, the tensor's own move there costs ~5× more (bench_reads).
+            images = collate([images], collate_fn_map=collate_fn_map)[0]
+        return [images, torch.tensor(whole.labels)]
     return [collate(list(samples), collate_fn_map=collate_fn_map) for samples in zip(*(tuple(item) for item in batch))]
 
 
