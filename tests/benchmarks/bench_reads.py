@@ -42,7 +42,7 @@ from tests.benchmarks.run import Row, make_row, run_child
 
 FULL_IMAGES = 20_000
 QUICK_IMAGES = 4_000
-ROUNDS = 5
+ROUNDS = 7
 QUICK_ROUNDS = 3
 BATCH_SIZE = 256
 SEED = 20261207
