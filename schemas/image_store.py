@@ -20,7 +20,7 @@ import threading
 import weakref
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from typing import Any, Iterator
 
 import fsspec
 import numpy as np
@@ -385,12 +385,14 @@ class ShardRangeReader:
         shards = self._open_shards(wanted[np.unique(slot_of[rows])].tolist())
         try:
             probe = (int(piece_shard[0]), int(piece_pos[0]), int(first[0]), int(piece_rows[0]))
-            if first.size > 1 and int(piece_rows.max()) * item <= BIG_PIECE_BYTES and self._probe_cached(probe, shards, out):
+            small = first.size > 1 and int(piece_rows.max()) * item <= BIG_PIECE_BYTES
+            if small and self._probe_cached(probe, shards, out):
                 # Small pieces, and the first was in the page cache: copy the others from the memory maps.
                 self._copy_mapped(piece_shard[1:], piece_pos[1:], first[1:], piece_rows[1:], shards, out)
             else:
                 pieces = list(zip(piece_shard.tolist(), piece_pos.tolist(), first.tolist(), piece_rows.tolist()))
-                self._read_pieces(pieces, shards, out)
+                # Small pieces whose first was not cached (where it could be asked): take the others as uncached too.
+                self._read_pieces(pieces, shards, out, uncached=small and self._nowait and all(s.view is not None for s in shards.values()))
         finally:
             self._close_uncached(shards)
         return out
@@ -443,29 +445,30 @@ class ShardRangeReader:
         for source, at, into, nbytes in zip(sources, piece_pos.tolist(), (first * item).tolist(), (piece_rows * item).tolist()):
             flat[into : into + nbytes] = source[at : at + nbytes]
 
-    def _read_pieces(self, pieces: list[tuple[int, int, int, int]], shards: dict[int, "_OpenShard"], out: np.ndarray) -> None:
+    def _read_pieces(self, pieces: list[tuple[int, int, int, int]], shards: dict[int, "_OpenShard"], out: np.ndarray, uncached: bool = False) -> None:
         """Read each (shard, byte offset, first row, rows) into out: small pieces first without waiting for the
-        disk (`RWF_NOWAIT`), then what was not cached and every big piece by the thread pool, many at once."""
+        disk (`RWF_NOWAIT`, unless known `uncached`), then what was not cached and every big piece by the thread
+        pool, many at once, each thread taking the next piece (in file order, as the disk prefers)."""
         item = self.layout.item_bytes
         flat = memoryview(out).cast("B")
         if len(pieces) == 1:
-            self._read_waiting(pieces, shards, flat)
+            self._read_waiting(iter(pieces), shards, flat)
             return
         later: list[tuple[int, int, int, int]] = []
         for piece in pieces:
             k, at, row, n = piece
-            if n * item > BIG_PIECE_BYTES:
+            if uncached or n * item > BIG_PIECE_BYTES:
                 later.append(piece)  # a big piece is worth a thread, cached or not
             elif not self._nowait:
-                self._read_waiting([piece], shards, flat)
+                self._read_waiting(iter([piece]), shards, flat)
             elif not self._read_cached(shards[k].fd, flat[row * item : (row + n) * item], at):
                 later.append(piece)
         if len(later) <= 1:
-            self._read_waiting(later, shards, flat)
+            self._read_waiting(iter(later), shards, flat)
             return
-        groups = [later[g :: LOCAL_READ_THREADS] for g in range(min(LOCAL_READ_THREADS, len(later)))]
+        queue = iter(later)  # shared by the threads: a list iterator hands each piece to one of them
         pool = _read_pool()
-        for done in [pool.submit(self._read_waiting, group, shards, flat) for group in groups]:
+        for done in [pool.submit(self._read_waiting, queue, shards, flat) for _ in range(min(LOCAL_READ_THREADS, len(later)))]:
             done.result()
 
     def _check_mapped_size(self, shard: int, opened: "_OpenShard") -> None:
@@ -487,10 +490,23 @@ class ShardRangeReader:
             self._nowait = False  # this filesystem cannot say "not cached": read without asking from now on
             return False
 
-    def _read_waiting(self, pieces: list[tuple[int, int, int, int]], shards: dict[int, "_OpenShard"], flat: memoryview) -> None:
+    def _read_waiting(self, pieces: Iterator[tuple[int, int, int, int]], shards: dict[int, "_OpenShard"], flat: memoryview) -> None:
         item = self.layout.item_bytes
         for k, at, row, n in pieces:
-            got = os.preadv(shards[k].fd, [flat[row * item : (row + n) * item]], at)
+            into = flat[row * item : (row + n) * item]
+            if n * item > BIG_PIECE_BYTES:
+                # Its own open file for a big piece: the kernel's read-ahead follows each open file, and threads
+                # sharing one make each other's reads look random (measured: 0.37 s against 0.50 s cold, 20 k images).
+                try:
+                    fd = os.open(self.shard_path(k), os.O_RDONLY)
+                except FileNotFoundError:
+                    raise DamagedStoreError(f"{self.shard_path(k)}: missing; its index was read, then the file went") from None
+                try:
+                    got = os.preadv(fd, [into], at)
+                finally:
+                    os.close(fd)
+            else:
+                got = os.preadv(shards[k].fd, [into], at)
             if got != n * item:
                 raise DamagedStoreError(f"{self.shard_path(k)}: truncated: read {got} of {n * item} bytes at offset {at}")
 

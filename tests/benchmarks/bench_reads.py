@@ -9,7 +9,8 @@ Sequential reads of all N images, each timed from opening to the last byte:
 - `ImageStore`: `validate_image_store(url).read(0, N)`;
 - TensorStore: `tensorstore.open({"driver": "zarr3", ...})` of the same `image` array, `[0:N].read()`;
 - plain reads: the shard files' bytes, `preadv` of 4 MiB blocks by 8 threads into one buffer (the disk's limit:
-  no index, no layout, no checks).
+  no index, no layout, no checks);
+- and, as context, `ImageStore.read` alone, of a store opened (validated) before the page cache was dropped.
 "Cold" drops every file of the store from the page cache first (`posix_fadvise(POSIX_FADV_DONTNEED)`, written
 back first; no root needed), and checks that it did: a `preadv(RWF_NOWAIT)` of a shard file's first page must
 then find it uncached. "Warm" reads every file once right before; the warm rows show the contrast.
@@ -194,6 +195,7 @@ def _child(workdir: Path, n: int, rounds: int) -> dict[str, Any]:
     import torch
 
     from extractor.image_dataset import ImageStoreDataset
+    from schemas.image_store import validate_image_store
     from tests.support.synthetic import read_shard_rows
 
     store, npy = workdir / "images.zarr", workdir / "images.npy"
@@ -231,6 +233,12 @@ def _child(workdir: Path, n: int, rounds: int) -> dict[str, Any]:
                 started = time.perf_counter()
                 read()
                 times.setdefault(f"seq/{name}/{state}", []).append(time.perf_counter() - started)
+            opened = validate_image_store(str(store))  # the read alone: the store opened (untimed) before the drop
+            make_cold(all_files) if state == "cold" else warm(all_files)
+            started = time.perf_counter()
+            opened.read(0, n)
+            times.setdefault(f"seq/imzarr-opened/{state}", []).append(time.perf_counter() - started)
+            del opened
         for workers in (0, 2):
             for state in ("warm", "cold"):
                 for name, factory in factories.items():
@@ -285,6 +293,12 @@ def run(workdir: Path, quick: bool = False) -> list[Row]:
                 note=f"ImageStore {_spread(times['seq/imzarr/cold'], n)}; baseline {_spread(times[f'seq/{name}/cold'], n)}; {load_note}",
             )
         )
+    rows.append(
+        make_row(
+            "reads", f"cold sequential read(0, {n:,}) alone, the store opened before (context: what the open costs)", rate["seq/imzarr-opened/cold"],
+            "images/s", baseline=rate["seq/plain/cold"], note=f"baseline = plain preadv; {_spread(times['seq/imzarr-opened/cold'], n)}",
+        )
+    )
     for name in ("imzarr", "tensorstore", "plain"):
         rows.append(
             make_row(
