@@ -13,24 +13,29 @@ in [0, 1] (`output="float"`: the stored value / 255, as torchvision's `to_tensor
 if one is given; `label` an int, the sorted-WNID class index 0..999 (what EDM, ADM, DMD2 and torchvision models
 are conditioned on), or -1 where the store does not know the class.
 
-The DataLoader fetches a whole batch through `__getitems__`, which reads it with one `ImageStore.take` (one
-`pread` per run of adjacent images). The dataset pickles as its URL and selected positions; each process opens
-the store itself on first use, so `num_workers > 0` works with fork, spawn and forkserver alike.
+The DataLoader fetches a whole batch through `__getitems__`, which reads it with one `ImageStore.take` into one
+tensor; its items are rows of that tensor, and `default_collate` hands the tensor on as the batch instead of
+stacking a copy (the items' type is registered in `default_collate_fn_map`, the extension point that function
+documents). The dataset pickles as its URL, selected positions and the store's shard reader (the layout and
+shard indexes it read when validating the store, no open files), so a DataLoader worker reads without opening
+or validating the store again, with fork, spawn and forkserver alike; a shard file gone or cut short since
+still raises DamagedStoreError in the worker.
 """
 
 from __future__ import annotations
 
 import operator
 import os
-from typing import Any, Callable, Iterable, Literal, Sequence
+from typing import Any, Callable, Iterable, Iterator, Literal, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, get_worker_info
+from torch.utils.data._utils.collate import collate, default_collate_fn_map
 
 from extractor.selection import SelectionSpec, checked_positions, class_entries, select_samples
 from schemas.errors import ImzarrError
-from schemas.image_store import ImageStore, validate_image_store
+from schemas.image_store import ImageStore, ShardRangeReader, validate_image_store
 
 Output = Literal["uint8", "float"]
 OUTPUTS: tuple[str, ...] = ("uint8", "float")
@@ -43,6 +48,56 @@ class ImageDatasetError(ImzarrError):
 
 class SampleIndexError(ImzarrError, IndexError):
     """A dataset index outside 0..len-1 (an IndexError too, so `for item in dataset` stops at the end)."""
+
+
+class ImageBatch:
+    """One batch read at once: its images (one tensor) and labels."""
+
+    __slots__ = ("images", "labels")
+
+    def __init__(self, images: torch.Tensor, labels: list[int]):
+        self.images, self.labels = images, labels
+
+
+class BatchItem(Sequence[Any]):
+    """The `(image, label)` item at `row` of an ImageBatch: unpacks and indexes like that tuple, and makes the
+    image (a row of the batch's tensor) only when asked; `default_collate` passes the batch's tensor on whole."""
+
+    __slots__ = ("batch", "row")
+
+    def __init__(self, batch: ImageBatch, row: int):
+        self.batch, self.row = batch, row
+
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, index: int) -> Any:  # type: ignore[override]
+        return (self.batch.images[self.row], self.batch.labels[self.row])[index]
+
+    def __iter__(self) -> Iterator[Any]:
+        yield self.batch.images[self.row]
+        yield self.batch.labels[self.row]
+
+    def __repr__(self) -> str:
+        return repr(tuple(self))
+
+
+def collate_batch_items(batch: Sequence[BatchItem], *, collate_fn_map: dict[Any, Callable[..., Any]] | None = None) -> list[Any]:
+    """What `default_collate` gives for `(image, label)` tuples, `[images (B, ...), labels (B,) int64]`: the tensor
+    of the ImageBatch itself where the items are all its rows in order (no copy), else the rows stacked."""
+    whole = batch[0].batch
+    if len(batch) == whole.images.shape[0] and all(type(item) is BatchItem and item.batch is whole and item.row == k for k, item in enumerate(batch)):
+        images = whole.images
+        if get_worker_info() is not None:
+            # A worker's batch reaches the main process through shared memory. default_collate puts it there
+            # itself (one copy); left to pickling, the tensor's own move there costs ~5× more (bench_reads).
+            images = collate([images], collate_fn_map=collate_fn_map)[0]
+        return [images, torch.tensor(whole.labels)]
+    return [collate(list(samples), collate_fn_map=collate_fn_map) for samples in zip(*(tuple(item) for item in batch))]
+
+
+# `default_collate`'s documented extension point: a collate function for one more element type.
+default_collate_fn_map[BatchItem] = collate_batch_items
 
 
 class ImageStoreDataset(Dataset[Item]):
@@ -83,6 +138,13 @@ class ImageStoreDataset(Dataset[Item]):
         self.store_positions: np.ndarray = given[select_samples(spec, all_labels[given], all_synsets[given])]
         self._labels = all_labels[self.store_positions].astype(np.int64)
         self._store: ImageStore | None = store
+        self._image_shape = tuple(int(d) for d in store.image.shape[1:])
+        # The validated store's direct reader, with the index of every shard the selection reads (checked
+        # against each file's size now): workers get it pickled and read at once. None: read through zarr.
+        self._reader: ShardRangeReader | None = store.fast_reader
+        if self._reader is not None and self.store_positions.size:
+            shards = np.unique(self.store_positions // self._reader.layout.samples_per_shard)
+            self._reader.shard_indexes(shards.tolist())
         self._opened_in_pid = os.getpid()
         self._text_coordinates: dict[str, np.ndarray] = {}
 
@@ -91,18 +153,27 @@ class ImageStoreDataset(Dataset[Item]):
 
     def __getitem__(self, index: int) -> Item:
         """One sample: (image (3, S, S) uint8 or float tensor, label int, -1 when unknown)."""
-        return self.__getitems__([operator.index(index)])[0]
+        image, label = self.__getitems__([operator.index(index)])[0]
+        return image, label
 
     def __getitems__(self, indices: Sequence[int] | np.ndarray | torch.Tensor) -> list[Item]:
-        """Samples at dataset indices, read with one `ImageStore.take`; a list of items, as default_collate takes."""
+        """Samples at dataset indices, read with one `ImageStore.take`; a list of items, as default_collate takes
+        (without a transform, rows of one tensor that default_collate passes on as the batch: see BatchItem)."""
         local = self._local_indices(indices)
-        images = torch.from_numpy(self.store.take(self.store_positions[local]))
+        images = torch.from_numpy(self._take(self.store_positions[local]))
         if self.output == "float":
             images = images.to(torch.float32).div_(255)
         labels = self._labels[local].tolist()
         if self.transform is None:
-            return list(zip(images.unbind(0), labels))
+            batch = ImageBatch(images, labels)
+            return [BatchItem(batch, row) for row in range(len(labels))]
         return [(self.transform(image), label) for image, label in zip(images.unbind(0), labels)]
+
+    def _take(self, positions: np.ndarray) -> np.ndarray:
+        """uint8 images at store positions (checked in range when selected)."""
+        if self._reader is None:
+            return self.store.take(positions)
+        return self._reader.take(positions).reshape(positions.size, *self._image_shape)
 
     @property
     def store(self) -> ImageStore:
@@ -146,7 +217,7 @@ class ImageStoreDataset(Dataset[Item]):
         return np.where(local < 0, local + n, local)
 
     def __getstate__(self) -> dict[str, Any]:
-        # Workers get the URL and the selection only: an open zarr group does not pickle cheaply, if at all.
+        # Workers get the URL, the selection and the shard reader: an open zarr group does not pickle cheaply, if at all.
         state = self.__dict__.copy()
         state["_store"] = None
         state["_text_coordinates"] = {}

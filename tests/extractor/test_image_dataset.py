@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, default_collate
 
 from tests.support.synthetic import read_shard_rows
 
@@ -21,6 +22,7 @@ from extractor.selection import SelectionError, SelectionSpec, select_samples
 from schemas.classes import class_table
 from schemas.errors import ImzarrError
 from schemas.image_store import validate_image_store
+from schemas.store_integrity import DamagedStoreError
 from tests.support.locations import REPO
 
 TABLE = class_table()
@@ -154,7 +156,11 @@ def test_pickles_as_url_and_selection(sample_store):
     copy = pickle.loads(pickle.dumps(dataset))
     assert copy._store is None  # opened on first use in the process that unpickled it
     np.testing.assert_array_equal(copy[99][0].numpy(), images[99])
-    assert len(pickle.dumps(dataset)) < 8 * 100 * 3  # positions and labels, nothing of the store
+    # positions, labels and the shard reader (its layout and the shard indexes read when validating), no zarr objects
+    pickled = pickle.dumps(dataset)
+    assert len(pickled) < 8 * 100 * 3 + len(pickle.dumps(dataset._reader)) and b"zarr.core" not in pickled
+    fresh = pickle.loads(pickled)
+    assert 0 in fresh._reader._index_cache and not fresh._reader._open  # the indexes travel; files open on first read
 
 
 def test_bad_requests_say_what_is_wrong(sample_store):
@@ -170,3 +176,39 @@ def test_bad_requests_say_what_is_wrong(sample_store):
         ImageStoreDataset(url, indices=[3, 600])
     with pytest.raises(SelectionError, match="goldfish|n01443537"):
         ImageStoreDataset(url, classes="goldfish")
+
+
+def test_batches_reach_the_dataloader_as_read_and_collate_like_tuples(sample_store):
+    """default_collate hands on the tensor `__getitems__` read (no stacking copy); items taken apart or mixed
+    collate exactly as `(image, label)` tuples do."""
+    url, images, labels = sample_store
+    dataset = ImageStoreDataset(url)
+    wanted = [9, 4, 598, 4, 300]
+    items = dataset.__getitems__(wanted)
+    images_batch, labels_batch = default_collate(items)
+    assert images_batch.data_ptr() == items[0][0].data_ptr()  # the very tensor the items are rows of
+    np.testing.assert_array_equal(images_batch.numpy(), images[wanted])
+    assert labels_batch.dtype == torch.int64 and labels_batch.tolist() == labels[wanted].tolist()
+    image, label = items[2]
+    assert len(items[2]) == 2 and torch.equal(image, items[2][0]) and label == items[2][1] == int(labels[598])
+    for subset in (items[1:], items[::-1], [*items[:2], *dataset.__getitems__([7])]):
+        expected = default_collate([tuple(item) for item in subset])
+        got = default_collate(subset)
+        assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+        assert got[0].data_ptr() != items[0][0].data_ptr()  # stacked: not all rows of one batch, in order
+
+
+# The damage happens after the dataset validated the store: each worker must still name the file, not yield zeros.
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded, use of fork:DeprecationWarning")
+@pytest.mark.parametrize("damage", ["truncated", "missing"])
+def test_a_shard_damaged_after_opening_fails_in_the_workers(sample_store, tmp_path, damage):
+    url, _, _ = sample_store
+    copy = tmp_path / "copy.zarr"
+    shutil.copytree(url, copy)
+    dataset = ImageStoreDataset(str(copy))
+    dataset[0]  # files opened in this process; the workers open their own
+    shard = next(p for p in sorted((copy / "image" / "c" / "1").rglob("*")) if p.is_file())
+    os.truncate(shard, 100) if damage == "truncated" else shard.unlink()
+    loader = DataLoader(dataset, batch_size=64, num_workers=2, multiprocessing_context="fork")
+    with pytest.raises(DamagedStoreError, match=f"{shard}: {damage}"):
+        list(loader)

@@ -1,14 +1,19 @@
-"""The image store's direct shard reader: chosen from zarr.json alone, and byte-identical to zarr-python."""
+"""The image store's direct shard reader: chosen from zarr.json alone, byte-identical to zarr-python on every read
+path (memory maps, thread pool, pickled into a worker), and refusing damaged files."""
 
 from __future__ import annotations
 
 import json
+import os
+import pickle
 
 import numpy as np
 import pytest
 import zarr
 
+from schemas import image_store
 from schemas.image_store import ImageStore, ShardRangeReader, take_with_zarr
+from schemas.store_integrity import DamagedStoreError
 from schemas.zarr_format import chunk_key, is_string_data_type, read_node_metadata, uncompressed_shard_layout
 
 
@@ -110,3 +115,72 @@ def test_zarr_json_of_current_zarr_matches_the_spec_fields(tmp_path):
     assert [c["name"] for c in sharding["configuration"]["index_codecs"]] == ["bytes", "crc32c"]
     assert sharding["configuration"].get("index_location", "end") == "end"
     assert meta["dimension_names"] == ["sample", "channel", "y", "x"]
+
+
+def _drop_from_page_cache(folder) -> None:
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+@pytest.mark.parametrize("cached", [True, False], ids=["page-cache", "disk"])
+def test_local_reads_equal_the_source_on_every_path(tmp_path, monkeypatch, cached):
+    """Shuffled batches (copied from the memory maps when cached, read by the thread pool when not), sequential
+    reads split into pieces (the thread pool), repeats, reversed runs and single images: the source's bytes."""
+    monkeypatch.setattr(image_store, "LOCAL_PIECE_BYTES", 2048)  # pieces of 10 images here: many, on small data
+    monkeypatch.setattr(image_store, "BIG_PIECE_BYTES", 1024)
+    url = str(tmp_path / "s.zarr")
+    images = _images(700)
+    _array_store(url, images, shard=128, inner=32)
+    reader = ImageStore(url, zarr.open_group(url, mode="r")).fast_reader
+    rng = np.random.default_rng(3)
+    requests = [rng.permutation(700)[:256], np.arange(700), np.arange(699, -1, -1), rng.integers(0, 700, 300), np.array([5]), np.arange(100, 140)]
+    for idx in requests:
+        if not cached:
+            _drop_from_page_cache(tmp_path / "s.zarr" / "image")
+        got = reader.take(idx).reshape(idx.size, 3, 8, 8)
+        np.testing.assert_array_equal(got, images[idx])
+
+
+def test_a_pickled_reader_reads_without_metadata_and_still_detects_damage(tmp_path):
+    """What a DataLoader worker gets: the layout and indexes travel; a file cut short or gone since raises."""
+    url = str(tmp_path / "s.zarr")
+    images = _images(400)
+    _array_store(url, images, shard=128, inner=32)
+    reader = ImageStore(url, zarr.open_group(url, mode="r")).fast_reader
+    reader.shard_indexes([0, 1, 2, 3])
+    copy = pickle.loads(pickle.dumps(reader))
+    (tmp_path / "s.zarr" / "image" / "zarr.json").unlink()  # a worker never reads metadata again
+    idx = np.random.default_rng(0).permutation(400)
+    np.testing.assert_array_equal(copy.take(idx).reshape(400, 3, 8, 8), images[idx])
+    shard_dir = tmp_path / "s.zarr" / "image" / "c"
+    cut, gone = shard_dir / "1" / "0" / "0" / "0", shard_dir / "2" / "0" / "0" / "0"
+    os.truncate(cut, cut.stat().st_size // 2)
+    for opened in (copy, pickle.loads(pickle.dumps(reader))):  # files opened before the damage, and after it
+        for idx in (np.array([3, 130, 250]), np.array([250]), np.arange(128, 256)):  # 250: past the cut
+            with pytest.raises(DamagedStoreError, match=f"^{cut}: truncated"):
+                opened.take(idx)
+    os.truncate(cut, 0)
+    gone.unlink()
+    with pytest.raises(DamagedStoreError, match=f"^{gone}: missing"):
+        pickle.loads(pickle.dumps(reader)).take(np.array([300]))
+
+
+def test_a_mapped_shard_cut_short_raises_instead_of_crashing(tmp_path):
+    """A shard file cut while its memory map is held: the reader refuses it (touching the lost pages would kill
+    the process with SIGBUS)."""
+    url = str(tmp_path / "s.zarr")
+    images = _images(256)
+    _array_store(url, images, shard=128, inner=32)
+    reader = ImageStore(url, zarr.open_group(url, mode="r")).fast_reader
+    batch = np.random.default_rng(0).permutation(256)[:64]
+    np.testing.assert_array_equal(reader.take(batch).reshape(64, 3, 8, 8), images[batch])  # maps both shards
+    shard = tmp_path / "s.zarr" / "image" / "c" / "1" / "0" / "0" / "0"
+    size = shard.stat().st_size
+    os.truncate(shard, size // 3)
+    with pytest.raises(DamagedStoreError, match=f"^{shard}: truncated: {size // 3} bytes, {size} when it was opened"):
+        reader.take(batch)
