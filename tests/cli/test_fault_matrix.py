@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.faults import KILL_AT_STEP
-from tests.support.commands import run_imzarr
+from tests.support.commands import checkout_env, run_imzarr
 
 pytestmark = pytest.mark.slow
 
@@ -24,7 +24,7 @@ STEPS = [("after_group_create", 0), ("after_attrs", 0), ("after_shard", 2), ("af
 
 
 def _killed_run(step: str, count: int, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", KILL_AT_STEP, step, str(count), *args], cwd=cwd, capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-c", KILL_AT_STEP, step, str(count), *args], cwd=cwd, env=checkout_env(), capture_output=True, text=True)
 
 
 GENERATION = re.compile(rb'"generation": "[0-9a-f]{32}"')

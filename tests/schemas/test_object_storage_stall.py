@@ -19,6 +19,8 @@ import zarr
 pytest.importorskip("moto.server")
 pytest.importorskip("s3fs")
 
+from tests.support.commands import checkout_env, run_imzarr  # noqa: E402
+
 pytestmark = pytest.mark.slow
 
 # Runs an imzarr command and stops the S3 server (pid argv[1]) right after the command records its N-th shard
@@ -49,7 +51,7 @@ def _options(s3) -> str:
 
 
 def _imzarr(s3, cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "schemas", *args, "--storage-options", _options(s3)], cwd=cwd, env=s3.env(), capture_output=True, text=True, timeout=300)
+    return run_imzarr(*args, "--storage-options", _options(s3), cwd=cwd, env=s3.env(), timeout=300)
 
 
 def _stalled(s3, cwd: Path, after_shards: int, *args: str) -> tuple[subprocess.CompletedProcess, float]:
@@ -58,7 +60,7 @@ def _stalled(s3, cwd: Path, after_shards: int, *args: str) -> tuple[subprocess.C
     try:
         proc = subprocess.run(
             [sys.executable, "-c", STOP_SERVER_AFTER_SHARD, str(s3.pid), str(after_shards), *args, "--storage-options", _options(s3)],
-            cwd=cwd, env=s3.env(), capture_output=True, text=True, timeout=STALL_LIMIT_S + 60,
+            cwd=cwd, env=checkout_env(s3.env()), capture_output=True, text=True, timeout=STALL_LIMIT_S + 60,
         )  # fmt: skip
     finally:
         os.kill(s3.pid, signal.SIGCONT)
@@ -86,7 +88,7 @@ def _same_arrays(a: str, b: str) -> None:
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory, s3) -> Path:
     work = tmp_path_factory.mktemp("stall")
-    made = subprocess.run([sys.executable, "-m", "schemas", "sample", "src", "--per-shard", "96", "--train-shards", "2", "--val-size", "10"], cwd=work, capture_output=True, text=True)
+    made = run_imzarr("sample", "src", "--per-shard", "96", "--train-shards", "2", "--val-size", "10", cwd=work)
     assert made.returncode == 0, made.stderr
     return work
 
