@@ -1,6 +1,7 @@
 """A stalled object store (moto's server stopped with SIGSTOP mid-run) fails `convert npz -o s3://…` and `extract`
 from s3:// within the timeouts, in one line naming the endpoint; after SIGCONT the same command resumes to the
-store an uninterrupted run makes. Short timeouts come through --storage-options, so each stall costs seconds."""
+store an uninterrupted run makes. Short timeouts and one botocore attempt per request come through
+--storage-options, so each stall costs seconds (s3fs's own retries still run: what a user's command meets)."""
 
 from __future__ import annotations
 
@@ -42,12 +43,13 @@ def mark_done(*args, **kwargs):
 lifecycle.mark_done = mark_done
 exit_process(main(argv))
 """
-# The longest a stalled run may take here: requests give up after 5 s3fs tries × 2 botocore attempts × 1 s.
+# The longest a stalled run may take here: requests give up after 5 s3fs tries × 1 botocore attempt × 1 s.
 STALL_LIMIT_S = 120
 
 
 def _options(s3) -> str:
-    return json.dumps({"endpoint_url": s3.endpoint, "config_kwargs": {"connect_timeout": 1, "read_timeout": 1}})
+    config = {"connect_timeout": 1, "read_timeout": 1, "retries": {"mode": "standard", "total_max_attempts": 1}}
+    return json.dumps({"endpoint_url": s3.endpoint, "config_kwargs": config})
 
 
 def _imzarr(s3, cwd: Path, *args: str) -> subprocess.CompletedProcess:
