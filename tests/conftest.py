@@ -1,11 +1,11 @@
+"""Fixtures made once per test process (session scope: once per pytest-xdist worker) or once per module where a
+test may change what it gets. Tests copy a shared store before damaging it. Plain helpers live in tests/support/."""
+
 from pathlib import Path
 
-import numpy as np
 import pytest
-import zarr
 
-from tests.support.commands import run_imzarr  # noqa: F401  (also a plain import for tests)
-from tests.support.locations import EDM_REFERENCE, REPO  # noqa: F401
+from tests.support.locations import EDM_REFERENCE
 
 
 @pytest.fixture(scope="session")
@@ -16,15 +16,23 @@ def edm_reference() -> dict:
     return torch.load(EDM_REFERENCE, weights_only=True)
 
 
-@pytest.fixture(scope="module")
-def s3():
-    """A moto S3 server on a free 127.0.0.1 port for one test module (tests/support/s3_server.py), stopped after it."""
+@pytest.fixture(scope="session")
+def s3_server():
+    """One moto S3 server per test process, on a free 127.0.0.1 port (tests/support/s3_server.py), stopped at the end."""
     pytest.importorskip("moto.server")
     pytest.importorskip("s3fs")
     from tests.support.s3_server import local_s3
 
     with local_s3() as server:
         yield server
+
+
+@pytest.fixture(scope="module")
+def s3(s3_server, request):
+    """The S3 server with a bucket of the test module's own (named after it), so modules never see each other's keys."""
+    from tests.support.s3_server import with_bucket
+
+    return with_bucket(s3_server, "imzarr-" + request.module.__name__.rsplit(".", 1)[-1].replace("_", "-")[:50])
 
 
 @pytest.fixture()
@@ -62,15 +70,24 @@ def edm_modules(monkeypatch: pytest.MonkeyPatch):
     return _reconstruct_persistent_obj, EasyDict
 
 
-@pytest.fixture(scope="module")
-def image_store(tmp_path_factory) -> str:
-    """A small shuffled image store of the embedded sample (120 images, 32-image shards, 8-image inner chunks)."""
-    from converter.convert import ConvertOptions, convert
+@pytest.fixture(scope="session")
+def sample_shards(tmp_path_factory) -> Path:
+    """The embedded sample's NPZ shards (converter/sample.py): train/ holds 2 files of 60 images (64 px, 10
+    classes), val/ 10 images. Read only: a test that changes them copies them first."""
     from converter.sample import write_sample_shards
+
+    root = tmp_path_factory.mktemp("sample-shards")
+    write_sample_shards(root, per_shard=60, train_shards=2, val_size=10)
+    return root
+
+
+@pytest.fixture(scope="session")
+def image_store(sample_shards, tmp_path_factory) -> str:
+    """The sample's 120 training images converted with a shuffle (seed 5; 32-image shards, 8-image inner chunks).
+    Read only: a test that damages or rewrites it copies it first."""
+    from converter.convert import ConvertOptions, convert
     from converter.sources.npz import open_npz_source
 
-    root = tmp_path_factory.mktemp("images")
-    write_sample_shards(root / "npz", per_shard=60, train_shards=2, val_size=10)
-    url = str(root / "images.zarr")
-    convert(open_npz_source([root / "npz" / "train"]), ConvertOptions(url, shuffle_seed=5, shard_size=32, inner_chunk=8))
+    url = str(tmp_path_factory.mktemp("images") / "images.zarr")
+    convert(open_npz_source([sample_shards / "train"]), ConvertOptions(url, shuffle_seed=5, shard_size=32, inner_chunk=8))
     return url

@@ -6,38 +6,20 @@ import warnings
 
 import numpy as np
 import pytest
-import scipy.linalg
 import xarray as xr
 from PIL import Image
-from scipy.spatial.distance import cdist
 
 from extractor.analysis import compare as compare_module
 from extractor.analysis.compare import CompareError, LayerMismatchError, NonFiniteFeaturesError, compare_stores, format_report_table
 from extractor.analysis.plots import PlotError
 from schemas.classes import class_table
+from tests.support.reference_metrics import reference_fd_of_samples, reference_prdc
 from tests.support.synthetic import write_activation_store
 
 DIM = 8
 MODES = 4
 PER_MODE = 20
 FULL, HALF, QUARTER, TINY, REAL_ONLY = 1, 7, 42, 300, 99  # labels: how many of the real modes the fakes cover
-
-
-def reference_fd(x1, x2):
-    mu1, mu2, s1, s2 = x1.mean(0), x2.mean(0), np.cov(x1, rowvar=False), np.cov(x2, rowvar=False)
-    return float(np.sum((mu1 - mu2) ** 2) + np.trace(s1 + s2 - 2 * scipy.linalg.sqrtm(s1 @ s2).real))
-
-
-def reference_prdc(real, fake, k):
-    d_rr, d_ff, d_rf = cdist(real, real), cdist(fake, fake), cdist(real, fake)
-    r_real, r_fake = np.sort(d_rr, axis=1)[:, k], np.sort(d_ff, axis=1)[:, k]
-    inside = d_rf <= r_real[:, None]
-    return {
-        "precision": inside.any(axis=0).mean(),
-        "recall": (d_rf <= r_fake[None, :]).any(axis=1).mean(),
-        "density": inside.sum() / (k * fake.shape[0]),
-        "coverage": (d_rf.min(axis=1) <= r_real).mean(),
-    }
 
 
 def mode_centres(label):
@@ -93,7 +75,7 @@ def test_overall_and_per_class_equal_references(stores):
     a = ds.attrs
     assert a["n_real"] == len(real) and a["n_fake"] == len(fake) and a["k"] == 5 and a["layer"] == "feat" and a["pool"] == "mean"
     assert a["real_store"] == real_url and a["fake_store"] == fake_url
-    assert a["fd"] == pytest.approx(reference_fd(real, fake), rel=1e-6)
+    assert a["fd"] == pytest.approx(reference_fd_of_samples(real, fake), rel=1e-6)
     overall = reference_prdc(real, fake, 5)
     for name, value in overall.items():
         # float32 blocked distances: at most one sample on a ball's edge may flip
@@ -107,7 +89,7 @@ def test_overall_and_per_class_equal_references(stores):
         row = ds.sel(label=label)
         r, f = real[real_labels == label], fake[fake_labels == label]
         assert int(row.n_real) == len(r) and int(row.n_fake) == len(f)
-        assert float(row.fd) == pytest.approx(reference_fd(r, f), rel=1e-6)
+        assert float(row.fd) == pytest.approx(reference_fd_of_samples(r, f), rel=1e-6)
         for name, value in reference_prdc(r, f, 5).items():
             assert float(row[name]) == pytest.approx(value, abs=1e-12), (label, name)
         assert str(row.note.values) == ""
@@ -199,7 +181,7 @@ def test_unpooled_layers_mean_max_and_flatten(tmp_path):
         ds = compare_stores(ur, uf, "feat", pool=pool, block_size=16)
         r, f = reduce(maps_r.astype(np.float32)).astype(np.float64), reduce(maps_f.astype(np.float32)).astype(np.float64)
         assert ds.attrs["pool"] == pool
-        assert ds.attrs["fd"] == pytest.approx(reference_fd(r, f), rel=1e-5), pool
+        assert ds.attrs["fd"] == pytest.approx(reference_fd_of_samples(r, f), rel=1e-5), pool
         assert ds.attrs["coverage"] == pytest.approx(reference_prdc(r, f, 5)["coverage"], abs=1.01 / 70), pool
     # A store pooled at extraction compares with an unpooled one reduced the same way, and not with another way.
     pooled = store(tmp_path / "p.zarr", maps_f.astype(np.float32).mean(axis=(2, 3)), labels_f, dtype="float32", pooling="mean")

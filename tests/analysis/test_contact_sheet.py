@@ -6,23 +6,12 @@ import pytest
 from PIL import Image
 
 from converter.convert import ConvertOptions, convert
-from converter.sample import write_sample_shards
 from converter.sources.npz import open_npz_source
 from extractor.analysis.contact_sheet import ContactSheetError, sheet_size, tile_origin, write_contact_sheet
 from schemas.classes import class_table
 from schemas.image_store import validate_image_store
 from tests.support.synthetic import write_activation_store
 from tests.support.synthetic import photo_like, write_npz_shard
-
-
-@pytest.fixture(scope="module")
-def sample_store(tmp_path_factory):
-    """The embedded 10-class sample at 64 px, converted with a shuffle."""
-    root = tmp_path_factory.mktemp("sheet")
-    write_sample_shards(root / "npz", per_shard=120, train_shards=1, val_size=10)
-    url = str(root / "images.zarr")
-    convert(open_npz_source([root / "npz" / "train"]), ConvertOptions(url, shuffle_seed=3, shard_size=64, inner_chunk=16))
-    return url
 
 
 @pytest.fixture(scope="module")
@@ -45,10 +34,10 @@ def tile_pixels(sheet, row, col, tile):
     return sheet[y : y + tile, x : x + tile]
 
 
-def test_default_sheet_rows_are_the_first_classes_in_label_order(sample_store, tmp_path):
-    store = validate_image_store(sample_store)
+def test_default_sheet_rows_are_the_first_classes_in_label_order(image_store, tmp_path):
+    store = validate_image_store(image_store)
     synsets = store.coordinate("synset")
-    out = write_contact_sheet(sample_store, tmp_path / "s.png", per_class=3, max_classes=4)
+    out = write_contact_sheet(image_store, tmp_path / "s.png", per_class=3, max_classes=4)
     with Image.open(out) as img:
         assert img.format == "PNG"
         sheet = np.asarray(img.convert("RGB"))

@@ -3,8 +3,6 @@ and precision/recall/density/coverage against hand-worked point sets and a brute
 
 import numpy as np
 import pytest
-import scipy.linalg
-from scipy.spatial.distance import cdist
 
 from extractor.analysis import metrics
 from extractor.analysis.metrics import (
@@ -16,25 +14,7 @@ from extractor.analysis.metrics import (
     prdc,
     prdc_blocked,
 )
-
-
-def reference_fd(mu1, s1, mu2, s2):
-    covmean = scipy.linalg.sqrtm(s1 @ s2).real
-    return float(np.sum((mu1 - mu2) ** 2) + np.trace(s1 + s2 - 2 * covmean))
-
-
-def reference_prdc(real, fake, k):
-    """The definitions, written out with SciPy distances and sorting."""
-    d_rr, d_ff, d_rf = cdist(real, real), cdist(fake, fake), cdist(real, fake)
-    r_real = np.sort(d_rr, axis=1)[:, k]  # column 0 is the sample itself
-    r_fake = np.sort(d_ff, axis=1)[:, k]
-    inside = d_rf <= r_real[:, None]
-    return PRDC(
-        precision=inside.any(axis=0).mean(),
-        recall=(d_rf <= r_fake[None, :]).any(axis=1).mean(),
-        density=inside.sum() / (k * fake.shape[0]),
-        coverage=(d_rf.min(axis=1) <= r_real).mean(),
-    )
+from tests.support.reference_metrics import reference_fd, reference_prdc
 
 
 def random_spd(rng, d):
@@ -190,7 +170,7 @@ def test_blocked_equals_in_memory_and_reference(monkeypatch, block_size):
     blocked = prdc_blocked(readers(real), 203, readers(fake), 157, k=5, block_size=block_size)
     assert blocked == in_memory
     ref = reference_prdc(real.astype(np.float64), fake.astype(np.float64), 5)
-    for name, value in ref.as_dict().items():
+    for name, value in ref.items():
         assert getattr(in_memory, name) == pytest.approx(value, abs=1e-12), name
     assert 0.3 < in_memory.precision < 1 and 0 < in_memory.density
 

@@ -12,8 +12,6 @@ import json
 import math
 import os
 import shutil
-import subprocess
-import sys
 import threading
 import warnings
 from pathlib import Path
@@ -27,6 +25,7 @@ from extractor.analysis.report import ReportSiteError, format_number, write_repo
 from schemas.classes import class_table
 from schemas.image_store import validate_image_store
 from schemas.output_paths import OutputOverlapsInputError
+from tests.support.commands import run_imzarr
 from tests.support.synthetic import image_features, write_compare_run
 
 CHROMIUM = "/usr/bin/chromium"
@@ -307,12 +306,9 @@ def test_output_rules(run, tmp_path):
 
 
 def test_cli_report_and_compare_report(run, tmp_path):
-    def imzarr(*args):
-        return subprocess.run([sys.executable, "-m", "schemas", *args], capture_output=True, text=True)
-
-    missing = imzarr("report", str(tmp_path / "nope.zarr"), "-o", str(tmp_path / "out"))
+    missing = run_imzarr("report", str(tmp_path / "nope.zarr"), "-o", str(tmp_path / "out"))
     assert missing.returncode == 2 and missing.stderr.count("\n") == 1 and "nope.zarr: compare report not found" in missing.stderr
-    made = imzarr("compare", run["real_acts"], run["fake_acts"], "--layer", "feat", "-k", "3", "--report", str(tmp_path / "site"), "--per-class-thumbnails", "4")
+    made = run_imzarr("compare", run["real_acts"], run["fake_acts"], "--layer", "feat", "-k", "3", "--report", str(tmp_path / "site"), "--per-class-thumbnails", "4")
     assert made.returncode == 0 and f"open {tmp_path / 'site' / 'index.html'}" in made.stdout, made.stderr
     assert _run_data(tmp_path / "site")["values"]["fd"] == [float(v) for v in xr.open_zarr(run["compare"])["fd"].values]
     assert len(_class_detail(tmp_path / "site", 0)["fake"]["sample"]) == 4

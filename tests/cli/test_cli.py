@@ -10,12 +10,8 @@ from importlib.metadata import version
 import pytest
 
 from schemas.cli.dispatch import build_parser, main
+from tests.support.commands import run_imzarr
 
-IMZARR = [sys.executable, "-m", "schemas"]  # what the `imzarr` console script runs
-
-
-def _run(*args: str, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([*IMZARR, *args], capture_output=True, text=True, **kwargs)
 
 
 def _leaf_parsers(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()):
@@ -87,20 +83,20 @@ def test_unknown_command_suggests_the_closest(capsys):
     ],
 )
 def test_bad_option_values_are_refused_before_anything_exists(tmp_path, args, fragment):
-    proc = _run(*args, cwd=tmp_path)
+    proc = run_imzarr(*args, cwd=tmp_path)
     assert proc.returncode == 2 and fragment in proc.stderr and "Traceback" not in proc.stderr
     assert list(tmp_path.iterdir()) == []
 
 
 def test_fp16_on_cpu_is_refused_before_the_store_exists(tmp_path):
-    proc = _run("extract", "in.zarr", "-o", "o.zarr", "--layers", "midblock", "--preset", "tiny-random", "--device", "cpu", "--compute-dtype", "fp16", cwd=tmp_path)
+    proc = run_imzarr("extract", "in.zarr", "-o", "o.zarr", "--layers", "midblock", "--preset", "tiny-random", "--device", "cpu", "--compute-dtype", "fp16", cwd=tmp_path)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("imzarr extract: error:") and "CUDA" in lines[0]
     assert list(tmp_path.iterdir()) == []
 
 
 def test_memory_url_refused_from_the_command_line(tmp_path):
-    proc = _run("extract", "in.zarr", "-o", "memory://x/o.zarr", "--layers", "midblock", "--preset", "tiny-random", cwd=tmp_path)
+    proc = run_imzarr("extract", "in.zarr", "-o", "memory://x/o.zarr", "--layers", "midblock", "--preset", "tiny-random", cwd=tmp_path)
     assert proc.returncode == 2 and "memory://" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
 
@@ -114,9 +110,9 @@ def test_closed_pipe_is_not_an_error():
 def test_debug_shows_the_traceback_of_an_unexpected_error(tmp_path):
     (tmp_path / "f.zarr").mkdir()
     (tmp_path / "f.zarr" / "zarr.json").write_text("{ not json")
-    quiet = _run("info", str(tmp_path / "f.zarr"))
+    quiet = run_imzarr("info", str(tmp_path / "f.zarr"))
     assert quiet.returncode == 2 and len(quiet.stderr.strip().splitlines()) == 1 and "Traceback" not in quiet.stderr
-    loud = _run("info", str(tmp_path / "f.zarr"), "--debug")
+    loud = run_imzarr("info", str(tmp_path / "f.zarr"), "--debug")
     assert loud.returncode != 0 and "Traceback" in loud.stderr
 
 

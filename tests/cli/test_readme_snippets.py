@@ -17,6 +17,7 @@ import pytest
 import xarray as xr
 
 from converter.sample import SAMPLE_WNIDS
+from tests.support.commands import checkout_env, run_imzarr
 from tests.support.locations import REPO
 
 README = REPO / "README.md"
@@ -54,7 +55,7 @@ for argv in json.loads(sys.argv[1]):
 def imzarr_together(*chains: list[list[str]], cwd: Path) -> None:
     """Run chains of `imzarr` commands, the chains side by side and each chain's commands in order; fail with the
     output of any chain that failed."""
-    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = checkout_env()
     running = [
         (chain, subprocess.Popen([sys.executable, "-c", _CHAIN, json.dumps(chain)], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
         for chain in chains
@@ -134,8 +135,7 @@ def test_readme_python_blocks_run(sample_dir):
 def test_info_prints_non_ascii_text_as_itself(sample_dir):
     """`imzarr info` on an activation store: the noise formula reads `r cos θ` (not a JSON `\\u03b8` escape), and the
     model's sha256 is printed."""
-    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    done = subprocess.run([sys.executable, "-m", "schemas", "info", "data/sample_acts.zarr"], cwd=sample_dir, env=env, capture_output=True, text=True, timeout=120)
+    done = run_imzarr("info", "data/sample_acts.zarr", cwd=sample_dir, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "r cos θ" in done.stdout and "\\u" not in done.stdout
     recorded = xr.open_zarr(sample_dir / "data/sample_acts.zarr").attrs["model"]["sha256"]

@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-
 import numpy as np
-import pytest
 import zarr
 from distributed import LocalCluster
 from tests.support.commands import run_imzarr
-
-pytestmark = pytest.mark.slow
 
 
 def test_convert_on_a_local_cluster_of_processes_matches_the_local_run(tmp_path):

@@ -3,7 +3,6 @@
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -13,6 +12,7 @@ from converter.cli import main as convert_main
 from converter.sources.jpeg_recipes import RECIPES, load_and_resize
 from schemas.classes import class_table
 from schemas.image_store import validate_image_store
+from tests.support.commands import checkout_env, run_imzarr
 from tests.support.store_equality import stores_identical
 from tests.support.synthetic import TREE_WNIDS, write_mixed_jpeg_tree
 
@@ -95,27 +95,29 @@ def test_label_from_folders(tmp_path):
     assert store.attrs["folder_classes"] == ["cats", "dogs"] and store.attrs["source_label_order"] == "folder-names-sorted"
 
 
-def test_crash_then_rerun_equals_uninterrupted(tmp_path):
+def test_killed_while_reading_the_tree_then_rerun_equals_uninterrupted(tmp_path):
+    """SIGKILL once the first of three 128-file blocks is decoded into scratch (stage 1; tests/support/faults.py
+    names the step, so the kill lands there on every run): no store exists yet, and the rerun, reusing that block,
+    ends identical to an uninterrupted run. The fault matrix (tests/cli/test_fault_matrix.py) covers the kills
+    after the store exists."""
+    from tests.support.faults import KILL_AT_STEP
+
     root = tmp_path / "tree"
     for w in WNIDS:
         (root / w).mkdir(parents=True)
-    for i in range(700):
+    for i in range(300):
         Image.fromarray(_photo(48, 64, i)).save(root / WNIDS[i % 3] / f"{i:04d}.JPEG", quality=85)
-    args = [sys.executable, "-m", "converter", "jpeg", str(root), "--shard-size", "64", "--workers", "2", "--shuffle-seed", "1"]
-    subprocess.run([*args, "-o", str(tmp_path / "ref.zarr")], check=True, capture_output=True)
+    args = ["convert", "jpeg", str(root), "--shard-size", "64", "--workers", "2", "--shuffle-seed", "1"]
+    assert run_imzarr(*args, "-o", tmp_path / "ref.zarr").returncode == 0
     crashed = tmp_path / "crashed.zarr"
-    proc = subprocess.Popen([*args, "-o", str(crashed)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and proc.poll() is None:
-        if any(tmp_path.glob("crashed.zarr.scratch-*/part-*.json")):
-            break
-        time.sleep(0.002)
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL, "conversion finished before it could be killed"
+    killed = subprocess.run([sys.executable, "-c", KILL_AT_STEP, "after_part", "1", *args, "-o", str(crashed)], env=checkout_env(), capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert not (crashed / "zarr.json").exists()  # still in stage 1: no store that could look complete
-    rerun = subprocess.run([*args, "-o", str(crashed)], capture_output=True, text=True)
+    assert len(list(tmp_path.glob("crashed.zarr.scratch-*/part-*.json"))) >= 1
+    rerun = run_imzarr(*args, "-o", crashed)
     assert rerun.returncode == 0, rerun.stderr
     stores_identical(str(tmp_path / "ref.zarr"), str(crashed))
+    assert not list(tmp_path.glob("*.scratch-*"))
 
 
 def test_processes_equal_threads(odd_tree, tmp_path):

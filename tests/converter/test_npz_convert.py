@@ -4,7 +4,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 import zipfile
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from converter.sources.npz import open_npz_source
 from schemas.classes import class_table
 from schemas.image_store import ImageStore, validate_image_store
 from schemas.store_integrity import CHECKSUM_GROUP, DamagedStoreError
+from tests.support.commands import checkout_env, run_imzarr
 from tests.support.store_equality import stores_identical
 from tests.support.synthetic import photo_like, read_shard_rows, write_adm_samples, write_npz_shard, write_pickle_batch
 
@@ -276,29 +276,28 @@ def test_bad_input_one_clear_line(tmp_path, kind):
         assert zarr.open_group(str(out), mode="r").attrs["complete"] is False
 
 
-def test_crash_then_rerun_equals_uninterrupted(tmp_path):
-    """SIGKILL the conversion once some shards are recorded done; the re-run must end identical."""
+def test_killed_with_a_compressed_part_then_rerun_equals_uninterrupted(tmp_path):
+    """SIGKILL after the third of ten shards is recorded done (a named step, tests/support/faults.py), with one
+    source part inflated into scratch: the store says incomplete, and the rerun, reusing that scratch part, ends
+    identical and tidies the scratch away. The fault matrix (tests/cli/test_fault_matrix.py) kills at every other
+    step, with uncompressed sources only."""
+    from tests.support.faults import KILL_AT_STEP
+
     rng = np.random.default_rng(0)
     src = shard_folder(tmp_path)
     for i in (1, 2):
-        write_npz_shard(src / f"train_data_batch_{i}.npz", photo_like(6000, 32, i), rng.integers(1, 1001, 6000), compressed=(i == 2))
-    args = [sys.executable, "-m", "converter", "npz", str(src), "--shard-size", "64", "--workers", "1", "--shuffle-seed", "3"]
+        write_npz_shard(src / f"train_data_batch_{i}.npz", photo_like(300, 16, i), rng.integers(1, 1001, 300), compressed=(i == 2))
+    args = ["convert", "npz", str(src), "--shard-size", "64", "--workers", "1", "--shuffle-seed", "3"]
     reference = tmp_path / "ref.zarr"
-    subprocess.run([*args, "-o", str(reference)], check=True, capture_output=True)
+    assert run_imzarr(*args, "-o", reference).returncode == 0
     crashed = tmp_path / "crashed.zarr"
-    proc = subprocess.Popen([*args, "-o", str(crashed)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    done_dir = crashed / "_progress" / "done" / "c"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and proc.poll() is None:
-        if done_dir.exists() and len(list(done_dir.iterdir())) >= 3:
-            break
-        time.sleep(0.002)
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL, "conversion finished before it could be killed"
+    killed = subprocess.run([sys.executable, "-c", KILL_AT_STEP, "after_shard", "3", *args, "-o", str(crashed)], env=checkout_env(), capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert len(list((crashed / "_progress" / "done" / "c").iterdir())) == 3
     assert zarr.open_group(str(crashed), mode="r", use_consolidated=False).attrs["complete"] is False
     with pytest.raises(Exception, match="not complete"):
         validate_image_store(str(crashed))
-    rerun = subprocess.run([*args, "-o", str(crashed)], capture_output=True, text=True)
+    rerun = run_imzarr(*args, "-o", crashed)
     assert rerun.returncode == 0, rerun.stderr
     stores_identical(str(reference), str(crashed))
     assert not list(tmp_path.glob("*.scratch-*"))

@@ -26,8 +26,6 @@ s3fs = pytest.importorskip("s3fs")
 
 from tests.support.s3_server import CREDENTIALS  # noqa: E402
 
-pytestmark = pytest.mark.slow
-
 WNIDS = TREE_WNIDS
 # Attributes that record how the inputs were fingerprinted: mtime on disk, ETag in object storage.
 FINGERPRINTED = ("sources", "settings", "settings_fingerprint")
@@ -147,6 +145,7 @@ def test_adm_samples_from_s3_hold_their_pixels(inputs, s3, cli, tmp_path, shuffl
     assert not list(tmp_path.glob("*.scratch-*"))
 
 
+@pytest.mark.slow
 def test_npz_from_s3_to_s3_on_a_cluster_equals_local(inputs, s3, cli, tmp_path, monkeypatch):
     from distributed import LocalCluster
 

@@ -3,11 +3,8 @@ and the same selection as `imzarr extract`."""
 
 from __future__ import annotations
 
-import os
 import pickle
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +20,7 @@ from schemas.classes import class_table
 from schemas.errors import ImzarrError
 from schemas.image_store import validate_image_store
 from schemas.store_integrity import DamagedStoreError
-from tests.support.locations import REPO
+from tests.support.commands import run_imzarr
 
 TABLE = class_table()
 PER_SHARD = 300
@@ -32,8 +29,7 @@ SHUFFLE_SEED = 5
 
 def imzarr(*args: str, cwd: Path) -> None:
     """Run the `imzarr` command (`python -m schemas`) and fail with its output."""
-    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    done = subprocess.run([sys.executable, "-m", "schemas", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    done = run_imzarr(*args, cwd=cwd, timeout=300)
     assert done.returncode == 0, f"imzarr {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}"
 
 

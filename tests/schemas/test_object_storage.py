@@ -17,6 +17,7 @@ from schemas.image_store import ShardRangeReader, validate_image_store
 pytest.importorskip("moto.server")
 pytest.importorskip("s3fs")
 
+from tests.support.commands import checkout_env, run_imzarr  # noqa: E402
 from tests.support.s3_server import CREDENTIALS  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -40,7 +41,7 @@ def s3_in_process(s3, monkeypatch):
 
 def _imzarr(s3, cwd: Path, *args: str, storage: bool = True) -> subprocess.CompletedProcess:
     extra = ["--storage-options", s3.storage_options_json] if storage and args[0] not in ("sample",) else []
-    return subprocess.run([sys.executable, "-m", "schemas", *args, *extra], cwd=cwd, env=s3.env(), capture_output=True, text=True)
+    return run_imzarr(*args, *extra, cwd=cwd, env=s3.env())
 
 
 def _ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
@@ -108,11 +109,11 @@ def test_killed_conversion_to_s3_resumes_to_the_same_store(workdir, s3, s3_in_pr
     args = ["convert", "npz", "src/train", "--shard-size", "32", "--inner-chunk", "16", "--storage-options", s3.storage_options_json]
     killed = subprocess.run(
         [sys.executable, "-c", KILL_AT_STEP, "after_shard", "3", *args, "-o", s3.url("killed.zarr")],
-        cwd=workdir, env=s3.env(), capture_output=True, text=True,
+        cwd=workdir, env=checkout_env(s3.env()), capture_output=True, text=True,
     )
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert zarr.open_group(s3.url("killed.zarr"), mode="r").attrs["complete"] is False
-    _ok(subprocess.run([sys.executable, "-m", "schemas", *args, "-o", s3.url("killed.zarr")], cwd=workdir, env=s3.env(), capture_output=True, text=True))
+    _ok(run_imzarr(*args, "-o", s3.url("killed.zarr"), cwd=workdir, env=s3.env()))
     _ok(_imzarr(s3, workdir, "convert", "npz", "src/train", "--shard-size", "32", "--inner-chunk", "16", "-o", s3.url("whole.zarr")))
     a, b = _arrays(s3.url("killed.zarr")), _arrays(s3.url("whole.zarr"))
     assert sorted(a) == sorted(b)

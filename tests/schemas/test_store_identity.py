@@ -5,6 +5,7 @@ while `extract` reads it."""
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 import subprocess
 import sys
@@ -42,9 +43,9 @@ def _files(root: Path) -> dict[str, bytes]:
 
 
 @pytest.fixture(scope="module")
-def work(tmp_path_factory) -> Path:
+def work(tmp_path_factory, sample_shards) -> Path:
     work = tmp_path_factory.mktemp("identity")
-    assert run_imzarr("sample", "src", "--per-shard", "48", "--train-shards", "1", "--val-size", "8", cwd=work).returncode == 0
+    shutil.copytree(sample_shards, work / "src")
     return work
 
 
@@ -97,24 +98,22 @@ def test_a_rewriter_holding_the_store_keeps_readers_out(tmp_path):
             pass
 
 
-def test_rewritten_object_store_input_fails_the_extraction_naming_it(tmp_path, monkeypatch):
+def test_rewritten_object_store_input_fails_the_extraction_naming_it(sample_shards, tmp_path, monkeypatch):
     """Case 1 on an object store (memory://, no locks): the rewrite succeeds, and the identity check alone fails
     the extraction, naming the input; the output is never marked complete, and rerunning the same command is
     refused as made from another input (exit 2), never resumed."""
     import extractor.extraction as extraction
     from converter.api import convert_npz
-    from converter.sample import write_sample_shards
     from extractor.api import extract
 
-    write_sample_shards(tmp_path / "src", per_shard=48, train_shards=1, val_size=8)
     image_url = "memory://identity-case1/img.zarr"
-    convert_npz(str(tmp_path / "src" / "train"), image_url, shard_size=16, workers=1)
+    convert_npz(str(sample_shards / "train"), image_url, shard_size=16, workers=1)
     opened = StoreIdentity.of(image_url, dict(zarr.open_group(image_url, mode="r").attrs))
     original, calls = extraction.extract_shard, []
 
     def rewritten_first(task):
         if not calls:  # the input is rebuilt (other settings, a new generation) while the run reads it
-            convert_npz(str(tmp_path / "src" / "train"), image_url, shard_size=16, shuffle_seed=7, overwrite=True, workers=1)
+            convert_npz(str(sample_shards / "train"), image_url, shard_size=16, shuffle_seed=7, overwrite=True, workers=1)
         calls.append(task.shard)
         return original(task)
 

@@ -13,6 +13,7 @@ import pytest
 import zarr
 
 from schemas.errors import StoreLockedError
+from tests.support.commands import run_imzarr
 from schemas.output_paths import OutputOverlapsInputError, UnsupportedOutputError, check_output_location
 from schemas.store_lifecycle import (
     LOCK_FILE,
@@ -278,7 +279,7 @@ def test_a_run_that_finds_the_store_finished_by_another_does_nothing(tmp_path):
         while not looked.exists():
             assert late.poll() is None and time.monotonic() < deadline, late.communicate()
             time.sleep(0.05)
-        first = subprocess.run([sys.executable, "-m", "schemas", *args], cwd=tmp_path, capture_output=True, text=True)
+        first = run_imzarr(*args, cwd=tmp_path)
     finally:
         go.touch()
         out, err = late.communicate(timeout=120)

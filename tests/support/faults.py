@@ -1,7 +1,9 @@
 """Fault injection shared by the crash tests: a command that kills its own process at a named lifecycle step."""
 
-# Runs one imzarr command, killing its own process at the named step. Fault injection wraps our lifecycle
-# functions (and zarr's array creation, the first write after the group exists); nothing is replaced.
+# Runs one imzarr command, killing its own process at the named step (argv: step, count, the command's arguments).
+# Fault injection wraps our lifecycle functions (and zarr's array creation, the first write after the group exists;
+# the converter's stage-1 task, for a kill while sources are read into scratch); nothing is replaced. A named step
+# is deterministic: the kill lands at the same point of every run, whatever the machine's speed.
 KILL_AT_STEP = r"""
 import os, signal, sys, threading
 step, count, argv = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
@@ -39,6 +41,9 @@ elif step == "before_consolidate":
     wrap(zarr, "consolidate_metadata", before=lambda: True)
 elif step == "before_lock_release":
     wrap(lifecycle, "release_writer_lock", before=lambda: True)
+elif step == "after_part":  # the count-th source part written to scratch, before the store exists
+    import converter.convert
+    wrap(converter.convert, "_materialize_one", after=nth_call)
 elif step == "random":
     threading.Timer(count / 1000, die).start()
 from schemas.cli.dispatch import main

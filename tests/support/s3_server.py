@@ -10,7 +10,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 
@@ -70,6 +70,14 @@ def local_s3(bucket: str = "imzarr-test") -> Iterator[LocalS3]:
         except subprocess.TimeoutExpired:
             server.kill()
             server.wait()
+
+
+def with_bucket(server: LocalS3, bucket: str) -> LocalS3:
+    """The same server with a new, empty bucket: what one test module writes, apart from the others'."""
+    import s3fs
+
+    s3fs.S3FileSystem(**server.storage_options, skip_instance_cache=True).mkdir(bucket)
+    return replace(server, bucket=bucket)
 
 
 def _wait_for_port(port: int, server: subprocess.Popen, timeout_s: float = 60.0) -> None:
