@@ -132,16 +132,18 @@ def extract_options(
 def extract(store: str, output: str, **options: Any) -> ExtractResult:
     """Image store → activation store of the named layers; keywords and defaults as `imzarr extract`'s options
     (`extract_options` lists them: layers=[…] is required)."""
+    built = extract_options(store, output, **options)  # its refusals come before torch is imported
     from extractor.extraction import extract as run_extraction
 
-    return run_extraction(extract_options(store, output, **options))
+    return run_extraction(built)
 
 
 def dry_run(store: str, output: str, **options: Any) -> str:
     """One batch of `extract` through the hooks: a table of shapes, sizes and memory; writes nothing."""
+    built = extract_options(store, output, **options)
     from extractor.dry_run import dry_run_table
 
-    return dry_run_table(extract_options(store, output, **options))
+    return dry_run_table(built)
 
 
 def generate_options(
@@ -181,9 +183,10 @@ def generate_options(
 def generate(output: str, **options: Any) -> GenerateResult:
     """Sample the one-step generator into an image store at `output`; keywords and defaults as `imzarr generate`'s
     options (`generate_options` lists them: per_class=K or num_samples=N is required)."""
+    built = generate_options(output, **options)
     from extractor.generation import generate as run_generation
 
-    return run_generation(generate_options(output, **options))
+    return run_generation(built)
 
 
 for _builder in (extract_options, generate_options):

@@ -4,6 +4,7 @@ and the same selection as `imzarr extract`."""
 from __future__ import annotations
 
 import pickle
+import os
 import shutil
 from pathlib import Path
 
