@@ -14,7 +14,7 @@ from converter.sample import write_sample_shards
 from converter.sources.base import ConvertOptionError
 from schemas.image_layout import DEFAULT_SHARD
 from schemas.keywords import keyword_parameters, takes_keywords_of
-from schemas.output_paths import check_output_location, for_workers, local_file_url_to_path
+from schemas.output_paths import for_workers, local_file_url_to_path
 
 __all__ = ["DEFAULT_SHARD", "ConvertResult", "convert_jpeg", "convert_npz", "run_option_names", "write_sample_shards"]
 
@@ -60,7 +60,8 @@ def convert_jpeg(
 
 def _located(inputs: list[str | None], output: str | Path, options: dict[str, Any]) -> tuple[list[str | None], ConvertOptions]:
     """The inputs and the options as the conversion takes them: file:// URLs as paths, absolute paths for a
-    cluster's workers (they run in other folders), and an output that is never an input or around one."""
+    cluster's workers (they run in other folders). Whether the output overlaps an input is convert's first check
+    of the output (`inspect_existing`), before anything is written."""
     unknown = sorted(set(options) - set(run_option_names()))
     if unknown:
         raise ConvertOptionError("options", unknown, f"not conversion options; choose from {run_option_names()}")
@@ -68,7 +69,6 @@ def _located(inputs: list[str | None], output: str | Path, options: dict[str, An
     scratch_dir = local_file_url_to_path(options.get("scratch_dir"))
     if options.get("scheduler"):
         inputs, output, scratch_dir = [for_workers(p) for p in inputs], for_workers(output), for_workers(scratch_dir)
-    check_output_location(output, inputs)
     return inputs, ConvertOptions(output=output, **(options | {"scratch_dir": scratch_dir}))
 
 

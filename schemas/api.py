@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from schemas.errors import ImzarrError, RunInterruptedError
-from schemas.output_paths import check_output_location, local_file_url_to_path
+from schemas.output_paths import check_output_location, local_file_url_to_path, refuse_process_bound_output
 from schemas.remote_storage import open_store_group, translate_remote_error
 from schemas.suggestions import did_you_mean
 from schemas.storage_options import StorageOptionsError, apply_storage_options, parse_storage_options, remote_protocols
@@ -101,11 +101,4 @@ def verify_store_files(url: str) -> StoreVerification:
     from schemas.verify import verify
 
     return StoreVerification(url, verify(url))
-
-
-def refuse_process_bound_output(url: str | None) -> None:
-    """A command's output must outlive its process: memory:// is refused (UnsupportedOutputError; the Python API
-    may write there)."""
-    if url is not None:
-        check_output_location(url, allow_memory=False)
 

@@ -77,11 +77,16 @@ def _inside(child: str, parent: str) -> bool:
     return child == parent or child.startswith(parent.rstrip("/") + "/")
 
 
-def check_output_location(output: str, inputs: Iterable[str] = (), allow_memory: bool = True) -> None:
+def refuse_process_bound_output(output: str | None) -> None:
+    """An output that must outlive this process (a command's store, a plot, a file) cannot be memory://; the
+    Python API may write a store there."""
+    if output is not None and location(output)[0] == "memory":
+        raise UnsupportedOutputError(f"{output}: memory:// lives only as long as this process; write to a path or a persistent URL")
+
+
+def check_output_location(output: str, inputs: Iterable[str] = ()) -> None:
     """Refuse an output that equals, lies inside, or contains any input (before anything is touched)."""
     out_protocol, out_path = location(output)
-    if out_protocol == "memory" and not allow_memory:
-        raise UnsupportedOutputError(f"{output}: memory:// lives only as long as this process; write to a path or a persistent URL")
     for source in inputs:
         if source is None:
             continue

@@ -130,7 +130,7 @@ def claim_report_output(url: str, schema: str, overwrite: bool, inputs: Iterable
     Nothing there, or an earlier store of the same schema (a report is re-made from its inputs), may be
     replaced; another imzarr store only with `overwrite`; anything else never.
     """
-    check_output_location(url, inputs, allow_memory=True)
+    check_output_location(url, inputs)
     state = path_state(url)
     if state == "missing":
         return

@@ -60,7 +60,7 @@ from schemas.compare_report import COMPARE_SCHEMA as REPORT_SCHEMA
 from schemas.compare_report import REPORT_DIM, on_label_dimension
 from schemas.errors import ImzarrError
 from schemas.store_identity import StoreIdentity, check_unchanged, reader_lease
-from schemas.output_paths import check_output_location, local_path
+from schemas.output_paths import check_output_location, local_path, refuse_process_bound_output
 from schemas.store_lifecycle import claim_report_output
 from schemas.vocabulary import POOL_MODES
 
@@ -205,7 +205,8 @@ def compare_options(
     if output is not None:
         claim_report_output(output, REPORT_SCHEMA, overwrite, options.inputs)
     if plot is not None:
-        check_output_location(plot, options.inputs + ([output] if output else []), allow_memory=False)
+        refuse_process_bound_output(plot)
+        check_output_location(plot, options.inputs + ([output] if output else []))
         local = local_path(plot)
         if local is not None and Path(local).is_dir():
             raise CompareError(f"{plot}: is a folder; give a file name such as {plot.rstrip('/')}/compare.png")

@@ -35,7 +35,7 @@ from extractor.analysis.layer_features import AnalysisInputError, LayerFeatures,
 from extractor.analysis.metrics import GaussianAccumulator
 from schemas.classes import class_table
 from schemas.errors import ImzarrError, PathError
-from schemas.output_paths import check_output_location, local_path, write_output_file
+from schemas.output_paths import check_output_location, local_path, refuse_process_bound_output, write_output_file
 from schemas.store_lifecycle import claim_report_output
 
 STATISTICS_SCHEMA = "imzarr.statistics/1"
@@ -134,7 +134,8 @@ def reference_bytes(stats: LayerStatistics) -> bytes:
 
 def check_file_output(path: str, inputs: list[str], overwrite: bool) -> None:
     """A single-file output: never an input or inside one, never a folder; an existing file only with overwrite."""
-    check_output_location(path, inputs, allow_memory=False)
+    refuse_process_bound_output(path)
+    check_output_location(path, inputs)
     local = local_path(path)
     if local is not None and os.path.isdir(local):
         raise PathError(path, "is a folder; give a file name such as ref.npz")
@@ -314,7 +315,8 @@ def statistics_options(
     if output is not None:
         if per_class:
             claim_report_output(output, STATISTICS_SCHEMA, overwrite, [store])
-            check_output_location(output, [store], allow_memory=False)
+            refuse_process_bound_output(output)
+            check_output_location(output, [store])
         else:
             if not output.endswith(".npz"):
                 raise PathError(output, "reference statistics are an .npz file (pytorch-fid and EDM read them by that name); use --per-class for a Zarr store")

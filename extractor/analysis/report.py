@@ -90,7 +90,7 @@ def claim_site_output(output: str | None, inputs: list[str] | tuple[str, ...] = 
         if per_class is not None:
             raise ReportSiteError("--per-class-thumbnails needs --report (the site it sizes)")
         return
-    check_output_location(output, [i for i in inputs if i], allow_memory=True)
+    check_output_location(output, [i for i in inputs if i])
     fs, path = fsspec.core.url_to_fs(output)
     if not fs.exists(path):
         return

@@ -14,7 +14,7 @@ import zarr
 
 from schemas.errors import StoreLockedError
 from tests.support.commands import run_imzarr
-from schemas.output_paths import OutputOverlapsInputError, UnsupportedOutputError, check_output_location
+from schemas.output_paths import OutputOverlapsInputError, UnsupportedOutputError, check_output_location, refuse_process_bound_output
 from schemas.store_lifecycle import (
     LOCK_FILE,
     PROGRESS_GROUP,
@@ -156,7 +156,7 @@ def test_output_overlapping_an_input_is_refused_before_anything_is_touched(tmp_p
 
 def test_memory_output_refused_where_it_would_vanish():
     with pytest.raises(UnsupportedOutputError, match="memory://"):
-        check_output_location("memory://x/y.zarr", allow_memory=False)
+        refuse_process_bound_output("memory://x/y.zarr")
     check_output_location("memory://x/y.zarr")  # the Python API may use it
 
 
