@@ -115,14 +115,15 @@ def extract_options(
     """One extraction's options from `imzarr extract`'s options as keywords (`run`: run_options' keywords), checked
     before anything is read. One `seed` serves the noise and --per-class sampling."""
     store, output, checkpoint = local_file_url_to_path([str(store), str(output), checkpoint])  # file:// as the CLI takes it
-    check_preset_layers(preset, layer_entries(layers))  # before torch is imported: a typo answers at once
+    layers = layer_entries(layers)
+    check_preset_layers(preset, layers)  # before torch is imported: a typo answers at once
     check_output_location(output, [store])
     from extractor.extraction import ExtractOptions
     from extractor.forward import ForwardSettings
     from extractor.selection import SelectionSpec
 
     forward = ForwardSettings(
-        model=model_spec(preset, checkpoint), layers=layer_entries(layers), sigma=sigma, noise_seed=seed, noise=noise,
+        model=model_spec(preset, checkpoint), layers=layers, sigma=sigma, noise_seed=seed, noise=noise,
         class_free=class_free, pool=pool, storage_dtype=dtype, compute_dtype=compute_dtype, reconstructions=reconstructions,
     )  # fmt: skip
     selection = SelectionSpec(num_samples=num_samples, indices_file=indices, classes=class_entries(classes), per_class=per_class, seed=seed or 0)
@@ -166,7 +167,8 @@ def generate_options(
     """One generation's options from `imzarr generate`'s options as keywords (`run`: run_options' keywords).
     `classes`: WNIDs, class names or 0-based indices (default: every class)."""
     output, activations_out, checkpoint = local_file_url_to_path([str(output), activations_out, checkpoint])
-    check_preset_layers(preset, layer_entries(layers))  # before torch is imported: a typo answers at once
+    layers = layer_entries(layers)
+    check_preset_layers(preset, layers)  # before torch is imported: a typo answers at once
     check_output_location(output)
     if activations_out:
         check_output_location(activations_out, [output])
@@ -174,7 +176,7 @@ def generate_options(
     from extractor.generation import GenerateOptions
 
     forward = ForwardSettings(
-        model=model_spec(preset, checkpoint), layers=layer_entries(layers), sigma=sigma, noise_seed=seed, pool=pool,
+        model=model_spec(preset, checkpoint), layers=layers, sigma=sigma, noise_seed=seed, pool=pool,
         storage_dtype=dtype, compute_dtype=compute_dtype,
     )  # fmt: skip
     return GenerateOptions(output, forward, per_class, num_samples, class_entries(classes), activations_out, run_options(**run))
