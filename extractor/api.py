@@ -20,7 +20,7 @@ from extractor.preset_layers import check_preset_layers
 from extractor.selection import class_entries, layer_entries, resolve_class
 from schemas.vocabulary import COMPUTE_DTYPE_NAMES, POOL_MODES, PRESET_NAMES, STORAGE_DTYPES
 from schemas.classes import class_table
-from schemas.errors import PathError
+from schemas.errors import ImzarrError, PathError
 from schemas.keywords import takes_keywords_of
 from schemas.output_paths import check_output_location, local_file_url_to_path
 
@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from extractor.models import ModelSpec
 
 __all__ = [
-    "COMPUTE_DTYPE_NAMES", "POOL_MODES", "PRESET_NAMES", "STORAGE_DTYPES", "CompareRun", "LayerTable", "SheetOutputError",
+    "COMPUTE_DTYPE_NAMES", "POOL_MODES", "PRESET_NAMES", "STORAGE_DTYPES", "CompareRun", "FeatureInputError", "LayerTable", "SheetOutputError",
     "compare", "compare_options", "dry_run", "extract", "extract_options", "features", "generate", "generate_options", "layer_table",
     "report_site", "show", "statistics_options", "stats",
 ]  # fmt: skip
@@ -57,6 +57,10 @@ def __getattr__(name: str) -> Any:
 
 class SheetOutputError(PathError):
     """A contact sheet's output that is not a file name (an existing folder)."""
+
+
+class FeatureInputError(ImzarrError, ValueError):
+    """`features` was handed images or labels of the wrong shape (a ValueError too, as numpy's shape errors are)."""
 
 
 def model_spec(preset: str | None = None, checkpoint: str | None = None) -> ModelSpec:
@@ -315,11 +319,11 @@ def features(
 
     images = np.ascontiguousarray(images, dtype=np.uint8)
     if images.ndim != 4 or images.shape[1] != 3:
-        raise ValueError(f"images must be uint8 (N, 3, S, S), got shape {images.shape}")
+        raise FeatureInputError(f"images must be uint8 (N, 3, S, S), got shape {images.shape}")
     n = images.shape[0]
     labels = np.full(n, -1, dtype=np.int64) if labels is None else class_labels(labels)
     if labels.shape != (n,):
-        raise ValueError(f"labels must hold one label per image ({n}), got shape {labels.shape}")
+        raise FeatureInputError(f"labels must hold one label per image ({n}), got shape {labels.shape}")
     settings = ForwardSettings(model=as_model_spec(model), layers=layer_entries(layers), pool=pool, storage_dtype="float32", **forward)
     with PreparedForward.prepare(settings, device, images.shape[-1], batch_size=batch_size) as prepared:
         values = _run_features(prepared, images, labels)

@@ -165,3 +165,15 @@ def test_seed_picks_per_class_samples_for_a_feature_network(image_store, pool3_s
                            "--layers", "pool3", "--seed", "3", "--device", "cpu"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "--seed 3" in err[0] and not (tmp_path / "o.zarr").exists()
+
+
+def test_features_refuses_images_and_labels_of_the_wrong_shape_as_its_own_error():
+    from extractor.api import FeatureInputError, features
+    from schemas.errors import ImzarrError
+
+    good = np.zeros((2, 3, 8, 8), dtype=np.uint8)
+    with pytest.raises(FeatureInputError, match=r"images must be uint8 \(N, 3, S, S\), got shape \(2, 8, 8\)") as bad_images:
+        features(good[:, 0], layers=["midblock"], model="tiny-random")
+    with pytest.raises(FeatureInputError, match=r"labels must hold one label per image \(2\), got shape \(3,\)"):
+        features(good, [0, 1, 2], layers=["midblock"], model="tiny-random")
+    assert isinstance(bad_images.value, ImzarrError) and isinstance(bad_images.value, ValueError)
