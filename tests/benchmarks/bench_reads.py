@@ -40,6 +40,7 @@ from typing import Any, Callable
 import numpy as np
 
 from tests.benchmarks.run import Row, make_row, run_child
+from tests.support.page_cache import drop_cached
 
 FULL_IMAGES = 20_000
 QUICK_IMAGES = 4_000
@@ -66,17 +67,6 @@ def store_files(root: Path) -> list[Path]:
 
 def data_files(store: Path) -> list[Path]:
     return sorted(p for p in (store / "image" / "c").rglob("*") if p.is_file())
-
-
-def drop_cached(files: list[Path]) -> None:
-    """Evict these files' pages from the page cache (theirs only), written back first."""
-    for path in files:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
 
 
 def is_cached(path: Path) -> bool:

@@ -21,6 +21,7 @@ import numpy as np
 import zarr
 
 from tests.benchmarks.run import Row, make_row
+from tests.support.page_cache import drop_cached
 
 SHARD = 4096
 RESOLUTION = 64
@@ -64,18 +65,6 @@ def bare_read(files: list[Path], block: int) -> int:
         finally:
             os.close(fd)
     return total
-
-
-def drop_cached(files: list[Path]) -> None:
-    """Evict these files' pages from the page cache (theirs only): written back first, as dirty pages of a
-    store just made would stay."""
-    for path in files:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
 
 
 BLOCK = 8 << 20

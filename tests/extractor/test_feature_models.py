@@ -86,6 +86,12 @@ def dino_ref() -> dict:
     return torch.load(FIXTURES / "dinov2_ref.pt", weights_only=True)
 
 
+def every_layer(net: torch.nn.Module, images: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Every named layer of `net` on `images`, and its output."""
+    with torch.no_grad():
+        return capture_layers(net, images, None, None, layer_names(net), need_output=True)
+
+
 @pytest.fixture(scope="module")
 def fid_loaded() -> LoadedModel:
     return load_model(ModelSpec(preset="fid-inception"))
@@ -98,9 +104,7 @@ def fid_net(fid_loaded: LoadedModel) -> FIDInceptionV3:
 
 @pytest.fixture(scope="module")
 def fid_run(fid_net: FIDInceptionV3, inputs: dict) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    with torch.no_grad():
-        acts, out = capture_layers(fid_net, inputs["images"], None, None, layer_names(fid_net), need_output=True)
-    return acts, out
+    return every_layer(fid_net, inputs["images"])
 
 
 @pytest.fixture(scope="module")
@@ -120,9 +124,7 @@ def vits14(vits14_loaded: LoadedModel) -> DinoV2:
 
 @pytest.fixture(scope="module")
 def vits14_run(vits14: DinoV2, inputs: dict) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    with torch.no_grad():
-        acts, out = capture_layers(vits14, inputs["images"], None, None, layer_names(vits14), need_output=True)
-    return acts, out
+    return every_layer(vits14, inputs["images"])
 
 
 def _seeded_dinov2(config: dict, seed: int) -> DinoV2:

@@ -15,6 +15,7 @@ from schemas import image_store
 from schemas.image_store import ImageStore, ShardRangeReader, take_with_zarr
 from schemas.store_integrity import DamagedStoreError
 from schemas.zarr_format import chunk_key, is_string_data_type, read_node_metadata, uncompressed_shard_layout
+from tests.support.page_cache import drop_cached
 
 
 def _array_store(url: str, data: np.ndarray, shard: int, inner: int, **kwargs) -> zarr.Array:
@@ -117,16 +118,6 @@ def test_zarr_json_of_current_zarr_matches_the_spec_fields(tmp_path):
     assert meta["dimension_names"] == ["sample", "channel", "y", "x"]
 
 
-def _drop_from_page_cache(folder) -> None:
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-
-
 @pytest.mark.parametrize("cached", [True, False], ids=["page-cache", "disk"])
 def test_local_reads_equal_the_source_on_every_path(tmp_path, monkeypatch, cached):
     """Shuffled batches (copied from the memory maps when cached, read by the thread pool when not), sequential
@@ -141,7 +132,7 @@ def test_local_reads_equal_the_source_on_every_path(tmp_path, monkeypatch, cache
     requests = [rng.permutation(700)[:256], np.arange(700), np.arange(699, -1, -1), rng.integers(0, 700, 300), np.array([5]), np.arange(100, 140)]
     for idx in requests:
         if not cached:
-            _drop_from_page_cache(tmp_path / "s.zarr" / "image")
+            drop_cached(sorted(p for p in (tmp_path / "s.zarr" / "image").rglob("*") if p.is_file()))
         got = reader.take(idx).reshape(idx.size, 3, 8, 8)
         np.testing.assert_array_equal(got, images[idx])
 
