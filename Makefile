@@ -40,16 +40,26 @@ TEST_WORKERS ?= -n auto --maxprocesses 4 --dist loadfile
 
 install: $(BIN)/imzarr
 
+# A download cut off midway (seen with torch's multi-GB CUDA wheels) is tried again whole, up to 3 times: pip's own
+# resume stops at the same byte when the connection drops there.
+PIP := $(BIN)/pip install --quiet --resume-retries 10
+RUN_EXTRAS  := plot,s3
+TEST_EXTRAS := dev,plot,s3
+define retried
+for attempt in 1 2 3; do $(1) && break; [ $$attempt = 3 ] && exit 1; \
+	echo "imzarr: pip failed (attempt $$attempt of 3); trying again in 30 s"; sleep 30; done
+endef
+
 # torch is installed first, pinned; pyproject's range then installs nothing more.
 $(BIN)/imzarr: pyproject.toml
 	@echo "imzarr: installing with $(PYTHON) (Python $(PYVER)) into $(VENV)"
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet '$(TORCH)'
-	$(BIN)/pip install --quiet -e '.[plot,s3]'
+	$(call retried,$(PIP) '$(TORCH)')
+	$(call retried,$(PIP) -e '.[$(RUN_EXTRAS)]')
 	@# boto3 (for the tests' S3 server) moves in lockstep with botocore, which s3fs pins: asking for the matching
 	@# release spares pip's resolver a walk back through hundreds of boto3 releases.
-	$(BIN)/pip install --quiet "boto3==$$($(BIN)/python -c 'import botocore; print(botocore.__version__)')" -e '.[dev,plot,s3]'
+	$(call retried,$(PIP) "boto3==$$($(BIN)/python -c 'import botocore; print(botocore.__version__)')" -e '.[$(TEST_EXTRAS)]')
 	touch $@
 
 $(DATA)/sample/train/train_data_batch_1.npz: | $(BIN)/imzarr

@@ -325,7 +325,7 @@ def features(
     if labels.shape != (n,):
         raise FeatureInputError(f"labels must hold one label per image ({n}), got shape {labels.shape}")
     settings = ForwardSettings(model=as_model_spec(model), layers=layer_entries(layers), pool=pool, storage_dtype="float32", **forward)
-    with PreparedForward.prepare(settings, device, images.shape[-1], batch_size=batch_size) as prepared:
+    with PreparedForward(settings, device, images.shape[-1], batch_size=batch_size) as prepared:
         values = _run_features(prepared, images, labels)
     fwd, loaded, shapes, paths = prepared.settings, prepared.loaded, prepared.layer_shapes, prepared.paths
     table = class_table()

@@ -28,7 +28,7 @@ def dry_run_table(options: ExtractOptions) -> str:
     images = validate_image_store(options.store)
     res = images.resolution
     chosen = select_samples(options.selection, images.coordinate("label"), images.coordinate("synset"))
-    with PreparedForward.prepare(options.forward, run.device, res, run.compile, run.batch_size,
+    with PreparedForward(options.forward, run.device, res, run.compile, run.batch_size,
                                  seed_picks_samples=options.selection.per_class is not None, where=options.store) as forward:
         batch = max(1, min(forward.batch_size, int(chosen.size)))  # the automatic choice probes one sample first
         device = forward.device

@@ -107,7 +107,7 @@ def extract(options: ExtractOptions) -> ExtractResult:
         images = validate_image_store(options.store)
         source = StoreIdentity.of(options.store, images.attrs)
         chosen = select_samples(options.selection, images.coordinate("label"), images.coordinate("synset"))  # before the network: a bad selection is quick
-        with PreparedForward.prepare(options.forward, run.device, images.resolution, run.compile, run.batch_size,
+        with PreparedForward(options.forward, run.device, images.resolution, run.compile, run.batch_size,
                                      seed_picks_samples=options.selection.per_class is not None, where=options.store) as forward:
             return _extract(options, forward, images, source, chosen, started)
 

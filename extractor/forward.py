@@ -1,6 +1,6 @@
 """The forward of extract, generate, features and the dry run: its settings, their rules, and PreparedForward.
 
-`ForwardSettings` say what decides the numbers for one sample; `PreparedForward.prepare` turns them, once per run,
+`ForwardSettings` say what decides the numbers for one sample; `PreparedForward(settings, …)` turns them, once per run,
 into the network ready on its device: model loaded (once per process), device and compute dtype resolved and
 checked, layer names resolved to module paths and their hooks registered (`extractor.models.LayerCapture`), the
 image side checked, layer shapes probed and the batch size chosen. Tasks get the same object in their own process
@@ -32,6 +32,7 @@ from extractor.models import (
     resolve_compute_dtype,
 )
 from extractor.noise import NOISE_RECIPE
+from extractor.selection import layer_entries
 from schemas.activation_store import DIFFUSION_KIND, FEATURE_KIND
 from schemas.vocabulary import POOL_MODES, STORAGE_DTYPES
 from schemas.errors import ImzarrError
@@ -206,9 +207,8 @@ def check_forward_settings(fwd: ForwardSettings) -> None:
                 f"--sigma {fwd.sigma}: σ must be at most {LARGEST_SIGMA:g} (σ² must be finite in float32); "
                 "the networks are trained on σ up to 80"
             )
-    repeated = sorted({name for name in fwd.layers if fwd.layers.count(name) > 1})
-    if repeated:
-        raise ExtractionError(f"--layers {','.join(fwd.layers)!r}: {repeated[0]!r} is given twice")
+    if fwd.layers:
+        layer_entries(fwd.layers)  # an empty name or one given twice: the same refusal as the options builders'
     if fwd.pool not in POOL_MODES:
         raise ExtractionError(f"--pool {fwd.pool!r}: choose one of {POOL_MODES}")
     if fwd.storage_dtype not in STORAGE_DTYPES:
@@ -361,27 +361,6 @@ class PreparedForward:
 
     def __init__(
         self,
-        loaded: LoadedModel,
-        settings: ForwardSettings,
-        device: str,
-        resolution: int,
-        compile_blocks: bool = False,
-        device_option: str | None = None,
-        layer_shapes: dict[str, tuple[int, ...]] | None = None,
-        batch_size: int | None = None,
-    ):
-        self.loaded, self.settings, self.device, self.resolution = loaded, settings, device, resolution
-        self.compile = compile_blocks
-        self.device_option = device if device_option is None else device_option
-        self.capture = LayerCapture(loaded.module, settings.layers, settings.pool) if settings.layers else None
-        self.paths: dict[str, str] = {} if self.capture is None else dict(self.capture.paths)
-        self._layer_shapes = layer_shapes if layer_shapes is not None or self.capture is not None else {}
-        self._batch_size = batch_size
-        self._kept = False  # True: built by for_plan and kept for later tasks (closed when dropped)
-
-    @classmethod
-    def prepare(
-        cls,
         settings: ForwardSettings,
         device: str = AUTO,
         resolution: int | None = None,
@@ -390,18 +369,27 @@ class PreparedForward:
         seed_picks_samples: bool = False,
         where: str = "images",
         check_network: Callable[[LoadedModel], None] | None = None,
-    ) -> PreparedForward:
-        """The network for `settings` on `device` (loaded once per process), fed images of side `resolution`
-        (None: the network's own); `check_network` may refuse it before its settings are resolved, and
-        `seed_picks_samples` is resolve_forward's. `where` names the images in a wrong-size refusal."""
-        target = resolve_compute_device(settings, device)
-        loaded = cached_model(settings.model, target)
+        layer_shapes: dict[str, tuple[int, ...]] | None = None,
+        network: LoadedModel | None = None,
+    ):
+        """The network for `settings` on `device` (loaded once per process, unless `network` is one loaded
+        already), fed images of side `resolution` (None: the network's own); `check_network` may refuse it before
+        its settings are resolved, and `seed_picks_samples` is resolve_forward's. `where` names the images in a
+        wrong-size refusal; `layer_shapes` are known already where a task rebuilds its run's forward (`for_plan`)."""
+        self.device_option, self.compile = device, compile_blocks
+        self.device = resolve_compute_device(settings, device)
+        self.loaded = cached_model(settings.model, self.device) if network is None else network
         if check_network is not None:
-            check_network(loaded)
-        fwd = resolve_forward(settings, loaded, target, seed_picks_samples)
-        side = loaded.resolution if resolution is None else resolution
-        check_resolution(loaded, side, where)
-        return cls(loaded, fwd, target, side, compile_blocks, device, batch_size=batch_size)
+            check_network(self.loaded)
+        self.settings = resolve_forward(settings, self.loaded, self.device, seed_picks_samples)
+        self.resolution = self.loaded.resolution if resolution is None else resolution
+        check_resolution(self.loaded, self.resolution, where)
+        # Resolution fills in σ, seed and compute dtype; the layers and pool are the caller's as given.
+        self.capture = LayerCapture(self.loaded.module, settings.layers, settings.pool) if settings.layers else None
+        self.paths: dict[str, str] = {} if self.capture is None else dict(self.capture.paths)
+        self._layer_shapes = layer_shapes if layer_shapes is not None or self.capture is not None else {}
+        self._batch_size = batch_size
+        self._kept = False  # True: built by for_plan and kept for later tasks (closed when dropped)
 
     @classmethod
     def for_plan(cls, plan: ForwardPlan) -> PreparedForward:
@@ -413,9 +401,9 @@ class PreparedForward:
                 _SERVING.pop(plan.key()).close()  # the model cache let its network go: follow it
                 forward = None
             if forward is None:
-                device = resolve_device(plan.device)
-                forward = cls(cached_model(plan.settings.model, device), plan.settings, device, plan.resolution, plan.compile,
-                              plan.device, dict(plan.layer_shapes), plan.batch_size)
+                # The plan's settings are resolved already: resolving them again changes nothing.
+                forward = cls(plan.settings, plan.device, plan.resolution, plan.compile, plan.batch_size,
+                              layer_shapes=dict(plan.layer_shapes))
                 forward._kept = True
                 _SERVING[plan.key()] = forward
                 for stale in list(_SERVING)[:-_KEPT]:

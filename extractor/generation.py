@@ -193,7 +193,7 @@ def _generate(options: GenerateOptions) -> GenerateResult:
     run = options.run
     resolve_compute_device(options.forward, run.device)  # refused before anything is written
     check_scheduler_reachable(run.scheduler)  # before a model is built or any output exists
-    with PreparedForward.prepare(options.forward, run.device, None, run.compile, run.batch_size, check_network=check_generator) as forward:
+    with PreparedForward(options.forward, run.device, None, run.compile, run.batch_size, check_network=check_generator) as forward:
         return _generate_stores(replace(options, forward=forward.settings), forward, started)
 
 

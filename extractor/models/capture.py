@@ -11,6 +11,7 @@ token). They take uint8 (or float 0..255) images and ignore σ and class labels.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -32,6 +33,7 @@ __all__ = [
     "images_as_float",
     "is_feature_network",
     "layer_names",
+    "layer_paths",
     "module_layers",
     "resolve_layer",
 ]
@@ -85,28 +87,28 @@ def module_layers(model: nn.Module) -> list[str]:
     return [f"model.enc.{name}" for name in unet.enc] + [f"model.dec.{name}" for name in unet.dec]
 
 
+def layer_paths(model: nn.Module) -> dict[str, str]:
+    """Every layer name → the module path whose output it is: EDM's module paths in execution order (each its own
+    path), then the aliases; a feature network's own table."""
+    if is_feature_network(model):
+        return dict(model.layer_paths())
+    paths = {path: path for path in module_layers(model)}
+    paths["encoder_bottleneck"] = f"model.enc.{list(model.model.enc)[-1]}"
+    paths["midblock"] = f"model.dec.{next(iter(model.model.dec))}"
+    return paths
+
+
 def layer_names(model: nn.Module) -> list[str]:
     """All layer names: EDM's module paths in execution order then the aliases; a feature network's own names."""
-    if is_feature_network(model):
-        return list(model.layer_paths())
-    return module_layers(model) + list(ALIASES)
+    return list(layer_paths(model))
 
 
 def resolve_layer(model: nn.Module, name: str) -> str:
     """The module path a layer name or alias refers to; UnknownLayerError (listing valid names) otherwise."""
-    if is_feature_network(model):
-        paths = model.layer_paths()
-        if name not in paths:
-            raise UnknownLayerError(name, list(paths))
-        return paths[name]
-    modules = module_layers(model)
-    if name == "encoder_bottleneck":
-        return f"model.enc.{list(model.model.enc)[-1]}"
-    if name == "midblock":
-        return f"model.dec.{next(iter(model.model.dec))}"
-    if name in modules:
-        return name
-    raise UnknownLayerError(name, modules + list(ALIASES))
+    paths = layer_paths(model)
+    if name not in paths:
+        raise UnknownLayerError(name, list(paths))
+    return paths[name]
 
 
 def _pool(output: Tensor, pool: str) -> Tensor:
@@ -141,32 +143,35 @@ class LayerCapture:
             raise ValueError("no layers requested")
         self.model, self.layers, self.pool = model, tuple(layers), pool
         self.feature_net = is_feature_network(model)
-        self.paths = {name: resolve_layer(model, name) for name in self.layers}
-        wanted: dict[str, list[str]] = {}
+        table = layer_paths(model)  # resolved once: every name is a key of one table
+        unknown = [name for name in self.layers if name not in table]
+        if unknown:
+            raise UnknownLayerError(unknown[0], list(table))
+        self.paths = {name: table[name] for name in self.layers}
+        self._names_at: dict[str, list[str]] = {}  # module path → the requested names read from its output
         for name in self.layers:
-            wanted.setdefault(self.paths[name], []).append(name)
+            self._names_at.setdefault(self.paths[name], []).append(name)
         order = module_layers(model)
-        self._last = max(wanted, key=order.index)
+        self._last = max(self._names_at, key=order.index)
         self._captured: dict[str, Tensor] | None = None  # None: not inside `run`, the hooks stay idle
         self._stop_after_last = False
-        self._handles = [model.get_submodule(path).register_forward_hook(self._hook(path, names)) for path, names in wanted.items()]
+        self._handles = [model.get_submodule(path).register_forward_hook(partial(self._collect, path)) for path in self._names_at]
 
-    def _hook(self, path: str, names: list[str]):
-        def hook(_module: nn.Module, _inputs: tuple, output: Tensor) -> None:
-            captured = self._captured
-            if captured is None:
-                return
-            if self.feature_net:
-                for name in names:
-                    captured[name] = _pool(self.model.layer_value(name, output), self.pool)
-            else:
-                pooled = _pool(output, self.pool)
-                for name in names:
-                    captured[name] = pooled
-            if path == self._last and self._stop_after_last:
-                raise _StopForward
-
-        return hook
+    def _collect(self, path: str, _module: nn.Module, _inputs: tuple, output: Tensor) -> None:
+        """The forward hook of the module at `path`: its requested layers, pooled, into this run's capture."""
+        captured = self._captured
+        if captured is None:
+            return
+        names = self._names_at[path]
+        if self.feature_net:
+            for name in names:
+                captured[name] = _pool(self.model.layer_value(name, output), self.pool)
+        else:
+            pooled = _pool(output, self.pool)
+            for name in names:
+                captured[name] = pooled
+        if path == self._last and self._stop_after_last:
+            raise _StopForward
 
     def run(self, x: Tensor, sigma: Tensor | float | None, class_labels: Tensor | None, need_output: bool = False) -> tuple[dict[str, Tensor], Tensor | None]:
         """Run the network once and return ({requested name: activation}, its output or None).

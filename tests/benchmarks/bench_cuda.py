@@ -117,7 +117,7 @@ def run(workdir: Path, quick: bool = False) -> list[dict]:
     print(f"cuda: image store of {n_fast:,} images in {time.perf_counter() - started:.1f} s", flush=True)
 
     def settings(compute: str, pool: str = "none") -> PreparedForward:
-        forward = PreparedForward.prepare(ForwardSettings(ModelSpec(preset=PRESET), LAYERS, pool=pool, compute_dtype=compute), "cuda", 64)
+        forward = PreparedForward(ForwardSettings(ModelSpec(preset=PRESET), LAYERS, pool=pool, compute_dtype=compute), "cuda", 64)
         prepare_module(forward.loaded.module, "cuda")  # the memory layout extraction runs it in
         return forward
 

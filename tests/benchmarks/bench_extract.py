@@ -45,7 +45,7 @@ def _forward_only(store_url: str, n: int) -> float:
     store = validate_image_store(store_url)
     images = torch.from_numpy(store.read(0, n))
     labels, gidx = store.coordinate("label")[:n], store.coordinate("global_index")[:n]
-    with PreparedForward.prepare(ForwardSettings(ModelSpec(preset="tiny-random"), (LAYER,)), "cpu", store.resolution) as forward:
+    with PreparedForward(ForwardSettings(ModelSpec(preset="tiny-random"), (LAYER,)), "cpu", store.resolution) as forward:
         ShardForward(forward, BATCH, None).run(0, images[:BATCH], labels[:BATCH], gidx[:BATCH])  # warm-up
         runner = ShardForward(forward, n, None)
         start = time.perf_counter()

@@ -61,7 +61,7 @@ def test_edm_reference_fixture_on_cuda(edm_reference, compute_dtype):
     layers = tuple(ref["module_order"])
     fwd = ForwardSettings(PRESET, layers, compute_dtype=compute_dtype)
     loaded = LoadedModel(model, "edm reference fixture", ref["config"], False, "", model.img_resolution, model.label_dim)
-    with PreparedForward(loaded, fwd, "cuda", model.img_resolution) as forward:
+    with PreparedForward(fwd, "cuda", model.img_resolution, network=loaded) as forward:
         acts, out = forward.run(ref["x"].cuda(), ref["class_labels"].cuda(), need_output=True, sigma=ref["sigma"].cuda())
     for path in layers:
         got, want = acts[path].float().cpu(), ref["activations"][path]
@@ -106,14 +106,14 @@ def test_bf16_extraction_within_tolerance(image_store, cpu_reference, tmp_path):
 
 
 def test_automatic_batch_equals_fixed(image_store, cpu_reference, tmp_path):
-    with PreparedForward.prepare(ForwardSettings(PRESET, LAYERS, storage_dtype="float32", compute_dtype="fp32", reconstructions=True), "cuda", 64) as forward:
+    with PreparedForward(ForwardSettings(PRESET, LAYERS, storage_dtype="float32", compute_dtype="fp32", reconstructions=True), "cuda", 64) as forward:
         batch = forward.batch_size
     assert batch >= 64 and batch & (batch - 1) == 0
     assert_close_to(cpu_reference, run_extraction(image_store, str(tmp_path / "auto.zarr"), "cuda", batch=None))
 
 
 def test_host_buffers_are_pinned():
-    with PreparedForward.prepare(ForwardSettings(PRESET, ("encoder_bottleneck",)), "cuda", 64) as forward:
+    with PreparedForward(ForwardSettings(PRESET, ("encoder_bottleneck",)), "cuda", 64) as forward:
         runner = ShardForward(forward, 8, "reconstruction")
         try:
             assert all(t.is_pinned() for t in runner.host.values())

@@ -27,7 +27,7 @@ from extractor.forward import (
     resolve_forward,
 )
 from extractor.integrity import IntegrityError
-from extractor.models import EDMPrecond, LoadedModel, ModelSpec, build_preset, cached_model
+from extractor.models import EDMPrecond, LayerCapture, LoadedModel, ModelSpec, autocast_context, build_preset, cached_model
 from extractor.shard_forward import nonfinite_rows
 from extractor.store_attrs import NoiseRecipeError
 from extractor.noise import LEGACY_NOISE_RECIPE, NOISE_RECIPE, per_sample_noise
@@ -223,12 +223,16 @@ def test_edm_reference_fixture_through_the_forward_path(compute_dtype):
     model = EDMPrecond(**ref["config"]).eval()
     model.load_state_dict(ref["state_dict"])
     layers = tuple(ref["module_order"])
-    fwd = ForwardSettings(PRESET, layers, compute_dtype=compute_dtype)
-    # Built from its parts (the fixture's network is no preset): `prepare`, which refuses bf16 on the CPU, is not
-    # asked; the CPU's bf16 autocast is the only place this tolerance can be checked without a GPU.
     loaded = LoadedModel(model, "edm reference fixture", ref["config"], False, "", model.img_resolution, model.label_dim)
-    with PreparedForward(loaded, fwd, "cpu", model.img_resolution) as forward:
-        acts, out = forward.run(ref["x"], ref["class_labels"], need_output=True, sigma=ref["sigma"])
+    if compute_dtype == "fp32":
+        fwd = ForwardSettings(PRESET, layers, compute_dtype="fp32")
+        with PreparedForward(fwd, "cpu", model.img_resolution, network=loaded) as forward:
+            acts, out = forward.run(ref["x"], ref["class_labels"], need_output=True, sigma=ref["sigma"])
+    else:
+        # PreparedForward refuses bf16 on the CPU; its capture under the CPU's bf16 autocast is the only place this
+        # tolerance can be checked without a GPU.
+        with torch.inference_mode(), autocast_context("cpu", "bf16"), LayerCapture(model, layers) as capture:
+            acts, out = capture.run(ref["x"], ref["sigma"], ref["class_labels"], need_output=True)
     for path in layers:
         want = ref["activations"][path]
         if compute_dtype == "fp32":
@@ -391,7 +395,6 @@ def _hook_count(module: torch.nn.Module) -> int:
 
 def test_hooks_are_registered_once_per_run(image_store, tmp_path, monkeypatch):
     """Six batches in three tasks on two worker threads: one LayerCapture, one hook per module; none left after."""
-    from extractor.models import LayerCapture
 
     module = cached_model(PRESET, "cpu").module
     before = _hook_count(module)
@@ -422,7 +425,7 @@ def test_prepared_forward_hooks_stay_idle_outside_its_batches():
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         bare = module(x, torch.full((2,), 80.0), None)
-    with PreparedForward.prepare(settings, "cpu", 64) as forward:
+    with PreparedForward(settings, "cpu", 64) as forward:
         first, _ = forward.run(x, None, need_output=False)
         with torch.inference_mode():
             torch.testing.assert_close(module(x, torch.full((2,), 80.0), None), bare, rtol=0, atol=0)
@@ -443,7 +446,7 @@ def test_half_precision_on_the_cpu_is_refused_by_the_library_as_on_the_command_l
         lambda: extract(ExtractOptions(image_store, str(tmp_path / "o.zarr"), settings, run=RunOptions(device="cpu"))),
         lambda: features(images, layers=["midblock"], model="tiny-random", device="cpu", compute_dtype=compute_dtype),
         lambda: generate(str(tmp_path / "g.zarr"), preset="tiny-random", num_samples=2, device="cpu", compute_dtype=compute_dtype),
-        lambda: PreparedForward.prepare(settings, "cpu", 64),
+        lambda: PreparedForward(settings, "cpu", 64),
     ]
     for call in calls:
         with pytest.raises(ComputeDeviceError) as err:
