@@ -16,10 +16,6 @@ __all__ = ["extract", "features", "generate", "report_site"]
 
 def __getattr__(name: str) -> Any:
     # Imported on first use: `import extractor` (and every `imzarr` command) stays free of torch.
-    if name == "report_site":  # no torch: the site reads stores only
-        from extractor.analysis.report import write_report_site
-
-        return write_report_site
     if name in __all__:
         from extractor import api
 

@@ -118,7 +118,7 @@ def extract_options(
 ) -> ExtractOptions:
     """One extraction's options from `imzarr extract`'s options as keywords (`run`: run_options' keywords), checked
     before anything is read. One `seed` serves the noise and --per-class sampling."""
-    store, output, checkpoint = local_file_url_to_path([str(store), str(output), checkpoint])  # file:// as the CLI takes it
+    store, output, checkpoint, indices = local_file_url_to_path([str(store), str(output), checkpoint, indices])  # file:// URLs as local paths
     layers = layer_entries(layers)
     check_preset_layers(preset, layers)  # before torch is imported: a typo answers at once
     check_output_location(output, [store])
@@ -240,6 +240,7 @@ def compare(
     from extractor.analysis.report import claim_site_output, write_report_site
 
     stores = [stores] if isinstance(stores, str) else list(stores)
+    report = local_file_url_to_path(report)
     inputs = stores + [p for p in (options.get("reference"), options.get("output"), options.get("plot")) if p]
     claim_site_output(report, inputs, per_class_thumbnails)
     checked = compare_options(stores, **options)
@@ -259,7 +260,7 @@ def report_site(compare: str | xr.Dataset, output: str, per_class: int | None = 
     """A compare report (its store, or the Dataset) → a static web site in the folder `output`."""
     from extractor.analysis.report import write_report_site
 
-    return write_report_site(compare, output, per_class=per_class, log=log)
+    return write_report_site(local_file_url_to_path(compare), local_file_url_to_path(output), per_class=per_class, log=log)
 
 
 def stats(store: str, *, log: TextIO | None = None, **options: Any) -> StatisticsResult:
@@ -273,6 +274,7 @@ def stats(store: str, *, log: TextIO | None = None, **options: Any) -> Statistic
 def show(store: str, output: str = "grid.png", *, classes: str | Sequence[str | int] | None = None, per_class: int = 8, max_classes: int = 10) -> str:
     """A contact sheet (PNG) of a store's images, one row per class: an image store's images, or an activation
     store's reconstructions. The output is a file, never an input or inside one."""
+    store, output = local_file_url_to_path([store, output])
     check_output_location(output, [store])
     fs, path = fsspec.core.url_to_fs(output)
     if fs.isdir(path):

@@ -60,7 +60,7 @@ from schemas.compare_report import COMPARE_SCHEMA as REPORT_SCHEMA
 from schemas.compare_report import REPORT_DIM, on_label_dimension
 from schemas.errors import ImzarrError
 from schemas.store_identity import StoreIdentity, check_unchanged, reader_lease
-from schemas.output_paths import check_output_location, local_path, refuse_process_bound_output
+from schemas.output_paths import check_output_location, local_file_url_to_path, local_path, refuse_process_bound_output
 from schemas.store_lifecycle import claim_report_output
 from schemas.vocabulary import POOL_MODES
 
@@ -176,7 +176,8 @@ def compare_options(
     """`imzarr compare`'s options as keywords, checked before anything is read: REAL GENERATED, or GENERATED with
     `reference`; `output` is claimed (an earlier report there may be replaced; another imzarr store only with
     `overwrite`)."""
-    stores = [stores] if isinstance(stores, str) else list(stores)
+    stores = local_file_url_to_path([stores] if isinstance(stores, str) else list(stores))
+    reference, output, plot, scratch_dir = local_file_url_to_path([reference, output, plot, scratch_dir])
     if reference is not None and len(stores) != 1:
         raise CompareError(f"with --reference give one store (the generated one), got {len(stores)}: {stores}")
     if reference is None and len(stores) != 2:

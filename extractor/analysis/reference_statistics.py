@@ -35,7 +35,7 @@ from extractor.analysis.layer_features import AnalysisInputError, LayerFeatures,
 from extractor.analysis.metrics import GaussianAccumulator
 from schemas.classes import class_table
 from schemas.errors import ImzarrError, PathError
-from schemas.output_paths import check_output_location, local_path, refuse_process_bound_output, write_output_file
+from schemas.output_paths import check_output_location, local_file_url_to_path, local_path, refuse_process_bound_output, write_output_file
 from schemas.store_lifecycle import claim_report_output
 
 STATISTICS_SCHEMA = "imzarr.statistics/1"
@@ -306,6 +306,7 @@ def statistics_options(
     overwrite: bool = False, block_size: int = BLOCK_SIZE, scratch_dir: str | None = None,
 ) -> StatisticsOptions:  # fmt: skip
     """`imzarr stats`'s options, checked: an output for statistics, a layer for an output, one output kind per mode."""
+    store, output, scratch_dir = local_file_url_to_path([store, output, scratch_dir])
     if output is None and not inception_score:
         raise AnalysisInputError(f"{store}: nothing to do: give -o (reference .npz, or a Zarr store with --per-class) and/or --inception-score")
     if output is not None and layer is None:

@@ -14,7 +14,7 @@ from importlib.metadata import PackageNotFoundError, entry_points, version
 from schemas.cli.arguments import CommandParser, HelpFormatter, add_debug_option
 from schemas.cli.running import exit_process, run_command
 from schemas.api import did_you_mean
-from schemas.api import apply_storage_options, local_file_url_to_path, parse_storage_options, refuse_process_bound_output, remote_protocols
+from schemas.api import apply_storage_options, parse_storage_options, refuse_process_bound_output, remote_protocols
 
 ENTRY_POINT_GROUP = "imzarr.commands"
 # Order in `imzarr --help`: the workflow's order; packages not listed come after, by name.
@@ -71,8 +71,6 @@ def dispatch(parser: argparse.ArgumentParser, argv: list[str]) -> int:
         return int(exc.code or 0)
 
     def body() -> int:
-        for name, value in vars(args).items():
-            setattr(args, name, local_file_url_to_path(value))
         options = parse_storage_options(getattr(args, "storage_options", None))
         apply_storage_options(options, remote_protocols(vars(args).values()))
         for name in args.process_outputs:

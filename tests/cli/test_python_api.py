@@ -63,6 +63,30 @@ def test_extract_takes_file_urls_as_paths(sample):
     np.testing.assert_array_equal(a["encoder_bottleneck"][:], b["encoder_bottleneck"][:])
 
 
+def test_analysis_takes_file_urls_as_paths(sample):
+    """compare, stats, report and show own the file:// rule too (the command line passes URLs through as given)."""
+    import extractor
+
+    images = str(sample / "url_images.zarr")
+    converter.convert_npz(sample / "src" / "train", images)
+    kwargs = dict(layers=["midblock"], preset="tiny-random", pool="mean", sigma=0.5, device="cpu")
+    extractor.extract(images, str(sample / "url_real.zarr"), num_samples=40, **kwargs)
+    extractor.extract(images, str(sample / "url_fake.zarr"), num_samples=60, **kwargs)
+    url = f"file://{sample}"
+    from extractor import api
+
+    run = api.compare([f"{url}/url_real.zarr", f"{url}/url_fake.zarr"], layer="midblock", output=f"{url}/url_cmp.zarr",
+                            plot=f"{url}/url_cmp.png", report=f"{url}/url_site")
+    assert run.options.output == str(sample / "url_cmp.zarr") and (sample / "url_cmp.zarr" / "zarr.json").is_file()
+    assert (sample / "url_cmp.png").is_file() and (sample / "url_site" / "index.html").is_file()
+    api.report_site(f"{url}/url_cmp.zarr", f"{url}/url_site2")
+    assert (sample / "url_site2" / "index.html").is_file()
+    api.stats(f"{url}/url_real.zarr", layer="midblock", output=f"{url}/url_ref.npz")
+    assert np.load(sample / "url_ref.npz")["mu"].shape == (64,)
+    assert api.show(f"file://{images}", f"{url}/url_grid.png") == str(sample / "url_grid.png")
+    assert not any(p.name.startswith("file:") for p in sample.rglob("*"))
+
+
 def test_extract_takes_one_class_by_wnid_or_index(sample):
     """A single class is one class, not the letters of its name (the command line's --classes n01440764)."""
     import extractor
