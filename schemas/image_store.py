@@ -295,8 +295,13 @@ class ShardRangeReader:
         weakref.finalize(self, _close_shards, self._open, self._pid)
 
     def _own_process(self) -> None:
-        """After a fork: the parent's open files are this process's copies, to close; the rest starts anew."""
+        """After a fork: the parent's open files are this process's copies, to close; the rest starts anew, a
+        remote filesystem included (an async one's event loop stayed behind in the parent)."""
+        if self._pid == os.getpid():
+            return
         inherited = list(self._open.values())
+        if not self.local:
+            self.fs = type(self.fs)(*self.fs.storage_args, **self.fs.storage_options)  # fsspec's cache is per process
         self._start_process()
         for opened in inherited:
             opened.close()
@@ -316,8 +321,7 @@ class ShardRangeReader:
 
     def take(self, indices: np.ndarray) -> np.ndarray:
         """Rows at `indices` as a (n, item_bytes) uint8 array of raw little-endian bytes."""
-        if self._pid != os.getpid():  # a forked child (a DataLoader worker): its own files, lock and clients
-            self._own_process()
+        self._own_process()  # a forked child (a DataLoader worker): its own files, lock and clients
         if self.local:
             return self._take_local(np.asarray(indices, dtype=np.int64))
         layout = self.layout
@@ -556,6 +560,7 @@ class ShardRangeReader:
             out[dest] = np.frombuffer(blob, dtype=np.uint8).reshape(dest.size, item)
 
     def shard_indexes(self, shards: list[int]) -> dict[int, np.ndarray | None]:
+        self._own_process()
         with self._lock:
             missing = [k for k in shards if k not in self._index_cache]
         if missing:

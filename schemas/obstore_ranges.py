@@ -23,7 +23,6 @@ reads other credentials or settings than s3fs would.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import os
 import threading
 from collections.abc import Callable, Sequence
@@ -123,13 +122,32 @@ class ObstoreRanges:
 
 
 def _run(coro: Any) -> Any:
-    """Run a coroutine to its end from sync code, also when this thread already runs an event loop (a notebook)."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(coro)
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        return pool.submit(asyncio.run, coro).result()
+    """Run a coroutine to its end from sync code, on this process's background event loop (also from a thread
+    that runs a loop of its own, as in a notebook)."""
+    return asyncio.run_coroutine_threadsafe(coro, _background_loop()).result()
+
+
+# One event loop per process on a daemon thread: a loop started and closed per call (asyncio.run) cost about a
+# fifth of a random read's client CPU (measured, tests/benchmarks/bench_object_store.py). Keyed by process id: a
+# forked child (a DataLoader worker) inherits the loop object but not its thread, and starts its own.
+_LOOP: tuple[int, asyncio.AbstractEventLoop] | None = None
+_LOOP_GUARD = threading.Lock()
+
+
+def _background_loop() -> asyncio.AbstractEventLoop:
+    global _LOOP
+    with _LOOP_GUARD:
+        if _LOOP is None or _LOOP[0] != os.getpid():
+            loop = asyncio.new_event_loop()
+            threading.Thread(target=loop.run_forever, name="imzarr-obstore-loop", daemon=True).start()
+            _LOOP = (os.getpid(), loop)
+        return _LOOP[1]
+
+
+def obstore_runs_here() -> bool:
+    """False in a process forked after obstore ran in its parent (a DataLoader worker): obstore is not fork-safe,
+    the threads of the runtime it inherited stayed behind, and a call would wait forever."""
+    return _LOOP is None or _LOOP[0] == os.getpid()
 
 
 def obstore_settings(storage_options: dict[str, Any], environ: dict[str, str] | None = None) -> dict[str, Any] | None:
@@ -182,10 +200,10 @@ def obstore_settings(storage_options: dict[str, Any], environ: dict[str, str] | 
 
 
 def obstore_ranges_for(fs: Any, importable: Callable[[], bool] = obstore_available) -> ObstoreRanges | None:
-    """An obstore range reader equal to this s3fs filesystem, or None (obstore not `importable`, not S3, or options
-    obstore cannot honour)."""
+    """An obstore range reader equal to this s3fs filesystem, or None (obstore not `importable` or not able to run
+    in this process, not S3, or options obstore cannot honour)."""
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    if protocol not in ("s3", "s3a") or not importable():
+    if protocol not in ("s3", "s3a") or not importable() or not obstore_runs_here():
         return None
     settings = obstore_settings(getattr(fs, "storage_options", {}) or {})
     return None if settings is None else ObstoreRanges(settings)

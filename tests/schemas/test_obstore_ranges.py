@@ -69,6 +69,31 @@ def test_obstore_take_equals_s3fs_and_local_disk(stores, s3_env):
     np.testing.assert_array_equal(store.read(10, 70), images[10:70])  # long runs of adjacent images, merged
 
 
+@pytest.mark.parametrize("use_obstore", [True, False])
+def test_a_forked_child_reads_after_its_parent(stores, s3_env, use_obstore):
+    """A DataLoader worker is a fork: neither obstore's runtime nor s3fs's event loop came along (obstore would wait
+    forever, s3fs refuses: "not fork-safe"), so the child makes its own filesystem and reads through s3fs."""
+    _, remote, images = stores
+    reader = shard_range_reader(remote, "image", use_obstore=use_obstore)
+    assert reader.range_client == ("obstore" if use_obstore else "fsspec")
+    assert reader.take(np.array([5, 70])).tobytes() == images[[5, 70]].tobytes()  # the parent's clients run now
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report the bytes it read, or nothing, and leave at once
+        os.close(read)
+        try:
+            signal.alarm(60)  # a child stuck on the parent's runtime must not hang the suite
+            os.write(write, reader.take(np.array([1, 94, 40])).tobytes() + reader.range_client.encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as pipe:
+        got = pipe.read()
+    os.waitpid(pid, 0)
+    assert got == images[[1, 94, 40]].tobytes() + b"fsspec"
+    assert reader.take(np.array([2])).tobytes() == images[[2]].tobytes() and reader.range_client == ("obstore" if use_obstore else "fsspec")
+
+
 def test_s3fs_is_the_fallback_without_obstore_or_with_options_it_cannot_honour(stores, s3_env):
     _, remote, _ = stores
     fs, _ = fsspec.core.url_to_fs(remote)
