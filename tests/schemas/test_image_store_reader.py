@@ -118,16 +118,20 @@ def test_zarr_json_of_current_zarr_matches_the_spec_fields(tmp_path):
     assert meta["dimension_names"] == ["sample", "channel", "y", "x"]
 
 
-@pytest.mark.parametrize("cached", [True, False], ids=["page-cache", "disk"])
-def test_local_reads_equal_the_source_on_every_path(tmp_path, monkeypatch, cached):
-    """Shuffled batches (copied from the memory maps when cached, read by the thread pool when not), sequential
-    reads split into pieces (the thread pool), repeats, reversed runs and single images: the source's bytes."""
+@pytest.mark.parametrize(("cached", "read_around"), [(True, True), (False, True), (False, False)], ids=["page-cache", "disk", "disk-exact"])
+def test_local_reads_equal_the_source_on_every_path(tmp_path, monkeypatch, cached, read_around):
+    """Shuffled batches (copied from the memory maps when cached, read by the thread pool when not: each small
+    piece with its aligned window, or alone for a store larger than memory), sequential reads split into pieces
+    (the thread pool), repeats, reversed runs and single images: the source's bytes."""
     monkeypatch.setattr(image_store, "LOCAL_PIECE_BYTES", 2048)  # pieces of 10 images here: many, on small data
     monkeypatch.setattr(image_store, "BIG_PIECE_BYTES", 1024)
+    monkeypatch.setattr(image_store, "READ_AROUND_BYTES", 1000)  # windows of ~5 images, not aligned to them
+    monkeypatch.setattr(image_store, "READ_AROUND_MEMORY_SHARE", 0.5 if read_around else 0.0)
     url = str(tmp_path / "s.zarr")
     images = _images(700)
     _array_store(url, images, shard=128, inner=32)
     reader = ImageStore(url, zarr.open_group(url, mode="r")).fast_reader
+    assert reader._read_around is read_around
     rng = np.random.default_rng(3)
     requests = [rng.permutation(700)[:256], np.arange(700), np.arange(699, -1, -1), rng.integers(0, 700, 300), np.array([5]), np.arange(100, 140)]
     for idx in requests:
