@@ -30,7 +30,7 @@ from fsspec.implementations.local import LocalFileSystem
 from schemas.remote_storage import open_store_group
 from schemas.errors import StoreValidationError
 from schemas.obstore_ranges import obstore_ranges_for
-from schemas.store_integrity import NO_FILE, DamagedStoreError, check_store_files, crc32c_of, recorded_checksums
+from schemas.store_integrity import NO_FILE, DamagedStoreError, check_store_files, crc32c_of, read_checksum_record, recorded_checksums
 from schemas.variable_attrs import CONVENTIONS, class_table_attrs, coordinates_attribute, missing_array_attrs
 from schemas.zarr_format import (
     CRC32C_BYTES,
@@ -125,9 +125,11 @@ def validate_image_store(url: str, require_complete: bool = True) -> "ImageStore
         )
     if "Conventions" in attrs:
         _check_array_attrs(url, attrs, image)
-    if require_complete:
-        check_store_files(url)  # a listing: a complete store lacking a shard file would read as black images
-    return ImageStore(url, group)
+    if not require_complete:
+        return ImageStore(url, group)
+    record = read_checksum_record(url)  # read once: the listing's check and the reader's missing-file rule
+    check_store_files(url, record=record)  # a listing: a complete store lacking a shard file would read as black images
+    return ImageStore(url, group, written=None if record is None else record.get(IMAGE_VAR))
 
 
 def _check_array_attrs(url: str, attrs: dict[str, Any], image: dict[str, Any]) -> None:
@@ -175,6 +177,8 @@ class ImageStore:
     url: str
     group: zarr.Group
     storage_options: dict[str, Any] | None = None
+    # The image array's checksum record, where the opener read it already (False: not read yet).
+    written: np.ndarray | None | bool = field(default=False, repr=False)
     _reader: "ShardRangeReader | None | bool" = field(default=False, init=False, repr=False)
     _image: zarr.Array | None = field(default=None, init=False, repr=False)
     _files_checked: bool = field(default=False, init=False, repr=False)
@@ -215,7 +219,9 @@ class ImageStore:
     def fast_reader(self) -> "ShardRangeReader | None":
         """The direct shard reader, or None where the layout needs zarr-python (decided once, from zarr.json)."""
         if self._reader is False:
-            written = recorded_checksums(self.url, IMAGE_VAR, self.storage_options) if self.complete else None
+            written = self.written
+            if written is False:
+                written = recorded_checksums(self.url, IMAGE_VAR, self.storage_options) if self.complete else None
             self._reader = shard_range_reader(self.url, IMAGE_VAR, self.storage_options, written)
         return self._reader  # type: ignore[return-value]
 

@@ -179,9 +179,10 @@ def size_problem(size: int, f: DataFile, exact: bool = True) -> str | None:
     return None
 
 
-def check_store_files(url: str, storage_options: dict[str, Any] | None = None) -> None:
-    """Raise DamagedStoreError naming the first missing or short data file (and how many there are)."""
-    damage = missing_or_short(url, storage_options)
+def check_store_files(url: str, storage_options: dict[str, Any] | None = None, record: dict[str, np.ndarray] | None | bool = False) -> None:
+    """Raise DamagedStoreError naming the first missing or short data file (and how many there are); `record` as
+    missing_or_short takes it."""
+    damage = missing_or_short(url, storage_options, record)
     if damage:
         more = f" (and {len(damage) - 1} more damaged files; `imzarr verify {url}` lists them)" if len(damage) > 1 else ""
         raise DamagedStoreError(f"{damage[0]}{more}; the store is marked complete but lacks data")
