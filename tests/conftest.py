@@ -1,11 +1,25 @@
 """Fixtures made once per test process (session scope: once per pytest-xdist worker) or once per module where a
 test may change what it gets. Tests copy a shared store before damaging it. Plain helpers live in tests/support/."""
 
+import os
 from pathlib import Path
 
 import pytest
 
 from tests.support.locations import EDM_REFERENCE
+
+
+@pytest.fixture(autouse=True)
+def environment_as_it_was():
+    """Every test leaves the process environment as it found it. dask.distributed's LocalCluster sets
+    OMP_NUM_THREADS=1 (and MKL_…, OPENBLAS_…, MALLOC_TRIM_THRESHOLD_) in it for its workers and never takes them
+    back: the child processes of later tests (a reference run, say) then ran torch on one thread, whose float32
+    sums differ in their last bits from this process's two (README "What values depend on")."""
+    saved = dict(os.environ)
+    yield
+    if os.environ != saved:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 @pytest.fixture(scope="session")
