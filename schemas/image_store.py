@@ -479,11 +479,11 @@ class ShardRangeReader:
             elif not self._read_cached(shards[k].fd, flat[row * item : (row + n) * item], at):
                 later.append(piece)
         if len(later) <= 1:
-            self._read_waiting(iter(later), shards, flat)
+            self._read_waiting(iter(later), shards, flat, uncached=True)
             return
         queue = iter(later)  # shared by the threads: a list iterator hands each piece to one of them
         pool = _read_pool()
-        for done in [pool.submit(self._read_waiting, queue, shards, flat) for _ in range(min(LOCAL_READ_THREADS, len(later)))]:
+        for done in [pool.submit(self._read_waiting, queue, shards, flat, True) for _ in range(min(LOCAL_READ_THREADS, len(later)))]:
             done.result()
 
     def _check_mapped_size(self, shard: int, opened: "_OpenShard") -> None:
@@ -505,8 +505,11 @@ class ShardRangeReader:
             self._nowait = False  # this filesystem cannot say "not cached": read without asking from now on
             return False
 
-    def _read_waiting(self, pieces: Iterator[tuple[int, int, int, int]], shards: dict[int, "_OpenShard"], flat: memoryview) -> None:
+    def _read_waiting(self, pieces: Iterator[tuple[int, int, int, int]], shards: dict[int, "_OpenShard"], flat: memoryview, uncached: bool = False) -> None:
+        """Read each piece, waiting for the disk; small pieces known `uncached` take their window along (where the
+        store fits in memory): a cached one would only copy ten times its bytes."""
         item = self.layout.item_bytes
+        around = uncached and self._read_around
         for k, at, row, n in pieces:
             into = flat[row * item : (row + n) * item]
             if n * item > BIG_PIECE_BYTES:
@@ -520,7 +523,7 @@ class ShardRangeReader:
                     got = os.preadv(fd, [into], at)
                 finally:
                     os.close(fd)
-            elif self._read_around:
+            elif around:
                 got = self._read_with_neighbours(shards[k].fd, into, at)
             else:
                 got = os.preadv(shards[k].fd, [into], at)

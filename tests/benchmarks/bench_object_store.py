@@ -32,6 +32,7 @@ import zarr
 
 from schemas.image_layout import create_image_arrays, write_image_shard
 from schemas.image_store import IMAGE_VAR, ImageStore, shard_range_reader, take_with_zarr
+from schemas.obstore_ranges import obstore_ranges_for
 from tests.benchmarks.run import make_row
 from tests.support.s3_server import CREDENTIALS, local_s3
 
@@ -163,7 +164,7 @@ def _bare_obstore(reader) -> Callable[[list[str], list[int], list[int]], list]:
 
     from obstore import get_range_async
 
-    ranges = reader._cat_ranges.__self__  # the reader's ObstoreRanges: the same S3Store settings
+    ranges = obstore_ranges_for(reader.fs)  # the S3Store settings the reader's own ranges use
     loop = asyncio.new_event_loop()
 
     def fetch(paths: list[str], starts: list[int], ends: list[int]) -> list:
