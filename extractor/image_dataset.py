@@ -138,7 +138,7 @@ class ImageStoreDataset(Dataset[Item]):
         self.store_positions: np.ndarray = given[select_samples(spec, all_labels[given], all_synsets[given])]
         self._labels = all_labels[self.store_positions].astype(np.int64)
         self._store: ImageStore | None = store
-        self._image_shape = tuple(int(d) for d in store.image.shape[1:])
+        self._image_shape = store.image_shape[1:]
         # The validated store's direct reader, with the index of every shard the selection reads (checked
         # against each file's size now): workers get it pickled and read at once. None: read through zarr.
         self._reader: ShardRangeReader | None = store.fast_reader

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import fsspec
+import numpy as np
 
 from schemas.errors import StoreValidationError
 
@@ -27,12 +28,20 @@ STRING_DATA_TYPES = frozenset({"string", "variable_length_utf8"})
 
 def read_node_metadata(url: str, path: str = "", storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """The parsed `zarr.json` of the group or array at `path` inside the store at `url`."""
+    metadata = node_metadata_if_present(url, path, storage_options)
+    if metadata is None:
+        raise StoreValidationError(f"{url}: no {METADATA_FILE} at {path or 'the root'}")
+    return metadata
+
+
+def node_metadata_if_present(url: str, path: str = "", storage_options: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """The parsed `zarr.json` at `path`, or None where there is no node (no zarr.json)."""
     fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
     location = "/".join(p for p in (root.rstrip("/"), path.strip("/"), METADATA_FILE) if p)
     try:
         return json.loads(fs.cat_file(location))
     except FileNotFoundError:
-        raise StoreValidationError(f"{url}: no {METADATA_FILE} at {path or 'the root'}") from None
+        return None
     except (ValueError, UnicodeDecodeError) as exc:
         raise StoreValidationError(f"{url}: {path or 'root'}/{METADATA_FILE} is not valid JSON ({exc})") from None
 
@@ -151,6 +160,36 @@ def uncompressed_shard_layout(metadata: dict[str, Any]) -> UncompressedShardLayo
         fill_value=metadata.get("fill_value", 0),
         metadata=metadata,
     )
+
+
+def whole_array_chunk(metadata: dict[str, Any]) -> str | None:
+    """The key of the one chunk that holds the whole array, when the array is stored raw: a fixed-size numeric
+    type, the `bytes` codec alone, one regular chunk covering the shape, a numeric fill value (as imzarr writes its
+    small records). None for any other array (read it with zarr-python). Decode with `decode_whole_array`."""
+    if metadata.get("node_type") != "array" or metadata.get("zarr_format") != 3 or metadata.get("storage_transformers"):
+        return None
+    grid = metadata.get("chunk_grid") or {}
+    shape = [int(s) for s in metadata.get("shape", ())]
+    chunk_shape = [int(c) for c in (grid.get("configuration") or {}).get("chunk_shape", ())]
+    fill = metadata.get("fill_value")
+    if grid.get("name") != "regular" or chunk_shape != shape or isinstance(fill, (str, bool)) or not isinstance(fill, (int, float)):
+        return None
+    if _fixed_item_bytes(metadata, metadata.get("codecs") or []) is None:
+        return None
+    return chunk_key(metadata, (0,) * len(shape))
+
+
+def decode_whole_array(metadata: dict[str, Any], data: bytes | None) -> np.ndarray | None:
+    """The array of `whole_array_chunk`'s metadata from its chunk's bytes (None: no chunk file, so every element is
+    the fill value); None where the bytes are not the chunk's size (let zarr-python say what is wrong)."""
+    shape = tuple(int(s) for s in metadata["shape"])
+    endian = ((metadata["codecs"][0].get("configuration") or {}).get("endian") or "little")
+    dtype = np.dtype(metadata["data_type"]).newbyteorder("<" if endian == "little" else ">")
+    if data is None:
+        return np.full(shape, metadata["fill_value"], dtype=dtype.newbyteorder("="))
+    if len(data) != dtype.itemsize * _product(list(shape)):
+        return None
+    return np.frombuffer(data, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="))
 
 
 def chunk_grid_shape(metadata: dict[str, Any]) -> tuple[int, ...]:
