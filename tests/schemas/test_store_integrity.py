@@ -269,3 +269,41 @@ def test_shard_writer_crc32c_is_the_committed_files(order, tmp_path):
     writer.commit()
     assert writer.crc32c == _crc32c_reference((tmp_path / "s.zarr" / "a" / "c" / "1" / "0" / "0").read_bytes())
     np.testing.assert_array_equal(zarr.open_array(url, path="a", mode="r")[64:], values)
+
+
+@pytest.mark.parametrize("kind", ["image", "activation"])
+def test_the_record_reads_as_zarr_python_reads_it(kind, image_store, activation_store, tmp_path):
+    """The record is read from the spec's files (zarr.json, one raw chunk each); an array stored any other way
+    (here: compressed) goes through zarr-python, and a chunk file never written reads as the fill value."""
+    store = _copy(image_store if kind == "image" else activation_store, tmp_path)
+
+    def by_zarr() -> dict[str, np.ndarray]:
+        group = zarr.open_group(str(store), path=CHECKSUM_GROUP, mode="r")
+        return {name: np.asarray(array[...]) for name, array in group.arrays()}
+
+    def same(found: dict[str, np.ndarray], expected: dict[str, np.ndarray]) -> bool:
+        return sorted(found) == sorted(expected) and all(found[k].dtype == expected[k].dtype and np.array_equal(found[k], expected[k]) for k in found)
+
+    assert same(read_checksum_record(str(store)), by_zarr())
+    names = sorted(by_zarr())
+    compressed, unwritten = names[0], names[1]
+    values = by_zarr()[compressed]
+    group = zarr.open_group(str(store), path=CHECKSUM_GROUP, mode="r+")
+    del group[compressed]
+    group.create_array(compressed, shape=values.shape, dtype=values.dtype, chunks=values.shape, fill_value=-1, compressors=zarr.codecs.ZstdCodec())[...] = values
+    for chunk in (store / CHECKSUM_GROUP / unwritten / "c").rglob("*"):
+        if chunk.is_file():
+            chunk.unlink()
+    expected = by_zarr()
+    assert (expected[unwritten] == -1).all() and np.array_equal(expected[compressed], values)
+    assert same(read_checksum_record(str(store)), expected)
+
+
+def test_a_local_listing_equals_fsspec_find(image_store):
+    from schemas.store_integrity import _listing, _local_listing
+
+    fs = fsspec.filesystem("file")
+    found = fs.find(str(image_store), detail=True)
+    assert _local_listing(str(image_store)) == {path[len(str(image_store)) + 1 :]: int(info["size"]) for path, info in found.items()}
+    assert _listing(fs, str(image_store)) == _local_listing(str(image_store))
+    assert _local_listing(str(image_store / "no-such-folder")) == {}
