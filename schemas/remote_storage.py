@@ -151,12 +151,35 @@ def open_store_group(url: str) -> Any:
     (with the --storage-options hint); anything else is "not a Zarr group" naming `url`."""
     import zarr
 
-    from schemas.errors import StoreValidationError
-
     try:
         return zarr.open_group(url, mode="r")
     except Exception as exc:  # zarr raises several types for "nothing here"
-        translated = translate_remote_error(exc, url) or translate_remote_error(exc.__cause__ or exc.__context__ or exc, url)
-        if translated is not None:
-            raise translated from None
-        raise StoreValidationError(f"{url}: not a Zarr group ({type(exc).__name__}: {exc})") from None
+        raise _not_opened(exc, url) from None
+
+
+def read_store_root(url: str) -> dict[str, Any]:
+    """The root group's parsed zarr.json (its `attributes`, and the consolidated metadata where written), read from
+    the file itself (no zarr-python objects: 3 ms less per open), with open_store_group's one-line errors."""
+    from schemas.errors import StoreValidationError
+    from schemas.zarr_format import node_metadata_if_present
+
+    try:
+        root = node_metadata_if_present(url)
+    except StoreValidationError:
+        raise
+    except Exception as exc:  # fsspec and botocore raise several types
+        raise _not_opened(exc, url) from None
+    if not isinstance(root, dict) or root.get("node_type") != "group":
+        raise StoreValidationError(f"{url}: not a Zarr group (no Zarr v3 group zarr.json at its root)")
+    return root
+
+
+def _not_opened(exc: BaseException, url: str) -> Exception:
+    """One line for a store that could not be opened: an unreachable object store or missing credentials say so;
+    anything else is "not a Zarr group"."""
+    from schemas.errors import StoreValidationError
+
+    translated = translate_remote_error(exc, url) or translate_remote_error(exc.__cause__ or exc.__context__ or exc, url)
+    if translated is not None:
+        return translated
+    return StoreValidationError(f"{url}: not a Zarr group ({type(exc).__name__}: {exc})")
