@@ -409,29 +409,28 @@ class ShardRangeReader:
         if absent.any():
             self._fill(out, np.flatnonzero(absent))
         byte_pos += (local % layout.samples_per_inner) * item
-        # Pieces: runs of rows that follow each other both in the output and in one shard file, at most
-        # LOCAL_PIECE_BYTES long; a sequential read is a few big pieces, a shuffled batch one piece per image.
+        # Pieces: runs of rows that follow each other both in the output and in one shard file; a sequential read
+        # is a few long runs, cut into pieces at every LOCAL_PIECE_BYTES-aligned offset of the file; a shuffled
+        # batch is one piece per image. A piece is (shard, file offset, output offset, bytes).
         rows = np.flatnonzero(~absent)
         if rows.size == 0:
             return out
         follows = (np.diff(rows) == 1) & (np.diff(slot_of[rows]) == 0) & (np.diff(byte_pos[rows]) == item)
         starts = np.flatnonzero(np.r_[True, ~follows])
         stops = np.r_[starts[1:], rows.size]
-        most = max(1, LOCAL_PIECE_BYTES // item)
-        if (stops - starts).max() > most:
-            starts = np.concatenate([np.arange(a, b, most) for a, b in zip(starts.tolist(), stops.tolist())])
-            stops = np.r_[starts[1:], rows.size]
         first = rows[starts]
-        piece_shard, piece_pos, piece_rows = wanted[slot_of[first]], byte_pos[first], stops - starts
+        piece_shard, piece_pos, piece_dest, piece_bytes = wanted[slot_of[first]], byte_pos[first], first * item, (stops - starts) * item
+        if int(piece_bytes.max()) > LOCAL_PIECE_BYTES:
+            piece_shard, piece_pos, piece_dest, piece_bytes = aligned_pieces(piece_shard, piece_pos, piece_dest, piece_bytes, LOCAL_PIECE_BYTES)
         shards = self._open_shards(wanted[np.unique(slot_of[rows])].tolist())
         try:
-            probe = (int(piece_shard[0]), int(piece_pos[0]), int(first[0]), int(piece_rows[0]))
-            small = first.size > 1 and int(piece_rows.max()) * item <= BIG_PIECE_BYTES
+            probe = (int(piece_shard[0]), int(piece_pos[0]), int(piece_dest[0]), int(piece_bytes[0]))
+            small = piece_shard.size > 1 and int(piece_bytes.max()) <= BIG_PIECE_BYTES
             if small and self._probe_cached(probe, shards, out):
                 # Small pieces, and the first was in the page cache: copy the others from the memory maps.
-                self._copy_mapped(piece_shard[1:], piece_pos[1:], first[1:], piece_rows[1:], shards, out)
+                self._copy_mapped(piece_shard[1:], piece_pos[1:], piece_dest[1:], piece_bytes[1:], shards, out)
             else:
-                pieces = list(zip(piece_shard.tolist(), piece_pos.tolist(), first.tolist(), piece_rows.tolist()))
+                pieces = list(zip(piece_shard.tolist(), piece_pos.tolist(), piece_dest.tolist(), piece_bytes.tolist()))
                 # Small pieces whose first was not cached (where it could be asked): take the others as uncached too.
                 self._read_pieces(pieces, shards, out, uncached=small and self._nowait and all(s.view is not None for s in shards.values()))
         finally:
@@ -460,20 +459,18 @@ class ShardRangeReader:
 
     def _probe_cached(self, piece: tuple[int, int, int, int], shards: dict[int, "_OpenShard"], out: np.ndarray) -> bool:
         """Read one piece if (and only if) it is in the page cache, and say whether it was."""
-        k, at, row, n = piece
+        k, at, dest, nbytes = piece
         if not self._nowait or any(s.view is None for s in shards.values()):
             return False
-        item = self.layout.item_bytes
-        return self._read_cached(shards[k].fd, memoryview(out).cast("B")[row * item : (row + n) * item], at)
+        return self._read_cached(shards[k].fd, memoryview(out).cast("B")[dest : dest + nbytes], at)
 
-    def _copy_mapped(self, piece_shard: np.ndarray, piece_pos: np.ndarray, first: np.ndarray, piece_rows: np.ndarray, shards: dict[int, "_OpenShard"], out: np.ndarray) -> None:
-        """Copy each piece (shard, byte offset, first row, rows) from its shard's memory map into out: one memory
-        copy each, straight into place, no system call per image (for a shuffled batch of cached images, as
-        fast as fancy indexing of one memory-mapped array, measured in bench_reads)."""
-        item = self.layout.item_bytes
+    def _copy_mapped(self, piece_shard: np.ndarray, piece_pos: np.ndarray, piece_dest: np.ndarray, piece_bytes: np.ndarray, shards: dict[int, "_OpenShard"], out: np.ndarray) -> None:
+        """Copy each piece (shard, file offset, output offset, bytes) from its shard's memory map into out: one
+        memory copy each, straight into place, no system call per image (for a shuffled batch of cached images,
+        as fast as fancy indexing of one memory-mapped array, measured in bench_reads)."""
         keys, piece_key = np.unique(piece_shard, return_inverse=True)
         ends = np.zeros(keys.size, dtype=np.int64)
-        np.maximum.at(ends, piece_key, piece_pos + piece_rows * item)
+        np.maximum.at(ends, piece_key, piece_pos + piece_bytes)
         views = []
         for k, end in zip(keys.tolist(), ends.tolist()):
             opened = shards[k]
@@ -483,26 +480,25 @@ class ShardRangeReader:
             views.append(opened.view)
         flat = memoryview(out).cast("B")
         sources = [views[i] for i in piece_key.tolist()]
-        for source, at, into, nbytes in zip(sources, piece_pos.tolist(), (first * item).tolist(), (piece_rows * item).tolist()):
+        for source, at, into, nbytes in zip(sources, piece_pos.tolist(), piece_dest.tolist(), piece_bytes.tolist()):
             flat[into : into + nbytes] = source[at : at + nbytes]
 
     def _read_pieces(self, pieces: list[tuple[int, int, int, int]], shards: dict[int, "_OpenShard"], out: np.ndarray, uncached: bool = False) -> None:
-        """Read each (shard, byte offset, first row, rows) into out: small pieces first without waiting for the
-        disk (`RWF_NOWAIT`, unless known `uncached`), then what was not cached and every big piece by the thread
-        pool, many at once, each thread taking the next piece (in file order, as the disk prefers)."""
-        item = self.layout.item_bytes
+        """Read each (shard, file offset, output offset, bytes) into out: small pieces first without waiting for
+        the disk (`RWF_NOWAIT`, unless known `uncached`), then what was not cached and every big piece by the
+        thread pool, many at once, each thread taking the next piece (in file order, as the disk prefers)."""
         flat = memoryview(out).cast("B")
         if len(pieces) == 1:
             self._read_waiting(iter(pieces), shards, flat)
             return
         later: list[tuple[int, int, int, int]] = []
         for piece in pieces:
-            k, at, row, n = piece
-            if uncached or n * item > BIG_PIECE_BYTES:
+            k, at, dest, nbytes = piece
+            if uncached or nbytes > BIG_PIECE_BYTES:
                 later.append(piece)  # a big piece is worth a thread, cached or not
             elif not self._nowait:
                 self._read_waiting(iter([piece]), shards, flat)
-            elif not self._read_cached(shards[k].fd, flat[row * item : (row + n) * item], at):
+            elif not self._read_cached(shards[k].fd, flat[dest : dest + nbytes], at):
                 later.append(piece)
         if len(later) <= 1:
             self._read_waiting(iter(later), shards, flat, uncached=True)
@@ -534,11 +530,10 @@ class ShardRangeReader:
     def _read_waiting(self, pieces: Iterator[tuple[int, int, int, int]], shards: dict[int, "_OpenShard"], flat: memoryview, uncached: bool = False) -> None:
         """Read each piece, waiting for the disk; small pieces known `uncached` take their window along (where the
         store fits in memory): a cached one would only copy ten times its bytes."""
-        item = self.layout.item_bytes
         around = uncached and self._read_around
-        for k, at, row, n in pieces:
-            into = flat[row * item : (row + n) * item]
-            if n * item > BIG_PIECE_BYTES:
+        for k, at, dest, nbytes in pieces:
+            into = flat[dest : dest + nbytes]
+            if nbytes > BIG_PIECE_BYTES:
                 # Its own open file for a big piece: the kernel's read-ahead follows each open file, and threads
                 # sharing one make each other's reads look random (measured: 0.37 s against 0.50 s cold, 20 k images).
                 try:
@@ -553,8 +548,8 @@ class ShardRangeReader:
                 got = self._read_with_neighbours(shards[k].fd, into, at)
             else:
                 got = os.preadv(shards[k].fd, [into], at)
-            if got != n * item:
-                raise DamagedStoreError(f"{self.shard_path(k)}: truncated: read {got} of {n * item} bytes at offset {at}")
+            if got != nbytes:
+                raise DamagedStoreError(f"{self.shard_path(k)}: truncated: read {got} of {nbytes} bytes at offset {at}")
 
     def _read_with_neighbours(self, fd: int, into: memoryview, at: int) -> int:
         """Read the READ_AROUND_BYTES-aligned window around a small piece (into a per-thread buffer) and copy the
@@ -700,6 +695,23 @@ def shard_range_reader(
         return None
     fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
     return ShardRangeReader(fs, f"{root.rstrip('/')}/{array}", layout, written, use_obstore)
+
+
+def aligned_pieces(shard: np.ndarray, pos: np.ndarray, dest: np.ndarray, nbytes: np.ndarray, block: int) -> tuple[np.ndarray, ...]:
+    """Pieces (shard, file offset, output offset, bytes) with every piece longer than `block` cut at each offset of
+    its file that is a multiple of `block` (a cut may fall inside an image: a piece is bytes). Cold, reads aligned
+    so ran 15–20 % faster than the same bytes cut at image boundaries (measured against bench_reads' plain reads
+    on a cloud VM's virtual disk, where a request that straddles the disk's blocks presumably costs two)."""
+    parts: list[tuple[int, int, int, int]] = []
+    for k, at, into, length in zip(shard.tolist(), pos.tolist(), dest.tolist(), nbytes.tolist()):
+        if length <= block:
+            parts.append((k, at, into, length))
+            continue
+        end = at + length
+        cuts = [at, *range((at // block + 1) * block, end, block), end]
+        parts.extend((k, a, into + (a - at), b - a) for a, b in zip(cuts, cuts[1:]))
+    columns = np.array(parts, dtype=np.int64).reshape(-1, 4).T
+    return columns[0], columns[1], columns[2], columns[3]
 
 
 def item_runs(byte_pos: np.ndarray, item_bytes: int, max_items: int | None = None) -> list[tuple[int, int]]:

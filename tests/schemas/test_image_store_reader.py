@@ -179,3 +179,15 @@ def test_a_mapped_shard_cut_short_raises_instead_of_crashing(tmp_path):
     os.truncate(shard, size // 3)
     with pytest.raises(DamagedStoreError, match=f"^{shard}: truncated: {size // 3} bytes, {size} when it was opened"):
         reader.take(batch)
+
+
+def test_long_runs_are_cut_at_aligned_file_offsets():
+    """Pieces of a sequential read start at multiples of the block in their file (except a run's first), cover
+    each run's bytes once, and keep each byte's place in the output; short runs stay whole."""
+    shard, pos, dest, nbytes = (np.array(v, dtype=np.int64) for v in ([0, 1, 1], [100, 5000, 9000], [0, 7000, 12000], [2500, 1000, 900]))
+    cut = image_store.aligned_pieces(shard, pos, dest, nbytes, 1024)
+    pieces = list(zip(*(c.tolist() for c in cut)))
+    assert pieces[:4] == [(0, 100, 0, 924), (0, 1024, 924, 1024), (0, 2048, 1948, 552), (1, 5000, 7000, 1000)]
+    assert pieces[4:] == [(1, 9000, 12000, 900)]  # no longer than the block: not cut, even across a multiple
+    for k, at, into, length in pieces:
+        assert (at + length) % 1024 == 0 or at + length in (2600, 6000, 9900)
