@@ -218,8 +218,8 @@ def _child(workdir: Path, n: int, rounds: int) -> dict[str, Any]:
     load = [os.getloadavg()[0]]
     for round_ in range(rounds):
         for state in ("cold", "warm"):
-            # Each round starts with the next reader: what runs first after the DataLoader epochs (worker processes
-            # exiting, pages written back) pays for them, measured at up to 60 ms of a 200 ms read.
+            # Each round starts with the next reader, so that none always runs right after the DataLoader epochs
+            # (worker processes still exiting) or always right after another reader.
             names = list(sequential)
             for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
                 read = sequential[name]
