@@ -23,6 +23,7 @@ reads other credentials or settings than s3fs would.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import threading
 from collections.abc import Callable, Sequence
@@ -95,7 +96,10 @@ class ObstoreRanges:
     async def _gather(self, calls: list[tuple[str, list[int]]], starts: Sequence[int], ends: Sequence[int]) -> list[Any]:
         from obstore import get_ranges_async
 
-        limit = asyncio.Semaphore(CALLS_IN_FLIGHT)
+        # Bounded only where the ranges exceed what may be in flight at once: the semaphore's waits cost about a
+        # tenth of a random take's client CPU (0.31 against 0.28 ms per image, bench_object_store's rounds).
+        bounded = sum(len(rows) for _, rows in calls) > RANGES_PER_CALL * CALLS_IN_FLIGHT
+        limit = asyncio.Semaphore(CALLS_IN_FLIGHT) if bounded else contextlib.nullcontext()
 
         async def one(path: str, rows: list[int]) -> list[bytes]:
             bucket, _, key = path.removeprefix("s3://").partition("/")

@@ -15,6 +15,7 @@ import zarr
 
 from schemas.image_layout import create_image_arrays, write_image_shard
 from schemas.image_store import ImageStore, shard_range_reader
+from schemas import obstore_ranges
 from schemas.obstore_ranges import obstore_ranges_for, obstore_settings
 from schemas.remote_storage import RemoteStorageTimeoutError, install_remote_defaults
 
@@ -67,6 +68,19 @@ def test_obstore_take_equals_s3fs_and_local_disk(stores, s3_env):
     np.testing.assert_array_equal(via_obstore, images[indices])
     assert via_obstore.tobytes() == via_s3fs.tobytes() == via_disk.tobytes()
     np.testing.assert_array_equal(store.read(10, 70), images[10:70])  # long runs of adjacent images, merged
+
+
+@pytest.mark.parametrize("in_flight", [64, 2], ids=["unbounded", "bounded"])
+def test_obstore_takes_of_separate_images_equal_the_source(stores, s3_env, monkeypatch, in_flight):
+    """Every other image (no two adjacent: one request each), with all requests at once and with at most
+    `in_flight` calls of 2 ranges in flight (the semaphore that bounds large takes)."""
+    monkeypatch.setattr(obstore_ranges, "RANGES_PER_CALL", 2)
+    monkeypatch.setattr(obstore_ranges, "CALLS_IN_FLIGHT", in_flight)
+    local, remote, images = stores
+    indices = np.random.default_rng(2).permutation(np.arange(0, SAMPLES, 2))
+    store = ImageStore(remote, zarr.open_group(remote, mode="r"))
+    assert store.fast_reader.range_client == "obstore"
+    np.testing.assert_array_equal(store.take(indices), images[indices])
 
 
 @pytest.mark.parametrize("use_obstore", [True, False])
