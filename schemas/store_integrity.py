@@ -149,13 +149,7 @@ def _local_listing(base: str) -> dict[str, int]:
 
 def recorded_checksums(url: str, array: str, storage_options: dict[str, Any] | None = None) -> np.ndarray | None:
     """One array's recorded crc32c per chunk-grid cell (−1: no file written); None where the store has no record."""
-    try:
-        group = zarr.open_group(url, path=CHECKSUM_GROUP, mode="r", storage_options=storage_options)
-        if group.attrs.get("algorithm") != ALGORITHM:
-            return None
-        return np.asarray(group[array][...])
-    except Exception:  # zarr raises several types for "nothing here"
-        return None
+    return (read_checksum_record(url, storage_options) or {}).get(array)
 
 
 def read_checksum_record(url: str, storage_options: dict[str, Any] | None = None) -> dict[str, np.ndarray] | None:
@@ -175,10 +169,14 @@ def read_checksum_record(url: str, storage_options: dict[str, Any] | None = None
     names = sorted(entry["name"].rstrip("/").rsplit("/", 1)[-1] for entry in fs.ls(folder, detail=True) if entry.get("type") == "directory")
     metadata = {}
     for name, raw in zip(names, _cat_each(fs, [f"{folder}/{name}/{METADATA_FILE}" for name in names])):
-        if raw is not None:
+        if raw is None:
+            continue
+        try:
             meta = json.loads(raw)
-            if meta.get("node_type") == "array":
-                metadata[name] = meta
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise DamagedStoreError(f"{folder}/{name}/{METADATA_FILE}: the checksum record's metadata is not valid JSON ({exc})") from None
+        if isinstance(meta, dict) and meta.get("node_type") == "array":
+            metadata[name] = meta
     keys = {name: whole_array_chunk(meta) for name, meta in metadata.items()}
     raw_names = [name for name, key in keys.items() if key is not None]
     chunks = dict(zip(raw_names, _cat_each(fs, [f"{folder}/{name}/{keys[name]}" for name in raw_names])))

@@ -307,3 +307,12 @@ def test_a_local_listing_equals_fsspec_find(image_store):
     assert _local_listing(str(image_store)) == {path[len(str(image_store)) + 1 :]: int(info["size"]) for path, info in found.items()}
     assert _listing(fs, str(image_store)) == _local_listing(str(image_store))
     assert _local_listing(str(image_store / "no-such-folder")) == {}
+
+
+def test_a_record_with_unreadable_metadata_is_named_in_one_line(image_store, tmp_path):
+    store = _copy(image_store, tmp_path)
+    (store / CHECKSUM_GROUP / "label" / "zarr.json").write_text("{ not json")
+    with pytest.raises(DamagedStoreError, match=rf"^{store / CHECKSUM_GROUP / 'label' / 'zarr.json'}: the checksum record's metadata is not valid JSON"):
+        read_checksum_record(str(store))
+    result = run_imzarr("info", str(store))
+    assert result.returncode != 0 and "not valid JSON" in result.stderr and "Traceback" not in result.stderr
