@@ -49,10 +49,10 @@ BIG_PIECE_BYTES = LOCAL_PIECE_BYTES // 2  # a piece longer than this is read in 
 # Threads reading pieces that are not in the page cache (and every piece of a big read); what a single SSD or a
 # network disk needs to reach its throughput (bench_reads' plain-file baseline reads with as many).
 LOCAL_READ_THREADS = 8
-# An uncached small read takes the aligned window around it (the kernel's read-around for a memory map is the
-# device's read-ahead, 128 KiB by default; 8 MiB windows hinted with POSIX_FADV_WILLNEED, as this machine's disk
-# reads ahead, took 3 % off a cold shuffled epoch, measured: not worth more code):
-# worth it while the store fits in the page cache, so that the neighbours are still there when their turn comes.
+# An uncached small read takes the aligned window around it, as the kernel's read-around does for a memory map
+# (its window is the device's read-ahead, 128 KiB by default): worth it while the store fits in the page cache, so
+# that the neighbours are still there when their turn comes. Measured and left out: 8 MiB windows (this VM's disk
+# reads ahead 8 MiB), hinted with POSIX_FADV_WILLNEED, took only 3 % off a cold shuffled epoch.
 READ_AROUND_BYTES = 128 << 10
 READ_AROUND_MEMORY_SHARE = 0.5
 # Shard files a local reader keeps open (one descriptor each); further shards are opened for each read.

@@ -172,7 +172,7 @@ def whole_array_chunk(metadata: dict[str, Any]) -> str | None:
     shape = [int(s) for s in metadata.get("shape", ())]
     chunk_shape = [int(c) for c in (grid.get("configuration") or {}).get("chunk_shape", ())]
     fill = metadata.get("fill_value")
-    if grid.get("name") != "regular" or chunk_shape != shape or isinstance(fill, (str, bool)) or not isinstance(fill, (int, float)):
+    if grid.get("name") != "regular" or chunk_shape != shape or isinstance(fill, bool) or not isinstance(fill, (int, float)):
         return None
     if _fixed_item_bytes(metadata, metadata.get("codecs") or []) is None:
         return None

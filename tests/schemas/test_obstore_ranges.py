@@ -3,6 +3,7 @@ the s3fs options in effect map to obstore's settings; a missing object or a stal
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 from datetime import timedelta
@@ -76,11 +77,20 @@ def test_obstore_takes_of_separate_images_equal_the_source(stores, s3_env, monke
     `in_flight` calls of 2 ranges in flight (the semaphore that bounds large takes)."""
     monkeypatch.setattr(obstore_ranges, "RANGES_PER_CALL", 2)
     monkeypatch.setattr(obstore_ranges, "CALLS_IN_FLIGHT", in_flight)
+    made = []
+
+    class CountedSemaphore(asyncio.Semaphore):
+        def __init__(self, value: int = 1):
+            made.append(value)
+            super().__init__(value)
+
+    monkeypatch.setattr(obstore_ranges.asyncio, "Semaphore", CountedSemaphore)
     local, remote, images = stores
-    indices = np.random.default_rng(2).permutation(np.arange(0, SAMPLES, 2))
+    indices = np.random.default_rng(2).permutation(np.arange(0, SAMPLES, 2))  # 48 ranges: over 2 × 2, under 2 × 64
     store = ImageStore(remote, zarr.open_group(remote, mode="r"))
     assert store.fast_reader.range_client == "obstore"
     np.testing.assert_array_equal(store.take(indices), images[indices])
+    assert made == ([in_flight] if in_flight == 2 else [])
 
 
 @pytest.mark.parametrize("use_obstore", [True, False])
