@@ -80,7 +80,7 @@ def _output_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=positive_int, default=None, help="parallel tasks (default: all cores)")
     p.add_argument("--scheduler", default=None, help="tcp://host:port of a running dask.distributed scheduler: its workers read the sources and write the shards (--scratch-dir must then be a folder every worker sees; default: this machine)")
     p.add_argument("--processes", action="store_true", help="decode/inflate in worker processes instead of threads (threads are faster here: Pillow and zlib release the GIL)")
-    p.add_argument("--overwrite", action="store_true", help="replace an imzarr store made with other inputs or options (never anything else)")
+    p.add_argument("--overwrite", action="store_true", help="replace an image store made with other inputs or options (never a store of another kind, never anything else)")
     p.add_argument("--scratch-dir", default=None, help="where compressed inputs are inflated/decoded before writing (default: beside the output)")
 
 

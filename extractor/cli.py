@@ -42,7 +42,7 @@ def _run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scheduler", default=None, help="tcp://host:port of a running dask.distributed scheduler (default: local threads); README \"Object storage and clusters\"")
     p.add_argument("--resources", default=None, help="resources each task needs on a distributed worker, e.g. GPU=1 (default: none)")
     p.add_argument("--workers", type=positive_int, default=2, help="local threads: one computes while another reads or writes")
-    p.add_argument("--overwrite", action="store_true", help="replace an imzarr store made with other settings (never an input, never anything else)")
+    p.add_argument("--overwrite", action="store_true", help="replace a store of the same kind made with other settings (never an input, a store of another kind, or anything else)")
     p.add_argument("--compile", action="store_true", help="torch.compile the network's blocks (CUDA): faster for long runs, after a one-off compile on the first batch (BENCHMARKS.md)")
 
 
@@ -196,7 +196,7 @@ def _add_compare(sub) -> None:
     cmp.add_argument("--projection", default="pca", choices=["pca", "umap"], help="projection for --plot (umap needs the optional umap-learn)")
     cmp.add_argument("--report", default=None, metavar="DIR", help="also write the report as a static web site in this folder (see `imzarr report`; default: none)")
     _add_report_thumbnails(cmp)
-    cmp.add_argument("--overwrite", action="store_true", help="replace another imzarr store at --output (never an input, never anything else)")
+    cmp.add_argument("--overwrite", action="store_true", help="replace an older-version compare report at --output (an earlier report of this version is replaced anyway; never an input, a store of another kind, or anything else)")
     cmp.set_defaults(handler=_compare)
 
 

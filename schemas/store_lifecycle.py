@@ -114,6 +114,7 @@ def inspect_existing(
             tidy_complete_store(url)
             return "complete"
         return "resume"
+    refuse_other_kind(url, attrs["schema"], schema)
     if overwrite:
         return "new"
     if attrs["schema"] != schema:
@@ -128,7 +129,7 @@ def claim_report_output(url: str, schema: str, overwrite: bool, inputs: Iterable
     """Check that a store written whole in one go (a report) may be (re)written at `url`; refuse otherwise.
 
     Nothing there, or an earlier store of the same schema (a report is re-made from its inputs), may be
-    replaced; another imzarr store only with `overwrite`; anything else never.
+    replaced; another version of its kind only with `overwrite`; a store of another kind or anything else never.
     """
     check_output_location(url, inputs)
     state = path_state(url)
@@ -139,8 +140,25 @@ def claim_report_output(url: str, schema: str, overwrite: bool, inputs: Iterable
     found = dict(zarr.open_group(url, mode="r", use_consolidated=False).attrs).get("schema")
     if found is None:
         raise StoreExistsError(f"{url}: holds a Zarr group that is not an imzarr store; choose another output path")
+    refuse_other_kind(url, found, schema)
     if found != schema and not overwrite:
         raise StoreExistsError(f"{url}: holds an {found} store, not {schema}; pass --overwrite to replace it")
+
+
+def store_kind(schema: str) -> str:
+    """What a schema names, without its version: `imzarr.images/1` → `imzarr.images`."""
+    return str(schema).split("/", 1)[0]
+
+
+def refuse_other_kind(url: str, found: str, schema: str) -> None:
+    """A store of another kind (an image store where a report would go) is never replaced, whatever the flags:
+    no command made it, and one typo in an output path would cost, say, a whole conversion. An older version of
+    the same kind may be replaced with --overwrite."""
+    if store_kind(found) != store_kind(schema):
+        raise StoreExistsError(
+            f"{url}: holds an {found} store, and this command writes {store_kind(schema)} stores; "
+            "choose another output path (a store of another kind is never replaced, even with --overwrite)"
+        )
 
 
 def prepare_store(

@@ -21,6 +21,7 @@ from schemas.store_lifecycle import (
     UNDER_CONSTRUCTION,
     StoreExistsError,
     acquire_writer_lock,
+    claim_report_output,
     finalize_store,
     inspect_existing,
     mark_done,
@@ -139,6 +140,33 @@ def test_foreign_folder_is_never_replaced(tmp_path, overwrite):
     with pytest.raises(StoreExistsError, match="not an imzarr store"):
         _prepare(str(folder), overwrite=overwrite)
     assert (folder / "notes.txt").read_text() == "keep me" and sorted(os.listdir(folder)) == ["notes.txt"]
+
+
+def _files(folder) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_store_of_another_kind_is_never_replaced(tmp_path, overwrite):
+    other = tmp_path / "images.zarr"
+    zarr.open_group(str(other), mode="w", zarr_format=3, attributes={"schema": "imzarr.images/1", "complete": True})
+    before = _files(other)
+    with pytest.raises(StoreExistsError, match=r"holds an imzarr.images/1 store, and this command writes imzarr.test stores; choose another output path"):
+        _prepare(str(other), overwrite=overwrite)
+    with pytest.raises(StoreExistsError, match="never replaced, even with --overwrite"):
+        claim_report_output(str(other), SCHEMA, overwrite)
+    assert _files(other) == before
+
+
+def test_an_older_version_of_the_same_kind_is_replaced_only_with_overwrite(tmp_path):
+    url = str(tmp_path / "s.zarr")
+    zarr.open_group(url, mode="w", zarr_format=3, attributes={"schema": "imzarr.test/0", "complete": True})
+    for check in (lambda: _prepare(url), lambda: claim_report_output(url, SCHEMA, False)):
+        with pytest.raises(StoreExistsError, match="holds an imzarr.test/0 store, not imzarr.test/1; pass --overwrite"):
+            check()
+    claim_report_output(url, SCHEMA, True)
+    assert _prepare(url, overwrite=True).pending == [0, 1]
+    assert dict(zarr.open_group(url, mode="r").attrs)["schema"] == SCHEMA
 
 
 @pytest.mark.parametrize("overwrite", [False, True])
