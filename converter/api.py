@@ -14,7 +14,7 @@ from converter.sample import write_sample_shards
 from converter.sources.base import ConvertOptionError
 from schemas.image_layout import DEFAULT_SHARD
 from schemas.keywords import keyword_parameters, takes_keywords_of
-from schemas.output_paths import for_workers, local_file_url_to_path
+from schemas.output_paths import absolute_url, local_file_url_to_path
 
 __all__ = ["DEFAULT_SHARD", "ConvertResult", "convert_jpeg", "convert_npz", "run_option_names", "write_sample_shards"]
 
@@ -68,7 +68,7 @@ def _located(inputs: list[str | None], output: str | Path, options: dict[str, An
     inputs, output = local_file_url_to_path(inputs), local_file_url_to_path(os.fspath(output))
     scratch_dir = local_file_url_to_path(options.get("scratch_dir"))
     if options.get("scheduler"):
-        inputs, output, scratch_dir = [for_workers(p) for p in inputs], for_workers(output), for_workers(scratch_dir)
+        inputs, output, scratch_dir = [absolute_url(p) for p in inputs], absolute_url(output), absolute_url(scratch_dir)
     return inputs, ConvertOptions(output=output, **(options | {"scratch_dir": scratch_dir}))
 
 

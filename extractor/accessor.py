@@ -15,6 +15,7 @@ memory. The accessor loads only the int16 `label` array (2.5 MB at 1.28 M sample
 
 from __future__ import annotations
 
+import os
 from typing import Any, Hashable, Iterable
 
 import numpy as np
@@ -25,6 +26,7 @@ from schemas.classes import class_table
 from schemas.compare_report import REPORT_DIMS
 from schemas.errors import ImzarrError
 from schemas.image_store import SAMPLE_DIM
+from schemas.output_paths import local_path
 from schemas.variable_attrs import TEXT_VARIABLES, classes_lookup
 
 ACCESSOR_NAME = "imzarr"
@@ -37,7 +39,7 @@ class AccessorError(ImzarrError):
 
 
 class ProvenanceError(AccessorError):
-    """The image store an activation store was computed from is not the one found at its recorded URL."""
+    """The image store an activation store was computed from is not found, or is not the one at its recorded URL."""
 
 
 class ImzarrAccessor:
@@ -191,6 +193,13 @@ class ImzarrAccessor:
         url = store or source.get("url")
         if not url:
             raise ProvenanceError("this activation store records no source image store; pass images(store=URL)")
+        where = local_path(url)
+        if where is not None and not os.path.exists(where):
+            if store:
+                raise ProvenanceError(f"{url}: no image store there")
+            # Stores written before provenance was recorded as absolute paths hold the path as it was typed.
+            relative = " (recorded relative to the folder the store was made from)" if not os.path.isabs(url) and "://" not in url else ""
+            raise ProvenanceError(f"{url}: the image store these activations were computed from is not there{relative}; pass images(store=PATH) where it is now")
         images = xr.open_zarr(url, **open_kwargs)
         recorded = source.get("fingerprint")
         if recorded is not None and images.attrs.get("settings_fingerprint") != recorded:

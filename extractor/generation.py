@@ -29,6 +29,7 @@ from schemas.errors import output_write_errors
 from schemas.image_layout import LAYOUT_VERSION, create_image_arrays
 from schemas.image_layout import TEXT_COORDINATES as IMAGE_TEXT_COORDINATES
 from schemas.image_store import IMAGE_SCHEMA, IMAGE_VAR, image_group_attrs
+from schemas.output_paths import absolute_url
 from schemas.progress_report import ProgressReport
 from schemas.remote_storage import remote_storage_errors
 from schemas.store_integrity import record_checksums, record_unit_checksums
@@ -273,7 +274,7 @@ def _prepare_stores(
         options.activations_out, ACTIVATION_SCHEMA, act_settings, num_shards,
         lambda g: create_activation_arrays(g, n, shapes, fwd.storage_dtype, shard, None, array_attrs, coordinates=act_numeric), run.overwrite,
         initial_attrs={**run_attrs(fwd, loaded, forward.paths, forward.device), "selection": selection,
-                       "source": {"url": options.output, "schema": IMAGE_SCHEMA, "generated": True},
+                       "source": {"url": absolute_url(options.output), "schema": IMAGE_SCHEMA, "generated": True},
                        "input_scaling": "none: the generator's own input sigma * eps",
                        **activation_group_attrs(labels)},
     )

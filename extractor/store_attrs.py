@@ -16,6 +16,7 @@ from extractor.noise import NOISE_RECIPE, noise_attrs, recorded_noise_recipe
 from schemas.activation_store import FEATURE_KIND
 from schemas.errors import ImzarrError
 from schemas.image_store import ImageStore
+from schemas.output_paths import absolute_url
 from schemas.store_identity import GENERATION_ATTR
 from schemas.store_lifecycle import path_state
 
@@ -91,6 +92,6 @@ def extraction_attrs(store: str, fwd: ForwardSettings, images: ImageStore, loade
         **run_attrs(fwd, loaded, paths, device),
         "input_scaling": scaling,
         "selection": selection,
-        "source": {"url": store, "schema": images.attrs.get("schema"), "fingerprint": images.attrs.get("settings_fingerprint"),
+        "source": {"url": absolute_url(store), "schema": images.attrs.get("schema"), "fingerprint": images.attrs.get("settings_fingerprint"),
                    "generation": images.attrs.get(GENERATION_ATTR), "source_format": images.attrs.get("source_format")},
     }

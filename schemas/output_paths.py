@@ -66,8 +66,9 @@ def local_path(url: str) -> str | None:
     return os.path.abspath(path) if isinstance(fs, LocalFileSystem) else None
 
 
-def for_workers(url: str | None) -> str | None:
-    """A path that means the same on every worker of a cluster: local paths made absolute, URLs unchanged."""
+def absolute_url(url: str | None) -> str | None:
+    """A path that means the same from any working directory and on every worker of a cluster: local paths made
+    absolute, URLs unchanged. What a store records of another store (its provenance) is written this way."""
     if url is None or "://" in url:
         return url
     return os.path.abspath(url)

@@ -60,7 +60,7 @@ from schemas.compare_report import COMPARE_SCHEMA as REPORT_SCHEMA
 from schemas.compare_report import REPORT_DIM, on_label_dimension
 from schemas.errors import ImzarrError
 from schemas.store_identity import StoreIdentity, check_unchanged, reader_lease
-from schemas.output_paths import check_output_location, local_file_url_to_path, local_path, refuse_process_bound_output
+from schemas.output_paths import absolute_url, check_output_location, local_file_url_to_path, local_path, refuse_process_bound_output
 from schemas.store_lifecycle import claim_report_output
 from schemas.vocabulary import POOL_MODES
 
@@ -308,7 +308,7 @@ def _between_stores(options: CompareOptions, log: TextIO | None) -> xr.Dataset:
         for side in (real, fake):
             if side.n < options.k + 1:
                 raise CompareError(f"{side.url}: {side.n} samples; k-NN metrics with k={options.k} need at least {options.k + 1}")
-    attrs = _base_attrs(options, real) | {"n_real": real.n, "n_fake": fake.n, "real_store": real.url, **_provenance(real, fake)}
+    attrs = _base_attrs(options, real) | {"n_real": real.n, "n_fake": fake.n, "real_store": absolute_url(real.url), **_provenance(real, fake)}
     with tempfile.TemporaryDirectory(prefix="imzarr-compare-", dir=options.scratch_dir) as scratch:
         stats = [statistics_accumulator(side.dim) for side in (real, fake)]
         real_rows = stream_layer(real, options.block_size, [lambda a, b, x: stats[0].update(x)], Path(scratch), log)
@@ -452,7 +452,7 @@ def _base_attrs(options: CompareOptions, side: LayerFeatures) -> dict:
         "variable": side.var,
         "pool": side.reduction,
         "metrics": ",".join(options.metrics),
-        "fake_store": options.generated,
+        "fake_store": absolute_url(options.generated),
         "n_fake": None,
         "per_class": bool(options.per_class),
         "blocked_knn_dtype": str(BLOCKED_DTYPE).removeprefix("torch."),

@@ -23,6 +23,7 @@ import io
 import json
 import math
 import mimetypes
+import os
 import tempfile
 import time
 from dataclasses import dataclass
@@ -147,16 +148,23 @@ def open_compare(compare: str | xr.Dataset) -> tuple[xr.Dataset, str | None]:
     return on_label_dimension(compare), url
 
 
+def _relative_note(url: str) -> str:
+    """Stores and reports written before provenance was recorded as absolute paths hold paths as typed."""
+    if "://" in url or os.path.isabs(url):
+        return ""
+    return f"; a path relative to the folder it was made from, not found from {os.getcwd()}: run from that folder"
+
+
 def _open_side(role: str, url: str, compare_url: str, variable: str, pool: str, scratch: Path) -> _Side:
     if not _exists(url):
-        raise ReportSiteError(f"{url}: {role} activation store not found (named by the compare report {compare_url})")
+        raise ReportSiteError(f"{url}: {role} activation store not found (named by the compare report {compare_url}{_relative_note(url)})")
     group = validate_activation_store(url)
     attrs = dict(group.attrs)
     images_url = (attrs.get("source") or {}).get("url")
     if not images_url:
         raise ReportSiteError(f"{url}: records no image store (attribute source.url); its images cannot be shown")
     if not _exists(images_url):
-        raise ReportSiteError(f"{images_url}: {role} image store not found (the source of activation store {url})")
+        raise ReportSiteError(f"{images_url}: {role} image store not found (the source of activation store {url}{_relative_note(images_url)})")
     if variable not in group:
         raise ReportSiteError(f"{url}: no layer variable {variable!r} (the one the compare report {compare_url} used)")
     array = group[variable]

@@ -176,6 +176,13 @@ def test_image_store_selection_and_images_through_provenance(images_and_acts):
     np.testing.assert_array_equal(matched.label.values, chosen.label.values)
     with pytest.raises(ProvenanceError, match="fingerprint"):
         acts.assign_attrs(source={**acts.attrs["source"], "fingerprint": "0" * 64}).imzarr.images()
+    # A store written before provenance paths were absolute, opened from another folder; the path given instead.
+    typed = acts.assign_attrs(source={**acts.attrs["source"], "url": "data/images.zarr"})
+    with pytest.raises(ProvenanceError, match=r"^data/images\.zarr: the image store these activations were computed from is not there \(recorded relative to the folder the store was made from\); pass images\(store=PATH\)"):
+        typed.imzarr.images()
+    np.testing.assert_array_equal(typed.imzarr.sel(classes="tench").imzarr.images(store=images_url).image.values, pixels[want])
+    with pytest.raises(ProvenanceError, match=r"nowhere\.zarr: no image store there"):
+        typed.imzarr.images(store=images_url + "-nowhere.zarr")
 
 
 @pytest.mark.parametrize("class_dim", ["label", "class"])

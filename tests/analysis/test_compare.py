@@ -2,6 +2,7 @@
 flattening of unpooled layers, the Zarr report, the terminal table, the PNG, and clear errors."""
 
 import importlib.util
+import os
 import warnings
 
 import numpy as np
@@ -67,6 +68,13 @@ def stores(tmp_path_factory):
     fake_url = store(root / "fake.zarr", fake, fake_labels, dtype="float32")
     # The metrics see what was stored: float16 rounding included.
     return real_url, fake_url, real.astype(np.float16).astype(np.float64), real_labels, fake, fake_labels, root
+
+
+def test_report_records_absolute_store_paths(stores, monkeypatch):
+    real_url, fake_url, *_, root = stores
+    monkeypatch.chdir(root)
+    a = compare_stores("real.zarr", "fake.zarr", "feat", metrics="fd", per_class=False).attrs
+    assert a["real_store"] == os.path.abspath(real_url) and a["fake_store"] == os.path.abspath(fake_url)
 
 
 def test_overall_and_per_class_equal_references(stores):

@@ -276,6 +276,8 @@ def test_missing_inputs_are_named(run, tmp_path):
     ds = xr.open_zarr(run["compare"]).load()
     with pytest.raises(ReportSiteError, match=r"nowhere/acts\.zarr: real activation store not found"):
         write_report_site(ds.assign_attrs(real_store=str(tmp_path / "nowhere" / "acts.zarr")), str(tmp_path / "a"))
+    with pytest.raises(ReportSiteError, match=r"^data/acts\.zarr: real activation store not found \(named by the compare report the compare result; a path relative to the folder it was made from, not found from .*: run from that folder\)"):
+        write_report_site(ds.assign_attrs(real_store="data/acts.zarr"), str(tmp_path / "a"))
     with pytest.raises(ReportSiteError, match="compare report not found"):
         write_report_site(str(tmp_path / "missing.zarr"), str(tmp_path / "b"))
     moved = shutil.copytree(run["fake_acts"], tmp_path / "fake_acts.zarr")

@@ -1,5 +1,6 @@
 """Extractor: values equal a direct forward, independent of batching and scheduling; resumable; clear errors."""
 
+import os
 import shutil
 import subprocess
 import sys
@@ -77,6 +78,15 @@ def run(image_store, out, batch_size=64, **kw):
     shard = kw.pop("shard_size", 32)
     fwd = ForwardSettings(model=PRESET, layers=kw.pop("layers", LAYERS), **kw)
     return extract(ExtractOptions(image_store, str(out), fwd, selection, RunOptions(batch_size, "cpu", scheduler, shard_size=shard)))
+
+
+def test_provenance_records_absolute_paths_whatever_the_working_folder(image_store, tmp_path, monkeypatch):
+    """Relative paths on the command line: the store records where its images are from any folder (a notebook
+    elsewhere finds them), not the path as typed."""
+    monkeypatch.chdir(os.path.dirname(image_store))
+    run(os.path.basename(image_store), os.path.relpath(tmp_path / "rel.zarr"), layers=("midblock",), selection=SelectionSpec(num_samples=8))
+    source = zarr.open_group(str(tmp_path / "rel.zarr"), mode="r").attrs["source"]
+    assert source["url"] == os.path.abspath(image_store) and os.path.isabs(source["url"])
 
 
 def test_full_layers_and_reconstructions_equal_direct_forward(image_store, tmp_path):
