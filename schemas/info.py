@@ -15,6 +15,13 @@ from schemas.remote_storage import open_store_group
 from schemas.store_integrity import Damage, missing_or_short
 
 
+IMZARR_SCHEMA_PREFIX = "imzarr."
+IMAGE_ATTRS_SHOWN = frozenset({
+    "sources", "rejected", "settings", "schema", "complete", "source_format", "source_label_order", "shuffle_seed",
+    "resolution", "num_samples", "classes", "versions", "generation", "settings_fingerprint", "ignored_files",
+})
+
+
 def describe_store(url: str) -> str:
     """A human summary of a validated store (raises StoreValidationError when it breaks its contract)."""
     attrs = dict(open_store_group(url).attrs)
@@ -25,7 +32,28 @@ def describe_store(url: str) -> str:
 
     if schema == ACTIVATION_SCHEMA:
         return describe_activation_store(url)
+    if schema is None:
+        raise StoreValidationError(f"{url}: a Zarr group without a `schema` attribute: not an imzarr store")
+    if str(schema).startswith(IMZARR_SCHEMA_PREFIX):
+        return _describe_written_whole(url, attrs)
     raise StoreValidationError(f"{url}: unknown schema {schema!r}")
+
+
+def _describe_written_whole(url: str, attrs: dict) -> str:
+    """Stores written in one go from others (compare reports, statistics stores): their arrays and their plain
+    attributes, one per line; nested ones (provenance records) by name only."""
+    group = open_store_group(url)
+    lines = [f"store        {url}", f"schema       {attrs['schema']}"]
+    for name, array in sorted(group.arrays()):
+        dims = ", ".join(array.metadata.dimension_names or ())
+        lines.append(f"array        {name}  {array.dtype}  {' × '.join(map(str, array.shape))}  ({dims})")
+    plain = {k: v for k, v in attrs.items() if k != "schema" and not isinstance(v, (dict, list))}
+    nested = [k for k, v in attrs.items() if isinstance(v, (dict, list))]
+    width = max([12, *map(len, plain)])
+    lines += [f"{key:<{width}} {value}" for key, value in plain.items()]
+    if nested:
+        lines.append("also         " + ", ".join(nested))
+    return "\n".join(lines)
 
 
 def _describe_images(url: str, attrs: dict) -> str:
@@ -50,15 +78,24 @@ def _describe_images(url: str, attrs: dict) -> str:
         f"files        {len(attrs.get('sources', []))}: " + ", ".join(s["path"] for s in attrs.get("sources", [])[:6]) + (" …" if len(attrs.get("sources", [])) > 6 else ""),
         f"rejected     {len(attrs.get('rejected', []))}",
     ]
-    rest = {k: v for k, v in attrs.items() if k not in ("sources", "rejected", "settings", "schema", "complete")}
-    lines.append("attributes   " + json.dumps(rest, default=str, ensure_ascii=False))
+    versions = attrs.get("versions") or {}
+    lines.append("made with    " + ", ".join(f"{name} {v}" for name, v in versions.items()))
+    lines.append(f"identity     generation {attrs.get('generation')}, settings fingerprint {str(attrs.get('settings_fingerprint'))[:12]}")
+    ignored = attrs.get("ignored_files") or []
+    if ignored:
+        lines.append(f"ignored      {len(ignored)} files: " + ", ".join(map(str, ignored[:6])) + (" …" if len(ignored) > 6 else ""))
+    # The class table is what the top and bottom rows show; the rest are recorded for provenance.
+    rest = {k: v for k, v in attrs.items() if k not in IMAGE_ATTRS_SHOWN}
+    if rest:
+        lines.append("other        " + ", ".join(f"{k} {v if isinstance(v, str) else json.dumps(v, default=str, ensure_ascii=False)}" for k, v in rest.items()))
     return "\n".join(lines)
 
 
 def store_damage(url: str) -> list[Damage] | None:
-    """Data files a store marked complete lacks or holds short (a listing, no reads); None for an unfinished one."""
+    """Data files a store marked complete lacks or holds short (a listing, no reads); None for an unfinished one.
+    Stores written whole (reports) have no `complete` attribute: they are checked as they are."""
     try:
-        complete = zarr.open_group(url, mode="r").attrs.get("complete") is True
+        complete = zarr.open_group(url, mode="r").attrs.get("complete", True) is True
     except Exception:
         return None  # describe_store words "not a store"
     return missing_or_short(url) if complete else None

@@ -61,6 +61,7 @@ from schemas.compare_report import REPORT_DIM, on_label_dimension
 from schemas.errors import ImzarrError
 from schemas.store_identity import StoreIdentity, check_unchanged, reader_lease
 from schemas.output_paths import absolute_url, check_output_location, local_file_url_to_path, local_path, refuse_process_bound_output
+from schemas.store_integrity import record_checksums
 from schemas.store_lifecycle import claim_report_output
 from schemas.vocabulary import POOL_MODES
 
@@ -504,7 +505,8 @@ def _provenance(real: LayerFeatures, fake: LayerFeatures) -> dict:
 
 
 def write_report(report: xr.Dataset, output: str) -> None:
-    """Write the report as a consolidated Zarr v3 group that `xr.open_zarr(output)` opens without warnings."""
+    """Write the report as a consolidated Zarr v3 group that `xr.open_zarr(output)` opens without warnings, with
+    the crc32c of every data file recorded (`_checksums`, a group xarray does not see)."""
     out = report.copy()
     for name in list(out.variables):
         if out[name].dtype.kind == "U":
@@ -513,6 +515,7 @@ def write_report(report: xr.Dataset, output: str) -> None:
         # Consolidated metadata is not in the v3 spec yet; xarray opens v3 stores without warnings only with it.
         warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
         out.to_zarr(output, mode="w", zarr_format=3, consolidated=True)
+    record_checksums(output)  # so that `imzarr verify` can check a copied report byte for byte
 
 
 def open_report(path: str) -> xr.Dataset:

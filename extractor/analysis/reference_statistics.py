@@ -36,6 +36,7 @@ from extractor.analysis.metrics import GaussianAccumulator
 from schemas.classes import class_table
 from schemas.errors import ImzarrError, PathError
 from schemas.output_paths import check_output_location, local_file_url_to_path, local_path, refuse_process_bound_output, write_output_file
+from schemas.store_integrity import record_checksums
 from schemas.store_lifecycle import claim_report_output
 
 STATISTICS_SCHEMA = "imzarr.statistics/1"
@@ -258,6 +259,7 @@ def write_per_class_statistics(
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
         zarr.consolidate_metadata(output)
+    record_checksums(output)  # so that `imzarr verify` can check a copied statistics store byte for byte
     return output
 
 

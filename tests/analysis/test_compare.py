@@ -13,6 +13,7 @@ from PIL import Image
 from extractor.analysis import compare as compare_module
 from extractor.analysis.compare import CompareError, LayerMismatchError, NonFiniteFeaturesError, compare_stores, format_report_table
 from extractor.analysis.plots import PlotError
+from schemas.api import store_info, verify_store_files
 from schemas.classes import class_table
 from tests.support.reference_metrics import reference_fd_of_samples, reference_prdc
 from tests.support.synthetic import write_activation_store
@@ -75,6 +76,24 @@ def test_report_records_absolute_store_paths(stores, monkeypatch):
     monkeypatch.chdir(root)
     a = compare_stores("real.zarr", "fake.zarr", "feat", metrics="fd", per_class=False).attrs
     assert a["real_store"] == os.path.abspath(real_url) and a["fake_store"] == os.path.abspath(fake_url)
+
+
+def test_info_and_verify_describe_and_check_a_report(stores, tmp_path):
+    real_url, fake_url, *_ = stores
+    out = str(tmp_path / "report.zarr")
+    compare_stores(real_url, fake_url, "feat", metrics="fd", output=out)
+    info = store_info(out)
+    assert info.damage == [] and "data files   all present" in info.text
+    lines = info.summary.splitlines()
+    assert lines[1] == "schema       imzarr.compare/1" and "array        fd  float64  4  (label)" in lines
+    assert any(line.split() == ["real_store", os.path.abspath(real_url)] for line in lines)
+    clean = verify_store_files(out)
+    assert clean.result.recorded and clean.note is None and clean.damage_lines == [] and clean.result.files > 0
+    fd_chunk = tmp_path / "report.zarr" / "fd" / "c" / "0"
+    data = bytearray(fd_chunk.read_bytes())
+    data[-1] ^= 0xFF
+    fd_chunk.write_bytes(bytes(data))
+    assert [line.split(": ", 1)[1].split(":")[0] for line in verify_store_files(out).damage_lines] == ["checksum mismatch"]
 
 
 def test_overall_and_per_class_equal_references(stores):

@@ -45,6 +45,7 @@ from extractor.analysis.compare import (
 from extractor.analysis.kernel_inception_distance import KID_SEED, KID_SUBSET_SIZE, KID_SUBSETS
 from extractor.analysis.reference_statistics import InsufficientSpaceError, OutputExistsError, ReferenceFileError, per_class_bytes
 from extractor.cli import main as extractor_main
+from schemas.api import verify_store_files
 from tests.support.synthetic import write_activation_store
 
 from tests.support.locations import FIXTURES  # noqa: E402
@@ -222,6 +223,7 @@ def test_per_class_statistics_store(ref, stores, tmp_path):
     statistics(real, layer="pool3", output=out, per_class=True)
     ds = xr.open_zarr(out)
     assert ds.attrs["schema"] == "imzarr.statistics/1" and ds["label"].values.tolist() == [1, 7, 42]
+    assert "_checksums" not in ds.variables and verify_store_files(out).result.recorded and verify_store_files(out).damage_lines == []
     assert ds["sigma"].dims == ("label", "feature", "feature_2") and ds["mu"].dtype == np.float64
     x, labels = ref["real"].astype(np.float64), ref["real_labels"]
     for c in (1, 7, 42):
