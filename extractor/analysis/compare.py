@@ -17,14 +17,16 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import tempfile
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import TextIO
 
+import fsspec
 import numpy as np
 import torch
 import xarray as xr
@@ -61,8 +63,8 @@ from schemas.compare_report import REPORT_DIM, on_label_dimension
 from schemas.errors import ImzarrError
 from schemas.store_identity import StoreIdentity, check_unchanged, reader_lease
 from schemas.output_paths import absolute_url, check_output_location, local_file_url_to_path, local_path, refuse_process_bound_output
-from schemas.store_integrity import record_checksums
-from schemas.store_lifecycle import claim_report_output
+from schemas.store_integrity import read_checksum_record, record_checksums
+from schemas.store_lifecycle import claim_report_output, settings_fingerprint
 from schemas.vocabulary import POOL_MODES
 
 __all__ = [
@@ -242,6 +244,12 @@ def compare(options: CompareOptions, log: TextIO | None = None) -> xr.Dataset:
     stores = [url for url in (options.real, options.generated) if url is not None]
     with reader_lease(*stores):
         opened = [StoreIdentity.of(url, dict(zarr.open_group(url, mode="r").attrs)) for url in stores]
+        settings = report_settings(options, opened)
+        fingerprint = None if settings is None else settings_fingerprint(settings)
+        finished = _finished_report(options, fingerprint)
+        if finished is not None:
+            _log(log, f"{options.output}: already complete (same inputs and settings); nothing to do")
+            return finished
         if options.reference is not None:
             report = _against_reference(options, log)
         else:
@@ -253,10 +261,55 @@ def compare(options: CompareOptions, log: TextIO | None = None) -> xr.Dataset:
         for identity in opened:
             check_unchanged(identity)  # the features read are still the stores'
     report.attrs["seconds"] = round(time.monotonic() - started, 3)
+    if fingerprint is not None:
+        report.attrs["settings_fingerprint"] = fingerprint
     if options.output is not None:
         write_report(report, options.output)
     _log(log, f"done in {time.monotonic() - started:.1f} s")
     return report
+
+
+# Options that say where things go or how fast, not what the report holds.
+NOT_REPORT_SETTINGS = frozenset({"real", "generated", "reference", "output", "plot", "projection", "scratch_dir"})
+
+
+def report_settings(options: CompareOptions, opened: list[StoreIdentity]) -> dict | None:
+    """What a report is made from: its inputs (stores by generation id, a local reference file by size and time)
+    and every option its values depend on (and the plot asked for with it); None where an input cannot be told
+    apart from a rewrite of it (a store made before generation ids, a remote reference file)."""
+    inputs: dict[str, str] = {}
+    for identity in opened:
+        if identity.generation is None:
+            return None
+        inputs[str(absolute_url(identity.url))] = identity.generation
+    if options.reference is not None:
+        local = local_path(options.reference)
+        if local is None:
+            return None
+        stat = os.stat(local)
+        inputs[local] = f"{stat.st_size} bytes, modified {stat.st_mtime_ns} ns"
+    chosen = {f.name: getattr(options, f.name) for f in fields(options) if f.name not in NOT_REPORT_SETTINGS}
+    if options.plot is not None:
+        chosen |= {"plot": absolute_url(options.plot), "projection": options.projection}
+    return {"inputs": inputs, **chosen}
+
+
+def _finished_report(options: CompareOptions, fingerprint: str | None) -> xr.Dataset | None:
+    """The report already at `output`, when it was made from the same inputs and settings and finished (its
+    checksum record is written last), with its plot there too; else None (the comparison runs)."""
+    if options.output is None or fingerprint is None:
+        return None
+    if options.plot is not None:
+        fs, path = fsspec.core.url_to_fs(options.plot)
+        if not fs.exists(path):
+            return None
+    try:
+        attrs = dict(zarr.open_group(options.output, mode="r").attrs)
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+        return None
+    if attrs.get("schema") != REPORT_SCHEMA or attrs.get("settings_fingerprint") != fingerprint or read_checksum_record(options.output) is None:
+        return None
+    return open_report(options.output)
 
 
 # ---------------------------------------------------------------- against saved statistics

@@ -2,12 +2,15 @@
 flattening of unpooled layers, the Zarr report, the terminal table, the PNG, and clear errors."""
 
 import importlib.util
+import io
 import os
+import shutil
 import warnings
 
 import numpy as np
 import pytest
 import xarray as xr
+import zarr
 from PIL import Image
 
 from extractor.analysis import compare as compare_module
@@ -94,6 +97,37 @@ def test_info_and_verify_describe_and_check_a_report(stores, tmp_path):
     data[-1] ^= 0xFF
     fd_chunk.write_bytes(bytes(data))
     assert [line.split(": ", 1)[1].split(":")[0] for line in verify_store_files(out).damage_lines] == ["checksum mismatch"]
+
+
+def test_a_rerun_with_the_same_inputs_and_settings_does_nothing(stores, tmp_path):
+    real_url, fake_url = (shutil.copytree(url, tmp_path / "in" / os.path.basename(url)) for url in stores[:2])
+    for url in (real_url, fake_url):
+        zarr.open_group(str(url), mode="r+").attrs["generation"] = os.path.basename(url).ljust(32, "0")  # as writers give
+    real_url, fake_url = str(real_url), str(fake_url)
+    out, png = str(tmp_path / "out" / "report.zarr"), str(tmp_path / "out" / "report.png")
+    os.mkdir(tmp_path / "out")
+    first = compare_stores(real_url, fake_url, "feat", metrics="fd,kid", output=out, plot=png)
+    files = {p: p.stat().st_mtime_ns for p in (tmp_path / "out").rglob("*") if p.is_file()}
+    log = io.StringIO()
+    again = compare_stores(real_url, fake_url, "feat", metrics="fd,kid", output=out, plot=png, log=log)
+    assert log.getvalue() == f"[compare] {out}: already complete (same inputs and settings); nothing to do\n"
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "out").rglob("*") if p.is_file()} == files
+    assert again.attrs["fd"] == first.attrs["fd"] and again.attrs["settings_fingerprint"] == first.attrs["settings_fingerprint"]
+    xr.testing.assert_identical(again.drop_attrs(), first.drop_attrs())
+    # Another option, a missing plot, or an input rewritten (a new generation id): the comparison runs again.
+    for changes in ({"k": 3}, {"plot": str(tmp_path / "out" / "other.png")}):
+        log = io.StringIO()
+        compare_stores(real_url, fake_url, "feat", **({"metrics": "fd,kid", "output": out, "plot": png} | changes), log=log)
+        assert "already complete" not in log.getvalue()
+    group = zarr.open_group(fake_url, mode="r+")
+    generation = group.attrs["generation"]
+    group.attrs["generation"] = "0" * 32
+    try:
+        log = io.StringIO()
+        compare_stores(real_url, fake_url, "feat", metrics="fd,kid", output=out, plot=png, log=log)
+        assert "already complete" not in log.getvalue()
+    finally:
+        group.attrs["generation"] = generation
 
 
 def test_overall_and_per_class_equal_references(stores):
