@@ -113,26 +113,29 @@ class ImzarrAccessor:
         return xr.DataArray(rows, dims=(self.class_dim,))
 
     def sel(self, classes: ClassNames) -> xr.Dataset:
-        """The rows of the named classes, in dataset order (lazy: an isel by position)."""
-        return self._ds.isel({self.class_dim: np.flatnonzero(self.mask(classes).values)})
+        """The rows of the named classes, in dataset order (lazy: an isel by position; the stored dtypes kept for
+        `to_zarr`, the store's chunk layout not: see `rows_selected`)."""
+        return rows_selected(self._ds.isel({self.class_dim: np.flatnonzero(self.mask(classes).values)}))
 
     def where(self, cond: xr.DataArray, drop: bool = False) -> xr.Dataset:
-        """`Dataset.where` that the text variables do not break: numeric variables are masked with NaN, text
-        ones with '' (the stores' "unknown"). `cond` may be lazy: it is computed first (it is one value per row
-        for the usual `ds.label == 278`). With `drop`, rows (and other positions) where `cond` is all False go."""
+        """`Dataset.where` that the text variables do not break: numeric variables are masked with NaN, and keep
+        their stored encoding (float16 stays float16 in `to_zarr`); the text variables (synset, class_name,
+        source_file) describe the row as the `label` coordinate does, and stay as they are. `cond` may be lazy:
+        it is computed first (one value per row for the usual `ds.label == 278`). With `drop`, rows (and other
+        positions) where `cond` is all False go, as in `sel`."""
         ds = self._ds
         cond = cond.compute()
         if drop:
             keep = {dim: np.flatnonzero(cond.any([d for d in cond.dims if d != dim]).values) for dim in cond.dims}
-            ds, cond = ds.isel(keep), cond.isel(keep)
+            ds, cond = rows_selected(ds.isel(keep)), cond.isel(keep)
+            if bool(cond.all()):
+                return ds  # nothing left to mask (a condition per row)
         masked = {}
         for name, var in ds.data_vars.items():
-            if not set(cond.dims) <= set(var.dims):
-                masked[name] = var
-            elif var.dtype.kind in "TUSO":
-                masked[name] = var.where(cond, "")
-            else:
-                masked[name] = var.where(cond)
+            if name in TEXT_VARIABLES or var.dtype.kind in "TUSO" or not set(cond.dims) <= set(var.dims):
+                continue
+            masked[name] = var.where(cond)
+            masked[name].encoding = dict(var.encoding)
         return ds.assign(masked)
 
     # ------------------------------------------------------------ per class
@@ -206,6 +209,21 @@ class ImzarrAccessor:
             raise ProvenanceError(f"{url}: not the image store these activations were computed from (its settings fingerprint differs from the recorded one)")
         positions = np.asarray(ds.variables["source_sample"].values, dtype=np.int64)
         return images.isel({SAMPLE_DIM: positions})
+
+
+# Encoding that describes the whole store's layout: a selection of its rows no longer fits it, and `to_zarr`
+# would refuse the result (its dask chunks straddle the recorded chunks), or with safe_chunks=False let two
+# tasks write one shard at once and lose rows. Dropped, the output is chunked as the selection is.
+LAYOUT_ENCODING = ("chunks", "shards", "preferred_chunks")
+
+
+def rows_selected(ds: xr.Dataset) -> xr.Dataset:
+    """A selection of a store's rows with each variable's encoding minus the store's chunk layout (dtype, scale
+    factor and fill value kept)."""
+    out = ds.copy()
+    for var in out.variables.values():
+        var.encoding = {k: v for k, v in var.encoding.items() if k not in LAYOUT_ENCODING}
+    return out
 
 
 def register() -> None:

@@ -105,7 +105,7 @@ def test_plain_sel_by_label_after_set_xindex(acts):
 
 
 @pytest.mark.parametrize("drop", [True, False])
-def test_where_with_text_variables(acts, drop):
+def test_where_with_text_variables(acts, drop, tmp_path):
     ds = xr.open_zarr(acts)
     with pytest.raises(Exception):
         ds.where(ds.label == KIT_FOX, drop=drop).compute()  # the plain idiom: StringDType cannot hold NaN
@@ -117,7 +117,14 @@ def test_where_with_text_variables(acts, drop):
             assert set(got.class_name.values.tolist()) == {"kit fox"}
         else:
             np.testing.assert_array_equal(np.isnan(got.midblock.values).all(axis=1), ~rows)
-            np.testing.assert_array_equal(got.synset.values == "", ~rows)
+            np.testing.assert_array_equal(got.synset.values, ds.synset.values)  # a row's description, like label
+        assert got.midblock.encoding["dtype"] == np.float16  # to_zarr writes what was stored
+    out = str(tmp_path / "fox.zarr")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
+        (got.chunk({"sample": 64}) if drop else got).to_zarr(out, zarr_format=3)  # a selection: chunks as uneven as its rows
+    assert zarr.open_array(out, path="midblock", mode="r").dtype == np.float16
+    np.testing.assert_array_equal(xr.open_zarr(out).midblock.values, got.midblock.values)
 
 
 def test_class_reductions_against_float64_numpy(acts):
