@@ -21,7 +21,7 @@ from typing import Any, Hashable, Iterable
 import numpy as np
 import xarray as xr
 
-from extractor.selection import SelectionError, resolve_class
+from extractor.selection import CLASS_ENTRIES_HINT, SelectionError, listed_entries, refuse_repeated_classes, resolve_class
 from schemas.classes import class_table
 from schemas.compare_report import REPORT_DIMS
 from schemas.errors import ImzarrError
@@ -84,19 +84,16 @@ class ImzarrAccessor:
     # ------------------------------------------------------------ selection
 
     def label_of(self, classes: ClassNames) -> list[int]:
-        """Labels of classes given by WNID, class name or label (as `--classes` takes them), in the given order."""
-        if isinstance(classes, (str, int, np.integer)):
-            classes = [classes]
+        """Labels of classes given by WNID, class name or label, in the given order; with `--classes`' rules: a
+        comma-separated string or a sequence, no empty list or entry, no class named twice (`tench, 0`)."""
+        entries = listed_entries(classes, "classes", CLASS_ENTRIES_HINT)
+        if entries is None:
+            raise SelectionError(f"classes: none given; {CLASS_ENTRIES_HINT}")
         by_wnid = {wnid: label for label, (wnid, _) in self.class_table().items()}
-        found: list[int] = []
-        for entry in classes:
-            text = str(entry).strip()
-            # A store's own folder-named classes first (they are not ImageNet-1k names), then the shared parser.
-            wnid = text if text in by_wnid else resolve_class(text)
-            label = by_wnid.get(wnid, class_table().index_of_wnid(wnid) if class_table().is_wnid(wnid) else -1)
-            if label not in found:
-                found.append(label)
-        return found
+        # A store's own folder-named classes first (they are not ImageNet-1k names), then the shared parser.
+        wnids = [entry if entry in by_wnid else resolve_class(entry) for entry in entries]
+        refuse_repeated_classes(entries, wnids)
+        return [by_wnid.get(wnid, class_table().index_of_wnid(wnid) if class_table().is_wnid(wnid) else -1) for wnid in wnids]
 
     def mask(self, classes: ClassNames) -> xr.DataArray:
         """In-memory boolean along the row dim: True where the row belongs to one of `classes`."""

@@ -91,6 +91,12 @@ def test_sel_refusals_name_the_class(acts):
         ds.imzarr.sel(classes=["tench", "brambling"])  # brambling has no rows here
     with pytest.raises(UnknownClassNameError, match="kit fox"):
         ds.imzarr.sel(classes="kitfox")  # the shared parser's close matches
+    # --classes' own rules: nothing named, an empty entry, a class named twice.
+    for classes, message in (([], "names nothing"), (None, "none given"), ("tench,", "entry 2 is empty"),
+                             (["tench", "tench"], "'tench' is given twice"), (["tench", 0], "'tench' and '0' both name n01440764")):
+        with pytest.raises(SelectionError, match=message):
+            ds.imzarr.sel(classes=classes)
+    np.testing.assert_array_equal(ds.imzarr.sel(classes="tench, kit fox").source_sample.values, np.flatnonzero(np.isin(LABELS, [TENCH, KIT_FOX])))
 
 
 def test_plain_sel_by_label_after_set_xindex(acts):
