@@ -39,6 +39,7 @@ TEST_WORKERS ?= -n auto --maxprocesses 4 --dist loadfile
 .PHONY: install convert extract compare test test-slow bench clean
 
 install: $(BIN)/imzarr
+	@echo "imzarr: installed in $(VENV) (Python $(PYVER)); activate it with: . $(BIN)/activate"
 
 # A download cut off midway (seen with torch's multi-GB CUDA wheels) is tried again whole, up to 3 times: pip's own
 # resume stops at the same byte when the connection drops there.

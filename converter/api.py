@@ -15,6 +15,7 @@ from converter.sources.base import ConvertOptionError
 from schemas.image_layout import DEFAULT_SHARD
 from schemas.keywords import keyword_parameters, takes_keywords_of
 from schemas.output_paths import absolute_url, local_file_url_to_path
+from schemas.remote_storage import remote_storage_errors
 
 __all__ = ["DEFAULT_SHARD", "ConvertResult", "convert_jpeg", "convert_npz", "run_option_names", "write_sample_shards"]
 
@@ -35,7 +36,8 @@ def convert_npz(
 
     paths = [os.fspath(p) for p in ([sources] if isinstance(sources, (str, Path)) else sources)]
     paths, checked = _located(paths, output, options)
-    return convert(open_npz_source(paths, label_order, allow_pickle), checked)
+    with remote_storage_errors(*paths, checked.output):  # listing the shards of an object store may fail first
+        return convert(open_npz_source(paths, label_order, allow_pickle), checked)
 
 
 def convert_jpeg(
@@ -55,7 +57,8 @@ def convert_jpeg(
     from converter.sources.jpeg import open_jpeg_source
 
     (root, val_labels), checked = _located([os.fspath(root), val_labels], output, options)
-    return convert(open_jpeg_source(root, recipe, size, val_labels, label_from_folders, fast_draft), checked)
+    with remote_storage_errors(root, val_labels, checked.output):  # listing the tree of an object store may fail first
+        return convert(open_jpeg_source(root, recipe, size, val_labels, label_from_folders, fast_draft), checked)
 
 
 def _located(inputs: list[str | None], output: str | Path, options: dict[str, Any]) -> tuple[list[str | None], ConvertOptions]:

@@ -176,7 +176,7 @@ def labels_digest(source: ImageSource) -> str:
 
 def convert(source: ImageSource, options: ConvertOptions) -> ConvertResult:
     """Convert (or resume, or confirm) one store; idempotent for the same source and options."""
-    with remote_storage_errors():  # a stalled or unreachable object store: one line naming its URL
+    with remote_storage_errors(*source.input_paths, options.output):  # a stalled or unreachable object store: one line naming it
         return _convert(source, options)
 
 

@@ -15,8 +15,8 @@ from schemas.image_store import validate_image_store
 
 
 def _size(nbytes: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if nbytes < 1024 or unit == "TB":
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if nbytes < 1024 or unit == "TiB":
             return f"{nbytes:,.1f} {unit}"
         nbytes /= 1024
     return ""

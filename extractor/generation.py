@@ -184,7 +184,7 @@ def generate(options: GenerateOptions) -> GenerateResult:
     """Sample (or resume, or confirm) a generated image store; idempotent for the same settings."""
     outputs = options.output + (f" or {options.activations_out}" if options.activations_out else "")
     # A full disk names the store(s) (a shard's write names no file); a stalled object store names its URL.
-    with output_write_errors(outputs), remote_storage_errors():
+    with output_write_errors(outputs), remote_storage_errors(options.output, options.activations_out):
         return _generate(options)
 
 

@@ -33,7 +33,10 @@ class ProgressReport:
             self._last_log = now
             rate = self.done / max(now - self.start, 1e-9)
             eta = (self.total - self.done) / rate if rate > 0 else float("inf")
-            print(f"{self.desc}: {self.done}/{self.total} {self.unit} ({rate:,.0f} {self.unit}/s, ETA {eta:,.0f} s)", file=self.stream, flush=True)
+            if self.unit == "B":  # bytes read in the millions: shown in MB
+                print(f"{self.desc}: {self.done / 1e6:,.1f}/{self.total / 1e6:,.1f} MB ({rate / 1e6:,.1f} MB/s, ETA {eta:,.0f} s)", file=self.stream, flush=True)
+            else:
+                print(f"{self.desc}: {self.done}/{self.total} {self.unit} ({rate:,.0f} {self.unit}/s, ETA {eta:,.0f} s)", file=self.stream, flush=True)
 
     def close(self) -> None:
         if self._bar is not None:

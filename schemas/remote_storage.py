@@ -29,6 +29,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from schemas.errors import RunFailedError
+from schemas.output_paths import is_remote_url
 
 CONNECT_TIMEOUT_S = 5.0
 READ_TIMEOUT_S = 5.0
@@ -85,12 +86,14 @@ def stall_bounded_session(**kwargs: Any) -> Any:
 
 
 @contextlib.contextmanager
-def remote_storage_errors() -> Iterator[None]:
-    """botocore's connection and timeout errors (after its and s3fs's retries) as one line naming the URL."""
+def remote_storage_errors(*urls: str | None) -> Iterator[None]:
+    """botocore's connection and timeout errors (after its and s3fs's retries) as one line naming the endpoint, or
+    where the error names none (missing credentials), the first object-store URL among `urls`."""
+    named = next((u for u in urls if u and is_remote_url(u)), None)
     try:
         yield
     except Exception as exc:  # noqa: BLE001 - only botocore's connection errors are translated; the rest re-raised
-        translated = translate_remote_error(exc)
+        translated = translate_remote_error(exc, named)
         if translated is None:
             raise
         raise translated from None
@@ -152,7 +155,7 @@ def open_store_group(url: str) -> Any:
     import zarr
 
     try:
-        return zarr.open_group(url, mode="r")
+        return zarr.open_group(url, mode="r", zarr_format=3)  # imzarr writes v3 only; a v2 probe would name .zattrs
     except Exception as exc:  # zarr raises several types for "nothing here"
         raise _not_opened(exc, url) from None
 
@@ -170,8 +173,19 @@ def read_store_root(url: str) -> dict[str, Any]:
     except Exception as exc:  # fsspec and botocore raise several types
         raise _not_opened(exc, url) from None
     if not isinstance(root, dict) or root.get("node_type") != "group":
-        raise StoreValidationError(f"{url}: not a Zarr group (no Zarr v3 group zarr.json at its root)")
+        raise StoreValidationError(f"{url}: does not exist" if _absent(url) else f"{url}: not a Zarr group (no Zarr v3 group zarr.json at its root)")
     return root
+
+
+def _absent(url: str) -> bool:
+    """Nothing at all at `url` (asked only to word an error; False where the question itself fails)."""
+    import fsspec
+
+    try:
+        fs, path = fsspec.core.url_to_fs(url)
+        return not fs.exists(path)
+    except Exception:
+        return False
 
 
 def _not_opened(exc: BaseException, url: str) -> Exception:
@@ -182,4 +196,6 @@ def _not_opened(exc: BaseException, url: str) -> Exception:
     translated = translate_remote_error(exc, url) or translate_remote_error(exc.__cause__ or exc.__context__ or exc, url)
     if translated is not None:
         return translated
+    if isinstance(exc, FileNotFoundError) and _absent(url):
+        return StoreValidationError(f"{url}: does not exist")
     return StoreValidationError(f"{url}: not a Zarr group ({type(exc).__name__}: {exc})")

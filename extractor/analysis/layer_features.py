@@ -66,7 +66,7 @@ def open_layer(role: str, url: str, layer: str, pool: str = "mean") -> LayerFeat
     layers: dict[str, str] = attrs["layers"]
     var = layer if layer in layers else next((v for v, path in layers.items() if path == layer), None)
     if var is None:
-        raise LayerMismatchError(f"{url}: no layer {layer!r}; this {role} store has {sorted(layers)}")
+        raise LayerMismatchError(f"{url}: no layer {layer!r}; this {'' if role == 'store' else role + ' '}store has {sorted(layers)}")
     array = group[var]
     if array.ndim == 2:
         return LayerFeatures(role, url, var, array, None, str(attrs["pooling"]), int(array.shape[1]), group["label"][:], attrs)

@@ -413,8 +413,7 @@ def write_report_site(
         writer.flush()
         writer.write(MARKER, _marker(True, inputs))
         writer.flush()
-    seconds = time.monotonic() - started
-    _log(log, f"{writer.files} files, {writer.bytes / 1e6:.1f} MB in {seconds:.1f} s")
+    seconds = time.monotonic() - started  # the SiteResult says it (the command line prints it once)
     return SiteResult(writer.output, writer.url("index.html"), int(ds.sizes.get("label", 0)), writer.files, writer.bytes, seconds)
 
 

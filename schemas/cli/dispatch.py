@@ -66,9 +66,13 @@ def main(argv: list[str] | None = None) -> int:
 def dispatch(parser: argparse.ArgumentParser, argv: list[str]) -> int:
     """Parse `argv` with a tree whose leaf parsers set `handler` and `prog_name`, then run the handler."""
     try:
-        args = parser.parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
     except SystemExit as exc:  # argparse's own usage errors (exit 2) and --help/--version (exit 0)
         return int(exc.code or 0)
+    if extra:  # argparse would name the top-level parser; the command they were given to is the one to name
+        prog = getattr(args, "prog_name", parser.prog)
+        print(f"{prog}: error: unrecognized arguments: {' '.join(extra)} (see {prog} --help)", file=sys.stderr)
+        return 2
 
     def body() -> int:
         options = parse_storage_options(getattr(args, "storage_options", None))

@@ -205,7 +205,7 @@ def _bad_checkpoint(tmp_path):
 @pytest.mark.parametrize(
     "case,args,message",
     [
-        ("missing store", lambda s, t: [str(t / "nope.zarr"), "--layers", "midblock", "--preset", "tiny-random"], "not a Zarr group"),
+        ("missing store", lambda s, t: [str(t / "nope.zarr"), "--layers", "midblock", "--preset", "tiny-random"], "nope.zarr: does not exist"),
         ("incomplete store", lambda s, t: [_unfinished_store(s, t), "--layers", "midblock", "--preset", "tiny-random"], "not complete"),
         ("unknown layer", lambda s, t: [s, "--layers", "model.enc.bogus", "--preset", "tiny-random"], "valid layers: model.enc.64x64_conv"),
         ("sigma zero", lambda s, t: [s, "--layers", "midblock", "--preset", "tiny-random", "--sigma", "0"], "0.002"),
