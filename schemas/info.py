@@ -75,7 +75,8 @@ def _describe_images(url: str, attrs: dict) -> str:
         f"chunks       image inner {store.image.chunks[0]} samples, shards {store.shard_size} samples",
         f"top classes  {fmt(ranked[:5])}",
         f"bottom       {fmt(ranked[-5:][::-1])}",
-        f"files        {len(attrs.get('sources', []))}: " + ", ".join(s["path"] for s in attrs.get("sources", [])[:6]) + (" …" if len(attrs.get("sources", [])) > 6 else ""),
+        (f"generator    {', '.join(s['path'] for s in attrs.get('sources', []))}" if attrs.get("source_format") == "generated" else
+         f"files        {len(attrs.get('sources', []))}: " + ", ".join(s["path"] for s in attrs.get("sources", [])[:6]) + (" …" if len(attrs.get("sources", [])) > 6 else "")),
         f"rejected     {len(attrs.get('rejected', []))}",
     ]
     versions = attrs.get("versions") or {}

@@ -11,6 +11,7 @@ from extractor.integrity import IntegrityError
 from extractor.generation import GenerateOptions, generate
 from extractor.models import ModelSpec, build_preset
 from extractor.noise import NOISE_RECIPE, per_sample_noise
+from schemas.api import store_info
 from schemas.activation_store import validate_activation_store
 from schemas.image_layout import LAYOUT_VERSION
 from schemas.image_store import validate_image_store
@@ -114,6 +115,9 @@ def test_generated_stores_have_the_image_layout_and_describe_themselves(tmp_path
     assert "the generator's own input" in acts["midblock"].attrs["description"] and acts["midblock"].attrs["sigma"] == 80.0
     validate_image_store(str(tmp_path / "g.zarr"))
     validate_activation_store(str(tmp_path / "ga.zarr"))
+    summary = store_info(str(tmp_path / "g.zarr")).summary.splitlines()
+    assert "generator    tiny-random" in summary and not any(line.startswith("files") for line in summary)
+    assert acts.attrs["source"]["url"] == str(tmp_path / "g.zarr")  # absolute, as every provenance path
 
 
 def test_nan_weights_fail_the_run_and_mark_nothing_complete(tmp_path):
