@@ -269,7 +269,7 @@ def compare(options: CompareOptions, log: TextIO | None = None) -> xr.Dataset:
     return report
 
 
-# Options that say where things go or how fast, not what the report holds.
+# Options that say where things go, not what the report holds (block_size stays: the sums' rounding follows it).
 NOT_REPORT_SETTINGS = frozenset({"real", "generated", "reference", "output", "plot", "projection", "scratch_dir"})
 
 
