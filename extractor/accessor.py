@@ -26,7 +26,7 @@ from schemas.classes import class_table
 from schemas.compare_report import REPORT_DIMS
 from schemas.errors import ImzarrError
 from schemas.image_store import SAMPLE_DIM
-from schemas.output_paths import local_path
+from schemas.output_paths import is_relative_path, local_path
 from schemas.variable_attrs import TEXT_VARIABLES, classes_lookup
 
 ACCESSOR_NAME = "imzarr"
@@ -198,7 +198,7 @@ class ImzarrAccessor:
             if store:
                 raise ProvenanceError(f"{url}: no image store there")
             # Stores written before provenance was recorded as absolute paths hold the path as it was typed.
-            relative = " (recorded relative to the folder the store was made from)" if not os.path.isabs(url) and "://" not in url else ""
+            relative = " (recorded relative to the folder the store was made from)" if is_relative_path(url) else ""
             raise ProvenanceError(f"{url}: the image store these activations were computed from is not there{relative}; pass images(store=PATH) where it is now")
         images = xr.open_zarr(url, **open_kwargs)
         recorded = source.get("fingerprint")

@@ -66,6 +66,12 @@ def local_path(url: str) -> str | None:
     return os.path.abspath(path) if isinstance(fs, LocalFileSystem) else None
 
 
+def is_relative_path(url: str) -> bool:
+    """A plain path relative to the working folder: not a URL, not absolute (what stores written before
+    provenance paths were made absolute may hold)."""
+    return "://" not in url and not os.path.isabs(url)
+
+
 def absolute_url(url: str | None) -> str | None:
     """A path that means the same from any working directory and on every worker of a cluster: local paths made
     absolute, URLs unchanged. What a store records of another store (its provenance) is written this way."""

@@ -43,7 +43,7 @@ from schemas.compare_report import COMPARE_SCHEMA, on_label_dimension
 from schemas.activation_store import validate_activation_store
 from schemas.errors import ImzarrError
 from schemas.image_store import validate_image_store
-from schemas.output_paths import check_output_location, local_path, write_output_file
+from schemas.output_paths import check_output_location, is_relative_path, local_path, write_output_file
 
 SITE_SCHEMA = "imzarr.report-site/1"
 MARKER = "imzarr-report.json"  # names the folder as a report site this command may replace
@@ -150,7 +150,7 @@ def open_compare(compare: str | xr.Dataset) -> tuple[xr.Dataset, str | None]:
 
 def _relative_note(url: str) -> str:
     """Stores and reports written before provenance was recorded as absolute paths hold paths as typed."""
-    if "://" in url or os.path.isabs(url):
+    if not is_relative_path(url):
         return ""
     return f"; a path relative to the folder it was made from, not found from {os.getcwd()}: run from that folder"
 
