@@ -42,6 +42,12 @@ class RemoteStorageError(RunFailedError):
     """An object store that timed out or could not be reached; the message names the URL (exit code 1)."""
 
 
+class RemoteStorageCredentialsError(RemoteStorageError):
+    """No credentials for an object store: a setting the user gives (exit code 2, as for a bad option)."""
+
+    exit_code = 2
+
+
 class RemoteStorageTimeoutError(RemoteStorageError):
     """A request to an object store that got no answer within its bound. Deliberately not a TimeoutError: s3fs
     retries those (socket.timeout is TimeoutError), which would multiply the bound."""
@@ -115,7 +121,7 @@ def translate_remote_error(exc: BaseException, url: str | None = None) -> Remote
             "'{\"endpoint_url\": \"http://HOST:PORT\"}' or FSSPEC_S3_ENDPOINT_URL), then re-run the same command"
         )
     if kind in ("NoCredentialsError", "PartialCredentialsError"):
-        return RemoteStorageError(
+        return RemoteStorageCredentialsError(
             f"{where}: no credentials for the object store; set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, or pass "
             "--storage-options '{\"key\": …, \"secret\": …, \"endpoint_url\": …}' (README \"Object storage and clusters\")"
         )

@@ -186,7 +186,7 @@ def test_an_input_store_without_credentials_or_endpoint_says_what_to_set(in_work
     monkeypatch.setenv("AWS_CONFIG_FILE", str(in_work / "no-config"))
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
     code, line = _one_line(["info", "s3://bucket/images.zarr"], capsys, in_work)
-    assert code == 1 and line.startswith("imzarr info: error: s3://bucket/images.zarr: no credentials"), line
+    assert code == 2 and line.startswith("imzarr info: error: s3://bucket/images.zarr: no credentials"), line
     assert "--storage-options" in line and "not a Zarr group" not in line
 
 
