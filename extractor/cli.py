@@ -201,7 +201,8 @@ def _add_compare(sub) -> None:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    run = api.compare(**builder_keywords(args, api.compare, api.compare_options, prdc_seed="seed") | {"per_class": not args.no_per_class})
+    # Progress (and "already complete" for a report made from the same inputs) on stderr, the results on stdout.
+    run = api.compare(**builder_keywords(args, api.compare, api.compare_options, prdc_seed="seed") | {"per_class": not args.no_per_class, "log": sys.stderr})
     print(api.format_report_table(run.report))
     for label, path in (("report", args.output), ("plot", args.plot)):
         if path:
@@ -266,7 +267,7 @@ def _add_stats(sub) -> None:
 
 
 def _stats(args: argparse.Namespace) -> int:
-    result = api.stats(**builder_keywords(args, api.stats, api.statistics_options))
+    result = api.stats(**builder_keywords(args, api.stats, api.statistics_options) | {"log": sys.stderr})
     if result.inception_score is not None:
         s = result.inception_score
         print(f"Inception Score {s.mean!r} ± {s.std!r} ({s.splits} splits of {s.samples} samples, layer {args.is_layer})")

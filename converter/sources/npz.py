@@ -64,6 +64,7 @@ def find_shards(sources: list[str | Path]) -> list[tuple[Path | str, str]]:
             found += [(p, printable_path(p.name)) for p in names if p.suffix == ".npz" or (not p.suffix and _magic(p) in ("zip", "pickle"))]
         else:
             raise SourceError(src, "no such file or folder")
+    refuse_repeated_shards(found)
     if not found:
         hint = "".join(source_files.other_format_hint(given, "npz") for given in sources[:1])
         raise SourceError(", ".join(map(str, sources)), "no shards found (expected .npz files or extension-less batches)" + hint)
@@ -71,6 +72,17 @@ def find_shards(sources: list[str | Path]) -> list[tuple[Path | str, str]]:
     if {"train", "val"} <= kinds:
         raise SourceError(", ".join(map(str, sources)), "train and val shards found together; convert them in separate runs")
     return found
+
+
+def refuse_repeated_shards(found: list[tuple[Path | str, str]]) -> None:
+    """A shard reached twice (named twice, or named and inside a folder also given) would be converted twice: its
+    images made up a second time under new indices. Refused, naming it."""
+    seen: set[str] = set()
+    for path, _ in found:
+        key = str(path) if is_remote(path) else os.path.realpath(path)
+        if key in seen:
+            raise SourceError(path, "given twice (named twice, or named and inside a folder also given): its images would be converted twice")
+        seen.add(key)
 
 
 def _find_remote_shards(url: str) -> list[tuple[str, str]]:

@@ -189,6 +189,12 @@ def output_inside_input(d: Path) -> list[str]:
     return ["npz", str(d), "-o", str(d / "inside.zarr")]
 
 
+def shard_given_twice(d: Path) -> list[str]:
+    (d / "src").mkdir()
+    write_npz_shard(d / "src" / "val_data.npz", photo_like(10, 16), np.ones(10, int))
+    return ["npz", str(d / "src"), str(d / "src" / "val_data.npz")]
+
+
 def read_only_output(d: Path) -> list[str]:
     write_npz_shard(d / "val_data.npz", photo_like(10, 16), np.ones(10, int))
     return ["npz", str(d / "val_data.npz"), "-o", "/sys/imzarr-test-output.zarr"]
@@ -216,6 +222,7 @@ BAD_CASES: dict[str, BadCase] = {
     "non-WNID folders": BadCase(jpeg_tree(folders=("cats", "dogs")), ("cats", "not an ImageNet-1k WNID")),
     "flat val, bad label line": BadCase(flat_val_bad_line, ("gt.txt", "line 1 is 'fish'")),
     "output inside the input folder": BadCase(output_inside_input, ("inside.zarr", "input")),
+    "a shard given twice": BadCase(shard_given_twice, ("val_data.npz", "given twice", "converted twice")),
     "read-only output": BadCase(read_only_output, ("/sys/imzarr-test-output.zarr",), exit_code=RUN_FAILED),
     "disk full while inflating": BadCase(deflated_shard, ("part-000000.raw", ".partial", "cannot write", "File too large"), exit_code=RUN_FAILED, limit_file_bytes=256 << 10),
 }
