@@ -101,13 +101,19 @@ def _sample(args: argparse.Namespace) -> int:
 def _report(result, strict: bool = False) -> int:
     if result.already_complete:
         print(f"{result.url}: already complete ({result.num_samples} samples) with these inputs and options; nothing to do")
-        return 0
-    for path, reason in result.rejected:
-        print(f"rejected: {path}: {reason}", file=sys.stderr)
-    rate = result.num_samples / max(result.seconds, 1e-9)
-    ignored = f", {result.ignored} non-image files ignored" if result.ignored else ""
-    print(f"{result.url}: {result.num_samples} converted, {len(result.rejected)} rejected{ignored} in {result.seconds:.1f} s ({rate:,.0f} images/s)")
-    return 1 if strict and result.rejected else 0
+    else:
+        for path, reason in result.rejected:
+            print(f"rejected: {path}: {reason}", file=sys.stderr)
+        now = result.num_samples - result.written_before
+        rate = now / max(result.seconds, 1e-9)
+        resumed = f" ({now} in this run, resuming one that had written {result.written_before})" if result.written_before else ""
+        ignored = f", {result.ignored} non-image files ignored" if result.ignored else ""
+        print(f"{result.url}: {result.num_samples} converted{resumed}, {len(result.rejected)} rejected{ignored} in {result.seconds:.1f} s ({rate:,.0f} images/s)")
+    if strict and result.rejected:
+        # The store is complete either way (the rejected files are recorded in it); --strict fails every run over it.
+        print(f"imzarr convert: error: {result.url}: {len(result.rejected)} files rejected (--strict; they are listed in the store's `rejected`, see imzarr info)", file=sys.stderr)
+        return 1
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -103,6 +103,7 @@ class ConvertResult:
     already_complete: bool
     seconds: float
     ignored: int = 0
+    written_before: int = 0  # images an interrupted run had written (this run resumed it)
 
 
 SCRATCH_MARKER = "imzarr-scratch.json"  # in every scratch folder, naming the store it belongs to
@@ -208,8 +209,9 @@ def _convert(source: ImageSource, options: ConvertOptions) -> ConvertResult:
 
 def _already_complete(options: ConvertOptions, started: float) -> ConvertResult:
     remove_own_scratch(options)  # a kill between `complete` and the tidy-up left them
-    num_samples = int(zarr.open_group(options.output, mode="r").attrs["num_samples"])
-    return ConvertResult(options.output, num_samples, [], True, time.monotonic() - started)
+    attrs = zarr.open_group(options.output, mode="r").attrs
+    rejected = [tuple(r) for r in attrs.get("rejected", [])]  # as the run that made it found them (--strict)
+    return ConvertResult(options.output, int(attrs["num_samples"]), rejected, True, time.monotonic() - started, written_before=int(attrs["num_samples"]))
 
 
 def _convert_locked(source: ImageSource, options: ConvertOptions, settings: dict[str, Any], started: float, status: str) -> ConvertResult:
@@ -252,12 +254,13 @@ def _convert_locked(source: ImageSource, options: ConvertOptions, settings: dict
         shard_plan = _shard_plan(plan, k * shard, shard)
         its_files = {int(p): row_files[int(p)] for p in np.flatnonzero(np.bincount(shard_plan["part"]))}
         tasks.append(dask.delayed(_write_shard, pure=False)(options.output, k, k * shard, shard_plan, _opaque(its_files)))
-    run_tasks(tasks, _scheduler(options, processes=False), ProgressReport(n, f"writing {Path(options.output).name}"), already_done=(num_shards - len(state.pending)) * shard)
+    before = n - sum(min(shard, n - k * shard) for k in state.pending)  # images a killed run wrote already
+    run_tasks(tasks, _scheduler(options, processes=False), ProgressReport(n, f"writing {Path(options.output).name}", already=before))
     with _output_errors(options.output):
         record_checksums(options.output)
         finalize_store(options.output, {})
     remove_own_scratch(options)
-    return ConvertResult(options.output, n, rejected, False, time.monotonic() - started, len(source.ignored))
+    return ConvertResult(options.output, n, rejected, False, time.monotonic() - started, len(source.ignored), before)
 
 
 @contextlib.contextmanager

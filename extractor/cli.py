@@ -51,8 +51,10 @@ def _print_outcome(result, what: str, untrained_note: str) -> None:
     if result.already_complete:
         print(f"{result.url}: already complete ({result.num_samples} samples) with these settings; nothing to do")
     else:
-        rate = result.num_samples / max(result.seconds, 1e-9)
-        print(f"{what}: {result.num_samples} samples in {result.seconds:.1f} s ({rate:,.1f} images/s)")
+        now = result.num_samples - result.written_before
+        rate = now / max(result.seconds, 1e-9)
+        resumed = f" ({now} in this run, resuming one that had written {result.written_before})" if result.written_before else ""
+        print(f"{what}: {result.num_samples} samples{resumed} in {result.seconds:.1f} s ({rate:,.1f} images/s)")
     if not result.trained:
         print(f"NOTE: {untrained_note}.")
 

@@ -82,6 +82,7 @@ class ExtractResult:
     already_complete: bool
     seconds: float
     trained: bool
+    written_before: int = 0  # samples an interrupted run had written (this run resumed it)
 
 
 def network_input(loaded: LoadedModel, fwd: ForwardSettings) -> str:
@@ -153,12 +154,12 @@ def _extract(options: ExtractOptions, forward: PreparedForward, images: ImageSto
         for k in state.pending
     ]
     done = n - sum(min(shard, n - k * shard) for k in state.pending)
-    receipts = run_tasks(tasks, run.scheduler, ProgressReport(n, f"extracting {options.output}"), done)
+    receipts = run_tasks(tasks, run.scheduler, ProgressReport(n, f"extracting {options.output}", already=done))
     integrity_pass(options.output, num_shards, receipts)
     check_unchanged(source)  # what was read at the start (labels, coordinates) is still the store's too
     record_checksums(options.output)
     finalize_store(options.output, {})
-    return ExtractResult(options.output, n, False, time.monotonic() - started, loaded.trained)
+    return ExtractResult(options.output, n, False, time.monotonic() - started, loaded.trained, done)
 
 
 @dataclass(frozen=True)

@@ -81,6 +81,7 @@ class GenerateResult:
     already_complete: bool
     seconds: float
     trained: bool
+    written_before: int = 0  # samples an interrupted run had written (this run resumed it)
 
 
 def generation_labels(per_class: int | None, num_samples: int | None, classes: tuple[str, ...] | None, seed: int) -> np.ndarray:
@@ -230,7 +231,7 @@ def _generate_stores(options: GenerateOptions, forward: PreparedForward, started
         for k in sorted(pending)
     ]
     done = n - sum(min(shard, n - k * shard) for k in pending)
-    receipts = run_tasks(tasks, run.scheduler, ProgressReport(n, f"generating {options.output}"), done)
+    receipts = run_tasks(tasks, run.scheduler, ProgressReport(n, f"generating {options.output}", already=done))
     # A store found complete (a crash can land between finishing one store and the other) is left as it is. Both
     # are checked before either is finished: NaN/Inf anywhere leaves both incomplete.
     unfinished = [url for url, state in ((options.output, image_state), (options.activations_out, act_state)) if state is not None and not state.already_complete]
@@ -239,7 +240,7 @@ def _generate_stores(options: GenerateOptions, forward: PreparedForward, started
     for url in reversed(unfinished):  # the activation store first: the image store's completeness implies it
         record_checksums(url)
         finalize_store(url, {})
-    return GenerateResult(options.output, options.activations_out, n, False, time.monotonic() - started, loaded.trained)
+    return GenerateResult(options.output, options.activations_out, n, False, time.monotonic() - started, loaded.trained, done)
 
 
 def _prepare_stores(

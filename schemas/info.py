@@ -77,7 +77,7 @@ def _describe_images(url: str, attrs: dict) -> str:
         f"bottom       {fmt(ranked[-5:][::-1])}",
         (f"generator    {', '.join(s['path'] for s in attrs.get('sources', []))}" if attrs.get("source_format") == "generated" else
          f"files        {len(attrs.get('sources', []))}: " + ", ".join(s["path"] for s in attrs.get("sources", [])[:6]) + (" …" if len(attrs.get("sources", [])) > 6 else "")),
-        f"rejected     {len(attrs.get('rejected', []))}",
+        f"rejected     {len(attrs.get('rejected', []))}" + "".join(f"{': ' if i == 0 else ', '}{r[0]} ({r[1]})" for i, r in enumerate(attrs.get("rejected", [])[:6])) + (" …" if len(attrs.get("rejected", [])) > 6 else ""),
     ]
     versions = attrs.get("versions") or {}
     lines.append("made with    " + ", ".join(f"{name} {v}" for name, v in versions.items()))

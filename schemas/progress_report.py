@@ -12,16 +12,18 @@ from dask.callbacks import Callback
 class ProgressReport:
     """Counts items (images) done out of a total and shows rate and ETA."""
 
-    def __init__(self, total: int, desc: str, unit: str = "img", stream: TextIO | None = None, every_s: float = 10.0):
+    def __init__(self, total: int, desc: str, unit: str = "img", stream: TextIO | None = None, every_s: float = 10.0, already: int = 0):
+        """`already`: items done by an earlier run (a resumed store): counted as done, left out of the rate."""
         self.stream = stream or sys.stderr
         self.total, self.desc, self.unit, self.every_s = total, desc, unit, every_s
-        self.done, self.start, self._last_log = 0, time.monotonic(), 0.0
+        self.already = min(already, total)
+        self.done, self.start, self._last_log = self.already, time.monotonic(), 0.0
         interactive = hasattr(self.stream, "isatty") and self.stream.isatty()
         self._bar = None
         if interactive:
             from tqdm import tqdm  # only a terminal shows a bar; batch jobs skip the import
 
-            self._bar = tqdm(total=total, desc=desc, unit=unit, unit_scale=True, file=self.stream)
+            self._bar = tqdm(total=total, initial=self.already, desc=desc, unit=unit, unit_scale=True, file=self.stream)
 
     def update(self, n: int) -> None:
         self.done += n
@@ -31,7 +33,7 @@ class ProgressReport:
         now = time.monotonic()
         if n and (now - self._last_log >= self.every_s or self.done >= self.total):
             self._last_log = now
-            rate = self.done / max(now - self.start, 1e-9)
+            rate = (self.done - self.already) / max(now - self.start, 1e-9)
             eta = (self.total - self.done) / rate if rate > 0 else float("inf")
             if self.unit == "B":  # bytes read in the millions: shown in MB
                 print(f"{self.desc}: {self.done / 1e6:,.1f}/{self.total / 1e6:,.1f} MB ({rate / 1e6:,.1f} MB/s, ETA {eta:,.0f} s)", file=self.stream, flush=True)
@@ -44,7 +46,7 @@ class ProgressReport:
 
     @property
     def rate(self) -> float:
-        return self.done / max(time.monotonic() - self.start, 1e-9)
+        return (self.done - self.already) / max(time.monotonic() - self.start, 1e-9)
 
 
 class DaskProgress(Callback):

@@ -85,10 +85,8 @@ class SchedulerSpec:
         return f"{self.workers or os.cpu_count()} local {'processes' if self.processes else 'threads'}"
 
 
-def run_tasks(tasks: list, spec: SchedulerSpec, report: ProgressReport, already_done: int = 0) -> list[Any]:
-    """Compute the tasks and return their receipts in task order; `already_done` items count as finished."""
-    if already_done:
-        report.update(min(already_done, report.total))
+def run_tasks(tasks: list, spec: SchedulerSpec, report: ProgressReport) -> list[Any]:
+    """Compute the tasks and return their receipts in task order (the report counts what earlier runs did)."""
     try:
         if spec.address is not None:
             return _run_distributed(tasks, spec, report)

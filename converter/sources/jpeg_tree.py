@@ -258,7 +258,7 @@ def _scan_folders(
             if not table.is_wnid(name):
                 raise JpegTreeError(
                     source_files.join(root, name) if isinstance(root, str) else root / name,
-                    "folder name is not an ImageNet-1k WNID (use label_from_folders to number sorted folders)",
+                    "folder name is not an ImageNet-1k WNID (use --label-from-folders, label_from_folders=True in Python, to number sorted folders)",
                 )
         # The 1000-class index, never a numbering of whichever folders happen to exist.
         folder_index = {name: table.index_of_wnid(name) for name in folders}
@@ -293,12 +293,12 @@ def _label_flat(
     label_from_folders: bool,
 ) -> JpegTree:
     if label_from_folders:
-        raise JpegTreeError(root, "is a flat folder of images: label_from_folders needs class folders")
+        raise JpegTreeError(root, "is a flat folder of images: --label-from-folders (label_from_folders) needs class folders")
     if val_labels is None:
         raise JpegTreeError(
             root,
-            "is a flat folder of images without class folders: pass val_labels "
-            "(ILSVRC2012_validation_ground_truth.txt or LOC_val_solution.csv)",
+            "is a flat folder of images without class folders: pass --val-labels FILE (val_labels= in Python): "
+            "ILSVRC2012_validation_ground_truth.txt or LOC_val_solution.csv",
         )
     label_path = os.fspath(val_labels) if is_remote(os.fspath(val_labels)) else Path(val_labels)
     try:

@@ -88,19 +88,25 @@ def reference(workdir) -> dict[str, dict]:
     return {"trees": trees, "seconds": seconds}
 
 
-def _rerun(args: list[str], cwd: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> tuple[int, str]:
-    """The command's exit code and standard error, run as a user runs it: a fresh child process. (A rerun inside
-    this test process, after earlier reruns there, gave generate's activations other low bits on torch's CUDA
-    wheel running on the CPU: a rerun must start as the reference run started.)"""
-    proc = run_imzarr(*args, cwd=cwd)
-    return proc.returncode, proc.stderr
+def _rerun(args: list[str], cwd: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> subprocess.CompletedProcess:
+    """The command run as a user runs it: a fresh child process. (A rerun inside this test process, after earlier
+    reruns there, gave generate's activations other low bits on torch's CUDA wheel running on the CPU: a rerun
+    must start as the reference run started.)"""
+    return run_imzarr(*args, cwd=cwd)
 
 
-def _check_rerun_matches(workdir: Path, command: str, out: str, reference, capsys, monkeypatch) -> None:
+PROGRESS = re.compile(r": (\d+)/(\d+) img \(")
+
+
+def _check_rerun_matches(workdir: Path, command: str, out: str, reference, capsys, monkeypatch) -> str:
+    """Rerun the killed command; its files must equal the uninterrupted run's. Returns what it printed."""
     args, outputs = _args(command, out)
     started_as = {o: _generation(workdir / o) for o in outputs}
-    code, err = _rerun(args, workdir, capsys, monkeypatch)
+    proc = _rerun(args, workdir, capsys, monkeypatch)
+    code, err = proc.returncode, proc.stderr
     assert code == 0, err
+    counts = [(int(a), int(b)) for a, b in PROGRESS.findall(err)]
+    assert all(a <= b for a, b in counts), counts  # what earlier runs wrote is counted once, never past the total
     for o, generation in started_as.items():  # a resumed (or tidied) store keeps the id it was created with
         assert generation is None or _generation(workdir / o) == generation, (command, o)
     assert "Traceback" not in err
@@ -109,6 +115,7 @@ def _check_rerun_matches(workdir: Path, command: str, out: str, reference, capsy
         assert sorted(got[name]) == sorted(files), f"{command} {name}: file sets differ"
         differing = [f for f in files if got[name][f] != files[f]]
         assert not differing, f"{command} {name}: {differing[:5]}"
+    return proc.stdout
 
 
 @pytest.mark.parametrize("command", list(COMMANDS))
@@ -118,7 +125,9 @@ def test_kill_at_each_lifecycle_step_then_rerun(workdir, reference, command, ste
     args, _ = _args(command, out)
     killed = _killed_run(step, count, args, workdir)
     assert killed.returncode == -signal.SIGKILL, (killed.returncode, killed.stderr[-2000:])
-    _check_rerun_matches(workdir, command, out, reference, capsys, monkeypatch)
+    printed = _check_rerun_matches(workdir, command, out, reference, capsys, monkeypatch)
+    if step == "after_shard":  # two shards were written before the kill: the summary counts them apart
+        assert re.search(r"\((\d+) in this run, resuming one that had written (\d+)\)", printed), printed
 
 
 @pytest.mark.parametrize("command", list(COMMANDS))

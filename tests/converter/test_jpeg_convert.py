@@ -63,8 +63,14 @@ def test_tree_every_recipe_exact_with_rejects(odd_tree, tmp_path, capsys):
         assert attrs["ignored_files"] == [f"{WNIDS[1]}/labels.txt"]
 
 
-def test_strict_fails_on_rejects(odd_tree, tmp_path):
-    assert convert_main(["jpeg", str(odd_tree), "-o", str(tmp_path / "s.zarr"), "--strict"]) == 1
+def test_strict_fails_on_rejects_every_time(odd_tree, tmp_path, capsys):
+    args = ["jpeg", str(odd_tree), "-o", str(tmp_path / "s.zarr"), "--strict"]
+    assert convert_main(args) == 1
+    first = capsys.readouterr().err.splitlines()
+    assert first[-1] == f"imzarr convert: error: {tmp_path / 's.zarr'}: 2 files rejected (--strict; they are listed in the store's `rejected`, see imzarr info)"
+    assert convert_main(args) == 1  # the store is complete, its rejects recorded: a rerun fails alike
+    assert capsys.readouterr().err.splitlines()[-1] == first[-1]
+    assert convert_main(args[:-1]) == 0
 
 
 def test_flat_val_with_devkit_labels(tmp_path):
