@@ -156,6 +156,8 @@ def read_reference(path: str) -> ReferenceStatistics:
     try:
         with fsspec.open(path, "rb") as fh:
             raw = fh.read()
+    except IsADirectoryError:
+        raise ReferenceFileError(path, "is a folder (a per-class statistics store?); a reference is the .npz that `imzarr stats -o ref.npz` writes without --per-class") from None
     except (OSError, ValueError) as exc:
         raise ReferenceFileError(path, f"cannot be read ({type(exc).__name__}: {exc})") from None
     try:
@@ -317,6 +319,8 @@ def statistics_options(
         raise AnalysisInputError(f"{store}: --per-class writes a Zarr store; give it with -o")
     if output is not None:
         if per_class:
+            if output.rstrip("/").endswith(".npz"):
+                raise PathError(output, "per-class statistics are a Zarr store (a folder), not an .npz file; name it e.g. ref-per-class.zarr")
             claim_report_output(output, STATISTICS_SCHEMA, overwrite, [store])
             refuse_process_bound_output(output)
             check_output_location(output, [store])

@@ -204,6 +204,13 @@ def test_mismatches_and_bad_files_are_one_line(stores, tmp_path, capsys):
     statistics(real, layer="pool3", output=ref_npz, overwrite=True)
     assert extractor_main(["stats", real, "--layer", "pool3", "-o", real + "/x.npz"]) == 2
     assert "lies inside the input" in capsys.readouterr().err
+    # a per-class store is a Zarr folder: never named .npz, never taken as a reference
+    assert extractor_main(["stats", real, "--layer", "pool3", "--per-class", "-o", str(tmp_path / "pc.npz")]) == 2
+    assert "per-class statistics are a Zarr store (a folder), not an .npz file" in capsys.readouterr().err
+    assert not (tmp_path / "pc.npz").exists()
+    statistics(real, layer="pool3", output=str(tmp_path / "pc.zarr"), per_class=True)
+    assert extractor_main(["compare", fake, "--reference", str(tmp_path / "pc.zarr"), "--layer", "pool3"]) == 2
+    assert "is a folder (a per-class statistics store?)" in capsys.readouterr().err
 
 
 def test_cli_stats_and_compare_reference(stores, tmp_path, capsys):
