@@ -21,7 +21,7 @@ from extractor.selection import class_entries, layer_entries, resolve_class
 from schemas.vocabulary import COMPUTE_DTYPE_NAMES, POOL_MODES, PRESET_NAMES, STORAGE_DTYPES
 from schemas.classes import class_table
 from schemas.errors import ImzarrError, PathError
-from schemas.keywords import takes_keywords_of
+from schemas.keywords import keyword_names, refuse_unknown_keywords, takes_keywords_of
 from schemas.output_paths import check_output_location, local_file_url_to_path
 
 if TYPE_CHECKING:
@@ -77,6 +77,10 @@ def as_model_spec(model: str | ModelSpec) -> ModelSpec:
     return model_spec(preset=model) if model in PRESET_NAMES else model_spec(checkpoint=model)
 
 
+# What `features` passes on to ForwardSettings (the rest of it is fixed there, or its own parameters).
+FEATURE_FORWARD_KEYWORDS = ("sigma", "noise_seed", "noise", "class_free", "compute_dtype")
+
+
 def run_options(
     batch_size: int | None = None,
     device: str = "auto",
@@ -118,6 +122,7 @@ def extract_options(
 ) -> ExtractOptions:
     """One extraction's options from `imzarr extract`'s options as keywords (`run`: run_options' keywords), checked
     before anything is read. One `seed` serves the noise and --per-class sampling."""
+    refuse_unknown_keywords(run, keyword_names(extract_options) + keyword_names(run_options), "extract")
     store, output, checkpoint, indices = local_file_url_to_path([str(store), str(output), checkpoint, indices])  # file:// URLs as local paths
     layers = layer_entries(layers)
     check_preset_layers(preset, layers)  # before torch is imported: a typo answers at once
@@ -170,6 +175,7 @@ def generate_options(
 ) -> GenerateOptions:
     """One generation's options from `imzarr generate`'s options as keywords (`run`: run_options' keywords).
     `classes`: WNIDs, class names or 0-based indices (default: every class)."""
+    refuse_unknown_keywords(run, keyword_names(generate_options) + keyword_names(run_options), "generate")
     output, activations_out, checkpoint = local_file_url_to_path([str(output), activations_out, checkpoint])
     layers = layer_entries(layers)
     check_preset_layers(preset, layers)  # before torch is imported: a typo answers at once
@@ -326,6 +332,7 @@ def features(
     labels = np.full(n, -1, dtype=np.int64) if labels is None else class_labels(labels)
     if labels.shape != (n,):
         raise FeatureInputError(f"labels must hold one label per image ({n}), got shape {labels.shape}")
+    refuse_unknown_keywords(forward, FEATURE_FORWARD_KEYWORDS + tuple(keyword_names(features)), "features")
     settings = ForwardSettings(model=as_model_spec(model), layers=layer_entries(layers), pool=pool, storage_dtype="float32", **forward)
     with PreparedForward(settings, device, images.shape[-1], batch_size=batch_size) as prepared:
         values = _run_features(prepared, images, labels)

@@ -14,6 +14,7 @@ import schemas
 from converter.sources.base import ConvertOptionError
 from schemas.cli.dispatch import main as imzarr_main
 from schemas.errors import ImzarrError
+from schemas.keywords import UnknownKeywordError
 from schemas.output_paths import OutputOverlapsInputError
 
 
@@ -48,6 +49,21 @@ def test_api_refuses_what_the_command_line_refuses(sample):
         converter.convert_npz(sample / "src" / "train", str(sample / "src" / "train" / "x.zarr"))
     with pytest.raises(OutputOverlapsInputError):
         converter.convert_npz(sample / "src" / "train", f"file://{sample / 'src' / 'train' / 'x.zarr'}")
+
+
+def test_an_unknown_keyword_is_one_line_with_the_python_spelling(sample):
+    """The command line's --no-noise is noise=False in Python; a typo gets its close match and the full list,
+    never a TypeError from a function the caller did not call."""
+    import extractor
+
+    store = str(sample / "src" / "train")
+    with pytest.raises(UnknownKeywordError, match=r"^extract\(\) takes no keyword 'no_noise'; did you mean noise=False\? \(its keywords: batch_size, .*\bseed\b"):
+        extractor.extract(store, str(sample / "a.zarr"), layers="midblock", preset="tiny-random", no_noise=True)
+    with pytest.raises(UnknownKeywordError, match=r"^generate\(\) takes no keyword 'batchsize'; did you mean batch_size"):
+        extractor.generate(str(sample / "g.zarr"), preset="tiny-random", batchsize=8)
+    with pytest.raises(TypeError, match=r"^features\(\) takes no keyword 'seed'; did you mean noise_seed\?"):
+        extractor.features(np.zeros((1, 3, 64, 64), np.uint8), layers=["midblock"], model="tiny-random", seed=3)
+    assert not (sample / "a.zarr").exists() and not (sample / "g.zarr").exists()
 
 
 def test_extract_takes_file_urls_as_paths(sample):
