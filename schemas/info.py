@@ -75,8 +75,7 @@ def _describe_images(url: str, attrs: dict) -> str:
         f"chunks       image inner {store.image.chunks[0]} samples, shards {store.shard_size} samples",
         f"top classes  {fmt(ranked[:5])}",
         f"bottom       {fmt(ranked[-5:][::-1])}",
-        (f"generator    {', '.join(s['path'] for s in attrs.get('sources', []))}" if attrs.get("source_format") == "generated" else
-         f"files        {len(attrs.get('sources', []))}: " + ", ".join(s["path"] for s in attrs.get("sources", [])[:6]) + (" …" if len(attrs.get("sources", [])) > 6 else "")),
+        _sources_line(attrs),
         f"rejected     {len(attrs.get('rejected', []))}" + "".join(f"{': ' if i == 0 else ', '}{r[0]} ({r[1]})" for i, r in enumerate(attrs.get("rejected", [])[:6])) + (" …" if len(attrs.get("rejected", [])) > 6 else ""),
     ]
     versions = attrs.get("versions") or {}
@@ -90,6 +89,18 @@ def _describe_images(url: str, attrs: dict) -> str:
     if rest:
         lines.append("other        " + ", ".join(f"{k} {v if isinstance(v, str) else json.dumps(v, default=str, ensure_ascii=False)}" for k, v in rest.items()))
     return "\n".join(lines)
+
+
+def _sources_line(attrs: dict) -> str:
+    """What the store was made from: NPZ files by name, a JPEG tree as one entry (the tree's fingerprint), or the
+    generator of a generated store."""
+    sources = attrs.get("sources", [])
+    paths = [str(s["path"]) for s in sources]
+    if attrs.get("source_format") == "generated":
+        return f"generator    {', '.join(paths)}"
+    if attrs.get("source_format") == "jpeg":
+        return "tree         " + ", ".join(p.removeprefix(". ").strip("()") for p in paths)  # "33 image files"
+    return f"files        {len(paths)}: " + ", ".join(paths[:6]) + (" …" if len(paths) > 6 else "")
 
 
 def store_damage(url: str) -> list[Damage] | None:

@@ -10,6 +10,7 @@ from PIL import Image
 
 from converter.cli import main as convert_main
 from converter.sources.jpeg_recipes import RECIPES, load_and_resize
+from schemas.api import store_info
 from schemas.classes import class_table
 from schemas.image_store import validate_image_store
 from tests.support.commands import checkout_env, run_imzarr
@@ -61,6 +62,9 @@ def test_tree_every_recipe_exact_with_rejects(odd_tree, tmp_path, capsys):
         assert attrs["recipe"] == recipe and attrs["pillow_version"] == Image.__version__
         assert attrs["image_files_found"] == len(files) + len(attrs["rejected"])
         assert attrs["ignored_files"] == [f"{WNIDS[1]}/labels.txt"]
+        described = store_info(str(out)).summary.splitlines()
+        assert "tree         9 image files" in described
+        assert f"rejected     2: {WNIDS[0]}/h_truncated.JPEG (truncated image), {WNIDS[1]}/i_empty.JPEG (empty file)" in described
 
 
 def test_strict_fails_on_rejects_every_time(odd_tree, tmp_path, capsys):
