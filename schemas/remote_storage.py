@@ -28,7 +28,7 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
-from schemas.errors import RunFailedError
+from schemas.errors import ImzarrError, RunFailedError
 from schemas.output_paths import is_remote_url
 
 CONNECT_TIMEOUT_S = 5.0
@@ -42,10 +42,8 @@ class RemoteStorageError(RunFailedError):
     """An object store that timed out or could not be reached; the message names the URL (exit code 1)."""
 
 
-class RemoteStorageCredentialsError(RemoteStorageError):
-    """No credentials for an object store: a setting the user gives (exit code 2, as for a bad option)."""
-
-    exit_code = 2
+class RemoteStorageCredentialsError(ImzarrError):
+    """No credentials for an object store: a setting the user gives, so bad input (exit code 2), not a failed run."""
 
 
 class RemoteStorageTimeoutError(RemoteStorageError):
@@ -105,9 +103,9 @@ def remote_storage_errors(*urls: str | None) -> Iterator[None]:
         raise translated from None
 
 
-def translate_remote_error(exc: BaseException, url: str | None = None) -> RemoteStorageError | None:
-    """A RemoteStorageError for botocore's "timed out" and "cannot connect" errors, else None (botocore is not
-    imported: the classes are known by name)."""
+def translate_remote_error(exc: BaseException, url: str | None = None) -> ImzarrError | None:
+    """A RemoteStorageError for botocore's "timed out" and "cannot connect" errors, a RemoteStorageCredentialsError
+    for "no credentials", else None (botocore is not imported: the classes are known by name)."""
     if not type(exc).__module__.startswith("botocore"):
         return None
     kind = type(exc).__name__
