@@ -312,14 +312,15 @@ def features(
     pool: str = "none",
     device: str = "auto",
     batch_size: int = 64,
+    global_index: np.ndarray | Sequence[int] | None = None,
     **forward: Any,
 ) -> xr.Dataset:
     """uint8 images (N, 3, S, S) → {layer: activations} (float32) as an xr.Dataset on dim `sample`, labelled
     like a store. `model`: a preset name, a checkpoint path or a ModelSpec; `forward`: sigma, noise_seed, noise,
     class_free, compute_dtype as ForwardSettings takes them (None/unset: the same defaults as `extract`).
 
-    Sample i gets the noise of `global_index` i (as row i of a store would), so the same images give the same
-    values here and through `extract`."""
+    Each image gets the noise of its `global_index` (the image store's coordinate; default 0..N-1), as its row of a
+    store does through `extract`: the same images give the same values here and there, any rows of a store too."""
     import xarray as xr
 
     from extractor.forward import ForwardSettings, PreparedForward
@@ -332,10 +333,13 @@ def features(
     labels = np.full(n, -1, dtype=np.int64) if labels is None else class_labels(labels)
     if labels.shape != (n,):
         raise FeatureInputError(f"labels must hold one label per image ({n}), got shape {labels.shape}")
+    index = np.arange(n, dtype=np.int64) if global_index is None else np.asarray(global_index)
+    if index.shape != (n,) or index.dtype.kind not in "iu" or (index < 0).any():
+        raise FeatureInputError(f"global_index must hold one non-negative integer per image ({n}), got {index.dtype} of shape {index.shape}")
     refuse_unknown_keywords(forward, FEATURE_FORWARD_KEYWORDS + tuple(keyword_names(features)), "features")
     settings = ForwardSettings(model=as_model_spec(model), layers=layer_entries(layers), pool=pool, storage_dtype="float32", **forward)
     with PreparedForward(settings, device, images.shape[-1], batch_size=batch_size) as prepared:
-        values = _run_features(prepared, images, labels)
+        values = _run_features(prepared, images, labels, index.astype(np.int64))
     fwd, loaded, shapes, paths = prepared.settings, prepared.loaded, prepared.layer_shapes, prepared.paths
     table = class_table()
     known = labels >= 0
@@ -345,13 +349,13 @@ def features(
         name: (layer_dims(name, pooled=len(shapes[name]) == 1), values[name], {"module_path": paths[name], "pooling": fwd.pool})
         for name in fwd.layers
     }
-    coords = {"label": ("sample", labels.astype(np.int16)), "synset": ("sample", synsets), "class_name": ("sample", names)}
+    coords = {"label": ("sample", labels.astype(np.int16)), "synset": ("sample", synsets), "class_name": ("sample", names), "global_index": ("sample", index.astype(np.int64))}
     attrs = {"model": loaded.name, "trained": loaded.trained, "sha256": loaded.sha256, "sigma": fwd.sigma, "noise_seed": fwd.noise_seed}
     return xr.Dataset(data_vars, coords=coords, attrs=attrs)
 
 
-def _run_features(prepared: PreparedForward, images: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
-    """Every image through the prepared forward, batch by batch; sample i gets the noise of global_index i."""
+def _run_features(prepared: PreparedForward, images: np.ndarray, labels: np.ndarray, global_index: np.ndarray) -> dict[str, np.ndarray]:
+    """Every image through the prepared forward, batch by batch, each with the noise of its global index."""
     import torch
 
     from extractor.shard_forward import ShardForward
@@ -359,7 +363,6 @@ def _run_features(prepared: PreparedForward, images: np.ndarray, labels: np.ndar
     n = images.shape[0]
     runner = ShardForward(prepared, n, output_name=None)
     try:
-        global_index = np.arange(n, dtype=np.int64)
         for a in range(0, n, prepared.batch_size):
             b = min(n, a + prepared.batch_size)
             runner.run(a, torch.from_numpy(images[a:b]), labels[a:b], global_index[a:b])

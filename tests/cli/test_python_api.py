@@ -136,6 +136,15 @@ def test_features_equal_the_store_extract_writes(sample):
         np.testing.assert_allclose(ds[name].values, stored[name][:], rtol=1e-5, atol=1e-6, err_msg=name)
     np.testing.assert_array_equal(ds["label"].values, stored["label"][:])
     assert [str(s) for s in ds["synset"].values] == [str(s) for s in stored["synset"][:]]
+    # Any rows, in any order: each image's own global index gives it its stored row's noise.
+    rows = np.array([17, 3, 9])
+    picked = extractor.features(store.take(rows), store.coordinate("label")[rows], layers=layers, model="tiny-random", device="cpu",
+                                global_index=store.coordinate("global_index")[rows])
+    for name in layers:
+        np.testing.assert_allclose(picked[name].values, stored[name][:][rows], rtol=1e-5, atol=1e-6, err_msg=name)
+    assert picked["global_index"].values.tolist() == [17, 3, 9]
+    with pytest.raises(extractor.api.FeatureInputError, match="global_index must hold one non-negative integer per image"):
+        extractor.features(store.take(rows), layers=layers, model="tiny-random", device="cpu", global_index=[1, 2])
 
 
 def test_features_refuse_images_of_another_size():
