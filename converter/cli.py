@@ -7,6 +7,7 @@ import sys
 
 from converter import api
 from schemas.cli import CommandParser, HelpFormatter, add_command, builder_keywords, dispatch, non_negative_int, positive_int
+from schemas.progress_report import resumed_note
 
 
 def add_commands(sub) -> None:
@@ -106,9 +107,8 @@ def _report(result, strict: bool = False) -> int:
             print(f"rejected: {path}: {reason}", file=sys.stderr)
         now = result.num_samples - result.written_before
         rate = now / max(result.seconds, 1e-9)
-        resumed = f" ({now} in this run, resuming one that had written {result.written_before})" if result.written_before else ""
         ignored = f", {result.ignored} non-image files ignored" if result.ignored else ""
-        print(f"{result.url}: {result.num_samples} converted{resumed}, {len(result.rejected)} rejected{ignored} in {result.seconds:.1f} s ({rate:,.0f} images/s)")
+        print(f"{result.url}: {result.num_samples} converted{resumed_note(result.num_samples, result.written_before)}, {len(result.rejected)} rejected{ignored} in {result.seconds:.1f} s ({rate:,.0f} images/s)")
     if strict and result.rejected:
         # The store is complete either way (the rejected files are recorded in it); --strict fails every run over it.
         print(f"imzarr convert: error: {result.url}: {len(result.rejected)} files rejected (--strict; they are listed in the store's `rejected`, see imzarr info)", file=sys.stderr)

@@ -13,6 +13,7 @@ import sys
 from extractor import api
 from extractor.api import COMPUTE_DTYPE_NAMES, POOL_MODES, PRESET_NAMES, STORAGE_DTYPES
 from schemas.cli import CommandParser, HelpFormatter, add_command, builder_keywords, dispatch, non_negative_int, positive_int
+from schemas.progress_report import resumed_note
 
 
 def add_commands(sub) -> None:
@@ -53,8 +54,7 @@ def _print_outcome(result, what: str, untrained_note: str) -> None:
     else:
         now = result.num_samples - result.written_before
         rate = now / max(result.seconds, 1e-9)
-        resumed = f" ({now} in this run, resuming one that had written {result.written_before})" if result.written_before else ""
-        print(f"{what}: {result.num_samples} samples{resumed} in {result.seconds:.1f} s ({rate:,.1f} images/s)")
+        print(f"{what}: {result.num_samples} samples{resumed_note(result.num_samples, result.written_before)} in {result.seconds:.1f} s ({rate:,.1f} images/s)")
     if not result.trained:
         print(f"NOTE: {untrained_note}.")
 
