@@ -6,8 +6,7 @@ import argparse
 import sys
 
 from converter import api
-from schemas.cli import CommandParser, HelpFormatter, add_command, builder_keywords, dispatch, non_negative_int, positive_int
-from schemas.progress_report import resumed_note
+from schemas.cli import CommandParser, HelpFormatter, add_command, builder_keywords, dispatch, non_negative_int, positive_int, resumed_note
 
 
 def add_commands(sub) -> None:

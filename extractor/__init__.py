@@ -24,6 +24,9 @@ def __getattr__(name: str) -> Any:
 
 
 def _register_accessor() -> None:
+    accessor = sys.modules.get("extractor.accessor")
+    if accessor is not None and not hasattr(accessor, "register"):
+        return  # xarray was first imported by extractor.accessor itself, still loading: it registers when done
     from extractor.accessor import register
 
     register()

@@ -227,3 +227,6 @@ def register() -> None:
     """Register `ds.imzarr` with xarray (again is harmless)."""
     if not hasattr(xr.Dataset, ACCESSOR_NAME):
         xr.register_dataset_accessor(ACCESSOR_NAME)(ImzarrAccessor)
+
+
+register()  # where this module is the first to import xarray (`from extractor.accessor import …` first thing)

@@ -12,8 +12,7 @@ import sys
 
 from extractor import api
 from extractor.api import COMPUTE_DTYPE_NAMES, POOL_MODES, PRESET_NAMES, STORAGE_DTYPES
-from schemas.cli import CommandParser, HelpFormatter, add_command, builder_keywords, dispatch, non_negative_int, positive_int
-from schemas.progress_report import resumed_note
+from schemas.cli import CommandParser, HelpFormatter, add_command, builder_keywords, dispatch, non_negative_int, positive_int, resumed_note
 
 
 def add_commands(sub) -> None:

@@ -49,11 +49,6 @@ class ProgressReport:
         return (self.done - self.already) / max(time.monotonic() - self.start, 1e-9)
 
 
-def resumed_note(total: int, before: int) -> str:
-    """' (N in this run, resuming one that had written M)' for a run that resumed a killed one's store, else ''."""
-    return f" ({total - before} in this run, resuming one that had written {before})" if before else ""
-
-
 class DaskProgress(Callback):
     """Feeds a ProgressReport from a local Dask scheduler: tasks return receipts like {"images": n}."""
 

@@ -15,6 +15,11 @@ from typing import Callable, NoReturn
 from schemas.api import ImzarrError, RunInterruptedError, translate_remote_error
 
 
+def resumed_note(total: int, before: int) -> str:
+    """' (N in this run, resuming one that had written M)' for a run that resumed a killed one's store, else ''."""
+    return f" ({total - before} in this run, resuming one that had written {before})" if before else ""
+
+
 def run_command(prog: str, body: Callable[[], int | None], debug: bool = False) -> int:
     """Run `body`; turn what it raises into one line on stderr and an exit code."""
     try:

@@ -72,6 +72,9 @@ def test_registered_on_import_without_importing_xarray_or_torch():
     assert done.returncode == 0, done.stderr
     after = subprocess.run([sys.executable, "-c", "import xarray as xr, extractor; assert hasattr(xr.Dataset, 'imzarr')"], capture_output=True, text=True)
     assert after.returncode == 0, after.stderr
+    # The accessor's module imported first of all (it is the one that imports xarray then): no circular import.
+    first = subprocess.run([sys.executable, "-c", "from extractor.accessor import ImzarrAccessor; import xarray as xr; assert hasattr(xr.Dataset, 'imzarr')"], capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr
 
 
 def test_sel_by_wnid_name_and_label(acts):
