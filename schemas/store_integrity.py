@@ -371,7 +371,7 @@ def record_checksums(url: str) -> None:
         array = record.create_array(
             name,
             shape=grid,
-            chunks=grid,
+            chunks=tuple(max(1, g) for g in grid),  # an empty array (a report without classes) has an empty grid
             dtype="int64",
             fill_value=NO_FILE,
             compressors=None,

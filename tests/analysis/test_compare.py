@@ -285,3 +285,5 @@ def test_without_per_class(stores, tmp_path):
     assert ds.sizes["label"] == 0 and ds.attrs["per_class"] is False
     assert xr.open_zarr(out).attrs["coverage"] == ds.attrs["coverage"]
     assert format_report_table(ds).splitlines()[-1].startswith("overall")
+    checked = verify_store_files(out)  # empty per-class arrays: an empty checksum record each, on every zarr
+    assert checked.result.recorded and checked.damage_lines == [] and store_info(out).damage == []
