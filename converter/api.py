@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from converter.convert import ConvertOptions, ConvertResult, convert
+from converter.convert import ConvertOptions, ConvertResult, RejectedFilesError, convert
 from converter.sample import write_sample_shards
 from converter.sources.base import ConvertOptionError
 from schemas.image_layout import DEFAULT_SHARD
@@ -17,7 +17,7 @@ from schemas.keywords import keyword_parameters, takes_keywords_of
 from schemas.output_paths import absolute_url, local_file_url_to_path
 from schemas.remote_storage import remote_storage_errors
 
-__all__ = ["DEFAULT_SHARD", "ConvertResult", "convert_jpeg", "convert_npz", "run_option_names", "write_sample_shards"]
+__all__ = ["DEFAULT_SHARD", "ConvertResult", "RejectedFilesError", "convert_jpeg", "convert_npz", "run_option_names", "write_sample_shards"]
 
 
 def convert_npz(
@@ -49,16 +49,22 @@ def convert_jpeg(
     val_labels: str | None = None,
     label_from_folders: bool = False,
     fast_draft: bool = False,
+    strict: bool = False,
     **options: Any,
 ) -> ConvertResult:
     """A JPEG class-folder tree (or a flat val folder with `val_labels`) → one image store at `output`.
 
-    `options` are ConvertOptions fields, as for `convert_npz`."""
+    `strict`: raise RejectedFilesError (a failed run, exit 1) when any file was rejected, on this run or, over a
+    store that is already complete, on the run that made it. `options` are ConvertOptions fields, as for
+    `convert_npz`."""
     from converter.sources.jpeg import open_jpeg_source
 
     (root, val_labels), checked = _located([os.fspath(root), val_labels], output, options)
     with remote_storage_errors(root, val_labels, checked.output):  # listing the tree of an object store may fail first
-        return convert(open_jpeg_source(root, recipe, size, val_labels, label_from_folders, fast_draft), checked)
+        result = convert(open_jpeg_source(root, recipe, size, val_labels, label_from_folders, fast_draft), checked)
+    if strict and result.rejected:
+        raise RejectedFilesError(result)
+    return result
 
 
 def _located(inputs: list[str | None], output: str | Path, options: dict[str, Any]) -> tuple[list[str | None], ConvertOptions]:

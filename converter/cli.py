@@ -89,7 +89,11 @@ def _convert_npz(args: argparse.Namespace) -> int:
 
 
 def _convert_jpeg(args: argparse.Namespace) -> int:
-    return _report(api.convert_jpeg(**builder_keywords(args, api.convert_jpeg)), strict=args.strict)
+    try:
+        return _report(api.convert_jpeg(**builder_keywords(args, api.convert_jpeg)))
+    except api.RejectedFilesError as failed:
+        _report(failed.result)  # what the run did, then the error line
+        raise
 
 
 def _sample(args: argparse.Namespace) -> int:
@@ -98,7 +102,7 @@ def _sample(args: argparse.Namespace) -> int:
     return 0
 
 
-def _report(result, strict: bool = False) -> int:
+def _report(result) -> int:
     if result.already_complete:
         print(f"{result.url}: already complete ({result.num_samples} samples) with these inputs and options; nothing to do")
     else:
@@ -108,10 +112,6 @@ def _report(result, strict: bool = False) -> int:
         rate = now / max(result.seconds, 1e-9)
         ignored = f", {result.ignored} non-image files ignored" if result.ignored else ""
         print(f"{result.url}: {result.num_samples} converted{resumed_note(result.num_samples, result.written_before)}, {len(result.rejected)} rejected{ignored} in {result.seconds:.1f} s ({rate:,.0f} images/s)")
-    if strict and result.rejected:
-        # The store is complete either way (the rejected files are recorded in it); --strict fails every run over it.
-        print(f"imzarr convert: error: {result.url}: {len(result.rejected)} files rejected (--strict; they are listed in the store's `rejected`, see imzarr info)", file=sys.stderr)
-        return 1
     return 0
 
 

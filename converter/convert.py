@@ -31,7 +31,7 @@ from converter.sources.base import (
 from converter.sources.source_files import is_remote
 from schemas.atomic_files import write_atomically
 from schemas.classes import class_table
-from schemas.errors import ImzarrError
+from schemas.errors import ImzarrError, RunFailedError
 from schemas.image_layout import (
     DEFAULT_SHARD,
     LAYOUT_VERSION,
@@ -104,6 +104,15 @@ class ConvertResult:
     seconds: float
     ignored: int = 0
     written_before: int = 0  # images an interrupted run had written (this run resumed it)
+
+
+class RejectedFilesError(RunFailedError):
+    """A strict conversion rejected some files. The store is complete all the same (the rejects are recorded in
+    it), so every later strict run over it fails alike; `result` says what the run did."""
+
+    def __init__(self, result: ConvertResult):
+        self.result = result
+        super().__init__(f"{result.url}: {len(result.rejected)} files rejected (strict; they are listed in the store's `rejected`, see imzarr info)")
 
 
 SCRATCH_MARKER = "imzarr-scratch.json"  # in every scratch folder, naming the store it belongs to

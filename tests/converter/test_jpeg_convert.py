@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from converter.api import RejectedFilesError, convert_jpeg
 from converter.cli import main as convert_main
 from converter.sources.jpeg_recipes import RECIPES, load_and_resize
 from schemas.api import store_info
@@ -70,11 +71,26 @@ def test_tree_every_recipe_exact_with_rejects(odd_tree, tmp_path, capsys):
 def test_strict_fails_on_rejects_every_time(odd_tree, tmp_path, capsys):
     args = ["jpeg", str(odd_tree), "-o", str(tmp_path / "s.zarr"), "--strict"]
     assert convert_main(args) == 1
-    first = capsys.readouterr().err.splitlines()
-    assert first[-1] == f"imzarr convert: error: {tmp_path / 's.zarr'}: 2 files rejected (--strict; they are listed in the store's `rejected`, see imzarr info)"
+    captured = capsys.readouterr()
+    first = captured.err.splitlines()
+    assert first[-1] == f"imzarr convert: error: {tmp_path / 's.zarr'}: 2 files rejected (strict; they are listed in the store's `rejected`, see imzarr info)"
+    assert [line for line in first if line.startswith("rejected: ")] == first[-3:-1] and "7 converted, 2 rejected" in captured.out
     assert convert_main(args) == 1  # the store is complete, its rejects recorded: a rerun fails alike
-    assert capsys.readouterr().err.splitlines()[-1] == first[-1]
+    again = capsys.readouterr()
+    assert again.err.splitlines()[-1] == first[-1] and "already complete" in again.out
     assert convert_main(args[:-1]) == 0
+
+
+def test_strict_is_the_library_rule(odd_tree, tmp_path):
+    """The Python API fails a strict run as the command does, with what the run did attached."""
+    out = str(tmp_path / "s.zarr")
+    with pytest.raises(RejectedFilesError) as failed:
+        convert_jpeg(odd_tree, out, strict=True)
+    assert failed.value.exit_code == 1 and failed.value.result.num_samples == 7 and len(failed.value.result.rejected) == 2
+    assert str(failed.value) == f"{out}: 2 files rejected (strict; they are listed in the store's `rejected`, see imzarr info)"
+    with pytest.raises(RejectedFilesError):
+        convert_jpeg(odd_tree, out, strict=True)
+    assert convert_jpeg(odd_tree, out).already_complete
 
 
 def test_flat_val_with_devkit_labels(tmp_path):
