@@ -24,7 +24,8 @@ IMAGE_ATTRS_SHOWN = frozenset({
 
 def describe_store(url: str) -> str:
     """A human summary of a validated store (raises StoreValidationError when it breaks its contract)."""
-    attrs = dict(open_store_group(url).attrs)
+    group = open_store_group(url)
+    attrs = dict(group.attrs)
     schema = attrs.get("schema")
     if schema == IMAGE_SCHEMA:
         return _describe_images(url, attrs)
@@ -35,14 +36,13 @@ def describe_store(url: str) -> str:
     if schema is None:
         raise StoreValidationError(f"{url}: a Zarr group without a `schema` attribute: not an imzarr store")
     if str(schema).startswith(IMZARR_SCHEMA_PREFIX):
-        return _describe_written_whole(url, attrs)
+        return _describe_written_whole(url, group, attrs)
     raise StoreValidationError(f"{url}: unknown schema {schema!r}")
 
 
-def _describe_written_whole(url: str, attrs: dict) -> str:
+def _describe_written_whole(url: str, group: zarr.Group, attrs: dict) -> str:
     """Stores written in one go from others (compare reports, statistics stores): their arrays and their plain
     attributes, one per line; nested ones (provenance records) by name only."""
-    group = open_store_group(url)
     lines = [f"store        {url}", f"schema       {attrs['schema']}"]
     for name, array in sorted(group.arrays()):
         dims = ", ".join(array.metadata.dimension_names or ())
