@@ -19,7 +19,7 @@ import numpy as np
 from extractor.preset_layers import check_preset_layers
 from extractor.selection import class_entries, layer_entries, resolve_class
 from schemas.vocabulary import COMPUTE_DTYPE_NAMES, POOL_MODES, PRESET_NAMES, STORAGE_DTYPES
-from schemas.classes import class_table
+from schemas.classes import NUM_CLASSES, class_table
 from schemas.errors import ImzarrError, PathError
 from schemas.keywords import keyword_names, refuse_unknown_keywords, takes_keywords_of
 from schemas.output_paths import check_output_location, local_file_url_to_path
@@ -326,13 +326,18 @@ def features(
     from extractor.forward import ForwardSettings, PreparedForward
     from schemas.activation_store import layer_dims
 
-    images = np.ascontiguousarray(images, dtype=np.uint8)
-    if images.ndim != 4 or images.shape[1] != 3:
-        raise FeatureInputError(f"images must be uint8 (N, 3, S, S), got shape {images.shape}")
+    given = np.asarray(images)
+    if given.dtype != np.uint8 or given.ndim != 4 or given.shape[1] != 3:
+        # A cast would turn [0, 1] floats (ImageStoreDataset(output="float")) into 0s and 1s without a word.
+        raise FeatureInputError(f"images must be uint8 (N, 3, S, S) with values 0..255, as the image store holds them, got {given.dtype} of shape {given.shape}")
+    images = np.ascontiguousarray(given)
     n = images.shape[0]
     labels = np.full(n, -1, dtype=np.int64) if labels is None else class_labels(labels)
     if labels.shape != (n,):
         raise FeatureInputError(f"labels must hold one label per image ({n}), got shape {labels.shape}")
+    outside = labels[(labels < -1) | (labels >= NUM_CLASSES)]
+    if outside.size:
+        raise FeatureInputError(f"labels: label index {int(outside[0])} is outside 0..{NUM_CLASSES - 1} (-1: unknown)")
     index = np.arange(n, dtype=np.int64) if global_index is None else np.asarray(global_index)
     if index.shape != (n,) or index.dtype.kind not in "iu" or (index < 0).any():
         raise FeatureInputError(f"global_index must hold one non-negative integer per image ({n}), got {index.dtype} of shape {index.shape}")

@@ -172,8 +172,13 @@ def test_features_refuses_images_and_labels_of_the_wrong_shape_as_its_own_error(
     from schemas.errors import ImzarrError
 
     good = np.zeros((2, 3, 8, 8), dtype=np.uint8)
-    with pytest.raises(FeatureInputError, match=r"images must be uint8 \(N, 3, S, S\), got shape \(2, 8, 8\)") as bad_images:
+    with pytest.raises(FeatureInputError, match=r"images must be uint8 \(N, 3, S, S\) with values 0..255, as the image store holds them, got uint8 of shape \(2, 8, 8\)") as bad_images:
         features(good[:, 0], layers=["midblock"], model="tiny-random")
+    # [0, 1] floats (ImageStoreDataset(output="float")) are refused, not cast to 0s and 1s.
+    with pytest.raises(FeatureInputError, match=r"values 0..255, as the image store holds them, got float32 of shape \(2, 3, 8, 8\)"):
+        features(good.astype(np.float32) / 255, layers=["midblock"], model="tiny-random")
     with pytest.raises(FeatureInputError, match=r"labels must hold one label per image \(2\), got shape \(3,\)"):
         features(good, [0, 1, 2], layers=["midblock"], model="tiny-random")
+    with pytest.raises(FeatureInputError, match=r"^labels: label index 1000 is outside 0..999 \(-1: unknown\)$"):
+        features(good, [0, 1000], layers=["midblock"], model="tiny-random")
     assert isinstance(bad_images.value, ImzarrError) and isinstance(bad_images.value, ValueError)
