@@ -142,7 +142,7 @@ def _extract(options: ExtractOptions, forward: PreparedForward, images: ImageSto
         lambda g: create_activation_arrays(g, n, shapes, fwd.storage_dtype, shard, rec_shape, array_attrs, coordinates=coords),
         run.overwrite,
         initial_attrs={**extraction_attrs(options.store, fwd, images, loaded, forward.paths, selection, forward.device),
-                       **activation_group_attrs(coords["label"])},
+                       **activation_group_attrs(coords["label"], coords["synset"], coords["class_name"])},
     )
     if state.already_complete:  # another run finished it while this one started: nothing to do, nothing to finish
         return ExtractResult(options.output, n, True, time.monotonic() - started, loaded.trained)

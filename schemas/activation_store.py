@@ -57,6 +57,7 @@ from schemas.variable_attrs import (
     coordinate_attrs,
     coordinates_attribute,
     missing_array_attrs,
+    sample_class_attrs,
 )
 from schemas.zarr_format import inner_chunk_length, is_string_data_type, read_node_metadata
 
@@ -158,9 +159,12 @@ def activation_array_attrs(
     return arrays | coordinate_attrs(list(COORDINATES))
 
 
-def activation_group_attrs(labels: np.ndarray) -> dict[str, Any]:
-    """Group attributes that go with the per-array ones: `Conventions`, and `classes` for the labels stored."""
-    return {"Conventions": CONVENTIONS, **class_table_attrs(labels)}
+def activation_group_attrs(labels: np.ndarray, synsets: np.ndarray | None = None, class_names: np.ndarray | None = None) -> dict[str, Any]:
+    """Group attributes that go with the per-array ones: `Conventions`, and `classes` for the labels stored, named
+    as the per-sample `synsets` and `class_names` name them (an image store's own classes), else as ImageNet-1k."""
+    if synsets is None or class_names is None:
+        return {"Conventions": CONVENTIONS, **class_table_attrs(labels)}
+    return {"Conventions": CONVENTIONS, **sample_class_attrs(labels, synsets, class_names)}
 
 
 def validate_activation_store(url: str, require_complete: bool = True) -> zarr.Group:

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from schemas.classes import NUM_CLASSES as NUM_IMAGENET
 from schemas.classes import class_table
 
 CONVENTIONS = "CF-1.11"
@@ -109,10 +110,32 @@ def class_table_attrs(
     }
 
 
+def sample_class_attrs(labels: np.ndarray, synsets: np.ndarray, class_names: np.ndarray) -> dict[str, Any]:
+    """Group attribute `classes` (as class_table_attrs) from per-sample columns: each label named as its samples
+    are, so classes of a store's own (numbered folders) keep their names in every store made from it."""
+    labels = np.asarray(labels, dtype=np.int64)
+    present, first = np.unique(labels, return_index=True)
+    known = present >= 0
+    present, first = present[known].tolist(), first[known]
+    return {"classes": {"label": present, "synset": [str(synsets[i]) for i in first], "class_name": [str(class_names[i]) for i in first]}}
+
+
 def classes_lookup(group_attrs: dict[str, Any]) -> dict[int, tuple[str, str]]:
     """{label: (WNID, name)} from a store's `classes` attribute (empty when the store predates it)."""
     classes = group_attrs.get("classes") or {}
     return {int(label): (wnid, name) for label, wnid, name in zip(classes.get("label", ()), classes.get("synset", ()), classes.get("class_name", ()))}
+
+
+def label_names(labels: np.ndarray, recorded: dict[int, tuple[str, str]]) -> tuple[np.ndarray, np.ndarray]:
+    """(WNIDs, class names) of labels as object arrays: as a store's `classes` attribute records them
+    (classes_lookup), else from the ImageNet-1k table; '' for -1 (unknown)."""
+    table = class_table()
+    labels = np.asarray(labels, dtype=np.int64)
+    synsets, names = table.synsets_of(np.where(labels < NUM_IMAGENET, labels, -1)), table.names_of(np.where(labels < NUM_IMAGENET, labels, -1))
+    for i, label in enumerate(labels.tolist()):
+        if label in recorded:
+            synsets[i], names[i] = recorded[label]
+    return synsets, names
 
 
 def missing_array_attrs(array_attrs: dict[str, dict[str, Any]], required: tuple[str, ...] = REQUIRED_ARRAY_ATTRS) -> list[str]:

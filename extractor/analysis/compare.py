@@ -57,7 +57,6 @@ from extractor.analysis.metrics import (
 )
 from extractor.analysis.provenance import describe_model, short_sha
 from extractor.analysis.reference_statistics import ReferenceStatistics, read_reference, statistics_accumulator, store_inception_score
-from schemas.classes import class_table
 from schemas.compare_report import COMPARE_SCHEMA as REPORT_SCHEMA
 from schemas.compare_report import REPORT_DIM, on_label_dimension
 from schemas.errors import ImzarrError
@@ -65,6 +64,7 @@ from schemas.store_identity import StoreIdentity, check_unchanged, reader_lease
 from schemas.output_paths import absolute_url, check_output_location, local_file_url_to_path, local_path, refuse_process_bound_output
 from schemas.store_integrity import read_checksum_record, record_checksums
 from schemas.store_lifecycle import claim_report_output, settings_fingerprint
+from schemas.variable_attrs import classes_lookup, label_names
 from schemas.vocabulary import POOL_MODES
 
 __all__ = [
@@ -357,6 +357,7 @@ def _between_stores(options: CompareOptions, log: TextIO | None) -> xr.Dataset:
     real = open_layer("real", options.real, options.layer, options.pool)
     fake = open_layer("generated", options.generated, options.layer, options.pool)
     check_compatible(real, fake, options.layer)
+    classes = _shared_classes(real, fake) if options.per_class else None
     metrics = options.metrics
     if "prdc" in metrics:
         for side in (real, fake):
@@ -382,7 +383,7 @@ def _between_stores(options: CompareOptions, log: TextIO | None) -> xr.Dataset:
         labels, values = np.zeros(0, np.int64), {}
         if options.per_class:
             labels, values = _per_class(options, real, fake, real_rows, fake_rows, log)
-        report = _dataset(labels, values, attrs)
+        report = _dataset(labels, values, attrs, classes)
         if options.plot is not None:
             from extractor.analysis.plots import plot_comparison
 
@@ -520,15 +521,30 @@ def _base_attrs(options: CompareOptions, side: LayerFeatures) -> dict:
     return attrs
 
 
-def _dataset(labels: np.ndarray, values: dict[str, np.ndarray], attrs: dict) -> xr.Dataset:
-    table = class_table()
+def _dataset(labels: np.ndarray, values: dict[str, np.ndarray], attrs: dict, classes: dict[int, tuple[str, str]] | None = None) -> xr.Dataset:
+    """The report: per-class `values` along `label`, named by the stores' recorded `classes` (else ImageNet-1k)."""
+    synsets, names = label_names(labels, classes or {})
     data_vars = {name: (REPORT_DIM, array, dict(REPORT_VARIABLE_ATTRS[name])) for name, array in values.items()}
     coords = {
         "label": (REPORT_DIM, labels.astype(np.int16), dict(REPORT_VARIABLE_ATTRS["label"])),
-        "synset": (REPORT_DIM, table.synsets_of(labels).astype(object), dict(REPORT_VARIABLE_ATTRS["synset"])),
-        "class_name": (REPORT_DIM, table.names_of(labels).astype(object), dict(REPORT_VARIABLE_ATTRS["class_name"])),
+        "synset": (REPORT_DIM, synsets, dict(REPORT_VARIABLE_ATTRS["synset"])),
+        "class_name": (REPORT_DIM, names, dict(REPORT_VARIABLE_ATTRS["class_name"])),
     }
     return xr.Dataset(data_vars, coords=coords, attrs={k: v for k, v in attrs.items() if v is not None})
+
+
+def _shared_classes(real: LayerFeatures, fake: LayerFeatures) -> dict[int, tuple[str, str]]:
+    """{label: (WNID, name)} both stores record; a label the two name differently is refused (per-class metrics
+    would pair different classes: a store of numbered folders against an ImageNet generator's samples)."""
+    recorded = [classes_lookup(side.attrs) for side in (real, fake)]
+    for label in sorted(recorded[0].keys() & recorded[1].keys()):
+        if recorded[0][label][0] != recorded[1][label][0]:
+            (a, a_name), (b, b_name) = recorded[0][label], recorded[1][label]
+            raise CompareError(
+                f"{fake.url}: label {label} is {b} ({b_name}) there but {a} ({a_name}) in {real.url}: the stores number classes differently, "
+                "so per-class metrics would pair different classes (--no-per-class compares them overall)"
+            )
+    return recorded[1] | recorded[0]
 
 
 def _side_provenance(prefix: str, side: LayerFeatures) -> dict:

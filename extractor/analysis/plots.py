@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
-from schemas.classes import class_table
 from schemas.errors import ImzarrError
 from schemas.output_paths import write_output_file
+from schemas.variable_attrs import label_names
 
 MAX_POINTS = 5000  # per side: more only hides the structure under overplotting and slows the SVD
 WORST_CLASSES = 30
@@ -106,7 +106,7 @@ def _projection_panel(ax, emb_r, emb_f, real_labels, fake_labels, ds: xr.Dataset
     if real_labels is None or fake_labels is None:
         real_labels, fake_labels = np.full(len(emb_r), -1), np.full(len(emb_f), -1)
     classes = np.unique(np.concatenate([real_labels, fake_labels]))
-    names = _class_names(classes)
+    names = _class_names(classes, ds)
     colours = _class_colours(classes)
     for marker, emb, labels, size in (("o", emb_r, real_labels, 9), ("x", emb_f, fake_labels, 14)):
         colour = np.array([colours[int(c)] for c in labels]).reshape(-1, 4)
@@ -137,10 +137,12 @@ def _class_colours(classes: np.ndarray) -> dict[int, tuple[float, float, float, 
     return {int(c): tuple(cmap(float(x))) for c, x in zip(classes.tolist(), positions)}
 
 
-def _class_names(labels: np.ndarray) -> dict[int, str]:
-    """Names of the labels plotted, from the class table (classes in one store only are not in the report)."""
-    names = class_table().names
-    return {int(c): names[int(c)] if c >= 0 else "unknown class" for c in labels.tolist()}
+def _class_names(labels: np.ndarray, ds: xr.Dataset) -> dict[int, str]:
+    """Names of the labels plotted: as the report names them (the stores' own classes), else from the ImageNet-1k
+    table (a class in one store only is not in the report)."""
+    reported = dict(zip(ds["label"].values.tolist(), ds["class_name"].values.tolist())) if "class_name" in ds.coords else {}
+    _, table_names = label_names(labels, {})
+    return {int(c): reported.get(int(c)) or (str(name) if c >= 0 and name else "unknown class" if c < 0 else f"class {c}") for c, name in zip(labels.tolist(), table_names)}
 
 
 def _worst_covered(ds: xr.Dataset) -> np.ndarray:

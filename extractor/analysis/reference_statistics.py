@@ -33,11 +33,11 @@ import zarr
 from extractor.analysis.inception_scoring import IS_LAYER, IS_SEED, IS_SPLITS, InceptionScore, InceptionScoreAccumulator, InceptionScoreSettings, inception_score_attrs
 from extractor.analysis.layer_features import AnalysisInputError, LayerFeatures, class_rows, feature_blocks, open_layer, stream_layer
 from extractor.analysis.metrics import GaussianAccumulator
-from schemas.classes import class_table
 from schemas.errors import ImzarrError, PathError
 from schemas.output_paths import check_output_location, local_file_url_to_path, local_path, refuse_process_bound_output, write_output_file
 from schemas.store_integrity import record_checksums
 from schemas.store_lifecycle import claim_report_output
+from schemas.variable_attrs import classes_lookup, label_names
 
 STATISTICS_SCHEMA = "imzarr.statistics/1"
 REFERENCE_METADATA_KEY = "imzarr"
@@ -229,7 +229,6 @@ def write_per_class_statistics(
     check_per_class_space(output, len(groups), side.dim, side.n, scratch_dir)
     overall = statistics_accumulator(side.dim)
     labels = np.array(sorted(groups), dtype=np.int64)
-    table = class_table()
     with tempfile.TemporaryDirectory(prefix="imzarr-stats-", dir=scratch_dir) as scratch:
         rows = stream_layer(side, block_size, [lambda a, b, x: overall.update(x)], Path(scratch), log)
         group = zarr.open_group(output, mode="w", zarr_format=3)
@@ -250,7 +249,7 @@ def write_per_class_statistics(
         for name, values in (("count", counts), ("label", labels.astype(np.int16))):
             arr = group.create_array(name, shape=(c,), dtype=values.dtype, chunks=(max(c, 1),), dimension_names=("label",))
             arr[:] = values
-        for name, values in (("synset", table.synsets_of(labels)), ("class_name", table.names_of(labels))):
+        for name, values in zip(("synset", "class_name"), label_names(labels, classes_lookup(side.attrs))):
             arr = group.create_array(name, shape=(c,), dtype=str, chunks=(max(c, 1),), dimension_names=("label",))
             arr[:] = np.asarray(values, dtype=object)
         for name, (long_name, description) in _PER_CLASS_ATTRS.items():

@@ -1,0 +1,83 @@
+"""A store's own classes (`convert jpeg --label-from-folders`: sorted folder names numbered 0..K-1) keep their
+names in every store made from it, and ImageNet-1k names never select or name them: label 0 there is `cats`,
+not tench."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import xarray as xr
+import zarr
+from PIL import Image
+
+import converter
+import extractor  # noqa: F401  (registers ds.imzarr)
+from extractor import api
+from extractor.analysis.compare import CompareError
+from extractor.selection import UnknownClassNameError
+from tests.support.synthetic import photo_like
+
+FOLDERS = ("cats", "dogs", "owls")
+PER_FOLDER = 6
+EXTRACT = dict(layers=["midblock"], preset="tiny-random", pool="mean", sigma=0.5, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def own(tmp_path_factory):
+    root = tmp_path_factory.mktemp("own")
+    pictures = photo_like(len(FOLDERS) * PER_FOLDER, 72, seed=5)
+    for k, folder in enumerate(FOLDERS):
+        (root / "tree" / folder).mkdir(parents=True)
+        for i in range(PER_FOLDER):
+            Image.fromarray(pictures[k * PER_FOLDER + i].transpose(1, 2, 0)).save(root / "tree" / folder / f"{i}.jpg", quality=90)
+    images = str(root / "pets.zarr")
+    converter.convert_jpeg(root / "tree", images, label_from_folders=True)
+    acts = str(root / "acts.zarr")
+    api.extract(images, acts, **EXTRACT)
+    return root, images, acts
+
+
+def test_activation_store_records_the_image_stores_classes(own):
+    _, images, acts = own
+    expected = {"label": [0, 1, 2], "synset": list(FOLDERS), "class_name": list(FOLDERS)}
+    assert zarr.open_group(images, mode="r").attrs["classes"] == expected
+    assert zarr.open_group(acts, mode="r").attrs["classes"] == expected
+    counts = xr.open_zarr(acts).imzarr.class_count()
+    assert counts.class_name.values.tolist() == list(FOLDERS) and counts.values.tolist() == [PER_FOLDER] * 3
+
+
+@pytest.mark.parametrize("which", ["images", "acts"])
+def test_accessor_selects_own_classes_and_refuses_imagenet_names(own, which):
+    ds = xr.open_zarr(own[1] if which == "images" else own[2])
+    dogs = ds.imzarr.sel(classes=["dogs", "2"])
+    assert dogs.label.values.tolist() == [1] * PER_FOLDER + [2] * PER_FOLDER
+    assert ds.imzarr.sel(classes="Cats").label.values.tolist() == [0] * PER_FOLDER
+    # ImageNet-1k's label 0 (tench) is not this store's label 0.
+    with pytest.raises(UnknownClassNameError, match=r"^classes 'tench': not a class of this dataset, whose classes are its own \(not ImageNet-1k\): 0 cats, 1 dogs, 2 owls$"):
+        ds.imzarr.sel(classes=["tench"])
+
+
+def test_compare_and_stats_name_own_classes(own, tmp_path):
+    root, images, acts = own
+    other = str(tmp_path / "other.zarr")
+    api.extract(images, other, seed=1, **EXTRACT)
+    report = api.compare([acts, other], layer="midblock", metrics="fd").report
+    assert report.label.values.tolist() == [0, 1, 2] and report.class_name.values.tolist() == list(FOLDERS)
+    assert report.synset.values.tolist() == list(FOLDERS)
+    api.stats(acts, layer="midblock", per_class=True, output=str(tmp_path / "stats.zarr"))
+    stats = zarr.open_group(str(tmp_path / "stats.zarr"), mode="r")
+    assert stats["class_name"][:].tolist() == list(FOLDERS) and stats["synset"][:].tolist() == list(FOLDERS)
+
+
+def test_compare_refuses_stores_that_number_classes_differently(own, tmp_path):
+    """Folder classes 0..2 against ImageNet-labelled activations: per class, label 0 would pair cats with tench."""
+    from tests.support.synthetic import write_activation_store
+
+    _, _, acts = own
+    dim = zarr.open_group(acts, mode="r")["midblock"].shape[1]
+    imagenet = write_activation_store(str(tmp_path / "imagenet.zarr"), np.repeat(np.arange(3), 6).astype(np.int16),
+                                      lambda a, b: np.random.default_rng(a).normal(size=(b - a, dim)), (dim,), layer="midblock", shard=64)
+    with pytest.raises(CompareError, match=r": label 0 is n01440764 \(tench\) there but cats \(cats\) in .*acts.zarr: the stores number classes differently"):
+        api.compare([acts, imagenet], layer="midblock", metrics="fd")
+    overall = api.compare([acts, imagenet], layer="midblock", metrics="fd", per_class=False).report
+    assert np.isfinite(overall.attrs["fd"])
