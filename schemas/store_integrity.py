@@ -67,6 +67,10 @@ class DamagedStoreError(RunFailedError):
     """A store marked complete lacks a data file, or holds a short or altered one; the message names the file."""
 
 
+class UnfinishedStoreError(RunFailedError):
+    """A store whose run has not finished (interrupted, or still going): its data files cannot be verified yet."""
+
+
 @dataclass(frozen=True)
 class DataFile:
     """One chunk or shard file an array's chunk grid names."""

@@ -21,10 +21,11 @@ def add_commands(sub) -> None:
         description=(
             "Read every chunk and shard file of a store (images or activations) and compare its crc32c with the one "
             "recorded when it was written; one line per damaged file (missing, truncated, checksum mismatch), exit 1 "
-            "if any. Stores written before checksums were recorded get the presence and size checks only."
+            "if any. Stores written before checksums were recorded get the presence and size checks only; an unfinished "
+            "store (a run interrupted or still going) is refused, exit 1: re-run its command first."
         ),
     )
-    verify.add_argument("store", help="store path or fsspec URL (s3://…, memory://…)")
+    verify.add_argument("store", help="store path or fsspec URL (s3://…, file://…)")
     verify.set_defaults(handler=_verify)
 
 

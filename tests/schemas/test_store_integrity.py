@@ -316,3 +316,14 @@ def test_a_record_with_unreadable_metadata_is_named_in_one_line(image_store, tmp
         read_checksum_record(str(store))
     result = run_imzarr("info", str(store))
     assert result.returncode != 0 and "not valid JSON" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("kind", ["image", "activation"])
+def test_verify_refuses_an_unfinished_store(kind, image_store, activation_store, tmp_path):
+    """An interrupted run leaves `complete: false` and no checksum record: verify says so and fails, rather than
+    passing it on presence and sizes alone."""
+    store = _copy(image_store if kind == "image" else activation_store, tmp_path)
+    zarr.open_group(str(store), mode="r+", use_consolidated=False).attrs["complete"] = False
+    proc = run_imzarr("verify", str(store))
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.stderr.splitlines() == [f"imzarr verify: error: {store}: unfinished (its run was interrupted, or is still going): re-run the command that made it to finish it, then verify"]
