@@ -260,6 +260,9 @@ def compare(options: CompareOptions, log: TextIO | None = None) -> xr.Dataset:
             _log(log, f"Inception Score {score.mean:.4f} ± {score.std:.4f} ({score.splits} splits)")
         for identity in opened:
             check_unchanged(identity)  # the features read are still the stores'
+    # Which generation of each store the report was made from: `imzarr report` refuses a store rewritten since.
+    roles = ("real", "fake") if options.real is not None else ("fake",)
+    report.attrs |= {f"{role}_store_generation": identity.generation for role, identity in zip(roles, opened) if identity.generation}
     report.attrs["seconds"] = round(time.monotonic() - started, 3)
     if fingerprint is not None:
         report.attrs["settings_fingerprint"] = fingerprint

@@ -43,7 +43,9 @@ from schemas.compare_report import COMPARE_SCHEMA, on_label_dimension
 from schemas.activation_store import validate_activation_store
 from schemas.errors import ImzarrError
 from schemas.image_store import validate_image_store
-from schemas.output_paths import check_output_location, is_relative_path, local_path, write_output_file
+from schemas.output_paths import absolute_url, check_output_location, is_relative_path, local_path, write_output_file
+from schemas.remote_storage import open_store_group
+from schemas.store_identity import GENERATION_ATTR
 
 SITE_SCHEMA = "imzarr.report-site/1"
 MARKER = "imzarr-report.json"  # names the folder as a report site this command may replace
@@ -155,16 +157,24 @@ def _relative_note(url: str) -> str:
     return f"; a path relative to the folder it was made from, not found from {os.getcwd()}: run from that folder"
 
 
-def _open_side(role: str, url: str, compare_url: str, variable: str, pool: str, scratch: Path) -> _Side:
+def _open_side(role: str, url: str, compare_url: str, variable: str, pool: str, scratch: Path, generation: str | None) -> _Side:
+    """One side's features, labels and image positions, from the activation store the compare report names: the
+    same generation of it (where the report records one) and the image store it was computed from."""
     if not _exists(url):
         raise ReportSiteError(f"{url}: {role} activation store not found (named by the compare report {compare_url}{_relative_note(url)})")
     group = validate_activation_store(url)
     attrs = dict(group.attrs)
-    images_url = (attrs.get("source") or {}).get("url")
+    if generation is not None and attrs.get(GENERATION_ATTR) != generation:
+        raise ReportSiteError(f"{url}: rewritten since the compare report {compare_url} was made from it (another generation): re-run compare, then report")
+    source = attrs.get("source") or {}
+    images_url = source.get("url")
     if not images_url:
         raise ReportSiteError(f"{url}: records no image store (attribute source.url); its images cannot be shown")
     if not _exists(images_url):
         raise ReportSiteError(f"{images_url}: {role} image store not found (the source of activation store {url}{_relative_note(images_url)})")
+    recorded = source.get("fingerprint")
+    if recorded is not None and open_store_group(images_url).attrs.get("settings_fingerprint") != recorded:
+        raise ReportSiteError(f"{images_url}: not the image store activation store {url} was computed from (its settings fingerprint differs from the recorded one); re-run extract, compare, then report")
     if variable not in group:
         raise ReportSiteError(f"{url}: no layer variable {variable!r} (the one the compare report {compare_url} used)")
     array = group[variable]
@@ -395,13 +405,14 @@ def write_report_site(
     claim_site_output(output, [compare_url, *stores])
     variable, pool = str(a.get("variable") or a.get("layer")), str(a.get("pool", "mean"))
     with tempfile.TemporaryDirectory(prefix="imzarr-report-", dir=scratch_dir) as scratch:
-        real = _open_side("real", stores[0], source, variable, pool, Path(scratch))
-        fake = _open_side("generated", stores[1], source, variable, pool, Path(scratch))
+        real = _open_side("real", stores[0], source, variable, pool, Path(scratch), a.get("real_store_generation"))
+        fake = _open_side("generated", stores[1], source, variable, pool, Path(scratch), a.get("fake_store_generation"))
         for side in (real, fake):
             claim_site_output(output, [side.images_url])
         _log(log, f"features read: {len(real.labels)} real, {len(fake.labels)} generated")
         writer = _SiteWriter(output)
-        inputs = {"compare": compare_url, "real": real.url, "generated": fake.url, "real_images": real.images_url, "generated_images": fake.images_url}
+        recorded_compare = absolute_url(compare_url) if compare_url else None  # as the stores record their paths
+        inputs = {"compare": recorded_compare, "real": real.url, "generated": fake.url, "real_images": real.images_url, "generated_images": fake.images_url}
         writer.remove_previous()
         writer.write(MARKER, _marker(False, inputs))
         run = _write_classes(ds, real, fake, writer, per_class, log)
@@ -409,7 +420,7 @@ def write_report_site(
         writer.write("data/run.js", "window.IMZARR_RUN = " + json.dumps(run, allow_nan=False, separators=(",", ":")) + ";\n")
         for asset in ASSETS:
             writer.write(f"assets/{asset}", files("extractor.analysis").joinpath("report_assets", asset).read_bytes())
-        writer.write("index.html", _index_html(ds, real, fake, compare_url, run))
+        writer.write("index.html", _index_html(ds, real, fake, recorded_compare, run))
         writer.flush()
         writer.write(MARKER, _marker(True, inputs))
         writer.flush()

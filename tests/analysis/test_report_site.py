@@ -291,6 +291,24 @@ def test_missing_inputs_are_named(run, tmp_path):
     assert not (tmp_path / "a").exists() and not (tmp_path / "c").exists()
 
 
+def test_inputs_rewritten_since_the_compare_are_refused(run, tmp_path):
+    """The report shows the stores the comparison was made from, or nothing: an activation store rewritten since
+    (another generation), or an image store that is not the one the activations were computed from."""
+    ds = xr.open_zarr(run["compare"]).load()
+    assert ds.attrs["real_store_generation"] == zarr.open_group(run["real_acts"], mode="r").attrs["generation"]
+    with pytest.raises(ReportSiteError, match=r"real_acts?\.zarr: rewritten since the compare report the compare result was made from it \(another generation\): re-run compare, then report$"):
+        write_report_site(ds.assign_attrs(real_store_generation="0" * 32), str(tmp_path / "a"))
+    moved = shutil.copytree(run["fake_acts"], tmp_path / "fake_acts.zarr")
+    group = zarr.open_group(str(moved), mode="r+")
+    group.attrs["source"] = {**group.attrs["source"], "fingerprint": "f" * 64}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
+        zarr.consolidate_metadata(str(moved))
+    with pytest.raises(ReportSiteError, match=r": not the image store activation store .*fake_acts\.zarr was computed from \(its settings fingerprint differs from the recorded one\)"):
+        write_report_site(ds.assign_attrs(fake_store=str(moved)), str(tmp_path / "b"))
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
 def test_output_rules(run, tmp_path):
     foreign = tmp_path / "notes"
     foreign.mkdir()

@@ -13,6 +13,7 @@ import zarr
 from extractor.activation_writer import create_activation_arrays
 from schemas.activation_store import ACTIVATION_SCHEMA, RECONSTRUCTION_VAR, activation_array_attrs, activation_group_attrs
 from schemas.classes import class_table
+from schemas.store_identity import GENERATION_ATTR, new_generation
 
 
 def photo_like(n: int, size: int, seed: int = 0) -> np.ndarray:
@@ -135,6 +136,7 @@ def write_activation_store(
             "source": source or {"url": "synthetic", "schema": None, "fingerprint": None, "source_format": None},
             "versions": {},
             "device": "cpu",
+            GENERATION_ATTR: new_generation(),  # as every writer's store has (schemas/store_lifecycle.py)
             **(activation_group_attrs(labels) if described else {}),
         }
     )
