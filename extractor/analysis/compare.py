@@ -55,7 +55,7 @@ from extractor.analysis.metrics import (
     prdc,
     prdc_blocked,
 )
-from extractor.analysis.provenance import describe_model, short_sha
+from extractor.analysis.provenance import describe_model, describe_sigma, short_sha
 from extractor.analysis.reference_statistics import ReferenceStatistics, read_reference, statistics_accumulator, store_inception_score
 from schemas.compare_report import COMPARE_SCHEMA as REPORT_SCHEMA
 from schemas.compare_report import REPORT_DIM, on_label_dimension
@@ -612,7 +612,7 @@ def format_report_table(ds: xr.Dataset, worst: int = 15) -> str:
     a = ds.attrs
     metrics = str(a.get("metrics", "fd,prdc")).split(",")
     k = f", k={a['k']}" if "k" in a else ""
-    lines = [f"layer {a['layer']} ({a.get('module_path', '?')}; features: {a['pool']}{k}, σ = {a.get('sigma', '?')})", f"  model      {a.get('model', 'not recorded')}"]
+    lines = [f"layer {a['layer']} ({a.get('module_path', '?')}; features: {a['pool']}{k}, σ = {describe_sigma(a.get('sigma'))})", f"  model      {a.get('model', 'not recorded')}"]
     if a.get("reference"):
         lines.append(f"  reference  {a['reference']}  (sha256 {short_sha(a.get('reference_sha256'))}, D = {a.get('reference_dim')})")
     else:
@@ -631,7 +631,10 @@ def format_report_table(ds: xr.Dataset, worst: int = 15) -> str:
     n_classes = ds.sizes.get(REPORT_DIM, 0)
     if not n_classes:
         return "\n".join(lines)
-    key = "coverage" if "coverage" in ds else next((m for m in ("fd", "kid") if m in ds), None)
+    # Ranked by coverage, else FD, else KID: the first of them defined for some class (coverage needs k+1 samples
+    # of a class per side, FD two).
+    ranks = [m for m in ("coverage", "fd", "kid") if m in ds]
+    key = next((m for m in ranks if not np.isnan(ds[m].values).all()), ranks[0] if ranks else None)
     values = ds[key].values if key else np.zeros(n_classes)
     defined = np.flatnonzero(~np.isnan(values))
     ranked = np.argsort(values[defined], kind="stable")

@@ -27,6 +27,11 @@ def describe_model(model: dict[str, Any] | None) -> str:
     return f"{source}, sha256 {short_sha(model.get('sha256'))}, {trained}"
 
 
+def describe_sigma(sigma: Any) -> str:
+    """The σ a network was conditioned on, or 'none (clean images)' where none was (a feature network)."""
+    return "none (clean images)" if sigma is None else str(sigma)
+
+
 def _tail(path: str, parts: int = 2) -> str:
     """The last path components: checkpoint folders are long, the end names them."""
     pieces = PurePath(path).parts

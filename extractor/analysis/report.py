@@ -38,7 +38,7 @@ import xarray as xr
 from PIL import Image
 
 from extractor.analysis.plots import UNTRAINED_BANNER
-from extractor.analysis.provenance import describe_model, short_sha
+from extractor.analysis.provenance import describe_model, describe_sigma, short_sha
 from schemas.compare_report import COMPARE_SCHEMA, on_label_dimension
 from schemas.activation_store import validate_activation_store
 from schemas.errors import ImzarrError
@@ -556,7 +556,7 @@ def _provenance_rows(ds: xr.Dataset, real: _Side, fake: _Side, compare_url: str 
     _per_side(rows, "model sha256", *(str(m.get("sha256") or "not recorded") for m in models))
     space = a.get("variable") or a.get("layer")
     rows.append(("feature layer", f"{space} (module {a.get('module_path', '?')}); features: {a.get('pool', '?')}, k = {a.get('k', '?')}"))
-    rows.append(("σ", str(a.get("sigma", real.attrs.get("sigma")))))
+    rows.append(("σ", describe_sigma(a.get("sigma", real.attrs.get("sigma")))))
     _per_side(rows, "noise", *(_describe_noise(side.attrs.get("noise")) for side in (real, fake)))
     _per_side(rows, "pooling at extraction", *(str(side.attrs.get("pooling", "?")) for side in (real, fake)))
     rows.append(("compare report", f"{compare_url or '(in memory)'}"))
@@ -583,7 +583,7 @@ def _index_html(ds: xr.Dataset, real: _Side, fake: _Side, compare_url: str | Non
     e = html.escape
     a = ds.attrs
     title = f"imzarr report: {a.get('layer', '')} — {run['counts']['classes']} classes"
-    subtitle = f"{a.get('model', 'model not recorded')} · layer {a.get('layer', '?')} ({a.get('pool', '?')}) · σ {a.get('sigma', '?')}"
+    subtitle = f"{a.get('model', 'model not recorded')} · layer {a.get('layer', '?')} ({a.get('pool', '?')}) · σ {describe_sigma(a.get('sigma'))}"
     banner = "" if run["trained"] else f'<div id="untrained-banner" class="banner" role="alert">{e(UNTRAINED_BANNER)}</div>'
     prov = "".join(f"<tr><th>{e(k)}</th><td>{e(v)}</td></tr>" for k, v in _provenance_rows(ds, real, fake, compare_url))
     overall = "".join(

@@ -192,6 +192,22 @@ def test_report_zarr_table_and_png(stores):
     assert ((bottom[..., 0] > 190) & (bottom[..., 1] < 70) & (bottom[..., 2] < 70)).sum() > 100
 
 
+def test_table_ranks_by_fd_where_no_class_has_a_coverage_and_names_a_missing_sigma(stores):
+    """Classes too small for k-NN metrics (coverage NaN everywhere) still list, worst FD first; a feature
+    network's report (no σ recorded) says so instead of '?'."""
+    real_url, fake_url, *_ = stores
+    ds = compare_stores(real_url, fake_url, "feat").load()
+    ds["coverage"][:] = np.nan
+    del ds.attrs["sigma"]
+    lines = format_report_table(ds, worst=2).splitlines()
+    assert "σ = none (clean images))" in lines[0]
+    header = next(i for i, line in enumerate(lines) if "n_real" in line)
+    assert lines[header - 1].endswith("2 worst fd first") and len(lines) > header + 2
+    worst = np.argsort(ds["fd"].values)[::-1][:2]
+    for line, i in zip(lines[header + 1 : header + 3], worst):
+        assert str(ds["synset"].values[i]) in line
+
+
 def test_report_states_its_provenance(stores, tmp_path):
     """Model (preset/checkpoint, short sha256, trained), σ, layer and module, both stores: in the report and table."""
     real_url, fake_url, *_ = stores
