@@ -46,14 +46,16 @@ def _run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the network's blocks (CUDA): faster for long runs, after a one-off compile on the first batch (BENCHMARKS.md)")
 
 
-def _print_outcome(result, what: str, untrained_note: str) -> None:
-    """One summary line (or "nothing to do"), then a plain warning when the network was not trained."""
+def _print_outcome(result, what: str, untrained_note: str, notes: tuple[str, ...] = ()) -> None:
+    """One summary line (or "nothing to do"), the `notes`, then a plain warning when the network was not trained."""
     if result.already_complete:
         print(f"{result.url}: already complete ({result.num_samples} samples) with these settings; nothing to do")
     else:
         now = result.num_samples - result.written_before
         rate = now / max(result.seconds, 1e-9)
         print(f"{what}: {result.num_samples} samples{resumed_note(result.num_samples, result.written_before)} in {result.seconds:.1f} s ({rate:,.1f} images/s)")
+    for note in notes:
+        print(f"NOTE: {note}")
     if not result.trained:
         print(f"NOTE: {untrained_note}.")
 
@@ -103,7 +105,7 @@ def _extract(args: argparse.Namespace) -> int:
         print(api.dry_run(**keywords))
         return 0
     result = api.extract(**keywords)
-    _print_outcome(result, result.url, "these activations come from an UNTRAINED network (random weights of a preset); pass --checkpoint for real ones")
+    _print_outcome(result, result.url, "these activations come from an UNTRAINED network (random weights of a preset); pass --checkpoint for real ones", result.notes)
     return 0
 
 

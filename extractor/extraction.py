@@ -25,7 +25,7 @@ from extractor.forward import ExtractionError, ForwardPlan, ForwardSettings, Pre
 from extractor.integrity import integrity_pass
 from extractor.models import LoadedModel
 from schemas.shard_writer import ShardOutput
-from extractor.selection import SelectionSpec, describe_selection, select_samples
+from extractor.selection import SelectionSpec, describe_selection, per_class_shortfall, select_samples
 from extractor.shard_forward import ShardForward, pinned_images
 from extractor.store_attrs import check_noise_recipe, extraction_attrs
 from schemas.activation_store import (
@@ -83,6 +83,7 @@ class ExtractResult:
     seconds: float
     trained: bool
     written_before: int = 0  # samples an interrupted run had written (this run resumed it)
+    notes: tuple[str, ...] = ()  # what the user may not expect of the selection (per_class_shortfall)
 
 
 def network_input(loaded: LoadedModel, fwd: ForwardSettings) -> str:
@@ -116,10 +117,12 @@ def extract(options: ExtractOptions) -> ExtractResult:
 def _extract(options: ExtractOptions, forward: PreparedForward, images: ImageStore, source: StoreIdentity, chosen: np.ndarray, started: float) -> ExtractResult:
     run, fwd, loaded, shapes = options.run, forward.settings, forward.loaded, forward.layer_shapes
     selection = describe_selection(options.selection, chosen)
+    shortfall = per_class_shortfall(options.selection, images.coordinate("label"), chosen)
+    notes = (shortfall,) if shortfall else ()
     settings = replace(options, forward=fwd).to_dict(loaded.sha256, selection, images.attrs.get("settings_fingerprint"), source.generation)
     check_noise_recipe(options.output, fwd.noise_seed, run.overwrite)
     if inspect_existing(options.output, ACTIVATION_SCHEMA, settings, run.overwrite) == "complete":
-        return ExtractResult(options.output, int(chosen.size), True, time.monotonic() - started, loaded.trained)
+        return ExtractResult(options.output, int(chosen.size), True, time.monotonic() - started, loaded.trained, notes=notes)
     shard = run.shard_size or default_shard_size(shapes, fwd.storage_dtype)
     n = int(chosen.size)
     num_shards = -(-n // shard)
@@ -145,7 +148,7 @@ def _extract(options: ExtractOptions, forward: PreparedForward, images: ImageSto
                        **activation_group_attrs(coords["label"], coords["synset"], coords["class_name"])},
     )
     if state.already_complete:  # another run finished it while this one started: nothing to do, nothing to finish
-        return ExtractResult(options.output, n, True, time.monotonic() - started, loaded.trained)
+        return ExtractResult(options.output, n, True, time.monotonic() - started, loaded.trained, notes=notes)
     plan = forward.plan()  # the batch size is chosen here, once the store needs writing
     tasks = [
         dask.delayed(extract_shard, pure=False)(
@@ -159,7 +162,7 @@ def _extract(options: ExtractOptions, forward: PreparedForward, images: ImageSto
     check_unchanged(source)  # what was read at the start (labels, coordinates) is still the store's too
     record_checksums(options.output)
     finalize_store(options.output, {})
-    return ExtractResult(options.output, n, False, time.monotonic() - started, loaded.trained, done)
+    return ExtractResult(options.output, n, False, time.monotonic() - started, loaded.trained, done, notes)
 
 
 @dataclass(frozen=True)

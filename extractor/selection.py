@@ -181,6 +181,19 @@ def select_samples(spec: SelectionSpec, labels: np.ndarray, synsets: np.ndarray)
     return chosen
 
 
+def per_class_shortfall(spec: SelectionSpec, labels: np.ndarray, chosen: np.ndarray) -> str | None:
+    """A note when `--per-class K` found fewer than K samples in some classes (all of theirs were taken), else None."""
+    if spec.per_class is None:
+        return None
+    present, counts = np.unique(labels[chosen], return_counts=True)
+    short = counts < spec.per_class
+    if not short.any():
+        return None
+    shown = ", ".join(f"{label}: {count}" for label, count in zip(present[short][:8].tolist(), counts[short][:8].tolist()))
+    more = " …" if short.sum() > 8 else ""
+    return f"--per-class {spec.per_class}: {int(short.sum())} of {present.size} classes have fewer samples, all of theirs taken (label: count {shown}{more})"
+
+
 def _read_indices(path: str, n: int) -> np.ndarray:
     p = Path(path)
     try:

@@ -4,7 +4,7 @@ ambiguous and unknown names fail with the candidates."""
 import numpy as np
 import pytest
 
-from extractor.selection import SelectionError, SelectionSpec, UnknownClassNameError, describe_selection, resolve_class, resolve_classes, select_samples
+from extractor.selection import SelectionError, SelectionSpec, UnknownClassNameError, describe_selection, per_class_shortfall, resolve_class, resolve_classes, select_samples
 from schemas.classes import class_table
 
 
@@ -53,3 +53,14 @@ def test_folder_named_classes_of_a_store_are_taken_as_given():
     assert describe_selection(spec, np.array([0, 1]))["classes"] == ["n99999999"]
     with pytest.raises(SelectionError, match="have no samples"):
         select_samples(SelectionSpec(classes=("goldfish",)), labels, synsets)
+
+
+def test_per_class_shortfall_names_the_short_classes():
+    labels = np.array([0] * 5 + [1] * 2 + [2] * 9)
+    synsets = np.array(["a"] * labels.size, dtype=object)
+    spec = SelectionSpec(per_class=4, seed=0)
+    chosen = select_samples(spec, labels, synsets)
+    assert np.bincount(labels[chosen]).tolist() == [4, 2, 4]
+    assert per_class_shortfall(spec, labels, chosen) == "--per-class 4: 1 of 3 classes have fewer samples, all of theirs taken (label: count 1: 2)"
+    assert per_class_shortfall(SelectionSpec(per_class=2), labels, select_samples(SelectionSpec(per_class=2), labels, synsets)) is None
+    assert per_class_shortfall(SelectionSpec(), labels, np.arange(labels.size)) is None

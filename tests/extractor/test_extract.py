@@ -131,7 +131,7 @@ def test_batch_size_changes_values_only_by_float_rounding(image_store, tmp_path)
 
 
 def test_selection_per_class_and_classes(image_store, tmp_path):
-    run(image_store, tmp_path / "k.zarr", selection=SelectionSpec(per_class=3, seed=1), layers=("encoder_bottleneck",), pool="mean")
+    assert run(image_store, tmp_path / "k.zarr", selection=SelectionSpec(per_class=3, seed=1), layers=("encoder_bottleneck",), pool="mean").notes == ()
     ds = xr.open_zarr(str(tmp_path / "k.zarr"))
     labels, counts = np.unique(ds.label.values, return_counts=True)
     assert len(labels) == 10 and (counts == 3).all()
