@@ -207,6 +207,10 @@ def test_a_class_shows_its_grids_and_each_generated_samples_nearest_real_one(run
     count, broken = visible_images_loaded(page)
     assert count == 2 + 2 * SHOWN and broken == []
     page.screenshot(path=str(run["shots"] / "class-link.png"), full_page=True)
+    page.evaluate("location.hash = '#class=3'")  # an edited address opens that class in the open page
+    page.wait_for_function("document.querySelector('#class-table tbody tr.selected')?.dataset.label === '3'")
+    page.wait_for_function("document.querySelector('#detail h2 small')?.textContent.endsWith('label 3')")
+    assert page.url.endswith("#class=3")
     w.check_clean()
     w.close()
 

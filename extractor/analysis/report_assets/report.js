@@ -355,8 +355,13 @@
     if (pending) cancelAnimationFrame(pending);
     pending = requestAnimationFrame(function () { pending = 0; applyFilter(text); });
   });
-  var m = /^#class=(-?\d+)$/.exec(location.hash);
-  if (m) { openClass(Number(m[1])); revealRow(Number(m[1])); }
+  function openFromHash() {
+    var m = /^#class=(-?\d+)$/.exec(location.hash);
+    if (m && Number(m[1]) !== selected) { openClass(Number(m[1])); revealRow(Number(m[1])); }
+  }
+  openFromHash();
+  // An edited address or a link to another class opens it too, not only the first load.
+  window.addEventListener("hashchange", openFromHash);
   document.documentElement.setAttribute("data-ready", "1");
   window.imzarrReady = performance.now(); // interactive: the table answers clicks, sorting and filtering
   // The whole-run picture sits below the fold: drawn in the next task, after the first view.
