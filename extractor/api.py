@@ -11,6 +11,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import PurePosixPath
 from typing import TYPE_CHECKING, Any, TextIO
 
 import fsspec
@@ -56,7 +57,7 @@ def __getattr__(name: str) -> Any:
 
 
 class SheetOutputError(PathError):
-    """A contact sheet's output that is not a file name (an existing folder)."""
+    """A contact sheet's output that is not a PNG file name (an existing folder, another format's suffix)."""
 
 
 class FeatureInputError(ImzarrError, ValueError):
@@ -285,6 +286,9 @@ def show(store: str, output: str = "grid.png", *, classes: str | Sequence[str | 
     fs, path = fsspec.core.url_to_fs(output)
     if fs.isdir(path):
         raise SheetOutputError(output, f"is a folder; give a file name such as {output.rstrip('/')}/grid.png")
+    suffix = PurePosixPath(path).suffix
+    if suffix and suffix.lower() != ".png":
+        raise SheetOutputError(output, f"names a {suffix} file, but a contact sheet is written as PNG: name it {output[: -len(suffix)]}.png")
     from extractor.analysis.contact_sheet import write_contact_sheet
     from schemas.activation_store import RECONSTRUCTION_VAR
     from schemas.remote_storage import open_store_group

@@ -203,6 +203,8 @@ REFUSALS = [
      lambda: _api().show("a.zarr", "src")),
     ("show into its input", ["show", "src", "-o", "src/grid.png"],
      lambda: _api().show("src", "src/grid.png")),
+    ("show as a jpeg", ["show", "a.zarr", "-o", "grid.jpg"],
+     lambda: _api().show("a.zarr", "grid.jpg")),
 ]  # fmt: skip
 
 
