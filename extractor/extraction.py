@@ -135,7 +135,7 @@ def _extract(options: ExtractOptions, forward: PreparedForward, images: ImageSto
         "source_file": images.coordinate("source_file")[chosen],
         "source_sample": chosen,
     }
-    array_attrs = activation_array_attrs(forward.paths, fwd.pool, fwd.sigma, fwd.storage_dtype, fwd.reconstructions, network_input(loaded, fwd))
+    array_attrs = activation_array_attrs(forward.paths, forward.layer_pooling, fwd.sigma, fwd.storage_dtype, fwd.reconstructions, network_input(loaded, fwd))
     state = prepare_store(
         options.output,
         ACTIVATION_SCHEMA,

@@ -441,6 +441,14 @@ class PreparedForward:
         return {name: tuple(a.shape[1:]) for name, a in acts.items()}
 
     @property
+    def layer_pooling(self) -> dict[str, str]:
+        """The pooling each layer's values had: the settings', or "none" for a layer that is one vector per
+        sample already (pool3, cls), where pooling changes nothing (known once the layers ran: `layer_shapes`)."""
+        _ = self.layer_shapes  # the probe that fills the capture's vector_layers
+        vectors = self.capture.vector_layers if self.capture is not None else set()
+        return {name: "none" if name in vectors else self.settings.pool for name in self.settings.layers}
+
+    @property
     def layer_shapes(self) -> dict[str, tuple[int, ...]]:
         """Per-sample output shape of every requested layer (probed once, on one image)."""
         if self._layer_shapes is None:

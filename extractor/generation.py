@@ -270,7 +270,7 @@ def _prepare_stores(
     if not options.activations_out:
         return image_state, None
     act_numeric = {"label": labels, "global_index": index, "source_sample": index}
-    array_attrs = activation_array_attrs(forward.paths, fwd.pool, fwd.sigma, fwd.storage_dtype, False, "generator")
+    array_attrs = activation_array_attrs(forward.paths, forward.layer_pooling, fwd.sigma, fwd.storage_dtype, False, "generator")
     act_state = prepare_store(
         options.activations_out, ACTIVATION_SCHEMA, act_settings, num_shards,
         lambda g: create_activation_arrays(g, n, shapes, fwd.storage_dtype, shard, None, array_attrs, coordinates=act_numeric), run.overwrite,

@@ -67,6 +67,8 @@ def run_attrs(fwd: ForwardSettings, loaded: LoadedModel, paths: dict[str, str], 
     """Attributes every activation store carries: model, layers, σ, noise, pooling, dtypes, versions, device."""
     if loaded.kind == FEATURE_KIND:
         conditioning = "none (a feature network)"
+    elif not loaded.label_dim:
+        conditioning = "none (an unconditional network)"
     else:
         conditioning = "none (zero labels)" if fwd.class_free else "one-hot of label"
     return {

@@ -150,10 +150,12 @@ def reconstruction_attrs() -> dict[str, Any]:
 
 
 def activation_array_attrs(
-    layers: dict[str, str], pool: str, sigma: float | None, storage_dtype: str, reconstructions: bool, network_input: str = "noised"
+    layers: dict[str, str], pool: str | dict[str, str], sigma: float | None, storage_dtype: str, reconstructions: bool, network_input: str = "noised"
 ) -> dict[str, dict[str, Any]]:
-    """{array name: attributes} of every array of an activation store; `layers` maps variable → module path."""
-    arrays = {var: activation_variable_attrs(var, path, pool, sigma, storage_dtype, network_input) for var, path in layers.items()}
+    """{array name: attributes} of every array of an activation store; `layers` maps variable → module path,
+    `pool` is one pooling for all, or each variable's."""
+    pools = pool if isinstance(pool, dict) else dict.fromkeys(layers, pool)
+    arrays = {var: activation_variable_attrs(var, path, pools[var], sigma, storage_dtype, network_input) for var, path in layers.items()}
     if reconstructions:
         arrays[RECONSTRUCTION_VAR] = reconstruction_attrs()
     return arrays | coordinate_attrs(list(COORDINATES))

@@ -34,6 +34,10 @@ class SchedulerUnreachableError(RunFailedError):
     """A well-formed scheduler address where no scheduler answers (checked before any output exists)."""
 
 
+class UnsatisfiableResourcesError(SchedulerError):
+    """`--resources` that no worker of the cluster offers: its tasks would wait forever (checked before any output)."""
+
+
 def scheduler_host_port(address: str) -> tuple[str, int]:
     """(host, port) of `tcp://HOST:PORT` (or tls://, ws://, wss://, or a bare HOST:PORT); SchedulerError otherwise."""
     text = address.strip() if isinstance(address, str) else ""
@@ -63,6 +67,29 @@ def check_scheduler_reachable(spec: SchedulerSpec) -> None:
         ) from None
     except OSError as exc:
         raise SchedulerUnreachableError(f"{spec.address}: cannot reach the dask scheduler ({exc.strerror or exc}); nothing was written") from None
+    if spec.resources:
+        _check_resources_offered(spec)
+
+
+def _check_resources_offered(spec: SchedulerSpec) -> None:
+    """Refuse resources that the cluster's workers all lack (dask would hold every task until such a worker
+    joins). A cluster without workers yet is let through: they may still be starting."""
+    from distributed import Client
+
+    with Client(spec.address, timeout="30s") as client:
+        workers = list(client.scheduler_info(n_workers=-1).get("workers", {}).values())
+    if not workers:
+        return
+    wanted = dict(spec.resources)
+    offered = [w.get("resources") or {} for w in workers]
+    if any(all(have.get(name, 0) >= amount for name, amount in wanted.items()) for have in offered):
+        return
+    asked = ",".join(f"{name}={amount:g}" for name, amount in spec.resources)
+    kinds = sorted({",".join(f"{n}={a:g}" for n, a in sorted(have.items())) or "none" for have in offered})
+    raise UnsatisfiableResourcesError(
+        f"{spec.address}: no worker offers --resources {asked} (its {len(workers)} workers offer: {'; '.join(kinds)}); "
+        f"start workers with `dask worker {spec.address} --resources {asked}`, or ask for less; nothing was written"
+    )
 
 
 @dataclass(frozen=True)
@@ -77,6 +104,9 @@ class SchedulerSpec:
     def __post_init__(self) -> None:
         if self.address is not None:
             scheduler_host_port(self.address)
+        elif self.resources:
+            asked = ",".join(f"{name}={amount:g}" for name, amount in self.resources)
+            raise SchedulerError(f"--resources {asked}: worker resources exist only on a dask.distributed cluster; give --scheduler tcp://HOST:PORT too (local runs use --workers)")
 
     @property
     def describe(self) -> str:

@@ -153,6 +153,7 @@ class LayerCapture:
             self._names_at.setdefault(self.paths[name], []).append(name)
         order = module_layers(model)
         self._last = max(self._names_at, key=order.index)
+        self.vector_layers: set[str] = set()  # layers whose output is one vector per sample: no pooling applies
         self._captured: dict[str, Tensor] | None = None  # None: not inside `run`, the hooks stay idle
         self._stop_after_last = False
         self._handles = [model.get_submodule(path).register_forward_hook(partial(self._collect, path)) for path in self._names_at]
@@ -165,8 +166,13 @@ class LayerCapture:
         names = self._names_at[path]
         if self.feature_net:
             for name in names:
-                captured[name] = _pool(self.model.layer_value(name, output), self.pool)
+                value = self.model.layer_value(name, output)
+                if value.ndim == 2:
+                    self.vector_layers.add(name)
+                captured[name] = _pool(value, self.pool)
         else:
+            if output.ndim == 2:
+                self.vector_layers.update(names)
             pooled = _pool(output, self.pool)
             for name in names:
                 captured[name] = pooled

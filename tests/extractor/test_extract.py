@@ -35,7 +35,7 @@ from extractor.noise import LEGACY_NOISE_RECIPE, NOISE_RECIPE, per_sample_noise
 from extractor.selection import SelectionSpec
 from schemas.activation_store import activation_inner_chunk, validate_activation_store
 from schemas.image_store import validate_image_store
-from schemas.task_runner import SchedulerSpec
+from schemas.task_runner import SchedulerError, SchedulerSpec, UnsatisfiableResourcesError
 from tests.support.tolerances import BF16_LAYER_TOLERANCE, BF16_OUTPUT_TOLERANCE
 from tests.support.stand_in import StandInNetwork, serving
 
@@ -165,6 +165,11 @@ def test_distributed_cluster_equals_local(image_store, tmp_path):
     run(image_store, tmp_path / "local.zarr", selection=SelectionSpec(num_samples=64))
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
         run(image_store, tmp_path / "dist.zarr", selection=SelectionSpec(num_samples=64), scheduler=SchedulerSpec(address=cluster.scheduler_address))
+        # Resources no worker offers would hold every task forever: refused at once, before any output exists.
+        wanting = SchedulerSpec(address=cluster.scheduler_address, resources=(("GPU", 1.0),))
+        with pytest.raises(UnsatisfiableResourcesError, match=r"no worker offers --resources GPU=1 \(its 2 workers offer: none\); start workers with `dask worker tcp://"):
+            run(image_store, tmp_path / "gpu.zarr", selection=SelectionSpec(num_samples=8), scheduler=wanting)
+        assert not (tmp_path / "gpu.zarr").exists()
     local, dist = (zarr.open_group(str(tmp_path / f"{n}.zarr"), mode="r") for n in ("local", "dist"))
     for name in LAYERS:
         np.testing.assert_allclose(dist[name][:].astype(np.float32), local[name][:].astype(np.float32), rtol=2e-3, atol=2e-3)
@@ -466,3 +471,21 @@ def test_half_precision_on_the_cpu_is_refused_by_the_library_as_on_the_command_l
                       "--device", "cpu", "--compute-dtype", compute_dtype)
     assert proc.returncode == 2 and proc.stderr.strip() == f"imzarr extract: error: {message}"
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_resources_without_a_cluster_are_refused():
+    with pytest.raises(SchedulerError, match=r"^--resources GPU=1: worker resources exist only on a dask.distributed cluster; give --scheduler"):
+        SchedulerSpec(resources=(("GPU", 1.0),))
+
+
+def test_unconditional_checkpoint_records_no_class_conditioning(image_store, tmp_path):
+    """A network without labels (label_dim 0) is recorded as unconditional, whatever --class-free says."""
+    torch.manual_seed(0)
+    net = EDMPrecond(img_resolution=64, img_channels=3, label_dim=0, model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[])
+    torch.save(net.state_dict(), tmp_path / "unconditional.pt")
+    spec = ModelSpec(checkpoint=str(tmp_path / "unconditional.pt"))
+    for class_free in (False, True):
+        out = tmp_path / f"u{class_free}.zarr"
+        fwd = ForwardSettings(model=spec, layers=("midblock",), pool="mean", class_free=class_free)
+        extract(ExtractOptions(image_store, str(out), fwd, SelectionSpec(num_samples=4), RunOptions(4, "cpu", SchedulerSpec(), shard_size=32)))
+        assert zarr.open_group(str(out), mode="r").attrs["class_conditioning"] == "none (an unconditional network)"

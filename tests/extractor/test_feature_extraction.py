@@ -182,3 +182,14 @@ def test_features_refuses_images_and_labels_of_the_wrong_shape_as_its_own_error(
     with pytest.raises(FeatureInputError, match=r"^labels: label index 1000 is outside 0..999 \(-1: unknown\)$"):
         features(good, [0, 1000], layers=["midblock"], model="tiny-random")
     assert isinstance(bad_images.value, ImzarrError) and isinstance(bad_images.value, ValueError)
+
+
+def test_pooling_is_recorded_as_applied(image_store, tmp_path):
+    """--pool max on a map and on a layer that is one vector already: only the map was pooled, and each layer's
+    attributes say what was done (the vector's: nothing)."""
+    out = str(tmp_path / "max.zarr")
+    cli_extract(image_store, out, "--preset", "fid-inception", "--layers", "Mixed_7c,pool3", "--pool", "max", "--num-samples", "2")
+    group = validate_activation_store(out)
+    assert group["Mixed_7c"].attrs["pooling"] == "max" and "the maximum over spatial positions" in group["Mixed_7c"].attrs["description"]
+    assert group["pool3"].attrs["pooling"] == "none" and "the vector (channel) of a layer that is one" in group["pool3"].attrs["description"]
+    assert group.attrs["pooling"] == "max"  # the option as given (part of the run's settings)
