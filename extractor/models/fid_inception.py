@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from extractor.models import seeded
 from extractor.models.capture import images_as_float
-from extractor.models.checkpoints import CheckpointError
+from extractor.models.checkpoints import CheckpointError, CheckpointMismatchError
 
 __all__ = [
     "FAMILY",
@@ -61,7 +61,8 @@ PREPROCESSING = (
 )
 BN_EPS = 0.001
 # The signature of the file's key set: stem, the FID-specific last block, the 1008-way classifier.
-_SIGNATURE_KEYS = ("Conv2d_1a_3x3.conv.weight", "Mixed_7c.branch_pool.conv.weight", "fc.weight")
+# An Inception-v3 by its stem: a file missing later keys is still claimed, so that loading names what it lacks.
+_SIGNATURE_KEYS = ("Conv2d_1a_3x3.conv.weight", "Conv2d_2a_3x3.conv.weight")
 
 
 class NotFIDInceptionError(CheckpointError):
@@ -323,6 +324,8 @@ def canonical_state_dict(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
 
 def config_from_state_dict(state_dict: Mapping[str, Tensor], path: str | Path = "<memory>") -> dict[str, Any]:
     """The config of an FID Inception state dict; NotFIDInceptionError for other Inception-v3 weights."""
+    if "fc.weight" not in state_dict:
+        raise CheckpointMismatchError(f"{path}: an Inception-v3 state dict without its classifier (fc.weight): not the FID network's whole weights")
     classes = int(state_dict["fc.weight"].shape[0])
     aux = [key for key in state_dict if key.startswith("AuxLogits.")]
     if classes != FID_INCEPTION_CLASSES or aux:

@@ -38,6 +38,7 @@ from extractor.models import (
     FAMILIES,
     MODEL_PRESETS,
     CheckpointError,
+    CheckpointMismatchError,
     DinoV2,
     FIDInceptionV3,
     InvalidImageBatchError,
@@ -396,6 +397,13 @@ def test_other_inception_and_registered_dinov2_are_refused(tmp_path: Path, fid_n
     with pytest.raises(NotFIDInceptionError, match="not the FID network") as info:
         load_model(ModelSpec(checkpoint=str(file)))
     assert isinstance(info.value, ImzarrError) and str(file) in str(info.value)
+
+    incomplete = {k: v for k, v in fid_net.state_dict().items() if not k.startswith("Mixed_7c.")}
+    file = tmp_path / "incomplete_inception.pth"
+    torch.save(incomplete, file)
+    with pytest.raises(CheckpointMismatchError, match=r"missing: Mixed_7c\.") as info:  # named as missing, not "not EDM"
+        load_model(ModelSpec(checkpoint=str(file)))
+    assert str(file) in str(info.value)
 
     with torch.device("meta"):
         one_block = dinov2.build({**dinov2.PRESETS["dinov2-vits14"], "depth": 1})
