@@ -8,6 +8,7 @@ below, and each entry imports what it runs."""
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ import fsspec
 import numpy as np
 
 from extractor.preset_layers import check_preset_layers
-from extractor.selection import class_entries, layer_entries, resolve_class
+from extractor.selection import SelectionError, class_entries, layer_entries, resolve_class
 from schemas.vocabulary import COMPUTE_DTYPE_NAMES, POOL_MODES, PRESET_NAMES, STORAGE_DTYPES
 from schemas.classes import NUM_CLASSES, class_table
 from schemas.errors import ImzarrError, PathError
@@ -100,6 +101,14 @@ def run_options(
     return RunOptions(batch_size=batch_size, device=device, scheduler=scheduled, overwrite=overwrite, shard_size=shard_size, compile=compile)
 
 
+def _positions(indices: Sequence[int] | np.ndarray) -> tuple[int, ...]:
+    """Store positions given in Python as whole numbers (checked against the store when it is read)."""
+    listed = np.asarray(indices)
+    if listed.ndim != 1 or (listed.size and listed.dtype.kind not in "iu"):
+        raise SelectionError(f"indices: expected a file of store positions or a 1-d sequence of whole numbers, got {listed.dtype} of shape {listed.shape}")
+    return tuple(int(i) for i in listed)
+
+
 def extract_options(
     store: str,
     output: str,
@@ -116,14 +125,18 @@ def extract_options(
     compute_dtype: str = "auto",
     reconstructions: bool = False,
     num_samples: int | None = None,
-    indices: str | None = None,
+    indices: str | os.PathLike[str] | Sequence[int] | np.ndarray | None = None,
     classes: str | int | Sequence[str | int] | None = None,
     per_class: int | None = None,
     **run: Any,
 ) -> ExtractOptions:
     """One extraction's options from `imzarr extract`'s options as keywords (`run`: run_options' keywords), checked
-    before anything is read. One `seed` serves the noise and --per-class sampling."""
+    before anything is read. One `seed` serves the noise and --per-class sampling. `indices`: a file of store
+    positions (as --indices), or the positions themselves (a sequence or array)."""
     refuse_unknown_keywords(run, keyword_names(extract_options) + keyword_names(run_options), "extract")
+    positions = None
+    if indices is not None and not isinstance(indices, (str, os.PathLike)):
+        positions, indices = _positions(indices), None
     store, output, checkpoint, indices = local_file_url_to_path([str(store), str(output), checkpoint, indices])  # file:// URLs as local paths
     layers = layer_entries(layers)
     check_preset_layers(preset, layers)  # before torch is imported: a typo answers at once
@@ -136,7 +149,7 @@ def extract_options(
         model=model_spec(preset, checkpoint), layers=layers, sigma=sigma, noise_seed=seed, noise=noise,
         class_free=class_free, pool=pool, storage_dtype=dtype, compute_dtype=compute_dtype, reconstructions=reconstructions,
     )  # fmt: skip
-    selection = SelectionSpec(num_samples=num_samples, indices_file=indices, classes=class_entries(classes), per_class=per_class, seed=seed or 0)
+    selection = SelectionSpec(num_samples=num_samples, indices_file=indices, positions=positions, classes=class_entries(classes), per_class=per_class, seed=seed or 0)
     return ExtractOptions(str(store), str(output), forward, selection, run_options(**run))
 
 

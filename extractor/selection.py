@@ -140,6 +140,7 @@ def _listing(indices: list[int]) -> str:
 class SelectionSpec:
     num_samples: int | None = None
     indices_file: str | None = None
+    positions: tuple[int, ...] | None = None  # store positions given in Python (extract(indices=[…])), as a file's
     classes: tuple[str, ...] | None = None  # WNIDs, class names or label indices (resolve_classes)
     per_class: int | None = None
     seed: int = 0
@@ -151,6 +152,8 @@ def select_samples(spec: SelectionSpec, labels: np.ndarray, synsets: np.ndarray)
     chosen = np.arange(n, dtype=np.int64)
     if spec.indices_file is not None:
         chosen = _read_indices(spec.indices_file, n)
+    if spec.positions is not None:
+        chosen = checked_positions(np.asarray(spec.positions), n, "indices")
     if spec.classes:
         known = set(synsets[chosen].tolist())
         # A store's own folder-named classes (not in ImageNet-1k) are taken as given.
@@ -240,4 +243,4 @@ def describe_selection(spec: SelectionSpec, chosen: np.ndarray) -> dict[str, Any
         "seed": spec.seed if spec.per_class is not None else None,
         "count": int(chosen.size),
         "sha256": hashlib.sha256(chosen.astype("<i8").tobytes()).hexdigest(),
-    }
+    } | ({"indices": "given in Python (their sha256 is the selection's)"} if spec.positions is not None else {})

@@ -229,3 +229,24 @@ def test_each_refusal_of_the_command_line_is_the_python_apis(sample, monkeypatch
     assert imzarr_main(argv) == from_cli.value.exit_code
     assert str(from_cli.value).splitlines()[0] in capsys.readouterr().err
     assert sorted(sample.rglob("*")) == before  # refused before anything was written
+
+
+def test_extract_takes_positions_as_a_sequence_or_a_file(sample):
+    """`indices=` in Python: a list or array of store positions selects what the same positions in a file do."""
+    import extractor
+    from extractor.selection import SelectionError
+
+    images = str(sample / "pos_images.zarr")
+    converter.convert_npz(sample / "src" / "train", images)
+    (sample / "pos.txt").write_text("17\n3\n9\n")
+    kwargs = dict(layers=["midblock"], preset="tiny-random", pool="mean", device="cpu")
+    extractor.extract(images, str(sample / "pos_list.zarr"), indices=[17, 3, 9], **kwargs)
+    extractor.extract(images, str(sample / "pos_file.zarr"), indices=str(sample / "pos.txt"), **kwargs)
+    by_list, by_file = (zarr.open_group(str(sample / f"pos_{k}.zarr"), mode="r") for k in ("list", "file"))
+    assert by_list["source_sample"][:].tolist() == by_file["source_sample"][:].tolist() == [3, 9, 17]
+    np.testing.assert_array_equal(by_list["midblock"][:], by_file["midblock"][:])
+    assert by_list.attrs["selection"]["sha256"] == by_file.attrs["selection"]["sha256"]
+    assert by_list.attrs["selection"]["indices"].startswith("given in Python")
+    with pytest.raises(SelectionError, match=r"^indices: expected a file of store positions or a 1-d sequence of whole numbers, got float64 of shape \(1,\)$"):
+        extractor.extract(images, str(sample / "pos_bad.zarr"), indices=[1.5], **kwargs)
+    assert not (sample / "pos_bad.zarr").exists()
