@@ -180,6 +180,7 @@ def resolve_forward(fwd: ForwardSettings, loaded: LoadedModel, device: str, seed
             (fwd.sigma is not None, f"--sigma {fwd.sigma}: {FEATURE_INPUT_REFUSAL}"),
             (fwd.noise_seed is not None and not seed_picks_samples,
              f"--seed {fwd.noise_seed} without --per-class (for a feature network a seed only picks --per-class samples): {FEATURE_INPUT_REFUSAL}"),
+            (not fwd.noise, "--no-noise: feature networks always take the clean images (there is no noise to leave out)"),
             (fwd.class_free, "--class-free: feature networks take no class labels (only diffusion networks are conditioned on them)"),
             (fwd.reconstructions, "--reconstructions: feature networks return features, not a denoised image D(x)"),
         ]
@@ -207,6 +208,10 @@ def check_forward_settings(fwd: ForwardSettings) -> None:
                 f"--sigma {fwd.sigma}: σ must be at most {LARGEST_SIGMA:g} (σ² must be finite in float32); "
                 "the networks are trained on σ up to 80"
             )
+    seed = fwd.noise_seed
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**64):
+        # The noise generator takes the seed as 64 bits: a larger one would repeat a smaller one's noise.
+        raise ExtractionError(f"--seed {seed!r}: must be a whole number from 0 to 2**64 - 1")
     if fwd.layers:
         layer_entries(fwd.layers)  # an empty name or one given twice: the same refusal as the options builders'
     if fwd.pool not in POOL_MODES:

@@ -165,6 +165,19 @@ def test_seed_picks_per_class_samples_for_a_feature_network(image_store, pool3_s
                            "--layers", "pool3", "--seed", "3", "--device", "cpu"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "--seed 3" in err[0] and not (tmp_path / "o.zarr").exists()
+    code = extractor_main(["extract", image_store, "-o", str(tmp_path / "o.zarr"), "--preset", "fid-inception", "--layers", "pool3", "--no-noise", "--device", "cpu"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err == ["imzarr extract: error: --no-noise: feature networks always take the clean images (there is no noise to leave out) (fid-inception is a feature network)"]
+
+
+def test_seeds_beyond_64_bits_are_refused():
+    """The noise generator takes 64 bits of the seed: 2**64 would give seed 0's noise under another name."""
+    from extractor.forward import ExtractionError, ForwardSettings
+    from extractor.models import ModelSpec
+
+    with pytest.raises(ExtractionError, match=r"^--seed 18446744073709551616: must be a whole number from 0 to 2\*\*64 - 1$"):
+        ForwardSettings(model=ModelSpec(preset="tiny-random"), layers=("midblock",), noise_seed=2**64)
+    assert ForwardSettings(model=ModelSpec(preset="tiny-random"), layers=("midblock",), noise_seed=2**64 - 1).noise_seed == 2**64 - 1
 
 
 def test_features_refuses_images_and_labels_of_the_wrong_shape_as_its_own_error():
