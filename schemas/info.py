@@ -6,13 +6,14 @@ from __future__ import annotations
 import json
 from collections import Counter
 
+import numpy as np
 import zarr
 
-from schemas.classes import class_table
 from schemas.errors import StoreValidationError
 from schemas.image_store import IMAGE_SCHEMA, validate_image_store
 from schemas.remote_storage import open_store_group
 from schemas.store_integrity import Damage, missing_or_short
+from schemas.variable_attrs import classes_lookup, label_names
 
 
 IMZARR_SCHEMA_PREFIX = "imzarr."
@@ -61,12 +62,14 @@ def _describe_images(url: str, attrs: dict) -> str:
     store = validate_image_store(url, require_complete=False)
     labels = store.coordinate("label")
     counts = Counter(labels.tolist())
-    table = class_table()
+    ranked = counts.most_common()
+    recorded = classes_lookup(attrs)
 
     def fmt(items):
-        return ", ".join(f"{table.names[c] if c >= 0 else 'unknown'} ({c}): {n}" for c, n in items)
+        # Named as the store records its classes (its own numbered folders included), else as ImageNet-1k.
+        _, names = label_names(np.array([c for c, _ in items], dtype=np.int64), recorded)
+        return ", ".join(f"{name or 'unknown'} ({c}): {n}" for (c, n), name in zip(items, names))
 
-    ranked = counts.most_common()
     lines = [
         f"store        {url}",
         f"schema       {IMAGE_SCHEMA}  complete: {'yes' if complete else 'NO (unfinished: re-run the command that made it)'}",

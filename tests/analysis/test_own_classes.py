@@ -15,6 +15,7 @@ import extractor  # noqa: F401  (registers ds.imzarr)
 from extractor import api
 from extractor.analysis.compare import CompareError
 from extractor.selection import UnknownClassNameError
+from schemas.api import store_info
 from tests.support.synthetic import photo_like
 
 FOLDERS = ("cats", "dogs", "owls")
@@ -42,6 +43,8 @@ def test_activation_store_records_the_image_stores_classes(own):
     expected = {"label": [0, 1, 2], "synset": list(FOLDERS), "class_name": list(FOLDERS)}
     assert zarr.open_group(images, mode="r").attrs["classes"] == expected
     assert zarr.open_group(acts, mode="r").attrs["classes"] == expected
+    summary = store_info(images).summary.splitlines()
+    assert "top classes  cats (0): 6, dogs (1): 6, owls (2): 6" in summary and "bottom       owls (2): 6, dogs (1): 6, cats (0): 6" in summary
     counts = xr.open_zarr(acts).imzarr.class_count()
     assert counts.class_name.values.tolist() == list(FOLDERS) and counts.values.tolist() == [PER_FOLDER] * 3
 
