@@ -102,7 +102,7 @@ def extract(options: ExtractOptions) -> ExtractResult:
     run = options.run
     # A full disk names the store (a shard's write names no file); a stalled object store names its URL.
     with output_write_errors(options.output), remote_storage_errors(options.store, options.output), reader_lease(options.store):
-        resolve_compute_device(options.forward, run.device)  # refused before anything is read
+        resolve_compute_device(options.forward, run.device, run.compile)  # refused before anything is read
         check_scheduler_reachable(run.scheduler)  # before a model is built or any output exists
         if not options.forward.layers:
             raise ExtractionError("no layers requested (--layers L1,L2)")

@@ -151,10 +151,13 @@ def check_compute_on_device(fwd: ForwardSettings, device: str) -> None:
 
 
 
-def resolve_compute_device(fwd: ForwardSettings, device: str) -> str:
-    """The device `device` names (auto → cuda when available), refusing a compute dtype it cannot run."""
+def resolve_compute_device(fwd: ForwardSettings, device: str, compile_blocks: bool = False) -> str:
+    """The device `device` names (auto → cuda when available), refusing a compute dtype it cannot run and
+    `--compile` off CUDA (the blocks are compiled for CUDA only: on the CPU it would change nothing)."""
     resolved = resolve_device(device)
     check_compute_on_device(fwd, resolved)
+    if compile_blocks and not resolved.startswith("cuda"):
+        raise ComputeDeviceError("--compile: compiles the U-Net's blocks for CUDA, and this run is on the CPU (where it would change nothing); leave it out")
     return resolved
 
 

@@ -193,7 +193,7 @@ def _generate(options: GenerateOptions) -> GenerateResult:
     check_generate_options(options)
     started = time.monotonic()
     run = options.run
-    resolve_compute_device(options.forward, run.device)  # refused before anything is written
+    resolve_compute_device(options.forward, run.device, run.compile)  # refused before anything is written
     check_scheduler_reachable(run.scheduler)  # before a model is built or any output exists
     with PreparedForward(options.forward, run.device, None, run.compile, run.batch_size, check_network=check_generator) as forward:
         return _generate_stores(replace(options, forward=forward.settings), forward, started)

@@ -1,6 +1,7 @@
 """Extractor: values equal a direct forward, independent of batching and scheduling; resumable; clear errors."""
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -489,3 +490,19 @@ def test_unconditional_checkpoint_records_no_class_conditioning(image_store, tmp
         fwd = ForwardSettings(model=spec, layers=("midblock",), pool="mean", class_free=class_free)
         extract(ExtractOptions(image_store, str(out), fwd, SelectionSpec(num_samples=4), RunOptions(4, "cpu", SchedulerSpec(), shard_size=32)))
         assert zarr.open_group(str(out), mode="r").attrs["class_conditioning"] == "none (an unconditional network)"
+
+
+def test_compile_on_the_cpu_is_refused(image_store, tmp_path, capsys):
+    """--compile compiles for CUDA only: on the CPU it is refused, not silently dropped."""
+    from extractor.api import generate
+    from extractor.forward import ComputeDeviceError
+
+    message = "--compile: compiles the U-Net's blocks for CUDA, and this run is on the CPU (where it would change nothing); leave it out"
+    settings = ForwardSettings(PRESET, ("midblock",))
+    with pytest.raises(ComputeDeviceError, match=f"^{re.escape(message)}$"):
+        extract(ExtractOptions(image_store, str(tmp_path / "o.zarr"), settings, run=RunOptions(device="cpu", compile=True)))
+    with pytest.raises(ComputeDeviceError, match=f"^{re.escape(message)}$"):
+        generate(str(tmp_path / "g.zarr"), preset="tiny-random", num_samples=2, device="cpu", compile=True)
+    assert extractor_main(["extract", image_store, "-o", str(tmp_path / "cli.zarr"), "--preset", "tiny-random", "--layers", "midblock", "--device", "cpu", "--compile"]) == 2
+    assert capsys.readouterr().err.strip() == f"imzarr extract: error: {message}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
