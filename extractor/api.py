@@ -341,6 +341,7 @@ def features(
     import xarray as xr
 
     from extractor.forward import ForwardSettings, PreparedForward
+    from extractor.store_attrs import class_conditioning
     from schemas.activation_store import layer_dims
 
     given = np.asarray(images)
@@ -372,7 +373,8 @@ def features(
         for name in fwd.layers
     }
     coords = {"label": ("sample", labels.astype(np.int16)), "synset": ("sample", synsets), "class_name": ("sample", names), "global_index": ("sample", index.astype(np.int64))}
-    attrs = {"model": loaded.name, "trained": loaded.trained, "sha256": loaded.sha256, "sigma": fwd.sigma, "noise_seed": fwd.noise_seed}
+    attrs = {"model": loaded.name, "trained": loaded.trained, "sha256": loaded.sha256, "sigma": fwd.sigma, "noise_seed": fwd.noise_seed,
+             "class_conditioning": class_conditioning(fwd, loaded), "unknown_labels": int((labels < 0).sum())}
     return xr.Dataset(data_vars, coords=coords, attrs=attrs)
 
 

@@ -63,20 +63,23 @@ def device_name(device: str) -> str:
     return torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else "cpu"
 
 
+def class_conditioning(fwd: ForwardSettings, loaded: LoadedModel) -> str:
+    """What the network was given as class labels (a label of -1, unknown, as zeros)."""
+    if loaded.kind == FEATURE_KIND:
+        return "none (a feature network)"
+    if not loaded.label_dim:
+        return "none (an unconditional network)"
+    return "none (zero labels)" if fwd.class_free else "one-hot of label"
+
+
 def run_attrs(fwd: ForwardSettings, loaded: LoadedModel, paths: dict[str, str], device: str) -> dict[str, Any]:
     """Attributes every activation store carries: model, layers, σ, noise, pooling, dtypes, versions, device."""
-    if loaded.kind == FEATURE_KIND:
-        conditioning = "none (a feature network)"
-    elif not loaded.label_dim:
-        conditioning = "none (an unconditional network)"
-    else:
-        conditioning = "none (zero labels)" if fwd.class_free else "one-hot of label"
     return {
         "model": model_attrs(fwd, loaded),
         "layers": paths,
         "sigma": fwd.sigma,
         "noise": noise_attrs(fwd.noise_seed) if fwd.noised else None,
-        "class_conditioning": conditioning,
+        "class_conditioning": class_conditioning(fwd, loaded),
         "pooling": fwd.pool,
         "dtypes": {"storage": fwd.storage_dtype, "compute": fwd.compute_dtype},
         "versions": versions(),

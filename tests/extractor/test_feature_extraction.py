@@ -206,3 +206,16 @@ def test_pooling_is_recorded_as_applied(image_store, tmp_path):
     assert group["Mixed_7c"].attrs["pooling"] == "max" and "the maximum over spatial positions" in group["Mixed_7c"].attrs["description"]
     assert group["pool3"].attrs["pooling"] == "none" and "the vector (channel) of a layer that is one" in group["pool3"].attrs["description"]
     assert group.attrs["pooling"] == "max"  # the option as given (part of the run's settings)
+
+
+def test_features_say_how_labels_conditioned_the_network():
+    """Unknown labels (-1, or none given) condition a diffusion network on zeros: the result says so and counts them."""
+    from extractor.api import features
+
+    images = np.zeros((3, 3, 64, 64), dtype=np.uint8)
+    labelled = features(images, [0, -1, 5], layers=["midblock"], model="tiny-random", pool="mean")
+    assert labelled.attrs["class_conditioning"] == "one-hot of label" and labelled.attrs["unknown_labels"] == 1
+    unlabelled = features(images, layers=["midblock"], model="tiny-random", pool="mean")
+    free = features(images, [0, 1, 5], layers=["midblock"], model="tiny-random", pool="mean", class_free=True)
+    assert unlabelled.attrs["unknown_labels"] == 3 and free.attrs["class_conditioning"] == "none (zero labels)"
+    np.testing.assert_array_equal(unlabelled.midblock.values, free.midblock.values)  # zeros either way
