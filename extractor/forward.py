@@ -379,6 +379,7 @@ class PreparedForward:
         check_network: Callable[[LoadedModel], None] | None = None,
         layer_shapes: dict[str, tuple[int, ...]] | None = None,
         network: LoadedModel | None = None,
+        settings_resolved: bool = False,
     ):
         """The network for `settings` on `device` (loaded once per process, unless `network` is one loaded
         already), fed images of side `resolution` (None: the network's own); `check_network` may refuse it before
@@ -389,7 +390,9 @@ class PreparedForward:
         self.loaded = cached_model(settings.model, self.device) if network is None else network
         if check_network is not None:
             check_network(self.loaded)
-        self.settings = resolve_forward(settings, self.loaded, self.device, seed_picks_samples)
+        # A task rebuilding its run's forward (`for_plan`) gets settings resolved already: resolving them again
+        # would read the defaults resolution filled in (a feature network's noise=False) as options given.
+        self.settings = settings if settings_resolved else resolve_forward(settings, self.loaded, self.device, seed_picks_samples)
         self.resolution = self.loaded.resolution if resolution is None else resolution
         check_resolution(self.loaded, self.resolution, where)
         # Resolution fills in σ, seed and compute dtype; the layers and pool are the caller's as given.
@@ -409,9 +412,8 @@ class PreparedForward:
                 _SERVING.pop(plan.key()).close()  # the model cache let its network go: follow it
                 forward = None
             if forward is None:
-                # The plan's settings are resolved already: resolving them again changes nothing.
                 forward = cls(plan.settings, plan.device, plan.resolution, plan.compile, plan.batch_size,
-                              layer_shapes=dict(plan.layer_shapes))
+                              layer_shapes=dict(plan.layer_shapes), settings_resolved=True)
                 forward._kept = True
                 _SERVING[plan.key()] = forward
                 for stale in list(_SERVING)[:-_KEPT]:

@@ -77,7 +77,7 @@ def run(image_store, out, batch_size=64, **kw):
     selection = kw.pop("selection", SelectionSpec())
     scheduler = kw.pop("scheduler", SchedulerSpec())
     shard = kw.pop("shard_size", 32)
-    fwd = ForwardSettings(model=PRESET, layers=kw.pop("layers", LAYERS), **kw)
+    fwd = ForwardSettings(model=kw.pop("model", PRESET), layers=kw.pop("layers", LAYERS), **kw)
     return extract(ExtractOptions(image_store, str(out), fwd, selection, RunOptions(batch_size, "cpu", scheduler, shard_size=shard)))
 
 
@@ -166,11 +166,17 @@ def test_distributed_cluster_equals_local(image_store, tmp_path):
     run(image_store, tmp_path / "local.zarr", selection=SelectionSpec(num_samples=64))
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
         run(image_store, tmp_path / "dist.zarr", selection=SelectionSpec(num_samples=64), scheduler=SchedulerSpec(address=cluster.scheduler_address))
+        # A feature network's tasks rebuild its resolved settings in the workers (noise=False there is no option).
+        feature = dict(layers=("pool3",), model=ModelSpec(preset="fid-inception"), pool="mean")
+        for where, spec in (("feat_local", SchedulerSpec()), ("feat_dist", SchedulerSpec(address=cluster.scheduler_address))):
+            run(image_store, tmp_path / f"{where}.zarr", batch_size=4, selection=SelectionSpec(num_samples=4), scheduler=spec, **feature)
         # Resources no worker offers would hold every task forever: refused at once, before any output exists.
         wanting = SchedulerSpec(address=cluster.scheduler_address, resources=(("GPU", 1.0),))
         with pytest.raises(UnsatisfiableResourcesError, match=r"no worker offers --resources GPU=1 \(its 2 workers offer: none\); start workers with `dask worker tcp://"):
             run(image_store, tmp_path / "gpu.zarr", selection=SelectionSpec(num_samples=8), scheduler=wanting)
         assert not (tmp_path / "gpu.zarr").exists()
+    feat_local, feat_dist = (zarr.open_group(str(tmp_path / f"feat_{n}.zarr"), mode="r") for n in ("local", "dist"))
+    np.testing.assert_allclose(feat_dist["pool3"][:].astype(np.float32), feat_local["pool3"][:].astype(np.float32), rtol=1e-3, atol=1e-3)
     local, dist = (zarr.open_group(str(tmp_path / f"{n}.zarr"), mode="r") for n in ("local", "dist"))
     for name in LAYERS:
         np.testing.assert_allclose(dist[name][:].astype(np.float32), local[name][:].astype(np.float32), rtol=2e-3, atol=2e-3)
