@@ -117,7 +117,7 @@ def extract(options: ExtractOptions) -> ExtractResult:
 def _extract(options: ExtractOptions, forward: PreparedForward, images: ImageStore, source: StoreIdentity, chosen: np.ndarray, started: float) -> ExtractResult:
     run, fwd, loaded, shapes = options.run, forward.settings, forward.loaded, forward.layer_shapes
     selection = describe_selection(options.selection, chosen)
-    shortfall = per_class_shortfall(options.selection, images.coordinate("label"), chosen)
+    shortfall = per_class_shortfall(options.selection, images.coordinate("label"), images.coordinate("synset"))
     notes = (shortfall,) if shortfall else ()
     settings = replace(options, forward=fwd).to_dict(loaded.sha256, selection, images.attrs.get("settings_fingerprint"), source.generation)
     check_noise_recipe(options.output, fwd.noise_seed, run.overwrite)

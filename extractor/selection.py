@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable
@@ -184,11 +184,13 @@ def select_samples(spec: SelectionSpec, labels: np.ndarray, synsets: np.ndarray)
     return chosen
 
 
-def per_class_shortfall(spec: SelectionSpec, labels: np.ndarray, chosen: np.ndarray) -> str | None:
-    """A note when `--per-class K` found fewer than K samples in some classes (all of theirs were taken), else None."""
+def per_class_shortfall(spec: SelectionSpec, labels: np.ndarray, synsets: np.ndarray) -> str | None:
+    """A note when `--per-class K` found fewer than K samples in some classes (all of theirs were taken), else None:
+    counted among the candidates the per-class draw had (before any --num-samples cut)."""
     if spec.per_class is None:
         return None
-    present, counts = np.unique(labels[chosen], return_counts=True)
+    candidates = select_samples(replace(spec, per_class=None, num_samples=None), labels, synsets)
+    present, counts = np.unique(labels[candidates], return_counts=True)
     short = counts < spec.per_class
     if not short.any():
         return None

@@ -512,3 +512,14 @@ def test_compile_on_the_cpu_is_refused(image_store, tmp_path, capsys):
     assert extractor_main(["extract", image_store, "-o", str(tmp_path / "cli.zarr"), "--preset", "tiny-random", "--layers", "midblock", "--device", "cpu", "--compile"]) == 2
     assert capsys.readouterr().err.strip() == f"imzarr extract: error: {message}"
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_per_class_shortfall_is_a_note_of_the_command(image_store, tmp_path, capsys):
+    labels = validate_image_store(image_store).coordinate("label")
+    present, counts = np.unique(labels, return_counts=True)
+    k = int(counts.max()) + 1  # more than any class has: every class is short
+    argv = ["extract", image_store, "-o", str(tmp_path / "k.zarr"), "--preset", "tiny-random", "--layers", "midblock", "--pool", "mean", "--per-class", str(k), "--device", "cpu"]
+    assert extractor_main(argv) == 0
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("NOTE: --per-class")]
+    shown = ", ".join(f"{c}: {n}" for c, n in list(zip(present.tolist(), counts.tolist()))[:8])
+    assert notes == [f"NOTE: --per-class {k}: {present.size} of {present.size} classes have fewer samples, all of theirs taken (label: count {shown}{' …' if present.size > 8 else ''})"]
