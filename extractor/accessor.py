@@ -21,7 +21,7 @@ from typing import Any, Hashable, Iterable
 import numpy as np
 import xarray as xr
 
-from extractor.selection import CLASS_ENTRIES_HINT, SelectionError, UnknownClassNameError, listed_entries, refuse_repeated_classes, resolve_class
+from extractor.selection import CLASS_ENTRIES_HINT, SelectionError, class_wnids, listed_entries
 from schemas.classes import class_table
 from schemas.compare_report import REPORT_DIMS
 from schemas.errors import ImzarrError
@@ -91,13 +91,7 @@ class ImzarrAccessor:
             raise SelectionError(f"classes: none given; {CLASS_ENTRIES_HINT}")
         table = self.class_table()
         by_wnid = {wnid: label for label, (wnid, _) in table.items()}
-        if not _names_imagenet_classes(table):
-            # The store's own classes (numbered folders): ImageNet-1k names would pick rows of other classes.
-            wnids = [_own_class(entry, table) for entry in entries]
-        else:
-            # A store's own folder-named classes first (they are not ImageNet-1k names), then the shared parser.
-            wnids = [entry if entry in by_wnid else resolve_class(entry) for entry in entries]
-        refuse_repeated_classes(entries, wnids)
+        wnids = class_wnids(entries, table)
         return [by_wnid.get(wnid, class_table().index_of_wnid(wnid) if class_table().is_wnid(wnid) else -1) for wnid in wnids]
 
     def mask(self, classes: ClassNames) -> xr.DataArray:
@@ -217,22 +211,6 @@ class ImzarrAccessor:
 # would refuse the result (its dask chunks straddle the recorded chunks), or with safe_chunks=False let two
 # tasks write one shard at once and lose rows. Dropped, the output is chunked as the selection is.
 LAYOUT_ENCODING = ("chunks", "shards", "preferred_chunks")
-
-
-def _names_imagenet_classes(table: dict[int, tuple[str, str]]) -> bool:
-    """Whether every recorded label is the ImageNet-1k class of that index (not a store's own numbered folders)."""
-    imagenet = class_table()
-    return all(0 <= label < len(imagenet.wnids) and imagenet.wnids[label] == wnid for label, (wnid, _) in table.items())
-
-
-def _own_class(entry: str, table: dict[int, tuple[str, str]]) -> str:
-    """The recorded WNID (folder name) of one entry naming a store's own class by folder name, name or label."""
-    text = entry.strip()
-    for label, (wnid, name) in table.items():
-        if text in (wnid, str(label)) or text.casefold() == name.casefold():
-            return wnid
-    listed = ", ".join(f"{label} {wnid}" + (f" ({name})" if name != wnid else "") for label, (wnid, name) in list(table.items())[:8])
-    raise UnknownClassNameError(f"classes {entry!r}: not a class of this dataset, whose classes are its own (not ImageNet-1k): {listed}{' …' if len(table) > 8 else ''}")
 
 
 def rows_selected(ds: xr.Dataset) -> xr.Dataset:

@@ -109,6 +109,38 @@ def resolve_class(name: str) -> str:
     raise UnknownClassNameError(f"--classes {name!r} is not an ImageNet-1k WNID, label index or class name{hint}")
 
 
+def names_imagenet_classes(table: dict[int, tuple[str, str]]) -> bool:
+    """Whether every label of a {label: (WNID, name)} table is the ImageNet-1k class of that index (not a
+    store's own numbered folders, `--label-from-folders`)."""
+    imagenet = class_table()
+    return all(0 <= label < len(imagenet.wnids) and imagenet.wnids[label] == wnid for label, (wnid, _) in table.items())
+
+
+def own_class(entry: str, table: dict[int, tuple[str, str]]) -> str:
+    """The WNID (folder name) of one entry naming a store's own class by folder name, name (any case) or label."""
+    text = entry.strip()
+    for label, (wnid, name) in table.items():
+        if text in (wnid, str(label)) or text.casefold() == name.casefold():
+            return wnid
+    listed = ", ".join(f"{label} {wnid}" + (f" ({name})" if name != wnid else "") for label, (wnid, name) in list(table.items())[:8])
+    raise UnknownClassNameError(f"classes {entry!r}: not a class of this store, whose classes are its own (not ImageNet-1k): {listed}{' …' if len(table) > 8 else ''}")
+
+
+def class_wnids(entries: Iterable[str], table: dict[int, tuple[str, str]], present: frozenset[str] = frozenset()) -> tuple[str, ...]:
+    """WNIDs of class entries for a store whose classes are `table` ({label: (WNID, name)}): its own numbered
+    folders by folder name, name or label (ImageNet-1k names would pick other classes' rows); else as
+    resolve_class takes them. A WNID the store records (`table`'s, or one of `present`: folders of samples without
+    a label) is taken as given. A class named twice is refused."""
+    entries = tuple(entries)
+    recorded = {wnid for wnid, _ in table.values()} | present
+    if not names_imagenet_classes(table):
+        wnids = tuple(entry if entry in recorded else own_class(entry, table) for entry in entries)
+    else:
+        wnids = tuple(entry if entry in recorded else resolve_class(entry) for entry in entries)
+    refuse_repeated_classes(entries, wnids)
+    return wnids
+
+
 def resolve_classes(names: str | int | Iterable[str | int]) -> tuple[str, ...]:
     """WNIDs of every entry (see resolve_class and class_entries), in the given order; repeats refused."""
     entries = class_entries(names) or ()
@@ -156,9 +188,10 @@ def select_samples(spec: SelectionSpec, labels: np.ndarray, synsets: np.ndarray)
         chosen = checked_positions(np.asarray(spec.positions), n, "indices")
     if spec.classes:
         known = set(synsets[chosen].tolist())
-        # A store's own folder-named classes (not in ImageNet-1k) are taken as given.
-        wnids = tuple(c if c in known else resolve_class(c) for c in spec.classes)
-        refuse_repeated_classes(spec.classes, wnids)
+        present, first = np.unique(labels[chosen], return_index=True)
+        # A store's own classes are named by folder: their WNID and name are the folder name.
+        table = {int(label): (str(synsets[chosen][i]),) * 2 for label, i in zip(present.tolist(), first.tolist()) if label >= 0}
+        wnids = class_wnids(spec.classes, table, frozenset(known))
         unknown = [w for w in wnids if w not in known]
         if unknown:
             raise SelectionError(f"classes {unknown} have no samples in this store")

@@ -56,8 +56,19 @@ def test_accessor_selects_own_classes_and_refuses_imagenet_names(own, which):
     assert dogs.label.values.tolist() == [1] * PER_FOLDER + [2] * PER_FOLDER
     assert ds.imzarr.sel(classes="Cats").label.values.tolist() == [0] * PER_FOLDER
     # ImageNet-1k's label 0 (tench) is not this store's label 0.
-    with pytest.raises(UnknownClassNameError, match=r"^classes 'tench': not a class of this dataset, whose classes are its own \(not ImageNet-1k\): 0 cats, 1 dogs, 2 owls$"):
+    with pytest.raises(UnknownClassNameError, match=r"^classes 'tench': not a class of this store, whose classes are its own \(not ImageNet-1k\): 0 cats, 1 dogs, 2 owls$"):
         ds.imzarr.sel(classes=["tench"])
+
+
+def test_extract_selects_own_classes_as_the_accessor_does(own, tmp_path):
+    """--classes on a store of numbered folders: folder names (any case) and labels, as ds.imzarr.sel takes them."""
+    root, images, _ = own
+    picked = api.extract(images, str(tmp_path / "picked.zarr"), classes=["Owls", "1"], **EXTRACT)
+    assert picked.num_samples == 2 * PER_FOLDER
+    assert xr.open_zarr(str(tmp_path / "picked.zarr")).label.values.tolist() == [1] * PER_FOLDER + [2] * PER_FOLDER
+    with pytest.raises(UnknownClassNameError, match=r"^classes 'tench': not a class of this store, whose classes are its own"):
+        api.extract(images, str(tmp_path / "tench.zarr"), classes="tench", **EXTRACT)
+    assert not (tmp_path / "tench.zarr").exists()
 
 
 def test_compare_and_stats_name_own_classes(own, tmp_path):
