@@ -420,7 +420,10 @@ def verify_store(url: str, storage_options: dict[str, Any] | None = None, progre
 
     `progress` gets `update(bytes)` as files are read. Local files are read in order by a second thread while
     this one checksums (`local_files_crc32c`); object stores (or any, given `threads`) `threads` files at once
-    (default 8: one request each)."""
+    (default 8: one request each). An unfinished store (`complete: false`: a run interrupted or still going) is
+    refused with UnfinishedStoreError: it has no record yet, and its missing files are expected."""
+    if (read_node_metadata(url, "", storage_options).get("attributes") or {}).get("complete") is False:
+        raise UnfinishedStoreError(f"{url}: unfinished (its run was interrupted, or is still going): re-run the command that made it to finish it, then verify")
     record = read_checksum_record(url, storage_options)
     damage = missing_or_short(url, storage_options, record)
     damaged = {d.path for d in damage}

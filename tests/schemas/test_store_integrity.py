@@ -24,6 +24,7 @@ from schemas.store_integrity import (
     CHECKSUM_GROUP,
     UNIT_RECORDS,
     DamagedStoreError,
+    UnfinishedStoreError,
     read_checksum_record,
     record_checksums,
     record_unit_checksums,
@@ -324,6 +325,8 @@ def test_verify_refuses_an_unfinished_store(kind, image_store, activation_store,
     passing it on presence and sizes alone."""
     store = _copy(image_store if kind == "image" else activation_store, tmp_path)
     zarr.open_group(str(store), mode="r+", use_consolidated=False).attrs["complete"] = False
+    with pytest.raises(UnfinishedStoreError, match=r": unfinished \(its run was interrupted"):
+        verify_store(str(store))  # the library's own entry point refuses it too
     proc = run_imzarr("verify", str(store))
     assert proc.returncode == 1 and proc.stdout == ""
     assert proc.stderr.splitlines() == [f"imzarr verify: error: {store}: unfinished (its run was interrupted, or is still going): re-run the command that made it to finish it, then verify"]
