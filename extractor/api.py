@@ -363,13 +363,13 @@ def features(
     settings = ForwardSettings(model=as_model_spec(model), layers=layer_entries(layers), pool=pool, storage_dtype="float32", **forward)
     with PreparedForward(settings, device, images.shape[-1], batch_size=batch_size) as prepared:
         values = _run_features(prepared, images, labels, index.astype(np.int64))
-    fwd, loaded, shapes, paths = prepared.settings, prepared.loaded, prepared.layer_shapes, prepared.paths
+        fwd, loaded, shapes, paths, pooling = prepared.settings, prepared.loaded, prepared.layer_shapes, prepared.paths, prepared.layer_pooling
     table = class_table()
     known = labels >= 0
     synsets = np.where(known, table.synsets_of(np.maximum(labels, 0)), "")
     names = np.where(known, table.names_of(np.maximum(labels, 0)), "")
     data_vars = {
-        name: (layer_dims(name, pooled=len(shapes[name]) == 1), values[name], {"module_path": paths[name], "pooling": fwd.pool})
+        name: (layer_dims(name, pooled=len(shapes[name]) == 1), values[name], {"module_path": paths[name], "pooling": pooling[name]})
         for name in fwd.layers
     }
     coords = {"label": ("sample", labels.astype(np.int16)), "synset": ("sample", synsets), "class_name": ("sample", names), "global_index": ("sample", index.astype(np.int64))}

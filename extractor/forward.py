@@ -453,9 +453,12 @@ class PreparedForward:
     @property
     def layer_pooling(self) -> dict[str, str]:
         """The pooling each layer's values had: the settings', or "none" for a layer that is one vector per
-        sample already (pool3, cls), where pooling changes nothing (known once the layers ran: `layer_shapes`)."""
-        _ = self.layer_shapes  # the probe that fills the capture's vector_layers
-        vectors = self.capture.vector_layers if self.capture is not None else set()
+        sample already (pool3, cls), where pooling changes nothing (seen when the layers run: one probe if none has)."""
+        if self.capture is None:
+            return {}
+        if not self.capture.has_run:  # a forward rebuilt with its layer shapes given has not run its layers yet
+            self.probe()
+        vectors = self.capture.vector_layers
         return {name: "none" if name in vectors else self.settings.pool for name in self.settings.layers}
 
     @property

@@ -74,9 +74,7 @@ def check_scheduler_reachable(spec: SchedulerSpec) -> None:
 def _check_resources_offered(spec: SchedulerSpec) -> None:
     """Refuse resources that the cluster's workers all lack (dask would hold every task until such a worker
     joins). A cluster without workers yet is let through: they may still be starting."""
-    from distributed import Client
-
-    with Client(spec.address, timeout="30s") as client:
+    with _connect(spec) as client:
         workers = list(client.scheduler_info(n_workers=-1).get("workers", {}).values())
     if not workers:
         return
@@ -135,13 +133,9 @@ def run_tasks(tasks: list, spec: SchedulerSpec, report: ProgressReport) -> list[
 
 def _run_distributed(tasks: list, spec: SchedulerSpec, report: ProgressReport) -> list[Any]:
     import fsspec.config
-    from distributed import Client, as_completed
+    from distributed import as_completed
 
-    try:
-        client = Client(spec.address, timeout="30s")
-    except OSError as exc:
-        raise SchedulerUnreachableError(f"{spec.address}: cannot reach the dask scheduler ({exc})") from None
-    with client:
+    with _connect(spec) as client:
         client.run(_apply_fsspec_defaults, {k: dict(v) for k, v in fsspec.config.conf.items() if isinstance(v, dict)})
         # optimize_graph=False: graph optimisation may drop the resource annotations
         futures = client.compute(tasks, resources=dict(spec.resources) or None, optimize_graph=False)
@@ -152,6 +146,16 @@ def _run_distributed(tasks: list, spec: SchedulerSpec, report: ProgressReport) -
             receipts[index[future.key]] = receipt
             report.update(receipt.get("images", 0) if isinstance(receipt, dict) else 0)
         return receipts
+
+
+def _connect(spec: SchedulerSpec) -> Any:
+    """A dask.distributed client of the scheduler at `spec.address`; SchedulerUnreachableError when none answers."""
+    from distributed import Client
+
+    try:
+        return Client(spec.address, timeout="30s")
+    except OSError as exc:
+        raise SchedulerUnreachableError(f"{spec.address}: cannot reach the dask scheduler ({exc})") from None
 
 
 def _apply_fsspec_defaults(conf: dict[str, dict]) -> None:

@@ -154,6 +154,7 @@ class LayerCapture:
         order = module_layers(model)
         self._last = max(self._names_at, key=order.index)
         self.vector_layers: set[str] = set()  # layers whose output is one vector per sample: no pooling applies
+        self.has_run = False  # vector_layers is known once a forward ran through the hooks
         self._captured: dict[str, Tensor] | None = None  # None: not inside `run`, the hooks stay idle
         self._stop_after_last = False
         self._handles = [model.get_submodule(path).register_forward_hook(partial(self._collect, path)) for path in self._names_at]
@@ -185,6 +186,7 @@ class LayerCapture:
         With `need_output` False the forward stops right after the last requested layer runs, so later modules
         (usually the whole decoder) are never computed."""
         self._captured, self._stop_after_last = {}, not need_output
+        self.has_run = True
         out: Tensor | None = None
         try:
             out = self.model(x) if self.feature_net else self.model(x, sigma, class_labels)

@@ -206,6 +206,11 @@ def test_pooling_is_recorded_as_applied(image_store, tmp_path):
     assert group["Mixed_7c"].attrs["pooling"] == "max" and "the maximum over spatial positions" in group["Mixed_7c"].attrs["description"]
     assert group["pool3"].attrs["pooling"] == "none" and "the vector (channel) of a layer that is one" in group["pool3"].attrs["description"]
     assert group.attrs["pooling"] == "max"  # the option as given (part of the run's settings)
+    from extractor.api import features
+
+    batch = validate_image_store(image_store).read(0, 2)
+    direct = features(batch, layers=["Mixed_7c", "pool3"], model="fid-inception", pool="max")
+    assert direct["Mixed_7c"].attrs["pooling"] == "max" and direct["pool3"].attrs["pooling"] == "none"
 
 
 def test_features_say_how_labels_conditioned_the_network():
