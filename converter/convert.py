@@ -112,7 +112,10 @@ class RejectedFilesError(RunFailedError):
 
     def __init__(self, result: ConvertResult):
         self.result = result
-        super().__init__(f"{result.url}: {len(result.rejected)} files rejected (strict; they are listed in the store's `rejected`, see imzarr info)")
+        super().__init__(
+            f"{result.url}: {len(result.rejected)} files rejected (strict; they are listed in the store's `rejected`, see imzarr info): "
+            "run without strict to accept the store as it is, or replace the files and re-run with --overwrite"
+        )
 
 
 SCRATCH_MARKER = "imzarr-scratch.json"  # in every scratch folder, naming the store it belongs to

@@ -101,12 +101,12 @@ def run_options(
     return RunOptions(batch_size=batch_size, device=device, scheduler=scheduled, overwrite=overwrite, shard_size=shard_size, compile=compile)
 
 
-def _positions(indices: Sequence[int] | np.ndarray) -> tuple[int, ...]:
-    """Store positions given in Python as whole numbers (checked against the store when it is read)."""
+def _positions(indices: Sequence[int] | np.ndarray) -> tuple[Any, ...]:
+    """Store positions given in Python, as given (checked as a file's are, by selection.checked_positions)."""
     listed = np.asarray(indices)
-    if listed.ndim != 1 or (listed.size and listed.dtype.kind not in "iu"):
-        raise SelectionError(f"indices: expected a file of store positions or a 1-d sequence of whole numbers, got {listed.dtype} of shape {listed.shape}")
-    return tuple(int(i) for i in listed)
+    if listed.ndim != 1:
+        raise SelectionError(f"indices: expected a file of store positions or a 1-d sequence of them, got shape {listed.shape}")
+    return tuple(listed.tolist())
 
 
 def extract_options(
@@ -300,7 +300,7 @@ def show(store: str, output: str = "grid.png", *, classes: str | Sequence[str | 
     if fs.isdir(path):
         raise SheetOutputError(output, f"is a folder; give a file name such as {output.rstrip('/')}/grid.png")
     suffix = PurePosixPath(path).suffix
-    if suffix and suffix.lower() != ".png":
+    if suffix.lower() != ".png" and suffix.lower() in _image_suffixes():
         raise SheetOutputError(output, f"names a {suffix} file, but a contact sheet is written as PNG: name it {output[: -len(suffix)]}.png")
     from extractor.analysis.contact_sheet import write_contact_sheet
     from schemas.activation_store import RECONSTRUCTION_VAR
@@ -308,6 +308,13 @@ def show(store: str, output: str = "grid.png", *, classes: str | Sequence[str | 
 
     variable = RECONSTRUCTION_VAR if RECONSTRUCTION_VAR in open_store_group(store) else "image"
     return write_contact_sheet(store, output, classes=classes, per_class=per_class, max_classes=max_classes, variable=variable)
+
+
+def _image_suffixes() -> set[str]:
+    """File suffixes of the image formats Pillow knows (a name ending so promises that format)."""
+    from PIL import Image
+
+    return set(Image.registered_extensions())
 
 
 def class_labels(labels: np.ndarray | Sequence[int | str]) -> np.ndarray:

@@ -172,7 +172,7 @@ def _listing(indices: list[int]) -> str:
 class SelectionSpec:
     num_samples: int | None = None
     indices_file: str | None = None
-    positions: tuple[int, ...] | None = None  # store positions given in Python (extract(indices=[…])), as a file's
+    positions: tuple[Any, ...] | None = None  # store positions given in Python (extract(indices=[…])), as a file's
     classes: tuple[str, ...] | None = None  # WNIDs, class names or label indices (resolve_classes)
     per_class: int | None = None
     seed: int = 0

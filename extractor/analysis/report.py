@@ -165,7 +165,7 @@ def _open_side(role: str, url: str, compare_url: str, variable: str, pool: str, 
     group = validate_activation_store(url)
     attrs = dict(group.attrs)
     if generation is not None and attrs.get(GENERATION_ATTR) != generation:
-        raise ReportSiteError(f"{url}: rewritten since the compare report {compare_url} was made from it (another generation): re-run compare, then report")
+        raise ReportSiteError(f"{url}: rewritten (another generation) since {compare_url} was made from it: re-run compare, then report")
     source = attrs.get("source") or {}
     images_url = source.get("url")
     if not images_url:

@@ -300,7 +300,7 @@ def test_inputs_rewritten_since_the_compare_are_refused(run, tmp_path):
     (another generation), or an image store that is not the one the activations were computed from."""
     ds = xr.open_zarr(run["compare"]).load()
     assert ds.attrs["real_store_generation"] == zarr.open_group(run["real_acts"], mode="r").attrs["generation"]
-    with pytest.raises(ReportSiteError, match=r"real_acts?\.zarr: rewritten since the compare report the compare result was made from it \(another generation\): re-run compare, then report$"):
+    with pytest.raises(ReportSiteError, match=r"real_acts?\.zarr: rewritten \(another generation\) since the compare result was made from it: re-run compare, then report$"):
         write_report_site(ds.assign_attrs(real_store_generation="0" * 32), str(tmp_path / "a"))
     moved = shutil.copytree(run["fake_acts"], tmp_path / "fake_acts.zarr")
     group = zarr.open_group(str(moved), mode="r+")

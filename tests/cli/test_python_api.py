@@ -247,6 +247,10 @@ def test_extract_takes_positions_as_a_sequence_or_a_file(sample):
     np.testing.assert_array_equal(by_list["midblock"][:], by_file["midblock"][:])
     assert by_list.attrs["selection"]["sha256"] == by_file.attrs["selection"]["sha256"]
     assert by_list.attrs["selection"]["indices"].startswith("given in Python")
-    with pytest.raises(SelectionError, match=r"^indices: expected a file of store positions or a 1-d sequence of whole numbers, got float64 of shape \(1,\)$"):
-        extractor.extract(images, str(sample / "pos_bad.zarr"), indices=[1.5], **kwargs)
+    with pytest.raises(SelectionError, match=r"^indices: sample positions must be whole numbers, got dtype float64$"):
+        extractor.extract(images, str(sample / "pos_bad.zarr"), indices=[1.5], **kwargs)  # as from a file
+    with pytest.raises(SelectionError, match=r"^indices: expected a file of store positions or a 1-d sequence of them, got shape \(1, 2\)$"):
+        extractor.extract(images, str(sample / "pos_bad.zarr"), indices=[[1, 2]], **kwargs)
     assert not (sample / "pos_bad.zarr").exists()
+    whole = extractor.extract(images, str(sample / "pos_float.zarr"), indices=np.array([3.0, 9.0, 17.0]), **kwargs)
+    assert whole.num_samples == 3

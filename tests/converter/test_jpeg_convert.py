@@ -73,7 +73,8 @@ def test_strict_fails_on_rejects_every_time(odd_tree, tmp_path, capsys):
     assert convert_main(args) == 1
     captured = capsys.readouterr()
     first = captured.err.splitlines()
-    assert first[-1] == f"imzarr convert: error: {tmp_path / 's.zarr'}: 2 files rejected (strict; they are listed in the store's `rejected`, see imzarr info)"
+    assert first[-1] == (f"imzarr convert: error: {tmp_path / 's.zarr'}: 2 files rejected (strict; they are listed in the store's `rejected`, see imzarr info): "
+                         "run without strict to accept the store as it is, or replace the files and re-run with --overwrite")
     assert [line for line in first if line.startswith("rejected: ")] == first[-3:-1] and "7 converted, 2 rejected" in captured.out
     assert convert_main(args) == 1  # the store is complete, its rejects recorded: a rerun fails alike
     again = capsys.readouterr()
@@ -87,7 +88,8 @@ def test_strict_is_the_library_rule(odd_tree, tmp_path):
     with pytest.raises(RejectedFilesError) as failed:
         convert_jpeg(odd_tree, out, strict=True)
     assert failed.value.exit_code == 1 and failed.value.result.num_samples == 7 and len(failed.value.result.rejected) == 2
-    assert str(failed.value) == f"{out}: 2 files rejected (strict; they are listed in the store's `rejected`, see imzarr info)"
+    assert str(failed.value) == (f"{out}: 2 files rejected (strict; they are listed in the store's `rejected`, see imzarr info): "
+                                 "run without strict to accept the store as it is, or replace the files and re-run with --overwrite")
     with pytest.raises(RejectedFilesError):
         convert_jpeg(odd_tree, out, strict=True)
     assert convert_jpeg(odd_tree, out).already_complete
