@@ -542,12 +542,23 @@ def _shared_classes(real: LayerFeatures, fake: LayerFeatures) -> dict[int, tuple
     recorded = [classes_lookup(side.attrs) for side in (real, fake)]
     for label in sorted(recorded[0].keys() & recorded[1].keys()):
         if recorded[0][label][0] != recorded[1][label][0]:
+            # Activation stores made before 2026-12-07 recorded ImageNet names for an image store's own classes;
+            # their samples' coordinates (copied from the image store) name them right.
+            recorded[0][label], recorded[1][label] = _sample_class(real, label), _sample_class(fake, label)
+        if recorded[0][label][0] != recorded[1][label][0]:
             (a, a_name), (b, b_name) = recorded[0][label], recorded[1][label]
             raise CompareError(
                 f"{fake.url}: label {label} is {b} ({b_name}) there but {a} ({a_name}) in {real.url}: the stores number classes differently, "
                 "so per-class metrics would pair different classes (--no-per-class compares them overall)"
             )
     return recorded[1] | recorded[0]
+
+
+def _sample_class(side: LayerFeatures, label: int) -> tuple[str, str]:
+    """(WNID, class name) of `label` as the store's first sample of it records them."""
+    row = int(np.flatnonzero(side.labels == label)[0])
+    group = zarr.open_group(side.url, mode="r")
+    return str(group["synset"][row]), str(group["class_name"][row])
 
 
 def _side_provenance(prefix: str, side: LayerFeatures) -> dict:
