@@ -100,18 +100,12 @@ def test_compare_refuses_stores_that_number_classes_differently(own, tmp_path):
 def test_compare_names_own_classes_of_a_store_made_before_they_were_recorded(own, tmp_path):
     """Activation stores made before 2026-12-07 recorded ImageNet names in `classes` for a store's own classes;
     compare takes their samples' names instead of refusing them against a newer store of the same images."""
-    import shutil
-    import warnings
-
     from schemas.variable_attrs import class_table_attrs
+    from tests.support.store_edits import copy_with_group_attrs
 
     _, _, acts = own
-    old = str(shutil.copytree(acts, tmp_path / "old.zarr"))
-    group = zarr.open_group(old, mode="r+")
-    group.attrs.update(class_table_attrs(group["label"][:]))  # what such a store holds: tench, goldfish, …
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
-        zarr.consolidate_metadata(old)
+    # What such a store holds: tench, goldfish, … for labels 0, 1, …
+    old = copy_with_group_attrs(acts, tmp_path / "old.zarr", class_table_attrs(zarr.open_group(acts, mode="r")["label"][:]))
     assert zarr.open_group(old, mode="r").attrs["classes"]["class_name"][0] == "tench"
     report = api.compare([old, acts], layer="midblock", metrics="fd").report
     assert report.class_name.values.tolist() == list(FOLDERS)

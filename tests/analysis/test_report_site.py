@@ -11,9 +11,7 @@ import http.server
 import json
 import math
 import os
-import shutil
 import threading
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +24,7 @@ from schemas.classes import class_table
 from schemas.image_store import validate_image_store
 from schemas.output_paths import OutputOverlapsInputError
 from tests.support.commands import run_imzarr
+from tests.support.store_edits import copy_with_group_attrs
 from tests.support.synthetic import image_features, write_compare_run
 
 CHROMIUM = "/usr/bin/chromium"
@@ -284,12 +283,8 @@ def test_missing_inputs_are_named(run, tmp_path):
         write_report_site(ds.assign_attrs(real_store="data/acts.zarr"), str(tmp_path / "a"))
     with pytest.raises(ReportSiteError, match="compare report not found"):
         write_report_site(str(tmp_path / "missing.zarr"), str(tmp_path / "b"))
-    moved = shutil.copytree(run["fake_acts"], tmp_path / "fake_acts.zarr")
-    group = zarr.open_group(str(moved), mode="r+")
-    group.attrs["source"] = {**group.attrs["source"], "url": str(tmp_path / "gone_images.zarr")}
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
-        zarr.consolidate_metadata(str(moved))
+    source = zarr.open_group(run["fake_acts"], mode="r").attrs["source"]
+    moved = copy_with_group_attrs(run["fake_acts"], tmp_path / "fake_acts.zarr", {"source": {**source, "url": str(tmp_path / "gone_images.zarr")}})
     with pytest.raises(ReportSiteError, match=r"gone_images\.zarr: generated image store not found \(the source of activation store"):
         write_report_site(ds.assign_attrs(fake_store=str(moved)), str(tmp_path / "c"))
     assert not (tmp_path / "a").exists() and not (tmp_path / "c").exists()
@@ -302,12 +297,8 @@ def test_inputs_rewritten_since_the_compare_are_refused(run, tmp_path):
     assert ds.attrs["real_store_generation"] == zarr.open_group(run["real_acts"], mode="r").attrs["generation"]
     with pytest.raises(ReportSiteError, match=r"real_acts?\.zarr: rewritten \(another generation\) since the compare result was made from it: re-run compare, then report$"):
         write_report_site(ds.assign_attrs(real_store_generation="0" * 32), str(tmp_path / "a"))
-    moved = shutil.copytree(run["fake_acts"], tmp_path / "fake_acts.zarr")
-    group = zarr.open_group(str(moved), mode="r+")
-    group.attrs["source"] = {**group.attrs["source"], "fingerprint": "f" * 64}
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
-        zarr.consolidate_metadata(str(moved))
+    source = zarr.open_group(run["fake_acts"], mode="r").attrs["source"]
+    moved = copy_with_group_attrs(run["fake_acts"], tmp_path / "fake_acts.zarr", {"source": {**source, "fingerprint": "f" * 64}})
     with pytest.raises(ReportSiteError, match=r": not the image store activation store .*fake_acts\.zarr was computed from \(its settings fingerprint differs from the recorded one\)"):
         write_report_site(ds.assign_attrs(fake_store=str(moved)), str(tmp_path / "b"))
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
