@@ -142,7 +142,10 @@ def _class_names(labels: np.ndarray, ds: xr.Dataset) -> dict[int, str]:
     table (a class in one store only is not in the report)."""
     reported = dict(zip(ds["label"].values.tolist(), ds["class_name"].values.tolist())) if "class_name" in ds.coords else {}
     _, table_names = label_names(labels, {})
-    return {int(c): reported.get(int(c)) or (str(name) if c >= 0 and name else "unknown class" if c < 0 else f"class {c}") for c, name in zip(labels.tolist(), table_names)}
+    names = {}
+    for label, name in zip(labels.tolist(), table_names):
+        names[label] = reported.get(label) or str(name) or ("unknown class" if label < 0 else f"class {label}")
+    return names
 
 
 def _worst_covered(ds: xr.Dataset) -> np.ndarray:
