@@ -36,6 +36,8 @@ from torch.utils.data._utils.collate import collate, default_collate_fn_map
 from extractor.selection import SelectionSpec, checked_positions, class_entries, select_samples
 from schemas.errors import ImzarrError
 from schemas.image_store import ImageStore, ShardRangeReader, validate_image_store
+from schemas.output_paths import local_path
+from schemas.store_identity import ROOT_METADATA, InputChangedError, StoreIdentity, check_unchanged
 
 Output = Literal["uint8", "float"]
 OUTPUTS: tuple[str, ...] = ("uint8", "float")
@@ -147,6 +149,13 @@ class ImageStoreDataset(Dataset[Item]):
             self._reader.shard_indexes(shards.tolist())
         self._opened_in_pid = os.getpid()
         self._text_coordinates: dict[str, np.ndarray] = {}
+        # The store this dataset's labels and positions belong to: a rewrite of it (`convert --overwrite`) since is
+        # refused at the next read, rather than pairing new images with old labels.
+        self._identity = StoreIdentity.of(self.url, store.attrs)
+        local = local_path(self.url)
+        self._root_json = None if local is None else os.path.join(local, ROOT_METADATA)
+        self._seen: tuple[int, tuple[int, int, int] | None] | None = None  # (process, zarr.json's stat) checked
+        self._check_store()
 
     def __len__(self) -> int:
         return int(self.store_positions.size)
@@ -160,6 +169,7 @@ class ImageStoreDataset(Dataset[Item]):
         """Samples at dataset indices, read with one `ImageStore.take`; a list of items, as default_collate takes
         (without a transform, rows of one tensor that default_collate passes on as the batch: see BatchItem)."""
         local = self._local_indices(indices)
+        self._check_store()
         images = torch.from_numpy(self._take(self.store_positions[local]))
         if self.output == "float":
             images = images.to(torch.float32).div_(255)
@@ -207,6 +217,27 @@ class ImageStoreDataset(Dataset[Item]):
         if name not in self._text_coordinates:
             self._text_coordinates[name] = self.store.coordinate(name)[self.store_positions]
         return self._text_coordinates[name].copy()
+
+    def _check_store(self) -> None:
+        """InputChangedError when the store was rewritten since this dataset opened it. Checked once per process,
+        and again locally whenever the store's zarr.json changed (one stat per batch: the checks cost nothing)."""
+        stamp = None
+        if self._root_json is not None:
+            try:
+                found = os.stat(self._root_json)
+                stamp = (found.st_ino, found.st_size, found.st_mtime_ns)
+            except FileNotFoundError:
+                pass
+        if self._seen is not None and self._seen[0] == os.getpid() and (self._root_json is None or stamp == self._seen[1]):
+            return
+        try:
+            check_unchanged(self._identity)
+        except InputChangedError:
+            raise InputChangedError(
+                f"{self.url}: rewritten since this ImageStoreDataset opened it (its labels and selection are the old "
+                "store's, its images would be the new one's): make the dataset again"
+            ) from None
+        self._seen = (os.getpid(), stamp)
 
     def _local_indices(self, indices: Sequence[int] | np.ndarray | torch.Tensor) -> np.ndarray:
         local = np.asarray(indices, dtype=np.int64).reshape(-1)

@@ -20,6 +20,7 @@ from extractor.selection import SelectionError, SelectionSpec, select_samples
 from schemas.classes import class_table
 from schemas.errors import ImzarrError
 from schemas.image_store import validate_image_store
+from schemas.store_identity import InputChangedError
 from schemas.store_integrity import DamagedStoreError
 from tests.support.commands import run_imzarr
 
@@ -209,3 +210,21 @@ def test_a_shard_damaged_after_opening_fails_in_the_workers(sample_store, tmp_pa
     loader = DataLoader(dataset, batch_size=64, num_workers=2, multiprocessing_context="fork")
     with pytest.raises(DamagedStoreError, match=f"{shard}: {damage}"):
         list(loader)
+
+
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded, use of fork:DeprecationWarning")
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_store_rewritten_under_a_dataset_is_refused_not_mixed(sample_store, tmp_path, workers):
+    """`convert --overwrite` while a training job holds the dataset: the next batch raises, instead of pairing the
+    new store's images with the old store's labels."""
+    url, _, _ = sample_store
+    copy = tmp_path / "copy.zarr"
+    shutil.copytree(url, copy)
+    dataset = ImageStoreDataset(str(copy))
+    loader = DataLoader(dataset, batch_size=64, num_workers=workers, multiprocessing_context="fork" if workers else None)
+    assert sum(len(labels) for _, labels in loader) == len(dataset)  # the first epoch, as made
+    shards = Path(url).parent / "shards" / "train"
+    imzarr("convert", "npz", str(shards), "-o", str(copy), "--shuffle-seed", str(SHUFFLE_SEED + 1), "--shard-size", "256", "--overwrite", cwd=tmp_path)
+    with pytest.raises(InputChangedError, match=r"copy\.zarr: rewritten since this ImageStoreDataset opened it \(its labels and selection are the old store's"):
+        list(loader)
+    assert len(ImageStoreDataset(str(copy))) == len(dataset)  # a dataset made again reads the new store
