@@ -24,7 +24,7 @@ from schemas.vocabulary import COMPUTE_DTYPE_NAMES, POOL_MODES, PRESET_NAMES, ST
 from schemas.classes import NUM_CLASSES, class_table
 from schemas.errors import ImzarrError, PathError
 from schemas.keywords import keyword_names, refuse_unknown_keywords, takes_keywords_of
-from schemas.output_paths import check_output_location, local_file_url_to_path
+from schemas.output_paths import OutputOverlapsInputError, check_output_location, local_file_url_to_path
 
 if TYPE_CHECKING:
     import xarray as xr
@@ -59,6 +59,10 @@ def __getattr__(name: str) -> Any:
 
 class SheetOutputError(PathError):
     """A contact sheet's output that is not a PNG file name (an existing folder, another format's suffix)."""
+
+
+class GenerateOutputError(PathError):
+    """generate's two outputs overlapping: the activation store given as, inside or around the image store."""
 
 
 class FeatureInputError(ImzarrError, ValueError):
@@ -195,7 +199,10 @@ def generate_options(
     check_preset_layers(preset, layers)  # before torch is imported: a typo answers at once
     check_output_location(output)
     if activations_out:
-        check_output_location(activations_out, [output])
+        try:
+            check_output_location(activations_out, [output])
+        except OutputOverlapsInputError:
+            raise GenerateOutputError(activations_out, f"--activations-out must be a store apart from -o {output} (not the same path, nor inside or around it)") from None
     from extractor.forward import ForwardSettings
     from extractor.generation import GenerateOptions
 

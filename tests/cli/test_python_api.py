@@ -179,6 +179,8 @@ REFUSALS = [
      lambda: _api().generate("gen.zarr", preset="tiny-random", per_class=1, layers="midblock")),
     ("generate activations inside the images", ["generate", "-o", "gen.zarr", "--preset", "tiny-random", "--per-class", "1", "--layers", "midblock", "--activations-out", "gen.zarr/a.zarr"],
      lambda: _api().generate("gen.zarr", preset="tiny-random", per_class=1, layers="midblock", activations_out="gen.zarr/a.zarr")),
+    ("generate activations onto the images", ["generate", "-o", "gen.zarr", "--preset", "tiny-random", "--per-class", "1", "--layers", "midblock", "--activations-out", "gen.zarr"],
+     lambda: _api().generate("gen.zarr", preset="tiny-random", per_class=1, layers="midblock", activations_out="gen.zarr")),
     ("generate unknown class", ["generate", "-o", "gen.zarr", "--preset", "tiny-random", "--per-class", "1", "--classes", "n99999999"],
      lambda: _api().generate("gen.zarr", preset="tiny-random", per_class=1, classes="n99999999")),
     ("compare one store", ["compare", "a.zarr", "--layer", "midblock"],
