@@ -68,7 +68,7 @@ CASES = [
     ("show onto a folder", ["show", "images.zarr", "-o", "notes"], 2, "is a folder"),
     ("show onto its input", ["show", "images.zarr", "-o", "images.zarr/grid.png"], 2, "lies inside the input"),
     ("show a missing store", ["show", "missing.zarr", "-o", "g.png"], 2, "missing.zarr"),
-    ("generate two stores in one path", ["generate", "-o", "g.zarr", "--preset", "tiny-random", "--per-class", "1", "--layers", "midblock", "--activations-out", "g.zarr"], 2, "is the input"),
+    ("generate two stores in one path", ["generate", "-o", "g.zarr", "--preset", "tiny-random", "--per-class", "1", "--layers", "midblock", "--activations-out", "g.zarr"], 2, "--activations-out must be a store apart from -o"),
     ("generate layers without a store", ["generate", "-o", "g.zarr", "--preset", "tiny-random", "--per-class", "1", "--layers", "midblock"], 2, "--activations-out"),
     ("info on a foreign folder", ["info", "notes"], 2, "notes"),
     ("convert onto its source file", ["convert", "npz", "src/train/train_data_batch_1.npz", "-o", "src/train/train_data_batch_1.npz"], 2, "is the input"),
