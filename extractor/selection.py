@@ -187,15 +187,16 @@ def select_samples(spec: SelectionSpec, labels: np.ndarray, synsets: np.ndarray)
     if spec.positions is not None:
         chosen = checked_positions(np.asarray(spec.positions), n, "indices")
     if spec.classes:
-        known = set(synsets[chosen].tolist())
+        chosen_synsets = synsets[chosen]  # taken once: a copy of every candidate's text (1.28 M at full scale)
+        known = set(chosen_synsets.tolist())
         present, first = np.unique(labels[chosen], return_index=True)
         # A store's own classes are named by folder: their WNID and name are the folder name.
-        table = {int(label): (str(synsets[chosen][i]),) * 2 for label, i in zip(present.tolist(), first.tolist()) if label >= 0}
+        table = {int(label): (str(chosen_synsets[i]),) * 2 for label, i in zip(present.tolist(), first.tolist()) if label >= 0}
         wnids = class_wnids(spec.classes, table, frozenset(known))
         unknown = [w for w in wnids if w not in known]
         if unknown:
             raise SelectionError(f"classes {unknown} have no samples in this store")
-        chosen = chosen[np.isin(synsets[chosen], np.array(wnids, dtype=object))]
+        chosen = chosen[np.isin(chosen_synsets, np.array(wnids, dtype=object))]
     if spec.per_class is not None:
         if spec.per_class < 1:
             raise SelectionError(f"--per-class must be ≥ 1, got {spec.per_class}")

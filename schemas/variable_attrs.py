@@ -131,7 +131,8 @@ def label_names(labels: np.ndarray, recorded: dict[int, tuple[str, str]]) -> tup
     (classes_lookup), else from the ImageNet-1k table; '' for -1 (unknown)."""
     table = class_table()
     labels = np.asarray(labels, dtype=np.int64)
-    synsets, names = table.synsets_of(np.where(labels < NUM_IMAGENET, labels, -1)), table.names_of(np.where(labels < NUM_IMAGENET, labels, -1))
+    imagenet = np.where(labels < NUM_IMAGENET, labels, -1)  # a store's own label past 999 has no ImageNet name
+    synsets, names = table.synsets_of(imagenet), table.names_of(imagenet)
     for i, label in enumerate(labels.tolist()):
         if label in recorded:
             synsets[i], names[i] = recorded[label]
