@@ -141,6 +141,22 @@ def class_wnids(entries: Iterable[str], table: dict[int, tuple[str, str]], prese
     return wnids
 
 
+def present_class_wnids(entries: Iterable[str], labels: np.ndarray, synsets: np.ndarray) -> tuple[str, ...]:
+    """WNIDs of class entries among samples with these labels and synsets (class_wnids: a store's own numbered
+    folders by folder name or label, else ImageNet-1k names too); a class without samples here is refused."""
+    known = set(synsets.tolist())
+    present, first = np.unique(labels, return_index=True)
+    # A store's own classes are named by folder: their WNID and name are the folder name.
+    table = {int(label): (str(synsets[i]),) * 2 for label, i in zip(present.tolist(), first.tolist()) if label >= 0}
+    wnids = class_wnids(entries, table, frozenset(known))
+    unknown = [w for w in wnids if w not in known]
+    if unknown:
+        named = ", ".join(f"{w} ({_class_name(w)})" for w in unknown)
+        held = sorted(known - {""})
+        raise SelectionError(f"classes {named} have no samples in this store; it has {len(held)} classes, e.g. {', '.join(held[:5])}")
+    return wnids
+
+
 def resolve_classes(names: str | int | Iterable[str | int]) -> tuple[str, ...]:
     """WNIDs of every entry (see resolve_class and class_entries), in the given order; repeats refused."""
     entries = class_entries(names) or ()
@@ -188,14 +204,7 @@ def select_samples(spec: SelectionSpec, labels: np.ndarray, synsets: np.ndarray)
         chosen = checked_positions(np.asarray(spec.positions), n, "indices")
     if spec.classes:
         chosen_synsets = synsets[chosen]  # taken once: a copy of every candidate's text (1.28 M at full scale)
-        known = set(chosen_synsets.tolist())
-        present, first = np.unique(labels[chosen], return_index=True)
-        # A store's own classes are named by folder: their WNID and name are the folder name.
-        table = {int(label): (str(chosen_synsets[i]),) * 2 for label, i in zip(present.tolist(), first.tolist()) if label >= 0}
-        wnids = class_wnids(spec.classes, table, frozenset(known))
-        unknown = [w for w in wnids if w not in known]
-        if unknown:
-            raise SelectionError(f"classes {unknown} have no samples in this store")
+        wnids = present_class_wnids(spec.classes, labels[chosen], chosen_synsets)
         chosen = chosen[np.isin(chosen_synsets, np.array(wnids, dtype=object))]
     if spec.per_class is not None:
         if spec.per_class < 1:

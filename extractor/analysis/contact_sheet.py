@@ -20,9 +20,8 @@ import zarr
 from PIL import Image, ImageDraw
 
 from extractor.analysis.provenance import describe_model
-from extractor.selection import UnknownClassNameError, class_entries, refuse_repeated_classes, resolve_class
+from extractor.selection import SelectionError, class_entries, present_class_wnids
 from schemas.activation_store import ACTIVATION_SCHEMA, RECONSTRUCTION_VAR, validate_activation_store
-from schemas.classes import class_table
 from schemas.errors import ImzarrError
 from schemas.image_store import IMAGE_SCHEMA, IMAGE_VAR, validate_image_store
 from schemas.output_paths import write_output_file
@@ -57,8 +56,8 @@ def write_contact_sheet(
     if per_class < 1 or max_classes < 1:
         raise ContactSheetError(f"per_class and max_classes must be positive, got {per_class} and {max_classes}")
     entries = class_entries(classes)  # before the store is opened: '' or a repeat is refused as everywhere
-    synsets, names, read, attrs = _open(store_url, variable)
-    chosen = _choose_classes(store_url, synsets, entries, max_classes)
+    labels, synsets, names, read, attrs = _open(store_url, variable)
+    chosen = _choose_classes(store_url, labels, synsets, entries, max_classes)
     members = [np.flatnonzero(synsets == wnid) for wnid in chosen]
     rows = [m[:per_class] for m in members]
     images = read(np.concatenate(rows)) if rows else np.zeros((0, 3, 1, 1), np.uint8)
@@ -93,7 +92,7 @@ def tile_origin(row: int, col: int, tile: int) -> tuple[int, int]:
 
 
 def _open(url: str, variable: str):
-    """Per-sample synsets and class names, a reader of uint8 (n, 3, S, S) images at given indices, group attrs."""
+    """Per-sample labels, synsets and class names, a reader of uint8 (n, 3, S, S) images at given indices, group attrs."""
     try:
         schema = dict(zarr.open_group(url, mode="r").attrs).get("schema")
     except Exception:  # let the validator word the "not a store" error
@@ -106,6 +105,7 @@ def _open(url: str, variable: str):
             raise ContactSheetError(f"{url}: no {RECONSTRUCTION_VAR!r} variable; it was extracted without --reconstructions")
         array = group[RECONSTRUCTION_VAR]
         return (
+            np.asarray(group["label"][:]),
             np.asarray(group["synset"][:]).astype(object),
             np.asarray(group["class_name"][:]).astype(object),
             lambda idx: _take(array, idx),
@@ -114,29 +114,18 @@ def _open(url: str, variable: str):
     if variable != IMAGE_VAR:
         raise ContactSheetError(f"{url}: an image store shows {IMAGE_VAR!r}; {variable!r} exists only in activation stores")
     store = validate_image_store(url)
-    return store.coordinate("synset"), store.coordinate("class_name"), store.take, store.attrs
+    return store.coordinate("label"), store.coordinate("synset"), store.coordinate("class_name"), store.take, store.attrs
 
 
-def _choose_classes(url: str, synsets: np.ndarray, classes: tuple[str, ...] | None, max_classes: int) -> list[str]:
-    present = set(synsets.tolist()) - {""}
+def _choose_classes(url: str, labels: np.ndarray, synsets: np.ndarray, classes: tuple[str, ...] | None, max_classes: int) -> list[str]:
+    """The given classes as `extract --classes` takes them (a store's own folders by name or label), or the
+    first `max_classes` present in label order."""
     if classes is None:
-        return sorted(present)[:max_classes]  # sorted WNIDs are label order
-    table = class_table()
-    chosen = []
-    for given in classes:
-        if given in present:  # the store's own classes first: folder-named ones need not be ImageNet-1k
-            chosen.append(given)
-            continue
-        try:
-            wnid = resolve_class(given)
-        except UnknownClassNameError as exc:
-            raise ContactSheetError(f"{url}: {exc} (nor a class of this store)") from None
-        if wnid not in present:
-            name = table.names[table.index_of_wnid(wnid)]
-            raise ContactSheetError(f"{url}: no samples of {wnid} ({name}); the store has {len(present)} classes, e.g. {sorted(present)[:5]}")
-        chosen.append(wnid)
-    refuse_repeated_classes(classes, chosen)
-    return chosen
+        return sorted(set(synsets.tolist()) - {""})[:max_classes]  # sorted WNIDs are label order
+    try:
+        return list(present_class_wnids(classes, labels, synsets))
+    except SelectionError as exc:
+        raise ContactSheetError(f"{url}: {exc}") from None
 
 
 def _take(array: zarr.Array, indices: np.ndarray) -> np.ndarray:

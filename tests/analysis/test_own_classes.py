@@ -13,9 +13,11 @@ from PIL import Image
 import converter
 import extractor  # noqa: F401  (registers ds.imzarr)
 from extractor import api
+from extractor.analysis.contact_sheet import ContactSheetError, tile_origin, write_contact_sheet
 from extractor.analysis.compare import CompareError
 from extractor.selection import UnknownClassNameError
 from schemas.api import store_info
+from schemas.image_store import validate_image_store
 from tests.support.synthetic import photo_like
 
 FOLDERS = ("cats", "dogs", "owls")
@@ -109,3 +111,18 @@ def test_compare_names_own_classes_of_a_store_made_before_they_were_recorded(own
     assert zarr.open_group(old, mode="r").attrs["classes"]["class_name"][0] == "tench"
     report = api.compare([old, acts], layer="midblock", metrics="fd").report
     assert report.class_name.values.tolist() == list(FOLDERS)
+
+
+def test_contact_sheet_names_own_classes_as_extract_does(own, tmp_path):
+    """`imzarr show --classes 2,Cats` shows owls then cats (label 2 and a folder name in any case), as
+    `extract --classes` picks them; tench (ImageNet's label 0) is refused."""
+    _, images, _ = own
+    store = validate_image_store(images)
+    pixels, synsets = store.image[:], store.coordinate("synset")
+    sheet = np.asarray(Image.open(write_contact_sheet(images, tmp_path / "own.png", classes=["2", "Cats"], per_class=2)).convert("RGB"))
+    for row, folder in enumerate(["owls", "cats"]):
+        for col, i in enumerate(np.flatnonzero(synsets == folder)[:2]):
+            x, y = tile_origin(row, col, 64)
+            np.testing.assert_array_equal(sheet[y : y + 64, x : x + 64], pixels[i].transpose(1, 2, 0), err_msg=f"{folder} #{col}")
+    with pytest.raises(ContactSheetError, match="'tench': not a class of this store"):
+        write_contact_sheet(images, tmp_path / "t.png", classes=["tench"])
