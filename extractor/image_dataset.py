@@ -34,9 +34,9 @@ from torch.utils.data import Dataset, get_worker_info
 from torch.utils.data._utils.collate import collate, default_collate_fn_map
 
 from extractor.selection import SelectionSpec, checked_positions, class_entries, select_samples
-from schemas.errors import ImzarrError
+from schemas.errors import ImzarrError, SampleIndexError
 from schemas.image_store import ImageStore, ShardRangeReader, validate_image_store
-from schemas.output_paths import local_path
+from schemas.output_paths import absolute_url, local_path, url_protocol
 from schemas.store_identity import ROOT_METADATA, InputChangedError, StoreIdentity, check_unchanged
 
 Output = Literal["uint8", "float"]
@@ -46,10 +46,6 @@ Item = tuple[torch.Tensor, int]
 
 class ImageDatasetError(ImzarrError):
     """An ImageStoreDataset option that cannot be honoured."""
-
-
-class SampleIndexError(ImzarrError, IndexError):
-    """A dataset index outside 0..len-1 (an IndexError too, so `for item in dataset` stops at the end)."""
 
 
 class ImageBatch:
@@ -126,7 +122,7 @@ class ImageStoreDataset(Dataset[Item]):
     ):
         if output not in OUTPUTS:
             raise ImageDatasetError(f"output={output!r}: expected one of {', '.join(map(repr, OUTPUTS))}")
-        self.url = os.fspath(url)
+        self.url = str(absolute_url(os.fspath(url)))  # workers and later batches read the store meant now, whatever the working folder
         self.transform = transform
         self.output = output
         store = validate_image_store(self.url)
@@ -233,6 +229,12 @@ class ImageStoreDataset(Dataset[Item]):
         try:
             check_unchanged(self._identity)
         except InputChangedError:
+            if url_protocol(self.url) == "memory" and os.getpid() != self._opened_in_pid:
+                raise ImageDatasetError(
+                    f"{self.url}: a memory:// store lives only in the process that made it, and this worker process "
+                    "(a spawned DataLoader worker) has none: put the store on disk or in an object store, or use "
+                    "workers started by fork"
+                ) from None
             raise InputChangedError(
                 f"{self.url}: rewritten since this ImageStoreDataset opened it (its labels and selection are the old "
                 "store's, its images would be the new one's): make the dataset again"

@@ -55,6 +55,11 @@ class StoreValidationError(ImzarrError):
     """A store does not follow its contract: the message names the store and what is wrong."""
 
 
+class SampleIndexError(ImzarrError, IndexError):
+    """Sample positions that name no sample: outside the store or dataset, or not whole numbers (an IndexError
+    too, so `for item in dataset` stops at the end)."""
+
+
 class StoreLockedError(RunFailedError):
     """Another live process is writing the same store."""
 

@@ -27,8 +27,9 @@ import numpy as np
 import zarr
 from fsspec.implementations.local import LocalFileSystem
 
+from schemas.output_paths import absolute_url
 from schemas.remote_storage import read_store_root
-from schemas.errors import StoreValidationError
+from schemas.errors import SampleIndexError, StoreValidationError
 from schemas.obstore_ranges import obstore_ranges_for
 from schemas.store_integrity import NO_FILE, DamagedStoreError, check_store_files, crc32c_of, read_checksum_record, recorded_checksums
 from schemas.variable_attrs import CONVENTIONS, class_table_attrs, coordinates_attribute, missing_array_attrs
@@ -127,10 +128,12 @@ def validate_image_store(url: str, require_complete: bool = True) -> "ImageStore
     if "Conventions" in attrs:
         _check_array_attrs(url, attrs, image, coordinates)
     if not require_complete:
-        return ImageStore(url, attributes=attrs, image_metadata=image)
+        return ImageStore(absolute_url(url), attributes=attrs, image_metadata=image)
     record = read_checksum_record(url)  # read once: the listing's check and the reader's missing-file rule
     check_store_files(url, record=record)  # a listing: a complete store lacking a shard file would read as black images
-    return ImageStore(url, attributes=attrs, written=None if record is None else record.get(IMAGE_VAR), image_metadata=image)
+    # Read later from the path as it means now: a relative path would follow the working folder (a notebook's %cd)
+    # to another store, whose pixels would then pair with this store's labels.
+    return ImageStore(absolute_url(url), attributes=attrs, written=None if record is None else record.get(IMAGE_VAR), image_metadata=image)
 
 
 def _array_metadata(url: str, name: str, missing: str) -> dict[str, Any]:
@@ -264,9 +267,9 @@ class ImageStore:
 
     def take(self, indices: np.ndarray) -> np.ndarray:
         """Images at arbitrary sample indices (any order, repeats allowed) as uint8 (n, 3, S, S)."""
-        indices = np.asarray(indices, dtype=np.int64)
+        indices = sample_positions(indices, self.url)
         if indices.size and (indices.min() < 0 or indices.max() >= self.num_samples):
-            raise IndexError(f"{self.url}: sample index out of range 0..{self.num_samples - 1}")
+            raise SampleIndexError(f"{self.url}: sample index out of range 0..{self.num_samples - 1}")
         reader = self.fast_reader
         if reader is not None:
             return reader.take(indices).reshape(indices.size, *self.image_shape[1:])
@@ -274,6 +277,20 @@ class ImageStore:
             check_store_files(self.url, self.storage_options)
             self._files_checked = True
         return take_with_zarr(self.image, indices)
+
+
+def sample_positions(indices: Any, url: str) -> np.ndarray:
+    """int64 positions from a 1-D sequence of whole numbers; SampleIndexError for anything numpy would take
+    otherwise (floats truncated, a boolean mask read as 0s and 1s, a scalar or a 2-D array)."""
+    given = np.asarray(indices)
+    if given.ndim != 1:
+        raise SampleIndexError(f"{url}: sample positions must be a 1-D sequence, got an array of shape {given.shape}")
+    if given.dtype.kind == "b":
+        raise SampleIndexError(f"{url}: sample positions are whole numbers, not a boolean mask (use np.flatnonzero(mask))")
+    if given.size and given.dtype.kind not in "iu":
+        if given.dtype.kind != "f" or not np.array_equal(given, np.round(given)):
+            raise SampleIndexError(f"{url}: sample positions must be whole numbers, got {given.dtype} values such as {given.flat[0].item()!r}")
+    return given.astype(np.int64, copy=False)
 
 
 def take_with_zarr(array: zarr.Array, indices: np.ndarray) -> np.ndarray:

@@ -228,3 +228,42 @@ def test_a_store_rewritten_under_a_dataset_is_refused_not_mixed(sample_store, tm
     with pytest.raises(InputChangedError, match=r"copy\.zarr: rewritten since this ImageStoreDataset opened it \(its labels and selection are the old store's"):
         list(loader)
     assert len(ImageStoreDataset(str(copy))) == len(dataset)  # a dataset made again reads the new store
+
+
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded, use of fork:DeprecationWarning")
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_relative_path_keeps_reading_its_store_after_the_working_folder_changes(sample_store, tmp_path, monkeypatch, workers):
+    """A notebook's `%cd` to a folder holding another store of the same name: the store and the dataset opened
+    before it go on reading the store they opened (not the other one's pixels with their labels)."""
+    url, images, labels = sample_store
+    mine, other = tmp_path / "mine", tmp_path / "other"
+    shutil.copytree(url, mine / "data" / "s.zarr")
+    shards = Path(url).parent / "shards" / "train"
+    other.mkdir()
+    imzarr("convert", "npz", str(shards), "-o", "data/s.zarr", "--shuffle-seed", str(SHUFFLE_SEED + 1), "--shard-size", "256", cwd=other)
+    monkeypatch.chdir(mine)
+    store = validate_image_store("data/s.zarr")
+    dataset = ImageStoreDataset("data/s.zarr", num_samples=100)
+    monkeypatch.chdir(other)
+    np.testing.assert_array_equal(store.take(np.arange(100)), images[:100])
+    np.testing.assert_array_equal(store.coordinate("label")[:100], labels[:100])
+    loader = DataLoader(dataset, batch_size=50, num_workers=workers, multiprocessing_context="fork" if workers else None)
+    got_images, got_labels = (torch.cat(parts) for parts in zip(*loader))
+    np.testing.assert_array_equal(got_images.numpy(), images[:100])
+    np.testing.assert_array_equal(got_labels.numpy(), labels[:100])
+
+
+def test_a_memory_store_in_spawned_workers_is_named_as_per_process(sample_store):
+    import fsspec
+
+    url, _, _ = sample_store
+    memory = fsspec.filesystem("memory")
+    target = "memory://spawned-dataset.zarr"
+    for path in Path(url).rglob("*"):
+        if path.is_file():
+            memory.pipe(f"{target}/{path.relative_to(url).as_posix()}", path.read_bytes())
+    dataset = ImageStoreDataset(target, num_samples=8)
+    assert len(next(iter(DataLoader(dataset, batch_size=8)))[0]) == 8  # read in this process
+    loader = DataLoader(dataset, batch_size=8, num_workers=1, multiprocessing_context="spawn")
+    with pytest.raises(ImageDatasetError, match=r"memory://spawned-dataset\.zarr: a memory:// store lives only in the process that made it"):
+        list(loader)

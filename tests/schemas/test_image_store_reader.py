@@ -189,3 +189,28 @@ def test_long_runs_are_cut_at_aligned_file_offsets():
     pieces = list(zip(*(c.tolist() for c in cut)))
     assert pieces[:4] == [(0, 100, 0, 924), (0, 1024, 924, 1024), (0, 2048, 1948, 552), (1, 5000, 7000, 1000)]
     assert pieces[4:] == [(1, 9000, 12000, 900)]  # no longer than the block: not cut, even across a multiple
+
+
+@pytest.mark.parametrize(
+    "given, message",
+    [
+        ([1.5], r"must be whole numbers, got float64 values such as 1\.5"),
+        (np.arange(120) < 3, r"not a boolean mask \(use np\.flatnonzero\(mask\)\)"),
+        (np.zeros((2, 2), np.int64), r"1-D sequence, got an array of shape \(2, 2\)"),
+        (5, r"1-D sequence, got an array of shape \(\)"),
+        ([0, 120], r"sample index out of range 0\.\.119"),
+        (["1"], r"must be whole numbers, got <U1"),
+    ],
+    ids=["fraction", "mask", "2-D", "scalar", "outside", "text"],
+)
+def test_take_refuses_what_names_no_sample(image_store, given, message):
+    """What numpy would quietly take (1.5 as 1, a mask as rows 0 and 1) is refused, naming the store."""
+    from schemas.errors import SampleIndexError
+    from schemas.image_store import validate_image_store
+
+    store = validate_image_store(image_store)
+    with pytest.raises(SampleIndexError, match=message) as caught:
+        store.take(given)
+    assert str(caught.value).startswith(image_store)
+    exact = store.take([2.0, 0, 2])  # whole numbers given as floats are positions, as `indices=` takes them
+    np.testing.assert_array_equal(exact, store.image[[2, 0, 2]])
