@@ -116,12 +116,19 @@ def translate_remote_error(exc: BaseException, url: str | None = None) -> Imzarr
     if kind in ("EndpointConnectionError", "ConnectionClosedError", "ProxyConnectionError"):
         return RemoteStorageError(
             f"{where}: cannot reach the object store ({exc}); check the endpoint (--storage-options "
-            "'{\"endpoint_url\": \"http://HOST:PORT\"}' or FSSPEC_S3_ENDPOINT_URL), then re-run the same command"
+            "'{\"endpoint_url\": \"http://HOST:PORT\"}', AWS_ENDPOINT_URL, or from Python "
+            "schemas.apply_storage_options({\"endpoint_url\": …}, [\"s3\"])), then re-run the same command"
         )
     if kind in ("NoCredentialsError", "PartialCredentialsError"):
+        # fsspec keeps the filesystem it made (keyed by its options, not the environment): forgotten here, the next
+        # try from the same process (a notebook) reads credentials set since.
+        import fsspec
+
+        fsspec.get_filesystem_class("s3").clear_instance_cache()
         return RemoteStorageCredentialsError(
             f"{where}: no credentials for the object store; set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, or pass "
-            "--storage-options '{\"key\": …, \"secret\": …, \"endpoint_url\": …}' (README \"Object storage and clusters\")"
+            "--storage-options '{\"key\": …, \"secret\": …, \"endpoint_url\": …}' (from Python: "
+            "schemas.apply_storage_options({…}, [\"s3\"])) (README \"Object storage and clusters\")"
         )
     return None
 

@@ -95,7 +95,14 @@ def remote_protocols(values: Iterable[Any]) -> set[str]:
 
 def apply_storage_options(options: dict[str, Any], protocols: Iterable[str]) -> None:
     """Make `options` the defaults of every filesystem of these protocols made from now on in this process (on top
-    of the timeout defaults, nested options merged key by key)."""
+    of the timeout defaults, nested options merged key by key): `--storage-options` of every command, and from
+    Python e.g. `schemas.apply_storage_options({"endpoint_url": "http://127.0.0.1:9000"}, ["s3"])` before opening
+    or converting anything there. Values of well-known options are checked (StorageOptionsError)."""
+    if not isinstance(options, dict):
+        raise StorageOptionsError(f"storage options must be a dict of filesystem keyword arguments, got {type(options).__name__}")
+    if isinstance(protocols, str):
+        protocols = [protocols]
+    check_storage_option_values(options)
     install_remote_defaults()
     for protocol in protocols:
         fsspec.config.conf[protocol] = merged_options(fsspec.config.conf.get(protocol, {}), options)

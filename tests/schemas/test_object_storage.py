@@ -132,3 +132,32 @@ def test_file_urls_work_and_memory_urls_are_refused(workdir, s3):
     assert validate_image_store(str(out)).num_samples == 240
     proc = _imzarr(s3, workdir, "convert", "npz", "src/train", "-o", "memory://x/y.zarr", storage=False)
     assert proc.returncode == 2 and "memory://" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_python_gives_the_endpoint_and_credentials_set_after_a_refusal_count(workdir, s3, monkeypatch):
+    """From Python, `schemas.apply_storage_options` is `--storage-options`; credentials exported after a "no
+    credentials" error are read by the next try in the same process (fsspec had kept the filesystem it made)."""
+    import converter
+    import schemas
+    from schemas.remote_storage import RemoteStorageCredentialsError
+
+    for name in (*CREDENTIALS, "AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(workdir / "no-credentials"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(workdir / "no-config"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setattr(fsspec.config, "conf", {})
+    schemas.apply_storage_options({"endpoint_url": s3.endpoint}, ["s3"])
+    url = s3.url("python-options.zarr")
+    with pytest.raises(RemoteStorageCredentialsError, match=r"no credentials .*schemas\.apply_storage_options"):
+        converter.convert_npz(str(workdir / "src" / "val" / "val_data.npz"), url)
+    for name, value in CREDENTIALS.items():
+        monkeypatch.setenv(name, value)
+    converter.convert_npz(str(workdir / "src" / "val" / "val_data.npz"), url)
+    local = str(workdir / "python-options-local.zarr")
+    converter.convert_npz(str(workdir / "src" / "val" / "val_data.npz"), local)
+    np.testing.assert_array_equal(schemas.open_image_store(url).read(0, 20), schemas.open_image_store(local).read(0, 20))
+    from schemas.storage_options import StorageOptionsError
+
+    with pytest.raises(StorageOptionsError, match="endpoint_url: 9000 is not an http"):
+        schemas.apply_storage_options({"endpoint_url": 9000})
