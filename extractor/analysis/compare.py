@@ -350,7 +350,10 @@ def _check_reference(ref: ReferenceStatistics, fake: LayerFeatures) -> None:
     if meta.get("layer") is not None and meta.get("layer") != fake.var and meta.get("module_path") != fake.module_path:
         raise LayerMismatchError(f"{ref.path}: statistics of layer {meta['layer']} ({meta.get('module_path')}), not of {fake.var} ({fake.module_path}) of {fake.url}")
     if meta.get("pool") is not None and meta["pool"] != fake.reduction:
-        raise LayerMismatchError(f"{ref.path}: statistics of {meta['pool']!r}-reduced features, but {fake.url} gives {describe(fake)}; pass --pool {meta['pool']}")
+        # A store pooled at extraction holds no other reduction: only extracting again (with that --pool, or
+        # unpooled) can give it; an unpooled store is reduced here as --pool says.
+        way_out = f"pass --pool {meta['pool']}" if fake.reduce is not None else f"extract the layer again with --pool {meta['pool']} (or --pool none)"
+        raise LayerMismatchError(f"{ref.path}: statistics of {meta['pool']!r}-reduced features, but {fake.url} gives {describe(fake)}; {way_out}")
 
 
 # ---------------------------------------------------------------- between two stores

@@ -23,6 +23,7 @@ import shutil
 import tempfile
 import time
 import warnings
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
@@ -134,14 +135,33 @@ def reference_bytes(stats: LayerStatistics) -> bytes:
 
 
 def check_file_output(path: str, inputs: list[str], overwrite: bool) -> None:
-    """A single-file output: never an input or inside one, never a folder; an existing file only with overwrite."""
+    """A reference file output: never an input or inside one, never a folder; an existing file only with
+    overwrite, and only when it is a reference file imzarr wrote (an NPZ shard or a sample batch never)."""
     refuse_process_bound_output(path)
     check_output_location(path, inputs)
     local = local_path(path)
     if local is not None and os.path.isdir(local):
         raise PathError(path, "is a folder; give a file name such as ref.npz")
-    if local is not None and os.path.exists(local) and not overwrite:
+    if local is None or not os.path.exists(local):
+        return
+    if not overwrite:
         raise OutputExistsError(f"{path}: exists; pass --overwrite to replace it")
+    members = _npz_members(local)
+    if members is None or REFERENCE_METADATA_KEY not in members or not members <= {"mu", "sigma", REFERENCE_METADATA_KEY}:
+        held = "not an .npz" if members is None else f"holds {sorted(members)}"
+        raise OutputExistsError(
+            f"{path}: exists and is not a reference file imzarr wrote ({held}); --overwrite replaces only those: "
+            "give another file name"
+        )
+
+
+def _npz_members(path: str) -> set[str] | None:
+    """Array names in an .npz file (without reading them), or None for any other file."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return {name.removesuffix(".npy") for name in archive.namelist()}
+    except (OSError, zipfile.BadZipFile):
+        return None
 
 
 def write_reference(stats: LayerStatistics, path: str) -> str:
@@ -176,6 +196,11 @@ def read_reference(path: str) -> ReferenceStatistics:
         raise ReferenceFileError(path, f"`mu` has shape {mu.shape} and `sigma` {sigma.shape}; expected (D,) and (D, D)")
     if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
         raise ReferenceFileError(path, "`mu` or `sigma` holds inf or NaN")
+    # A covariance is symmetric with variances ≥ 0; another matrix gives an FD that means nothing (even < 0).
+    if (np.diag(sigma) < 0).any():
+        raise ReferenceFileError(path, f"`sigma` is not a covariance: {int((np.diag(sigma) < 0).sum())} negative variances on its diagonal")
+    if np.abs(sigma - sigma.T).max(initial=0.0) > 1e-6 * np.abs(sigma).max(initial=0.0):
+        raise ReferenceFileError(path, "`sigma` is not a covariance: it is not symmetric")
     return ReferenceStatistics(path, mu, sigma, hashlib.sha256(raw).hexdigest(), meta)
 
 

@@ -202,6 +202,26 @@ def test_mismatches_and_bad_files_are_one_line(stores, tmp_path, capsys):
     with pytest.raises(OutputExistsError, match="--overwrite"):
         statistics(real, layer="pool3", output=ref_npz)
     statistics(real, layer="pool3", output=ref_npz, overwrite=True)
+    # --overwrite replaces only a reference file imzarr wrote: never an NPZ shard, a sample batch or another tool's file
+    for name, members in {"shard.npz": {"data": np.zeros((2, 12), np.uint8), "labels": np.ones(2)}, "samples.npz": {"arr_0": np.zeros((2, 2, 2, 3), np.uint8)},
+                          "fid.npz": {"mu": np.zeros(64), "sigma": np.eye(64)}}.items():
+        np.savez(tmp_path / name, **members)
+        before = (tmp_path / name).read_bytes()
+        with pytest.raises(OutputExistsError, match=rf"{name}: exists and is not a reference file imzarr wrote \(holds \[.*\]\); --overwrite replaces only those"):
+            statistics(real, layer="pool3", output=str(tmp_path / name), overwrite=True)
+        assert (tmp_path / name).read_bytes() == before
+    # a pooling mismatch says the way out that works: --pool for an unpooled store, extracting again for a pooled one
+    np.savez(tmp_path / "max.npz", mu=np.zeros(64), sigma=np.eye(64), imzarr=np.array(json.dumps({"pool": "max"})))
+    with pytest.raises(LayerMismatchError, match=r"'max'-reduced features, but .* gives pooled 'mean' at extraction; extract the layer again with --pool max"):
+        compare_to_reference(fake, str(tmp_path / "max.npz"), "pool3")
+    spatial = write_activation_store(str(tmp_path / "spatial.zarr"), np.zeros(20, np.int64), lambda a, b: np.ones((b - a, 64, 2, 2)), (64, 2, 2), layer="pool3")
+    with pytest.raises(LayerMismatchError, match=r"'max'-reduced features, but .* gives spatial mean here; pass --pool max$"):
+        compare_to_reference(spatial, str(tmp_path / "max.npz"), "pool3")
+    # a matrix that is no covariance
+    for name, sigma, why in [("neg.npz", -np.eye(64), "64 negative variances"), ("asym.npz", np.eye(64) + np.triu(np.ones((64, 64)), 1), "not symmetric")]:
+        np.savez(tmp_path / name, mu=np.zeros(64), sigma=sigma)
+        with pytest.raises(ReferenceFileError, match=f"`sigma` is not a covariance: .*{why}"):
+            read_reference(str(tmp_path / name))
     assert extractor_main(["stats", real, "--layer", "pool3", "-o", real + "/x.npz"]) == 2
     assert "lies inside the input" in capsys.readouterr().err
     # a per-class store is a Zarr folder: never named .npz, never taken as a reference
