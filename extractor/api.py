@@ -388,7 +388,7 @@ def features(
     }
     coords = {"label": ("sample", labels.astype(np.int16)), "synset": ("sample", synsets), "class_name": ("sample", names), "global_index": ("sample", index.astype(np.int64))}
     attrs = {"model": loaded.name, "trained": loaded.trained, "sha256": loaded.sha256, "sigma": fwd.sigma, "noise_seed": fwd.noise_seed,
-             "class_conditioning": class_conditioning(fwd, loaded), "unknown_labels": int((labels < 0).sum())}
+             "class_conditioning": class_conditioning(fwd, loaded, int((labels < 0).sum())), "unknown_labels": int((labels < 0).sum())}
     return xr.Dataset(data_vars, coords=coords, attrs=attrs)
 
 

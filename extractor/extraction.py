@@ -27,7 +27,7 @@ from extractor.models import LoadedModel
 from schemas.shard_writer import ShardOutput
 from extractor.selection import SelectionSpec, describe_selection, per_class_shortfall, select_samples
 from extractor.shard_forward import ShardForward, pinned_images
-from extractor.store_attrs import check_noise_recipe, extraction_attrs
+from extractor.store_attrs import check_noise_recipe, extraction_attrs, unlabelled_note
 from schemas.activation_store import (
     ACTIVATION_LAYOUT_VERSION,
     ACTIVATION_SCHEMA,
@@ -118,7 +118,8 @@ def _extract(options: ExtractOptions, forward: PreparedForward, images: ImageSto
     run, fwd, loaded, shapes = options.run, forward.settings, forward.loaded, forward.layer_shapes
     selection = describe_selection(options.selection, chosen)
     shortfall = per_class_shortfall(options.selection, images.coordinate("label"), images.coordinate("synset"))
-    notes = (shortfall,) if shortfall else ()
+    chosen_labels = images.coordinate("label")[chosen]
+    notes = tuple(note for note in (shortfall, unlabelled_note(fwd, loaded, chosen_labels)) if note)
     settings = replace(options, forward=fwd).to_dict(loaded.sha256, selection, images.attrs.get("settings_fingerprint"), source.generation)
     check_noise_recipe(options.output, fwd.noise_seed, run.overwrite)
     if inspect_existing(options.output, ACTIVATION_SCHEMA, settings, run.overwrite) == "complete":
@@ -128,7 +129,7 @@ def _extract(options: ExtractOptions, forward: PreparedForward, images: ImageSto
     num_shards = -(-n // shard)
     rec_shape = (3, images.resolution, images.resolution) if fwd.reconstructions else None
     coords = {
-        "label": images.coordinate("label")[chosen].astype(np.int16),
+        "label": chosen_labels.astype(np.int16),
         "synset": images.coordinate("synset")[chosen],
         "class_name": images.coordinate("class_name")[chosen],
         "global_index": images.coordinate("global_index")[chosen],
@@ -144,7 +145,7 @@ def _extract(options: ExtractOptions, forward: PreparedForward, images: ImageSto
         # The numeric coordinates are known for the whole selection: written once, whole, with the arrays.
         lambda g: create_activation_arrays(g, n, shapes, fwd.storage_dtype, shard, rec_shape, array_attrs, coordinates=coords),
         run.overwrite,
-        initial_attrs={**extraction_attrs(options.store, fwd, images, loaded, forward.paths, selection, forward.device),
+        initial_attrs={**extraction_attrs(options.store, fwd, images, loaded, forward.paths, selection, forward.device, int((chosen_labels < 0).sum())),
                        **activation_group_attrs(coords["label"], coords["synset"], coords["class_name"])},
     )
     if state.already_complete:  # another run finished it while this one started: nothing to do, nothing to finish

@@ -63,23 +63,35 @@ def device_name(device: str) -> str:
     return torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else "cpu"
 
 
-def class_conditioning(fwd: ForwardSettings, loaded: LoadedModel) -> str:
-    """What the network was given as class labels (a label of -1, unknown, as zeros)."""
+def class_conditioning(fwd: ForwardSettings, loaded: LoadedModel, unlabelled: int = 0) -> str:
+    """What the network was given as class labels (a label of -1, unknown, as zeros: said where any sample had one)."""
     if loaded.kind == FEATURE_KIND:
         return "none (a feature network)"
     if not loaded.label_dim:
         return "none (an unconditional network)"
-    return "none (zero labels)" if fwd.class_free else "one-hot of label"
+    if fwd.class_free:
+        return "none (zero labels)"
+    return f"one-hot of label; zeros for the {unlabelled:,} samples without a label (-1)" if unlabelled else "one-hot of label"
 
 
-def run_attrs(fwd: ForwardSettings, loaded: LoadedModel, paths: dict[str, str], device: str) -> dict[str, Any]:
+def unlabelled_note(fwd: ForwardSettings, loaded: LoadedModel, labels: np.ndarray) -> str | None:
+    """A note when a class-conditional network runs samples without a label (-1: e.g. generated samples saved
+    without their classes), which it gets as zero class vectors, unlike the labelled samples it is compared with."""
+    unlabelled = int((np.asarray(labels) < 0).sum())
+    if not unlabelled or loaded.kind == FEATURE_KIND or not loaded.label_dim or fwd.class_free:
+        return None
+    return (f"{unlabelled:,} of {np.asarray(labels).size:,} samples have no label (-1): the class-conditional network gets "
+            "zeros for their class (recorded in class_conditioning); give the store its labels, or pass --class-free for every sample")
+
+
+def run_attrs(fwd: ForwardSettings, loaded: LoadedModel, paths: dict[str, str], device: str, unlabelled: int = 0) -> dict[str, Any]:
     """Attributes every activation store carries: model, layers, σ, noise, pooling, dtypes, versions, device."""
     return {
         "model": model_attrs(fwd, loaded),
         "layers": paths,
         "sigma": fwd.sigma,
         "noise": noise_attrs(fwd.noise_seed) if fwd.noised else None,
-        "class_conditioning": class_conditioning(fwd, loaded),
+        "class_conditioning": class_conditioning(fwd, loaded, unlabelled),
         "pooling": fwd.pool,
         "dtypes": {"storage": fwd.storage_dtype, "compute": fwd.compute_dtype},
         "versions": versions(),
@@ -87,14 +99,17 @@ def run_attrs(fwd: ForwardSettings, loaded: LoadedModel, paths: dict[str, str], 
     }
 
 
-def extraction_attrs(store: str, fwd: ForwardSettings, images: ImageStore, loaded: LoadedModel, paths: dict[str, str], selection: dict, device: str) -> dict[str, Any]:
-    """An extraction store's group attributes: the run's, how images became the network's input, selection, source."""
+def extraction_attrs(
+    store: str, fwd: ForwardSettings, images: ImageStore, loaded: LoadedModel, paths: dict[str, str], selection: dict, device: str, unlabelled: int = 0
+) -> dict[str, Any]:
+    """An extraction store's group attributes: the run's, how images became the network's input, selection, source
+    (`unlabelled`: how many selected samples have label -1)."""
     if loaded.kind == FEATURE_KIND:
         scaling = loaded.preprocessing
     else:
         scaling = "uint8 / 127.5 - 1, then + sigma * noise" if fwd.noised else "uint8 / 127.5 - 1 (no noise)"
     return {
-        **run_attrs(fwd, loaded, paths, device),
+        **run_attrs(fwd, loaded, paths, device, unlabelled),
         "input_scaling": scaling,
         "selection": selection,
         "source": {"url": absolute_url(store), "schema": images.attrs.get("schema"), "fingerprint": images.attrs.get("settings_fingerprint"),

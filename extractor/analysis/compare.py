@@ -398,6 +398,15 @@ def _between_stores(options: CompareOptions, log: TextIO | None) -> xr.Dataset:
             plot_comparison(real_x, fake_x, report, options.plot, projection=options.projection, real_labels=real_y, fake_labels=fake_y)
     known_r, known_f = set(np.unique(real.labels[real.labels >= 0]).tolist()), set(np.unique(fake.labels[fake.labels >= 0]).tolist())
     report.attrs |= {"classes_only_in_real": len(known_r - known_f), "classes_only_in_fake": len(known_f - known_r)}
+    for side, features, only in (("real", real, known_r - known_f), ("generated", fake, known_f - known_r)):
+        unlabelled = int((features.labels < 0).sum())
+        if unlabelled:
+            _log(log, f"{unlabelled:,} of {features.n:,} samples of the {side} store have no label (-1): they count overall, in no class")
+        if only:
+            shown = sorted(only)[:8]
+            names = label_names(np.array(shown), classes_lookup(features.attrs))[1]
+            listed = ", ".join(f"{label} {name}" for label, name in zip(shown, names))
+            _log(log, f"{len(only)} classes only in the {side} store, so in no per-class row: {listed}{' …' if len(only) > 8 else ''}")
     return report
 
 

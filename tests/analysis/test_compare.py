@@ -132,8 +132,10 @@ def test_a_rerun_with_the_same_inputs_and_settings_does_nothing(stores, tmp_path
 
 def test_overall_and_per_class_equal_references(stores):
     real_url, fake_url, real, real_labels, fake, fake_labels, root = stores
-    ds = compare_stores(real_url, fake_url, "feat", k=5, block_size=50)  # blocks do not divide the sizes
+    log = io.StringIO()
+    ds = compare_stores(real_url, fake_url, "feat", k=5, block_size=50, log=log)  # blocks do not divide the sizes
     a = ds.attrs
+    assert f"[compare] 1 classes only in the real store, so in no per-class row: {REAL_ONLY} {class_table().names[REAL_ONLY]}\n" in log.getvalue()
     assert a["n_real"] == len(real) and a["n_fake"] == len(fake) and a["k"] == 5 and a["layer"] == "feat" and a["pool"] == "mean"
     assert a["real_store"] == real_url and a["fake_store"] == fake_url
     assert a["fd"] == pytest.approx(reference_fd_of_samples(real, fake), rel=1e-6)

@@ -523,3 +523,21 @@ def test_per_class_shortfall_is_a_note_of_the_command(image_store, tmp_path, cap
     notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("NOTE: --per-class")]
     shown = ", ".join(f"{c}: {n}" for c, n in list(zip(present.tolist(), counts.tolist()))[:8])
     assert notes == [f"NOTE: --per-class {k}: {present.size} of {present.size} classes have fewer samples, all of theirs taken (label: count {shown}{' …' if present.size > 8 else ''})"]
+
+
+def test_samples_without_labels_are_said_and_recorded(tmp_path, capsys):
+    """Generated samples saved without their classes (an ADM samples file without arr_1) have label -1: the
+    class-conditional network gets zeros for them. The command says so, and the store records it."""
+    from converter import convert_npz
+    from tests.support.synthetic import photo_like, write_adm_samples
+
+    write_adm_samples(tmp_path / "samples_12x64x64x3.npz", photo_like(12, 64, seed=3), None)
+    convert_npz(str(tmp_path / "samples_12x64x64x3.npz"), str(tmp_path / "s.zarr"))
+    argv = ["extract", str(tmp_path / "s.zarr"), "--preset", "tiny-random", "--layers", "midblock", "--pool", "mean", "--device", "cpu"]
+    assert extractor_main([*argv, "-o", str(tmp_path / "a.zarr")]) == 0
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("NOTE: ")]
+    assert "NOTE: 12 of 12 samples have no label (-1): the class-conditional network gets zeros for their class" in "\n".join(notes)
+    assert zarr.open_group(str(tmp_path / "a.zarr"), mode="r").attrs["class_conditioning"] == "one-hot of label; zeros for the 12 samples without a label (-1)"
+    assert extractor_main([*argv, "-o", str(tmp_path / "free.zarr"), "--class-free"]) == 0  # said to: no note
+    assert not [line for line in capsys.readouterr().out.splitlines() if "no label" in line]
+    assert zarr.open_group(str(tmp_path / "free.zarr"), mode="r").attrs["class_conditioning"] == "none (zero labels)"
