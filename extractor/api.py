@@ -268,6 +268,10 @@ def compare(
 
     stores = [stores] if isinstance(stores, str) else list(stores)
     report = local_file_url_to_path(report)
+    if report is not None and options.get("reference") is not None:
+        from extractor.analysis.compare import CompareError
+
+        raise CompareError("--report shows real and generated samples side by side; saved statistics (--reference) have no samples to show")
     inputs = stores + [p for p in (options.get("reference"), options.get("output"), options.get("plot")) if p]
     claim_site_output(report, inputs, per_class_thumbnails)
     checked = compare_options(stores, **options)

@@ -399,6 +399,11 @@ def write_report_site(
     a = ds.attrs
     source = compare_url or "the compare result"
     stores = [a.get("real_store"), a.get("fake_store")]
+    if a.get("reference"):
+        raise ReportSiteError(
+            f"{source}: compares a store with saved statistics ({a['reference']}), which have no samples to show; "
+            "the report site needs a comparison of two activation stores (real, generated)"
+        )
     for role, url in zip(("real", "generated"), stores):
         if not url:
             raise ReportSiteError(f"{source}: records no {role} activation store; cannot find its images")

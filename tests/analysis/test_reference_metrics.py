@@ -240,6 +240,14 @@ def test_cli_stats_and_compare_reference(stores, tmp_path, capsys):
     assert extractor_main(["compare", fake, "--reference", out, "--layer", "pool3", "-o", str(tmp_path / "r.zarr")]) == 0
     printed = capsys.readouterr().out
     assert "reference" in printed and "FD" in printed
+    # a site shows samples: refused before any output with --reference, and for a report made against statistics
+    argv = ["compare", fake, "--reference", out, "--layer", "pool3", "-o", str(tmp_path / "r2.zarr"), "--report", str(tmp_path / "site")]
+    assert extractor_main(argv) == 2
+    assert capsys.readouterr().err.strip() == "imzarr compare: error: --report shows real and generated samples side by side; saved statistics (--reference) have no samples to show"
+    assert not (tmp_path / "r2.zarr").exists() and not (tmp_path / "site").exists()
+    assert extractor_main(["report", str(tmp_path / "r.zarr"), "-o", str(tmp_path / "site")]) == 2
+    assert f"r.zarr: compares a store with saved statistics ({out}), which have no samples to show" in capsys.readouterr().err
+    assert not (tmp_path / "site").exists()
     assert extractor_main(["stats", logits, "--inception-score"]) == 0
     assert "Inception Score" in capsys.readouterr().out
 
