@@ -266,6 +266,7 @@ def compare(
     from extractor.analysis.compare import compare_options
     from extractor.analysis.report import claim_site_output, write_report_site
 
+    refuse_unknown_keywords(options, [*keyword_names(compare_options), "report", "per_class_thumbnails", "log"], "compare")
     stores = [stores] if isinstance(stores, str) else list(stores)
     report = local_file_url_to_path(report)
     if report is not None and options.get("reference") is not None:
@@ -299,6 +300,7 @@ def stats(store: str, *, log: TextIO | None = None, **options: Any) -> Statistic
     `statistics_options` takes them."""
     from extractor.analysis.reference_statistics import run_statistics, statistics_options
 
+    refuse_unknown_keywords(options, keyword_names(statistics_options), "stats")
     return run_statistics(statistics_options(store, **options), log=log)
 
 

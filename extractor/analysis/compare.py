@@ -60,6 +60,7 @@ from extractor.analysis.reference_statistics import ReferenceStatistics, read_re
 from schemas.compare_report import COMPARE_SCHEMA as REPORT_SCHEMA
 from schemas.compare_report import REPORT_DIM, on_label_dimension
 from schemas.errors import ImzarrError
+from schemas.keywords import keyword_names, refuse_unknown_keywords
 from schemas.store_identity import StoreIdentity, check_unchanged, reader_lease
 from schemas.output_paths import absolute_url, check_output_location, local_file_url_to_path, local_path, refuse_process_bound_output
 from schemas.store_integrity import read_checksum_record, record_checksums
@@ -227,11 +228,13 @@ def compare_stores(a_url: str, b_url: str, layer: str, log: TextIO | None = None
     `pool` ("mean"/"max"), or flattened with "none" (at most 4096 values); layers pooled at extraction keep their
     pooling. `output` writes the report as Zarr v3, `plot` a PNG (projection "pca" or "umap").
     """
+    refuse_unknown_keywords(options, set(keyword_names(compare_options)) - {"reference"}, "compare_stores")
     return compare(compare_options([a_url, b_url], layer=layer, **options), log=log)
 
 
 def compare_to_reference(store: str, reference: str, layer: str, log: TextIO | None = None, **options) -> xr.Dataset:
     """FD (and with metrics "fd,is" the Inception Score) of a store's layer against saved `mu`/`sigma` statistics."""
+    refuse_unknown_keywords(options, set(keyword_names(compare_options)) - {"reference"}, "compare_to_reference")
     return compare(compare_options([store], layer=layer, reference=reference, **options), log=log)
 
 

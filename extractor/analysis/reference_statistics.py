@@ -35,6 +35,7 @@ from extractor.analysis.inception_scoring import IS_LAYER, IS_SEED, IS_SPLITS, I
 from extractor.analysis.layer_features import AnalysisInputError, LayerFeatures, class_rows, feature_blocks, open_layer, stream_layer
 from extractor.analysis.metrics import GaussianAccumulator
 from schemas.errors import ImzarrError, PathError
+from schemas.keywords import keyword_names, refuse_unknown_keywords
 from schemas.output_paths import check_output_location, local_file_url_to_path, local_path, refuse_process_bound_output, write_output_file
 from schemas.store_integrity import record_checksums
 from schemas.store_lifecycle import claim_report_output
@@ -336,7 +337,10 @@ def statistics_options(
     """`imzarr stats`'s options, checked: an output for statistics, a layer for an output, one output kind per mode."""
     store, output, scratch_dir = local_file_url_to_path([store, output, scratch_dir])
     if output is None and not inception_score:
-        raise AnalysisInputError(f"{store}: nothing to do: give -o (reference .npz, or a Zarr store with --per-class) and/or --inception-score")
+        raise AnalysisInputError(
+            f"{store}: nothing to do: give -o (reference .npz, or a Zarr store with --per-class) and/or --inception-score "
+            "(from Python, layer_statistics(store, layer) gives mu and sigma in memory)"
+        )
     if output is not None and layer is None:
         raise AnalysisInputError(f"{store}: statistics need --layer (the layer whose features they describe)")
     if per_class and output is None:
@@ -376,4 +380,5 @@ def run_statistics(options: StatisticsOptions, log: TextIO | None = None) -> Sta
 
 def statistics(store: str, **options) -> StatisticsResult:
     """`imzarr stats` from Python: keywords as `statistics_options` takes them."""
+    refuse_unknown_keywords(options, keyword_names(statistics_options), "statistics")
     return run_statistics(statistics_options(store, **options))

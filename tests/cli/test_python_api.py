@@ -55,6 +55,7 @@ def test_an_unknown_keyword_is_one_line_with_the_python_spelling(sample):
     """The command line's --no-noise is noise=False in Python; a typo gets its close match and the full list,
     never a TypeError from a function the caller did not call."""
     import extractor
+    import extractor.api
 
     store = str(sample / "src" / "train")
     with pytest.raises(UnknownKeywordError, match=r"^extract\(\) takes no keyword 'no_noise'; did you mean noise=False\? \(its keywords: batch_size, .*\bseed\b"):
@@ -63,6 +64,17 @@ def test_an_unknown_keyword_is_one_line_with_the_python_spelling(sample):
         extractor.generate(str(sample / "g.zarr"), preset="tiny-random", batchsize=8)
     with pytest.raises(TypeError, match=r"^features\(\) takes no keyword 'seed'; did you mean noise_seed\?"):
         extractor.features(np.zeros((1, 3, 64, 64), np.uint8), layers=["midblock"], model="tiny-random", seed=3)
+    from extractor.analysis import compare_stores, compare_to_reference, statistics
+
+    for call, message in [
+        (lambda: compare_stores("r.zarr", "g.zarr", "pool3", prdc_subst=0), r"^compare_stores\(\) takes no keyword 'prdc_subst'; did you mean prdc_subset"),
+        (lambda: compare_to_reference("g.zarr", "ref.npz", "pool3", metrcs="fd"), r"^compare_to_reference\(\) takes no keyword 'metrcs'; did you mean metrics"),
+        (lambda: statistics("r.zarr", layr="pool3"), r"^statistics\(\) takes no keyword 'layr'; did you mean layer"),
+        (lambda: extractor.api.compare(["r.zarr", "g.zarr"], layer="pool3", reprot="site"), r"^compare\(\) takes no keyword 'reprot'; did you mean report"),
+        (lambda: extractor.api.stats("r.zarr", layer="pool3", ouput="x.npz"), r"^stats\(\) takes no keyword 'ouput'; did you mean output"),
+    ]:
+        with pytest.raises(UnknownKeywordError, match=message):
+            call()
     assert not (sample / "a.zarr").exists() and not (sample / "g.zarr").exists()
 
 
