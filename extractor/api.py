@@ -69,8 +69,16 @@ class FeatureInputError(ImzarrError, ValueError):
     """`features` was handed images or labels of the wrong shape (a ValueError too, as numpy's shape errors are)."""
 
 
+class ModelChoiceError(ImzarrError, ValueError):
+    """Neither or both of a preset and a checkpoint name the network."""
+
+
 def model_spec(preset: str | None = None, checkpoint: str | None = None) -> ModelSpec:
-    """The network a command names: a checkpoint file, else a preset (ModelSpec refuses both or neither)."""
+    """The network a command names: a preset or a checkpoint, exactly one (refused before torch is imported)."""
+    if preset is None and checkpoint is None:
+        raise ModelChoiceError("name the network: preset=NAME (--preset) or checkpoint=PATH (--checkpoint)")
+    if preset is not None and checkpoint is not None:
+        raise ModelChoiceError(f"preset={preset!r} and checkpoint={os.fspath(checkpoint)!r} both name a network: give one of them")
     from extractor.models import ModelSpec
 
     return ModelSpec(preset=preset) if checkpoint is None else ModelSpec(checkpoint=str(checkpoint))

@@ -135,7 +135,11 @@ def remap_labels(path: object, labels: np.ndarray, order: str) -> np.ndarray:
     bad = (labels < lo) | (labels > hi)  # in the given dtype: a cast first would wrap 1e30 or 2**64-1 around
     if bad.any():
         row = int(np.flatnonzero(bad)[0])
-        raise SourceError(path, f"label {labels[row].item()} outside {lo}..{hi} (row {row}; label order {order!r})")
+        # The one case where the other order is a likely reading: a 0 in 1-based labels, a 1000 in 0-based ones.
+        other = "sorted" if order == "downsampled" else "downsampled"
+        hint = f"; if the file's labels are {'0-based sorted-WNID indices' if other == 'sorted' else '1-based map_clsloc labels'}, pass --label-order {other}"
+        likely = labels[row].item() == (0 if order == "downsampled" else NUM_CLASSES)
+        raise SourceError(path, f"label {labels[row].item()} outside {lo}..{hi} (row {row}; label order {order!r}){hint if likely else ''}")
     labels = labels.astype(np.int64)
     return class_table().from_downsampled(labels) if order == "downsampled" else labels.astype(np.int16)
 

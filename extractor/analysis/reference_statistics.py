@@ -185,12 +185,17 @@ def read_reference(path: str) -> ReferenceStatistics:
         with np.load(io.BytesIO(raw), allow_pickle=False) as npz:
             keys = set(npz.files)
             if not {"mu", "sigma"} <= keys:
-                raise ReferenceFileError(path, f"holds {sorted(keys)}; reference statistics need `mu` and `sigma`")
+                images = keys & {"arr_0", "data"}
+                way = (f"; `{sorted(images)[0]}` looks like images: convert them (imzarr convert npz), extract the layer, then "
+                       "compare the two stores or make statistics with imzarr stats") if images else ""
+                raise ReferenceFileError(path, f"holds {sorted(keys)}; reference statistics need `mu` and `sigma`{way}")
             mu, sigma = np.asarray(npz["mu"], np.float64), np.asarray(npz["sigma"], np.float64)
             meta = json.loads(str(npz[REFERENCE_METADATA_KEY])) if REFERENCE_METADATA_KEY in keys else {}
     except ReferenceFileError:
         raise
     except Exception as exc:  # numpy raises several types for a file that is not an npz
+        if "allow_pickle" in str(exc):
+            raise ReferenceFileError(path, "holds pickled object arrays, which are not read (unpickling can run code); save `mu` and `sigma` as plain float arrays") from None
         raise ReferenceFileError(path, f"is not a NumPy .npz file ({type(exc).__name__})") from None
     d = mu.shape[0] if mu.ndim == 1 else -1
     if mu.ndim != 1 or sigma.shape != (d, d):

@@ -217,6 +217,13 @@ def test_mismatches_and_bad_files_are_one_line(stores, tmp_path, capsys):
     spatial = write_activation_store(str(tmp_path / "spatial.zarr"), np.zeros(20, np.int64), lambda a, b: np.ones((b - a, 64, 2, 2)), (64, 2, 2), layer="pool3")
     with pytest.raises(LayerMismatchError, match=r"'max'-reduced features, but .* gives spatial mean here; pass --pool max$"):
         compare_to_reference(spatial, str(tmp_path / "max.npz"), "pool3")
+    # files that are no statistics say what they are
+    np.savez(tmp_path / "samples.npz", arr_0=np.zeros((2, 4, 4, 3), np.uint8))
+    with pytest.raises(ReferenceFileError, match=r"need `mu` and `sigma`; `arr_0` looks like images: convert them \(imzarr convert npz\)"):
+        read_reference(str(tmp_path / "samples.npz"))
+    np.savez(tmp_path / "objects.npz", mu=np.array([None, 1], dtype=object), sigma=np.eye(2))
+    with pytest.raises(ReferenceFileError, match="holds pickled object arrays, which are not read"):
+        read_reference(str(tmp_path / "objects.npz"))
     # a matrix that is no covariance
     for name, sigma, why in [("neg.npz", -np.eye(64), "64 negative variances"), ("asym.npz", np.eye(64) + np.triu(np.ones((64, 64)), 1), "not symmetric")]:
         np.savez(tmp_path / name, mu=np.zeros(64), sigma=sigma)

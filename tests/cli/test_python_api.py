@@ -64,6 +64,12 @@ def test_an_unknown_keyword_is_one_line_with_the_python_spelling(sample):
         extractor.generate(str(sample / "g.zarr"), preset="tiny-random", batchsize=8)
     with pytest.raises(TypeError, match=r"^features\(\) takes no keyword 'seed'; did you mean noise_seed\?"):
         extractor.features(np.zeros((1, 3, 64, 64), np.uint8), layers=["midblock"], model="tiny-random", seed=3)
+    from extractor.api import ModelChoiceError
+
+    with pytest.raises(ModelChoiceError, match=r"^name the network: preset=NAME \(--preset\) or checkpoint=PATH \(--checkpoint\)$"):
+        extractor.extract(store, str(sample / "a.zarr"), layers="midblock")
+    with pytest.raises(ModelChoiceError, match=r"^preset='tiny-random' and checkpoint='x\.pkl' both name a network: give one of them$"):
+        extractor.extract(store, str(sample / "a.zarr"), layers="midblock", preset="tiny-random", checkpoint="x.pkl")
     from extractor.analysis import compare_stores, compare_to_reference, statistics
 
     for call, message in [

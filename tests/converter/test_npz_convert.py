@@ -242,7 +242,7 @@ def _bad(tmp_path: Path, kind: str) -> tuple[list, str]:
         return [p], "label 1001 outside 1..1000"
     if kind == "sorted label range":
         p = write_npz_shard(tmp_path / "val_data.npz", good, np.r_[np.ones(9, int), 1000])
-        return [p, "--label-order", "sorted"], "label 1000 outside 0..999"
+        return [p, "--label-order", "sorted"], "label 1000 outside 0..999 (row 9; label order 'sorted'); if the file's labels are 1-based map_clsloc labels, pass --label-order downsampled"
     if kind == "mixed resolutions":
         src = shard_folder(tmp_path)
         write_npz_shard(src / "train_data_batch_1.npz", good, np.ones(10, int))
