@@ -119,7 +119,8 @@ class ObstoreRanges:
         # obstore's message ends with the Rust error's debug text, whose HttpError kind says what failed.
         text = str(exc).lower()
         if "kind: timeout" in text or "timedout" in text:
-            raise RemoteStorageTimeoutError(f"{self.endpoint}: timed out reading from the object store, after retries (the server stalled?); re-run the same command to resume") from None
+            raise RemoteStorageTimeoutError(f"{self.endpoint}: timed out reading from the object store, after retries (the server stalled, or answers slowly: "
+                "a slow server needs more time, e.g. storage options {\"config_kwargs\": {\"read_timeout\": 60}}); re-run the same command to resume") from None
         if "kind: connect" in text or "connection refused" in text:
             raise RemoteStorageError(f"{self.endpoint}: cannot connect to the object store ({str(exc).splitlines()[0]}); check the endpoint, then re-run the same command") from None
         return exc

@@ -112,7 +112,8 @@ def translate_remote_error(exc: BaseException, url: str | None = None) -> Imzarr
     where = getattr(exc, "kwargs", {}).get("endpoint_url") or url or "the storage endpoint"
     if kind in ("ReadTimeoutError", "ConnectTimeoutError"):
         phase = "reading from" if kind == "ReadTimeoutError" else "connecting to"
-        return RemoteStorageTimeoutError(f"{where}: timed out {phase} the object store, after retries (the server stalled?); re-run the same command to resume")
+        return RemoteStorageTimeoutError(f"{where}: timed out {phase} the object store, after retries (the server stalled, or answers slowly: a slow "
+            "server needs more time, e.g. storage options {\"config_kwargs\": {\"read_timeout\": 60}}); re-run the same command to resume")
     if kind in ("EndpointConnectionError", "ConnectionClosedError", "ProxyConnectionError"):
         return RemoteStorageError(
             f"{where}: cannot reach the object store ({exc}); check the endpoint (--storage-options "
