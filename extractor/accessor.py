@@ -148,12 +148,16 @@ class ImzarrAccessor:
     def groupby_class(self) -> Any:
         """`groupby("label")` over the numeric variables, with the labels in memory (so flox reduces the dask
         chunks in one pass). Name the result with `with_class_names`."""
-        if self.class_dim != SAMPLE_DIM:
-            raise AccessorError("a compare report already has one row per class; use it as it is")
+        self._refuse_report("groupby_class")
         numeric = self._ds.drop_vars([name for name in TEXT_VARIABLES if name in self._ds.data_vars])
         return numeric.assign_coords({LABEL: (SAMPLE_DIM, self.labels().astype(np.int16))}).groupby(LABEL)
 
+    def _refuse_report(self, method: str) -> None:
+        if self.class_dim != SAMPLE_DIM:
+            raise AccessorError(f"{method}(): a compare report already has one row per class (its counts are n_real and n_fake); use it as it is")
+
     def _per_class(self, var: Hashable, how: str, **kwargs: Any) -> xr.DataArray:
+        self._refuse_report(f"class_{how}")
         if var not in self._ds.data_vars:
             raise AccessorError(f"no variable {var!r}; variables: {sorted(map(str, self._ds.data_vars))}")
         grouped = self._ds[var].assign_coords({LABEL: (SAMPLE_DIM, self.labels().astype(np.int16))}).groupby(LABEL)
@@ -169,6 +173,7 @@ class ImzarrAccessor:
 
     def class_count(self) -> xr.DataArray:
         """Rows per class (dim `label`), with `synset` and `class_name`; in memory."""
+        self._refuse_report("class_count")
         labels, counts = np.unique(self.labels(), return_counts=True)
         return self.with_class_names(xr.DataArray(counts, dims=(LABEL,), coords={LABEL: labels.astype(np.int16)}, name="count"))
 

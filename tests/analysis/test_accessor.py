@@ -211,7 +211,9 @@ def test_compare_reports_old_and_new(class_dim):
     )
     picked = report.imzarr.sel(classes=["kit fox", "n01440764"])
     assert picked.fd.values.tolist() == [1.0, 3.0]
-    with pytest.raises(AccessorError, match="one row per class"):
-        report.imzarr.groupby_class()
+    for method, call in [("groupby_class", lambda: report.imzarr.groupby_class()), ("class_count", lambda: report.imzarr.class_count()),
+                         ("class_mean", lambda: report.imzarr.class_mean("fd")), ("class_std", lambda: report.imzarr.class_std("fd"))]:
+        with pytest.raises(AccessorError, match=rf"^{method}\(\): a compare report already has one row per class \(its counts are n_real and n_fake\)"):
+            call()
     with pytest.raises(AccessorError, match="not an imzarr store"):
         xr.Dataset({"x": ("time", [1])}).imzarr.labels()
