@@ -387,6 +387,10 @@ def _between_stores(options: CompareOptions, log: TextIO | None) -> xr.Dataset:
             result = kid_from_takers(real_rows.take, real.n, fake_rows.take, fake.n, options.kid_subsets, size, options.kid_seed)
             attrs |= {"kid": result.mean, "kid_std": result.std, "kid_subsets": result.subsets, "kid_subset_size": result.subset_size, "kid_seed": result.seed}
             _log(log, f"overall KID {result.mean:.6f} ± {result.std:.6f} ({result.subsets} subsets of {result.subset_size})")
+            if size >= max(real.n, fake.n):  # without replacement, every subset is then both sides whole
+                _log(log, f"KID: subsets of {size} take every sample of both sides ({real.n} real, {fake.n} generated), so the {result.subsets} subsets are one and ± 0 is no spread; more samples give one")
+            elif size < options.kid_subset_size:
+                _log(log, f"KID: subsets of {size}, not {options.kid_subset_size}: a side has only {min(real.n, fake.n)} samples (recorded as kid_subset_size)")
         if "prdc" in metrics:
             attrs |= _overall_prdc(options, real_rows, fake_rows, stats[0].mean, log)
         labels, values = np.zeros(0, np.int64), {}

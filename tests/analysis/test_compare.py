@@ -305,3 +305,17 @@ def test_without_per_class(stores, tmp_path):
     assert format_report_table(ds).splitlines()[-1].startswith("overall")
     checked = verify_store_files(out)  # empty per-class arrays: an empty checksum record each, on every zarr
     assert checked.result.recorded and checked.damage_lines == [] and store_info(out).damage == []
+
+
+def test_kid_on_few_samples_says_its_subsets_repeat(tmp_path):
+    """Fewer samples than the 1,000 of a KID subset: the subsets shrink to the smaller side, and where that takes
+    both sides whole the 100 subsets are one (± 0 is no spread): the log says so."""
+    rng = np.random.default_rng(1)
+    stores = [write_activation_store(str(tmp_path / f"{n}.zarr"), np.zeros(n, np.int64), lambda a, b: rng.random((b - a, 8)), (8,), layer="pool3") for n in (30, 30, 45)]
+    log = io.StringIO()
+    same = compare_stores(stores[0], stores[1], "pool3", metrics="kid", log=log)
+    assert same.attrs["kid_std"] == 0 and same.attrs["kid_subset_size"] == 30
+    assert "KID: subsets of 30 take every sample of both sides (30 real, 30 generated), so the 100 subsets are one and ± 0 is no spread" in log.getvalue()
+    log = io.StringIO()
+    compare_stores(stores[2], stores[0], "pool3", metrics="kid", log=log)
+    assert "KID: subsets of 30, not 1000: a side has only 30 samples (recorded as kid_subset_size)" in log.getvalue()
