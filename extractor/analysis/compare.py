@@ -326,7 +326,7 @@ def _against_reference(options: CompareOptions, log: TextIO | None) -> xr.Datase
     ref = read_reference(options.reference)
     _check_reference(ref, fake)
     attrs = _base_attrs(options, fake) | {
-        "reference": ref.path,
+        "reference": absolute_url(ref.path),  # as the stores' paths are recorded
         "reference_sha256": ref.sha256,
         "reference_dim": ref.dim,
         "reference_metadata": json.dumps(ref.metadata, sort_keys=True),
@@ -342,6 +342,12 @@ def _against_reference(options: CompareOptions, log: TextIO | None) -> xr.Datase
         attrs["fd"] = frechet_distance(ref.mu, ref.sigma, acc.mean, acc.cov)
         _log(log, f"FD against {ref.path}: {attrs['fd']:.4f}")
     attrs["model"], attrs["trained"], attrs["module_path"], attrs["sigma"] = attrs["fake_model"], attrs["fake_trained"], attrs["fake_module_path"], attrs["fake_sigma"]
+    # imzarr's statistics record the model and σ of their features; features of another network or noise level
+    # differ for that reason alone, as between two stores (said, and recorded as both).
+    for key in ("model", "sigma"):
+        if key in ref.metadata and ref.metadata[key] != attrs[key]:
+            _log(log, f"{key} differs: reference {ref.metadata[key]}, generated {attrs[key]} (the FD measures that difference too)")
+            attrs[key] = f"reference {ref.metadata[key]}, generated {attrs[key]}"
     return _dataset(np.zeros(0, np.int64), {}, attrs)
 
 

@@ -34,6 +34,7 @@ import zarr
 from extractor.analysis.inception_scoring import IS_LAYER, IS_SEED, IS_SPLITS, InceptionScore, InceptionScoreAccumulator, InceptionScoreSettings, inception_score_attrs
 from extractor.analysis.layer_features import AnalysisInputError, LayerFeatures, class_rows, feature_blocks, open_layer, stream_layer
 from extractor.analysis.metrics import GaussianAccumulator
+from extractor.analysis.provenance import describe_model
 from schemas.errors import ImzarrError, PathError
 from schemas.keywords import keyword_names, refuse_unknown_keywords
 from schemas.output_paths import check_output_location, local_file_url_to_path, local_path, refuse_process_bound_output, write_output_file
@@ -93,7 +94,10 @@ class ReferenceStatistics:
 
 
 def layer_metadata(side: LayerFeatures) -> dict:
-    return {"store": side.url, "layer": side.var, "module_path": side.module_path, "pool": side.reduction, "count": side.n, "dim": side.dim}
+    """What statistics describe: the store, layer, pooling, counts, and the model and σ that made the features (so a
+    comparison against them can say when the generated side's differ)."""
+    return {"store": side.url, "layer": side.var, "module_path": side.module_path, "pool": side.reduction, "count": side.n, "dim": side.dim,
+            "model": describe_model(side.attrs.get("model") or {}), "sigma": side.attrs.get("sigma")}
 
 
 def statistics_accumulator(dim: int) -> GaussianAccumulator:

@@ -87,7 +87,8 @@ def test_reference_file_is_what_fid_tools_read(ref, stores):
     x = ref["real"].astype(np.float64)
     np.testing.assert_allclose(mu, x.mean(axis=0), rtol=1e-12)
     np.testing.assert_allclose(sigma, np.cov(x, rowvar=False), rtol=0, atol=1e-6 * np.abs(sigma).max())
-    assert meta == {"store": real, "layer": "pool3", "module_path": "synthetic.pool3", "pool": "mean", "count": 300, "dim": 64}
+    assert meta == {"store": real, "layer": "pool3", "module_path": "synthetic.pool3", "pool": "mean", "count": 300, "dim": 64,
+                    "model": "synthetic, sha256 ?, UNTRAINED (random weights)", "sigma": 80.0}
     assert result.statistics.count == 300
 
 
@@ -300,3 +301,23 @@ def test_compare_records_the_inception_score_of_the_generated_store(ref, stores,
     assert (a["inception_score_splits"], a["inception_score_seed"], a["inception_score_layer"]) == (10, 2020, "logits")
     assert abs(report.attrs["fd"]) < 1e-6 * np.trace(read_reference(ref_npz).sigma)  # a store against its own statistics
     assert "IS " in format_report_table(report)
+
+
+def test_reference_of_another_sigma_or_model_is_said_and_recorded(ref, tmp_path):
+    """imzarr's statistics record the model and σ of their features; a generated store of another σ or network is
+    compared (as two stores are), and the log and the report say both."""
+    import io
+
+    real = write_activation_store(str(tmp_path / "r.zarr"), ref["real_labels"], lambda a, b: ref["real"][a:b], (64,), layer="pool3", sigma=0.5)
+    fake = write_activation_store(str(tmp_path / "f.zarr"), ref["fake_labels"], lambda a, b: ref["fake"][a:b], (64,), layer="pool3", sigma=80.0,
+                                  model={"name": "other", "preset": "other", "trained": True})
+    out = str(tmp_path / "ref.npz")
+    statistics(real, layer="pool3", output=out)
+    assert read_reference(out).metadata["sigma"] == 0.5
+    log = io.StringIO()
+    report = compare_to_reference(fake, out, "pool3", log=log)
+    assert "[compare] sigma differs: reference 0.5, generated 80.0 (the FD measures that difference too)" in log.getvalue()
+    assert report.attrs["sigma"] == "reference 0.5, generated 80.0" and report.attrs["model"].startswith("reference synthetic")
+    assert report.attrs["reference"] == out
+    same = compare_to_reference(real, out, "pool3", log=(quiet := io.StringIO()))
+    assert same.attrs["sigma"] == 0.5 and "differs" not in quiet.getvalue()
