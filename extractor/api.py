@@ -24,7 +24,7 @@ from schemas.vocabulary import COMPUTE_DTYPE_NAMES, POOL_MODES, PRESET_NAMES, ST
 from schemas.classes import NUM_CLASSES, class_table
 from schemas.errors import ImzarrError, PathError
 from schemas.keywords import keyword_names, refuse_unknown_keywords, takes_keywords_of
-from schemas.output_paths import OutputOverlapsInputError, check_output_location, local_file_url_to_path
+from schemas.output_paths import OutputOverlapsInputError, check_output_location, local_file_url_to_path, refuse_replacing_other_than_png
 
 if TYPE_CHECKING:
     import xarray as xr
@@ -323,6 +323,7 @@ def show(store: str, output: str = "grid.png", *, classes: str | Sequence[str | 
     suffix = PurePosixPath(path).suffix
     if suffix.lower() != ".png" and suffix.lower() in _image_suffixes():
         raise SheetOutputError(output, f"names a {suffix} file, but a contact sheet is written as PNG: name it {output[: -len(suffix)]}.png")
+    refuse_replacing_other_than_png(output)
     from extractor.analysis.contact_sheet import write_contact_sheet
     from schemas.activation_store import RECONSTRUCTION_VAR
     from schemas.remote_storage import open_store_group

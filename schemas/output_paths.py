@@ -105,6 +105,25 @@ def check_output_location(output: str, inputs: Iterable[str] = ()) -> None:
             raise OutputOverlapsInputError(f"{output}: the output {how} the input {source}; choose an output path outside every input")
 
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+class ExistingFileError(ImzarrError):
+    """A file output's path holds a file of another kind, which writing there would destroy."""
+
+
+def refuse_replacing_other_than_png(url: str) -> None:
+    """An image output may replace an earlier PNG (a figure re-made), never a file of another kind: one typo in a
+    `-o` or `--plot` would otherwise turn a dataset shard or a note into a picture."""
+    fs, path = fsspec.core.url_to_fs(url)
+    if not fs.isfile(path):
+        return
+    with fs.open(path, "rb") as fh:
+        head = fh.read(len(PNG_SIGNATURE))
+    if head != PNG_SIGNATURE:
+        raise ExistingFileError(f"{url}: exists and is not a PNG image; writing the figure there would destroy it: choose another file name")
+
+
 def write_output_file(url: str, data: bytes) -> str:
     """Write a whole file (a PNG, a chunk) at a path or URL; local files appear complete or not at all."""
     local = local_path(url)

@@ -41,7 +41,7 @@ from schemas.atomic_files import PARTIAL_SUFFIX, temporary_path
 from schemas.errors import ImzarrError, StoreLockedError
 from schemas.output_paths import check_output_location, local_path, write_output_file
 from schemas.store_identity import GENERATION_ATTR, new_generation, rewrite_guard
-from schemas.zarr_format import chunk_key, read_node_metadata
+from schemas.zarr_format import METADATA_FILE, chunk_key, read_node_metadata
 
 PROGRESS_GROUP = "_progress"
 DONE_ARRAY = f"{PROGRESS_GROUP}/done"
@@ -107,6 +107,7 @@ def inspect_existing(
     attrs = dict(zarr.open_group(url, mode="r", use_consolidated=False).attrs)
     if "schema" not in attrs:
         if UNDER_CONSTRUCTION in attrs:
+            refuse_foreign_entries(url)
             return "new"  # ours, killed while being created: nothing in it is finished work
         raise StoreExistsError(f"{url}: holds a Zarr group that is not an imzarr store; choose another output path")
     if attrs["schema"] == schema and attrs.get("settings_fingerprint") == settings_fingerprint(settings):
@@ -116,6 +117,7 @@ def inspect_existing(
         return "resume"
     refuse_other_kind(url, attrs["schema"], schema)
     if overwrite:
+        refuse_foreign_entries(url)
         return "new"
     if attrs["schema"] != schema:
         raise StoreExistsError(f"{url}: holds an {attrs['schema']} store, not {schema}; pass --overwrite to replace it")
@@ -123,6 +125,37 @@ def inspect_existing(
         f"{url}: was made with other inputs or options ({_settings_diff(attrs.get('settings'), settings)}); "
         "re-run with the original ones to resume, or pass --overwrite to replace it"
     )
+
+
+def foreign_entries(url: str) -> list[str]:
+    """Names in a store's folder that are not the store's: not its zarr.json, not a child node (a folder with its
+    zarr.json, or one being created), not our lock or zarr's temporary files. A user's notes or figures kept in
+    a store folder are such entries; a rebuild that emptied the folder would delete them."""
+    fs, path = fsspec.core.url_to_fs(url)
+    found = []
+    for entry in fs.ls(path, detail=True):
+        full = entry["name"].rstrip("/")
+        name = full.rsplit("/", 1)[-1]
+        if name == METADATA_FILE or name.startswith(LOCK_FILE) or name.endswith(PARTIAL_SUFFIX):
+            continue
+        if entry["type"] == "directory":
+            inside = [e.rstrip("/").rsplit("/", 1)[-1] for e in fs.ls(full, detail=False)]
+            if not inside or any(n == METADATA_FILE or n.startswith(METADATA_FILE + ".") for n in inside):
+                continue
+        found.append(name)
+    return sorted(found)
+
+
+def refuse_foreign_entries(url: str) -> None:
+    """A store folder that also holds other files is never emptied for a rebuild, whatever the flags."""
+    fs, path = fsspec.core.url_to_fs(url)
+    found = foreign_entries(url) if fs.isdir(path) else []
+    if found:
+        shown = ", ".join(found[:5]) + (" …" if len(found) > 5 else "")
+        raise StoreExistsError(
+            f"{url}: also holds {len(found)} entries that are not the store's ({shown}); replacing the store would delete "
+            "them: move them out of the folder (or choose another output path), then re-run"
+        )
 
 
 def claim_report_output(url: str, schema: str, overwrite: bool, inputs: Iterable[str] = ()) -> None:
@@ -143,6 +176,7 @@ def claim_report_output(url: str, schema: str, overwrite: bool, inputs: Iterable
     refuse_other_kind(url, found, schema)
     if found != schema and not overwrite:
         raise StoreExistsError(f"{url}: holds an {found} store, not {schema}; pass --overwrite to replace it")
+    refuse_foreign_entries(url)
 
 
 def store_kind(schema: str) -> str:
@@ -191,6 +225,7 @@ def prepare_store(
             remove_partial_files(url)
             return StoreState(url, read_done(url, num_units), already_complete=False)
         # Same settings but no done record: nothing says which units finished, so start over (it is our store).
+    refuse_foreign_entries(url)  # checked again under the lock: a user's files are never emptied with the store
     with rewrite_guard(url):  # refused while a reader holds a lease; new readers kept out until the marker is there
         clear_store(url)
         group = zarr.open_group(url, mode="a", zarr_format=3, attributes={UNDER_CONSTRUCTION: schema, "complete": False})

@@ -62,7 +62,14 @@ from schemas.compare_report import REPORT_DIM, on_label_dimension
 from schemas.errors import ImzarrError
 from schemas.keywords import keyword_names, refuse_unknown_keywords
 from schemas.store_identity import StoreIdentity, check_unchanged, reader_lease
-from schemas.output_paths import absolute_url, check_output_location, local_file_url_to_path, local_path, refuse_process_bound_output
+from schemas.output_paths import (
+    absolute_url,
+    check_output_location,
+    local_file_url_to_path,
+    local_path,
+    refuse_process_bound_output,
+    refuse_replacing_other_than_png,
+)
 from schemas.store_integrity import read_checksum_record, record_checksums
 from schemas.store_lifecycle import claim_report_output, settings_fingerprint
 from schemas.variable_attrs import classes_lookup, label_names
@@ -215,6 +222,7 @@ def compare_options(
         local = local_path(plot)
         if local is not None and Path(local).is_dir():
             raise CompareError(f"{plot}: is a folder; give a file name such as {plot.rstrip('/')}/compare.png")
+        refuse_replacing_other_than_png(plot)
     return options
 
 

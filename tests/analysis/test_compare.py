@@ -319,3 +319,14 @@ def test_kid_on_few_samples_says_its_subsets_repeat(tmp_path):
     log = io.StringIO()
     compare_stores(stores[2], stores[0], "pool3", metrics="kid", log=log)
     assert "KID: subsets of 30, not 1000: a side has only 30 samples (recorded as kid_subset_size)" in log.getvalue()
+
+
+def test_plot_never_replaces_a_file_that_is_not_a_png(stores, tmp_path):
+    from extractor.analysis.compare import compare_options
+    from schemas.output_paths import ExistingFileError
+
+    real_url, fake_url = stores[0], stores[1]
+    (tmp_path / "notes.txt").write_text("keep me")
+    with pytest.raises(ExistingFileError, match=r"notes\.txt: exists and is not a PNG image"):
+        compare_options([real_url, fake_url], layer="feat", plot=str(tmp_path / "notes.txt"))
+    assert (tmp_path / "notes.txt").read_text() == "keep me"

@@ -127,3 +127,23 @@ def test_row_counts_say_k_of_n(small_store, tmp_path, monkeypatch):
     write_contact_sheet(small_store, tmp_path / "k.png", per_class=3)
     synsets = validate_image_store(small_store).coordinate("synset")
     assert drawn == [(w, min(3, int((synsets == w).sum())), int((synsets == w).sum())) for w in sorted(set(synsets.tolist()))]
+
+
+def test_an_existing_file_is_replaced_only_when_it_is_a_png(small_store, tmp_path):
+    """`imzarr show -o` re-makes an earlier sheet; a file of another kind at that path (a shard, notes) is refused,
+    untouched."""
+    from extractor.api import show
+    from schemas.output_paths import ExistingFileError
+
+    victim = tmp_path / "val_data.npz"
+    np.savez(victim, data=np.zeros((2, 12), np.uint8), labels=np.ones(2))
+    before = victim.read_bytes()
+    with pytest.raises(ExistingFileError, match=r"val_data\.npz: exists and is not a PNG image; writing the figure there would destroy it"):
+        show(small_store, str(victim))
+    assert victim.read_bytes() == before
+    (tmp_path / "sheet.png").write_bytes(b"not really a png")
+    with pytest.raises(ExistingFileError, match="is not a PNG image"):
+        show(small_store, str(tmp_path / "sheet.png"))
+    first = show(small_store, str(tmp_path / "grid.png"), per_class=2)
+    again = show(small_store, str(tmp_path / "grid.png"), per_class=3)  # an earlier PNG is re-made
+    assert first == again and Image.open(again).size == sheet_size(3, 3, 64)

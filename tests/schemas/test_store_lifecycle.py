@@ -158,6 +158,32 @@ def test_a_store_of_another_kind_is_never_replaced(tmp_path, overwrite):
     assert _files(other) == before
 
 
+def test_a_store_folder_that_also_holds_a_users_files_is_never_emptied(tmp_path):
+    """`--overwrite` (and a report re-made) replace the store, not the notes and figures kept beside it in its folder."""
+    url = str(tmp_path / "s.zarr")
+    _run_to_completion(url)
+    (tmp_path / "s.zarr" / "NOTES.md").write_text("keep me")
+    (tmp_path / "s.zarr" / "figs").mkdir()
+    (tmp_path / "s.zarr" / "figs" / "f.png").write_bytes(b"png")
+    before = _files(tmp_path / "s.zarr")
+    other = dict(SETTINGS, a=2)
+    message = r"s\.zarr: also holds 2 entries that are not the store's \(NOTES\.md, figs\); replacing the store would delete them: move them out"
+    with pytest.raises(StoreExistsError, match=message):
+        prepare_store(url, SCHEMA, other, 2, _create, True)
+    report = str(tmp_path / "r.zarr")
+    zarr.open_group(report, mode="w", zarr_format=3, attributes={"schema": SCHEMA})
+    (tmp_path / "r.zarr" / "mine.txt").write_text("keep me too")
+    with pytest.raises(StoreExistsError, match=r"r\.zarr: also holds 1 entries that are not the store's \(mine\.txt\)"):
+        claim_report_output(report, SCHEMA, False)
+    assert _files(tmp_path / "s.zarr") == before and (tmp_path / "r.zarr" / "mine.txt").read_text() == "keep me too"
+    # resuming or finding it complete touches nothing of theirs either
+    assert _prepare(url).already_complete and _files(tmp_path / "s.zarr") == before
+    os.remove(tmp_path / "s.zarr" / "NOTES.md")
+    (tmp_path / "s.zarr" / "figs" / "f.png").unlink()
+    (tmp_path / "s.zarr" / "figs").rmdir()
+    assert prepare_store(url, SCHEMA, other, 2, _create, True).pending == [0, 1]  # only the store's own entries: replaced
+
+
 def test_an_older_version_of_the_same_kind_is_replaced_only_with_overwrite(tmp_path):
     url = str(tmp_path / "s.zarr")
     zarr.open_group(url, mode="w", zarr_format=3, attributes={"schema": "imzarr.test/0", "complete": True})
