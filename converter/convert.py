@@ -45,6 +45,7 @@ from schemas.image_store import IMAGE_SCHEMA, image_group_attrs
 from schemas.progress_report import ProgressReport
 from schemas.output_paths import local_path
 from schemas.remote_storage import remote_storage_errors, translate_remote_error
+from schemas.store_identity import InputChangedError
 from schemas.store_integrity import record_checksums, record_unit_checksums
 from schemas.store_lifecycle import (
     finalize_store,
@@ -268,11 +269,33 @@ def _convert_locked(source: ImageSource, options: ConvertOptions, settings: dict
         tasks.append(dask.delayed(_write_shard, pure=False)(options.output, k, k * shard, shard_plan, _opaque(its_files)))
     before = n - sum(min(shard, n - k * shard) for k in state.pending)  # images a killed run wrote already
     run_tasks(tasks, _scheduler(options, processes=False), ProgressReport(n, f"writing {Path(options.output).name}", already=before))
+    refuse_changed_inputs(source)
     with _output_errors(options.output):
         record_checksums(options.output)
         finalize_store(options.output, {})
     remove_own_scratch(options)
     return ConvertResult(options.output, n, rejected, False, time.monotonic() - started, len(source.ignored), before)
+
+
+def refuse_changed_inputs(source: ImageSource) -> None:
+    """InputChangedError when the inputs, opened again now, differ from what the run started from (a shard
+    replaced, a JPEG rewritten): its images may then come from both versions, and the labels from the old one,
+    so the store is left unfinished rather than marked complete."""
+    if source.reopen is None:
+        return
+    try:
+        now = {f.path: f for f in source.reopen().files}
+    except SourceError as exc:
+        raise InputChangedError(f"{exc} (found when the inputs were checked again at the end of the conversion); the store is left unfinished") from None
+    before = {f.path: f for f in source.files}
+    changed = sorted(path for path in before.keys() | now.keys() if before.get(path) != now.get(path))
+    if changed:
+        where = ", ".join(source.input_paths)
+        changed = ["image files of the tree" if path.startswith(". (") else path for path in changed]  # the tree's one entry
+        raise InputChangedError(
+            f"{where}: {', '.join(changed[:5])}{' …' if len(changed) > 5 else ''} changed while they were converted; the store is "
+            "left unfinished (its images could come from both versions): re-run with --overwrite to convert the inputs as they are now"
+        )
 
 
 @contextlib.contextmanager

@@ -8,7 +8,7 @@ file by a stage-1 task (`materialize()`: inflate, unpickle, decode and resize).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Callable, Protocol
 
 import numpy as np
 
@@ -115,3 +115,6 @@ class ImageSource:
     input_paths: tuple[str, ...] = ()
     # Labels numbered from folder names (not ImageNet classes): synset and class_name come from here.
     label_synsets: tuple[str, ...] | None = None
+    # Opens the same inputs again (a listing, headers and labels; never the pixels): a conversion compares the
+    # files it finds then with `files` before it marks the store complete.
+    reopen: Callable[[], "ImageSource"] | None = field(default=None, repr=False, compare=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from dataclasses import dataclass
@@ -167,4 +168,5 @@ def open_jpeg_source(
         ignored=[printable_path(rel) for rel in tree.ignored],
         label_synsets=tuple(folder_classes) if label_from_folders else None,
         input_paths=(str(root),) if val_labels is None else (str(root), str(val_labels)),
+        reopen=functools.partial(open_jpeg_source, root, recipe, size, val_labels, label_from_folders, fast_draft),
     )

@@ -324,3 +324,27 @@ def test_remote_row_reads_equal_local_pread(tmp_path, monkeypatch):
     np.testing.assert_array_equal(remote, local)
     np.testing.assert_array_equal(local[dest], np.frombuffer(data, np.uint8).reshape(200, item)[rows])
     fsspec.filesystem("memory").rm("/imzarr-test-rows", recursive=True)
+
+
+@pytest.mark.parametrize("shuffle", [None, 3])
+def test_a_shard_replaced_during_the_conversion_leaves_the_store_unfinished(tmp_path, shuffle):
+    """The shard is replaced after the source was opened (its labels and fingerprint read) and before its rows are:
+    the images would come from the new file, the labels from the old one. The inputs are opened again before the
+    store is marked complete, and the run fails naming the file instead."""
+    from schemas.store_identity import InputChangedError
+
+    src = tmp_path / "train"
+    src.mkdir()
+    for k in (1, 2):
+        write_npz_shard(src / f"train_data_batch_{k}.npz", photo_like(20, 16, seed=k), np.arange(1, 21) + 10 * k)
+    source = open_npz_source([src])
+    write_npz_shard(tmp_path / "new.npz", photo_like(20, 16, seed=9), np.arange(1, 21) + 10)
+    shutil.move(tmp_path / "new.npz", src / "train_data_batch_1.npz")
+    out = str(tmp_path / "s.zarr")
+    with pytest.raises(InputChangedError, match=r"train: train_data_batch_1\.npz changed while they were converted; the store is left unfinished .* re-run with --overwrite"):
+        convert(source, ConvertOptions(out, shard_size=64, inner_chunk=16, shuffle_seed=shuffle))
+    assert zarr.open_group(out, mode="r").attrs["complete"] is False
+    convert(open_npz_source([src]), ConvertOptions(out, shard_size=64, inner_chunk=16, shuffle_seed=shuffle, overwrite=True))
+    images, _ = read_shard_rows(sorted(src.glob("*.npz")))
+    store = validate_image_store(out)
+    np.testing.assert_array_equal(store.take(np.argsort(store.coordinate("global_index"))), images)
