@@ -28,6 +28,7 @@ from converter.sources.base import (
     RowFile,
     SourceError,
 )
+from converter.sources.row_checksums import checked_member_crc
 from converter.sources.source_files import is_remote
 from schemas.atomic_files import write_atomically
 from schemas.classes import class_table
@@ -268,8 +269,9 @@ def _convert_locked(source: ImageSource, options: ConvertOptions, settings: dict
         its_files = {int(p): row_files[int(p)] for p in np.flatnonzero(np.bincount(shard_plan["part"]))}
         tasks.append(dask.delayed(_write_shard, pure=False)(options.output, k, k * shard, shard_plan, _opaque(its_files)))
     before = n - sum(min(shard, n - k * shard) for k in state.pending)  # images a killed run wrote already
-    run_tasks(tasks, _scheduler(options, processes=False), ProgressReport(n, f"writing {Path(options.output).name}", already=before))
+    receipts = run_tasks(tasks, _scheduler(options, processes=False), ProgressReport(n, f"writing {Path(options.output).name}", already=before))
     refuse_changed_inputs(source)
+    check_read_members(row_files, receipts)
     with _output_errors(options.output):
         record_checksums(options.output)
         finalize_store(options.output, {})
@@ -296,6 +298,21 @@ def refuse_changed_inputs(source: ImageSource) -> None:
             f"{where}: {', '.join(changed[:5])}{' …' if len(changed) > 5 else ''} changed while they were converted; the store is "
             "left unfinished (its images could come from both versions): re-run with --overwrite to convert the inputs as they are now"
         )
+
+
+def check_read_members(row_files: dict[int, RowFile], receipts: list[dict]) -> None:
+    """SourceError for a zip member read in place whose CRC-32 does not hold (a flipped bit in a stored `.npz`
+    member): the store is left unfinished rather than marked complete with wrong pixels. Rows an earlier, killed
+    run converted are read again for the check."""
+    pieces: dict[int, list[tuple[int, int, int]]] = {}
+    for receipt in receipts:
+        for part, first, count, crc in receipt.get("row_crcs", ()):
+            pieces.setdefault(part, []).append((first, count, crc))
+    for part, row_file in row_files.items():
+        if row_file.checksum is None:
+            continue
+        if not checked_member_crc(row_file.checksum, row_file.num_rows, row_file.row_bytes, pieces.get(part, []), row_file.read_blocks):
+            raise SourceError(row_file.path, f"{row_file.checksum.name} fails its CRC-32 check (corrupt data); the store is left unfinished")
 
 
 @contextlib.contextmanager
@@ -392,7 +409,7 @@ def _scheduler(options: ConvertOptions, processes: bool) -> SchedulerSpec:
 
 def _materialize_parts(source: ImageSource, scratch: Path, options: ConvertOptions) -> dict[int, MaterializedPart]:
     """Stage 1: parts without in-place rows are written to scratch files; finished ones are reused on a re-run."""
-    needed = [i for i, p in enumerate(source.parts) if p.row_file() is None or _download_first(p.row_file(), options)]
+    needed = [i for i, p in enumerate(source.parts) if (rf := p.row_file()) is None or _download_first(rf, options)]
     done: dict[int, MaterializedPart] = {}
     todo = []
     reusable = _scratch_marker(scratch, options.output) is not None
@@ -493,15 +510,18 @@ def _write_shard(url: str, k: int, start: int, plan: dict[str, np.ndarray], row_
     n = plan["part"].size
     first = row_files[int(plan["part"][0])]
     images = np.empty((n, 3, first.resolution, first.resolution), dtype=np.uint8)
+    pieces = []
     for p in row_files:  # the parts this shard's rows come from
         sel = np.flatnonzero(plan["part"] == p)
         row_files[p].read_into(plan["row"][sel], images, sel)
+        if row_files[p].checksum is not None:  # rows read in place: their CRC-32 pieces, for the member's check
+            pieces += row_files[p].piece_checksums(int(p), plan["row"][sel], images, sel)
     coords = {name: plan[name] for name in TEXT_COORDINATES}  # the numeric ones were written at creation
     with _output_errors(url):
         # The crc32c of every file written is recorded before the shard counts as done (schemas/store_integrity.py).
         record_unit_checksums(url, k, write_image_shard(url, start, images, coords))
         mark_done(url, k)
-    return {"images": n}
+    return {"images": n, "row_crcs": pieces}
 
 
 def _group_attrs(source: ImageSource, labels: np.ndarray) -> dict[str, Any]:

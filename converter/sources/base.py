@@ -8,11 +8,13 @@ file by a stage-1 task (`materialize()`: inflate, unpickle, decode and resize).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from collections.abc import Iterator
 from typing import Callable, Protocol
 
 import numpy as np
 
-from converter.sources.source_files import read_items_into
+from converter.sources.row_checksums import READ_BLOCK, MemberChecksum, row_run_checksums
+from converter.sources.source_files import read_items_into, read_range
 from schemas.errors import ImzarrError, OutputWriteError, PathError  # noqa: F401 - OutputWriteError: re-exported
 
 
@@ -46,6 +48,9 @@ class RowFile:
     num_rows: int
     resolution: int
     layout: str = "chw"  # "chw": R, G, B planes; "hwc": interleaved pixels (ADM sample files)
+    # Rows read in place from a zip member: the member's CRC-32, which the conversion checks from what its tasks
+    # read (converter/sources/row_checksums.py); None where nothing records one, or it was checked already.
+    checksum: MemberChecksum | None = None
 
     @property
     def row_bytes(self) -> int:
@@ -70,6 +75,26 @@ class RowFile:
         read_items_into(self.path, byte_pos, self.row_bytes, flat, order)
         s = self.resolution
         out[dest] = flat.reshape(-1, s, s, 3).transpose(0, 3, 1, 2)
+
+    def read_blocks(self, first: int, count: int) -> Iterator[bytes]:
+        """The bytes of rows [first, first + count) as they lie in the file, in blocks of bounded size."""
+        per_block = max(1, READ_BLOCK // self.row_bytes)
+        for a in range(first, first + count, per_block):
+            n = min(per_block, first + count - a)
+            yield read_range(self.path, self.offset + a * self.row_bytes, self.offset + (a + n) * self.row_bytes)
+
+    def piece_checksums(self, part: int, rows: np.ndarray, out: np.ndarray, dest: np.ndarray) -> list[tuple[int, int, int, int]]:
+        """(part, first row, rows, CRC-32) of each run of consecutive `rows` just read into out[dest] (bytes as
+        in the file: HWC rows are turned back)."""
+        order = np.argsort(rows, kind="stable")
+        rows, dest = np.asarray(rows)[order], np.asarray(dest)[order]
+
+        def file_bytes(i: int, n: int) -> np.ndarray:
+            lo = int(dest[i])
+            block = out[lo : lo + n] if int(dest[i + n - 1]) - lo == n - 1 else out[dest[i : i + n]]
+            return np.ascontiguousarray(block if self.layout == "chw" else block.transpose(0, 2, 3, 1))
+
+        return row_run_checksums(part, rows, file_bytes)
 
 
 @dataclass(frozen=True)

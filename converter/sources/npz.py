@@ -11,7 +11,8 @@ import pickle
 import re
 import struct
 import zipfile
-from dataclasses import dataclass
+import zlib
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -25,6 +26,7 @@ from converter.sources.base import (
     SourceFile,
 )
 from converter.sources import source_files
+from converter.sources.row_checksums import MemberChecksum
 from converter.sources.source_files import SMALL_BLOCK, is_remote
 from schemas.atomic_files import write_atomically
 from schemas.errors import printable_path
@@ -325,9 +327,13 @@ class NpzPart(_RowsOfOneFile):
         return RowFile(path, offset, self.num_rows, self.resolution, self.layout)
 
     def row_file(self) -> RowFile | None:
+        """The stored member's rows in place, with the member's CRC-32 to check them against (its header's part
+        read now: a few hundred bytes)."""
         if not self.member.stored:
             return None
-        return self._row_file(self.path, self.member.data_offset + self.header_len)
+        head = source_files.read_range(self.path, self.member.data_offset, self.member.data_offset + self.header_len)
+        checksum = MemberChecksum(self.member.name, self.member.crc, zlib.crc32(head), self.header_len)
+        return replace(self._row_file(self.path, self.member.data_offset + self.header_len), checksum=checksum)
 
     def materialize(self, dest: str) -> MaterializedPart:
         """Inflate the member (or copy a stored one, from object storage) in fixed-size blocks into a raw file

@@ -15,6 +15,7 @@ import zarr
 
 from converter.cli import main as convert_main
 from converter.convert import ConvertOptions, convert
+from converter.sources.base import SourceError
 from converter.sources.npz import open_npz_source
 from schemas.classes import class_table
 from schemas.image_store import ImageStore, validate_image_store
@@ -348,3 +349,58 @@ def test_a_shard_replaced_during_the_conversion_leaves_the_store_unfinished(tmp_
     images, _ = read_shard_rows(sorted(src.glob("*.npz")))
     store = validate_image_store(out)
     np.testing.assert_array_equal(store.take(np.argsort(store.coordinate("global_index"))), images)
+
+
+def _flip_a_pixel_byte(path: Path, row: int) -> None:
+    """Change one byte of row `row` of a stored `data` member in place (the zip's recorded CRC-32 stays)."""
+    with zipfile.ZipFile(path) as zf:
+        info = zf.getinfo("data.npy")
+        assert info.compress_type == zipfile.ZIP_STORED
+    with open(path, "r+b") as fh:
+        fh.seek(info.header_offset + 26)
+        name_len, extra_len = np.frombuffer(fh.read(4), "<u2")
+        data_start = info.header_offset + 30 + int(name_len) + int(extra_len)
+        fh.seek(data_start)
+        header_len = len(fh.read(512).split(b"\n", 1)[0]) + 1
+        at = data_start + header_len + row * 3 * 16 * 16 + 5
+        fh.seek(at)
+        byte = fh.read(1)
+        fh.seek(at)
+        fh.write(bytes([byte[0] ^ 0xFF]))
+
+
+@pytest.mark.parametrize("shuffle", [None, 2])
+def test_a_flipped_byte_in_a_stored_member_fails_its_crc_and_leaves_the_store_unfinished(tmp_path, shuffle):
+    """Stored members are read in place, row runs by many tasks: the CRC-32 the zip records is checked from their
+    pieces (with --shuffle-seed, while the member is copied to scratch), so a flipped bit never becomes a pixel
+    of a complete store."""
+    src = tmp_path / "train"
+    src.mkdir()
+    for k in (1, 2):
+        write_npz_shard(src / f"train_data_batch_{k}.npz", photo_like(100, 16, seed=k), np.arange(1, 101))
+    out = str(tmp_path / "good.zarr")
+    convert(open_npz_source([src]), ConvertOptions(out, shard_size=32, inner_chunk=16, shuffle_seed=shuffle))  # every piece checks
+    assert validate_image_store(out).complete
+    _flip_a_pixel_byte(src / "train_data_batch_2.npz", 57)
+    bad = str(tmp_path / "bad.zarr")
+    with pytest.raises(SourceError, match=r"train_data_batch_2\.npz: data\.npy fails its CRC-32 check \(corrupt data\)"):
+        convert(open_npz_source([src]), ConvertOptions(bad, shard_size=32, inner_chunk=16, shuffle_seed=shuffle))
+    assert zarr.open_group(bad, mode="r").attrs["complete"] is False
+
+
+def test_the_crc_check_of_a_resumed_run_reads_what_the_killed_run_converted(tmp_path):
+    """A row flipped in a shard an earlier run already converted (so no task of the resumed run reads it) still
+    fails the member's check."""
+    from converter.convert import check_read_members
+
+    src = tmp_path / "train"
+    src.mkdir()
+    write_npz_shard(src / "train_data_batch_1.npz", photo_like(100, 16, seed=4), np.arange(1, 101))
+    row_file = open_npz_source([src]).parts[0].row_file()
+    every = np.arange(100)
+    images = row_file.read(every)
+    pieces = row_file.piece_checksums(0, every[40:], images, every[40:])  # rows 40.. read by this run's tasks
+    check_read_members({0: row_file}, [{"images": 60, "row_crcs": pieces}])  # rows 0..39 are read again: all hold
+    _flip_a_pixel_byte(src / "train_data_batch_1.npz", 7)
+    with pytest.raises(SourceError, match="fails its CRC-32 check"):
+        check_read_members({0: row_file}, [{"images": 60, "row_crcs": pieces}])
