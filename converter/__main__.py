@@ -1,5 +1,5 @@
 from converter.cli import main
-from schemas.cli import exit_process
+from schemas.cli import run_main
 
 if __name__ == "__main__":  # spawned worker processes import this module too
-    exit_process(main())
+    run_main("python -m converter", main)

@@ -12,7 +12,7 @@ import sys
 from importlib.metadata import PackageNotFoundError, entry_points, version
 
 from schemas.cli.arguments import CommandParser, HelpFormatter, add_debug_option
-from schemas.cli.running import exit_process, run_command
+from schemas.cli.running import run_command, run_main
 from schemas.api import did_you_mean
 from schemas.api import apply_storage_options, parse_storage_options, refuse_process_bound_output, remote_protocols
 
@@ -108,4 +108,4 @@ def add_command(
 
 def run() -> None:
     """The `imzarr` console script."""
-    exit_process(main())
+    run_main("imzarr", main)

@@ -75,6 +75,18 @@ def _silence_stdout() -> None:
         pass
 
 
+def run_main(prog: str, main: Callable[[], int | None]) -> NoReturn:
+    """Run a command's `main` and exit with its code; Ctrl-C while it is still importing and parsing (before
+    `run_command` is in charge) is the same one line as later, not an import traceback."""
+    try:
+        code = main()
+    except KeyboardInterrupt:
+        interrupted = RunInterruptedError()
+        print(f"{prog}: {interrupted}", file=sys.stderr)
+        code = interrupted.exit_code
+    exit_process(code)
+
+
 def exit_process(code: int | None) -> NoReturn:
     """Exit a command's process with `code`, sparing it the interpreter's final garbage collections.
 

@@ -86,3 +86,22 @@ def test_ctrl_c_exits_with_the_interrupted_roots_code(capsys):
 
     assert run_command("imzarr test", interrupted) == EXIT_CODES["RunInterruptedError"] == 130
     assert capsys.readouterr().err == "imzarr test: interrupted; re-run the same command to resume\n"
+
+
+def test_ctrl_c_before_the_command_runs_is_the_same_line(capsys):
+    """Ctrl-C while a command still imports and parses (before run_command is in charge): one line, exit 130,
+    not an import traceback."""
+    from schemas.cli.running import run_main
+
+    def still_importing() -> int:
+        raise KeyboardInterrupt
+
+    import gc
+
+    try:
+        with pytest.raises(SystemExit) as exited:
+            run_main("imzarr", still_importing)
+    finally:
+        gc.unfreeze()  # exit_process froze this test process's objects before exiting
+    assert exited.value.code == 130
+    assert capsys.readouterr().err == "imzarr: interrupted; re-run the same command to resume\n"
