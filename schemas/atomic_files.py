@@ -43,7 +43,8 @@ def glob_escape(name: str) -> str:
 class AtomicFile:
     """One file filled at any offsets under a temporary name, renamed to `dest` by `commit`, dropped by `abort`.
 
-    An error of the filesystem (full, read-only, over quota) becomes OutputWriteError naming the temporary file.
+    An error of the filesystem (full, read-only, over quota) becomes OutputWriteError naming the destination (the
+    path the user gave or knows; the temporary name beside it would only puzzle).
     As a context manager: committed when the block ends normally, dropped when it raises.
     """
 
@@ -53,7 +54,7 @@ class AtomicFile:
         try:
             self.fd = os.open(self.temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         except OSError as exc:
-            raise OutputWriteError.from_os_error(self.temp, exc) from None
+            raise OutputWriteError(self.dest, f"cannot write ({exc.strerror or exc})") from None
 
     def write_at(self, offset: int, data: bytes | memoryview) -> None:
         """Write all of `data` at byte `offset`."""
@@ -63,14 +64,14 @@ class AtomicFile:
                 written = os.pwrite(self.fd, view, offset)
                 view, offset = view[written:], offset + written
         except OSError as exc:
-            raise OutputWriteError.from_os_error(self.temp, exc) from None
+            raise OutputWriteError(self.dest, f"cannot write ({exc.strerror or exc})") from None
 
     def truncate(self, size: int) -> None:
         """Make the file exactly `size` bytes long."""
         try:
             os.ftruncate(self.fd, size)
         except OSError as exc:
-            raise OutputWriteError.from_os_error(self.temp, exc) from None
+            raise OutputWriteError(self.dest, f"cannot write ({exc.strerror or exc})") from None
 
     def close(self) -> None:
         """Close the file, keeping it under its temporary name (read it back, then `commit`)."""
