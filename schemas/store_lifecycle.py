@@ -516,12 +516,27 @@ def _read_lock(lock: str) -> tuple[int, str] | None:
 
 
 def _abandoned(root: str, holder: tuple[int, str]) -> bool:
-    """Whether a writer lock was left behind: by a process of this host that no longer runs, or by an earlier run
-    in this process that no longer holds it."""
+    """Whether a writer lock was left behind: by a process of this host that no longer runs, or no longer holds
+    the lock's flock (a killed writer not yet reaped, or its pid since given to another process), or by an earlier
+    run in this process that no longer holds it."""
     pid, host = holder
     if host != socket.gethostname():
         return False
-    return root not in _HELD_LOCKS if pid == os.getpid() else not process_alive(pid)
+    if pid == os.getpid():
+        return root not in _HELD_LOCKS
+    return not process_alive(pid) or _flock_released(os.path.join(root, LOCK_FILE))
+
+
+def _flock_released(lock: str) -> bool:
+    """Whether nobody holds the lock file's flock (False where the filesystem has no flock: the pid decides)."""
+    try:
+        fd = os.open(lock, os.O_RDONLY)
+    except FileNotFoundError:
+        return True
+    try:
+        return _try_flock(fd, fcntl.LOCK_SH) is True  # released again when fd closes
+    finally:
+        os.close(fd)
 
 
 def _abandoned_lock(url: str) -> bool:

@@ -110,10 +110,16 @@ def test_partial_files_removed_on_resume(tmp_path):
 
 def test_live_writer_lock_refuses_a_second_writer_and_stale_lock_is_taken_over(tmp_path):
     url = str(tmp_path / "s.zarr")
-    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    lock = tmp_path / "s.zarr" / LOCK_FILE
+    (tmp_path / "s.zarr").mkdir()
+    # A writer holds its lock file's flock while it lives.
+    holder = subprocess.Popen(
+        [sys.executable, "-c", f"import fcntl, os, sys, time; fd = os.open({str(lock)!r}, os.O_RDWR | os.O_CREAT); "
+         f"os.write(fd, f'{{os.getpid()}} {os.uname().nodename}\\n'.encode()); fcntl.flock(fd, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True,
+    )
     try:
-        (tmp_path / "s.zarr").mkdir()
-        (tmp_path / "s.zarr" / LOCK_FILE).write_text(f"{holder.pid} {os.uname().nodename}\n")
+        assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(StoreLockedError, match=f"pid {holder.pid}"):
             _prepare(url)
     finally:
@@ -121,7 +127,22 @@ def test_live_writer_lock_refuses_a_second_writer_and_stale_lock_is_taken_over(t
         holder.wait()
     # The holder is dead now: its lock is stale and is taken over.
     assert _prepare(url).pending == [0, 1]
-    assert (tmp_path / "s.zarr" / LOCK_FILE).read_text().split()[0] == str(os.getpid())
+    assert lock.read_text().split()[0] == str(os.getpid())
+
+
+def test_a_lock_whose_pid_lives_on_without_its_flock_is_taken_over(tmp_path):
+    """A killed writer not yet reaped (a zombie), or its pid given to another process since: the pid exists, but
+    nobody holds the lock's flock, so the lock is stale."""
+    url = str(tmp_path / "s.zarr")
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / "s.zarr").mkdir()
+        (tmp_path / "s.zarr" / LOCK_FILE).write_text(f"{other.pid} {os.uname().nodename}\n")
+        assert _prepare(url).pending == [0, 1]
+        assert (tmp_path / "s.zarr" / LOCK_FILE).read_text().split()[0] == str(os.getpid())
+    finally:
+        other.kill()
+        other.wait()
 
 
 def test_lock_is_reentrant_and_released(tmp_path):
