@@ -287,9 +287,10 @@ def describe_activation_store(url: str) -> str:
         inputs = f"input        clean images; {model.get('preprocessing')}  pooling {attrs['pooling']}  dtypes {_json(attrs['dtypes'])}"
     else:
         inputs = f"sigma        {attrs['sigma']}  noise {_json(attrs['noise'])}  pooling {attrs['pooling']}  dtypes {_json(attrs['dtypes'])}"
+    maker = "generate" if (attrs.get("source") or {}).get("generated") else "extract"  # generate --activations-out makes them too
     lines = [
         f"store        {url}",
-        f"schema       {ACTIVATION_SCHEMA}  complete: {'yes' if attrs.get('complete') is True else 'NO (unfinished: re-run the extract command)'}",
+        f"schema       {ACTIVATION_SCHEMA}  complete: {'yes' if attrs.get('complete') is True else f'NO (unfinished: re-run the {maker} command)'}",
         f"samples      {attrs['selection'].get('count')}  from {attrs['source'].get('url')}",
         f"model        {model.get('name')} ({kind} network)  trained: {model.get('trained')}" + ("" if model.get("trained") else "  (UNTRAINED: random weights, for demos and tests)"),
         f"sha256       {model.get('sha256')}  ({'of the checkpoint file' if model.get('checkpoint') else 'of the preset state dict'})",

@@ -5,6 +5,8 @@ import pytest
 import torch
 import zarr
 
+from tests.support.store_edits import copy_with_group_attrs
+
 from extractor.extraction import ExtractOptions, extract
 from extractor.forward import ForwardSettings, RunOptions
 from extractor.integrity import IntegrityError
@@ -118,6 +120,8 @@ def test_generated_stores_have_the_image_layout_and_describe_themselves(tmp_path
     summary = store_info(str(tmp_path / "g.zarr")).summary.splitlines()
     assert "generator    tiny-random" in summary and not any(line.startswith("files") for line in summary)
     assert acts.attrs["source"]["url"] == str(tmp_path / "g.zarr")  # absolute, as every provenance path
+    unfinished = copy_with_group_attrs(str(tmp_path / "ga.zarr"), tmp_path / "unfinished.zarr", {"complete": False})
+    assert any("complete: NO (unfinished: re-run the generate command)" in line for line in store_info(unfinished).summary.splitlines())
 
 
 def test_nan_weights_fail_the_run_and_mark_nothing_complete(tmp_path):
