@@ -46,7 +46,7 @@ from schemas.image_store import IMAGE_SCHEMA, image_group_attrs
 from schemas.progress_report import ProgressReport
 from schemas.output_paths import local_path
 from schemas.remote_storage import remote_storage_errors, translate_remote_error
-from schemas.store_identity import InputChangedError
+from schemas.store_identity import InputChangedError, check_output_generation
 from schemas.store_integrity import record_checksums, record_unit_checksums
 from schemas.store_lifecycle import (
     finalize_store,
@@ -267,7 +267,7 @@ def _convert_locked(source: ImageSource, options: ConvertOptions, settings: dict
     for k in state.pending:
         shard_plan = _shard_plan(plan, k * shard, shard)
         its_files = {int(p): row_files[int(p)] for p in np.flatnonzero(np.bincount(shard_plan["part"]))}
-        tasks.append(dask.delayed(_write_shard, pure=False)(options.output, k, k * shard, shard_plan, _opaque(its_files)))
+        tasks.append(dask.delayed(_write_shard, pure=False)(options.output, k, k * shard, shard_plan, _opaque(its_files), state.generation))
     before = n - sum(min(shard, n - k * shard) for k in state.pending)  # images a killed run wrote already
     receipts = run_tasks(tasks, _scheduler(options, processes=False), ProgressReport(n, f"writing {Path(options.output).name}", already=before))
     refuse_changed_inputs(source)
@@ -505,7 +505,7 @@ def _shard_plan(plan: dict[str, np.ndarray], start: int, shard: int) -> dict[str
     return {k: v[start : start + shard] for k, v in plan.items()}
 
 
-def _write_shard(url: str, k: int, start: int, plan: dict[str, np.ndarray], row_files: dict[int, RowFile]) -> dict:
+def _write_shard(url: str, k: int, start: int, plan: dict[str, np.ndarray], row_files: dict[int, RowFile], generation: str | None = None) -> dict:
     """Stage 2 task: gather one output shard's rows from their parts, write it whole, record it done."""
     n = plan["part"].size
     first = row_files[int(plan["part"][0])]
@@ -518,8 +518,11 @@ def _write_shard(url: str, k: int, start: int, plan: dict[str, np.ndarray], row_
             pieces += row_files[p].piece_checksums(int(p), plan["row"][sel], images, sel)
     coords = {name: plan[name] for name in TEXT_COORDINATES}  # the numeric ones were written at creation
     with _output_errors(url):
+        # A task that outlived its run (Ctrl-C, a lost scheduler) writes nothing into a store rebuilt since.
+        check_output_generation(url, generation)
         # The crc32c of every file written is recorded before the shard counts as done (schemas/store_integrity.py).
         record_unit_checksums(url, k, write_image_shard(url, start, images, coords))
+        check_output_generation(url, generation)
         mark_done(url, k)
     return {"images": n, "row_crcs": pieces}
 

@@ -24,7 +24,7 @@ from schemas.vocabulary import COMPUTE_DTYPE_NAMES, POOL_MODES, PRESET_NAMES, ST
 from schemas.classes import NUM_CLASSES, class_table
 from schemas.errors import ImzarrError, PathError
 from schemas.keywords import keyword_names, refuse_unknown_keywords, takes_keywords_of
-from schemas.output_paths import OutputOverlapsInputError, check_output_location, local_file_url_to_path, refuse_replacing_other_than_png
+from schemas.output_paths import OutputOverlapsInputError, absolute_url, check_output_location, local_file_url_to_path, refuse_replacing_other_than_png
 
 if TYPE_CHECKING:
     import xarray as xr
@@ -150,6 +150,8 @@ def extract_options(
     if indices is not None and not isinstance(indices, (str, os.PathLike)):
         positions, indices = _positions(indices), None
     store, output, checkpoint, indices = local_file_url_to_path([str(store), str(output), checkpoint, indices])  # file:// URLs as local paths
+    if run.get("scheduler"):  # tasks run on workers, whose working folders are their own: paths that mean the same there
+        store, output, checkpoint = (absolute_url(path) for path in (store, output, checkpoint))
     layers = layer_entries(layers)
     check_preset_layers(preset, layers)  # before torch is imported: a typo answers at once
     check_output_location(output, [store])
@@ -203,6 +205,8 @@ def generate_options(
     `classes`: WNIDs, class names or 0-based indices (default: every class)."""
     refuse_unknown_keywords(run, keyword_names(generate_options) + keyword_names(run_options), "generate")
     output, activations_out, checkpoint = local_file_url_to_path([str(output), activations_out, checkpoint])
+    if run.get("scheduler"):  # tasks run on workers, whose working folders are their own
+        output, activations_out, checkpoint = (absolute_url(path) for path in (output, activations_out, checkpoint))
     layers = layer_entries(layers)
     check_preset_layers(preset, layers)  # before torch is imported: a typo answers at once
     check_output_location(output)

@@ -40,7 +40,7 @@ from schemas.errors import output_write_errors
 from schemas.image_store import ImageStore, validate_image_store
 from schemas.progress_report import ProgressReport
 from schemas.remote_storage import remote_storage_errors
-from schemas.store_identity import StoreIdentity, check_unchanged, reader_lease
+from schemas.store_identity import StoreIdentity, check_output_generation, check_unchanged, reader_lease
 from schemas.store_integrity import record_checksums, record_unit_checksums
 from schemas.store_lifecycle import finalize_store, inspect_existing, mark_done, prepare_store
 from schemas.task_runner import check_scheduler_reachable, run_tasks
@@ -153,7 +153,7 @@ def _extract(options: ExtractOptions, forward: PreparedForward, images: ImageSto
     plan = forward.plan()  # the batch size is chosen here, once the store needs writing
     tasks = [
         dask.delayed(extract_shard, pure=False)(
-            ShardTask(options.store, options.output, k, k * shard, {c: v[k * shard : (k + 1) * shard] for c, v in coords.items()}, plan, source)
+            ShardTask(options.store, options.output, k, k * shard, {c: v[k * shard : (k + 1) * shard] for c, v in coords.items()}, plan, source, state.generation)
         )
         for k in state.pending
     ]
@@ -177,6 +177,7 @@ class ShardTask:
     coords: dict[str, np.ndarray]
     forward: ForwardPlan  # settings resolved, layer shapes and batch size known
     source: StoreIdentity | None = None  # the image store as the run opened it: checked before and after reading
+    output_generation: str | None = None  # the output store's, as the run prepared it: written only while it is that one
 
 # The input stores this process has opened: zarr's open_group reads metadata through its event loop, which cost
 # every task a few milliseconds that the other worker waited on (~5 % of a CPU extraction's worker time,
@@ -216,7 +217,7 @@ def extract_shard(task: ShardTask) -> dict:
     labels, gidx = coords["label"], coords["global_index"]
     n = images.shape[0]
     runner = ShardForward(forward, n, RECONSTRUCTION_VAR if forward.settings.reconstructions else None)
-    output = ShardOutput(task.output, task.shard, task.start, runner.buffers)
+    output = ShardOutput(task.output, task.shard, task.start, runner.buffers, task.output_generation)
     runner.on_ready = output.ready
     try:
         batch = forward.batch_size
@@ -234,6 +235,7 @@ def extract_shard(task: ShardTask) -> dict:
         raise
     finally:
         runner.release()  # the writer thread is done with the buffers either way
+    check_output_generation(task.output, task.output_generation)  # a task that outlived its run marks nothing done
     record_unit_checksums(task.output, task.shard, output.checksums)
     mark_done(task.output, task.shard)
     return {"images": int(n)}

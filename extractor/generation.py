@@ -33,6 +33,7 @@ from schemas.output_paths import absolute_url
 from schemas.progress_report import ProgressReport
 from schemas.remote_storage import remote_storage_errors
 from schemas.store_integrity import record_checksums, record_unit_checksums
+from schemas.store_identity import check_output_generation
 from schemas.store_lifecycle import StoreState, finalize_store, inspect_existing, mark_done, prepare_store
 from schemas.task_runner import check_scheduler_reachable, run_tasks
 
@@ -109,6 +110,7 @@ class GenerateTask:
     start: int
     labels: np.ndarray
     forward: ForwardPlan  # settings resolved, layer shapes and batch size known
+    generations: tuple[str | None, str | None] = (None, None)  # of the image and activation stores, as the run prepared them
 
 
 def generate_shard(task: GenerateTask) -> dict:
@@ -125,9 +127,9 @@ def generate_shard(task: GenerateTask) -> dict:
     runner = ShardForward(forward, n, IMAGE_VAR if task.output else None)
     outputs: dict[str, ShardOutput] = {}
     if task.output:
-        outputs["images"] = ShardOutput(task.output, task.shard, task.start, {IMAGE_VAR: runner.buffers[IMAGE_VAR]})
+        outputs["images"] = ShardOutput(task.output, task.shard, task.start, {IMAGE_VAR: runner.buffers[IMAGE_VAR]}, task.generations[0])
     if task.activations_out:
-        outputs["activations"] = ShardOutput(task.activations_out, task.shard, task.start, {name: runner.buffers[name] for name in fwd.layers})
+        outputs["activations"] = ShardOutput(task.activations_out, task.shard, task.start, {name: runner.buffers[name] for name in fwd.layers}, task.generations[1])
     runner.on_ready = lambda first, stop, wait: [out.ready(first, stop, wait) for out in outputs.values()]
     table = class_table()
     text = {"synset": table.synsets_of(task.labels), "class_name": table.names_of(task.labels), "source_file": np.full(n, "", dtype=object)}
@@ -152,9 +154,11 @@ def generate_shard(task: GenerateTask) -> dict:
     finally:
         runner.release()  # the writer threads are done with the buffers either way
     if task.activations_out:
+        check_output_generation(task.activations_out, task.generations[1])  # a task that outlived its run marks nothing done
         record_unit_checksums(task.activations_out, task.shard, outputs["activations"].checksums)
         mark_done(task.activations_out, task.shard)
     if task.output:
+        check_output_generation(task.output, task.generations[0])
         record_unit_checksums(task.output, task.shard, outputs["images"].checksums)
         mark_done(task.output, task.shard)
     return {"images": n}
@@ -226,7 +230,8 @@ def _generate_stores(options: GenerateOptions, forward: PreparedForward, started
     tasks = [
         dask.delayed(generate_shard, pure=False)(
             GenerateTask(options.output if k in image_pending else None, options.activations_out if k in act_pending else None,
-                         k, k * shard, labels[k * shard : (k + 1) * shard], plan)
+                         k, k * shard, labels[k * shard : (k + 1) * shard], plan,
+                         (image_state.generation, act_state.generation if act_state is not None else None))
         )
         for k in sorted(pending)
     ]

@@ -35,6 +35,7 @@ from numcodecs import VLenUTF8, Zstd
 from schemas.atomic_files import AtomicFile, remove_stale_temporaries, write_atomically
 from schemas.errors import ImzarrError
 from schemas.output_paths import local_path
+from schemas.store_identity import check_output_generation
 from schemas.store_integrity import crc32c_of, file_crc32c, files_checksums, shard_file_names
 from schemas.zarr_format import (
     CRC32C_BYTES,
@@ -226,8 +227,9 @@ class ShardOutput:
     nothing of the shard behind.
     """
 
-    def __init__(self, url: str, shard: int, start: int, buffers: dict[str, np.ndarray]):
+    def __init__(self, url: str, shard: int, start: int, buffers: dict[str, np.ndarray], generation: str | None = None):
         self.url, self.shard, self.start, self.buffers = url, shard, start, buffers
+        self.generation = generation  # the store's, as its run prepared it: commit writes nothing into another
         root = local_directory(url)
         layouts = {name: direct_layout(url, name) for name in buffers}
         self.files = {
@@ -272,6 +274,7 @@ class ShardOutput:
         """Write the coordinates this task owns (one chunk per shard each), finish every array's shard (renamed
         into place); raise what the writer hit."""
         try:
+            check_output_generation(self.url, self.generation)
             # Coordinates first, while the writer thread may still be writing data: one chunk per shard, written
             # directly where the layout allows (zarr-python took ~10-20 ms per shard for them, a third of a
             # 100 MB shard's raw write time). Nothing counts as written before the caller marks the shard done.

@@ -98,6 +98,24 @@ def check_unchanged(identity: StoreIdentity) -> None:
     )
 
 
+class OutputReplacedError(RunFailedError):
+    """A task's output store was replaced (rebuilt by another run) since the task's run prepared it."""
+
+
+def check_output_generation(url: str, generation: str | None) -> None:
+    """Raise OutputReplacedError unless the output store is still the generation its run prepared (None: no
+    check). A task of a run that ended (Ctrl-C, a lost scheduler) may go on computing on a cluster worker; this
+    keeps it from writing into the store a later `--overwrite` run made at the same path."""
+    if generation is None:
+        return
+    attrs = _root_attrs(url) or {}
+    if attrs.get(GENERATION_ATTR) != generation:
+        raise OutputReplacedError(
+            f"{url}: the store was replaced since this task's run prepared it (generation {generation}, now "
+            f"{attrs.get(GENERATION_ATTR) or 'none'}): this task's work is dropped, the store is left as it is"
+        )
+
+
 # --- readers' leases and the rewriting writer ------------------------------------------------------------------
 
 def _lock_folder(url: str, mode: int) -> tuple[int | None, bool]:

@@ -66,6 +66,7 @@ class StoreState:
     url: str
     done: np.ndarray  # bool [num_units]
     already_complete: bool
+    generation: str | None = None  # the store's generation id: its tasks write only while it is still this one
 
     @property
     def pending(self) -> list[int]:
@@ -223,7 +224,8 @@ def prepare_store(
     if status == "resume":
         if _has_done_record(url):
             remove_partial_files(url)
-            return StoreState(url, read_done(url, num_units), already_complete=False)
+            generation = dict(zarr.open_group(url, mode="r", use_consolidated=False).attrs).get(GENERATION_ATTR)
+            return StoreState(url, read_done(url, num_units), already_complete=False, generation=generation)
         # Same settings but no done record: nothing says which units finished, so start over (it is our store).
     refuse_foreign_entries(url)  # checked again under the lock: a user's files are never emptied with the store
     with rewrite_guard(url):  # refused while a reader holds a lease; new readers kept out until the marker is there
@@ -234,6 +236,7 @@ def prepare_store(
         DONE_ARRAY, shape=(max(num_units, 1),), chunks=(1,), dtype="int8", fill_value=0, compressors=None
     )
     # One metadata write that replaces the marker: from here on the store is resumable.
+    generation = new_generation()
     group.attrs.put(
         {
             "schema": schema,
@@ -243,10 +246,10 @@ def prepare_store(
             **(initial_attrs or {}),
             # Who reads this store checks it is still this one (schemas/store_identity.py); a rerun that resumes
             # keeps it, a rebuild gets a new one.
-            GENERATION_ATTR: new_generation(),
+            GENERATION_ATTR: generation,
         }
     )
-    return StoreState(url, np.zeros(num_units, dtype=bool), already_complete=False)
+    return StoreState(url, np.zeros(num_units, dtype=bool), already_complete=False, generation=generation)
 
 
 def _settings_diff(old: Any, new: dict[str, Any]) -> str:

@@ -274,3 +274,18 @@ def test_extract_takes_positions_as_a_sequence_or_a_file(sample):
     assert not (sample / "pos_bad.zarr").exists()
     whole = extractor.extract(images, str(sample / "pos_float.zarr"), indices=np.array([3.0, 9.0, 17.0]), **kwargs)
     assert whole.num_samples == 3
+
+
+def test_paths_of_a_cluster_run_mean_the_same_on_its_workers(tmp_path, monkeypatch):
+    """With --scheduler, tasks run on workers started in folders of their own: extract and generate hand them
+    absolute paths (relative ones would name other files there); a local run keeps the paths as given."""
+    from extractor.api import extract_options, generate_options
+
+    monkeypatch.chdir(tmp_path)
+    cluster = {"scheduler": "tcp://127.0.0.1:1"}
+    options = extract_options("in.zarr", "out.zarr", layers="midblock", checkpoint="ckpt.pkl", **cluster)
+    assert (options.store, options.output, options.forward.model.checkpoint) == (str(tmp_path / "in.zarr"), str(tmp_path / "out.zarr"), str(tmp_path / "ckpt.pkl"))
+    made = generate_options("gen.zarr", preset="tiny-random", num_samples=4, layers="midblock", activations_out="acts.zarr", **cluster)
+    assert (made.output, made.activations_out) == (str(tmp_path / "gen.zarr"), str(tmp_path / "acts.zarr"))
+    assert extract_options("in.zarr", "out.zarr", layers="midblock", preset="tiny-random").store == "in.zarr"
+    assert extract_options("s3://b/in.zarr", "out.zarr", layers="midblock", preset="tiny-random", **cluster).store == "s3://b/in.zarr"

@@ -132,3 +132,29 @@ def test_numeric_coordinates_written_whole_are_never_written_by_a_shard_task(tmp
     text = {name: values for name, values in _coords(shard, shard).items() if name in ("synset", "class_name", "source_file")}
     output.commit(text)
     np.testing.assert_array_equal(zarr.open_group(url, mode="r")["synset"][shard : 2 * shard], text["synset"])
+
+
+def test_a_task_of_a_run_whose_store_was_rebuilt_writes_nothing(tmp_path):
+    """A task that outlived its run (Ctrl-C, a lost scheduler: it goes on computing on a worker) commits into the
+    store only while it is the generation its run prepared; a store rebuilt at that path by another run is left
+    as that run made it."""
+    from schemas.store_identity import OutputReplacedError, check_output_generation
+    from schemas.store_lifecycle import prepare_store
+
+    url = str(tmp_path / "s.zarr")
+    create = lambda group: create_activation_arrays(group, 128, {"a": (2, 2, 2)}, "float16", 64, None, {"a": {"long_name": "layer a"}})  # noqa: E731
+    first = prepare_store(url, "imzarr.test/1", {"run": 1}, 2, create, False)
+    rebuilt = prepare_store(url, "imzarr.test/1", {"run": 2}, 2, create, True)  # another run's --overwrite
+    assert first.generation and rebuilt.generation and first.generation != rebuilt.generation
+    check_output_generation(url, rebuilt.generation)
+    stale = ShardOutput(url, 1, 64, {"a": np.full((64, 2, 2, 2), 2, dtype=np.float16)}, first.generation)
+    stale.ready(0, 64)
+    with pytest.raises(OutputReplacedError, match=rf"s\.zarr: the store was replaced since this task's run prepared it \(generation {first.generation}, now {rebuilt.generation}\)"):
+        stale.commit({"synset": np.array(["n00000000"] * 64, dtype=object)})
+    np.testing.assert_array_equal(zarr.open_array(url, path="a", mode="r")[64:], 0)  # nothing of the stale task's
+    assert zarr.open_array(url, path="synset", mode="r")[64:].tolist() == [""] * 64
+    assert not list((tmp_path / "s.zarr").rglob(f"*{PARTIAL_SUFFIX}"))
+    ours = ShardOutput(url, 1, 64, {"a": np.full((64, 2, 2, 2), 3, dtype=np.float16)}, rebuilt.generation)
+    ours.ready(0, 64)
+    ours.commit({})
+    np.testing.assert_array_equal(zarr.open_array(url, path="a", mode="r")[64:], 3)
