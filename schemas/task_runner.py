@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import socket
+import time
+from concurrent.futures import CancelledError
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -24,6 +26,10 @@ from schemas.progress_report import DaskProgress, ProgressReport
 SCHEDULER_SCHEMES = ("tcp", "tls", "ws", "wss")
 # How long a run waits for the scheduler's port to answer before anything is written.
 SCHEDULER_PROBE_TIMEOUT_S = 10.0
+# A distributed run that finishes no task for this long checks that its cluster still has workers that can run
+# the tasks (every WORKER_CHECK_S seconds while nothing finishes).
+WORKERLESS_GRACE_S = 60.0
+WORKER_CHECK_S = 10.0
 
 
 class SchedulerError(ImzarrError):
@@ -32,6 +38,10 @@ class SchedulerError(ImzarrError):
 
 class SchedulerUnreachableError(RunFailedError):
     """A well-formed scheduler address where no scheduler answers (checked before any output exists)."""
+
+
+class SchedulerLostError(RunFailedError):
+    """The scheduler went away during a run, or the cluster was left without workers that can run its tasks."""
 
 
 class UnsatisfiableResourcesError(SchedulerError):
@@ -67,16 +77,18 @@ def check_scheduler_reachable(spec: SchedulerSpec) -> None:
         ) from None
     except OSError as exc:
         raise SchedulerUnreachableError(f"{spec.address}: cannot reach the dask scheduler ({exc.strerror or exc}); nothing was written") from None
-    if spec.resources:
-        _check_resources_offered(spec)
+    # Something answers the port: a dask handshake says whether it is a scheduler (a dashboard, an HTTP server or
+    # a stray service would hold the run forever, or hand dask garbage to read).
+    with _connect(spec, timeout=SCHEDULER_PROBE_TIMEOUT_S) as client:
+        if spec.resources:
+            _check_resources_offered(spec, client)
 
 
-def _check_resources_offered(spec: SchedulerSpec) -> None:
+def _check_resources_offered(spec: SchedulerSpec, client: Any, during_run: bool = False) -> None:
     """Refuse resources that the cluster's workers all lack (dask would hold every task until such a worker
-    joins). A cluster without workers yet is let through: they may still be starting."""
-    with _connect(spec) as client:
-        workers = list(client.scheduler_info(n_workers=-1).get("workers", {}).values())
-    if not workers:
+    joins). A cluster without workers yet is let through before a run: they may still be starting."""
+    workers = list(client.scheduler_info(n_workers=-1).get("workers", {}).values())
+    if not workers and not during_run:
         return
     wanted = dict(spec.resources)
     offered = [w.get("resources") or {} for w in workers]
@@ -84,6 +96,11 @@ def _check_resources_offered(spec: SchedulerSpec) -> None:
         return
     asked = ",".join(f"{name}={amount:g}" for name, amount in spec.resources)
     kinds = sorted({",".join(f"{n}={a:g}" for n, a in sorted(have.items())) or "none" for have in offered})
+    if during_run:
+        raise SchedulerLostError(
+            f"{spec.address}: no worker offers --resources {asked} any more (its {len(workers)} workers offer: {'; '.join(kinds) or 'nothing'}); "
+            f"the output is left unfinished: start workers with `dask worker {spec.address} --resources {asked}`, then re-run the same command to resume"
+        )
     raise UnsatisfiableResourcesError(
         f"{spec.address}: no worker offers --resources {asked} (its {len(workers)} workers offer: {'; '.join(kinds)}); "
         f"start workers with `dask worker {spec.address} --resources {asked}`, or ask for less; nothing was written"
@@ -133,7 +150,7 @@ def run_tasks(tasks: list, spec: SchedulerSpec, report: ProgressReport) -> list[
 
 def _run_distributed(tasks: list, spec: SchedulerSpec, report: ProgressReport) -> list[Any]:
     import fsspec.config
-    from distributed import as_completed
+    from distributed import wait
 
     with _connect(spec) as client:
         client.run(_apply_fsspec_defaults, {k: dict(v) for k, v in fsspec.config.conf.items() if isinstance(v, dict)})
@@ -141,21 +158,53 @@ def _run_distributed(tasks: list, spec: SchedulerSpec, report: ProgressReport) -
         futures = client.compute(tasks, resources=dict(spec.resources) or None, optimize_graph=False)
         index = {f.key: i for i, f in enumerate(futures)}
         receipts: list[Any] = [None] * len(futures)
-        for future in as_completed(futures):
-            receipt = future.result()
-            receipts[index[future.key]] = receipt
-            report.update(receipt.get("images", 0) if isinstance(receipt, dict) else 0)
+        pending = set(futures)
+        idle_since = time.monotonic()
+        try:
+            while pending:
+                try:
+                    done, pending = wait(pending, timeout=WORKER_CHECK_S, return_when="FIRST_COMPLETED")
+                except TimeoutError:
+                    # Nothing finished for a while: a cluster whose workers (or those offering the resources)
+                    # all left would hold the tasks forever, so that is refused after a grace period.
+                    if time.monotonic() - idle_since >= WORKERLESS_GRACE_S:
+                        _check_workers_left(spec, client)
+                    continue
+                idle_since = time.monotonic()
+                for future in done:
+                    receipt = future.result()
+                    receipts[index[future.key]] = receipt
+                    report.update(receipt.get("images", 0) if isinstance(receipt, dict) else 0)
+        except CancelledError as exc:  # the scheduler went away (or cancelled the run's tasks)
+            raise SchedulerLostError(
+                f"{spec.address}: lost the dask scheduler during the run ({exc}); the output is left unfinished: "
+                "re-run the same command once a scheduler answers there, to resume"
+            ) from None
         return receipts
 
 
-def _connect(spec: SchedulerSpec) -> Any:
-    """A dask.distributed client of the scheduler at `spec.address`; SchedulerUnreachableError when none answers."""
+def _check_workers_left(spec: SchedulerSpec, client: Any) -> None:
+    """During a run: refuse a cluster left with no worker, or with none that offers the resources the tasks need."""
+    if spec.resources:
+        _check_resources_offered(spec, client, during_run=True)
+    elif not client.scheduler_info(n_workers=-1).get("workers"):
+        raise SchedulerLostError(f"{spec.address}: the cluster has no worker left; the output is left unfinished: start workers, then re-run the same command to resume")
+
+
+def _connect(spec: SchedulerSpec, timeout: float = 30.0) -> Any:
+    """A dask.distributed client of the scheduler at `spec.address`; SchedulerUnreachableError when none answers,
+    or what answers is not a dask scheduler."""
     from distributed import Client
 
     try:
-        return Client(spec.address, timeout="30s")
+        return Client(spec.address, timeout=f"{timeout:g}s")
     except OSError as exc:
-        raise SchedulerUnreachableError(f"{spec.address}: cannot reach the dask scheduler ({exc})") from None
+        raise SchedulerUnreachableError(f"{spec.address}: cannot reach the dask scheduler ({exc}); nothing was written") from None
+    except Exception as exc:  # noqa: BLE001 - a handshake with something else fails in many ways (even MemoryError)
+        raise SchedulerUnreachableError(
+            f"{spec.address}: something answers there, but not a dask scheduler ({type(exc).__name__}); nothing was written "
+            "(a scheduler listens on 8786 by default; 8787 is its dashboard)"
+        ) from None
 
 
 def _apply_fsspec_defaults(conf: dict[str, dict]) -> None:

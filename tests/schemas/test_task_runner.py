@@ -1,0 +1,66 @@
+"""Runs on a dask.distributed cluster end in one line, never hang: a port where no scheduler answers, a cluster
+left without the workers its tasks need."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import dask
+import pytest
+from distributed import LocalCluster
+
+from schemas import task_runner
+from schemas.progress_report import ProgressReport
+from schemas.task_runner import SchedulerLostError, SchedulerSpec, SchedulerUnreachableError, check_scheduler_reachable, run_tasks
+
+
+def test_a_port_where_something_else_answers_is_not_a_scheduler():
+    """An HTTP server (a dashboard on 8787 instead of the scheduler's 8786): refused before any output, quickly."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    address = f"tcp://127.0.0.1:{server.getsockname()[1]}"
+
+    def answer_like_http() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            with conn:
+                conn.recv(1024)
+                conn.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+
+    threading.Thread(target=answer_like_http, daemon=True).start()
+    started = time.monotonic()
+    try:
+        with pytest.raises(SchedulerUnreachableError, match=rf"^{address}: something answers there, but not a dask scheduler \(\w+\); nothing was written"):
+            check_scheduler_reachable(SchedulerSpec(address))
+    finally:
+        server.close()
+    assert time.monotonic() - started < 30
+
+
+def _slow(seconds: float) -> dict:
+    time.sleep(seconds)
+    return {"images": 1}
+
+
+def test_a_cluster_left_without_the_workers_its_tasks_need_fails_the_run(monkeypatch):
+    """The only worker offering GPU=1 leaves mid-run: dask would hold the remaining tasks forever; the run fails
+    in one line once nothing finished for the grace period."""
+    monkeypatch.setattr(task_runner, "WORKERLESS_GRACE_S", 1.0)
+    monkeypatch.setattr(task_runner, "WORKER_CHECK_S", 0.5)
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, protocol="tcp://", resources={"GPU": 1}, dashboard_address=":0") as cluster:
+        spec = SchedulerSpec(cluster.scheduler_address, resources=(("GPU", 1.0),))
+        tasks = [dask.delayed(_slow, pure=False)(0.2 if k == 0 else 3.0) for k in range(6)]
+
+        def leave() -> None:
+            time.sleep(1.0)
+            cluster.scale(0)
+
+        threading.Thread(target=leave, daemon=True).start()
+        with pytest.raises(SchedulerLostError, match=r"no worker offers --resources GPU=1 any more .* re-run the same command to resume"):
+            run_tasks(tasks, spec, ProgressReport(6, "test"))
