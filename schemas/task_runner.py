@@ -208,11 +208,12 @@ def _connect(spec: SchedulerSpec, timeout: float = 30.0) -> Any:
 
 
 def _apply_fsspec_defaults(conf: dict[str, dict]) -> None:
-    """On a worker: the driver's fsspec defaults per protocol (endpoint, credentials options)."""
+    """On a worker: the driver's fsspec defaults per protocol (endpoint, credentials options), in place of an
+    earlier command's (a shared cluster must not lend one command's credentials to the next)."""
     import fsspec.config
 
     for protocol, options in conf.items():
-        fsspec.config.conf.setdefault(protocol, {}).update(options)
+        fsspec.config.conf[protocol] = dict(options)
 
 
 def parse_resources(text: str | None) -> tuple[tuple[str, float], ...]:
