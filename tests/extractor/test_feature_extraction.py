@@ -219,7 +219,7 @@ def test_features_say_how_labels_conditioned_the_network():
 
     images = np.zeros((3, 3, 64, 64), dtype=np.uint8)
     labelled = features(images, [0, -1, 5], layers=["midblock"], model="tiny-random", pool="mean")
-    assert labelled.attrs["class_conditioning"] == "one-hot of label" and labelled.attrs["unknown_labels"] == 1
+    assert labelled.attrs["class_conditioning"] == "one-hot of label; zeros for the 1 samples without a label (-1)" and labelled.attrs["unknown_labels"] == 1
     unlabelled = features(images, layers=["midblock"], model="tiny-random", pool="mean")
     free = features(images, [0, 1, 5], layers=["midblock"], model="tiny-random", pool="mean", class_free=True)
     assert unlabelled.attrs["unknown_labels"] == 3 and free.attrs["class_conditioning"] == "none (zero labels)"

@@ -147,6 +147,7 @@ def test_python_gives_the_endpoint_and_credentials_set_after_a_refusal_count(wor
     monkeypatch.setenv("AWS_CONFIG_FILE", str(workdir / "no-config"))
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
     monkeypatch.setattr(fsspec.config, "conf", {})
+    fsspec.get_filesystem_class("s3").clear_instance_cache()  # one made by an earlier test, with credentials then set
     schemas.apply_storage_options({"endpoint_url": s3.endpoint}, ["s3"])
     url = s3.url("python-options.zarr")
     with pytest.raises(RemoteStorageCredentialsError, match=r"no credentials .*schemas\.apply_storage_options"):
