@@ -28,7 +28,7 @@ from converter.sources.base import (
     RowFile,
     SourceError,
 )
-from converter.sources.row_checksums import checked_member_crc
+from converter.sources.row_checksums import Pieces, checked_member_crc
 from converter.sources.source_files import is_remote
 from schemas.atomic_files import write_atomically
 from schemas.classes import class_table
@@ -262,7 +262,8 @@ def _convert_locked(source: ImageSource, options: ConvertOptions, settings: dict
         )
     row_files = {i: m.row_file for i, m in materialized.items()}
     for i, part in enumerate(source.parts):
-        row_files.setdefault(i, part.row_file())
+        if i not in row_files:  # (row_file reads the member's header: only for parts read in place)
+            row_files[i] = part.row_file()
     tasks = []
     for k in state.pending:
         shard_plan = _shard_plan(plan, k * shard, shard)
@@ -304,10 +305,10 @@ def check_read_members(row_files: dict[int, RowFile], receipts: list[dict]) -> N
     """SourceError for a zip member read in place whose CRC-32 does not hold (a flipped bit in a stored `.npz`
     member): the store is left unfinished rather than marked complete with wrong pixels. Rows an earlier, killed
     run converted are read again for the check."""
-    pieces: dict[int, list[tuple[int, int, int]]] = {}
+    pieces: dict[int, list[Pieces]] = {}
     for receipt in receipts:
-        for part, first, count, crc in receipt.get("row_crcs", ()):
-            pieces.setdefault(part, []).append((first, count, crc))
+        for piece in receipt.get("row_crcs", ()):
+            pieces.setdefault(piece[0], []).append(piece)
     for part, row_file in row_files.items():
         if row_file.checksum is None:
             continue
@@ -515,7 +516,7 @@ def _write_shard(url: str, k: int, start: int, plan: dict[str, np.ndarray], row_
         sel = np.flatnonzero(plan["part"] == p)
         row_files[p].read_into(plan["row"][sel], images, sel)
         if row_files[p].checksum is not None:  # rows read in place: their CRC-32 pieces, for the member's check
-            pieces += row_files[p].piece_checksums(int(p), plan["row"][sel], images, sel)
+            pieces.append(row_files[p].piece_checksums(int(p), plan["row"][sel], images, sel))
     coords = {name: plan[name] for name in TEXT_COORDINATES}  # the numeric ones were written at creation
     with _output_errors(url):
         # A task that outlived its run (Ctrl-C, a lost scheduler) writes nothing into a store rebuilt since.

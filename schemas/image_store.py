@@ -128,12 +128,12 @@ def validate_image_store(url: str, require_complete: bool = True) -> "ImageStore
     if "Conventions" in attrs:
         _check_array_attrs(url, attrs, image, coordinates)
     if not require_complete:
-        return ImageStore(absolute_url(url), attributes=attrs, image_metadata=image)
+        return ImageStore(str(absolute_url(os.fspath(url))), attributes=attrs, image_metadata=image)
     record = read_checksum_record(url)  # read once: the listing's check and the reader's missing-file rule
     check_store_files(url, record=record)  # a listing: a complete store lacking a shard file would read as black images
     # Read later from the path as it means now: a relative path would follow the working folder (a notebook's %cd)
     # to another store, whose pixels would then pair with this store's labels.
-    return ImageStore(absolute_url(url), attributes=attrs, written=None if record is None else record.get(IMAGE_VAR), image_metadata=image)
+    return ImageStore(str(absolute_url(os.fspath(url))), attributes=attrs, written=None if record is None else record.get(IMAGE_VAR), image_metadata=image)
 
 
 def _array_metadata(url: str, name: str, missing: str) -> dict[str, Any]:
@@ -288,8 +288,13 @@ def sample_positions(indices: Any, url: str) -> np.ndarray:
     if given.dtype.kind == "b":
         raise SampleIndexError(f"{url}: sample positions are whole numbers, not a boolean mask (use np.flatnonzero(mask))")
     if given.size and given.dtype.kind not in "iu":
-        if given.dtype.kind != "f" or not np.array_equal(given, np.round(given)):
-            raise SampleIndexError(f"{url}: sample positions must be whole numbers, got {given.dtype} values such as {given.flat[0].item()!r}")
+        if given.dtype.kind == "f":
+            whole = bool(np.array_equal(given, np.round(given)))
+        else:  # Python ints in an object array are positions too; anything else (text, None, bools) is not
+            whole = given.dtype.kind == "O" and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in given.tolist())
+        if not whole:
+            first = given.flat[0]
+            raise SampleIndexError(f"{url}: sample positions must be whole numbers, got {given.dtype} values such as {first.item() if isinstance(first, np.generic) else first!r}")
     return given.astype(np.int64, copy=False)
 
 

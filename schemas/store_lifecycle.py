@@ -137,11 +137,12 @@ def foreign_entries(url: str) -> list[str]:
     for entry in fs.ls(path, detail=True):
         full = entry["name"].rstrip("/")
         name = full.rsplit("/", 1)[-1]
-        if name == METADATA_FILE or name.startswith(LOCK_FILE) or name.endswith(PARTIAL_SUFFIX):
+        if name in (METADATA_FILE, ".DS_Store") or name.startswith(LOCK_FILE) or name.endswith(PARTIAL_SUFFIX):
             continue
         if entry["type"] == "directory":
             inside = [e.rstrip("/").rsplit("/", 1)[-1] for e in fs.ls(full, detail=False)]
-            if not inside or any(n == METADATA_FILE or n.startswith(METADATA_FILE + ".") for n in inside):
+            # A node's folder holds its zarr.json, or (while a writer creates it) only temporary files.
+            if any(n == METADATA_FILE for n in inside) or all(n.endswith(PARTIAL_SUFFIX) for n in inside):
                 continue
         found.append(name)
     return sorted(found)

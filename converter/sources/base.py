@@ -13,7 +13,7 @@ from typing import Callable, Protocol
 
 import numpy as np
 
-from converter.sources.row_checksums import READ_BLOCK, MemberChecksum, row_run_checksums
+from converter.sources.row_checksums import READ_BLOCK, MemberChecksum, Pieces, row_run_checksums
 from converter.sources.source_files import read_items_into, read_range
 from schemas.errors import ImzarrError, OutputWriteError, PathError  # noqa: F401 - OutputWriteError: re-exported
 
@@ -83,15 +83,16 @@ class RowFile:
             n = min(per_block, first + count - a)
             yield read_range(self.path, self.offset + a * self.row_bytes, self.offset + (a + n) * self.row_bytes)
 
-    def piece_checksums(self, part: int, rows: np.ndarray, out: np.ndarray, dest: np.ndarray) -> list[tuple[int, int, int, int]]:
-        """(part, first row, rows, CRC-32) of each run of consecutive `rows` just read into out[dest] (bytes as
-        in the file: HWC rows are turned back)."""
+    def piece_checksums(self, part: int, rows: np.ndarray, out: np.ndarray, dest: np.ndarray) -> Pieces:
+        """The CRC-32 of each run of consecutive `rows` just read into out[dest] (bytes as in the file: HWC rows
+        are turned back)."""
         order = np.argsort(rows, kind="stable")
         rows, dest = np.asarray(rows)[order], np.asarray(dest)[order]
 
         def file_bytes(i: int, n: int) -> np.ndarray:
-            lo = int(dest[i])
-            block = out[lo : lo + n] if int(dest[i + n - 1]) - lo == n - 1 else out[dest[i : i + n]]
+            lo, run = int(dest[i]), dest[i : i + n]
+            # One slice where the run's rows lie in order in `out` (an unshuffled shard); else gathered.
+            block = out[lo : lo + n] if np.array_equal(run, np.arange(lo, lo + n)) else out[run]
             return np.ascontiguousarray(block if self.layout == "chw" else block.transpose(0, 2, 3, 1))
 
         return row_run_checksums(part, rows, file_bytes)

@@ -23,6 +23,10 @@ try:  # ISA-L's CRC-32 runs ~8× zlib's (18 against 2.3 GB/s here): the check co
     from isal.isal_zlib import crc32
 except ImportError:  # pragma: no cover - isal is a dependency, zlib is the fallback
     from zlib import crc32
+try:  # ISA-L's combine takes 0.3 µs, this module's own ~7-80 µs: a shuffled run has a piece per row
+    from isal.isal_zlib import crc32_combine as _isal_combine
+except ImportError:  # pragma: no cover - older isal releases lack it
+    _isal_combine = None
 
 # The reflected CRC-32 polynomial (zip, PNG, zlib).
 POLYNOMIAL = 0xEDB88320
@@ -71,6 +75,13 @@ _OPERATORS: list[list[int]] | None = None
 
 def crc32_combine(crc_a: int, crc_b: int, len_b: int) -> int:
     """CRC-32 of A followed by B, from crc32(A), crc32(B) and the length of B in bytes."""
+    if _isal_combine is not None:
+        return _isal_combine(crc_a, crc_b, len_b)
+    return crc32_combine_here(crc_a, crc_b, len_b)
+
+
+def crc32_combine_here(crc_a: int, crc_b: int, len_b: int) -> int:
+    """crc32_combine by the GF(2) operators above (where isal lacks its own)."""
     global _OPERATORS
     if _OPERATORS is None:
         _OPERATORS = _zero_byte_operators()
@@ -83,27 +94,31 @@ def crc32_combine(crc_a: int, crc_b: int, len_b: int) -> int:
     return crc_a ^ crc_b
 
 
-def row_run_checksums(part: int, rows: np.ndarray, row_bytes_of: Callable[[int, int], memoryview | bytes]) -> list[tuple[int, int, int, int]]:
-    """(part, first row, rows, CRC-32) of each run of consecutive rows among `rows` (ascending), the bytes of
-    rows [a, a + n) as `row_bytes_of(a, n)` gives them (as they lie in the file)."""
+Pieces = tuple[int, np.ndarray, np.ndarray, np.ndarray]  # (part, first rows, row counts, CRC-32s): compact receipts
+
+
+def row_run_checksums(part: int, rows: np.ndarray, row_bytes_of: Callable[[int, int], np.ndarray]) -> Pieces:
+    """The CRC-32 of each run of consecutive rows among `rows` (ascending), the bytes of rows [a, a + n) as
+    `row_bytes_of(a, n)` gives them (as they lie in the file)."""
     if rows.size == 0:
-        return []
-    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
-    pieces = []
-    for run in np.split(np.arange(rows.size), breaks):
-        first, count = int(rows[run[0]]), int(run.size)
-        pieces.append((part, first, count, crc32(row_bytes_of(int(run[0]), count))))
-    return pieces
+        return part, np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.uint32)
+    starts = np.r_[0, np.flatnonzero(np.diff(rows) != 1) + 1]
+    counts = np.diff(np.r_[starts, rows.size])
+    crcs = np.array([crc32(row_bytes_of(int(a), int(n))) for a, n in zip(starts, counts)], dtype=np.uint32)
+    return part, rows[starts].astype(np.int64), counts.astype(np.int64), crcs
 
 
-def checked_member_crc(
-    checksum: MemberChecksum, num_rows: int, row_bytes: int, pieces: Iterable[tuple[int, int, int]], read_rows: Callable[[int, int], Iterable[bytes]]
-) -> bool:
-    """Whether the member's CRC-32 holds: its head, then every row, from the (first row, rows, CRC-32) pieces,
-    reading (`read_rows(first, count)`, in blocks) the rows no piece covers."""
+def checked_member_crc(checksum: MemberChecksum, num_rows: int, row_bytes: int, pieces: list[Pieces], read_rows: Callable[[int, int], Iterable[bytes]]) -> bool:
+    """Whether the member's CRC-32 holds: its head, then every row, from the pieces (of one part), reading
+    (`read_rows(first, count)`, in blocks) the rows no piece covers."""
+    firsts = np.concatenate([p[1] for p in pieces]) if pieces else np.zeros(0, np.int64)
+    counts = np.concatenate([p[2] for p in pieces]) if pieces else np.zeros(0, np.int64)
+    crcs = np.concatenate([p[3] for p in pieces]) if pieces else np.zeros(0, np.uint32)
+    order = np.argsort(firsts, kind="stable")
     crc = checksum.head_crc
     at = 0
-    for first, count, piece in sorted(pieces):
+    # Each row belongs to one output shard, so pieces never overlap.
+    for first, count, piece in zip(firsts[order].tolist(), counts[order].tolist(), crcs[order].tolist()):
         if first > at:
             crc = _crc_of_rows(crc, read_rows(at, first - at))
         crc = crc32_combine(crc, piece, count * row_bytes)

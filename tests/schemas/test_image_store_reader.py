@@ -214,3 +214,7 @@ def test_take_refuses_what_names_no_sample(image_store, given, message):
     assert str(caught.value).startswith(image_store)
     exact = store.take([2.0, 0, 2])  # whole numbers given as floats are positions, as `indices=` takes them
     np.testing.assert_array_equal(exact, store.image[[2, 0, 2]])
+    np.testing.assert_array_equal(store.take(np.array([2, 0], dtype=object)), store.image[[2, 0]])  # Python ints
+    from pathlib import Path
+
+    np.testing.assert_array_equal(validate_image_store(Path(image_store)).take([1]), store.image[[1]])  # a Path opens too

@@ -202,6 +202,10 @@ def test_a_store_folder_that_also_holds_a_users_files_is_never_emptied(tmp_path)
     os.remove(tmp_path / "s.zarr" / "NOTES.md")
     (tmp_path / "s.zarr" / "figs" / "f.png").unlink()
     (tmp_path / "s.zarr" / "figs").rmdir()
+    # A node a killed writer left half-made (only zarr-python's temporary file in its folder) and a Finder file are not the user's.
+    (tmp_path / "s.zarr" / "y").mkdir()
+    (tmp_path / "s.zarr" / "y" / "zarr.3f2a.partial").write_bytes(b"{")
+    (tmp_path / "s.zarr" / ".DS_Store").write_bytes(b"")
     assert prepare_store(url, SCHEMA, other, 2, _create, True).pending == [0, 1]  # only the store's own entries: replaced
 
 
