@@ -519,11 +519,12 @@ def _write_shard(url: str, k: int, start: int, plan: dict[str, np.ndarray], row_
             pieces.append(row_files[p].piece_checksums(int(p), plan["row"][sel], images, sel))
     coords = {name: plan[name] for name in TEXT_COORDINATES}  # the numeric ones were written at creation
     with _output_errors(url):
-        # A task that outlived its run (Ctrl-C, a lost scheduler) writes nothing into a store rebuilt since.
+        # A task that outlived its run (Ctrl-C, a lost scheduler) writes nothing into a store rebuilt since: the
+        # shard writer checks the store's generation before committing, and again here before the receipts.
+        checksums = write_image_shard(url, start, images, coords, generation)
         check_output_generation(url, generation)
         # The crc32c of every file written is recorded before the shard counts as done (schemas/store_integrity.py).
-        record_unit_checksums(url, k, write_image_shard(url, start, images, coords))
-        check_output_generation(url, generation)
+        record_unit_checksums(url, k, checksums)
         mark_done(url, k)
     return {"images": n, "row_crcs": pieces}
 

@@ -125,13 +125,14 @@ def create_coordinate_arrays(
             array[:] = column
 
 
-def write_image_shard(url: str, start: int, images: np.ndarray, coords: dict[str, np.ndarray]) -> dict[str, int | None]:
+def write_image_shard(url: str, start: int, images: np.ndarray, coords: dict[str, np.ndarray], generation: str | None = None) -> dict[str, int | None]:
     """Write samples [start, start+n) — exactly one output shard — of the store at url, through the shard writer
     every store shares (schemas/shard_writer.py); return the crc32c of each file written ("<array>/<key>").
 
     `coords` holds the coordinates this shard's task owns: the text arrays, plus the numeric ones when they
     were not written at creation. A coordinate stored as one chunk for the whole store is refused: two tasks
-    writing one chunk silently lose data.
+    writing one chunk silently lose data. `generation`: the store's as the task's run prepared it (nothing is
+    written into a store rebuilt since).
     """
     group = zarr.open_group(url, mode="r", use_consolidated=False)
     image = group[IMAGE_VAR]
@@ -146,7 +147,7 @@ def write_image_shard(url: str, start: int, images: np.ndarray, coords: dict[str
             )
     if start % per_shard or (stop % per_shard and stop != image.shape[0]):
         raise ImageLayoutError(f"{url}: samples [{start}, {stop}) are not one whole shard of {per_shard}")
-    output = ShardOutput(url, start // per_shard, start, {IMAGE_VAR: np.ascontiguousarray(images)})
+    output = ShardOutput(url, start // per_shard, start, {IMAGE_VAR: np.ascontiguousarray(images)}, generation)
     output.ready(0, images.shape[0])
     output.commit(coords)
     return output.checksums

@@ -26,10 +26,11 @@ from schemas.progress_report import DaskProgress, ProgressReport
 SCHEDULER_SCHEMES = ("tcp", "tls", "ws", "wss")
 # How long a run waits for the scheduler's port to answer before anything is written.
 SCHEDULER_PROBE_TIMEOUT_S = 10.0
-# A distributed run that finishes no task for this long checks that its cluster still has workers that can run
-# the tasks (every WORKER_CHECK_S seconds while nothing finishes).
+# A distributed run checks every WORKER_CHECK_S seconds that its cluster still has workers that can run the tasks,
+# and fails once it had some and then none for WORKERLESS_GRACE_S.
 WORKERLESS_GRACE_S = 60.0
 WORKER_CHECK_S = 10.0
+POLL_S = 0.05
 
 
 class SchedulerError(ImzarrError):
@@ -79,7 +80,11 @@ def check_scheduler_reachable(spec: SchedulerSpec) -> None:
         raise SchedulerUnreachableError(f"{spec.address}: cannot reach the dask scheduler ({exc.strerror or exc}); nothing was written") from None
     # Something answers the port: a dask handshake says whether it is a scheduler (a dashboard, an HTTP server or
     # a stray service would hold the run forever, or hand dask garbage to read).
-    with _connect(spec, timeout=SCHEDULER_PROBE_TIMEOUT_S) as client:
+    try:
+        client = _connect(spec, timeout=SCHEDULER_PROBE_TIMEOUT_S)
+    except SchedulerUnreachableError as exc:
+        raise SchedulerUnreachableError(f"{exc}; nothing was written") from None
+    with client:
         if spec.resources:
             _check_resources_offered(spec, client)
 
@@ -150,7 +155,7 @@ def run_tasks(tasks: list, spec: SchedulerSpec, report: ProgressReport) -> list[
 
 def _run_distributed(tasks: list, spec: SchedulerSpec, report: ProgressReport) -> list[Any]:
     import fsspec.config
-    from distributed import wait
+    from distributed import as_completed
 
     with _connect(spec) as client:
         client.run(_apply_fsspec_defaults, {k: dict(v) for k, v in fsspec.config.conf.items() if isinstance(v, dict)})
@@ -158,37 +163,58 @@ def _run_distributed(tasks: list, spec: SchedulerSpec, report: ProgressReport) -
         futures = client.compute(tasks, resources=dict(spec.resources) or None, optimize_graph=False)
         index = {f.key: i for i, f in enumerate(futures)}
         receipts: list[Any] = [None] * len(futures)
-        pending = set(futures)
-        idle_since = time.monotonic()
+        finished = as_completed(futures)
+        watch = WorkerWatch(spec, client)
         try:
-            while pending:
-                try:
-                    done, pending = wait(pending, timeout=WORKER_CHECK_S, return_when="FIRST_COMPLETED")
-                except TimeoutError:
-                    # Nothing finished for a while: a cluster whose workers (or those offering the resources)
-                    # all left would hold the tasks forever, so that is refused after a grace period.
-                    if time.monotonic() - idle_since >= WORKERLESS_GRACE_S:
-                        _check_workers_left(spec, client)
+            while not finished.is_empty():
+                # Polled (not a blocking wait): between results, the watch checks that the cluster can still run the
+                # tasks (dask would hold them forever once the last suitable worker left).
+                batch = finished.next_batch(block=False) if finished.has_ready() else []
+                if not batch:
+                    watch.check()
+                    time.sleep(POLL_S)
                     continue
-                idle_since = time.monotonic()
-                for future in done:
+                for future in batch:
                     receipt = future.result()
                     receipts[index[future.key]] = receipt
                     report.update(receipt.get("images", 0) if isinstance(receipt, dict) else 0)
         except CancelledError as exc:  # the scheduler went away (or cancelled the run's tasks)
             raise SchedulerLostError(
-                f"{spec.address}: lost the dask scheduler during the run ({exc}); the output is left unfinished: "
+                f"{spec.address}: lost the dask scheduler during the run ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); the output is left unfinished: "
                 "re-run the same command once a scheduler answers there, to resume"
             ) from None
         return receipts
 
 
-def _check_workers_left(spec: SchedulerSpec, client: Any) -> None:
-    """During a run: refuse a cluster left with no worker, or with none that offers the resources the tasks need."""
-    if spec.resources:
-        _check_resources_offered(spec, client, during_run=True)
-    elif not client.scheduler_info(n_workers=-1).get("workers"):
-        raise SchedulerLostError(f"{spec.address}: the cluster has no worker left; the output is left unfinished: start workers, then re-run the same command to resume")
+class WorkerWatch:
+    """During a run: fails it once the cluster, having had workers that can run its tasks (those offering its
+    resources, if any), has had none for WORKERLESS_GRACE_S (a nanny restarting a worker, or workers still
+    queued, are waited for)."""
+
+    def __init__(self, spec: SchedulerSpec, client: Any):
+        self.spec, self.client = spec, client
+        self.seen_at: float | None = None  # last time a suitable worker was there
+        self.next_check = 0.0
+
+    def check(self) -> None:
+        now = time.monotonic()
+        if now < self.next_check:
+            return
+        self.next_check = now + WORKER_CHECK_S
+        try:
+            workers = list(self.client.scheduler_info(n_workers=-1).get("workers", {}).values())
+        except OSError as exc:
+            raise SchedulerLostError(f"{self.spec.address}: lost the dask scheduler during the run ({exc}); the output is left unfinished: re-run the same command once a scheduler answers there, to resume") from None
+        wanted = dict(self.spec.resources)
+        if any(all((w.get("resources") or {}).get(name, 0) >= amount for name, amount in wanted.items()) for w in workers):
+            self.seen_at = now
+        elif self.seen_at is not None and now - self.seen_at >= WORKERLESS_GRACE_S:
+            if wanted:
+                _check_resources_offered(self.spec, self.client, during_run=True)
+            raise SchedulerLostError(
+                f"{self.spec.address}: the cluster has had no worker for {WORKERLESS_GRACE_S:.0f} s; the output is left "
+                "unfinished: start workers, then re-run the same command to resume"
+            )
 
 
 def _connect(spec: SchedulerSpec, timeout: float = 30.0) -> Any:
@@ -199,10 +225,12 @@ def _connect(spec: SchedulerSpec, timeout: float = 30.0) -> Any:
     try:
         return Client(spec.address, timeout=f"{timeout:g}s")
     except OSError as exc:
-        raise SchedulerUnreachableError(f"{spec.address}: cannot reach the dask scheduler ({exc}); nothing was written") from None
+        raise SchedulerUnreachableError(f"{spec.address}: cannot reach the dask scheduler ({exc})") from None
     except Exception as exc:  # noqa: BLE001 - a handshake with something else fails in many ways (even MemoryError)
+        if spec.address.startswith("tls://"):
+            raise SchedulerUnreachableError(f"{spec.address}: cannot connect over TLS ({str(exc).splitlines()[0]}); give dask its TLS settings (distributed.comm.tls)") from None
         raise SchedulerUnreachableError(
-            f"{spec.address}: something answers there, but not a dask scheduler ({type(exc).__name__}); nothing was written "
+            f"{spec.address}: something answers there, but not a dask scheduler ({type(exc).__name__}: {str(exc)[:120]}) "
             "(a scheduler listens on 8786 by default; 8787 is its dashboard)"
         ) from None
 

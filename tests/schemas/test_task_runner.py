@@ -36,7 +36,7 @@ def test_a_port_where_something_else_answers_is_not_a_scheduler():
     threading.Thread(target=answer_like_http, daemon=True).start()
     started = time.monotonic()
     try:
-        with pytest.raises(SchedulerUnreachableError, match=rf"^{address}: something answers there, but not a dask scheduler \(\w+\); nothing was written"):
+        with pytest.raises(SchedulerUnreachableError, match=rf"^{address}: something answers there, but not a dask scheduler \(.*\) \(a scheduler listens on 8786 by default; 8787 is its dashboard\); nothing was written$"):
             check_scheduler_reachable(SchedulerSpec(address))
     finally:
         server.close()
@@ -64,3 +64,13 @@ def test_a_cluster_left_without_the_workers_its_tasks_need_fails_the_run(monkeyp
         threading.Thread(target=leave, daemon=True).start()
         with pytest.raises(SchedulerLostError, match=r"no worker offers --resources GPU=1 any more .* re-run the same command to resume"):
             run_tasks(tasks, spec, ProgressReport(6, "test"))
+
+
+def test_a_scheduler_lost_mid_run_is_one_line_naming_it(monkeypatch):
+    monkeypatch.setattr(task_runner, "WORKER_CHECK_S", 0.5)
+    cluster = LocalCluster(n_workers=1, threads_per_worker=2, processes=False, protocol="tcp://", dashboard_address=":0")
+    address = cluster.scheduler_address
+    tasks = [dask.delayed(_slow, pure=False)(0.1 if k == 0 else 5.0) for k in range(4)]
+    threading.Thread(target=lambda: (time.sleep(1.5), cluster.close()), daemon=True).start()
+    with pytest.raises(SchedulerLostError, match=rf"^{address}: lost the dask scheduler during the run .* re-run the same command"):
+        run_tasks(tasks, SchedulerSpec(address), ProgressReport(4, "test"))
