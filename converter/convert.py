@@ -28,6 +28,7 @@ from converter.sources.base import (
     RowFile,
     SourceError,
 )
+from converter.sources import source_files
 from converter.sources.row_checksums import Pieces, checked_member_crc
 from converter.sources.source_files import is_remote
 from schemas.atomic_files import write_atomically
@@ -281,22 +282,20 @@ def _convert_locked(source: ImageSource, options: ConvertOptions, settings: dict
 
 
 def refuse_changed_inputs(source: ImageSource) -> None:
-    """InputChangedError when the inputs, opened again now, differ from what the run started from (a shard
-    replaced, a JPEG rewritten): its images may then come from both versions, and the labels from the old one,
-    so the store is left unfinished rather than marked complete."""
-    if source.reopen is None:
-        return
-    try:
-        now = {f.path: f for f in source.reopen().files}
-    except SourceError as exc:
-        raise InputChangedError(f"{exc} (found when the inputs were checked again at the end of the conversion); the store is left unfinished") from None
-    before = {f.path: f for f in source.files}
-    changed = sorted(path for path in before.keys() | now.keys() if before.get(path) != now.get(path))
+    """InputChangedError when an input file read after the source was opened (an NPZ shard, a label file) has
+    another fingerprint now (replaced, rewritten, removed): its images may then come from both versions and the
+    labels from the old one, so the store is left unfinished rather than marked complete."""
+    changed = []
+    for path, stamp in source.input_stamps:
+        try:
+            now = source_files.fingerprint(path)
+        except FileNotFoundError:
+            now = None
+        if now != stamp:
+            changed.append(path)
     if changed:
-        where = ", ".join(source.input_paths)
-        changed = ["image files of the tree" if path.startswith(". (") else path for path in changed]  # the tree's one entry
         raise InputChangedError(
-            f"{where}: {', '.join(changed[:5])}{' …' if len(changed) > 5 else ''} changed while they were converted; the store is "
+            f"{', '.join(changed[:5])}{' …' if len(changed) > 5 else ''}: changed while the conversion read it; the store is "
             "left unfinished (its images could come from both versions): re-run with --overwrite to convert the inputs as they are now"
         )
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from collections.abc import Iterator
-from typing import Callable, Protocol
+from typing import Protocol
 
 import numpy as np
 
@@ -141,6 +141,6 @@ class ImageSource:
     input_paths: tuple[str, ...] = ()
     # Labels numbered from folder names (not ImageNet classes): synset and class_name come from here.
     label_synsets: tuple[str, ...] | None = None
-    # Opens the same inputs again (a listing, headers and labels; never the pixels): a conversion compares the
-    # files it finds then with `files` before it marks the store complete.
-    reopen: Callable[[], "ImageSource"] | None = field(default=None, repr=False, compare=False)
+    # (path, fingerprint) of the input files whose rows are read after the source was opened (NPZ shards, a label
+    # file): a conversion takes their fingerprints again (one stat or HEAD each) before it marks the store complete.
+    input_stamps: tuple[tuple[str, str], ...] = ()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import os
 from dataclasses import dataclass
@@ -168,5 +167,7 @@ def open_jpeg_source(
         ignored=[printable_path(rel) for rel in tree.ignored],
         label_synsets=tuple(folder_classes) if label_from_folders else None,
         input_paths=(str(root),) if val_labels is None else (str(root), str(val_labels)),
-        reopen=functools.partial(open_jpeg_source, root, recipe, size, val_labels, label_from_folders, fast_draft),
+        # The tree's files are not stamped again (a second listing of 1.28 M files): each image's label comes from
+        # its folder, so a JPEG rewritten during a run cannot pair with another image's label.
+        input_stamps=() if val_labels is None else ((str(val_labels), source_files.fingerprint(val_labels)),),
     )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import io
 import math
@@ -553,5 +552,5 @@ def open_npz_source(sources: list[str | Path], label_order: str | None = None, a
         attrs={"source_kind": kind},
         settings={"label_order": order, "allow_pickle": allow_pickle},
         input_paths=tuple(str(p) for p in sources),
-        reopen=functools.partial(open_npz_source, sources, label_order, allow_pickle),
+        input_stamps=tuple((str(part.path), source_files.fingerprint(part.path)) for part in parts),
     )

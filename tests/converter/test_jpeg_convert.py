@@ -155,23 +155,3 @@ def test_processes_equal_threads(odd_tree, tmp_path):
     np.testing.assert_array_equal(threads.image[:], procs.image[:])
     assert threads.attrs["rejected"] == procs.attrs["rejected"]
 
-
-def test_a_jpeg_rewritten_during_the_conversion_leaves_the_store_unfinished(odd_tree, tmp_path):
-    """A file rewritten after the tree was scanned: the tree, opened again before the store is marked complete,
-    differs, and the run fails in one line rather than completing a store of mixed versions."""
-    import os
-
-    import zarr
-
-    from converter.convert import ConvertOptions, convert
-    from converter.sources.jpeg import open_jpeg_source
-    from schemas.store_identity import InputChangedError
-
-    source = open_jpeg_source(odd_tree, size=32)
-    victim = odd_tree / WNIDS[0] / "a_plain.JPEG"
-    Image.fromarray(_photo(80, 90, 11)).save(victim, quality=90)
-    os.utime(victim, ns=(victim.stat().st_atime_ns, victim.stat().st_mtime_ns + 10**9))  # a later mtime, whatever the clock's grain
-    out = str(tmp_path / "s.zarr")
-    with pytest.raises(InputChangedError, match=r"train: image files of the tree changed while they were converted; the store is left unfinished"):
-        convert(source, ConvertOptions(out, shard_size=64, inner_chunk=16))
-    assert zarr.open_group(out, mode="r").attrs["complete"] is False

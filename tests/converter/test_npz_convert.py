@@ -343,7 +343,7 @@ def test_a_shard_replaced_during_the_conversion_leaves_the_store_unfinished(tmp_
     write_npz_shard(tmp_path / "new.npz", photo_like(20, 16, seed=9), np.arange(1, 21) + 10)
     shutil.move(tmp_path / "new.npz", src / "train_data_batch_1.npz")
     out = str(tmp_path / "s.zarr")
-    with pytest.raises(InputChangedError, match=r"train: train_data_batch_1\.npz changed while they were converted; the store is left unfinished .* re-run with --overwrite"):
+    with pytest.raises(InputChangedError, match=r"train_data_batch_1\.npz: changed while the conversion read it; the store is left unfinished .* re-run with --overwrite"):
         convert(source, ConvertOptions(out, shard_size=64, inner_chunk=16, shuffle_seed=shuffle))
     assert zarr.open_group(out, mode="r").attrs["complete"] is False
     convert(open_npz_source([src]), ConvertOptions(out, shard_size=64, inner_chunk=16, shuffle_seed=shuffle, overwrite=True))
