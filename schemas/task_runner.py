@@ -240,6 +240,8 @@ def _apply_fsspec_defaults(conf: dict[str, dict]) -> None:
     earlier command's (a shared cluster must not lend one command's credentials to the next)."""
     import fsspec.config
 
+    for protocol in [p for p, options in fsspec.config.conf.items() if isinstance(options, dict) and p not in conf]:
+        del fsspec.config.conf[protocol]  # an earlier command's, for a protocol this one does not name
     for protocol, options in conf.items():
         fsspec.config.conf[protocol] = dict(options)
 

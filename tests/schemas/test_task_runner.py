@@ -74,3 +74,12 @@ def test_a_scheduler_lost_mid_run_is_one_line_naming_it(monkeypatch):
     threading.Thread(target=lambda: (time.sleep(1.5), cluster.close()), daemon=True).start()
     with pytest.raises(SchedulerLostError, match=rf"^{address}: lost the dask scheduler during the run .* re-run the same command"):
         run_tasks(tasks, SchedulerSpec(address), ProgressReport(4, "test"))
+
+
+def test_workers_take_each_commands_storage_options_in_place_of_the_last(monkeypatch):
+    """A shared cluster must not lend one command's credentials to the next."""
+    import fsspec.config
+
+    monkeypatch.setattr(fsspec.config, "conf", {"s3": {"key": "first", "secret": "s"}, "gcs": {"token": "first"}})
+    task_runner._apply_fsspec_defaults({"s3": {"endpoint_url": "http://127.0.0.1:9000"}})
+    assert fsspec.config.conf == {"s3": {"endpoint_url": "http://127.0.0.1:9000"}}
