@@ -108,8 +108,9 @@ def inspect_existing(
     attrs = dict(zarr.open_group(url, mode="r", use_consolidated=False).attrs)
     if "schema" not in attrs:
         if UNDER_CONSTRUCTION in attrs:
-            refuse_foreign_entries(url)
-            return "new"  # ours, killed while being created: nothing in it is finished work
+            # Ours, being created by another run now or killed while being created: nothing in it is finished work
+            # (a user's files there are refused by prepare_store, under the lock, before anything is emptied).
+            return "new"
         raise StoreExistsError(f"{url}: holds a Zarr group that is not an imzarr store; choose another output path")
     if attrs["schema"] == schema and attrs.get("settings_fingerprint") == settings_fingerprint(settings):
         if attrs.get("complete") is True:
@@ -139,13 +140,20 @@ def foreign_entries(url: str) -> list[str]:
         name = full.rsplit("/", 1)[-1]
         if name in (METADATA_FILE, ".DS_Store") or name.startswith(LOCK_FILE) or name.endswith(PARTIAL_SUFFIX):
             continue
-        if entry["type"] == "directory":
-            inside = [e.rstrip("/").rsplit("/", 1)[-1] for e in fs.ls(full, detail=False)]
-            # A node's folder holds its zarr.json, or (while a writer creates it) only temporary files.
-            if any(n == METADATA_FILE for n in inside) or all(n.endswith(PARTIAL_SUFFIX) for n in inside):
-                continue
+        if entry["type"] == "directory" and _node_folder(fs, full):
+            continue
         found.append(name)
     return sorted(found)
+
+
+def _node_folder(fs: Any, path: str) -> bool:
+    """A node's folder holds its zarr.json; while a writer creates or removes nodes, only temporary files or the
+    folders of nodes below it (`_progress/` holding just `done/`)."""
+    inside = fs.ls(path, detail=True)
+    names = [e["name"].rstrip("/").rsplit("/", 1)[-1] for e in inside]
+    if METADATA_FILE in names:
+        return True
+    return all(n.endswith(PARTIAL_SUFFIX) or (e["type"] == "directory" and _node_folder(fs, e["name"].rstrip("/"))) for n, e in zip(names, inside))
 
 
 def refuse_foreign_entries(url: str) -> None:
