@@ -7,6 +7,7 @@ and `-o file:///abs/in.zarr` are the input itself.
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Iterable
 from typing import Any
 
@@ -14,7 +15,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from schemas.atomic_files import write_atomically
-from schemas.errors import ImzarrError
+from schemas.errors import ImzarrError, OutputWriteError
 from schemas.vocabulary import LOCAL_FILE_PROTOCOLS
 
 
@@ -92,7 +93,8 @@ def refuse_process_bound_output(output: str | None) -> None:
 
 
 def check_output_location(output: str, inputs: Iterable[str] = ()) -> None:
-    """Refuse an output that equals, lies inside, or contains any input (before anything is touched)."""
+    """Refuse an output that equals, lies inside, or contains any input, or that cannot be written (before
+    anything is touched, let alone computed)."""
     out_protocol, out_path = location(output)
     for source in inputs:
         if source is None:
@@ -103,6 +105,52 @@ def check_output_location(output: str, inputs: Iterable[str] = ()) -> None:
         if _inside(out_path, in_path) or _inside(in_path, out_path):
             how = "is" if out_path == in_path else ("lies inside" if _inside(out_path, in_path) else "contains")
             raise OutputOverlapsInputError(f"{output}: the output {how} the input {source}; choose an output path outside every input")
+    refuse_unwritable_output(output)
+
+
+class OutputPathError(ImzarrError):
+    """An output path where no new output can go: inside an existing Zarr store (whose files a writer there
+    would mix with ours), or below a file."""
+
+
+def refuse_unwritable_output(output: str) -> None:
+    """Refuse a new local output that cannot be made, before any work, so that a compare or statistics run fails
+    at once rather than after computing: one inside an existing Zarr store (its group would gain a stray folder,
+    and its `--overwrite` would then refuse it), or one whose nearest existing folder does not take new entries
+    (a read-only mount, another user's folder, /sys). That folder is asked the only reliable way, by making and
+    removing an empty file there: permission bits do not tell root about read-only or pseudo filesystems. An
+    existing store folder is left to its writer's lock, the first thing it takes; remote outputs to the first
+    write (no honest probe there that costs nothing)."""
+    path = local_path(output)
+    if path is None:
+        return
+    path = os.path.realpath(path)
+    folder = os.path.dirname(path)
+    while not os.path.lexists(folder):
+        folder = os.path.dirname(folder)
+    stores = [above for above in _folders_up(folder) if os.path.isfile(os.path.join(above, "zarr.json"))]
+    if stores:
+        raise OutputPathError(f"{output}: lies inside the Zarr store {stores[-1]}; choose a path outside it")
+    if os.path.isdir(path):
+        return
+    if not os.path.isdir(folder):
+        raise OutputPathError(f"{output}: {folder} is a file, not a folder; choose a path outside it")
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".imzarr-probe-", dir=folder)
+    except OSError as exc:
+        raise OutputWriteError(output, f"cannot write: the folder {folder} takes no new files ({exc.strerror or exc})") from None
+    os.close(handle)
+    os.unlink(probe)
+
+
+def _folders_up(folder: str) -> Iterable[str]:
+    """`folder` and every folder above it, up to the root."""
+    while True:
+        yield folder
+        parent = os.path.dirname(folder)
+        if parent == folder:
+            return
+        folder = parent
 
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -75,6 +75,9 @@ CASES = [
     ("convert into its source folder", ["convert", "npz", "src/train", "-o", "src/train/out.zarr"], 2, "lies inside the input"),
     ("convert onto an image store it did not make this way", ["convert", "npz", "src/train", "-o", "acts.zarr"], 2, "imzarr.activations"),
     ("layers of a missing checkpoint", ["layers", "--checkpoint", "nope.pt"], 2, "nope.pt"),
+    ("convert into another store", ["convert", "npz", "src/train", "-o", "acts.zarr/more/o.zarr"], 2, "lies inside the Zarr store"),
+    ("compare into another store", ["compare", "acts.zarr", "acts.zarr", "--layer", "midblock", "-o", "images.zarr/r.zarr"], 2, "lies inside the Zarr store"),
+    ("stats below a file", ["stats", "acts.zarr", "--layer", "midblock", "-o", "garbage.pt/s.npz"], 2, "is a file, not a folder"),
 ]
 
 
@@ -91,3 +94,16 @@ def test_refused_in_one_line_with_nothing_touched(work, case, argv, code, text):
     assert {k: v for k, v in after.items() if k in before} == before, "an existing file changed"
     for new in set(after) - set(before):
         assert not new.endswith("zarr.json") or zarr.open_group(str(work / Path(new).parent), mode="r").attrs.get("complete") is not True, new
+
+
+@pytest.mark.parametrize("argv", [["compare", "acts.zarr", "acts.zarr", "--layer", "midblock", "-o", "/sys/imzarr-test/r.zarr"], ["stats", "acts.zarr", "--layer", "midblock", "-o", "/sys/imzarr-test.npz"]], ids=["compare", "stats"])
+def test_unwritable_output_refused_before_the_work(work, argv):
+    """A folder that takes no new files (/sys refuses even root) fails the command before it reads a feature."""
+    if not Path("/sys/kernel").is_dir():
+        pytest.skip("no /sys here")
+    proc = run_imzarr(*argv, cwd=work)
+    assert proc.returncode == 1, proc.stderr[-1500:]
+    assert "Traceback" not in proc.stderr
+    assert "/sys takes no new files" in proc.stderr.splitlines()[-1], proc.stderr
+    assert "samples ×" not in proc.stderr and "classes compared" not in proc.stderr, proc.stderr
+
