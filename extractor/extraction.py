@@ -27,7 +27,7 @@ from extractor.models import LoadedModel
 from schemas.shard_writer import ShardOutput
 from extractor.selection import SelectionSpec, describe_selection, per_class_shortfall, select_samples
 from extractor.shard_forward import ShardForward, pinned_images
-from extractor.store_attrs import check_noise_recipe, extraction_attrs, unlabelled_note
+from extractor.store_attrs import check_noise_recipe, extraction_attrs, refuse_folder_labels, unlabelled_note
 from schemas.activation_store import (
     ACTIVATION_LAYOUT_VERSION,
     ACTIVATION_SCHEMA,
@@ -116,6 +116,7 @@ def extract(options: ExtractOptions) -> ExtractResult:
 
 def _extract(options: ExtractOptions, forward: PreparedForward, images: ImageStore, source: StoreIdentity, chosen: np.ndarray, started: float) -> ExtractResult:
     run, fwd, loaded, shapes = options.run, forward.settings, forward.loaded, forward.layer_shapes
+    refuse_folder_labels(options.store, images, fwd, loaded)
     selection = describe_selection(options.selection, chosen)
     shortfall = per_class_shortfall(options.selection, images.coordinate("label"), images.coordinate("synset"))
     chosen_labels = images.coordinate("label")[chosen]

@@ -15,7 +15,7 @@ from extractor.models import LoadedModel
 from extractor.noise import NOISE_RECIPE, noise_attrs, recorded_noise_recipe
 from schemas.activation_store import FEATURE_KIND
 from schemas.errors import ImzarrError
-from schemas.image_store import ImageStore
+from schemas.image_store import FOLDER_LABEL_ORDER, ImageStore
 from schemas.output_paths import absolute_url
 from schemas.store_identity import GENERATION_ATTR
 from schemas.store_lifecycle import path_state
@@ -72,6 +72,25 @@ def class_conditioning(fwd: ForwardSettings, loaded: LoadedModel, unlabelled: in
     if fwd.class_free:
         return "none (zero labels)"
     return f"one-hot of label; zeros for the {unlabelled:,} samples without a label (-1)" if unlabelled else "one-hot of label"
+
+
+class FolderLabelsError(ImzarrError):
+    """A class-conditional network asked to run on a store whose labels number its folders, not ImageNet classes."""
+
+
+def refuse_folder_labels(store: str, images: ImageStore, fwd: ForwardSettings, loaded: LoadedModel) -> None:
+    """A class-conditional network is given label k as ImageNet class k (sorted-WNID order); on a store whose
+    labels number its own folders, k is the k-th folder (folder 0 would run as tench), so refuse unless every
+    sample runs without a class (`class_free`)."""
+    if images.attrs.get("source_label_order") != FOLDER_LABEL_ORDER:
+        return
+    if loaded.kind == FEATURE_KIND or not loaded.label_dim or fwd.class_free:
+        return
+    raise FolderLabelsError(
+        f"{store}: its labels number its folders (convert jpeg --label-from-folders), not ImageNet classes, and this "
+        "class-conditional network would take label k as ImageNet class k; pass --class-free (class_free=True) to run "
+        "every sample without a class, or convert a tree of WNID class folders without --label-from-folders"
+    )
 
 
 def unlabelled_note(fwd: ForwardSettings, loaded: LoadedModel, labels: np.ndarray) -> str | None:

@@ -85,6 +85,9 @@ REQUIRED_ATTRS = (
     "versions",
 )
 UNKNOWN_LABEL = -1
+# `source_label_order` of a store whose labels 0..K-1 number the sorted folder names of a JPEG tree
+# (`convert jpeg --label-from-folders`): they are not ImageNet-1k classes, whatever the folders are called.
+FOLDER_LABEL_ORDER = "folder-names-sorted"
 # What `image`'s `coordinates` attribute may list: the numeric arrays (written now), or all six (older stores).
 LISTED_COORDINATES = frozenset(coordinates_attribute(list(COORDINATES)).split())
 LISTED_COORDINATES_BEFORE_ATTRS = frozenset(COORDINATES)

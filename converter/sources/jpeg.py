@@ -21,6 +21,7 @@ from converter.sources import source_files
 from converter.sources.source_files import is_remote
 from schemas.atomic_files import write_atomically
 from schemas.errors import printable_path
+from schemas.image_store import FOLDER_LABEL_ORDER
 from converter.sources.jpeg_recipes import DEFAULT_RECIPE, ImageDecodeError, get_recipe, load_and_resize
 from converter.sources.jpeg_tree import scan_jpeg_tree
 
@@ -151,7 +152,7 @@ def open_jpeg_source(
     }
     return ImageSource(
         format="jpeg",
-        label_order="folder-names-sorted" if label_from_folders else "sorted",
+        label_order=FOLDER_LABEL_ORDER if label_from_folders else "sorted",
         resolution=size,
         parts=parts,
         files=files,

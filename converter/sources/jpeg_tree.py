@@ -26,6 +26,7 @@ from converter.sources import source_files
 from converter.sources.source_files import IMAGE_EXTENSIONS, is_remote
 from schemas.classes import UnknownClassError, class_table
 from schemas.errors import PathError
+from schemas.image_store import FOLDER_LABEL_ORDER
 
 _KAGGLE_CLS_LOC = Path("ILSVRC", "Data", "CLS-LOC")
 _VAL_NAME = re.compile(r"ILSVRC2012_val_(\d+)")
@@ -41,7 +42,7 @@ class JpegTree:
     layout: str  # "train-folders" | "val-flat"
     files: tuple[str, ...]  # sorted relative POSIX paths; the canonical order
     labels: np.ndarray  # int16, one per file
-    label_source: str  # "wnid-folders" | "folder-names-sorted" | "devkit-ground-truth" | "kaggle-loc-val-solution"
+    label_source: str  # "wnid-folders" | FOLDER_LABEL_ORDER | "devkit-ground-truth" | "kaggle-loc-val-solution"
     folder_classes: tuple[str, ...] | None
     ignored: tuple[str, ...]  # relative paths of non-image and hidden files
     # Remote trees: (size, fingerprint) of each file, from the one listing (saves a request per file).
@@ -252,7 +253,7 @@ def _scan_folders(
         if len(folders) > np.iinfo(np.int16).max + 1:
             raise JpegTreeError(root, f"{len(folders)} folders do not fit int16 labels")
         folder_index = {name: i for i, name in enumerate(folders)}
-        source, folder_classes = "folder-names-sorted", tuple(folders)
+        source, folder_classes = FOLDER_LABEL_ORDER, tuple(folders)
     else:
         for name in folders:
             if not table.is_wnid(name):

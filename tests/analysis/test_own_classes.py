@@ -16,13 +16,15 @@ from extractor import api
 from extractor.analysis.contact_sheet import ContactSheetError, tile_origin, write_contact_sheet
 from extractor.analysis.compare import CompareError
 from extractor.selection import UnknownClassNameError
+from extractor.store_attrs import FolderLabelsError
 from schemas.api import store_info
 from schemas.image_store import validate_image_store
 from tests.support.synthetic import photo_like
 
 FOLDERS = ("cats", "dogs", "owls")
 PER_FOLDER = 6
-EXTRACT = dict(layers=["midblock"], preset="tiny-random", pool="mean", sigma=0.5, device="cpu")
+# class_free: the folders' labels are not ImageNet classes, which a class-conditional network would take them for.
+EXTRACT = dict(layers=["midblock"], preset="tiny-random", pool="mean", sigma=0.5, device="cpu", class_free=True)
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +62,16 @@ def test_accessor_selects_own_classes_and_refuses_imagenet_names(own, which):
     # ImageNet-1k's label 0 (tench) is not this store's label 0.
     with pytest.raises(UnknownClassNameError, match=r"^classes 'tench': not a class of this store, whose classes are its own \(not ImageNet-1k\): 0 cats, 1 dogs, 2 owls$"):
         ds.imzarr.sel(classes=["tench"])
+
+
+def test_class_conditional_extract_refuses_folder_labels(own, tmp_path):
+    """Folder 0 (cats) would run as ImageNet class 0 (tench): refused in one line, nothing written."""
+    root, images, _ = own
+    with_classes = {**EXTRACT, "class_free": False}
+    with pytest.raises(FolderLabelsError, match=r"labels number its folders .*, not ImageNet classes.*pass --class-free"):
+        api.extract(images, str(tmp_path / "conditioned.zarr"), **with_classes)
+    assert not (tmp_path / "conditioned.zarr").exists()
+    assert zarr.open_group(own[2], mode="r").attrs["class_conditioning"] == "none (zero labels)"
 
 
 def test_extract_selects_own_classes_as_the_accessor_does(own, tmp_path):
