@@ -22,7 +22,7 @@ from converter.sources.source_files import is_remote
 from schemas.atomic_files import write_atomically
 from schemas.errors import printable_path
 from schemas.image_store import FOLDER_LABEL_ORDER
-from converter.sources.jpeg_recipes import DEFAULT_RECIPE, ImageDecodeError, get_recipe, load_and_resize
+from converter.sources.jpeg_recipes import DEFAULT_RECIPE, DRAFT_GEOMETRY, ImageDecodeError, get_recipe, load_and_resize
 from converter.sources.jpeg_tree import scan_jpeg_tree
 
 FILES_PER_BLOCK = 128  # ~0.4 s of decoding per task: coarse for Dask (~1 ms a task), fine enough to end evenly
@@ -159,7 +159,7 @@ def open_jpeg_source(
         attrs=attrs,
         settings={
             "recipe": recipe,
-            "fast_draft": fast_draft,
+            "fast_draft": DRAFT_GEOMETRY if fast_draft else False,
             "label_source": tree.label_source,
             "pillow": PIL.__version__,
             # The numbering itself: an added or removed class folder (even an empty one) renumbers every class.

@@ -358,16 +358,20 @@ def test_fast_draft_is_opt_in_and_needs_size(tmp_path):
     )
 
 
+# Bounds on the mean |Δ| of a fast draft from the exact recipe, in uint8 levels. Measured with Pillow 13 /
+# libjpeg-turbo (edm / adm / box): 500×375: 0.33 / 0.95 / 0.87;  375×501: 0.31 / 1.14 / 0.89;  1030×777:
+# 0.24 / 1.42 / 0.91. edm and box place their crop on the full image's grid in fractional reduced pixels; a
+# whole-pixel crop of the reduced image gave edm 0.93 / 1.77 / 1.69 (a shift and shrink of up to a reduced pixel).
+# adm's halvings are whole pixels by definition. Headroom for other libjpeg builds.
+FAST_DRAFT_BOUND = {"edm-center-crop": 0.6, "adm-center-crop": 2.5, "box": 1.5}
+
+
 @pytest.mark.parametrize("recipe", sorted(RECIPES))
 def test_fast_draft_deviation_is_small(tmp_path, recipe):
-    # Measured with Pillow 13 / libjpeg-turbo, mean |Δ| in uint8 levels (edm / adm / box):
-    #   500×375: 0.93 / 0.95 / 0.98;  375×501: 1.77 / 1.14 / 1.10;  1030×777: 1.69 / 1.42 / 1.07.
-    # Sharp-edged discs plus noise make this harsher than most photos (single pixels differ by up to ~40
-    # at edges, from sub-pixel shifts of the crop). The bound leaves headroom for other libjpeg builds.
     for case in ["rgb-500x375", "rgb-375x500-odd", "big-1030x777"]:
         path = make_case(tmp_path, case)
         exact = load_and_resize(path, recipe, S).astype(np.int16)
         fast = load_and_resize(path, recipe, S, fast_draft=True).astype(np.int16)
         assert fast.shape == (3, S, S)
         mad = np.abs(fast - exact).mean()
-        assert 0 < mad < 2.5, (case, mad)
+        assert 0 < mad < FAST_DRAFT_BOUND[recipe], (case, mad)
