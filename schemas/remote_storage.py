@@ -185,8 +185,24 @@ def read_store_root(url: str) -> dict[str, Any]:
     except Exception as exc:  # fsspec and botocore raise several types
         raise _not_opened(exc, url) from None
     if not isinstance(root, dict) or root.get("node_type") != "group":
-        raise StoreValidationError(f"{url}: does not exist" if _absent(url) else f"{url}: not a Zarr group (no Zarr v3 group zarr.json at its root)")
+        raise StoreValidationError(f"{url}: does not exist" if _absent(url) else _unfinished(url) or f"{url}: not a Zarr group (no Zarr v3 group zarr.json at its root)")
     return root
+
+
+def _unfinished(url: str) -> str | None:
+    """The message for a folder where an imzarr run started a store and stopped before its zarr.json (killed
+    early): it holds the run's writer lock; None for anything else."""
+    import fsspec
+
+    from schemas.store_lifecycle import LOCK_FILE
+
+    try:
+        fs, path = fsspec.core.url_to_fs(url)
+        if not fs.isfile(f"{path.rstrip('/')}/{LOCK_FILE}"):
+            return None
+    except Exception:
+        return None
+    return f"{url}: an unfinished store (the run that made it stopped before writing its metadata); re-run that command to resume it"
 
 
 def _absent(url: str) -> bool:
@@ -210,4 +226,4 @@ def _not_opened(exc: BaseException, url: str) -> Exception:
         return translated
     if isinstance(exc, FileNotFoundError) and _absent(url):
         return StoreValidationError(f"{url}: does not exist")
-    return StoreValidationError(f"{url}: not a Zarr group ({type(exc).__name__}: {exc})")
+    return StoreValidationError(_unfinished(url) or f"{url}: not a Zarr group ({type(exc).__name__}: {exc})")

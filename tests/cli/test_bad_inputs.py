@@ -32,6 +32,8 @@ def work(tmp_path_factory, sample_shards, image_store) -> Path:
     (work / "garbage.pt").write_bytes(b"\x00not a checkpoint" * 10)
     (work / "evil.pkl").write_bytes(pickle.dumps(__import__("os").system, protocol=2))  # would run code if unpickled fully
     (work / "indices.txt").write_text("0\n5\n999999\n")
+    (work / "killed.zarr").mkdir()  # a run killed before it wrote zarr.json leaves its writer lock
+    (work / "killed.zarr" / ".imzarr-writer.lock").write_text("")
     incomplete = zarr.open_group(str(work / "half.zarr"), mode="w", zarr_format=3)
     incomplete.update_attributes({"schema": "imzarr.images/1", "complete": False})
     return work
@@ -71,6 +73,8 @@ CASES = [
     ("generate two stores in one path", ["generate", "-o", "g.zarr", "--preset", "tiny-random", "--per-class", "1", "--layers", "midblock", "--activations-out", "g.zarr"], 2, "--activations-out must be a store apart from -o"),
     ("generate layers without a store", ["generate", "-o", "g.zarr", "--preset", "tiny-random", "--per-class", "1", "--layers", "midblock"], 2, "--activations-out"),
     ("info on a foreign folder", ["info", "notes"], 2, "notes"),
+    ("info on a store killed before its metadata", ["info", "killed.zarr"], 2, "an unfinished store (the run that made it stopped before writing its metadata)"),
+    ("extract from a store killed before its metadata", ["extract", "killed.zarr", "-o", "o.zarr", "--preset", "tiny-random", "--layers", "midblock"], 2, "re-run that command to resume it"),
     ("convert onto its source file", ["convert", "npz", "src/train/train_data_batch_1.npz", "-o", "src/train/train_data_batch_1.npz"], 2, "is the input"),
     ("convert into its source folder", ["convert", "npz", "src/train", "-o", "src/train/out.zarr"], 2, "lies inside the input"),
     ("convert onto an image store it did not make this way", ["convert", "npz", "src/train", "-o", "acts.zarr"], 2, "imzarr.activations"),
