@@ -110,7 +110,7 @@ def _report(result) -> int:
             print(f"rejected: {path}: {reason}", file=sys.stderr)
         now = result.num_samples - result.written_before
         rate = now / max(result.seconds, 1e-9)
-        ignored = f", {result.ignored} non-image files ignored" if result.ignored else ""
+        ignored = f", {result.ignored} non-image files and hidden folders ignored (listed in attrs)" if result.ignored else ""
         print(f"{result.url}: {result.num_samples} converted{resumed_note(result.num_samples, result.written_before)}, {len(result.rejected)} rejected{ignored} in {result.seconds:.1f} s ({rate:,.0f} images/s)")
     return 0
 

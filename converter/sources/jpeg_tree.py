@@ -93,12 +93,29 @@ def _scan_remote_tree(url: str, val_labels: str | os.PathLike[str] | None, label
     top_ignored: list[str] = []
     folders: set[str] = set()
     below: dict[str, tuple[list[str], list[str]]] = {}  # folder → (images, ignored) below it
+    hidden_listed: set[str] = set()
+
+    def skip_hidden(folder_parts: list[str]) -> bool:
+        """Skip what lies in a hidden folder, listing that folder once (as a walk on disk does); False if none."""
+        first = next((k for k, part in enumerate(folder_parts) if part.startswith(".")), None)
+        if first is None:
+            return False
+        hidden = "/".join(folder_parts[: first + 1]) + "/"
+        if hidden not in hidden_listed:
+            hidden_listed.add(hidden)
+            if first == 0:
+                top_ignored.append(hidden)
+            else:
+                folders.add(folder_parts[0])
+                below.setdefault(folder_parts[0], ([], []))[1].append(hidden)
+        return True
+
     for rel in sorted(entries):
         parts = rel.split("/")
         if "" in parts:
             continue
         if entries[rel].get("type") == "directory":
-            if len(parts) == 1 and not parts[0].startswith("."):
+            if not skip_hidden(parts) and len(parts) == 1:
                 folders.add(parts[0])
             continue
         name = parts[-1]
@@ -106,8 +123,8 @@ def _scan_remote_tree(url: str, val_labels: str | os.PathLike[str] | None, label
         if len(parts) == 1:
             (top_ignored if is_ignored else top_images).append(name)
             continue
-        if any(part.startswith(".") for part in parts[:-1]):
-            continue  # hidden folders are skipped whole, as locally
+        if skip_hidden(parts[:-1]):
+            continue
         folders.add(parts[0])
         images, ignored = below.setdefault(parts[0], ([], []))
         (ignored if is_ignored else images).append(rel)
@@ -195,7 +212,9 @@ def _scan_top(root: Path) -> tuple[list[str], list[str], list[str]]:
     for entry in _entries(root):
         kind = _entry_kind(entry)
         if kind == "dir":
-            if not entry.name.startswith("."):
+            if entry.name.startswith("."):
+                ignored.append(f"{entry.name}/")  # a hidden folder is skipped whole, and listed
+            else:
                 folders.append(entry.name)
         elif kind == "other" or entry.name.startswith(".") or not _is_image(entry.name):
             ignored.append(entry.name)
@@ -223,11 +242,14 @@ def _walk_images(
             kind = _entry_kind(entry)
             if kind == "dir":
                 if name.startswith("."):
+                    ignored.append(f"{rel}/{name}/")  # a hidden folder is skipped whole, and listed
                     continue
                 # One stat per directory (never per file): a link back to an ancestor would loop forever.
                 info = entry.stat()
                 key = (info.st_dev, info.st_ino)
-                if key not in ancestors:
+                if key in ancestors:
+                    ignored.append(f"{rel}/{name}/")  # a link back to a folder above: its images are listed once
+                else:
                     stack.append((Path(entry.path), f"{rel}/{name}", ancestors | {key}))
             elif kind == "other" or name.startswith(".") or not _is_image(name):
                 ignored.append(f"{rel}/{name}")

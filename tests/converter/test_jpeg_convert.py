@@ -47,7 +47,7 @@ def test_tree_every_recipe_exact_with_rejects(odd_tree, tmp_path, capsys):
         out = tmp_path / f"{recipe}.zarr"
         assert convert_main(["jpeg", str(odd_tree), "-o", str(out), "--recipe", recipe, "--size", "32"]) == 0
         summary = capsys.readouterr().out
-        assert "7 converted, 2 rejected, 1 non-image files ignored" in summary
+        assert "7 converted, 2 rejected, 1 non-image files and hidden folders ignored" in summary
         store = validate_image_store(str(out))
         files = list(store.coordinate("source_file"))
         assert [f.split("/")[1].split(".")[0] for f in files] == good

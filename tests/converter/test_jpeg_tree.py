@@ -130,11 +130,12 @@ def test_ignored_hidden_and_non_image_files(tmp_path):
     touch(tmp_path / TENCH / "notes.txt")
     touch(tmp_path / TENCH / ".DS_Store")
     touch(tmp_path / TENCH / ".hidden.JPEG")
-    touch(tmp_path / ".cache" / "junk.JPEG")  # hidden folder: never entered
+    touch(tmp_path / ".cache" / "junk.JPEG")  # hidden folder: never entered, listed
+    touch(tmp_path / TENCH / "sub" / ".thumbs" / "t.JPEG")  # the same below a class folder
     touch(tmp_path / "labels.csv")
     tree = scan_jpeg_tree(tmp_path)
     assert tree.files == (f"{TENCH}/a.JPEG", f"{TENCH}/b.jpeg", f"{TENCH}/c.Png")
-    assert tree.ignored == ("labels.csv", f"{TENCH}/.DS_Store", f"{TENCH}/.hidden.JPEG", f"{TENCH}/notes.txt")
+    assert tree.ignored == (".cache/", "labels.csv", f"{TENCH}/.DS_Store", f"{TENCH}/.hidden.JPEG", f"{TENCH}/notes.txt", f"{TENCH}/sub/.thumbs/")
 
 
 def test_every_image_extension_is_recognised(tmp_path):
@@ -172,6 +173,7 @@ def test_symlinked_class_folder_and_loop(tmp_path):
     tree = scan_jpeg_tree(root)
     assert tree.files == (f"{TENCH}/t.JPEG", f"{GOLDFISH}/g.JPEG")
     assert tree.labels.tolist() == [0, 1]
+    assert tree.ignored == (f"{TENCH}/loop/",)  # listed, not walked again
 
 
 def test_unfollowable_links_are_listed_and_special_files_ignored(tmp_path):

@@ -53,6 +53,8 @@ def _write_inputs(root: Path) -> None:
     (tree / WNIDS[2] / "f_truncated.JPEG").write_bytes(good[: len(good) // 2])
     (tree / WNIDS[1] / "labels.txt").write_text("not an image")
     (tree / WNIDS[2] / ".hidden.JPEG").write_bytes(good)
+    (tree / WNIDS[0] / ".thumbs").mkdir()  # a hidden folder: skipped whole and listed, on disk and in S3 alike
+    (tree / WNIDS[0] / ".thumbs" / "a.JPEG").write_bytes(good)
     val = root / "val"
     val.mkdir()
     for i in range(3):
@@ -168,10 +170,10 @@ def test_jpeg_tree_from_s3_equals_local(inputs, s3, cli, tmp_path):
     assert code == 0, err
     code, remote_out, err = cli("convert", "jpeg", s3.url("in/train/"), "-o", tmp_path / "remote.zarr", *common)
     assert code == 0, err
-    assert "5 converted, 1 rejected, 2 non-image files ignored" in remote_out
+    assert "5 converted, 1 rejected, 3 non-image files and hidden folders ignored" in remote_out
     attrs = _assert_same_store(tmp_path / "local.zarr", tmp_path / "remote.zarr")
     assert attrs["rejected"] == [[f"{WNIDS[2]}/f_truncated.JPEG", "truncated image"]]
-    assert attrs["ignored_files"] == [f"{WNIDS[1]}/labels.txt", f"{WNIDS[2]}/.hidden.JPEG"]
+    assert attrs["ignored_files"] == [f"{WNIDS[0]}/.thumbs/", f"{WNIDS[1]}/labels.txt", f"{WNIDS[2]}/.hidden.JPEG"]
     assert attrs["sources"][0]["fingerprint"].startswith("sha256-paths-etags:")
     store = zarr.open_group(str(tmp_path / "remote.zarr"), mode="r")
     assert list(store["source_file"][:]) == [
