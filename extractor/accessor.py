@@ -115,15 +115,17 @@ class ImzarrAccessor:
 
     def where(self, cond: xr.DataArray, drop: bool = False) -> xr.Dataset:
         """`Dataset.where` that the text variables do not break: numeric variables are masked with NaN, and keep
-        their stored encoding (float16 stays float16 in `to_zarr`); the text variables (synset, class_name,
+        their stored encoding but the chunk layout (float16 stays float16 in `to_zarr`); the text variables (synset, class_name,
         source_file) describe the row as the `label` coordinate does, and stay as they are. `cond` may be lazy:
         it is computed first (one value per row for the usual `ds.label == 278`). With `drop`, rows (and other
         positions) where `cond` is all False go, as in `sel`."""
-        ds = self._ds
+        # The store's chunk layout goes either way: a store opened whole is chunked by its inner chunks, not its
+        # shards, so writing it with the shard layout recorded would be refused too.
+        ds = rows_selected(self._ds)
         cond = cond.compute()
         if drop:
             keep = {dim: np.flatnonzero(cond.any([d for d in cond.dims if d != dim]).values) for dim in cond.dims}
-            ds, cond = rows_selected(ds.isel(keep)), cond.isel(keep)
+            ds, cond = ds.isel(keep), cond.isel(keep)
             if bool(cond.all()):
                 return ds  # nothing left to mask (a condition per row)
         masked = {}

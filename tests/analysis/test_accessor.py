@@ -217,3 +217,21 @@ def test_compare_reports_old_and_new(class_dim):
             call()
     with pytest.raises(AccessorError, match="not an imzarr store"):
         xr.Dataset({"x": ("time", [1])}).imzarr.labels()
+
+
+def test_where_on_a_sharded_store_writes_back(tmp_path):
+    """A store whose shards hold several inner chunks opens chunked by the inner chunks; `where` (without drop,
+    every row kept) must not carry the shard layout into `to_zarr`, which would refuse the mismatch."""
+    labels = np.repeat([KIT_FOX, TENCH], 256)
+    url = write_activation_store(str(tmp_path / "maps.zarr"), labels, lambda a, b: np.full((b - a, 64, 16, 16), 0.5), (64, 16, 16), layer="midblock", shard=512)
+    ds = xr.open_zarr(url)
+    assert ds.midblock.encoding["shards"][0] > ds.midblock.chunks[0][0]  # the case: shards larger than dask chunks
+    got = ds.imzarr.where(ds.label == KIT_FOX)
+    out = str(tmp_path / "fox.zarr")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
+        got.to_zarr(out, zarr_format=3)
+    back = xr.open_zarr(out).midblock.values
+    assert zarr.open_array(out, path="midblock", mode="r").dtype == np.float16
+    np.testing.assert_array_equal(np.isnan(back).all(axis=(1, 2, 3)), labels != KIT_FOX)
+    assert (back[labels == KIT_FOX] == 0.5).all()
