@@ -73,13 +73,23 @@ class ImzarrAccessor:
 
     def class_table(self) -> dict[int, tuple[str, str]]:
         """{label: (WNID, class name)} of the labels this dataset records (its `classes` attribute, else the
-        ImageNet-1k table for the labels present)."""
+        ImageNet-1k table for the labels present). A label present but not recorded (a dataset concatenated from
+        stores of other classes keeps the first one's attribute) is named by its rows' own `synset` and
+        `class_name` where the dataset has them (one row read per such label), else by the ImageNet-1k table."""
         recorded = classes_lookup(dict(self._ds.attrs))
-        if recorded:
-            return recorded
         table = class_table()
         present = np.unique(self.labels())
-        return {int(i): (table.wnids[i], table.names[i]) for i in present if 0 <= i < len(table.wnids)}
+        missing = [int(i) for i in present if int(i) not in recorded and i >= 0]
+        if not missing:
+            return recorded
+        found = dict(recorded)
+        if self.class_dim == SAMPLE_DIM and {"synset", "class_name"} <= set(self._ds.variables):
+            first_rows = [int(np.argmax(self.labels() == label)) for label in missing]
+            picked = self._ds[["synset", "class_name"]].isel({SAMPLE_DIM: first_rows}).compute()
+            found.update({label: (str(w), str(n)) for label, w, n in zip(missing, picked.synset.values, picked.class_name.values)})
+        else:
+            found.update({i: (table.wnids[i], table.names[i]) for i in missing if i < len(table.wnids)})
+        return found
 
     # ------------------------------------------------------------ selection
 

@@ -235,3 +235,15 @@ def test_where_on_a_sharded_store_writes_back(tmp_path):
     assert zarr.open_array(out, path="midblock", mode="r").dtype == np.float16
     np.testing.assert_array_equal(np.isnan(back).all(axis=(1, 2, 3)), labels != KIT_FOX)
     assert (back[labels == KIT_FOX] == 0.5).all()
+
+
+def test_concatenated_stores_name_every_class(tmp_path):
+    """xr.concat keeps the first dataset's `classes` attribute: classes only the second has are named by their
+    own rows, not left blank."""
+    first = xr.open_zarr(write_activation_store(str(tmp_path / "a.zarr"), np.array([KIT_FOX] * 4), lambda a, b: np.ones((b - a, 3)), (3,), layer="midblock"))
+    second = xr.open_zarr(write_activation_store(str(tmp_path / "b.zarr"), np.array([TENCH] * 2 + [KIT_FOX] * 2), lambda a, b: np.zeros((b - a, 3)), (3,), layer="midblock"))
+    both = xr.concat([first, second], dim="sample")
+    mean = both.imzarr.class_mean("midblock")
+    assert mean.label.values.tolist() == [TENCH, KIT_FOX]
+    assert mean.class_name.values.tolist() == ["tench", "kit fox"] and mean.synset.values.tolist() == ["n01440764", "n02119789"]
+    np.testing.assert_array_equal(mean.values, [[0, 0, 0], [2 / 3, 2 / 3, 2 / 3]])
