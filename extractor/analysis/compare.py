@@ -128,7 +128,7 @@ class CompareOptions:
     reference: str | None = None  # saved statistics (.npz with mu, sigma) instead of a real store
     metrics: tuple[str, ...] = DEFAULT_METRICS
     per_class: bool = True
-    pool: str = "mean"
+    pool: str | None = None  # None: "mean" for unpooled layers; layers pooled at extraction keep theirs
     k: int = 5
     prdc_subset: int = PRDC_SUBSET  # per side; 0: every sample
     prdc_seed: int = PRDC_SEED
@@ -167,7 +167,7 @@ def compare_options(
     reference: str | None = None,
     metrics: str | Sequence[str] | None = None,
     per_class: bool = True,
-    pool: str = "mean",
+    pool: str | None = None,
     k: int = 5,
     prdc_subset: int = PRDC_SUBSET,
     prdc_seed: int = PRDC_SEED,
@@ -193,7 +193,7 @@ def compare_options(
         raise CompareError(f"with --reference give one store (the generated one), got {len(stores)}: {stores}")
     if reference is None and len(stores) != 2:
         raise CompareError(f"give two stores (real, then generated) or one store and --reference, got {len(stores)}: {stores}")
-    if pool not in POOL_MODES:
+    if pool is not None and pool not in POOL_MODES:
         raise CompareError(f"pool must be one of {POOL_MODES}, got {pool!r}")
     if k < 1 or block_size < 1 or prdc_subset < 0 or kid_subsets < 1 or kid_subset_size < 2 or is_splits < 1:
         raise CompareError(
@@ -233,8 +233,8 @@ def compare_stores(a_url: str, b_url: str, layer: str, log: TextIO | None = None
     store, KID over seeded subsets, precision/recall/density/coverage on a seeded subset of each side. Per class
     (classes present in both stores, all their samples): the same metrics plus sample counts, as variables on
     dim `label`; NaN with a note where a side has too few samples. Unpooled layers are reduced spatially with
-    `pool` ("mean"/"max"), or flattened with "none" (at most 4096 values); layers pooled at extraction keep their
-    pooling. `output` writes the report as Zarr v3, `plot` a PNG (projection "pca" or "umap").
+    `pool` ("mean"/"max"; None: "mean"), or flattened with "none" (at most 4096 values); layers pooled at extraction
+    keep their pooling (another `pool` is refused). `output` writes the report as Zarr v3, `plot` a PNG (projection "pca" or "umap").
     """
     refuse_unknown_keywords(options, set(keyword_names(compare_options)) - {"reference"}, "compare_stores")
     return compare(compare_options([a_url, b_url], layer=layer, **options), log=log)

@@ -57,9 +57,12 @@ class LayerFeatures:
         return str(self.attrs["layers"][self.var])
 
 
-def open_layer(role: str, url: str, layer: str, pool: str = "mean") -> LayerFeatures:
-    """Open `layer` (a variable name or the module path it was captured from) of the activation store at `url`."""
-    if pool not in POOL_MODES:
+def open_layer(role: str, url: str, layer: str, pool: str | None = None) -> LayerFeatures:
+    """Open `layer` (a variable name or the module path it was captured from) of the activation store at `url`.
+
+    `pool` reduces an unpooled layer (None: "mean"); a layer pooled at extraction keeps its pooling, and another
+    `pool` asked for it is refused rather than ignored."""
+    if pool is not None and pool not in POOL_MODES:
         raise AnalysisInputError(f"pool must be one of {POOL_MODES}, got {pool!r}")
     group = validate_activation_store(url)
     attrs = dict(group.attrs)
@@ -69,7 +72,14 @@ def open_layer(role: str, url: str, layer: str, pool: str = "mean") -> LayerFeat
         raise LayerMismatchError(f"{url}: no layer {layer!r}; this {'' if role == 'store' else role + ' '}store has {sorted(layers)}")
     array = group[var]
     if array.ndim == 2:
-        return LayerFeatures(role, url, var, array, None, str(attrs["pooling"]), int(array.shape[1]), group["label"][:], attrs)
+        pooled = str(attrs["pooling"])
+        if pool is not None and pool != pooled:
+            raise LayerMismatchError(
+                f"{url}: layer {var} was pooled {pooled!r} at extraction, so --pool {pool} (pool={pool!r}) cannot apply; "
+                f"leave it out, or extract the layer again with --pool {pool}" + (" (unpooled)" if pool == "none" else "")
+            )
+        return LayerFeatures(role, url, var, array, None, pooled, int(array.shape[1]), group["label"][:], attrs)
+    pool = pool or "mean"
     dim = int(np.prod(array.shape[1:])) if pool == "none" else int(array.shape[1])
     if dim > MAX_FLAT_DIM:
         raise LayerMismatchError(

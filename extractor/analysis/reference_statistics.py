@@ -104,7 +104,7 @@ def statistics_accumulator(dim: int) -> GaussianAccumulator:
     return GaussianAccumulator(dim, product_dtype=STREAM_PRODUCT_DTYPE)
 
 
-def layer_statistics(store: str, layer: str, pool: str = "mean", block_size: int = BLOCK_SIZE, log: TextIO | None = None) -> LayerStatistics:
+def layer_statistics(store: str, layer: str, pool: str | None = None, block_size: int = BLOCK_SIZE, log: TextIO | None = None) -> LayerStatistics:
     """`mu` and `sigma` of a store's layer (unpooled layers reduced with `pool`), streamed in bounded memory."""
     side = open_layer("store", store, layer, pool)
     acc = statistics_accumulator(side.dim)
@@ -255,7 +255,7 @@ _PER_CLASS_ATTRS = {
 
 
 def write_per_class_statistics(
-    store: str, layer: str, output: str, pool: str = "mean", block_size: int = BLOCK_SIZE,
+    store: str, layer: str, output: str, pool: str | None = None, block_size: int = BLOCK_SIZE,
     scratch_dir: str | None = None, log: TextIO | None = None, extra_attrs: dict | None = None,
 ) -> str:  # fmt: skip
     """Per-class `mu`, `sigma`, `count` of a store's layer into a Zarr store on dimension `label` (see the module doc)."""
@@ -322,7 +322,7 @@ class StatisticsOptions:
     layer: str | None
     output: str | None
     per_class: bool = False
-    pool: str = "mean"
+    pool: str | None = None  # None: "mean" for unpooled layers; layers pooled at extraction keep theirs
     inception_score: bool = False
     is_settings: InceptionScoreSettings = InceptionScoreSettings()
     overwrite: bool = False
@@ -339,7 +339,7 @@ class StatisticsResult:
 
 
 def statistics_options(
-    store: str, *, layer: str | None = None, output: str | None = None, per_class: bool = False, pool: str = "mean",
+    store: str, *, layer: str | None = None, output: str | None = None, per_class: bool = False, pool: str | None = None,
     inception_score: bool = False, is_layer: str = IS_LAYER, is_splits: int = IS_SPLITS, is_seed: int = IS_SEED,
     overwrite: bool = False, block_size: int = BLOCK_SIZE, scratch_dir: str | None = None,
 ) -> StatisticsOptions:  # fmt: skip

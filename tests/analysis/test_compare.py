@@ -268,6 +268,11 @@ def test_unpooled_layers_mean_max_and_flatten(tmp_path):
     assert mixed.attrs["fd"] == pytest.approx(compare_stores(ur, uf, "feat", pool="mean").attrs["fd"], rel=1e-6)
     with pytest.raises(LayerMismatchError, match="pooled 'mean' at extraction"):
         compare_stores(ur, pooled, "feat", pool="max")
+    # Two pooled stores: a --pool other than theirs is refused, not ignored; none given, or theirs, compares.
+    for other_pool in ("max", "none"):
+        with pytest.raises(LayerMismatchError, match=f"p.zarr: layer feat was pooled 'mean' at extraction, so --pool {other_pool} "):
+            compare_stores(pooled, pooled, "feat", pool=other_pool)
+    assert compare_stores(pooled, pooled, "feat").attrs["fd"] == compare_stores(pooled, pooled, "feat", pool="mean").attrs["fd"]
 
 
 def test_errors_name_store_and_reason(tmp_path, stores):
