@@ -247,3 +247,11 @@ def test_concatenated_stores_name_every_class(tmp_path):
     assert mean.label.values.tolist() == [TENCH, KIT_FOX]
     assert mean.class_name.values.tolist() == ["tench", "kit fox"] and mean.synset.values.tolist() == ["n01440764", "n02119789"]
     np.testing.assert_array_equal(mean.values, [[0, 0, 0], [2 / 3, 2 / 3, 2 / 3]])
+
+
+def test_class_reductions_refuse_text_and_empty_rows(acts):
+    ds = xr.open_zarr(acts)
+    with pytest.raises(AccessorError, match=r"class_mean\('synset'\): synset holds .* values, not numbers; numeric variables: \[.*'midblock'"):
+        ds.imzarr.class_mean("synset")
+    with pytest.raises(AccessorError, match=r"class_std\('midblock'\): the dataset has no rows"):
+        ds.isel(sample=slice(0, 0)).imzarr.class_std("midblock")
