@@ -37,7 +37,7 @@ from extractor.analysis.metrics import GaussianAccumulator
 from extractor.analysis.provenance import describe_model
 from schemas.errors import ImzarrError, PathError
 from schemas.keywords import keyword_names, refuse_unknown_keywords
-from schemas.output_paths import check_output_location, local_file_url_to_path, local_path, refuse_process_bound_output, write_output_file
+from schemas.output_paths import absolute_url, check_output_location, local_file_url_to_path, local_path, refuse_process_bound_output, write_output_file
 from schemas.store_integrity import record_checksums
 from schemas.store_lifecycle import claim_report_output
 from schemas.variable_attrs import classes_lookup, label_names
@@ -96,7 +96,7 @@ class ReferenceStatistics:
 def layer_metadata(side: LayerFeatures) -> dict:
     """What statistics describe: the store, layer, pooling, counts, and the model and σ that made the features (so a
     comparison against them can say when the generated side's differ)."""
-    return {"store": side.url, "layer": side.var, "module_path": side.module_path, "pool": side.reduction, "count": side.n, "dim": side.dim,
+    return {"store": absolute_url(side.url), "layer": side.var, "module_path": side.module_path, "pool": side.reduction, "count": side.n, "dim": side.dim,
             "model": describe_model(side.attrs.get("model") or {}), "sigma": side.attrs.get("sigma")}
 
 
@@ -304,7 +304,7 @@ def write_per_class_statistics(
 
 def store_inception_score(store: str, settings: InceptionScoreSettings = InceptionScoreSettings(), block_size: int = BLOCK_SIZE) -> InceptionScore:
     """Inception Score of a store's logits layer (fid-inception's `logits`), read once in blocks."""
-    side = open_layer("store", store, settings.layer, "none")
+    side = open_layer("store", store, settings.layer)
     if side.reduce is not None:
         raise AnalysisInputError(f"{store}: layer {side.var} has per-sample shape {tuple(side.array.shape[1:])}; the Inception Score needs logits (n, classes)")
     acc = InceptionScoreAccumulator(side.n, side.dim, settings.splits, settings.seed)
