@@ -22,7 +22,7 @@ import zarr
 from extractor.analysis.report import ReportSiteError, format_number, write_report_site
 from schemas.classes import class_table
 from schemas.image_store import validate_image_store
-from schemas.output_paths import OutputOverlapsInputError
+from schemas.output_paths import OutputOverlapsInputError, OutputPathError
 from tests.support.commands import run_imzarr
 from tests.support.store_edits import copy_with_group_attrs
 from tests.support.synthetic import image_features, write_compare_run
@@ -312,6 +312,8 @@ def test_output_rules(run, tmp_path):
         write_report_site(run["compare"], str(foreign))
     assert [p.name for p in foreign.iterdir()] == ["mine.txt"]
     with pytest.raises(OutputOverlapsInputError, match="lies inside the input"):
+        write_report_site(run["compare"], str(Path(run["real_acts"]) / "site"))
+    with pytest.raises(OutputPathError, match="lies inside the Zarr store"):  # any store: the image stores too
         write_report_site(run["compare"], str(Path(run["real_images"]) / "site"))
     write_report_site(run["compare"], str(tmp_path / "site"), per_class=4)
     (tmp_path / "site" / "classes" / "stale.js").write_text("")
