@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import io
+import os
 from pathlib import Path
 
 import numpy as np
 
+from schemas.atomic_files import write_atomically
 from schemas.classes import class_table
+from schemas.errors import PathError
 
 # Ten classes with distinct looks; the shards store their 1-based downsampled (map_clsloc) labels.
 SAMPLE_WNIDS = (
@@ -48,15 +52,21 @@ def draw_class_images(class_ids: np.ndarray, size: int, rng: np.random.Generator
     return (np.clip(img, 0, 1) * 255).astype(np.uint8)
 
 
+class SampleExistsError(PathError):
+    """A file where the sample would write one of its shards, holding something else (real shards share the names)."""
+
+
 def write_sample_shards(out_dir: str | Path, per_shard: int = 1000, train_shards: int = 3, val_size: int = 500, seed: int = 0) -> list[Path]:
-    """Write train_data_batch_{1..k}.npz (stored, with `mean`) and val_data.npz (deflated, no `mean`)."""
+    """Write train_data_batch_{1..k}.npz (stored, with `mean`) and val_data.npz (deflated, no `mean`).
+
+    Idempotent, and never over another file: a shard already there with the same arrays is kept; anything else
+    under a shard's name (real ImageNet shards are named so, or a sample of other sizes) is refused before any
+    file is written. Each file appears whole or not at all."""
     out = Path(out_dir)
-    (out / "train").mkdir(parents=True, exist_ok=True)
-    (out / "val").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     table = class_table()
     ds_labels = np.array([table.downsampled_labels[table.index_of_wnid(w)] for w in SAMPLE_WNIDS], dtype=np.int64)
-    written = []
+    shards: list[tuple[Path, dict[str, np.ndarray], bool]] = []
     for i in range(1, train_shards + 2):
         is_val = i > train_shards
         n = val_size if is_val else per_shard
@@ -64,10 +74,28 @@ def write_sample_shards(out_dir: str | Path, per_shard: int = 1000, train_shards
         data = draw_class_images(cls, 64, rng).reshape(n, -1)
         arrays = {"data": data, "labels": ds_labels[cls]}
         if is_val:
-            path = out / "val" / "val_data.npz"
-            np.savez_compressed(path, **arrays)
+            shards.append((out / "val" / "val_data.npz", arrays, True))
         else:
-            path = out / "train" / f"train_data_batch_{i}.npz"
-            np.savez(path, **arrays, mean=data.mean(axis=0))
-        written.append(path)
-    return written
+            shards.append((out / "train" / f"train_data_batch_{i}.npz", {**arrays, "mean": data.mean(axis=0)}, False))
+    to_write = []
+    for path, arrays, deflated in shards:
+        if os.path.lexists(path):
+            if not _holds(path, arrays):
+                raise SampleExistsError(path, "exists and is not this sample's shard; write the sample into an empty folder")
+        else:
+            to_write.append((path, arrays, deflated))
+    for path, arrays, deflated in to_write:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        buffer = io.BytesIO()
+        (np.savez_compressed if deflated else np.savez)(buffer, **arrays)
+        write_atomically(path, [buffer.getbuffer()])
+    return [path for path, _, _ in shards]
+
+
+def _holds(path: Path, arrays: dict[str, np.ndarray]) -> bool:
+    """Whether the file at `path` is an .npz of exactly these arrays (a sample written before)."""
+    try:
+        with np.load(path, allow_pickle=False) as found:
+            return sorted(found.files) == sorted(arrays) and all(np.array_equal(found[k], v) and found[k].dtype == v.dtype for k, v in arrays.items())
+    except Exception:  # not a zip, not an .npz, unreadable: not ours
+        return False
