@@ -27,7 +27,7 @@ from extractor.models import LoadedModel
 from schemas.shard_writer import ShardOutput
 from extractor.selection import SelectionSpec, describe_selection, per_class_shortfall, select_samples
 from extractor.shard_forward import ShardForward, pinned_images
-from extractor.store_attrs import check_noise_recipe, extraction_attrs, refuse_folder_labels, unlabelled_note
+from extractor.store_attrs import check_noise_recipe, extraction_attrs, refuse_unfit_labels, unlabelled_note
 from schemas.activation_store import (
     ACTIVATION_LAYOUT_VERSION,
     ACTIVATION_SCHEMA,
@@ -116,10 +116,10 @@ def extract(options: ExtractOptions) -> ExtractResult:
 
 def _extract(options: ExtractOptions, forward: PreparedForward, images: ImageStore, source: StoreIdentity, chosen: np.ndarray, started: float) -> ExtractResult:
     run, fwd, loaded, shapes = options.run, forward.settings, forward.loaded, forward.layer_shapes
-    refuse_folder_labels(options.store, images, fwd, loaded)
     selection = describe_selection(options.selection, chosen)
     shortfall = per_class_shortfall(options.selection, images.coordinate("label"), images.coordinate("synset"))
     chosen_labels = images.coordinate("label")[chosen]
+    refuse_unfit_labels(options.store, images, fwd, loaded, chosen_labels)
     notes = tuple(note for note in (shortfall, unlabelled_note(fwd, loaded, chosen_labels)) if note)
     settings = replace(options, forward=fwd).to_dict(loaded.sha256, selection, images.attrs.get("settings_fingerprint"), source.generation)
     check_noise_recipe(options.output, fwd.noise_seed, run.overwrite)

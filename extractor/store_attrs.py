@@ -15,6 +15,7 @@ from extractor.models import LoadedModel
 from extractor.noise import NOISE_RECIPE, noise_attrs, recorded_noise_recipe
 from schemas.activation_store import FEATURE_KIND
 from schemas.errors import ImzarrError
+from schemas.classes import NUM_CLASSES
 from schemas.image_store import FOLDER_LABEL_ORDER, ImageStore
 from schemas.output_paths import absolute_url
 from schemas.store_identity import GENERATION_ATTR
@@ -75,22 +76,38 @@ def class_conditioning(fwd: ForwardSettings, loaded: LoadedModel, unlabelled: in
 
 
 class FolderLabelsError(ImzarrError):
-    """A class-conditional network asked to run on a store whose labels number its folders, not ImageNet classes."""
+    """An ImageNet-conditioned network asked to run on a store whose labels number its folders, not ImageNet classes."""
 
 
-def refuse_folder_labels(store: str, images: ImageStore, fwd: ForwardSettings, loaded: LoadedModel) -> None:
-    """A class-conditional network is given label k as ImageNet class k (sorted-WNID order); on a store whose
-    labels number its own folders, k is the k-th folder (folder 0 would run as tench), so refuse unless every
-    sample runs without a class (`class_free`)."""
-    if images.attrs.get("source_label_order") != FOLDER_LABEL_ORDER:
-        return
+class LabelRangeError(ImzarrError):
+    """Selected samples whose labels lie beyond the classes the network is conditioned on (its `label_dim`)."""
+
+
+def refuse_unfit_labels(store: str, images: ImageStore, fwd: ForwardSettings, loaded: LoadedModel, labels: np.ndarray) -> None:
+    """Refuse labels the class-conditional network would take for other classes, before any output exists
+    (`class_free` runs every sample without a class, so anything goes then):
+
+    - a store whose labels number its own folders (`convert jpeg --label-from-folders`) with a network of the
+      1000 ImageNet classes, which would take folder k for ImageNet class k (folder 0 as tench); a network of
+      other classes (trained on these folders, say) takes them as they are;
+    - a label at or beyond the network's `label_dim` (a 10-class checkpoint given ImageNet's kit fox, 278), which
+      has no one-hot column."""
     if loaded.kind == FEATURE_KIND or not loaded.label_dim or fwd.class_free:
         return
-    raise FolderLabelsError(
-        f"{store}: its labels number its folders (convert jpeg --label-from-folders), not ImageNet classes, and this "
-        "class-conditional network would take label k as ImageNet class k; pass --class-free (class_free=True) to run "
-        "every sample without a class, or convert a tree of WNID class folders without --label-from-folders"
-    )
+    if images.attrs.get("source_label_order") == FOLDER_LABEL_ORDER and loaded.label_dim == NUM_CLASSES:
+        raise FolderLabelsError(
+            f"{store}: its labels number its folders (convert jpeg --label-from-folders), not ImageNet classes, and this "
+            "network is conditioned on the 1000 ImageNet classes, so it would take label k as ImageNet class k; pass "
+            "--class-free (class_free=True) to run every sample without a class, or convert a tree of WNID class folders "
+            "without --label-from-folders"
+        )
+    known = np.asarray(labels)[np.asarray(labels) >= 0]
+    if known.size and int(known.max()) >= loaded.label_dim:
+        raise LabelRangeError(
+            f"{store}: label {int(known.max())} of a selected sample is beyond the {loaded.label_dim} classes this network "
+            f"is conditioned on (labels 0..{loaded.label_dim - 1}); select classes within them (--classes), or pass "
+            "--class-free (class_free=True) to run every sample without a class"
+        )
 
 
 def unlabelled_note(fwd: ForwardSettings, loaded: LoadedModel, labels: np.ndarray) -> str | None:

@@ -19,6 +19,7 @@ from extractor.selection import UnknownClassNameError
 from extractor.store_attrs import FolderLabelsError
 from schemas.api import store_info
 from schemas.image_store import validate_image_store
+from tests.support.stand_in import StandInNetwork, serving
 from tests.support.synthetic import photo_like
 
 FOLDERS = ("cats", "dogs", "owls")
@@ -72,6 +73,12 @@ def test_class_conditional_extract_refuses_folder_labels(own, tmp_path):
         api.extract(images, str(tmp_path / "conditioned.zarr"), **with_classes)
     assert not (tmp_path / "conditioned.zarr").exists()
     assert zarr.open_group(own[2], mode="r").attrs["class_conditioning"] == "none (zero labels)"
+    # A network of these three classes (trained on the folders, say) takes the folders' labels as they are.
+    network = StandInNetwork({"a": (4, 8, 8)}, {"b": (4, 8, 8)})
+    network.label_dim = len(FOLDERS)
+    with serving(network):
+        api.extract(images, str(tmp_path / "own-network.zarr"), **{**with_classes, "layers": ["encoder_bottleneck"]})
+    assert zarr.open_group(str(tmp_path / "own-network.zarr"), mode="r").attrs["class_conditioning"] == "one-hot of label"
 
 
 def test_extract_selects_own_classes_as_the_accessor_does(own, tmp_path):

@@ -31,7 +31,7 @@ from extractor.forward import (
 from extractor.integrity import IntegrityError
 from extractor.models import EDMPrecond, LayerCapture, LoadedModel, ModelSpec, autocast_context, build_preset, cached_model
 from extractor.shard_forward import nonfinite_rows
-from extractor.store_attrs import NoiseRecipeError
+from extractor.store_attrs import LabelRangeError, NoiseRecipeError
 from extractor.noise import LEGACY_NOISE_RECIPE, NOISE_RECIPE, per_sample_noise
 from extractor.selection import SelectionSpec
 from schemas.activation_store import activation_inner_chunk, validate_activation_store
@@ -327,6 +327,20 @@ def test_nonfinite_activations_leave_the_store_incomplete(image_store, tmp_path)
     with pytest.raises(Exception, match="not complete"):
         validate_activation_store(out)
     assert not list(Path(out).rglob("*.partial"))
+
+
+def test_labels_beyond_the_network_classes_are_refused_before_any_output(image_store, tmp_path):
+    """A 10-class network given the sample's kit fox (278): refused in one line before the store exists (it was an
+    IndexError mid-run); classes within its range, or no classes at all, run."""
+    network = StandInNetwork({"a": (4, 8, 8)}, {"b": (4, 8, 8)})
+    network.label_dim = 10
+    with serving(network):
+        with pytest.raises(LabelRangeError, match=r"label \d+ of a selected sample is beyond the 10 classes this network is conditioned on \(labels 0..9\)"):
+            run(image_store, tmp_path / "all.zarr", layers=("encoder_bottleneck",))
+        assert not (tmp_path / "all.zarr").exists()
+        tench = run(image_store, tmp_path / "tench.zarr", layers=("encoder_bottleneck",), selection=SelectionSpec(classes=("tench",)))
+        free = run(image_store, tmp_path / "free.zarr", layers=("encoder_bottleneck",), class_free=True, selection=SelectionSpec(num_samples=8))
+    assert tench.num_samples > 0 and free.num_samples == 8
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
