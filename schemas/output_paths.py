@@ -7,6 +7,7 @@ and `-o file:///abs/in.zarr` are the input itself.
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from collections.abc import Iterable
 from typing import Any
@@ -52,7 +53,9 @@ def url_protocol(path: object) -> str | None:
     """The protocol of a URL (the innermost of a chain such as `simplecache::s3://…`), lower case; None otherwise."""
     if not isinstance(path, str) or "://" not in path:
         return None
-    return path.split("://", 1)[0].split("::")[-1].lower()
+    protocol = path.split("://", 1)[0].split("::")[-1].lower()
+    # RFC 3986's scheme syntax: text that merely holds a URL (a JSON of storage options) names no protocol.
+    return protocol if re.fullmatch(r"[a-z][a-z0-9+.-]*", protocol) else None
 
 
 def is_remote_url(path: object) -> bool:

@@ -11,6 +11,7 @@ Values of the options whose type is known are checked here, so a wrong one is on
 
 from __future__ import annotations
 
+import inspect
 import json
 import numbers
 from collections.abc import Iterable
@@ -22,6 +23,7 @@ import fsspec.config
 from schemas.errors import ImzarrError
 from schemas.output_paths import url_protocol
 from schemas.remote_storage import install_remote_defaults, merged_options
+from schemas.suggestions import did_you_mean
 from schemas.vocabulary import PROTOCOLS_WITHOUT_STORAGE_OPTIONS
 
 
@@ -103,6 +105,40 @@ def apply_storage_options(options: dict[str, Any], protocols: Iterable[str]) -> 
     if isinstance(protocols, str):
         protocols = [protocols]
     check_storage_option_values(options)
+    protocols = list(protocols)
+    for protocol in protocols:
+        check_option_names(options, protocol)
     install_remote_defaults()
     for protocol in protocols:
         fsspec.config.conf[protocol] = merged_options(fsspec.config.conf.get(protocol, {}), options)
+
+
+class UnsupportedProtocolError(ImzarrError):
+    """A URL whose protocol fsspec does not know, or whose filesystem package is not installed."""
+
+
+# What fsspec's base class reads of any filesystem's keyword arguments (its listing cache, its instance cache).
+FSSPEC_BASE_OPTIONS = frozenset({"use_listings_cache", "listings_expiry_time", "max_paths", "skip_instance_cache"})
+
+
+def check_option_names(options: dict[str, Any], protocol: str) -> None:
+    """Refuse a URL whose filesystem is not installed (gs:// without gcsfs), and for s3:// an option s3fs does
+    not take: it hands those to aiobotocore's session, which refuses them only at the first request, as a bare
+    TypeError. (Other filesystems differ in what they do with names they do not know; their options are left
+    to them.)"""
+    try:
+        cls = fsspec.get_filesystem_class(protocol)
+    except ImportError as exc:
+        raise UnsupportedProtocolError(f"{protocol}:// needs a filesystem package that is not installed ({exc})") from None
+    except ValueError:
+        raise UnsupportedProtocolError(f"{protocol}://: not a protocol fsspec knows (known: s3://, gs://, az://, http(s)://, memory://, file://, …)") from None
+    if protocol not in ("s3", "s3a") or not options:
+        return
+    from aiobotocore.session import AioSession
+
+    known = set(FSSPEC_BASE_OPTIONS)
+    for init in (cls.__init__, AioSession.__init__):
+        known |= {name for name, p in inspect.signature(init).parameters.items() if name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+    for name in options:
+        if name not in known:
+            raise StorageOptionsError(f"--storage-options {name}: not an option of s3:// (s3fs){did_you_mean(name, sorted(known))}")

@@ -76,7 +76,8 @@ def dispatch(parser: argparse.ArgumentParser, argv: list[str]) -> int:
 
     def body() -> int:
         options = parse_storage_options(getattr(args, "storage_options", None))
-        apply_storage_options(options, remote_protocols(vars(args).values()))
+        # Every path or URL argument, not the scheduler's address (tcp://…), which names no storage.
+        apply_storage_options(options, remote_protocols(value for name, value in vars(args).items() if name != "scheduler"))
         for name in args.process_outputs:
             refuse_process_bound_output(getattr(args, name))
         return args.handler(args)

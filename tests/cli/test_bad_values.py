@@ -26,7 +26,7 @@ from extractor.image_dataset import ImageStoreDataset
 from extractor.models.checkpoints import CheckpointError, read_checkpoint
 from extractor.selection import RepeatedEntryError, SelectionError
 from schemas.cli.dispatch import main as imzarr
-from schemas.api import StorageOptionsError, parse_storage_options
+from schemas.api import StorageOptionsError, apply_storage_options, parse_storage_options
 from schemas.remote_storage import RemoteStorageError
 from schemas.task_runner import SchedulerError, SchedulerUnreachableError
 
@@ -162,6 +162,20 @@ def test_storage_options_of_the_wrong_type_are_one_line(in_work, capsys):
     assert code == 2 and line == f"imzarr convert: error: {raised.value}" and "endpoint_url: 5 is not an http" in line
     with pytest.raises(StorageOptionsError, match="config_kwargs.read_timeout"):
         parse_storage_options('{"config_kwargs": {"read_timeout": "soon"}}')
+
+
+def test_storage_option_names_and_protocols_are_checked_before_use(in_work, capsys):
+    """A misspelt s3fs option would reach aiobotocore's session, which refuses it as a bare TypeError at the first
+    request; a protocol whose package is missing, or unknown, would be an ImportError or ValueError."""
+    pytest.importorskip("s3fs")
+    options = '{"endpoint_ur": "http://127.0.0.1:9"}'
+    code, line = _one_line(["convert", "npz", "src/train", "-o", "s3://bucket/x.zarr", "--storage-options", options], capsys, in_work)
+    assert code == 2 and line == "imzarr convert: error: --storage-options endpoint_ur: not an option of s3:// (s3fs); did you mean endpoint_url?", line
+    with pytest.raises(StorageOptionsError, match="not an option of s3://"):
+        apply_storage_options({"regionname": "x"}, ["s3"])
+    apply_storage_options({"endpoint_url": "http://127.0.0.1:9", "client_kwargs": {"region_name": "x"}, "profile": "p", "use_listings_cache": False}, ["s3"])
+    code, line = _one_line(["convert", "npz", "nope://bucket/t", "-o", "x.zarr"], capsys, in_work)
+    assert code == 2 and line.startswith("imzarr convert: error: nope://: not a protocol fsspec knows"), line
 
 
 def test_an_unreachable_endpoint_is_one_line_naming_it(in_work, capsys, monkeypatch):
