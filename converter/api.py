@@ -4,6 +4,7 @@ function takes the command's options as keywords, applies every default and refu
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -11,9 +12,8 @@ from typing import Any
 
 from converter.convert import ConvertOptions, ConvertResult, RejectedFilesError, convert
 from converter.sample import write_sample_shards
-from converter.sources.base import ConvertOptionError
 from schemas.image_layout import DEFAULT_SHARD
-from schemas.keywords import keyword_parameters, takes_keywords_of
+from schemas.keywords import keyword_parameters, refuse_unknown_keywords, takes_keywords_of
 from schemas.output_paths import absolute_url, local_file_url_to_path
 from schemas.remote_storage import remote_storage_errors
 
@@ -35,7 +35,7 @@ def convert_npz(
     from converter.sources.npz import open_npz_source
 
     paths = [os.fspath(p) for p in ([sources] if isinstance(sources, (str, Path)) else sources)]
-    paths, checked = _located(paths, output, options)
+    paths, checked = _located(paths, output, options, convert_npz)
     with remote_storage_errors(*paths, checked.output):  # listing the shards of an object store may fail first
         return convert(open_npz_source(paths, label_order, allow_pickle), checked)
 
@@ -59,7 +59,7 @@ def convert_jpeg(
     `convert_npz`."""
     from converter.sources.jpeg import open_jpeg_source
 
-    (root, val_labels), checked = _located([os.fspath(root), val_labels], output, options)
+    (root, val_labels), checked = _located([os.fspath(root), val_labels], output, options, convert_jpeg)
     with remote_storage_errors(root, val_labels, checked.output):  # listing the tree of an object store may fail first
         result = convert(open_jpeg_source(root, recipe, size, val_labels, label_from_folders, fast_draft), checked)
     if strict and result.rejected:
@@ -67,13 +67,12 @@ def convert_jpeg(
     return result
 
 
-def _located(inputs: list[str | None], output: str | Path, options: dict[str, Any]) -> tuple[list[str | None], ConvertOptions]:
+def _located(inputs: list[str | None], output: str | Path, options: dict[str, Any], entry: Any) -> tuple[list[str | None], ConvertOptions]:
     """The inputs and the options as the conversion takes them: file:// URLs as paths, absolute paths for a
     cluster's workers (they run in other folders). Whether the output overlaps an input is convert's first check
-    of the output (`inspect_existing`), before anything is written."""
-    unknown = sorted(set(options) - set(run_option_names()))
-    if unknown:
-        raise ConvertOptionError("options", unknown, f"not conversion options; choose from {run_option_names()}")
+    of the output (`inspect_existing`), before anything is written. A keyword `entry` does not take is named
+    with its close match."""
+    refuse_unknown_keywords(options, list(inspect.signature(entry).parameters), entry.__name__)
     inputs, output = local_file_url_to_path(inputs), local_file_url_to_path(os.fspath(output))
     scratch_dir = local_file_url_to_path(options.get("scratch_dir"))
     if options.get("scheduler"):

@@ -65,6 +65,10 @@ class GenerateOutputError(PathError):
     """generate's two outputs overlapping: the activation store given as, inside or around the image store."""
 
 
+class LayersNeededError(ImzarrError):
+    """An extraction or features call that names no layer to capture."""
+
+
 class FeatureInputError(ImzarrError, ValueError):
     """`features` was handed images or labels of the wrong shape (a ValueError too, as numpy's shape errors are)."""
 
@@ -125,7 +129,7 @@ def extract_options(
     store: str,
     output: str,
     *,
-    layers: str | Sequence[str],
+    layers: str | Sequence[str] | None = None,  # required: checked after the keywords, so that `layer=` is named
     preset: str | None = None,
     checkpoint: str | None = None,
     sigma: float | None = None,
@@ -153,6 +157,8 @@ def extract_options(
     if run.get("scheduler"):  # tasks run on workers, whose working folders are their own: paths that mean the same there
         store, output, checkpoint = (absolute_url(path) for path in (store, output, checkpoint))
     layers = layer_entries(layers)
+    if not layers:
+        raise LayersNeededError("extract() needs layers=[…] (--layers): layer names or module paths, e.g. layers=['midblock']; `imzarr layers` lists them")
     check_preset_layers(preset, layers)  # before torch is imported: a typo answers at once
     check_output_location(output, [store])
     from extractor.extraction import ExtractOptions
@@ -208,6 +214,8 @@ def generate_options(
     if run.get("scheduler"):  # tasks run on workers, whose working folders are their own
         output, activations_out, checkpoint = (absolute_url(path) for path in (output, activations_out, checkpoint))
     layers = layer_entries(layers)
+    if not layers:
+        raise LayersNeededError("extract() needs layers=[…] (--layers): layer names or module paths, e.g. layers=['midblock']; `imzarr layers` lists them")
     check_preset_layers(preset, layers)  # before torch is imported: a typo answers at once
     check_output_location(output)
     if activations_out:
@@ -357,8 +365,8 @@ def features(
     images: np.ndarray,
     labels: np.ndarray | Sequence[int | str] | None = None,
     *,
-    layers: Sequence[str],
-    model: str | ModelSpec,
+    layers: Sequence[str] | None = None,  # required, as `model`: checked after the keywords, so that a typo is named
+    model: str | ModelSpec | None = None,
     pool: str = "none",
     device: str = "auto",
     batch_size: int = 64,
@@ -377,6 +385,9 @@ def features(
     from extractor.store_attrs import class_conditioning
     from schemas.activation_store import layer_dims
 
+    refuse_unknown_keywords(forward, FEATURE_FORWARD_KEYWORDS + tuple(keyword_names(features)), "features")
+    if not layer_entries(layers) or model is None:
+        raise LayersNeededError("features() needs layers=[…] and model= (a preset name, a checkpoint path or a ModelSpec), e.g. layers=['midblock'], model='tiny-random'")
     given = np.asarray(images)
     if given.dtype != np.uint8 or given.ndim != 4 or given.shape[1] != 3:
         # A cast would turn [0, 1] floats (ImageStoreDataset(output="float")) into 0s and 1s without a word.
@@ -392,7 +403,6 @@ def features(
     index = np.arange(n, dtype=np.int64) if global_index is None else np.asarray(global_index)
     if index.shape != (n,) or index.dtype.kind not in "iu" or (index < 0).any():
         raise FeatureInputError(f"global_index must hold one non-negative integer per image ({n}), got {index.dtype} of shape {index.shape}")
-    refuse_unknown_keywords(forward, FEATURE_FORWARD_KEYWORDS + tuple(keyword_names(features)), "features")
     settings = ForwardSettings(model=as_model_spec(model), layers=layer_entries(layers), pool=pool, storage_dtype="float32", **forward)
     with PreparedForward(settings, device, images.shape[-1], batch_size=batch_size) as prepared:
         values = _run_features(prepared, images, labels, index.astype(np.int64))

@@ -64,13 +64,18 @@ def test_an_unknown_keyword_is_one_line_with_the_python_spelling(sample):
         extractor.generate(str(sample / "g.zarr"), preset="tiny-random", batchsize=8)
     with pytest.raises(TypeError, match=r"^features\(\) takes no keyword 'seed'; did you mean noise_seed\?"):
         extractor.features(np.zeros((1, 3, 64, 64), np.uint8), layers=["midblock"], model="tiny-random", seed=3)
-    from extractor.api import ModelChoiceError
+    from extractor.api import LayersNeededError, ModelChoiceError
 
     with pytest.raises(ModelChoiceError, match=r"^name the network: preset=NAME \(--preset\) or checkpoint=PATH \(--checkpoint\)$"):
         extractor.extract(store, str(sample / "a.zarr"), layers="midblock")
     with pytest.raises(ModelChoiceError, match=r"^preset='tiny-random' and checkpoint='x\.pkl' both name a network: give one of them$"):
         extractor.extract(store, str(sample / "a.zarr"), layers="midblock", preset="tiny-random", checkpoint="x.pkl")
     from extractor.analysis import compare_stores, compare_to_reference, statistics
+    from extractor.image_dataset import ImageStoreDataset
+    import converter
+
+    with pytest.raises(LayersNeededError, match=r"^extract\(\) needs layers=\[…\]"):
+        extractor.extract(store, str(sample / "a.zarr"), preset="tiny-random")
 
     for call, message in [
         (lambda: compare_stores("r.zarr", "g.zarr", "pool3", prdc_subst=0), r"^compare_stores\(\) takes no keyword 'prdc_subst'; did you mean prdc_subset"),
@@ -78,6 +83,11 @@ def test_an_unknown_keyword_is_one_line_with_the_python_spelling(sample):
         (lambda: statistics("r.zarr", layr="pool3"), r"^statistics\(\) takes no keyword 'layr'; did you mean layer"),
         (lambda: extractor.api.compare(["r.zarr", "g.zarr"], layer="pool3", reprot="site"), r"^compare\(\) takes no keyword 'reprot'; did you mean report"),
         (lambda: extractor.api.stats("r.zarr", layer="pool3", ouput="x.npz"), r"^stats\(\) takes no keyword 'ouput'; did you mean output"),
+        # A required keyword misspelt: named as a typo, not as Python's "missing argument" of an inner function.
+        (lambda: extractor.extract(store, str(sample / "a.zarr"), layer=["midblock"], preset="tiny-random"), r"^extract\(\) takes no keyword 'layer'; did you mean layers"),
+        (lambda: extractor.features(np.zeros((1, 3, 64, 64), np.uint8), layer=["midblock"], model="tiny-random"), r"^features\(\) takes no keyword 'layer'; did you mean layers"),
+        (lambda: ImageStoreDataset(store, per_clas=3), r"^ImageStoreDataset\(\) takes no keyword 'per_clas'; did you mean per_class"),
+        (lambda: converter.convert_npz(store, str(sample / "c.zarr"), shufle_seed=1), r"^convert_npz\(\) takes no keyword 'shufle_seed'; did you mean shuffle_seed\?"),
     ]:
         with pytest.raises(UnknownKeywordError, match=message):
             call()
