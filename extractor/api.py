@@ -214,8 +214,6 @@ def generate_options(
     if run.get("scheduler"):  # tasks run on workers, whose working folders are their own
         output, activations_out, checkpoint = (absolute_url(path) for path in (output, activations_out, checkpoint))
     layers = layer_entries(layers)
-    if not layers:
-        raise LayersNeededError("extract() needs layers=[…] (--layers): layer names or module paths, e.g. layers=['midblock']; `imzarr layers` lists them")
     check_preset_layers(preset, layers)  # before torch is imported: a typo answers at once
     check_output_location(output)
     if activations_out:
