@@ -43,7 +43,7 @@ from schemas.remote_storage import remote_storage_errors
 from schemas.store_identity import StoreIdentity, check_output_generation, check_unchanged, reader_lease
 from schemas.store_integrity import record_checksums, record_unit_checksums
 from schemas.store_lifecycle import finalize_store, inspect_existing, mark_done, prepare_store
-from schemas.task_runner import check_scheduler_reachable, run_tasks
+from schemas.task_runner import check_scheduler_reachable, run_stop, run_tasks, stop_if_interrupted
 
 
 @dataclass(frozen=True)
@@ -220,9 +220,11 @@ def extract_shard(task: ShardTask) -> dict:
     runner = ShardForward(forward, n, RECONSTRUCTION_VAR if forward.settings.reconstructions else None)
     output = ShardOutput(task.output, task.shard, task.start, runner.buffers, task.output_generation)
     runner.on_ready = output.ready
+    stop = run_stop()
     try:
         batch = forward.batch_size
         for a in range(0, n, batch):
+            stop_if_interrupted(stop)
             b = min(n, a + batch)
             runner.run(a, images[a:b], labels[a:b], gidx[a:b])
         runner.finish()

@@ -35,7 +35,7 @@ from schemas.remote_storage import remote_storage_errors
 from schemas.store_integrity import record_checksums, record_unit_checksums
 from schemas.store_identity import check_output_generation
 from schemas.store_lifecycle import StoreState, finalize_store, inspect_existing, mark_done, prepare_store
-from schemas.task_runner import check_scheduler_reachable, run_tasks
+from schemas.task_runner import check_scheduler_reachable, run_stop, run_tasks, stop_if_interrupted
 
 DEFAULT_GENERATE_SHARD = 1024
 
@@ -133,8 +133,10 @@ def generate_shard(task: GenerateTask) -> dict:
     runner.on_ready = lambda first, stop, wait: [out.ready(first, stop, wait) for out in outputs.values()]
     table = class_table()
     text = {"synset": table.synsets_of(task.labels), "class_name": table.names_of(task.labels), "source_file": np.full(n, "", dtype=object)}
+    stop = run_stop()
     try:
         for a in range(0, n, forward.batch_size):
+            stop_if_interrupted(stop)
             b = min(n, a + forward.batch_size)
             runner.run(a, None, task.labels[a:b], index[a:b])
         runner.finish()

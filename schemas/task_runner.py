@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 import time
 from concurrent.futures import CancelledError
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from urllib.parse import urlsplit
 import dask
 import dask.threaded
 
-from schemas.errors import ImzarrError, RunFailedError
+from schemas.errors import ImzarrError, RunFailedError, RunInterruptedError
 from schemas.progress_report import DaskProgress, ProgressReport
 
 # Schemes of a dask.distributed scheduler address reached over the network (tcp:// when none is written).
@@ -31,6 +32,24 @@ SCHEDULER_PROBE_TIMEOUT_S = 10.0
 WORKERLESS_GRACE_S = 60.0
 WORKER_CHECK_S = 10.0
 POLL_S = 0.05
+
+
+# The stop signal of the latest run on this process's threads: run_tasks makes a new one per run and sets it when
+# Ctrl-C reaches it. Python stops only the main thread; a task still running on a pool thread would otherwise go on
+# to its end (minutes for a generate task of 1,024 samples) and hold the process's exit until then.
+_run_stop = threading.Event()
+
+
+def run_stop() -> threading.Event:
+    """The stop signal of the run a task belongs to: a task takes it when it starts and checks it between batches
+    (`stop_if_interrupted`); one left running by an earlier, interrupted run keeps that run's signal."""
+    return _run_stop
+
+
+def stop_if_interrupted(stop: threading.Event) -> None:
+    """End a task between two batches once its run was interrupted; its output aborts as on any error."""
+    if stop.is_set():
+        raise RunInterruptedError()
 
 
 class SchedulerError(ImzarrError):
@@ -137,6 +156,8 @@ class SchedulerSpec:
 
 def run_tasks(tasks: list, spec: SchedulerSpec, report: ProgressReport) -> list[Any]:
     """Compute the tasks and return their receipts in task order (the report counts what earlier runs did)."""
+    global _run_stop
+    _run_stop = stop = threading.Event()
     try:
         if spec.address is not None:
             return _run_distributed(tasks, spec, report)
@@ -149,6 +170,9 @@ def run_tasks(tasks: list, spec: SchedulerSpec, report: ProgressReport) -> list[
             # chunksize=1: the process scheduler otherwise hands out ready tasks six at a time, leaving workers
             # idle. The scheduler is passed as a function: naming it makes dask look for a distributed client.
             return list(dask.compute(*tasks, scheduler=scheduler, num_workers=spec.workers or os.cpu_count() or 1, chunksize=1))
+    except KeyboardInterrupt:
+        stop.set()  # the tasks still running on the pool's threads end at their next batch
+        raise
     finally:
         report.close()
 
