@@ -21,9 +21,13 @@ DATA   := data
 # Override for your own data, e.g. `make convert SRC=~/imagenet64/train STORE=train64.zarr`.
 SRC        ?= $(DATA)/sample/train
 STORE      ?= $(DATA)/sample.zarr
-ACTS       ?= $(DATA)/sample_acts.zarr
-LAYERS     ?= encoder_bottleneck,midblock
 CHECKPOINT ?=
+# Outputs made with a checkpoint are named after it, so that they never clash with the preset's (a store refuses a
+# run with another network): CHECKPOINT=path/to/checkpoint_model_001000 writes data/sample_acts-checkpoint_model_001000.zarr.
+name_of     = $(notdir $(basename $(patsubst %/,%,$(1))))
+RUN_SUFFIX := $(if $(CHECKPOINT),-$(call name_of,$(CHECKPOINT)))
+ACTS       ?= $(DATA)/sample_acts$(RUN_SUFFIX).zarr
+LAYERS     ?= encoder_bottleneck,midblock
 MODEL_ARGS := $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT),--preset tiny-random)
 
 # The embedded sample's classes (converter/sample.py), for `make compare`.
@@ -87,15 +91,17 @@ CHECKPOINT_FID ?=
 FEATURE_MODEL  := $(if $(FEATURES),$(if $(CHECKPOINT_FID),--checkpoint $(CHECKPOINT_FID),--preset $(FEATURES)),$(MODEL_ARGS))
 FEATURE_LAYER  := $(if $(FEATURES),$(if $(filter fid-inception,$(FEATURES)),pool3,cls),$(CMP_LAYER))
 FEATURE_ARGS   := $(if $(FEATURES),--pool mean,$(CMP_ARGS))
-SPACE          := $(or $(FEATURES),own)
+# Named after the generator (RUN_SUFFIX) and the feature network's weights, as the extract target's outputs are.
+SPACE          := $(or $(FEATURES),own)$(if $(CHECKPOINT_FID),-$(call name_of,$(CHECKPOINT_FID)))$(RUN_SUFFIX)
+GENERATED      := $(DATA)/generated$(RUN_SUFFIX).zarr
 
 compare: $(BIN)/imzarr $(DATA)/sample.zarr/zarr.json
-	$(BIN)/imzarr generate -o $(DATA)/generated.zarr $(MODEL_ARGS) --per-class 100 --classes $(SAMPLE_CLASSES)
+	$(BIN)/imzarr generate -o $(GENERATED) $(MODEL_ARGS) --per-class 100 --classes $(SAMPLE_CLASSES)
 	$(BIN)/imzarr extract $(DATA)/sample.zarr -o $(DATA)/real_feats-$(SPACE).zarr $(FEATURE_MODEL) --layers $(FEATURE_LAYER) $(FEATURE_ARGS) --per-class 100
-	$(BIN)/imzarr extract $(DATA)/generated.zarr -o $(DATA)/generated_feats-$(SPACE).zarr $(FEATURE_MODEL) --layers $(FEATURE_LAYER) $(FEATURE_ARGS)
+	$(BIN)/imzarr extract $(GENERATED) -o $(DATA)/generated_feats-$(SPACE).zarr $(FEATURE_MODEL) --layers $(FEATURE_LAYER) $(FEATURE_ARGS)
 	$(BIN)/imzarr compare $(DATA)/real_feats-$(SPACE).zarr $(DATA)/generated_feats-$(SPACE).zarr --layer $(FEATURE_LAYER) -o $(DATA)/compare-$(SPACE).zarr --plot $(DATA)/compare-$(SPACE).png
 	$(BIN)/imzarr show $(DATA)/sample.zarr -o $(DATA)/real_grid.png
-	$(BIN)/imzarr show $(DATA)/generated.zarr -o $(DATA)/generated_grid.png
+	$(BIN)/imzarr show $(GENERATED) -o $(DATA)/generated_grid$(RUN_SUFFIX).png
 	$(BIN)/imzarr report $(DATA)/compare-$(SPACE).zarr -o $(DATA)/report
 
 test: $(BIN)/imzarr
