@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import warnings
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
@@ -245,7 +246,9 @@ def per_class_shortfall(spec: SelectionSpec, labels: np.ndarray, synsets: np.nda
 def _read_indices(path: str, n: int) -> np.ndarray:
     p = Path(path)
     try:
-        raw = np.load(p) if p.suffix == ".npy" else np.loadtxt(p, dtype=np.int64, ndmin=1)
+        with warnings.catch_warnings():  # numpy warns of an empty file; checked_positions says so in one line
+            warnings.simplefilter("ignore", UserWarning)
+            raw = np.load(p) if p.suffix == ".npy" else np.loadtxt(p, dtype=np.int64, ndmin=1)
     except (OSError, ValueError) as exc:
         raise SelectionError(f"{path}: cannot read sample indices ({exc})") from None
     return checked_positions(raw, n, path)
@@ -256,6 +259,11 @@ def checked_positions(positions: Any, n: int, where: str) -> np.ndarray:
     listed = np.asarray(positions)
     if listed.size and not (np.issubdtype(listed.dtype, np.integer) or (np.issubdtype(listed.dtype, np.floating) and np.all(np.mod(listed, 1) == 0))):
         raise SelectionError(f"{where}: sample positions must be whole numbers, got dtype {listed.dtype}")
+    if listed.ndim > 1:
+        raise SelectionError(f"{where}: sample positions must be a 1-d list, got an array of shape {listed.shape}")
+    if listed.size and (listed.min() < 0 or listed.max() >= n):  # before the cast: uint64 2**64-1 is not -1
+        first = listed[(listed < 0) | (listed >= n)][0]
+        raise SelectionError(f"{where}: index {first.item() if hasattr(first, 'item') else first} outside 0..{n - 1}")
     idx = listed.astype(np.int64).reshape(-1)
     if idx.size == 0:
         raise SelectionError(f"{where}: lists no sample positions")

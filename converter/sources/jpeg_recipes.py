@@ -25,6 +25,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from schemas.errors import ImzarrError, PathError
+from schemas.suggestions import did_you_mean
 
 DEFAULT_RECIPE = "edm-center-crop"
 
@@ -240,7 +241,7 @@ def get_recipe(name: str) -> Recipe:
     try:
         return RECIPES[name]
     except KeyError:
-        raise RecipeError(name, f"unknown recipe; valid recipes are {', '.join(sorted(RECIPES))}") from None
+        raise RecipeError(name, f"unknown recipe (valid recipes: {', '.join(sorted(RECIPES))}){did_you_mean(name, sorted(RECIPES))}") from None
 
 
 def load_and_resize(

@@ -375,3 +375,8 @@ def test_fast_draft_deviation_is_small(tmp_path, recipe):
         assert fast.shape == (3, S, S)
         mad = np.abs(fast - exact).mean()
         assert 0 < mad < FAST_DRAFT_BOUND[recipe], (case, mad)
+
+
+def test_unknown_recipe_suggests_the_close_one():
+    with pytest.raises(RecipeError, match=r"^recipe 'adm_center_crop': unknown recipe \(valid recipes: adm-center-crop, box, edm-center-crop\); did you mean adm-center-crop"):
+        load_and_resize("unused.JPEG", "adm_center_crop", S)

@@ -65,3 +65,23 @@ def test_per_class_shortfall_names_the_short_classes():
     assert per_class_shortfall(SelectionSpec(), labels, synsets) is None
     # --num-samples cuts the draw afterwards: classes it cut short are not short of samples.
     assert per_class_shortfall(SelectionSpec(per_class=2, num_samples=3), labels, synsets) is None
+
+
+def test_index_lists_are_read_as_given(tmp_path):
+    """An index file's values as written (uint64 2**64-1 is not -1), one list (not a table flattened), an empty file
+    said in one line without numpy's warning."""
+    import warnings
+
+    from extractor.selection import SelectionError, _read_indices
+
+    np.save(tmp_path / "huge.npy", np.array([3, 2**64 - 1], dtype=np.uint64))
+    np.save(tmp_path / "table.npy", np.array([[1, 2], [3, 4]]))
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(SelectionError, match=r"huge.npy: index 18446744073709551615 outside 0..9$"):
+        _read_indices(str(tmp_path / "huge.npy"), 10)
+    with pytest.raises(SelectionError, match=r"table.npy: sample positions must be a 1-d list, got an array of shape \(2, 2\)"):
+        _read_indices(str(tmp_path / "table.npy"), 10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(SelectionError, match="empty.txt: lists no sample positions"):
+            _read_indices(str(tmp_path / "empty.txt"), 10)
