@@ -56,7 +56,7 @@ from extractor.analysis.metrics import (
     prdc_blocked,
 )
 from extractor.analysis.provenance import describe_model, describe_sigma, short_sha
-from extractor.analysis.reference_statistics import ReferenceStatistics, read_reference, statistics_accumulator, store_inception_score
+from extractor.analysis.reference_statistics import ReferenceStatistics, logits_layer, read_reference, statistics_accumulator, store_inception_score
 from schemas.compare_report import COMPARE_SCHEMA as REPORT_SCHEMA
 from schemas.compare_report import REPORT_DIM, on_label_dimension
 from schemas.errors import ImzarrError
@@ -261,6 +261,8 @@ def compare(options: CompareOptions, log: TextIO | None = None) -> xr.Dataset:
         if finished is not None:
             _log(log, f"{options.output}: already complete (same inputs and settings); nothing to do")
             return finished
+        if "is" in options.metrics:
+            logits_layer(options.generated, options.is_settings)  # a store without logits is refused before the other work
         if options.reference is not None:
             report = _against_reference(options, log)
         else:

@@ -302,11 +302,18 @@ def write_per_class_statistics(
 # ---------------------------------------------------------------- Inception Score of a store
 
 
-def store_inception_score(store: str, settings: InceptionScoreSettings = InceptionScoreSettings(), block_size: int = BLOCK_SIZE) -> InceptionScore:
-    """Inception Score of a store's logits layer (fid-inception's `logits`), read once in blocks."""
+def logits_layer(store: str, settings: InceptionScoreSettings = InceptionScoreSettings()) -> LayerFeatures:
+    """The store's layer the Inception Score reads, checked to be logits (n, classes): metadata only, so a comparison
+    asks first, before its other metrics' work."""
     side = open_layer("store", store, settings.layer)
     if side.reduce is not None:
         raise AnalysisInputError(f"{store}: layer {side.var} has per-sample shape {tuple(side.array.shape[1:])}; the Inception Score needs logits (n, classes)")
+    return side
+
+
+def store_inception_score(store: str, settings: InceptionScoreSettings = InceptionScoreSettings(), block_size: int = BLOCK_SIZE) -> InceptionScore:
+    """Inception Score of a store's logits layer (fid-inception's `logits`), read once in blocks."""
+    side = logits_layer(store, settings)
     acc = InceptionScoreAccumulator(side.n, side.dim, settings.splits, settings.seed)
     for a, _, logits in feature_blocks(side, block_size):
         acc.update(a, logits)

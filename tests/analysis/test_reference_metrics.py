@@ -22,6 +22,7 @@ with SciPy from the files our `stats` writes.
 
 from __future__ import annotations
 
+import io
 import hashlib
 import json
 from pathlib import Path
@@ -321,3 +322,12 @@ def test_reference_of_another_sigma_or_model_is_said_and_recorded(ref, tmp_path)
     assert report.attrs["reference"] == out
     same = compare_to_reference(real, out, "pool3", log=(quiet := io.StringIO()))
     assert same.attrs["sigma"] == 0.5 and "differs" not in quiet.getvalue()
+
+
+def test_inception_score_without_logits_is_refused_before_the_other_metrics(stores, tmp_path):
+    """A store without the logits layer: refused before the FD's pass over the features (metadata only)."""
+    real, *_ = stores
+    log = io.StringIO()
+    with pytest.raises(LayerMismatchError, match=r"no layer 'logits'"):
+        compare_stores(real, real, "pool3", metrics="fd,is", log=log)
+    assert "samples" not in log.getvalue() and "FD" not in log.getvalue(), log.getvalue()
