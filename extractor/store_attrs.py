@@ -45,7 +45,7 @@ def model_attrs(fwd: ForwardSettings, loaded: LoadedModel) -> dict[str, Any]:
         "family": loaded.family,
         "kind": loaded.kind,
         "preset": loaded.preset,
-        "checkpoint": fwd.model.checkpoint,
+        "checkpoint": absolute_url(fwd.model.checkpoint),  # as typed it would name another file from another folder
         "sha256": loaded.sha256,
         "config": {k: (str(v) if isinstance(v, float) and not np.isfinite(v) else v) for k, v in loaded.config.items()},
         "trained": loaded.trained,

@@ -80,9 +80,9 @@ def resolve_checkpoint_file(path: str | Path) -> Path | str:
         return _resolve_remote_checkpoint(str(path))
     path = Path(path)
     if path.is_dir():
-        for name in _FOLDER_CANDIDATES:
-            if (path / name).is_file():
-                return path / name
+        found = [name for name in _FOLDER_CANDIDATES if (path / name).is_file()]
+        if found:
+            return path / _one_candidate(str(path), found)
         present = sorted(p.name for p in path.iterdir())[:20]
         raise CheckpointError(
             f"{path}: folder holds none of {list(_FOLDER_CANDIDATES)} (the generator); found {present}"
@@ -90,6 +90,14 @@ def resolve_checkpoint_file(path: str | Path) -> Path | str:
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file or folder")
     return path
+
+
+def _one_candidate(folder: str, found: list[str]) -> str:
+    """The generator's weights file of a checkpoint folder; two (a .bin and a .safetensors, which may hold other
+    weights) are refused rather than one picked by a rule nobody sees."""
+    if len(found) > 1:
+        raise CheckpointError(f"{folder}: folder holds both {' and '.join(found)}; name the file to use (e.g. --checkpoint {folder.rstrip('/')}/{found[0]})")
+    return found[0]
 
 
 def _resolve_remote_checkpoint(url: str) -> str:
@@ -105,9 +113,9 @@ def _resolve_remote_checkpoint(url: str) -> str:
         raise CheckpointError(f"{url}: no such checkpoint file or folder") from None
     except OSError as exc:  # a bucket we may not read, a refused connection
         raise CheckpointError(f"{url}: cannot read ({exc.strerror or exc})") from None
-    for name in _FOLDER_CANDIDATES:
-        if name in names:
-            return f"{url.rstrip('/')}/{name}"
+    found = [name for name in _FOLDER_CANDIDATES if name in names]
+    if found:
+        return f"{url.rstrip('/')}/{_one_candidate(url, found)}"
     raise CheckpointError(f"{url}: folder holds none of {list(_FOLDER_CANDIDATES)} (the generator); found {sorted(names)[:20]}")
 
 

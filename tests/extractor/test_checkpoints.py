@@ -94,6 +94,10 @@ def test_safetensors_file_and_folder(tmp_path: Path, edm_reference: dict, sd: di
     model = load_checkpoint(folder)
     _assert_same_weights(model, sd)
     _assert_reproduces_fixture(model, edm_reference)
+    torch.save({k: torch.zeros_like(v) for k, v in sd.items()}, folder / "pytorch_model.bin")  # other weights beside
+    with pytest.raises(CheckpointError, match=r"folder holds both pytorch_model.bin and model.safetensors; name the file to use"):
+        load_checkpoint(folder)
+    _assert_same_weights(load_checkpoint(folder / "model.safetensors"), sd)
 
 
 @pytest.mark.parametrize("key", ["state_dict", "model", "ema", "generator"])
