@@ -22,7 +22,7 @@ from schemas.shard_writer import ShardOutput
 from extractor.noise import NOISE_RECIPE, noise_attrs
 from extractor.selection import resolve_classes
 from extractor.shard_forward import ShardForward
-from extractor.store_attrs import check_noise_recipe, device_name, model_attrs, run_attrs, versions
+from extractor.store_attrs import check_noise_recipe, device_name, model_attrs, refuse_labels_beyond_network, run_attrs, versions
 from schemas.activation_store import ACTIVATION_LAYOUT_VERSION, ACTIVATION_SCHEMA, DIFFUSION_KIND, activation_array_attrs, activation_group_attrs
 from schemas.classes import NUM_CLASSES, class_table
 from schemas.errors import output_write_errors
@@ -209,6 +209,7 @@ def _generate_stores(options: GenerateOptions, forward: PreparedForward, started
     """Create (or confirm, or resume) the image store and the optional activation store; `options.forward` resolved."""
     run, fwd, loaded, shapes = options.run, forward.settings, forward.loaded, forward.layer_shapes
     labels = generation_labels(options.per_class, options.num_samples, options.classes, fwd.noise_seed)
+    refuse_labels_beyond_network("generate: ImageNet class", fwd, loaded, labels, class_free_hint=False)  # before any output exists
     n = labels.size
     shard = run.shard_size or min(DEFAULT_GENERATE_SHARD, default_shard_size(shapes, fwd.storage_dtype))
     num_shards = -(-n // shard)

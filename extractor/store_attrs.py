@@ -101,12 +101,20 @@ def refuse_unfit_labels(store: str, images: ImageStore, fwd: ForwardSettings, lo
             "--class-free (class_free=True) to run every sample without a class, or convert a tree of WNID class folders "
             "without --label-from-folders"
         )
+    refuse_labels_beyond_network(f"{store}: label", fwd, loaded, labels)
+
+
+def refuse_labels_beyond_network(what: str, fwd: ForwardSettings, loaded: LoadedModel, labels: np.ndarray, class_free_hint: bool = True) -> None:
+    """Refuse a label at or beyond a class-conditional network's `label_dim` (no one-hot column for it), before any
+    output exists; `what` begins the message ("STORE: label", "generate: ImageNet class")."""
+    if loaded.kind == FEATURE_KIND or not loaded.label_dim or fwd.class_free:
+        return
     known = np.asarray(labels)[np.asarray(labels) >= 0]
     if known.size and int(known.max()) >= loaded.label_dim:
         raise LabelRangeError(
-            f"{store}: label {int(known.max())} of a selected sample is beyond the {loaded.label_dim} classes this network "
-            f"is conditioned on (labels 0..{loaded.label_dim - 1}); select classes within them (--classes), or pass "
-            "--class-free (class_free=True) to run every sample without a class"
+            f"{what} {int(known.max())} is beyond the {loaded.label_dim} classes this network is conditioned on "
+            f"(labels 0..{loaded.label_dim - 1}); select classes within them (--classes)"
+            + (", or pass --class-free (class_free=True) to run every sample without a class" if class_free_hint else "")
         )
 
 

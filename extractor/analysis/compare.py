@@ -305,6 +305,7 @@ def report_settings(options: CompareOptions, opened: list[StoreIdentity]) -> dic
         stat = os.stat(local)
         inputs[local] = f"{stat.st_size} bytes, modified {stat.st_mtime_ns} ns"
     chosen = {f.name: getattr(options, f.name) for f in fields(options) if f.name not in NOT_REPORT_SETTINGS}
+    chosen["pool"] = options.pool or "mean"  # what None means: a report made with the default or with --pool mean is one report
     if options.plot is not None:
         chosen |= {"plot": absolute_url(options.plot), "projection": options.projection}
     return {"inputs": inputs, **chosen}

@@ -73,9 +73,12 @@ def open_layer(role: str, url: str, layer: str, pool: str | None = None) -> Laye
     array = group[var]
     if array.ndim == 2:
         pooled = str(attrs["pooling"])
-        if pool is not None and pool != pooled:
+        # The layer's own record: "none" for a layer that is one vector per sample by itself (pool3, cls, logits),
+        # which any --pool leaves as it is; stores written before per-layer records have only the store's.
+        own = str(dict(array.attrs).get("pooling", pooled))
+        if pool is not None and own != "none" and pool != own:
             raise LayerMismatchError(
-                f"{url}: layer {var} was pooled {pooled!r} at extraction, so --pool {pool} (pool={pool!r}) cannot apply; "
+                f"{url}: layer {var} was pooled {own!r} at extraction, so --pool {pool} (pool={pool!r}) cannot apply; "
                 f"leave it out, or extract the layer again with --pool {pool}" + (" (unpooled)" if pool == "none" else "")
             )
         return LayerFeatures(role, url, var, array, None, pooled, int(array.shape[1]), group["label"][:], attrs)

@@ -273,6 +273,12 @@ def test_unpooled_layers_mean_max_and_flatten(tmp_path):
         with pytest.raises(LayerMismatchError, match=f"p.zarr: layer feat was pooled 'mean' at extraction, so --pool {other_pool} "):
             compare_stores(pooled, pooled, "feat", pool=other_pool)
     assert compare_stores(pooled, pooled, "feat").attrs["fd"] == compare_stores(pooled, pooled, "feat", pool="mean").attrs["fd"]
+    # A layer that is one vector per sample by itself (pool3, logits: its own `pooling` is "none") takes any --pool.
+    zarr.open_array(pooled, path="feat", mode="r+").update_attributes({"pooling": "none"})
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
+        zarr.consolidate_metadata(pooled)
+    assert compare_stores(pooled, pooled, "feat", pool="max").attrs["fd"] == compare_stores(pooled, pooled, "feat").attrs["fd"]
 
 
 def test_errors_name_store_and_reason(tmp_path, stores):

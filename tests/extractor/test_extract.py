@@ -335,7 +335,7 @@ def test_labels_beyond_the_network_classes_are_refused_before_any_output(image_s
     network = StandInNetwork({"a": (4, 8, 8)}, {"b": (4, 8, 8)})
     network.label_dim = 10
     with serving(network):
-        with pytest.raises(LabelRangeError, match=r"label \d+ of a selected sample is beyond the 10 classes this network is conditioned on \(labels 0..9\)"):
+        with pytest.raises(LabelRangeError, match=r"label \d+ is beyond the 10 classes this network is conditioned on \(labels 0..9\)"):
             run(image_store, tmp_path / "all.zarr", layers=("encoder_bottleneck",))
         assert not (tmp_path / "all.zarr").exists()
         tench = run(image_store, tmp_path / "tench.zarr", layers=("encoder_bottleneck",), selection=SelectionSpec(classes=("tench",)))

@@ -141,3 +141,17 @@ def test_nan_weights_fail_the_run_and_mark_nothing_complete(tmp_path):
         assert group.attrs["complete"] is False and not group[DONE_ARRAY][:].any()
     with pytest.raises(Exception, match="not complete"):
         validate_image_store(str(out))
+
+
+def test_classes_beyond_the_network_are_refused_before_any_output(tmp_path):
+    """A 10-class generator asked for ImageNet's kit fox (278): one line before a store exists (an IndexError
+    mid-run, after both stores were made, before)."""
+    from extractor.store_attrs import LabelRangeError
+    from tests.support.stand_in import StandInNetwork, serving
+
+    network = StandInNetwork({"a": (4, 8, 8)}, {"b": (4, 8, 8)})
+    network.label_dim = 10
+    fwd = ForwardSettings(model=ModelSpec(preset="tiny-random"), layers=())
+    with serving(network), pytest.raises(LabelRangeError, match=r"^generate: ImageNet class 278 is beyond the 10 classes this network is conditioned on \(labels 0..9\); select classes within them \(--classes\)$"):
+        generate(GenerateOptions(str(tmp_path / "g.zarr"), fwd, per_class=2, classes=("n02119789",), run=RunOptions(4, "cpu")))
+    assert not (tmp_path / "g.zarr").exists()
