@@ -65,7 +65,7 @@ def add_convert_commands(sub) -> None:
     jpeg.add_argument("--recipe", default=None, help="resize recipe: edm-center-crop (default), adm-center-crop or box")
     jpeg.add_argument("--size", type=positive_int, default=64, help="output resolution S")
     jpeg.add_argument("--val-labels", default=None, help="labels of a flat val folder: ILSVRC2012_validation_ground_truth.txt or LOC_val_solution.csv (default: none; trees take labels from folder names)")
-    jpeg.add_argument("--label-from-folders", action="store_true", help="label the sorted class folders 0..K-1, WNID-named or not, for trees of classes other than ImageNet's (recorded in attrs; these labels are not ImageNet classes, so extract with a class-conditional network then needs --class-free)")
+    jpeg.add_argument("--label-from-folders", action="store_true", help="label the sorted class folders 0..K-1, WNID-named or not, for trees of classes other than ImageNet's (recorded in attrs; these labels are not ImageNet classes, so extract with a network of the 1000 ImageNet classes then needs --class-free)")
     jpeg.add_argument("--strict", action="store_true", help="exit 1 if any file was rejected")
     jpeg.add_argument("--fast-draft", action="store_true", help="let libjpeg decode JPEGs at a reduced DCT scale first (at least twice --size on the short side): faster, not pixel-exact; README \"JPEG trees\"")
     _output_args(jpeg)

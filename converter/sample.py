@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -61,12 +62,31 @@ def write_sample_shards(out_dir: str | Path, per_shard: int = 1000, train_shards
 
     Idempotent, and never over another file: a shard already there with the same arrays is kept; anything else
     under a shard's name (real ImageNet shards are named so, or a sample of other sizes) is refused before any
-    file is written. Each file appears whole or not at all."""
+    file is written. Each file appears whole or not at all. The shards are drawn twice (to check, then to write),
+    so that one at a time is in memory."""
     out = Path(out_dir)
+    missing = []
+    for path, arrays, _ in _sample_shards(out, per_shard, train_shards, val_size, seed):
+        if not os.path.lexists(path):
+            missing.append(path)
+        elif not _holds(path, arrays):
+            raise SampleExistsError(path, "exists and is not this sample's shard; write the sample into an empty folder")
+    written = []
+    for path, arrays, deflated in _sample_shards(out, per_shard, train_shards, val_size, seed):
+        if path in missing:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            buffer = io.BytesIO()
+            (np.savez_compressed if deflated else np.savez)(buffer, **arrays)
+            write_atomically(path, [buffer.getbuffer()])
+        written.append(path)
+    return written
+
+
+def _sample_shards(out: Path, per_shard: int, train_shards: int, val_size: int, seed: int) -> Iterator[tuple[Path, dict[str, np.ndarray], bool]]:
+    """(path, arrays, deflated) of each shard in order, drawn one at a time from one seeded generator."""
     rng = np.random.default_rng(seed)
     table = class_table()
     ds_labels = np.array([table.downsampled_labels[table.index_of_wnid(w)] for w in SAMPLE_WNIDS], dtype=np.int64)
-    shards: list[tuple[Path, dict[str, np.ndarray], bool]] = []
     for i in range(1, train_shards + 2):
         is_val = i > train_shards
         n = val_size if is_val else per_shard
@@ -74,28 +94,27 @@ def write_sample_shards(out_dir: str | Path, per_shard: int = 1000, train_shards
         data = draw_class_images(cls, 64, rng).reshape(n, -1)
         arrays = {"data": data, "labels": ds_labels[cls]}
         if is_val:
-            shards.append((out / "val" / "val_data.npz", arrays, True))
+            yield out / "val" / "val_data.npz", arrays, True
         else:
-            shards.append((out / "train" / f"train_data_batch_{i}.npz", {**arrays, "mean": data.mean(axis=0)}, False))
-    to_write = []
-    for path, arrays, deflated in shards:
-        if os.path.lexists(path):
-            if not _holds(path, arrays):
-                raise SampleExistsError(path, "exists and is not this sample's shard; write the sample into an empty folder")
-        else:
-            to_write.append((path, arrays, deflated))
-    for path, arrays, deflated in to_write:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        buffer = io.BytesIO()
-        (np.savez_compressed if deflated else np.savez)(buffer, **arrays)
-        write_atomically(path, [buffer.getbuffer()])
-    return [path for path, _, _ in shards]
+            yield out / "train" / f"train_data_batch_{i}.npz", {**arrays, "mean": data.mean(axis=0)}, False
 
 
 def _holds(path: Path, arrays: dict[str, np.ndarray]) -> bool:
-    """Whether the file at `path` is an .npz of exactly these arrays (a sample written before)."""
+    """Whether the file at `path` is an .npz of exactly these arrays (a sample written before); members' headers are
+    compared before any is read, so a real shard (gigabytes) is told apart without loading it."""
     try:
         with np.load(path, allow_pickle=False) as found:
-            return sorted(found.files) == sorted(arrays) and all(np.array_equal(found[k], v) and found[k].dtype == v.dtype for k, v in arrays.items())
+            if sorted(found.files) != sorted(arrays):
+                return False
+            for key, value in arrays.items():
+                with found.zip.open(f"{key}.npy") as member:
+                    version = np.lib.format.read_magic(member)
+                    if version not in ((1, 0), (2, 0)):
+                        continue  # not a header np.savez writes for these arrays: the comparison below decides
+                    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                    shape, _, dtype = read_header(member)
+                if tuple(shape) != value.shape or np.dtype(dtype) != value.dtype:
+                    return False
+            return all(np.array_equal(found[k], v) for k, v in arrays.items())
     except Exception:  # not a zip, not an .npz, unreadable: not ours
         return False

@@ -79,6 +79,8 @@ class ImzarrAccessor:
         recorded = classes_lookup(dict(self._ds.attrs))
         table = class_table()
         present = np.unique(self.labels())
+        if not recorded:  # a store written before the attribute: its labels are ImageNet-1k's, read from the table
+            return {int(i): (table.wnids[i], table.names[i]) for i in present if 0 <= i < len(table.wnids)}
         missing = [int(i) for i in present if int(i) not in recorded and i >= 0]
         if not missing:
             return recorded

@@ -267,9 +267,6 @@ def checked_positions(positions: Any, n: int, where: str) -> np.ndarray:
     idx = listed.astype(np.int64).reshape(-1)
     if idx.size == 0:
         raise SelectionError(f"{where}: lists no sample positions")
-    bad = (idx < 0) | (idx >= n)
-    if bad.any():
-        raise SelectionError(f"{where}: index {idx[bad][0]} outside 0..{n - 1}")
     unique, counts = np.unique(idx, return_counts=True)
     if (counts > 1).any():
         repeated = unique[counts > 1]

@@ -54,8 +54,8 @@ def url_protocol(path: object) -> str | None:
     if not isinstance(path, str) or "://" not in path:
         return None
     protocol = path.split("://", 1)[0].split("::")[-1].lower()
-    # RFC 3986's scheme syntax: text that merely holds a URL (a JSON of storage options) names no protocol.
-    return protocol if re.fullmatch(r"[a-z][a-z0-9+.-]*", protocol) else None
+    # A scheme's syntax (RFC 3986's): text that merely holds a URL (a JSON of storage options) names no protocol.
+    return protocol if re.fullmatch(r"[a-z][a-z0-9+._-]*", protocol) else None  # fsspec's names add "_" (arrow_hdfs)
 
 
 def is_remote_url(path: object) -> bool:
@@ -128,14 +128,14 @@ def refuse_unwritable_output(output: str) -> None:
     if path is None:
         return
     path = os.path.realpath(path)
+    if os.path.isdir(path):
+        return  # made before (a store resumed or replaced): its writer's lock and checks decide
     folder = os.path.dirname(path)
     while not os.path.lexists(folder):
         folder = os.path.dirname(folder)
     stores = [above for above in _folders_up(folder) if os.path.isfile(os.path.join(above, "zarr.json"))]
     if stores:
         raise OutputPathError(f"{output}: lies inside the Zarr store {stores[-1]}; choose a path outside it")
-    if os.path.isdir(path):
-        return
     if not os.path.isdir(folder):
         raise OutputPathError(f"{output}: {folder} is a file, not a folder; choose a path outside it")
     try:
@@ -143,7 +143,10 @@ def refuse_unwritable_output(output: str) -> None:
     except OSError as exc:
         raise OutputWriteError(output, f"cannot write: the folder {folder} takes no new files ({exc.strerror or exc})") from None
     os.close(handle)
-    os.unlink(probe)
+    try:
+        os.unlink(probe)
+    except OSError as exc:
+        raise OutputWriteError(probe, f"cannot remove the empty file made to test the folder ({exc.strerror or exc}); remove it") from None
 
 
 def _folders_up(folder: str) -> Iterable[str]:

@@ -194,12 +194,14 @@ def _unfinished(url: str) -> str | None:
     early): it holds the run's writer lock; None for anything else."""
     import fsspec
 
-    from schemas.store_lifecycle import LOCK_FILE
+    from schemas.store_lifecycle import LOCK_FILE, abandoned_writer_lock
 
     try:
         fs, path = fsspec.core.url_to_fs(url)
         if not fs.isfile(f"{path.rstrip('/')}/{LOCK_FILE}"):
             return None
+        if not abandoned_writer_lock(url):
+            return f"{url}: a store being made: a running command holds its writer lock and has not written its metadata yet; wait for it"
     except Exception:
         return None
     return f"{url}: an unfinished store (the run that made it stopped before writing its metadata); re-run that command to resume it"

@@ -339,7 +339,7 @@ def tidy_complete_store(url: str) -> None:
     group = zarr.open_group(url, mode="r", use_consolidated=False)
     stale = PROGRESS_GROUP in group or not _consolidated_matches(url)
     partial = _partial_files(url)
-    if not stale and not partial and not _abandoned_lock(url):
+    if not stale and not partial and not abandoned_writer_lock(url):
         return
     acquire_writer_lock(url)
     try:
@@ -551,7 +551,7 @@ def _flock_released(lock: str) -> bool:
         os.close(fd)
 
 
-def _abandoned_lock(url: str) -> bool:
+def abandoned_writer_lock(url: str) -> bool:
     """Whether the store's writer lock file is there and abandoned (`_abandoned`)."""
     root = local_path(url)
     holder = None if root is None else _read_lock(os.path.join(root, LOCK_FILE))

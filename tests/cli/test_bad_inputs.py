@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import pickle
 import shutil
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -33,7 +36,9 @@ def work(tmp_path_factory, sample_shards, image_store) -> Path:
     (work / "evil.pkl").write_bytes(pickle.dumps(__import__("os").system, protocol=2))  # would run code if unpickled fully
     (work / "indices.txt").write_text("0\n5\n999999\n")
     (work / "killed.zarr").mkdir()  # a run killed before it wrote zarr.json leaves its writer lock
-    (work / "killed.zarr" / ".imzarr-writer.lock").write_text("")
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a writer of this host that no longer runs
+    (work / "killed.zarr" / ".imzarr-writer.lock").write_text(f"{gone.pid} {socket.gethostname()}\n")
     incomplete = zarr.open_group(str(work / "half.zarr"), mode="w", zarr_format=3)
     incomplete.update_attributes({"schema": "imzarr.images/1", "complete": False})
     return work

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -365,3 +366,23 @@ def test_a_run_that_finds_the_store_finished_by_another_does_nothing(tmp_path):
     assert first.returncode == 0 and "32 converted" in first.stdout, first.stderr
     assert late.returncode == 0 and "already complete" in out and "converted" not in out, (out, err)
     assert not list((tmp_path / "out.zarr").glob(f"{LOCK_FILE}*"))
+
+
+def test_a_store_folder_without_metadata_says_whether_its_writer_runs(tmp_path):
+    """A folder holding only a writer lock: a live writer's store is 'being made'; a dead writer's 'unfinished'."""
+    from schemas.errors import StoreValidationError
+    from schemas.remote_storage import read_store_root
+    from schemas.store_lifecycle import LOCK_FILE, acquire_writer_lock, release_writer_lock
+
+    url = str(tmp_path / "new.zarr")
+    acquire_writer_lock(url)
+    try:
+        with pytest.raises(StoreValidationError, match="a store being made: a running command holds its writer lock"):
+            read_store_root(url)
+    finally:
+        release_writer_lock(url)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    (tmp_path / "new.zarr" / LOCK_FILE).write_text(f"{gone.pid} {socket.gethostname()}\n")
+    with pytest.raises(StoreValidationError, match="an unfinished store .*; re-run that command to resume it"):
+        read_store_root(url)
