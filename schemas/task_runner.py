@@ -42,7 +42,9 @@ _run_stop = threading.Event()
 
 def run_stop() -> threading.Event:
     """The stop signal of the run a task belongs to: a task takes it when it starts and checks it between batches
-    (`stop_if_interrupted`); one left running by an earlier, interrupted run keeps that run's signal."""
+    (`stop_if_interrupted`); one left running by an earlier, interrupted run keeps that run's signal. One per process:
+    of two runs at once on threads of one process, tasks starting take the later run's. Process and cluster workers
+    never see it set: Ctrl-C reaches local worker processes itself, and a cluster's tasks are cancelled."""
     return _run_stop
 
 

@@ -11,7 +11,6 @@ import zarr
 
 import converter
 import schemas
-from converter.sources.base import ConvertOptionError
 from schemas.cli.dispatch import main as imzarr_main
 from schemas.errors import ImzarrError
 from schemas.keywords import UnknownKeywordError
@@ -43,7 +42,7 @@ def test_convert_npz_equals_the_command_line(sample):
 
 
 def test_api_refuses_what_the_command_line_refuses(sample):
-    with pytest.raises(ConvertOptionError, match="shard_sizes"):
+    with pytest.raises(UnknownKeywordError, match="shard_sizes'; did you mean shard_size"):
         converter.convert_npz(sample / "src" / "train", str(sample / "x.zarr"), shard_sizes=64)
     with pytest.raises(OutputOverlapsInputError):
         converter.convert_npz(sample / "src" / "train", str(sample / "src" / "train" / "x.zarr"))
