@@ -3,7 +3,6 @@ left without the workers its tasks need."""
 
 from __future__ import annotations
 
-import io
 import socket
 import subprocess
 import sys
