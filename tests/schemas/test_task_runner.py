@@ -105,6 +105,8 @@ from schemas.errors import RunInterruptedError
 from schemas.progress_report import ProgressReport
 from schemas.task_runner import SchedulerSpec
 
+# Python's own Ctrl-C handler, which it skips where the parent ignores SIGINT (a pytest-xdist worker does).
+signal.signal(signal.SIGINT, signal.default_int_handler)
 ended = {}
 
 def task(k):
