@@ -430,7 +430,7 @@ def _between_stores(options: CompareOptions, log: TextIO | None) -> xr.Dataset:
             shown = sorted(only)[:8]
             names = label_names(np.array(shown), classes_lookup(features.attrs))[1]
             listed = ", ".join(f"{label} {name}" for label, name in zip(shown, names))
-            _log(log, f"{len(only)} classes only in the {side} store, so in no per-class row: {listed}{' …' if len(only) > 8 else ''}")
+            _log(log, f"{_classes(len(only))} only in the {side} store, so in no per-class row: {listed}{' …' if len(only) > 8 else ''}")
     return report
 
 
@@ -479,7 +479,7 @@ def _per_class(
         for name, value in found.items():
             values[name][i] = value
         values["note"][i] = note
-    _log(log, f"{labels.size} classes compared in {time.monotonic() - started:.1f} s")
+    _log(log, f"{_classes(labels.size)} compared in {time.monotonic() - started:.1f} s")
     return labels, values
 
 
@@ -686,7 +686,7 @@ def format_report_table(ds: xr.Dataset, worst: int = 15) -> str:
     defined = np.flatnonzero(~np.isnan(values))
     ranked = np.argsort(values[defined], kind="stable")
     order = defined[ranked if key == "coverage" else ranked[::-1]][:worst]
-    lines.append(f"per class: {n_classes} classes in both stores; {len(order)} worst {key or ''} first")
+    lines.append(f"per class: {_classes(n_classes)} in both stores; {len(order)} worst {key or ''} first")
     columns = [("fd", "FD", 9, ".4g"), ("kid", "KID", 9, ".3g"), ("precision", "prec", 5, ".3f"), ("recall", "recall", 6, ".3f"), ("density", "dens", 5, ".3f"), ("coverage", "cov", 5, ".3f")]
     shown = [c for c in columns if c[0] in ds]
     lines.append(f"  {'label':>5}  {'synset':<9}  {'class':<24} {'n_real':>6} {'n_fake':>6} " + " ".join(f"{title:>{w}}" for _, title, w, _ in shown))
@@ -696,7 +696,7 @@ def format_report_table(ds: xr.Dataset, worst: int = 15) -> str:
         lines.append(f"  {int(ds['label'].values[i]):>5}  {ds['synset'].values[i]!s:<9}  {name:<24} {int(ds['n_real'].values[i]):>6} {int(ds['n_fake'].values[i]):>6} {cells}")
     undefined = n_classes - defined.size
     if undefined:
-        lines.append(f"  {undefined} classes have too few samples for {key} (NaN; see the `note` variable)")
+        lines.append(f"  {_classes(undefined)} {'has' if undefined == 1 else 'have'} too few samples for {key} (NaN; see the `note` variable)")
     if a.get("classes_only_in_real") or a.get("classes_only_in_fake"):
         lines.append(f"  classes only in the real store: {a['classes_only_in_real']}, only in the generated store: {a['classes_only_in_fake']}")
     return "\n".join(lines)
@@ -705,3 +705,8 @@ def format_report_table(ds: xr.Dataset, worst: int = 15) -> str:
 def _log(log: TextIO | None, message: str) -> None:
     if log is not None:
         print(f"[compare] {message}", file=log, flush=True)
+
+
+def _classes(n: int) -> str:
+    """`1 class`, `3 classes`."""
+    return f"{n} class" if n == 1 else f"{n} classes"

@@ -135,7 +135,7 @@ def test_overall_and_per_class_equal_references(stores):
     log = io.StringIO()
     ds = compare_stores(real_url, fake_url, "feat", k=5, block_size=50, log=log)  # blocks do not divide the sizes
     a = ds.attrs
-    assert f"[compare] 1 classes only in the real store, so in no per-class row: {REAL_ONLY} {class_table().names[REAL_ONLY]}\n" in log.getvalue()
+    assert f"[compare] 1 class only in the real store, so in no per-class row: {REAL_ONLY} {class_table().names[REAL_ONLY]}\n" in log.getvalue()
     assert a["n_real"] == len(real) and a["n_fake"] == len(fake) and a["k"] == 5 and a["layer"] == "feat" and a["pool"] == "mean"
     assert a["real_store"] == real_url and a["fake_store"] == fake_url
     assert a["fd"] == pytest.approx(reference_fd_of_samples(real, fake), rel=1e-6)
@@ -182,7 +182,7 @@ def test_report_zarr_table_and_png(stores):
     worst = lines[header + 1 : header + 3]
     wnids = class_table().wnids
     assert wnids[QUARTER] in worst[0] and wnids[HALF] in worst[1]  # the worst-covered class first
-    assert "1 classes have too few samples" in table
+    assert "1 class has too few samples" in table
 
     with Image.open(png) as img:
         assert img.format == "PNG" and img.size == (1800, 900)
