@@ -4,7 +4,6 @@ function takes the command's options as keywords, applies every default and refu
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -13,7 +12,7 @@ from typing import Any
 from converter.convert import ConvertOptions, ConvertResult, RejectedFilesError, convert
 from converter.sample import write_sample_shards
 from schemas.image_layout import DEFAULT_SHARD
-from schemas.keywords import keyword_parameters, refuse_unknown_keywords, takes_keywords_of
+from schemas.keywords import keyword_names, keyword_parameters, refuse_unknown_keywords, takes_keywords_of
 from schemas.output_paths import absolute_url, local_file_url_to_path
 from schemas.remote_storage import remote_storage_errors
 
@@ -72,7 +71,7 @@ def _located(inputs: list[str | None], output: str | Path, options: dict[str, An
     cluster's workers (they run in other folders). Whether the output overlaps an input is convert's first check
     of the output (`inspect_existing`), before anything is written. A keyword `entry` does not take is named
     with its close match."""
-    refuse_unknown_keywords(options, list(inspect.signature(entry).parameters), entry.__name__)
+    refuse_unknown_keywords(options, keyword_names(entry), entry.__name__)
     inputs, output = local_file_url_to_path(inputs), local_file_url_to_path(os.fspath(output))
     scratch_dir = local_file_url_to_path(options.get("scratch_dir"))
     if options.get("scheduler"):

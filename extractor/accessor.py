@@ -172,10 +172,10 @@ class ImzarrAccessor:
 
     def _per_class(self, var: Hashable, how: str, **kwargs: Any) -> xr.DataArray:
         self._refuse_report(f"class_{how}")
-        numeric = sorted(str(name) for name, v in self._ds.data_vars.items() if v.dtype.kind in "biuf")
         if var not in self._ds.data_vars:
             raise AccessorError(f"no variable {var!r}; variables: {sorted(map(str, self._ds.data_vars))}")
         if self._ds[var].dtype.kind not in "biuf":
+            numeric = sorted(str(name) for name, v in self._ds.data_vars.items() if v.dtype.kind in "biuf")
             raise AccessorError(f"class_{how}({var!r}): {var} holds {self._ds[var].dtype} values, not numbers; numeric variables: {numeric}")
         if self.labels().size == 0:
             raise AccessorError(f"class_{how}({var!r}): the dataset has no rows (an empty selection)")

@@ -24,7 +24,6 @@ still raises DamagedStoreError in the worker.
 
 from __future__ import annotations
 
-import inspect
 import operator
 import os
 from typing import Any, Callable, Iterable, Iterator, Literal, Sequence
@@ -36,7 +35,7 @@ from torch.utils.data._utils.collate import collate, default_collate_fn_map
 
 from extractor.selection import SelectionSpec, checked_positions, class_entries, select_samples
 from schemas.errors import ImzarrError, SampleIndexError
-from schemas.keywords import refuse_unknown_keywords
+from schemas.keywords import keyword_names, refuse_unknown_keywords
 from schemas.image_store import ImageStore, ShardRangeReader, validate_image_store
 from schemas.output_paths import absolute_url, local_path, url_protocol
 from schemas.store_identity import ROOT_METADATA, InputChangedError, StoreIdentity, check_unchanged
@@ -124,7 +123,7 @@ class ImageStoreDataset(Dataset[Item]):
         **unknown: Any,
     ):
         # A misspelt keyword is named with its close match, as every API entry does (not Python's bare TypeError).
-        refuse_unknown_keywords(unknown, [name for name in inspect.signature(ImageStoreDataset.__init__).parameters if name not in ("self", "unknown")], "ImageStoreDataset")
+        refuse_unknown_keywords(unknown, keyword_names(ImageStoreDataset.__init__), "ImageStoreDataset")
         if output not in OUTPUTS:
             raise ImageDatasetError(f"output={output!r}: expected one of {', '.join(map(repr, OUTPUTS))}")
         self.url = str(absolute_url(os.fspath(url)))  # workers and later batches read the store meant now, whatever the working folder
