@@ -75,6 +75,11 @@ def class_conditioning(fwd: ForwardSettings, loaded: LoadedModel, unlabelled: in
     return f"one-hot of label; zeros for the {unlabelled:,} samples without a label (-1)" if unlabelled else "one-hot of label"
 
 
+def takes_class_labels(fwd: ForwardSettings, loaded: LoadedModel) -> bool:
+    """Whether this run gives the network class labels: a class-conditional diffusion network, not run class-free."""
+    return loaded.kind != FEATURE_KIND and bool(loaded.label_dim) and not fwd.class_free
+
+
 class FolderLabelsError(ImzarrError):
     """An ImageNet-conditioned network asked to run on a store whose labels number its folders, not ImageNet classes."""
 
@@ -92,7 +97,7 @@ def refuse_unfit_labels(store: str, images: ImageStore, fwd: ForwardSettings, lo
       other classes (trained on these folders, say) takes them as they are;
     - a label at or beyond the network's `label_dim` (a 10-class checkpoint given ImageNet's kit fox, 278), which
       has no one-hot column."""
-    if loaded.kind == FEATURE_KIND or not loaded.label_dim or fwd.class_free:
+    if not takes_class_labels(fwd, loaded):
         return
     if images.attrs.get("source_label_order") == FOLDER_LABEL_ORDER and loaded.label_dim == NUM_CLASSES:
         raise FolderLabelsError(
@@ -107,7 +112,7 @@ def refuse_unfit_labels(store: str, images: ImageStore, fwd: ForwardSettings, lo
 def refuse_labels_beyond_network(what: str, fwd: ForwardSettings, loaded: LoadedModel, labels: np.ndarray, class_free_hint: bool = True) -> None:
     """Refuse a label at or beyond a class-conditional network's `label_dim` (no one-hot column for it), before any
     output exists; `what` begins the message ("STORE: label", "generate: ImageNet class")."""
-    if loaded.kind == FEATURE_KIND or not loaded.label_dim or fwd.class_free:
+    if not takes_class_labels(fwd, loaded):
         return
     known = np.asarray(labels)[np.asarray(labels) >= 0]
     if known.size and int(known.max()) >= loaded.label_dim:
@@ -122,7 +127,7 @@ def unlabelled_note(fwd: ForwardSettings, loaded: LoadedModel, labels: np.ndarra
     """A note when a class-conditional network runs samples without a label (-1: e.g. generated samples saved
     without their classes), which it gets as zero class vectors, unlike the labelled samples it is compared with."""
     unlabelled = int((np.asarray(labels) < 0).sum())
-    if not unlabelled or loaded.kind == FEATURE_KIND or not loaded.label_dim or fwd.class_free:
+    if not unlabelled or not takes_class_labels(fwd, loaded):
         return None
     return (f"{unlabelled:,} of {np.asarray(labels).size:,} samples have no label (-1): the class-conditional network gets "
             "zeros for their class (recorded in class_conditioning); give the store its labels, or pass --class-free for every sample")
