@@ -45,14 +45,15 @@ TEST_WORKERS ?= -n auto --maxprocesses 4 --dist loadfile
 install: $(BIN)/imzarr
 	@echo "imzarr: installed in $(VENV) (Python $(PYVER)); activate it with: . $(BIN)/activate"
 
-# A download cut off midway (seen with torch's multi-GB CUDA wheels) is tried again whole, up to 3 times: pip's own
-# resume stops at the same byte when the connection drops there.
+# A download cut off midway (seen with torch's multi-GB CUDA wheels and triton's 200 MB wheel) is tried again whole,
+# up to 5 times, waiting longer each time (30 s, then 1, 2 and 4 min): pip's own resume stops at the same byte while
+# the connection keeps dropping there, and such a drop has outlasted three tries 30 s apart.
 PIP := $(BIN)/pip install --quiet --resume-retries 10
 RUN_EXTRAS  := plot,s3
 TEST_EXTRAS := dev,plot,s3
 define retried
-for attempt in 1 2 3; do $(1) && break; [ $$attempt = 3 ] && exit 1; \
-	echo "imzarr: pip failed (attempt $$attempt of 3); trying again in 30 s"; sleep 30; done
+wait=30; for attempt in 1 2 3 4 5; do $(1) && break; [ $$attempt = 5 ] && exit 1; \
+	echo "imzarr: pip failed (attempt $$attempt of 5); trying again in $$wait s"; sleep $$wait; wait=$$((wait * 2)); done
 endef
 
 # torch is installed first, pinned; pyproject's range then installs nothing more.
