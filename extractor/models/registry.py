@@ -242,6 +242,13 @@ class LoadedModel:
     preset: str | None = None  # the preset whose architecture it has, also for checkpoints (None: no preset fits)
 
 
+def preset_architecture(name: str) -> nn.Module:
+    """The preset's network on torch's meta device: its modules and shapes, no weights (built in milliseconds)."""
+    family = family_of_preset(name)
+    with torch.device("meta"):
+        return family.build(family.presets[name])
+
+
 def build_preset(name: str, device: torch.device | str = "cpu") -> nn.Module:
     """The preset network with its deterministic random weights (drawn on CPU, then moved to `device`)."""
     return family_of_preset(name).seeded(name).to(device)

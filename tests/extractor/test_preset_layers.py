@@ -56,3 +56,23 @@ def test_one_line_before_torch(tmp_path, argv, message):
     assert done.returncode == 2, done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], done.stderr
+
+
+def test_layer_table_of_a_preset_equals_a_real_forward_of_its_network():
+    """`imzarr layers --preset` reads the architecture alone (no weights drawn); its rows are those of the built
+    network: the same module paths, and the shapes a real forward of one image gives."""
+    from extractor import api
+    from extractor.models import capture_layers, cached_model, resolve_layer
+    from extractor.models.registry import ModelSpec
+
+    table = api.layer_table(preset="tiny-random")
+    loaded = cached_model(ModelSpec(preset="tiny-random"))
+    assert (table.model, table.trained) == ("tiny-random", False)
+    names = [name for name, _, _ in table.rows]
+    assert names == list(PRESET_LAYERS["tiny-random"])
+    x = torch.zeros(1, 3, 64, 64)
+    labels = torch.zeros(1, loaded.label_dim)
+    labels[0, 278] = 1
+    with torch.no_grad():
+        activations, _ = capture_layers(loaded.module, x, torch.tensor([0.5]), labels, names, need_output=False)
+    assert table.rows == [(name, resolve_layer(loaded.module, name), tuple(activations[name].shape[1:])) for name in names]
