@@ -16,13 +16,12 @@ numbers are variables on dimension `label` with `synset` and `class_name` coordi
 from __future__ import annotations
 
 import json
-import math
 import os
 import tempfile
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TextIO
 
@@ -48,7 +47,6 @@ from extractor.analysis.layer_features import (
     stream_layer,
 )
 from extractor.analysis.metrics import (
-    PRDC,
     GaussianAccumulator,
     frechet_distance,
     frechet_distance_from_samples,
@@ -59,7 +57,6 @@ from extractor.analysis.provenance import describe_model, describe_sigma, short_
 from extractor.analysis.reference_statistics import ReferenceStatistics, logits_layer, read_reference, statistics_accumulator, store_inception_score
 from schemas.compare_report import COMPARE_SCHEMA as REPORT_SCHEMA
 from schemas.compare_report import REPORT_DIM, on_label_dimension
-from schemas.errors import ImzarrError
 from schemas.keywords import keyword_names, refuse_unknown_keywords
 from schemas.store_identity import StoreIdentity, check_unchanged, reader_lease
 from schemas.output_paths import (

@@ -20,7 +20,7 @@ import zarr
 from converter.api import convert_npz
 from converter.sample import write_sample_shards
 from converter.sources.base import SourceError
-from extractor.api import extract, extract_options, features, generate_options
+from extractor.api import extract, features, generate_options
 from extractor.forward import ExtractionError
 from extractor.image_dataset import ImageStoreDataset
 from extractor.models.checkpoints import CheckpointError, read_checkpoint

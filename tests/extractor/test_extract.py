@@ -21,7 +21,6 @@ from extractor.extraction import ExtractOptions, extract
 from extractor.forward import (
     DEFAULT_NOISE_SEED,
     DEFAULT_SIGMA,
-    ExtractionError,
     ForwardSettings,
     PreparedForward,
     RunOptions,
