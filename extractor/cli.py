@@ -94,7 +94,7 @@ def _add_extract(sub) -> None:
     ex.add_argument("--classes", default=None, help="classes to keep: WNIDs, class names or indices, comma-separated (default: all)")
     ex.add_argument("--per-class", type=positive_int, default=None, help="K samples per class, chosen with --seed (default: all)")
     ex.add_argument("--shard-size", type=positive_int, default=None, help="samples per output shard/task (default: ~64 MB of the largest layer)")
-    ex.add_argument("--dry-run", action="store_true", help="one batch through the hooks, then a table of shapes, sizes and memory; writes nothing")
+    ex.add_argument("--dry-run", action="store_true", help="one batch through the hooks, then a table of shapes, sizes and memory, and whether the run would write a new store, resume one or find it complete; refuses what the run would refuse; writes nothing")
     _run_args(ex)
     ex.set_defaults(handler=_extract)
 

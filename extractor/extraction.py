@@ -114,16 +114,25 @@ def extract(options: ExtractOptions) -> ExtractResult:
             return _extract(options, forward, images, source, chosen, started)
 
 
+def output_state(options: ExtractOptions, forward: PreparedForward, images: ImageStore, source: StoreIdentity, chosen: np.ndarray, tidy: bool = True) -> tuple[str, dict[str, Any]]:
+    """What the run does with its output, 'new', 'resume' or 'complete' (store_lifecycle.inspect_existing), and the
+    settings the output records, once every refusal made before writing anything has passed (also `--dry-run`'s)."""
+    fwd, loaded = forward.settings, forward.loaded
+    refuse_unfit_labels(options.store, images, fwd, loaded, images.coordinate("label")[chosen])
+    selection = describe_selection(options.selection, chosen)
+    settings = replace(options, forward=fwd).to_dict(loaded.sha256, selection, images.attrs.get("settings_fingerprint"), source.generation)
+    check_noise_recipe(options.output, fwd.noise_seed, options.run.overwrite)
+    return inspect_existing(options.output, ACTIVATION_SCHEMA, settings, options.run.overwrite, tidy=tidy), settings
+
+
 def _extract(options: ExtractOptions, forward: PreparedForward, images: ImageStore, source: StoreIdentity, chosen: np.ndarray, started: float) -> ExtractResult:
     run, fwd, loaded, shapes = options.run, forward.settings, forward.loaded, forward.layer_shapes
-    selection = describe_selection(options.selection, chosen)
     shortfall = per_class_shortfall(options.selection, images.coordinate("label"), images.coordinate("synset"))
     chosen_labels = images.coordinate("label")[chosen]
-    refuse_unfit_labels(options.store, images, fwd, loaded, chosen_labels)
     notes = tuple(note for note in (shortfall, unlabelled_note(fwd, loaded, chosen_labels)) if note)
-    settings = replace(options, forward=fwd).to_dict(loaded.sha256, selection, images.attrs.get("settings_fingerprint"), source.generation)
-    check_noise_recipe(options.output, fwd.noise_seed, run.overwrite)
-    if inspect_existing(options.output, ACTIVATION_SCHEMA, settings, run.overwrite) == "complete":
+    state, settings = output_state(options, forward, images, source, chosen)
+    selection = settings["selection"]
+    if state == "complete":
         return ExtractResult(options.output, int(chosen.size), True, time.monotonic() - started, loaded.trained, notes=notes)
     shard = run.shard_size or default_shard_size(shapes, fwd.storage_dtype)
     n = int(chosen.size)

@@ -92,12 +92,12 @@ def path_state(url: str) -> str:
 
 
 def inspect_existing(
-    url: str, schema: str, settings: dict[str, Any], overwrite: bool, inputs: Iterable[str] = ()
+    url: str, schema: str, settings: dict[str, Any], overwrite: bool, inputs: Iterable[str] = (), tidy: bool = True
 ) -> str:
     """'new' (nothing there, or replace it), 'resume' (same settings, unfinished) or 'complete'; refuse the rest.
 
     Refuses an output that overlaps an input first, so no message ever suggests a flag that would destroy one.
-    A complete store with leftovers of an interrupted finish is tidied here.
+    A complete store with leftovers of an interrupted finish is tidied here, unless `tidy` is False (a dry run).
     """
     check_output_location(url, inputs)
     state = path_state(url)
@@ -114,7 +114,8 @@ def inspect_existing(
         raise StoreExistsError(f"{url}: holds a Zarr group that is not an imzarr store; choose another output path")
     if attrs["schema"] == schema and attrs.get("settings_fingerprint") == settings_fingerprint(settings):
         if attrs.get("complete") is True:
-            tidy_complete_store(url)
+            if tidy:
+                tidy_complete_store(url)
             return "complete"
         return "resume"
     refuse_other_kind(url, attrs["schema"], schema)
