@@ -11,12 +11,13 @@ from typing import Any
 
 from converter.convert import ConvertOptions, ConvertResult, RejectedFilesError, convert
 from converter.sample import write_sample_shards
+from converter.sources.npz import LABEL_ORDERS
 from schemas.image_layout import DEFAULT_SHARD
 from schemas.keywords import keyword_names, keyword_parameters, refuse_unknown_keywords, takes_keywords_of
 from schemas.output_paths import absolute_url, local_file_url_to_path
 from schemas.remote_storage import remote_storage_errors
 
-__all__ = ["DEFAULT_SHARD", "ConvertResult", "RejectedFilesError", "convert_jpeg", "convert_npz", "run_option_names", "write_sample_shards"]
+__all__ = ["DEFAULT_SHARD", "LABEL_ORDERS", "ConvertResult", "RejectedFilesError", "convert_jpeg", "convert_npz", "run_option_names", "write_sample_shards"]
 
 
 def convert_npz(

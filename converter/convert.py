@@ -44,6 +44,7 @@ from schemas.image_layout import (
     write_image_shard,
 )
 from schemas.image_store import IMAGE_SCHEMA, image_group_attrs
+from schemas.option_values import optional_whole_number, shown
 from schemas.progress_report import ProgressReport
 from schemas.output_paths import local_path
 from schemas.remote_storage import remote_storage_errors, translate_remote_error
@@ -79,6 +80,15 @@ class ConvertOptions:
     # tcp://host:port of a running dask.distributed scheduler: its workers read sources and write shards
     # themselves (scratch must then be a folder every worker sees). None: this machine.
     scheduler: str | None = None
+
+    def __post_init__(self) -> None:
+        # Recorded in JSON (the store's settings): numpy integers from a notebook become ints here.
+        for name, minimum in (("shard_size", 1), ("inner_chunk", 1), ("workers", 1), ("shuffle_seed", 0)):
+            value = getattr(self, name)
+            try:
+                object.__setattr__(self, name, optional_whole_number(value, minimum))
+            except ValueError as exc:
+                raise ConvertOptionError("--" + name.replace("_", "-"), shown(value), str(exc)) from None
 
     def to_dict(self, source: ImageSource) -> dict[str, Any]:
         """The store's `settings`: everything that changes the output bytes (these options and what the source
@@ -128,16 +138,10 @@ MAX_SHARD_BYTES = 4 << 30  # one write task holds a whole output shard in memory
 def validate_convert_options(options: ConvertOptions, resolution: int | None = None, num_samples: int | None = None) -> None:
     """Refuse option values no conversion can use, before anything is read or written; each error names the
     option. With the source's `resolution` (and size), also refuse shards too big for a write task's memory."""
-    for option, value in (("--shard-size", options.shard_size), ("--inner-chunk", options.inner_chunk), ("--workers", options.workers)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ConvertOptionError(option, value, "must be a whole number ≥ 1")
     inner = effective_inner_chunk(options, resolution)
     if inner is not None and options.shard_size % inner:
         given = options.inner_chunk if options.inner_chunk is not None else f"auto: {inner} for {resolution}×{resolution} images"
         raise ConvertOptionError("--shard-size", options.shard_size, f"must be a multiple of --inner-chunk ({given})")
-    seed = options.shuffle_seed
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
-        raise ConvertOptionError("--shuffle-seed", seed, "must be a whole number ≥ 0")
     if not options.output:
         raise ConvertOptionError("--output", repr(options.output), "must name a store path or URL")
     if options.scheduler is not None:

@@ -12,10 +12,8 @@ import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import PurePosixPath
 from typing import TYPE_CHECKING, Any, TextIO
 
-import fsspec
 import numpy as np
 
 from extractor.preset_layers import check_preset_layers
@@ -24,7 +22,8 @@ from schemas.vocabulary import COMPUTE_DTYPE_NAMES, POOL_MODES, PRESET_NAMES, ST
 from schemas.classes import NUM_CLASSES, class_table
 from schemas.errors import ImzarrError, PathError
 from schemas.keywords import keyword_names, refuse_unknown_keywords, takes_keywords_of
-from schemas.output_paths import OutputOverlapsInputError, absolute_url, check_output_location, local_file_url_to_path, refuse_replacing_other_than_png
+from schemas.option_values import whole_numbers
+from schemas.output_paths import OutputOverlapsInputError, absolute_url, check_output_location, check_png_output, local_file_url_to_path
 
 if TYPE_CHECKING:
     import xarray as xr
@@ -313,11 +312,13 @@ def format_report_table(report: xr.Dataset) -> str:
     return table(report)
 
 
-def report_site(compare: str | xr.Dataset, output: str, per_class: int | None = None, log: TextIO | None = None) -> SiteResult:
-    """A compare report (its store, or the Dataset) → a static web site in the folder `output`."""
+def report_site(compare: str | xr.Dataset, output: str, *, per_class_thumbnails: int | None = None, log: TextIO | None = None, **unknown: Any) -> SiteResult:
+    """`imzarr report`: a compare report (its store, or the Dataset) → a static web site in the folder `output`;
+    `per_class_thumbnails` real and generated samples per class (default 16)."""
+    refuse_unknown_keywords(unknown, keyword_names(report_site), "report_site")
     from extractor.analysis.report import write_report_site
 
-    return write_report_site(local_file_url_to_path(compare), local_file_url_to_path(output), per_class=per_class, log=log)
+    return write_report_site(local_file_url_to_path(compare), local_file_url_to_path(output), per_class=per_class_thumbnails, log=log)
 
 
 def stats(store: str, *, log: TextIO | None = None, **options: Any) -> StatisticsResult:
@@ -329,31 +330,21 @@ def stats(store: str, *, log: TextIO | None = None, **options: Any) -> Statistic
     return run_statistics(statistics_options(store, **options), log=log)
 
 
-def show(store: str, output: str = "grid.png", *, classes: str | Sequence[str | int] | None = None, per_class: int = 8, max_classes: int = 10) -> str:
+def show(store: str, output: str = "grid.png", *, classes: str | Sequence[str | int] | None = None, per_class: int = 8, max_classes: int = 10, **unknown: Any) -> str:
     """A contact sheet (PNG) of a store's images, one row per class: an image store's images, or an activation
     store's reconstructions. The output is a file, never an input or inside one."""
+    refuse_unknown_keywords(unknown, keyword_names(show), "show")
+    from extractor.analysis.contact_sheet import sheet_counts, write_contact_sheet
+
+    sheet_counts(per_class, max_classes)  # before any store is opened
     store, output = local_file_url_to_path([store, output])
     check_output_location(output, [store])
-    fs, path = fsspec.core.url_to_fs(output)
-    if fs.isdir(path):
-        raise SheetOutputError(output, f"is a folder; give a file name such as {output.rstrip('/')}/grid.png")
-    suffix = PurePosixPath(path).suffix
-    if suffix.lower() != ".png" and suffix.lower() in _image_suffixes():
-        raise SheetOutputError(output, f"names a {suffix} file, but a contact sheet is written as PNG: name it {output[: -len(suffix)]}.png")
-    refuse_replacing_other_than_png(output)
-    from extractor.analysis.contact_sheet import write_contact_sheet
+    check_png_output(output, "a contact sheet", "grid.png", SheetOutputError)
     from schemas.activation_store import RECONSTRUCTION_VAR
     from schemas.remote_storage import open_store_group
 
     variable = RECONSTRUCTION_VAR if RECONSTRUCTION_VAR in open_store_group(store) else "image"
     return write_contact_sheet(store, output, classes=classes, per_class=per_class, max_classes=max_classes, variable=variable)
-
-
-def _image_suffixes() -> set[str]:
-    """File suffixes of the image formats Pillow knows (a name ending so promises that format)."""
-    from PIL import Image
-
-    return set(Image.registered_extensions())
 
 
 def class_labels(labels: np.ndarray | Sequence[int | str]) -> np.ndarray:
@@ -393,6 +384,7 @@ def features(
     refuse_unknown_keywords(forward, FEATURE_FORWARD_KEYWORDS + tuple(keyword_names(features)), "features")
     if not layer_entries(layers) or model is None:
         raise LayersNeededError("features() needs layers=[…] and model= (a preset name, a checkpoint path or a ModelSpec), e.g. layers=['midblock'], model='tiny-random'")
+    batch_size = whole_numbers({"batch_size": (batch_size, 1)}, FeatureInputError)["batch_size"]
     given = np.asarray(images)
     if given.dtype != np.uint8 or given.ndim != 4 or given.shape[1] != 3:
         # A cast would turn [0, 1] floats (ImageStoreDataset(output="float")) into 0s and 1s without a word.

@@ -178,7 +178,7 @@ def _add_compare(sub) -> None:
         "streaming, bounded memory. The first store is taken as the real set, the second as the generated one. With "
         "--reference, one store's FD against saved statistics (an .npz with mu and sigma, as `imzarr stats`, "
         "pytorch-fid --save-stats and EDM's fid.py ref write them).",
-        outputs=("output", "plot"),
+        outputs=("output", "plot", "report"),
     )
     cmp.add_argument("stores", nargs="+", metavar="STORE", help="REAL GENERATED activation stores, or one GENERATED store with --reference")
     cmp.add_argument("--layer", required=True, help="layer variable present in both stores")
@@ -227,6 +227,7 @@ def _add_report(sub) -> None:
         "server: provenance, overall numbers, a sortable per-class table and, per class, real and generated "
         "samples side by side with each generated sample's nearest real one. Images are found through the "
         "stores' provenance (compare report → activation stores → image stores).",
+        outputs=("output",),
     )
     rep.add_argument("compare", help="compare report (the Zarr store `imzarr compare -o` wrote)")
     rep.add_argument("-o", "--output", required=True, metavar="DIR", help="folder to write the site to (path or fsspec URL); an earlier report site there is replaced, anything else refused")
@@ -239,7 +240,7 @@ def _add_report_thumbnails(p: argparse.ArgumentParser) -> None:
 
 
 def _report(args: argparse.Namespace) -> int:
-    _print_site(api.report_site(args.compare, args.output, per_class=args.per_class_thumbnails, log=sys.stderr))
+    _print_site(api.report_site(args.compare, args.output, per_class_thumbnails=args.per_class_thumbnails, log=sys.stderr))
     return 0
 
 

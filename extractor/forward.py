@@ -36,6 +36,7 @@ from extractor.selection import layer_entries
 from schemas.activation_store import DIFFUSION_KIND, FEATURE_KIND
 from schemas.vocabulary import POOL_MODES, STORAGE_DTYPES
 from schemas.errors import ImzarrError
+from schemas.option_values import SEED_64, whole_numbers
 from schemas.task_runner import SchedulerSpec
 
 
@@ -82,6 +83,8 @@ class ForwardSettings:
     reconstructions: bool = False
 
     def __post_init__(self) -> None:
+        # The seed is recorded in JSON: a numpy integer from a notebook becomes an int here.
+        object.__setattr__(self, "noise_seed", whole_numbers({"--seed": (self.noise_seed, *SEED_64)}, ExtractionError)["--seed"])
         check_forward_settings(self)  # whoever builds the settings (CLI, API, features) gets the same refusals
 
     @property
@@ -123,9 +126,9 @@ class RunOptions:
 
     def __post_init__(self) -> None:
         check_device_name(self.device)
-        for option, value in (("--batch-size", self.batch_size), ("--shard-size", self.shard_size)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ExtractionError(f"{option} {value!r}: must be a whole number ≥ 1")
+        counts = whole_numbers({"--batch-size": (self.batch_size, 1), "--shard-size": (self.shard_size, 1)}, ExtractionError)
+        object.__setattr__(self, "batch_size", counts["--batch-size"])
+        object.__setattr__(self, "shard_size", counts["--shard-size"])
 
 
 def check_device_name(device: object) -> None:
@@ -211,10 +214,6 @@ def check_forward_settings(fwd: ForwardSettings) -> None:
                 f"--sigma {fwd.sigma}: σ must be at most {LARGEST_SIGMA:g} (σ² must be finite in float32); "
                 "the networks are trained on σ up to 80"
             )
-    seed = fwd.noise_seed
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**64):
-        # The noise generator takes the seed as 64 bits: a larger one would repeat a smaller one's noise.
-        raise ExtractionError(f"--seed {seed!r}: must be a whole number from 0 to 2**64 - 1")
     if fwd.layers:
         layer_entries(fwd.layers)  # an empty name or one given twice: the same refusal as the options builders'
     if fwd.pool not in POOL_MODES:

@@ -29,6 +29,7 @@ from schemas.errors import output_write_errors
 from schemas.image_layout import LAYOUT_VERSION, create_image_arrays
 from schemas.image_layout import TEXT_COORDINATES as IMAGE_TEXT_COORDINATES
 from schemas.image_store import IMAGE_SCHEMA, IMAGE_VAR, image_group_attrs
+from schemas.option_values import whole_numbers
 from schemas.output_paths import absolute_url
 from schemas.progress_report import ProgressReport
 from schemas.remote_storage import remote_storage_errors
@@ -55,6 +56,9 @@ class GenerateOptions:
     def __post_init__(self) -> None:
         if self.classes is not None:  # '0', 'tench' and 'n01440764' are one class, recorded as its WNID
             object.__setattr__(self, "classes", resolve_classes(self.classes))
+        counts = whole_numbers({"--per-class": (self.per_class, 1), "--num-samples": (self.num_samples, 1)}, ExtractionError)
+        object.__setattr__(self, "per_class", counts["--per-class"])
+        object.__setattr__(self, "num_samples", counts["--num-samples"])
         check_generate_options(self)
 
     def selection(self, count: int) -> dict[str, Any]:
@@ -176,9 +180,6 @@ def check_generate_options(options: GenerateOptions) -> None:
     """Refuse option combinations generation cannot honour, one line each."""
     if (options.per_class is None) == (options.num_samples is None):
         raise ExtractionError("give exactly one of --per-class K or --num-samples N")
-    for option, value in (("--per-class", options.per_class), ("--num-samples", options.num_samples)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ExtractionError(f"{option} {value!r}: must be a whole number ≥ 1")
     if not options.forward.noise:
         raise ExtractionError("generation needs noise: the generator's input is σ·ε")
     if options.forward.layers and not options.activations_out:

@@ -20,6 +20,7 @@ import numpy as np
 
 from schemas.classes import NUM_CLASSES, class_table
 from schemas.errors import ImzarrError
+from schemas.option_values import SEED_64, whole_numbers
 
 
 class SelectionError(ImzarrError):
@@ -194,6 +195,12 @@ class SelectionSpec:
     per_class: int | None = None
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        # Recorded in JSON: numpy integers from a notebook become ints here.
+        counts = whole_numbers({"--num-samples": (self.num_samples, 1), "--per-class": (self.per_class, 1), "--seed": (self.seed, *SEED_64)}, SelectionError)
+        for name, value in zip(("num_samples", "per_class", "seed"), counts.values()):
+            object.__setattr__(self, name, value)
+
 
 def select_samples(spec: SelectionSpec, labels: np.ndarray, synsets: np.ndarray) -> np.ndarray:
     """Store positions to run, ascending (so reads are sequential and shards fill in store order)."""
@@ -208,8 +215,6 @@ def select_samples(spec: SelectionSpec, labels: np.ndarray, synsets: np.ndarray)
         wnids = present_class_wnids(spec.classes, labels[chosen], chosen_synsets)
         chosen = chosen[np.isin(chosen_synsets, np.array(wnids, dtype=object))]
     if spec.per_class is not None:
-        if spec.per_class < 1:
-            raise SelectionError(f"--per-class must be ≥ 1, got {spec.per_class}")
         rng = np.random.default_rng(spec.seed)
         picked = []
         for label in np.unique(labels[chosen]):
@@ -217,8 +222,6 @@ def select_samples(spec: SelectionSpec, labels: np.ndarray, synsets: np.ndarray)
             picked.append(rng.choice(members, size=min(spec.per_class, members.size), replace=False))
         chosen = np.sort(np.concatenate(picked)) if picked else chosen[:0]
     if spec.num_samples is not None:
-        if spec.num_samples < 1:
-            raise SelectionError(f"--num-samples must be ≥ 1, got {spec.num_samples}")
         if spec.num_samples > chosen.size:
             narrowed = "" if chosen.size == n else f"; the selection before it has {chosen.size:,}"
             raise SelectionError(f"--num-samples {spec.num_samples:,}: the store holds {n:,} samples{narrowed}")

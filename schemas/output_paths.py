@@ -10,13 +10,14 @@ import os
 import re
 import tempfile
 from collections.abc import Iterable
+from pathlib import PurePosixPath
 from typing import Any
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from schemas.atomic_files import write_atomically
-from schemas.errors import ImzarrError, OutputWriteError
+from schemas.errors import ImzarrError, OutputWriteError, PathError
 from schemas.vocabulary import LOCAL_FILE_PROTOCOLS
 
 
@@ -176,6 +177,25 @@ def refuse_replacing_other_than_png(url: str) -> None:
         head = fh.read(len(PNG_SIGNATURE))
     if head != PNG_SIGNATURE:
         raise ExistingFileError(f"{url}: exists and is not a PNG image; writing the figure there would destroy it: choose another file name")
+
+
+def check_png_output(url: str, what: str, default_name: str, error: type[PathError] = PathError) -> None:
+    """A figure's output (`what`, e.g. "a contact sheet") is a PNG file name: not a folder, not a name with another
+    image format's suffix (the bytes would be PNG whatever the name says), not an existing file of another kind."""
+    fs, path = fsspec.core.url_to_fs(url)
+    if fs.isdir(path):
+        raise error(url, f"is a folder; give a file name such as {url.rstrip('/')}/{default_name}")
+    suffix = PurePosixPath(path).suffix
+    if suffix.lower() != ".png" and suffix.lower() in _image_suffixes():
+        raise error(url, f"names a {suffix} file, but {what} is written as PNG: name it {url[: -len(suffix)]}.png")
+    refuse_replacing_other_than_png(url)
+
+
+def _image_suffixes() -> set[str]:
+    """File suffixes of the image formats Pillow knows (a name ending so promises that format)."""
+    from PIL import Image
+
+    return set(Image.registered_extensions())
 
 
 def write_output_file(url: str, data: bytes) -> str:

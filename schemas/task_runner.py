@@ -21,6 +21,7 @@ import dask
 import dask.threaded
 
 from schemas.errors import ImzarrError, RunFailedError, RunInterruptedError
+from schemas.option_values import whole_numbers
 from schemas.progress_report import DaskProgress, ProgressReport
 
 # Schemes of a dask.distributed scheduler address reached over the network (tcp:// when none is written).
@@ -143,6 +144,7 @@ class SchedulerSpec:
     processes: bool = False  # local worker processes instead of threads (ignored with an address)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "workers", whole_numbers({"--workers": (self.workers, 1)}, SchedulerError)["--workers"])
         if self.address is not None:
             scheduler_host_port(self.address)
         elif self.resources:

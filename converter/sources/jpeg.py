@@ -22,6 +22,7 @@ from converter.sources.source_files import is_remote
 from schemas.atomic_files import write_atomically
 from schemas.errors import printable_path
 from schemas.image_store import FOLDER_LABEL_ORDER
+from schemas.option_values import shown, whole_number
 from converter.sources.jpeg_recipes import DEFAULT_RECIPE, DRAFT_GEOMETRY, ImageDecodeError, get_recipe, load_and_resize
 from converter.sources.jpeg_tree import scan_jpeg_tree
 
@@ -129,8 +130,10 @@ def open_jpeg_source(
     """Scan the tree and split it into blocks; decoding happens later, in parallel processes."""
     recipe = recipe or DEFAULT_RECIPE
     get_recipe(recipe)  # unknown names fail now, naming the valid ones
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-        raise ConvertOptionError("--size", size, "must be a whole number of pixels ≥ 1")
+    try:
+        size = whole_number(size, 1)
+    except ValueError as exc:
+        raise ConvertOptionError("--size", shown(size), f"{exc} (pixels)") from None
     tree = scan_jpeg_tree(root, val_labels=val_labels, label_from_folders=label_from_folders)
     files = [_tree_fingerprint(tree.root, tree.files, tree.stamps)]
     if val_labels is not None:

@@ -18,6 +18,7 @@ from typing import Iterator
 import numpy as np
 
 from converter.sources.base import (
+    ConvertOptionError,
     ImageSource,
     MaterializedPart,
     RowFile,
@@ -28,8 +29,13 @@ from converter.sources import source_files
 from converter.sources.row_checksums import MemberChecksum
 from converter.sources.source_files import SMALL_BLOCK, is_remote
 from schemas.atomic_files import write_atomically
-from schemas.errors import printable_path
 from schemas.classes import NUM_CLASSES, class_table
+from schemas.errors import printable_path
+from schemas.option_values import one_of
+
+# How a file's labels number the classes: "downsampled" 1..1000 in map_clsloc order (the downsampled-ImageNet
+# shards), "sorted" 0..999 in sorted-WNID order (the model label itself).
+LABEL_ORDERS = ("downsampled", "sorted")
 
 try:  # ISA-L inflates ~1.7× faster than zlib and, like zlib, releases the GIL
     from isal import isal_zlib as _inflate_lib
@@ -519,6 +525,11 @@ def _read_object_member(path: Path | str, name: str) -> np.ndarray:
 
 def open_npz_source(sources: list[str | Path], label_order: str | None = None, allow_pickle: bool = False) -> ImageSource:
     """Find, check and describe shards; reads only headers and labels (never the pixels)."""
+    if label_order is not None:
+        try:
+            one_of(label_order, LABEL_ORDERS)
+        except ValueError as exc:  # any other name would read the labels as sorted: every class wrong, silently
+            raise ConvertOptionError("--label-order", repr(label_order), str(exc)) from None
     parts, files, kinds = [], [], set()
     for path, rel in find_shards(sources):
         magic = _magic(path)

@@ -58,14 +58,15 @@ from extractor.analysis.reference_statistics import ReferenceStatistics, logits_
 from schemas.compare_report import COMPARE_SCHEMA as REPORT_SCHEMA
 from schemas.compare_report import REPORT_DIM, on_label_dimension
 from schemas.keywords import keyword_names, refuse_unknown_keywords
+from schemas.option_values import SEED_32, SEED_64, whole_numbers
 from schemas.store_identity import StoreIdentity, check_unchanged, reader_lease
 from schemas.output_paths import (
     absolute_url,
     check_output_location,
+    check_png_output,
     local_file_url_to_path,
     local_path,
     refuse_process_bound_output,
-    refuse_replacing_other_than_png,
 )
 from schemas.store_integrity import read_checksum_record, record_checksums
 from schemas.store_lifecycle import claim_report_output, settings_fingerprint
@@ -192,11 +193,12 @@ def compare_options(
         raise CompareError(f"give two stores (real, then generated) or one store and --reference, got {len(stores)}: {stores}")
     if pool is not None and pool not in POOL_MODES:
         raise CompareError(f"pool must be one of {POOL_MODES}, got {pool!r}")
-    if k < 1 or block_size < 1 or prdc_subset < 0 or kid_subsets < 1 or kid_subset_size < 2 or is_splits < 1:
-        raise CompareError(
-            f"k, block_size, kid_subsets and is_splits must be positive, kid_subset_size at least 2 and prdc_subset at least 0; got k={k}, "
-            f"block_size={block_size}, kid_subsets={kid_subsets}, kid_subset_size={kid_subset_size}, is_splits={is_splits}, prdc_subset={prdc_subset}"
-        )
+    counts = whole_numbers({
+        "--k": (k, 1), "--block-size": (block_size, 1), "--prdc-subset": (prdc_subset, 0), "--seed": (prdc_seed, *SEED_64),
+        "--kid-subsets": (kid_subsets, 1), "--kid-subset-size": (kid_subset_size, 2), "--kid-seed": (kid_seed, *SEED_32),
+        "--is-splits": (is_splits, 1), "is_seed": (is_seed, *SEED_32),
+    }, CompareError)  # fmt: skip
+    k, block_size, prdc_subset, prdc_seed, kid_subsets, kid_subset_size, kid_seed, is_splits, is_seed = counts.values()
     chosen = parse_metrics(metrics, reference is not None)
     if plot is not None:
         from extractor.analysis.plots import check_plotting
@@ -216,10 +218,7 @@ def compare_options(
     if plot is not None:
         refuse_process_bound_output(plot)
         check_output_location(plot, options.inputs + ([output] if output else []))
-        local = local_path(plot)
-        if local is not None and Path(local).is_dir():
-            raise CompareError(f"{plot}: is a folder; give a file name such as {plot.rstrip('/')}/compare.png")
-        refuse_replacing_other_than_png(plot)
+        check_png_output(plot, "the plot", "compare.png")
     return options
 
 

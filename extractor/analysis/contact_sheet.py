@@ -24,6 +24,7 @@ from extractor.selection import SelectionError, class_entries, present_class_wni
 from schemas.activation_store import ACTIVATION_SCHEMA, RECONSTRUCTION_VAR, validate_activation_store
 from schemas.errors import ImzarrError
 from schemas.image_store import IMAGE_SCHEMA, IMAGE_VAR, validate_image_store
+from schemas.option_values import whole_numbers
 from schemas.output_paths import write_output_file
 
 MIN_TILE = 64  # pixels: smaller stored images are upscaled to at least this
@@ -42,6 +43,12 @@ class ContactSheetError(ImzarrError):
     """The sheet cannot be made: wrong variable, no reconstructions, or a class the store does not hold."""
 
 
+def sheet_counts(per_class: object, max_classes: object) -> tuple[int, int]:
+    """Images per row and rows, as ints; ContactSheetError unless each is a whole number ≥ 1."""
+    counts = whole_numbers({"--per-class": (per_class, 1), "--max-classes": (max_classes, 1)}, ContactSheetError)
+    return counts["--per-class"], counts["--max-classes"]
+
+
 def write_contact_sheet(
     store_url: str,
     output_png: str | Path,
@@ -53,8 +60,7 @@ def write_contact_sheet(
     """Write a grid PNG: one row per class (the given classes — WNIDs, names or label indices — or the store's first
     `max_classes` classes in label order), the first `per_class` samples of each, under a header naming the
     store and its provenance. On an activation store `variable` "image" means its reconstructions."""
-    if per_class < 1 or max_classes < 1:
-        raise ContactSheetError(f"per_class and max_classes must be positive, got {per_class} and {max_classes}")
+    per_class, max_classes = sheet_counts(per_class, max_classes)
     entries = class_entries(classes)  # before the store is opened: '' or a repeat is refused as everywhere
     labels, synsets, names, read, attrs = _open(store_url, variable)
     chosen = _choose_classes(store_url, labels, synsets, entries, max_classes)

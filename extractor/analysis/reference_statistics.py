@@ -37,6 +37,7 @@ from extractor.analysis.metrics import GaussianAccumulator
 from extractor.analysis.provenance import describe_model
 from schemas.errors import ImzarrError, PathError
 from schemas.keywords import keyword_names, refuse_unknown_keywords
+from schemas.option_values import SEED_32, whole_numbers
 from schemas.output_paths import absolute_url, check_output_location, local_file_url_to_path, local_path, refuse_process_bound_output, write_output_file
 from schemas.store_integrity import record_checksums
 from schemas.store_lifecycle import claim_report_output
@@ -352,6 +353,8 @@ def statistics_options(
 ) -> StatisticsOptions:  # fmt: skip
     """`imzarr stats`'s options, checked: an output for statistics, a layer for an output, one output kind per mode."""
     store, output, scratch_dir = local_file_url_to_path([store, output, scratch_dir])
+    counts = whole_numbers({"--is-splits": (is_splits, 1), "is_seed": (is_seed, *SEED_32), "--block-size": (block_size, 1)}, AnalysisInputError)
+    is_splits, is_seed, block_size = counts.values()
     if output is None and not inception_score:
         raise AnalysisInputError(
             f"{store}: nothing to do: give -o (reference .npz, or a Zarr store with --per-class) and/or --inception-score "
@@ -372,8 +375,6 @@ def statistics_options(
             if not output.endswith(".npz"):
                 raise PathError(output, "reference statistics are an .npz file (pytorch-fid and EDM read them by that name); use --per-class for a Zarr store")
             check_file_output(output, [store], overwrite)
-    if block_size < 1:
-        raise AnalysisInputError(f"block_size must be positive, got {block_size}")
     is_settings = InceptionScoreSettings(is_layer, is_splits, is_seed)
     return StatisticsOptions(store, layer, output, per_class, pool, inception_score, is_settings, overwrite, block_size, scratch_dir)
 

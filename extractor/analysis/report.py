@@ -43,6 +43,7 @@ from schemas.compare_report import COMPARE_SCHEMA, on_label_dimension
 from schemas.activation_store import validate_activation_store
 from schemas.errors import ImzarrError
 from schemas.image_store import validate_image_store
+from schemas.option_values import whole_numbers
 from schemas.output_paths import absolute_url, check_output_location, is_relative_path, local_path, write_output_file
 from schemas.remote_storage import open_store_group
 from schemas.store_identity import GENERATION_ATTR
@@ -93,6 +94,7 @@ def claim_site_output(output: str | None, inputs: list[str] | tuple[str, ...] = 
         if per_class is not None:
             raise ReportSiteError("--per-class-thumbnails needs --report (the site it sizes)")
         return
+    whole_numbers({"--per-class-thumbnails": (per_class, 1)}, ReportSiteError)
     check_output_location(output, [i for i in inputs if i])
     fs, path = fsspec.core.url_to_fs(output)
     if not fs.exists(path):
@@ -392,9 +394,7 @@ def write_report_site(
     (default THUMBS_PER_SIDE). Returns where the site is and its size.
     """
     started = time.monotonic()
-    per_class = THUMBS_PER_SIDE if per_class is None else per_class
-    if per_class < 1:
-        raise ReportSiteError(f"per_class must be positive, got {per_class}")
+    per_class = whole_numbers({"--per-class-thumbnails": (THUMBS_PER_SIDE if per_class is None else per_class, 1)}, ReportSiteError)["--per-class-thumbnails"]
     ds, compare_url = open_compare(compare)
     a = ds.attrs
     source = compare_url or "the compare result"

@@ -136,7 +136,7 @@ class LayerCapture:
     returns (e.g. logits, the CLS token).
     """
 
-    def __init__(self, model: nn.Module, layers: Sequence[str], pool: PoolMode = "none") -> None:
+    def __init__(self, model: nn.Module, layers: Sequence[str], pool: str = "none") -> None:
         if pool not in POOL_MODES:
             raise ValueError(f"pool must be one of {POOL_MODES}, got {pool!r}")
         if not layers:

@@ -99,7 +99,7 @@ def test_errors(small_store, tmp_path):
         write_contact_sheet(small_store, tmp_path / "e.png", classes=["n01440764"])
     with pytest.raises(ContactSheetError, match="only in activation stores"):
         write_contact_sheet(small_store, tmp_path / "e.png", variable="reconstruction")
-    with pytest.raises(ContactSheetError, match="must be positive"):
+    with pytest.raises(ContactSheetError, match=r"^--per-class 0: must be a whole number ≥ 1$"):
         write_contact_sheet(small_store, tmp_path / "e.png", per_class=0)
 
 

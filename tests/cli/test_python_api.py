@@ -234,6 +234,12 @@ REFUSALS = [
      lambda: _api().show("src", "src/grid.png")),
     ("show as a jpeg", ["show", "a.zarr", "-o", "grid.jpg"],
      lambda: _api().show("a.zarr", "grid.jpg")),
+    ("compare plot as a jpeg", ["compare", "a.zarr", "b.zarr", "--layer", "midblock", "--plot", "c.jpg"],
+     lambda: _api().compare(["a.zarr", "b.zarr"], layer="midblock", plot="c.jpg")),
+    ("compare KID seed beyond 32 bits", ["compare", "a.zarr", "b.zarr", "--layer", "midblock", "--kid-seed", str(2**32)],
+     lambda: _api().compare(["a.zarr", "b.zarr"], layer="midblock", kid_seed=2**32)),
+    ("compare KID subsets of one", ["compare", "a.zarr", "b.zarr", "--layer", "midblock", "--kid-subset-size", "1"],
+     lambda: _api().compare(["a.zarr", "b.zarr"], layer="midblock", kid_subset_size=1)),
 ]  # fmt: skip
 
 
@@ -298,3 +304,72 @@ def test_paths_of_a_cluster_run_mean_the_same_on_its_workers(tmp_path, monkeypat
     assert (made.output, made.activations_out) == (str(tmp_path / "gen.zarr"), str(tmp_path / "acts.zarr"))
     assert extract_options("in.zarr", "out.zarr", layers="midblock", preset="tiny-random").store == "in.zarr"
     assert extract_options("s3://b/in.zarr", "out.zarr", layers="midblock", preset="tiny-random", **cluster).store == "s3://b/in.zarr"
+
+
+# Values the command line's argument types turn away before the library sees them (choices, whole numbers): the
+# library refuses them itself, so that a notebook gets the same rule in one line, before anything is written.
+PYTHON_ONLY_REFUSALS = [
+    ("label order misspelt", lambda: converter.convert_npz("src/train", "x.zarr", label_order="downsampld"),
+     "ConvertOptionError", "--label-order 'downsampld': choose downsampled or sorted; did you mean downsampled?"),
+    ("shard size zero", lambda: converter.convert_npz("src/train", "x.zarr", shard_size=0),
+     "ConvertOptionError", "--shard-size 0: must be a whole number ≥ 1"),
+    ("image size a float", lambda: converter.convert_jpeg("src", "x.zarr", size=32.0),
+     "ConvertOptionError", "--size 32.0: must be a whole number ≥ 1 (pixels)"),
+    ("no workers", lambda: _api().extract("in.zarr", "out.zarr", layers="midblock", preset="tiny-random", workers=0),
+     "SchedulerError", "--workers 0: must be a whole number ≥ 1"),
+    ("a fractional count", lambda: _api().extract("in.zarr", "out.zarr", layers="midblock", preset="tiny-random", num_samples=2.5),
+     "SelectionError", "--num-samples 2.5: must be a whole number ≥ 1"),
+    ("a bool for a count", lambda: _api().dry_run("in.zarr", "out.zarr", layers="midblock", preset="tiny-random", per_class=True),
+     "SelectionError", "--per-class True: must be a whole number ≥ 1"),
+    ("a negative seed", lambda: _api().generate("gen.zarr", preset="tiny-random", per_class=1, seed=-1),
+     "ExtractionError", "--seed -1: must be a whole number from 0 to 2**64 - 1"),
+    ("a negative PRDC seed", lambda: _api().compare(["a.zarr", "b.zarr"], layer="midblock", prdc_seed=-1),
+     "CompareError", "--seed -1: must be a whole number from 0 to 2**64 - 1"),
+    ("no thumbnails", lambda: _api().report_site("missing.zarr", "site", per_class_thumbnails=0),
+     "ReportSiteError", "--per-class-thumbnails 0: must be a whole number ≥ 1"),
+    ("a contact sheet of no rows", lambda: _api().show("a.zarr", "grid.png", max_classes=0),
+     "ContactSheetError", "--max-classes 0: must be a whole number ≥ 1"),
+    ("a batch of none", lambda: _api().features(np.zeros((1, 3, 64, 64), np.uint8), layers=["midblock"], model="tiny-random", batch_size=0),
+     "FeatureInputError", "batch_size 0: must be a whole number ≥ 1"),
+    ("show keyword misspelt", lambda: _api().show("a.zarr", "grid.png", per_clas=2),
+     "UnknownKeywordError", "show() takes no keyword 'per_clas'; did you mean per_class"),
+    ("report keyword of compare's other name", lambda: _api().report_site("missing.zarr", "site", per_class=3),
+     "UnknownKeywordError", "report_site() takes no keyword 'per_class'; did you mean per_class_thumbnails?"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("call, error, message", [case[1:] for case in PYTHON_ONLY_REFUSALS], ids=[case[0] for case in PYTHON_ONLY_REFUSALS])
+def test_the_library_refuses_what_only_argument_types_refused(sample, monkeypatch, call, error, message) -> None:
+    monkeypatch.chdir(sample)
+    before = sorted(sample.rglob("*"))
+    with pytest.raises(ImzarrError) as refused:
+        call()
+    assert type(refused.value).__name__ == error and str(refused.value).startswith(message)
+    assert sorted(sample.rglob("*")) == before
+
+
+def test_numpy_integers_are_the_same_settings_as_ints(sample, tmp_path):
+    """A notebook passes np.int64 as readily as int: the runs take them, record plain ints, and a run with ints
+    finds the store complete (the same settings), on the command line too."""
+    from extractor import api
+
+    converted = converter.convert_npz(sample / "src" / "train", str(tmp_path / "img.zarr"), shard_size=np.int64(64), shuffle_seed=np.int32(3), workers=np.int8(1))
+    assert converted.num_samples == 80 and not converted.already_complete
+    assert converter.convert_npz(sample / "src" / "train", str(tmp_path / "img.zarr"), shard_size=64, shuffle_seed=3, workers=1).already_complete
+    acts = str(tmp_path / "acts.zarr")
+    made = api.extract(str(tmp_path / "img.zarr"), acts, layers="midblock", preset="tiny-random", device="cpu",
+                       per_class=np.int64(2), seed=np.uint16(5), batch_size=np.int64(8), shard_size=np.int64(16))  # fmt: skip
+    assert not made.already_complete and made.num_samples > 0
+    settings = dict(zarr.open_group(acts, mode="r").attrs)["settings"]
+    assert type(settings["noise_seed"]) is int and type(settings["selection"]["per_class"]) is int
+    argv = ["extract", str(tmp_path / "img.zarr"), "-o", acts, "--layers", "midblock", "--preset", "tiny-random", "--device", "cpu",
+            "--per-class", "2", "--seed", "5", "--shard-size", "16"]  # fmt: skip
+    done = subprocess.run([sys.executable, "-m", "schemas", *argv], capture_output=True, text=True)
+    assert done.returncode == 0 and "already complete" in done.stdout + done.stderr, done.stderr
+
+
+def test_the_command_line_refuses_a_report_site_in_memory(sample, monkeypatch, capsys):
+    """memory:// ends with the command's process: the report site, like every other output, is refused there."""
+    monkeypatch.chdir(sample)
+    assert imzarr_main(["report", "missing.zarr", "-o", "memory://site"]) == 2
+    assert "memory:// lives only as long as this process" in capsys.readouterr().err

@@ -304,10 +304,10 @@ def test_bad_input_is_one_line_and_leaves_nothing(tmp_path: Path, kind: str) -> 
     ],
 )
 def test_option_validation_names_the_option(tmp_path: Path, changes: dict, option: str) -> None:
-    """The converter's own check, whatever the command line already refused."""
-    options = dataclasses.replace(ConvertOptions(str(tmp_path / "o.zarr")), **changes)
+    """The converter's own check, whatever the command line already refused (whole numbers when the options are
+    made, the rest when they are validated)."""
     with pytest.raises(ConvertOptionError) as info:
-        validate_convert_options(options)
+        validate_convert_options(dataclasses.replace(ConvertOptions(str(tmp_path / "o.zarr")), **changes))
     assert str(info.value).startswith(option + ": ")
     assert not any(tmp_path.iterdir())
 
