@@ -46,7 +46,7 @@ from schemas.image_layout import (
 from schemas.image_store import IMAGE_SCHEMA, image_group_attrs
 from schemas.option_values import optional_whole_number, shown
 from schemas.progress_report import ProgressReport
-from schemas.output_paths import local_path
+from schemas.output_paths import check_scratch_location, local_path
 from schemas.remote_storage import remote_storage_errors, translate_remote_error
 from schemas.store_identity import InputChangedError, check_output_generation
 from schemas.store_integrity import record_checksums, record_unit_checksums
@@ -203,6 +203,8 @@ def convert(source: ImageSource, options: ConvertOptions) -> ConvertResult:
 def _convert(source: ImageSource, options: ConvertOptions) -> ConvertResult:
     started = time.monotonic()
     validate_convert_options(options, source.resolution, sum(p.num_rows for p in source.parts))
+    if options.scratch_dir is not None:
+        check_scratch_location(options.scratch_dir, options.output, source.input_paths)
     settings = options.to_dict(source)
     if inspect_existing(options.output, IMAGE_SCHEMA, settings, options.overwrite, source.input_paths) == "complete":
         return _already_complete(options, started)

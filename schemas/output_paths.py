@@ -112,6 +112,21 @@ def check_output_location(output: str, inputs: Iterable[str] = ()) -> None:
     refuse_unwritable_output(output)
 
 
+def check_scratch_location(scratch: str, output: str, inputs: Iterable[str | None] = ()) -> None:
+    """Refuse a scratch folder that is an input or lies inside one (its temporary files would be written among the
+    inputs), or that is the output or lies inside it (the store would hold a folder not its own, and be refused)."""
+    protocol, path = location(scratch)
+    for source in inputs:
+        if source is None:
+            continue
+        in_protocol, in_path = location(source)
+        if in_protocol == protocol and _inside(path, in_path):
+            raise OutputOverlapsInputError(f"{scratch}: the scratch folder {'is' if path == in_path else 'lies inside'} the input {source}; choose a folder outside every input")
+    out_protocol, out_path = location(output)
+    if out_protocol == protocol and _inside(path, out_path):
+        raise OutputPathError(f"{scratch}: the scratch folder {'is' if path == out_path else 'lies inside'} the output {output}; choose a folder outside it")
+
+
 class OutputPathError(ImzarrError):
     """An output path where no new output can go: inside an existing Zarr store (whose files a writer there
     would mix with ours), or below a file."""
@@ -129,8 +144,10 @@ def refuse_unwritable_output(output: str) -> None:
     if path is None:
         return
     path = os.path.realpath(path)
-    if os.path.isdir(path):
-        return  # made before (a store resumed or replaced): its writer's lock and checks decide
+    if os.path.lexists(path):
+        # Made before (a store resumed or replaced, a figure re-made): its writer's lock and checks decide, and a
+        # path the command refuses (a file not its own) leaves its folder untouched, not even probed.
+        return
     folder = os.path.dirname(path)
     while not os.path.lexists(folder):
         folder = os.path.dirname(folder)

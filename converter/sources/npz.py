@@ -68,8 +68,15 @@ def find_shards(sources: list[str | Path]) -> list[tuple[Path | str, str]]:
         if src.is_file():
             found.append((src, printable_path(src.name)))
         elif src.is_dir():
-            names = sorted((p for p in src.iterdir() if p.is_file() and not p.name.startswith(".")), key=lambda p: natural_key(p.name))
-            found += [(p, printable_path(p.name)) for p in names if p.suffix == ".npz" or (not p.suffix and _magic(p) in ("zip", "pickle"))]
+            entries = [p for p in src.iterdir() if not p.name.startswith(".")]
+            for p in entries:
+                # A shard's name on something that is no file (a link to a disk not mounted, a folder, a FIFO) is
+                # a shard missing: refused, rather than converting the others without it.
+                if p.suffix.lower() == ".npz" and not p.is_file():
+                    what = "a link to nothing" if p.is_symlink() and not p.exists() else "a folder" if p.is_dir() else "not a regular file"
+                    raise SourceError(p, f"named like a shard but {what}: its images would be missing from the store; restore it or move it away")
+            names = sorted((p for p in entries if p.is_file()), key=lambda p: natural_key(p.name))
+            found += [(p, printable_path(p.name)) for p in names if p.suffix.lower() == ".npz" or (not p.suffix and _magic(p) in ("zip", "pickle"))]
         else:
             raise SourceError(src, "no such file or folder")
     refuse_repeated_shards(found)
@@ -85,12 +92,28 @@ def find_shards(sources: list[str | Path]) -> list[tuple[Path | str, str]]:
 def refuse_repeated_shards(found: list[tuple[Path | str, str]]) -> None:
     """A shard reached twice (named twice, or named and inside a folder also given) would be converted twice: its
     images made up a second time under new indices. Refused, naming it."""
-    seen: set[str] = set()
+    seen: dict[object, Path | str] = {}
     for path, _ in found:
-        key = str(path) if is_remote(path) else os.path.realpath(path)
+        # Locally the file itself (device and inode): a symlink or a hard link to a shard given is that shard.
+        key = str(path) if is_remote(path) else (os.stat(path).st_dev, os.stat(path).st_ino)
         if key in seen:
-            raise SourceError(path, "given twice (named twice, or named and inside a folder also given): its images would be converted twice")
-        seen.add(key)
+            if is_remote(path) or os.path.realpath(path) == os.path.realpath(seen[key]):
+                raise SourceError(path, "given twice (named twice, or named and inside a folder also given): its images would be converted twice")
+            raise SourceError(path, f"is the same file as {printable_path(seen[key])} (a hard link): its images would be converted twice")
+        seen[key] = path
+
+
+def refuse_copied_shards(parts: list) -> None:
+    """Two `.npz` files with the same images (the image member's size and CRC-32, from the zip's directory) and
+    the same labels are one shard copied: converting both would make up each image twice. Refused, naming both."""
+    seen: dict[tuple[int, int, bytes], str] = {}
+    for part in parts:
+        if not isinstance(part, NpzPart):
+            continue
+        key = (part.member.size, part.member.crc, np.ascontiguousarray(part.label_values).tobytes())
+        if key in seen:
+            raise SourceError(part.path, f"holds the same images and labels as {printable_path(seen[key])} (a copy): its images would be converted twice")
+        seen[key] = part.path
 
 
 def _find_remote_shards(url: str) -> list[tuple[str, str]]:
@@ -110,7 +133,7 @@ def _find_remote_shards(url: str) -> list[tuple[str, str]]:
     return [
         (file_url, printable_path(name))
         for name, file_url in names
-        if os.path.splitext(name)[1] == ".npz" or (not os.path.splitext(name)[1] and _magic(file_url) in ("zip", "pickle"))
+        if os.path.splitext(name)[1].lower() == ".npz" or (not os.path.splitext(name)[1] and _magic(file_url) in ("zip", "pickle"))
     ]
 
 
@@ -548,6 +571,7 @@ def open_npz_source(sources: list[str | Path], label_order: str | None = None, a
         kinds.add((kind, order))
         parts.append(part)
         files.append(SourceFile(rel, source_files.file_size(path), fingerprint))
+    refuse_copied_shards(parts)
     if len({p.resolution for p in parts}) > 1:
         sizes = {p.relpath: p.resolution for p in parts}
         raise SourceError(", ".join(map(str, sources)), f"mixed resolutions {sizes}")

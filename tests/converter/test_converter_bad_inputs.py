@@ -8,6 +8,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import resource
 import signal
 import socket
@@ -195,6 +196,42 @@ def shard_given_twice(d: Path) -> list[str]:
     return ["npz", str(d / "src"), str(d / "src" / "val_data.npz")]
 
 
+def shard_hard_linked(d: Path) -> list[str]:
+    """The same file under two names (a hard link): realpath cannot tell, the inode can."""
+    write_npz_shard(d / "train_data_batch_1.npz", photo_like(10, 16), np.ones(10, int))
+    os.link(d / "train_data_batch_1.npz", d / "train_data_batch_2.npz")
+    return ["npz", str(d)]
+
+
+def shard_copied(d: Path) -> list[str]:
+    write_npz_shard(d / "train_data_batch_1.npz", photo_like(10, 16), np.arange(1, 11))
+    shutil.copyfile(d / "train_data_batch_1.npz", d / "train_data_batch_1 (copy).npz")
+    return ["npz", str(d)]
+
+
+def shard_link_to_nothing(d: Path) -> list[str]:
+    """A shard on a disk that is not mounted: the others must not be converted without it."""
+    write_npz_shard(d / "train_data_batch_1.npz", photo_like(10, 16), np.ones(10, int))
+    (d / "train_data_batch_2.npz").symlink_to(d / "unmounted" / "train_data_batch_2.npz")
+    return ["npz", str(d)]
+
+
+def folder_named_like_a_shard(d: Path) -> list[str]:
+    write_npz_shard(d / "train_data_batch_1.npz", photo_like(10, 16), np.ones(10, int))
+    (d / "train_data_batch_2.npz").mkdir()
+    return ["npz", str(d)]
+
+
+def scratch_in_the_input(d: Path) -> list[str]:
+    write_npz_shard(d / "val_data.npz", photo_like(10, 16), np.ones(10, int))
+    return ["npz", str(d), "--shuffle-seed", "1", "--scratch-dir", str(d / "scratch")]
+
+
+def scratch_in_the_output(d: Path) -> list[str]:
+    write_npz_shard(d / "val_data.npz", photo_like(10, 16), np.ones(10, int))
+    return ["npz", str(d), "-o", str(d.parent / "o.zarr"), "--shuffle-seed", "1", "--scratch-dir", str(d.parent / "o.zarr")]
+
+
 def read_only_output(d: Path) -> list[str]:
     write_npz_shard(d / "val_data.npz", photo_like(10, 16), np.ones(10, int))
     return ["npz", str(d / "val_data.npz"), "-o", "/sys/imzarr-test-output.zarr"]
@@ -223,6 +260,12 @@ BAD_CASES: dict[str, BadCase] = {
     "flat val, bad label line": BadCase(flat_val_bad_line, ("gt.txt", "line 1 is 'fish'")),
     "output inside the input folder": BadCase(output_inside_input, ("inside.zarr", "input")),
     "a shard given twice": BadCase(shard_given_twice, ("val_data.npz", "given twice", "converted twice")),
+    "a shard hard-linked under another name": BadCase(shard_hard_linked, ("train_data_batch_2.npz", "same file as", "train_data_batch_1.npz", "hard link")),
+    "a shard copied under another name": BadCase(shard_copied, ("train_data_batch_1.npz", "same images and labels as", "(copy)", "converted twice")),
+    "a shard's name linking to nothing": BadCase(shard_link_to_nothing, ("train_data_batch_2.npz", "named like a shard but a link to nothing")),
+    "a folder named like a shard": BadCase(folder_named_like_a_shard, ("train_data_batch_2.npz", "named like a shard but a folder")),
+    "scratch inside the input": BadCase(scratch_in_the_input, ("scratch", "the scratch folder lies inside the input")),
+    "scratch as the output": BadCase(scratch_in_the_output, ("o.zarr: the scratch folder is the output",)),
     "read-only output": BadCase(read_only_output, ("/sys/imzarr-test-output.zarr",), exit_code=RUN_FAILED),
     "disk full while inflating": BadCase(deflated_shard, ("part-000000.raw: cannot write (File too large)",), exit_code=RUN_FAILED, limit_file_bytes=256 << 10),
 }
@@ -494,3 +537,17 @@ def test_scratch_folder_not_made_by_us_is_never_used(tmp_path: Path) -> None:
     with pytest.raises(Exception, match="not an imzarr scratch folder"):
         convert(source, ConvertOptions(out, scratch_dir=str(scratch)))
     assert (squatter / "part-000000.raw").read_bytes() == b"not ours"
+
+
+def test_a_refused_output_leaves_its_folder_untouched(tmp_path: Path) -> None:
+    """An output that names an input's neighbour file is refused before anything is made in that folder (not
+    even the empty file that tests whether a new output's folder takes files)."""
+    folder = tmp_path / "train"
+    folder.mkdir()
+    write_npz_shard(folder / "train_data_batch_1.npz", photo_like(10, 16), np.ones(10, int))
+    write_npz_shard(folder / "train_data_batch_2.npz", photo_like(10, 16), np.ones(10, int))
+    os.utime(folder, ns=(10**18, 10**18))
+    proc = subprocess.run([sys.executable, "-m", "converter", "npz", str(folder / "train_data_batch_1.npz"), "-o", str(folder / "train_data_batch_2.npz")],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 2 and "exists and is not an imzarr store" in proc.stderr
+    assert folder.stat().st_mtime_ns == 10**18 and sorted(p.name for p in folder.iterdir()) == ["train_data_batch_1.npz", "train_data_batch_2.npz"]

@@ -71,10 +71,11 @@ def test_natural_shard_order(tmp_path):
     src = shard_folder(tmp_path)
     for i in (10, 2, 1, 9):
         write_npz_shard(src / f"train_data_batch_{i}.npz", np.full((3, 3, 16, 16), i, np.uint8), np.full(3, i))
+    (src / "train_data_batch_9.npz").rename(src / "train_data_batch_9.NPZ")  # an upper-case .NPZ is a shard too
     out = tmp_path / "o.zarr"
     assert run_convert(src, "-o", out) == 0
     store = validate_image_store(str(out))
-    assert list(store.coordinate("source_file")[::3]) == [f"train_data_batch_{i}.npz" for i in (1, 2, 9, 10)]
+    assert list(store.coordinate("source_file")[::3]) == [f"train_data_batch_{i}.{'NPZ' if i == 9 else 'npz'}" for i in (1, 2, 9, 10)]
     np.testing.assert_array_equal(store.image[::3, 0, 0, 0], [1, 2, 9, 10])
 
 
