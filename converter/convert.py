@@ -249,7 +249,10 @@ def _convert_locked(source: ImageSource, options: ConvertOptions, settings: dict
     n = plan["global_index"].size
     rejected = [r for m in materialized.values() for r in m.rejected]
     if n == 0:
-        raise ImzarrError(f"{options.output}: no usable images ({len(rejected)} rejected)")
+        _remove_scratch_if_ours(scratch, options.output)
+        empty = [p.relpath for p in source.parts if p.num_rows == 0]
+        held = f"; {', '.join(empty[:3])}{' …' if len(empty) > 3 else ''} hold{'s' if len(empty) == 1 else ''} no rows" if empty else ""
+        raise SourceError(", ".join(source.input_paths), f"no usable images ({len(rejected)} rejected{held})")
     shard = options.shard_size
     num_shards = -(-n // shard)
     inner = effective_inner_chunk(options, source.resolution)

@@ -248,6 +248,7 @@ BAD_CASES: dict[str, BadCase] = {
     "NaN labels": BadCase(npz_with(data=images_16(2), labels=np.array([1.0, np.nan])), ("val_data.npz", "labels[1]", "not a whole class number")),
     "string labels": BadCase(npz_with(data=images_16(2), labels=np.array(["1", "2"])), ("val_data.npz", "labels has dtype <U1", "expected integers")),
     "label 0 in 1-based order": BadCase(npz_with(data=images_16(2), labels=np.array([0, 1])), ("val_data.npz", "label 0 outside 1..1000", "if the file's labels are 0-based sorted-WNID indices, pass --label-order sorted")),
+    "no rows at all": BadCase(npz_with(data=np.zeros((0, ROW_16), np.uint8), labels=np.zeros(0, np.int64)), ("val_data.npz: no usable images", "val_data.npz holds no rows")),
     "float image data": BadCase(npz_with(data=np.zeros((2, ROW_16)), labels=np.ones(2, np.int64)), ("val_data.npz", "dtype float64, expected uint8")),
     "--shard-size -4": BadCase(npz_option("--shard-size", "-4"), ("--shard-size", "-4")),
     "--inner-chunk 0": BadCase(npz_option("--inner-chunk", "0"), ("--inner-chunk", "0")),
