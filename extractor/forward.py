@@ -34,9 +34,9 @@ from extractor.models import (
 from extractor.noise import NOISE_RECIPE
 from extractor.selection import layer_entries
 from schemas.activation_store import DIFFUSION_KIND, FEATURE_KIND
-from schemas.vocabulary import POOL_MODES, STORAGE_DTYPES
+from schemas.vocabulary import COMPUTE_DTYPE_NAMES, POOL_MODES, STORAGE_DTYPES
 from schemas.errors import ImzarrError
-from schemas.option_values import SEED_64, whole_numbers
+from schemas.option_values import SEED_64, one_of, shown, whole_numbers
 from schemas.task_runner import SchedulerSpec
 
 
@@ -216,15 +216,11 @@ def check_forward_settings(fwd: ForwardSettings) -> None:
             )
     if fwd.layers:
         layer_entries(fwd.layers)  # an empty name or one given twice: the same refusal as the options builders'
-    if fwd.pool not in POOL_MODES:
-        raise ExtractionError(f"--pool {fwd.pool!r}: choose one of {POOL_MODES}")
-    if fwd.storage_dtype not in STORAGE_DTYPES:
-        raise ExtractionError(f"--dtype {fwd.storage_dtype!r}: choose one of {STORAGE_DTYPES}")
-    if fwd.compute_dtype != AUTO:
+    for option, value, choices in (("--pool", fwd.pool, POOL_MODES), ("--dtype", fwd.storage_dtype, STORAGE_DTYPES), ("--compute-dtype", fwd.compute_dtype, COMPUTE_DTYPE_NAMES)):
         try:
-            resolve_compute_dtype(fwd.compute_dtype)
-        except ValueError as exc:
-            raise ExtractionError(str(exc)) from None
+            one_of(value, choices)
+        except ValueError as exc:  # the command line's choices, with the same close match
+            raise ExtractionError(f"{option} {shown(value)}: {exc}") from None
 
 
 # One lock per device and process: a LayerCapture collects into one place per module, and two CPU forwards would
