@@ -33,7 +33,7 @@ from converter.sources.row_checksums import Pieces, checked_member_crc
 from converter.sources.source_files import is_remote
 from schemas.atomic_files import write_atomically
 from schemas.classes import class_table
-from schemas.errors import ImzarrError, RunFailedError
+from schemas.errors import RunFailedError
 from schemas.image_layout import (
     DEFAULT_SHARD,
     LAYOUT_VERSION,
@@ -44,7 +44,7 @@ from schemas.image_layout import (
     write_image_shard,
 )
 from schemas.image_store import IMAGE_SCHEMA, image_group_attrs
-from schemas.option_values import optional_whole_number, shown
+from schemas.option_values import optional_whole_number, shown, whole_number
 from schemas.progress_report import ProgressReport
 from schemas.output_paths import check_scratch_location, local_path
 from schemas.remote_storage import remote_storage_errors, translate_remote_error
@@ -85,8 +85,8 @@ class ConvertOptions:
         # Recorded in JSON (the store's settings): numpy integers from a notebook become ints here.
         for name, minimum in (("shard_size", 1), ("inner_chunk", 1), ("workers", 1), ("shuffle_seed", 0)):
             value = getattr(self, name)
-            try:
-                object.__setattr__(self, name, optional_whole_number(value, minimum))
+            try:  # every one may be None (its default) but the shard size
+                object.__setattr__(self, name, whole_number(value, minimum) if name == "shard_size" else optional_whole_number(value, minimum))
             except ValueError as exc:
                 raise ConvertOptionError("--" + name.replace("_", "-"), shown(value), str(exc)) from None
 

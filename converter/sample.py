@@ -11,7 +11,8 @@ import numpy as np
 
 from schemas.atomic_files import write_atomically
 from schemas.classes import class_table
-from schemas.errors import PathError
+from schemas.errors import ImzarrError, PathError
+from schemas.option_values import SEED_64, whole_numbers
 
 # Ten classes with distinct looks; the shards store their 1-based downsampled (map_clsloc) labels.
 SAMPLE_WNIDS = (
@@ -53,6 +54,10 @@ def draw_class_images(class_ids: np.ndarray, size: int, rng: np.random.Generator
     return (np.clip(img, 0, 1) * 255).astype(np.uint8)
 
 
+class SampleOptionError(ImzarrError):
+    """A sample size that is not a whole number ≥ 1."""
+
+
 class SampleExistsError(PathError):
     """A file where the sample would write one of its shards, holding something else (real shards share the names)."""
 
@@ -64,6 +69,8 @@ def write_sample_shards(out_dir: str | Path, per_shard: int = 1000, train_shards
     under a shard's name (real ImageNet shards are named so, or a sample of other sizes) is refused before any
     file is written. Each file appears whole or not at all. The shards are drawn twice (to check, then to write),
     so that one at a time is in memory."""
+    counts = whole_numbers({"--per-shard": (per_shard, 1), "--train-shards": (train_shards, 1), "--val-size": (val_size, 1), "seed": (seed, *SEED_64)}, SampleOptionError)
+    per_shard, train_shards, val_size, seed = counts.values()
     out = Path(out_dir)
     missing = []
     for path, arrays, _ in _sample_shards(out, per_shard, train_shards, val_size, seed):

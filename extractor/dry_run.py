@@ -13,6 +13,7 @@ from extractor.forward import PreparedForward
 from extractor.selection import select_samples
 from schemas.image_store import validate_image_store
 from schemas.store_identity import StoreIdentity
+from schemas.store_lifecycle import path_state
 
 
 def _size(nbytes: float) -> str:
@@ -33,6 +34,8 @@ def dry_run_table(options: ExtractOptions) -> str:
                                  seed_picks_samples=options.selection.per_class is not None, where=options.store) as forward:
         # The real run's refusals (labels the network cannot take, an output made otherwise) are the dry run's too.
         state, _ = output_state(options, forward, images, StoreIdentity.of(options.store, images.attrs), chosen, tidy=False)
+        if state == "new" and path_state(options.output) == "store":
+            state = "replace"  # --overwrite over a store made otherwise: the one outcome a dry run must not hide
         batch = max(1, min(forward.batch_size, int(chosen.size)))  # the automatic choice probes one sample first
         device = forward.device
         if device.startswith("cuda"):
@@ -45,6 +48,7 @@ OUTPUT_STATES = {
     "new": "the run would write a new store",
     "resume": "the run would resume the unfinished store there",
     "complete": "the store there is complete: the run would find nothing to do",
+    "replace": "the run would delete the store there and write it anew (--overwrite)",
 }
 
 

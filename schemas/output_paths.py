@@ -144,9 +144,14 @@ def refuse_unwritable_output(output: str) -> None:
     if path is None:
         return
     path = os.path.realpath(path)
+    if os.path.isdir(path):
+        return  # made before (a store resumed or replaced): its writer's lock and checks decide
     if os.path.lexists(path):
-        # Made before (a store resumed or replaced, a figure re-made): its writer's lock and checks decide, and a
-        # path the command refuses (a file not its own) leaves its folder untouched, not even probed.
+        # A file made before (a figure or reference file re-made; a store's path holding a file, which its writer
+        # refuses): its folder is asked without writing there, so that a refused output leaves it untouched.
+        folder = os.path.dirname(path)
+        if not os.access(folder, os.W_OK) or os.statvfs(folder).f_flag & os.ST_RDONLY:
+            raise OutputWriteError(output, f"cannot write: the folder {folder} takes no new files (read-only, or not yours)")
         return
     folder = os.path.dirname(path)
     while not os.path.lexists(folder):

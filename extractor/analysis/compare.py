@@ -194,7 +194,7 @@ def compare_options(
     if pool is not None and pool not in POOL_MODES:
         raise CompareError(f"pool must be one of {POOL_MODES}, got {pool!r}")
     counts = whole_numbers({
-        "--k": (k, 1), "--block-size": (block_size, 1), "--prdc-subset": (prdc_subset, 0), "--seed": (prdc_seed, *SEED_64),
+        "-k": (k, 1), "block_size": (block_size, 1), "--prdc-subset": (prdc_subset, 0), "--seed": (prdc_seed, *SEED_64),
         "--kid-subsets": (kid_subsets, 1), "--kid-subset-size": (kid_subset_size, 2), "--kid-seed": (kid_seed, *SEED_32),
         "--is-splits": (is_splits, 1), "is_seed": (is_seed, *SEED_32),
     }, CompareError)  # fmt: skip

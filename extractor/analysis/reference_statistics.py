@@ -353,7 +353,7 @@ def statistics_options(
 ) -> StatisticsOptions:  # fmt: skip
     """`imzarr stats`'s options, checked: an output for statistics, a layer for an output, one output kind per mode."""
     store, output, scratch_dir = local_file_url_to_path([store, output, scratch_dir])
-    counts = whole_numbers({"--is-splits": (is_splits, 1), "is_seed": (is_seed, *SEED_32), "--block-size": (block_size, 1)}, AnalysisInputError)
+    counts = whole_numbers({"--is-splits": (is_splits, 1), "is_seed": (is_seed, *SEED_32), "block_size": (block_size, 1)}, AnalysisInputError)
     is_splits, is_seed, block_size = counts.values()
     if output is None and not inception_score:
         raise AnalysisInputError(

@@ -116,3 +116,28 @@ def test_unwritable_output_refused_before_the_work(work, argv):
     assert "/sys takes no new files" in proc.stderr.splitlines()[-1], proc.stderr
     assert "samples ×" not in proc.stderr and "compared in" not in proc.stderr, proc.stderr
 
+
+
+@pytest.fixture()
+def read_only_folder(tmp_path):
+    """A read-only mount holding an earlier reference file (skipped where this process may not mount)."""
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(folder)], capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        (folder / "ref.npz").write_bytes(b"earlier statistics")
+        subprocess.run(["mount", "-o", "remount,ro", str(folder)], check=True, capture_output=True)
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], capture_output=True)
+
+
+def test_an_existing_file_in_a_read_only_folder_is_refused_before_the_work(work, read_only_folder):
+    """Re-making a file (--overwrite) where the folder takes no writes fails at once, as a new file there does,
+    found without writing into the folder."""
+    proc = run_imzarr("stats", "acts.zarr", "--layer", "midblock", "-o", str(read_only_folder / "ref.npz"), "--overwrite", cwd=work)
+    assert proc.returncode == 1, proc.stderr[-1500:]
+    assert "Traceback" not in proc.stderr
+    assert f"the folder {read_only_folder} takes no new files" in proc.stderr.splitlines()[-1], proc.stderr
+    assert "samples ×" not in proc.stderr, proc.stderr

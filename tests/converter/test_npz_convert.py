@@ -79,6 +79,16 @@ def test_natural_shard_order(tmp_path):
     np.testing.assert_array_equal(store.image[::3, 0, 0, 0], [1, 2, 9, 10])
 
 
+def test_empty_shards_are_not_copies_of_each_other(tmp_path):
+    """Two shards with no rows hold the same (nothing): converted beside a full one, not refused as a copy."""
+    src = shard_folder(tmp_path)
+    write_npz_shard(src / "train_data_batch_1.npz", np.full((3, 3, 16, 16), 7, np.uint8), np.full(3, 1))
+    for i in (2, 3):
+        write_npz_shard(src / f"train_data_batch_{i}.npz", np.zeros((0, 3, 16, 16), np.uint8), np.zeros(0, int), mean=False)
+    assert run_convert(src, "-o", tmp_path / "o.zarr") == 0
+    np.testing.assert_array_equal(validate_image_store(str(tmp_path / "o.zarr")).image[:, 0, 0, 0], [7, 7, 7])
+
+
 def test_label_remap_all_classes(tmp_path):
     npz_labels = np.arange(1, 1001)
     write_npz_shard(tmp_path / "val_data.npz", photo_like(1000, 16), npz_labels, mean=False)

@@ -53,4 +53,6 @@ def test_dry_run_refuses_what_the_run_refuses(image_store, tmp_path, capsys):
         api.dry_run(image_store, str(out), **{**OPTIONS, "num_samples": 24})
     code = extractor_main(["extract", image_store, "-o", str(out), "--preset", "tiny-random", "--layers", "midblock", "--num-samples", "24", "--dry-run"])
     assert code == 2 and "made with other inputs or options" in capsys.readouterr().err
+    replaced = api.dry_run(image_store, str(out), **{**OPTIONS, "num_samples": 24, "overwrite": True})
+    assert replaced.splitlines()[-1] == f"dry run: nothing written; the run would delete the store there and write it anew (--overwrite) ({out})"
     assert tree_digest(out) == before

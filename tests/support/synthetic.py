@@ -57,7 +57,7 @@ def write_mixed_jpeg_tree(root: Path, sizes: tuple[tuple[int, int], ...], photo:
 
 def write_npz_shard(path: Path, images: np.ndarray, labels: np.ndarray, compressed: bool = False, mean: bool = True) -> Path:
     """A downsampled-ImageNet shard: data (N, 3·S·S) planes, labels int64, mean float64 (train files)."""
-    data = images.reshape(images.shape[0], -1)
+    data = images.reshape(images.shape[0], int(np.prod(images.shape[1:])))
     arrays = {"data": data, "labels": labels.astype(np.int64)}
     if mean:
         arrays["mean"] = data.mean(axis=0)
