@@ -112,7 +112,7 @@ def check_output_location(output: str, inputs: Iterable[str] = ()) -> None:
     refuse_unwritable_output(output)
 
 
-def check_scratch_location(scratch: str, output: str, inputs: Iterable[str | None] = ()) -> None:
+def check_scratch_location(scratch: str, output: str | None, inputs: Iterable[str | None] = ()) -> None:
     """Refuse a scratch folder that is an input or lies inside one (its temporary files would be written among the
     inputs), or that is the output or lies inside it (the store would hold a folder not its own, and be refused)."""
     protocol, path = location(scratch)
@@ -122,6 +122,8 @@ def check_scratch_location(scratch: str, output: str, inputs: Iterable[str | Non
         in_protocol, in_path = location(source)
         if in_protocol == protocol and _inside(path, in_path):
             raise OutputOverlapsInputError(f"{scratch}: the scratch folder {'is' if path == in_path else 'lies inside'} the input {source}; choose a folder outside every input")
+    if output is None:
+        return
     out_protocol, out_path = location(output)
     if out_protocol == protocol and _inside(path, out_path):
         raise OutputPathError(f"{scratch}: the scratch folder {'is' if path == out_path else 'lies inside'} the output {output}; choose a folder outside it")

@@ -64,6 +64,7 @@ from schemas.output_paths import (
     absolute_url,
     check_output_location,
     check_png_output,
+    check_scratch_location,
     local_file_url_to_path,
     local_path,
     refuse_process_bound_output,
@@ -213,6 +214,8 @@ def compare_options(
         kid_seed=kid_seed, is_settings=InceptionScoreSettings(is_layer, is_splits, is_seed), output=output, plot=plot, projection=projection,
         block_size=block_size, scratch_dir=scratch_dir,
     )  # fmt: skip
+    if scratch_dir is not None:
+        check_scratch_location(scratch_dir, output, options.inputs)
     if output is not None:
         claim_report_output(output, REPORT_SCHEMA, overwrite, options.inputs)
     if plot is not None:

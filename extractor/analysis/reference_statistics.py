@@ -38,7 +38,7 @@ from extractor.analysis.provenance import describe_model
 from schemas.errors import ImzarrError, PathError
 from schemas.keywords import keyword_names, refuse_unknown_keywords
 from schemas.option_values import SEED_32, whole_numbers
-from schemas.output_paths import absolute_url, check_output_location, local_file_url_to_path, local_path, refuse_process_bound_output, write_output_file
+from schemas.output_paths import absolute_url, check_output_location, check_scratch_location, local_file_url_to_path, local_path, refuse_process_bound_output, write_output_file
 from schemas.store_integrity import record_checksums
 from schemas.store_lifecycle import claim_report_output
 from schemas.variable_attrs import classes_lookup, label_names
@@ -375,6 +375,8 @@ def statistics_options(
             if not output.endswith(".npz"):
                 raise PathError(output, "reference statistics are an .npz file (pytorch-fid and EDM read them by that name); use --per-class for a Zarr store")
             check_file_output(output, [store], overwrite)
+    if scratch_dir is not None:
+        check_scratch_location(scratch_dir, output, [store])
     is_settings = InceptionScoreSettings(is_layer, is_splits, is_seed)
     return StatisticsOptions(store, layer, output, per_class, pool, inception_score, is_settings, overwrite, block_size, scratch_dir)
 

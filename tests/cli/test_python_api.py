@@ -329,6 +329,8 @@ PYTHON_ONLY_REFUSALS = [
      "ExtractionError", "--seed -1: must be a whole number from 0 to 2**64 - 1"),
     ("a negative PRDC seed", lambda: _api().compare(["a.zarr", "b.zarr"], layer="midblock", prdc_seed=-1),
      "CompareError", "--seed -1: must be a whole number from 0 to 2**64 - 1"),
+    ("compare scratch inside an input", lambda: _api().compare(["a.zarr", "b.zarr"], layer="midblock", scratch_dir="a.zarr/tmp"),
+     "OutputOverlapsInputError", "a.zarr/tmp: the scratch folder lies inside the input a.zarr"),
     ("no thumbnails", lambda: _api().report_site("missing.zarr", "site", per_class_thumbnails=0),
      "ReportSiteError", "--per-class-thumbnails 0: must be a whole number ≥ 1"),
     ("a contact sheet of no rows", lambda: _api().show("a.zarr", "grid.png", max_classes=0),
