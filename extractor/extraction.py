@@ -42,7 +42,7 @@ from schemas.progress_report import ProgressReport
 from schemas.remote_storage import remote_storage_errors
 from schemas.store_identity import StoreIdentity, check_output_generation, check_unchanged, reader_lease
 from schemas.store_integrity import record_checksums, record_unit_checksums
-from schemas.store_lifecycle import finalize_store, inspect_existing, mark_done, prepare_store
+from schemas.store_lifecycle import StoreExistsError, finalize_store, inspect_existing, mark_done, prepare_store
 from schemas.task_runner import check_scheduler_reachable, run_stop, run_tasks, stop_if_interrupted
 
 
@@ -120,9 +120,21 @@ def output_state(options: ExtractOptions, forward: PreparedForward, images: Imag
     fwd, loaded = forward.settings, forward.loaded
     refuse_unfit_labels(options.store, images, fwd, loaded, images.coordinate("label")[chosen])
     selection = describe_selection(options.selection, chosen)
-    settings = replace(options, forward=fwd).to_dict(loaded.sha256, selection, images.attrs.get("settings_fingerprint"), source.generation)
     check_noise_recipe(options.output, fwd.noise_seed, options.run.overwrite)
-    return inspect_existing(options.output, ACTIVATION_SCHEMA, settings, options.run.overwrite, tidy=tidy), settings
+    # The default shard size given by its number and given by no number are one setting: a store made either way
+    # is this run's (its settings record the spelling it was made with).
+    given, default = options.run.shard_size, default_shard_size(forward.layer_shapes, fwd.storage_dtype)
+    spellings = [given] + ([default if given is None else None] if given in (None, default) else [])
+    refusal: StoreExistsError | None = None
+    for shard_size in spellings:
+        spelt = replace(options, forward=fwd, run=replace(options.run, shard_size=shard_size))
+        settings = spelt.to_dict(loaded.sha256, selection, images.attrs.get("settings_fingerprint"), source.generation)
+        try:
+            return inspect_existing(options.output, ACTIVATION_SCHEMA, settings, options.run.overwrite, tidy=tidy), settings
+        except StoreExistsError as exc:
+            refusal = refusal or exc
+    assert refusal is not None
+    raise refusal
 
 
 def _extract(options: ExtractOptions, forward: PreparedForward, images: ImageStore, source: StoreIdentity, chosen: np.ndarray, started: float) -> ExtractResult:

@@ -554,3 +554,22 @@ def test_samples_without_labels_are_said_and_recorded(tmp_path, capsys):
     assert extractor_main([*argv, "-o", str(tmp_path / "free.zarr"), "--class-free"]) == 0  # said to: no note
     assert not [line for line in capsys.readouterr().out.splitlines() if "no label" in line]
     assert zarr.open_group(str(tmp_path / "free.zarr"), mode="r").attrs["class_conditioning"] == "none (zero labels)"
+
+
+def test_the_default_shard_size_given_by_its_number_is_the_same_settings(image_store, tmp_path):
+    """`--shard-size N` where N is what the default picks: the store made without it is complete, not "changed",
+    and the other way round."""
+    from extractor import api
+    from extractor.activation_writer import default_shard_size
+    from schemas.store_lifecycle import StoreExistsError
+
+    out = str(tmp_path / "acts.zarr")
+    options = {"preset": "tiny-random", "layers": "midblock", "num_samples": 8, "device": "cpu"}
+    assert not api.extract(image_store, out, **options).already_complete
+    shapes = {name: shape for name, _, shape in api.layer_table(preset="tiny-random").rows if name == "midblock"}
+    assert api.extract(image_store, out, shard_size=default_shard_size(shapes, "float16"), **options).already_complete
+    with pytest.raises(StoreExistsError, match=r"changed: shard_size"):
+        api.extract(image_store, out, shard_size=default_shard_size(shapes, "float16") // 2, **options)
+    other = str(tmp_path / "explicit.zarr")
+    assert not api.extract(image_store, other, shard_size=default_shard_size(shapes, "float16"), **options).already_complete
+    assert api.extract(image_store, other, **options).already_complete
