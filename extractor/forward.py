@@ -37,6 +37,7 @@ from schemas.activation_store import DIFFUSION_KIND, FEATURE_KIND
 from schemas.vocabulary import COMPUTE_DTYPE_NAMES, POOL_MODES, STORAGE_DTYPES
 from schemas.errors import ImzarrError
 from schemas.option_values import SEED_64, one_of, shown, whole_numbers
+from schemas.store_identity import InputChangedError
 from schemas.task_runner import SchedulerSpec
 
 
@@ -344,6 +345,7 @@ class ForwardPlan:
     compile: bool
     layer_shapes: tuple[tuple[str, tuple[int, ...]], ...]
     batch_size: int
+    model_sha256: str = ""  # of the weights the run started with: a task never runs others ("" : not checked)
 
     def key(self) -> tuple:
         return (self.settings, self.device, self.resolution, self.compile)
@@ -415,13 +417,19 @@ class PreparedForward:
                     evicted = _SERVING.pop(stale)
                     if evicted._kept:
                         evicted.close()
+        if plan.model_sha256 and forward.loaded.sha256 != plan.model_sha256:
+            # The checkpoint was rewritten since the run started: its tasks would mix two networks' values.
+            raise InputChangedError(
+                f"{plan.settings.model.name}: the checkpoint changed since this run started (sha256 {plan.model_sha256[:12]}… → "
+                f"{forward.loaded.sha256[:12]}…); re-run: an unfinished output is then refused as made with another network"
+            )
         prepare_module(forward.loaded.module, forward.device, forward.compile)
         return forward
 
     def plan(self) -> ForwardPlan:
         """What a task needs to find (or build) this forward in its process."""
         shapes = tuple((name, tuple(shape)) for name, shape in self.layer_shapes.items())
-        return ForwardPlan(self.settings, self.device_option, self.resolution, self.compile, shapes, self.batch_size)
+        return ForwardPlan(self.settings, self.device_option, self.resolution, self.compile, shapes, self.batch_size, self.loaded.sha256)
 
     def run(self, x: torch.Tensor, one_hot: torch.Tensor | None, need_output: bool, sigma: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
         """The network on one prepared input batch: ({layer: activation}, network output or None), on the device.

@@ -313,10 +313,27 @@ def load_model(spec: ModelSpec, device: torch.device | str = "cpu") -> LoadedMod
 
 
 @functools.lru_cache(maxsize=4)
-def _cached(spec: ModelSpec, device: str) -> LoadedModel:
+def _cached(spec: ModelSpec, device: str, stamp: tuple | None) -> LoadedModel:
     return load_model(spec, device)
 
 
 def cached_model(spec: ModelSpec, device: torch.device | str = "cpu") -> LoadedModel:
-    """`load_model` memoised per process (keyed by spec and device), so a worker loads each network once."""
-    return _cached(spec, str(torch.device(device)))
+    """`load_model` memoised per process (keyed by spec, device and the checkpoint file's identity), so a worker
+    loads each network once, and a checkpoint rewritten at the same path (training's `latest.pt`) is read anew."""
+    return _cached(spec, str(torch.device(device)), checkpoint_stamp(spec))
+
+
+def checkpoint_stamp(spec: ModelSpec) -> tuple | None:
+    """What changes when a spec's checkpoint file changes: its resolved path, size, mtime and inode locally; its
+    listing entry's size and ETag (else modification time) in object storage. None for a preset."""
+    if spec.checkpoint is None:
+        return None
+    file = resolve_checkpoint_file(spec.checkpoint)
+    if isinstance(file, Path):
+        found = file.stat()
+        return (str(file.resolve()), found.st_size, found.st_mtime_ns, found.st_ino)
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(file)
+    entry = fs.info(path)
+    return (file, entry.get("size"), entry.get("ETag") or entry.get("etag") or str(entry.get("LastModified") or entry.get("mtime")))

@@ -326,3 +326,28 @@ def test_torch_zip_named_pkl_goes_through_weights_only_load(tmp_path: Path, sd: 
     path = tmp_path / "generator.pkl"
     torch.save({"ema": sd}, path)
     _assert_same_weights(load_checkpoint(path), sd)
+
+
+def test_a_checkpoint_rewritten_at_its_path_is_read_anew(tmp_path: Path, sd: dict) -> None:
+    """Training saves `latest.pt` again and again: a notebook's next call uses the new weights (the model cache
+    knows the file, not only its name), and a task of a run begun with the old weights refuses the new ones."""
+    from extractor.forward import ForwardSettings, PreparedForward
+    from schemas.store_identity import InputChangedError
+
+    path = tmp_path / "latest.pt"
+    torch.save(sd, path)
+    spec = ModelSpec(checkpoint=str(path))
+    first = cached_model(spec)
+    assert cached_model(spec) is first
+    with PreparedForward(ForwardSettings(model=spec, layers=("midblock",)), "cpu", first.resolution, batch_size=2) as forward:
+        plan = forward.plan()
+    assert plan.model_sha256 == first.sha256
+    trained_more = {key: value + 1 if value.is_floating_point() else value for key, value in sd.items()}
+    torch.save(trained_more, path)
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))  # a later save, whatever the clock's grain
+    second = cached_model(spec)
+    assert second is not first and second.sha256 == hashlib.sha256(path.read_bytes()).hexdigest() != first.sha256
+    key = next(k for k, v in sd.items() if v.is_floating_point())
+    assert torch.equal(second.module.state_dict()[key], sd[key] + 1)
+    with pytest.raises(InputChangedError, match=r"latest\.pt: the checkpoint changed since this run started"):
+        PreparedForward.for_plan(plan)
