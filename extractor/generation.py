@@ -22,7 +22,7 @@ from schemas.shard_writer import ShardOutput
 from extractor.noise import NOISE_RECIPE, noise_attrs
 from extractor.selection import resolve_classes
 from extractor.shard_forward import ShardForward
-from extractor.store_attrs import check_noise_recipe, device_name, model_attrs, refuse_labels_beyond_network, run_attrs, versions
+from extractor.store_attrs import check_noise_recipe, device_name, model_attrs, model_source, refuse_labels_beyond_network, run_attrs, versions
 from schemas.activation_store import ACTIVATION_LAYOUT_VERSION, ACTIVATION_SCHEMA, DIFFUSION_KIND, activation_array_attrs, activation_group_attrs
 from schemas.classes import NUM_CLASSES, class_table
 from schemas.errors import output_write_errors
@@ -102,6 +102,19 @@ def generation_labels(per_class: int | None, num_samples: int | None, classes: t
     if num_samples < 1:
         raise ExtractionError(f"--num-samples must be ≥ 1, got {num_samples}")
     return np.random.default_rng([seed, 1]).choice(ids, size=num_samples).astype(np.int16)
+
+
+def unconditional_labels(loaded: LoadedModel, options: GenerateOptions, n: int) -> np.ndarray:
+    """An unconditional network's samples belong to no class: label -1 each. Classes asked of it are refused,
+    since the store would name classes the network never saw (a class-conditional checkpoint that lacks its
+    label embedding, `model.map_label.weight`, loads as unconditional: this is where that shows)."""
+    if options.per_class is not None or options.classes:
+        raise ExtractionError(
+            f"{loaded.name}: an unconditional network (label_dim 0: no class embedding) makes samples of no class, so "
+            "--per-class and --classes cannot be honoured; use --num-samples N. If it should be class-conditional, "
+            "its checkpoint lacks model.map_label.weight"
+        )
+    return np.full(n, -1, dtype=np.int16)
 
 
 @dataclass(frozen=True)
@@ -210,6 +223,8 @@ def _generate_stores(options: GenerateOptions, forward: PreparedForward, started
     """Create (or confirm, or resume) the image store and the optional activation store; `options.forward` resolved."""
     run, fwd, loaded, shapes = options.run, forward.settings, forward.loaded, forward.layer_shapes
     labels = generation_labels(options.per_class, options.num_samples, options.classes, fwd.noise_seed)
+    if not loaded.label_dim:
+        labels = unconditional_labels(loaded, options, labels.size)
     refuse_labels_beyond_network("generate: ImageNet class", fwd, loaded, labels, class_free_hint=False)  # before any output exists
     n = labels.size
     shard = run.shard_size or min(DEFAULT_GENERATE_SHARD, default_shard_size(shapes, fwd.storage_dtype))
@@ -268,9 +283,9 @@ def _prepare_stores(
         initial_attrs={
             "source_format": "generated", "source_label_order": "sorted", "resolution": res,
             "shuffle_seed": None, "num_samples": int(n), "rejected": [],
-            "sources": [{"path": loaded.name, "size": 0, "fingerprint": "sha256:" + loaded.sha256}],
+            "sources": [model_source(fwd, loaded)],
             "versions": versions(), "model": model_attrs(fwd, loaded), "sigma": fwd.sigma, "seed": fwd.noise_seed, "selection": selection,
-            "sampling": f"one step: D(sigma * eps; sigma, one-hot(label)), eps = {NOISE_RECIPE} noise of (seed, index)",
+            "sampling": f"one step: D(sigma * eps; sigma{', one-hot(label)' if loaded.label_dim else ''}), eps = {NOISE_RECIPE} noise of (seed, index)",
             "noise": noise_attrs(fwd.noise_seed),
             "device": device_name(forward.device),
             **image_group_attrs(labels),

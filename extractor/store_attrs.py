@@ -3,6 +3,7 @@ check that an existing store's noise is this version's recipe (schemas/activatio
 
 from __future__ import annotations
 
+import os
 from importlib.metadata import version
 from typing import Any
 
@@ -12,12 +13,13 @@ import zarr
 
 from extractor.forward import ForwardSettings
 from extractor.models import LoadedModel
+from extractor.models.checkpoints import resolve_checkpoint_file
 from extractor.noise import NOISE_RECIPE, noise_attrs, recorded_noise_recipe
 from schemas.activation_store import FEATURE_KIND
 from schemas.errors import ImzarrError
 from schemas.classes import NUM_CLASSES
 from schemas.image_store import FOLDER_LABEL_ORDER, ImageStore
-from schemas.output_paths import absolute_url
+from schemas.output_paths import absolute_url, is_remote_url
 from schemas.store_identity import GENERATION_ATTR
 from schemas.store_lifecycle import path_state
 
@@ -52,6 +54,21 @@ def model_attrs(fwd: ForwardSettings, loaded: LoadedModel) -> dict[str, Any]:
         "preprocessing": loaded.preprocessing,
         "resolution": loaded.resolution,
     }
+
+
+def model_source(fwd: ForwardSettings, loaded: LoadedModel) -> dict[str, Any]:
+    """A generated store's one source, the network: for a checkpoint the file whose sha256 is recorded (inside a
+    checkpoint folder, the generator's file), absolute, with its size; for a preset its name (no file, size 0)."""
+    fingerprint = "sha256:" + loaded.sha256
+    if fwd.model.checkpoint is None:
+        return {"path": loaded.name, "size": 0, "fingerprint": fingerprint}
+    file = resolve_checkpoint_file(fwd.model.checkpoint)
+    if is_remote_url(str(file)):
+        import fsspec
+
+        fs, path = fsspec.core.url_to_fs(str(file))
+        return {"path": str(file), "size": int(fs.info(path).get("size") or 0), "fingerprint": fingerprint}
+    return {"path": str(absolute_url(str(file))), "size": os.path.getsize(file), "fingerprint": fingerprint}
 
 
 def versions() -> dict[str, str]:

@@ -155,3 +155,27 @@ def test_classes_beyond_the_network_are_refused_before_any_output(tmp_path):
     with serving(network), pytest.raises(LabelRangeError, match=r"^generate: ImageNet class 278 is beyond the 10 classes this network is conditioned on \(labels 0..9\); select classes within them \(--classes\)$"):
         generate(GenerateOptions(str(tmp_path / "g.zarr"), fwd, per_class=2, classes=("n02119789",), run=RunOptions(4, "cpu")))
     assert not (tmp_path / "g.zarr").exists()
+
+
+def test_a_checkpoint_without_its_class_embedding_makes_samples_of_no_class(tmp_path, monkeypatch):
+    """A class-conditional checkpoint that lacks model.map_label.weight loads as an unconditional network: its
+    samples are labelled -1 (not with classes it never saw), and --per-class/--classes are refused before any
+    output exists. A generated store's source is the checkpoint file, absolute, with its size."""
+    from extractor import api
+    from extractor.generation import ExtractionError
+
+    monkeypatch.chdir(tmp_path)
+    state = build_preset("tiny-random").state_dict()
+    torch.save(state, "conditional.pt")
+    torch.save({k: v for k, v in state.items() if "map_label" not in k}, "unconditional.pt")
+    with pytest.raises(ExtractionError, match=r"unconditional\.pt: an unconditional network .* use --num-samples N\. .*lacks model\.map_label\.weight"):
+        api.generate("refused.zarr", checkpoint="unconditional.pt", per_class=1, classes=["tench"], device="cpu")
+    assert not (tmp_path / "refused.zarr").exists()
+    api.generate("free.zarr", checkpoint="unconditional.pt", num_samples=3, device="cpu")
+    free = zarr.open_group("free.zarr", mode="r")
+    np.testing.assert_array_equal(free["label"][:], [-1, -1, -1])
+    assert "one-hot" not in free.attrs["sampling"]
+    api.generate("classes.zarr", checkpoint="conditional.pt", per_class=1, classes=["tench"], device="cpu")
+    attrs = zarr.open_group("classes.zarr", mode="r").attrs
+    assert "one-hot(label)" in attrs["sampling"]
+    assert attrs["sources"][0]["path"] == str(tmp_path / "conditional.pt") and attrs["sources"][0]["size"] == (tmp_path / "conditional.pt").stat().st_size
