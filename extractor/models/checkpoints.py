@@ -221,10 +221,18 @@ def _read_torch(file: Path) -> Any:
     except pickle.UnpicklingError as exc:
         raise UnsafeCheckpointError(
             f"{file}: refused; torch.load(weights_only=True) cannot read it without running code "
-            f"(only plain state dicts and containers of tensors are accepted): {_first_line(exc)}"
+            f"(only plain state dicts and containers of tensors are accepted): {_unsafe_reason(exc)}"
         ) from exc
     except (RuntimeError, OSError, EOFError, ValueError) as exc:
         raise CheckpointError(f"{file}: not a readable torch checkpoint ({_first_line(exc)})") from exc
+
+
+def _unsafe_reason(exc: BaseException) -> str:
+    """What torch's weights-only reader met, in a few words: the class the pickle names (torch's own message goes on
+    to advise loading it with code enabled, which this tool never does)."""
+    found = re.search(r"(?i:unsupported) (?:global: )?GLOBAL ([\w.]+)", str(exc))
+    named = f"an object of {found.group(1)}" if found else "objects other than tensors and plain containers"
+    return f"it holds {named} (a whole pickled module, a custom class or code), not only tensors; save model.state_dict() instead"
 
 
 def _first_line(exc: BaseException) -> str:
@@ -603,7 +611,7 @@ def _read_torch_mapped(file: Path) -> Any:
         return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as exc:
         raise UnsafeCheckpointError(
-            f"{file}: refused; torch.load(weights_only=True) cannot read it without running code: {_first_line(exc)}"
+            f"{file}: refused; torch.load(weights_only=True) cannot read it without running code: {_unsafe_reason(exc)}"
         ) from exc
     except (RuntimeError, OSError, EOFError, ValueError) as exc:
         raise CheckpointError(f"{file}: not a readable torch checkpoint ({_first_line(exc)})") from exc

@@ -225,6 +225,9 @@ def test_malicious_pickle_is_refused_without_running(tmp_path: Path, sd: dict, n
         load_checkpoint(path)
     assert isinstance(info.value, CheckpointError)
     assert not marker.exists()
+    if not name.endswith(".pkl"):  # torch's reader: the class it met is named; its advice to run the code is not
+        assert "it holds an object of posix.system" in str(info.value) and "\x1b" not in str(info.value), str(info.value)
+        assert "weights_only` set to `False" not in str(info.value)
 
 
 # ---------------------------------------------------------------------------------------------------------------
