@@ -522,10 +522,16 @@ def check_state_dict(model: torch.nn.Module, state_dict: Mapping[str, Tensor], p
         for k, v in expected.items()
         if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape)
     ]
-    if not (missing or unexpected or misshaped):
+    # Loading casts silently: integer weights would be rounded values, complex ones would lose their imaginary part.
+    mistyped = [
+        f"{k} {state_dict[k].dtype}"
+        for k, v in expected.items()
+        if k in state_dict and v.is_floating_point() and not state_dict[k].is_floating_point()
+    ]
+    if not (missing or unexpected or misshaped or mistyped):
         return
     parts = []
-    for label, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
+    for label, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped), ("not floating-point", mistyped)):
         if items:
             shown = ", ".join(items[:_MAX_LISTED_KEYS])
             more = f" (+{len(items) - _MAX_LISTED_KEYS} more)" if len(items) > _MAX_LISTED_KEYS else ""

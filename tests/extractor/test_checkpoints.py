@@ -6,6 +6,7 @@ import collections
 import hashlib
 import os
 import pickle
+import re
 from pathlib import Path
 
 import pytest
@@ -354,3 +355,15 @@ def test_a_checkpoint_rewritten_at_its_path_is_read_anew(tmp_path: Path, sd: dic
     assert torch.equal(second.module.state_dict()[key], sd[key] + 1)
     with pytest.raises(InputChangedError, match=r"latest\.pt: the checkpoint changed since this run started"):
         PreparedForward.for_plan(plan)
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.complex64])
+def test_weights_that_are_not_floating_point_are_refused(tmp_path: Path, sd: dict, dtype: torch.dtype) -> None:
+    """Loading would cast them without a word (rounded integers, complex values less their imaginary part)."""
+    key = next(k for k, v in sd.items() if v.is_floating_point())
+    path = tmp_path / "odd.pt"
+    torch.save({**sd, key: sd[key].to(dtype)}, path)
+    with pytest.raises(CheckpointMismatchError, match=rf"odd\.pt: .*1 not floating-point: {re.escape(key)} {re.escape(str(dtype))}"):
+        load_checkpoint(path)
+    torch.save({k: v.half() if v.is_floating_point() else v for k, v in sd.items()}, path)  # float16 weights are weights
+    _assert_same_weights(load_checkpoint(path), {k: v.half().float() if v.is_floating_point() else v for k, v in sd.items()})
