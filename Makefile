@@ -24,11 +24,14 @@ STORE      ?= $(DATA)/sample.zarr
 CHECKPOINT ?=
 # Outputs made with a checkpoint are named after it, so that they never clash with the preset's (a store refuses a
 # run with another network): CHECKPOINT=path/to/checkpoint_model_001000 writes data/sample_acts-checkpoint_model_001000.zarr.
-name_of     = $(notdir $(basename $(patsubst %/,%,$(1))))
+# A path with spaces works too: make splits words at spaces, so the name is taken with them as underscores, and
+# the path itself is passed quoted.
+space      := $(subst ,, )
+name_of     = $(notdir $(basename $(patsubst %/,%,$(subst $(space),_,$(1)))))
 RUN_SUFFIX := $(if $(CHECKPOINT),-$(call name_of,$(CHECKPOINT)))
 ACTS       ?= $(DATA)/sample_acts$(RUN_SUFFIX).zarr
 LAYERS     ?= encoder_bottleneck,midblock
-MODEL_ARGS := $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT),--preset tiny-random)
+MODEL_ARGS := $(if $(CHECKPOINT),--checkpoint '$(CHECKPOINT)',--preset tiny-random)
 
 # The embedded sample's classes (converter/sample.py), for `make compare`.
 SAMPLE_CLASSES := n01440764,n02119789,n01530575,n02123045,n03417042,n03888257,n04037443,n09472597,n07747607,n03000684
@@ -89,7 +92,7 @@ $(DATA)/sample.zarr/zarr.json: | $(DATA)/sample/train/train_data_batch_1.npz
 # CHECKPOINT_FID=FILE (seeded random weights without it: every output then says "untrained").
 FEATURES       ?=
 CHECKPOINT_FID ?=
-FEATURE_MODEL  := $(if $(FEATURES),$(if $(CHECKPOINT_FID),--checkpoint $(CHECKPOINT_FID),--preset $(FEATURES)),$(MODEL_ARGS))
+FEATURE_MODEL  := $(if $(FEATURES),$(if $(CHECKPOINT_FID),--checkpoint '$(CHECKPOINT_FID)',--preset $(FEATURES)),$(MODEL_ARGS))
 FEATURE_LAYER  := $(if $(FEATURES),$(if $(filter fid-inception,$(FEATURES)),pool3,cls),$(CMP_LAYER))
 FEATURE_ARGS   := $(if $(FEATURES),--pool mean,$(CMP_ARGS))
 # Named after the generator (RUN_SUFFIX) and the feature network's weights, as the extract target's outputs are.
