@@ -76,9 +76,13 @@ def resolve_checkpoint_file(path: str | Path) -> Path | str:
     """The weights file for `path`: the file itself, or the generator file inside a DMD2 checkpoint folder
     (a URL for a checkpoint in object storage: read it through `local_checkpoint`)."""
     path = local_file_url_to_path(path)
+    if not str(path):
+        raise CheckpointError("--checkpoint '': names no file; give the checkpoint file or DMD2 checkpoint folder")
     if is_remote_url(path):
         return _resolve_remote_checkpoint(str(path))
     path = Path(path)
+    if path.exists() and not (path.is_dir() or path.is_file()):
+        raise CheckpointError(f"{path}: not a regular file (a device, FIFO or socket); give the checkpoint file or DMD2 checkpoint folder")
     if path.is_dir():
         found = [name for name in _FOLDER_CANDIDATES if (path / name).is_file()]
         if found:

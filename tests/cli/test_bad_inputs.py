@@ -84,6 +84,8 @@ CASES = [
     ("convert into its source folder", ["convert", "npz", "src/train", "-o", "src/train/out.zarr"], 2, "lies inside the input"),
     ("convert onto an image store it did not make this way", ["convert", "npz", "src/train", "-o", "acts.zarr"], 2, "imzarr.activations"),
     ("layers of a missing checkpoint", ["layers", "--checkpoint", "nope.pt"], 2, "nope.pt"),
+    ("layers of a device as checkpoint", ["layers", "--checkpoint", "/dev/null"], 2, "/dev/null: not a regular file"),
+    ("layers of an empty checkpoint path", ["layers", "--checkpoint", ""], 2, "--checkpoint '': names no file"),
     ("convert into another store", ["convert", "npz", "src/train", "-o", "acts.zarr/more/o.zarr"], 2, "lies inside the Zarr store"),
     ("compare into another store", ["compare", "acts.zarr", "acts.zarr", "--layer", "midblock", "-o", "images.zarr/r.zarr"], 2, "lies inside the Zarr store"),
     ("stats below a file", ["stats", "acts.zarr", "--layer", "midblock", "-o", "garbage.pt/s.npz"], 2, "is a file, not a folder"),
