@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from extractor.models import seeded
 from extractor.models.capture import images_as_float
-from extractor.models.checkpoints import CheckpointError
+from extractor.models.checkpoints import CheckpointError, CheckpointMismatchError
 from schemas.errors import ImzarrError
 
 __all__ = [
@@ -302,8 +302,9 @@ def random_state_dict(config: Mapping[str, Any], seed: int) -> dict[str, Tensor]
 
 
 def claims_state_dict(state_dict: Mapping[str, Tensor]) -> bool:
-    """True when the keys are a DINOv2 ViT state dict (original names)."""
-    return all(k in state_dict for k in ("cls_token", "pos_embed", "patch_embed.proj.weight", "norm.weight"))
+    """True when the keys are a DINOv2 ViT state dict (original names): any of its signature keys, so that one
+    that lacks another key is told which (by the state dict check) instead of being taken for an EDM network."""
+    return any(k in state_dict for k in ("cls_token", "pos_embed", "patch_embed.proj.weight", "norm.weight"))
 
 
 def canonical_state_dict(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -317,6 +318,9 @@ def config_from_state_dict(state_dict: Mapping[str, Tensor], path: str | Path = 
         raise UnsupportedDinoV2Error(f"{path}: DINOv2 with register tokens (the *_reg4 models) is not supported")
     if any(re.match(r"blocks\.\d+\.\d+\.", key) for key in state_dict):
         raise UnsupportedDinoV2Error(f"{path}: chunked blocks (blocks.C.N.*) are not supported (block_chunks=0 only)")
+    missing = [key for key in ("cls_token", "pos_embed", "patch_embed.proj.weight") if key not in state_dict]
+    if missing:  # the keys the shapes are read from
+        raise CheckpointMismatchError(f"{path}: a DINOv2 state dict without {', '.join(missing)} (the network's shape is read from {'it' if len(missing) == 1 else 'them'})")
     embed_dim = int(state_dict["cls_token"].shape[-1])
     proj = state_dict["patch_embed.proj.weight"]
     patch_size = int(proj.shape[-1])

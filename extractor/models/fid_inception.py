@@ -309,8 +309,9 @@ def random_state_dict(config: Mapping[str, Any], seed: int) -> dict[str, Tensor]
 
 
 def claims_state_dict(state_dict: Mapping[str, Tensor]) -> bool:
-    """True when the keys are an Inception-v3 state dict (torchvision names)."""
-    return all(key in state_dict for key in _SIGNATURE_KEYS)
+    """True when the keys are an Inception-v3 state dict (torchvision names): any of its signature keys, so that
+    one that lacks another key is told which (by the state dict check) instead of being taken for an EDM network."""
+    return any(key in state_dict for key in _SIGNATURE_KEYS)
 
 
 def canonical_state_dict(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:

@@ -422,3 +422,24 @@ def test_model_errors_are_bad_input_errors(vits14: DinoV2) -> None:
         resolve_layer(vits14, "pool3")
     for error in (preset.value, layer.value, CheckpointError("x")):
         assert isinstance(error, ImzarrError) and error.exit_code == 2 and isinstance(error, ValueError)
+
+
+@pytest.mark.parametrize(
+    "preset, dropped, message",
+    [
+        ("fid-inception", "Conv2d_1a_3x3.conv.weight", r"1 missing: Conv2d_1a_3x3\.conv\.weight"),
+        ("dinov2-vits14", "norm.weight", r"1 missing: norm\.weight"),
+        ("dinov2-vits14", "cls_token", r"a DINOv2 state dict without cls_token \(the network's shape is read from it\)"),
+    ],
+)
+def test_a_feature_checkpoint_missing_a_signature_key_is_told_which(tmp_path: Path, preset: str, dropped: str, message: str) -> None:
+    """One key short of its family's signature, a checkpoint is still that family's, and the refusal names the key
+    (it was taken for an EDM network and refused as 'does not look like an EDM state dict')."""
+    from extractor.models import build_preset
+
+    state = build_preset(preset).state_dict()
+    del state[dropped]
+    path = tmp_path / "short.pth"
+    torch.save(state, path)
+    with pytest.raises(CheckpointMismatchError, match=message):
+        load_model(ModelSpec(checkpoint=str(path)))
