@@ -302,9 +302,10 @@ def random_state_dict(config: Mapping[str, Any], seed: int) -> dict[str, Tensor]
 
 
 def claims_state_dict(state_dict: Mapping[str, Tensor]) -> bool:
-    """True when the keys are a DINOv2 ViT state dict (original names): any of its signature keys, so that one
-    that lacks another key is told which (by the state dict check) instead of being taken for an EDM network."""
-    return any(k in state_dict for k in ("cls_token", "pos_embed", "patch_embed.proj.weight", "norm.weight"))
+    """True when the keys are a DINOv2 ViT state dict (original names): any of its own signature keys (not the
+    generic norm.weight), so that one that lacks another key is told which (by the state dict check) instead of
+    being taken for an EDM network."""
+    return any(k in state_dict for k in ("cls_token", "pos_embed", "patch_embed.proj.weight"))
 
 
 def canonical_state_dict(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
