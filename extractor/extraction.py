@@ -42,7 +42,7 @@ from schemas.progress_report import ProgressReport
 from schemas.remote_storage import remote_storage_errors
 from schemas.store_identity import StoreIdentity, check_output_generation, check_unchanged, reader_lease
 from schemas.store_integrity import record_checksums, record_unit_checksums
-from schemas.store_lifecycle import StoreExistsError, finalize_store, inspect_existing, mark_done, prepare_store
+from schemas.store_lifecycle import StoreExistsError, finalize_store, inspect_existing, mark_done, path_state, prepare_store
 from schemas.task_runner import check_scheduler_reachable, run_stop, run_tasks, stop_if_interrupted
 
 
@@ -119,22 +119,36 @@ def output_state(options: ExtractOptions, forward: PreparedForward, images: Imag
     settings the output records, once every refusal made before writing anything has passed (also `--dry-run`'s)."""
     fwd, loaded = forward.settings, forward.loaded
     refuse_unfit_labels(options.store, images, fwd, loaded, images.coordinate("label")[chosen])
-    selection = describe_selection(options.selection, chosen)
+    described = describe_selection(options.selection, chosen)
     check_noise_recipe(options.output, fwd.noise_seed, options.run.overwrite)
-    # The default shard size given by its number and given by no number are one setting: a store made either way
-    # is this run's (its settings record the spelling it was made with).
+    # The positions decide the values, not how they were named: the same positions from a file spelt otherwise,
+    # classes in another order or a list in Python are one setting. Stores made before this rule recorded the whole
+    # description (kept in their attributes as provenance): theirs is tried when the store there has it.
+    positions = {"count": described["count"], "sha256": described["sha256"]}
+    selections = [described, positions] if _recorded_selection_is_described(options.output) else [positions, described]
+    # Likewise the default shard size given by its number and given by no number.
     given, default = options.run.shard_size, default_shard_size(forward.layer_shapes, fwd.storage_dtype)
     spellings = [given] + ([default if given is None else None] if given in (None, default) else [])
     refusal: StoreExistsError | None = None
-    for shard_size in spellings:
-        spelt = replace(options, forward=fwd, run=replace(options.run, shard_size=shard_size))
-        settings = spelt.to_dict(loaded.sha256, selection, images.attrs.get("settings_fingerprint"), source.generation)
-        try:
-            return inspect_existing(options.output, ACTIVATION_SCHEMA, settings, options.run.overwrite, tidy=tidy), settings
-        except StoreExistsError as exc:
-            refusal = refusal or exc
+    for selection in selections:
+        for shard_size in spellings:
+            spelt = replace(options, forward=fwd, run=replace(options.run, shard_size=shard_size))
+            settings = spelt.to_dict(loaded.sha256, selection, images.attrs.get("settings_fingerprint"), source.generation)
+            try:
+                return inspect_existing(options.output, ACTIVATION_SCHEMA, settings, options.run.overwrite, tidy=tidy), settings
+            except StoreExistsError as exc:
+                refusal = refusal or exc
     assert refusal is not None
     raise refusal
+
+
+def _recorded_selection_is_described(url: str) -> bool:
+    """Whether the activation store at `url` recorded its selection's whole description in its settings (stores
+    made before the positions alone were recorded)."""
+    if path_state(url) != "store":
+        return False
+    recorded = (dict(zarr.open_group(url, mode="r", use_consolidated=False).attrs).get("settings") or {}).get("selection")
+    return isinstance(recorded, dict) and bool(set(recorded) - {"count", "sha256"})
 
 
 def _extract(options: ExtractOptions, forward: PreparedForward, images: ImageStore, source: StoreIdentity, chosen: np.ndarray, started: float) -> ExtractResult:
@@ -143,7 +157,7 @@ def _extract(options: ExtractOptions, forward: PreparedForward, images: ImageSto
     chosen_labels = images.coordinate("label")[chosen]
     notes = tuple(note for note in (shortfall, unlabelled_note(fwd, loaded, chosen_labels)) if note)
     state, settings = output_state(options, forward, images, source, chosen)
-    selection = settings["selection"]
+    selection = describe_selection(options.selection, chosen)  # the whole description, as provenance
     if state == "complete":
         return ExtractResult(options.output, int(chosen.size), True, time.monotonic() - started, loaded.trained, notes=notes)
     shard = run.shard_size or default_shard_size(shapes, fwd.storage_dtype)

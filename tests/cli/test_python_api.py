@@ -367,7 +367,7 @@ def test_numpy_integers_are_the_same_settings_as_ints(sample, tmp_path):
                        per_class=np.int64(2), seed=np.uint16(5), batch_size=np.int64(8), shard_size=np.int64(16))  # fmt: skip
     assert not made.already_complete and made.num_samples > 0
     settings = dict(zarr.open_group(acts, mode="r").attrs)["settings"]
-    assert type(settings["noise_seed"]) is int and type(settings["selection"]["per_class"]) is int
+    assert type(settings["noise_seed"]) is int and type(dict(zarr.open_group(acts, mode="r").attrs)["selection"]["per_class"]) is int
     argv = ["extract", str(tmp_path / "img.zarr"), "-o", acts, "--layers", "midblock", "--preset", "tiny-random", "--device", "cpu",
             "--per-class", "2", "--seed", "5", "--shard-size", "16"]  # fmt: skip
     done = subprocess.run([sys.executable, "-m", "schemas", *argv], capture_output=True, text=True)

@@ -573,3 +573,38 @@ def test_the_default_shard_size_given_by_its_number_is_the_same_settings(image_s
     other = str(tmp_path / "explicit.zarr")
     assert not api.extract(image_store, other, shard_size=default_shard_size(shapes, "float16"), **options).already_complete
     assert api.extract(image_store, other, **options).already_complete
+
+
+def test_the_same_positions_named_otherwise_are_the_same_selection(image_store, tmp_path, monkeypatch):
+    """The positions decide the values: an indices file named by another path, the same positions in Python, or
+    classes in another order find the store complete; other positions are refused. A store made when the whole
+    description was recorded still confirms with that description."""
+    from extractor import api
+    from schemas.store_lifecycle import StoreExistsError
+
+    options = {"preset": "tiny-random", "layers": "midblock", "device": "cpu", "pool": "mean"}
+    np.savetxt(tmp_path / "idx.txt", [3, 1, 40], fmt="%d")
+    monkeypatch.chdir(tmp_path)
+    out = str(tmp_path / "idx.zarr")
+    assert not api.extract(image_store, out, indices="idx.txt", **options).already_complete
+    assert api.extract(image_store, out, indices=str(tmp_path / "idx.txt"), **options).already_complete
+    assert api.extract(image_store, out, indices=[40, 3, 1], **options).already_complete
+    assert dict(zarr.open_group(out, mode="r").attrs)["selection"]["indices_file"] == "idx.txt"  # provenance keeps the name
+    with pytest.raises(StoreExistsError, match=r"changed: selection"):
+        api.extract(image_store, out, indices=[3, 1, 41], **options)
+    labels = validate_image_store(image_store).coordinate("label")
+    first, second = (int(v) for v in np.unique(labels)[:2])
+    by_class = str(tmp_path / "classes.zarr")
+    assert not api.extract(image_store, by_class, classes=[first, second], **options).already_complete
+    assert api.extract(image_store, by_class, classes=[second, first], **options).already_complete
+
+    # A store of the earlier rule: its settings hold the whole description, its fingerprint made from them.
+    legacy = str(tmp_path / "legacy.zarr")
+    api.extract(image_store, legacy, indices="idx.txt", **options)
+    group = zarr.open_group(legacy, mode="r+", use_consolidated=False)
+    settings = dict(group.attrs)["settings"]
+    settings["selection"] = dict(group.attrs)["selection"]
+    from schemas.store_lifecycle import settings_fingerprint
+
+    group.attrs.update({"settings": settings, "settings_fingerprint": settings_fingerprint(settings)})
+    assert api.extract(image_store, legacy, indices="idx.txt", **options).already_complete
