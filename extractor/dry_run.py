@@ -33,7 +33,7 @@ def dry_run_table(options: ExtractOptions) -> str:
     with PreparedForward(options.forward, run.device, res, run.compile, run.batch_size,
                                  seed_picks_samples=options.selection.per_class is not None, where=options.store) as forward:
         # The real run's refusals (labels the network cannot take, an output made otherwise) are the dry run's too.
-        state, _ = output_state(options, forward, images, StoreIdentity.of(options.store, images.attrs), chosen, tidy=False)
+        state, _, _ = output_state(options, forward, images, StoreIdentity.of(options.store, images.attrs), chosen, tidy=False)
         if state == "new" and run.overwrite and path_state(options.output) == "store":
             state = "replace"  # --overwrite over a store made otherwise: the one outcome a dry run must not hide
         batch = max(1, min(forward.batch_size, int(chosen.size)))  # the automatic choice probes one sample first

@@ -114,9 +114,10 @@ def extract(options: ExtractOptions) -> ExtractResult:
             return _extract(options, forward, images, source, chosen, started)
 
 
-def output_state(options: ExtractOptions, forward: PreparedForward, images: ImageStore, source: StoreIdentity, chosen: np.ndarray, tidy: bool = True) -> tuple[str, dict[str, Any]]:
-    """What the run does with its output, 'new', 'resume' or 'complete' (store_lifecycle.inspect_existing), and the
-    settings the output records, once every refusal made before writing anything has passed (also `--dry-run`'s)."""
+def output_state(options: ExtractOptions, forward: PreparedForward, images: ImageStore, source: StoreIdentity, chosen: np.ndarray, tidy: bool = True) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """What the run does with its output, 'new', 'resume' or 'complete' (store_lifecycle.inspect_existing), the
+    settings the output records and the selection's whole description (its provenance), once every refusal made
+    before writing anything has passed (also `--dry-run`'s)."""
     fwd, loaded = forward.settings, forward.loaded
     refuse_unfit_labels(options.store, images, fwd, loaded, images.coordinate("label")[chosen])
     described = describe_selection(options.selection, chosen)
@@ -135,7 +136,7 @@ def output_state(options: ExtractOptions, forward: PreparedForward, images: Imag
             spelt = replace(options, forward=fwd, run=replace(options.run, shard_size=shard_size))
             settings = spelt.to_dict(loaded.sha256, selection, images.attrs.get("settings_fingerprint"), source.generation)
             try:
-                return inspect_existing(options.output, ACTIVATION_SCHEMA, settings, options.run.overwrite, tidy=tidy), settings
+                return inspect_existing(options.output, ACTIVATION_SCHEMA, settings, options.run.overwrite, tidy=tidy), settings, described
             except StoreExistsError as exc:
                 refusal = refusal or exc
     assert refusal is not None
@@ -156,8 +157,7 @@ def _extract(options: ExtractOptions, forward: PreparedForward, images: ImageSto
     shortfall = per_class_shortfall(options.selection, images.coordinate("label"), images.coordinate("synset"))
     chosen_labels = images.coordinate("label")[chosen]
     notes = tuple(note for note in (shortfall, unlabelled_note(fwd, loaded, chosen_labels)) if note)
-    state, settings = output_state(options, forward, images, source, chosen)
-    selection = describe_selection(options.selection, chosen)  # the whole description, as provenance
+    state, settings, selection = output_state(options, forward, images, source, chosen)
     if state == "complete":
         return ExtractResult(options.output, int(chosen.size), True, time.monotonic() - started, loaded.trained, notes=notes)
     shard = run.shard_size or default_shard_size(shapes, fwd.storage_dtype)
