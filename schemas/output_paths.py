@@ -99,34 +99,42 @@ def refuse_process_bound_output(output: str | None) -> None:
 def check_output_location(output: str, inputs: Iterable[str] = ()) -> None:
     """Refuse an output that equals, lies inside, or contains any input, or that cannot be written (before
     anything is touched, let alone computed)."""
-    out_protocol, out_path = location(output)
-    for source in inputs:
-        if source is None:
-            continue
-        in_protocol, in_path = location(source)
-        if in_protocol != out_protocol:
-            continue
-        if _inside(out_path, in_path) or _inside(in_path, out_path):
-            how = "is" if out_path == in_path else ("lies inside" if _inside(out_path, in_path) else "contains")
-            raise OutputOverlapsInputError(f"{output}: the output {how} the input {source}; choose an output path outside every input")
+    found = _overlap(output, inputs, contains_too=True)
+    if found:
+        source, how = found
+        raise OutputOverlapsInputError(f"{output}: the output {how} the input {source}; choose an output path outside every input")
     refuse_unwritable_output(output)
 
 
 def check_scratch_location(scratch: str, output: str | None, inputs: Iterable[str | None] = ()) -> None:
     """Refuse a scratch folder that is an input or lies inside one (its temporary files would be written among the
     inputs), or that is the output or lies inside it (the store would hold a folder not its own, and be refused)."""
-    protocol, path = location(scratch)
-    for source in inputs:
-        if source is None:
+    found = _overlap(scratch, inputs, contains_too=False)
+    if found:
+        source, how = found
+        raise OutputOverlapsInputError(f"{scratch}: the scratch folder {how} the input {source}; choose a folder outside every input")
+    found = _overlap(scratch, [output], contains_too=False)
+    if found:
+        raise OutputPathError(f"{scratch}: the scratch folder {found[1]} the output {output}; choose a folder outside it")
+
+
+def _overlap(url: str, others: Iterable[str | None], contains_too: bool) -> tuple[str, str] | None:
+    """The first of `others` (None skipped) that `url` is or lies inside (or, with `contains_too`, contains), and
+    how: "is", "lies inside" or "contains"; None when it overlaps none. Paths compare resolved, by protocol."""
+    protocol, path = location(url)
+    for other in others:
+        if other is None:
             continue
-        in_protocol, in_path = location(source)
-        if in_protocol == protocol and _inside(path, in_path):
-            raise OutputOverlapsInputError(f"{scratch}: the scratch folder {'is' if path == in_path else 'lies inside'} the input {source}; choose a folder outside every input")
-    if output is None:
-        return
-    out_protocol, out_path = location(output)
-    if out_protocol == protocol and _inside(path, out_path):
-        raise OutputPathError(f"{scratch}: the scratch folder {'is' if path == out_path else 'lies inside'} the output {output}; choose a folder outside it")
+        other_protocol, other_path = location(other)
+        if other_protocol != protocol:
+            continue
+        if path == other_path:
+            return other, "is"
+        if _inside(path, other_path):
+            return other, "lies inside"
+        if contains_too and _inside(other_path, path):
+            return other, "contains"
+    return None
 
 
 class OutputPathError(ImzarrError):
