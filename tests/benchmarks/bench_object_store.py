@@ -12,10 +12,14 @@ bare `cat_ranges` of one image-sized range from each of 100 small (64 KB) object
 next to nothing — a client that fetches only the needed bytes takes random single images at about that rate at best.
 
 Client CPU (issue 26, goal ≤ 0.3 ms per random image): the same random takes through obstore and through s3fs
-(`shard_range_reader(..., use_obstore=...)`), interleaved, on the 256-image-shard store with indexes cached: this
-process's CPU time (`time.process_time`, every thread, s3fs's event loop included; moto runs in its own process)
-divided by the images read, and img/s of the same rounds. moto's server speaks HTTP/1.0 (werkzeug's default), so
-every request of either client opens a new connection, a cost a keep-alive S3 endpoint does not charge.
+(`shard_range_reader(..., use_obstore=...)`), interleaved, on a 256-image-shard store with indexes cached: this
+process's CPU time (`time.process_time`, every thread, s3fs's event loop included; the server runs in its own
+process) divided by the images read, and img/s of the same rounds. Measured against two servers:
+- tests/support/range_server.py, a read-only S3 endpoint over a local folder that answers requests concurrently on
+  keep-alive connections, as S3 does: the goal row;
+- moto, for context: it answers one request after another (about 400 per second here) over HTTP/1.0, so every
+  response wakes the client on its own and every request opens a connection, costs an S3 endpoint does not
+  cause (perf: context switches and connection set-up were a quarter of the client's samples).
 """
 
 from __future__ import annotations
@@ -31,9 +35,15 @@ import numpy as np
 import zarr
 
 from schemas.image_layout import create_image_arrays, write_image_shard
-from schemas.image_store import IMAGE_VAR, ImageStore, shard_range_reader, take_with_zarr
+from schemas.image_store import (
+    IMAGE_VAR,
+    ImageStore,
+    shard_range_reader,
+    take_with_zarr,
+)
 from schemas.obstore_ranges import obstore_ranges_for
 from tests.benchmarks.run import make_row
+from tests.support.range_server import range_server
 from tests.support.s3_server import CREDENTIALS, local_s3
 
 GROUP = "object store"
@@ -57,9 +67,26 @@ def run(workdir: Path, quick: bool = False) -> list[dict]:
         fsspec.config.conf["s3"] = dict(s3.storage_options)
         for shard in SHARDS:
             rows += _rows_for_layout(s3.url(f"bench-{shard}.zarr"), shard, rng, quick)
-        rows += _client_cpu_rows(s3.url(f"bench-{SHARDS[-1]}.zarr"), SHARDS[-1], rng, quick)
+        moto_rows = _client_cpu_rows(s3.url(f"bench-{SHARDS[-1]}.zarr"), SHARDS[-1], rng, quick, None, "moto (one request at a time, HTTP/1.0)")
         rows.append(_server_ceiling_row(s3.url("ceiling/object"), rng, quick))
-    return rows
+    fsspec.config.conf.pop("s3", None)
+    served = workdir / "range-server"
+    local = served / "imzarr-bench" / f"bench-{SHARDS[-1]}.zarr"
+    _write_store(str(local), SHARDS[-1], rng)
+    with range_server(served) as endpoint:
+        options = {"endpoint_url": endpoint, "key": CREDENTIALS["AWS_ACCESS_KEY_ID"], "secret": CREDENTIALS["AWS_SECRET_ACCESS_KEY"]}
+        rows += _client_cpu_rows(f"s3://imzarr-bench/{local.name}", SHARDS[-1], rng, quick, options, "a concurrent keep-alive S3 endpoint (tests/support/range_server.py)")
+    return rows + moto_rows
+
+
+def _write_store(url: str, shard: int, rng: np.random.Generator) -> None:
+    """An 8,192-image store of random pixels in `shard`-image shards."""
+    group = zarr.open_group(url, mode="w", zarr_format=3)
+    create_image_arrays(group, SAMPLES, RESOLUTION, shard, None)
+    for start in range(0, SAMPLES, shard):
+        images = rng.integers(0, 256, (shard, 3, RESOLUTION, RESOLUTION), dtype=np.uint8)
+        coords = {"label": np.zeros(shard, np.int16), "global_index": np.arange(start, start + shard)}
+        write_image_shard(url, start, images, coords)
 
 
 def _server_ceiling_row(url: str, rng: np.random.Generator, quick: bool) -> dict:
@@ -81,12 +108,7 @@ def _server_ceiling_row(url: str, rng: np.random.Generator, quick: bool) -> dict
 
 
 def _rows_for_layout(url: str, shard: int, rng: np.random.Generator, quick: bool) -> list[dict]:
-    group = zarr.open_group(url, mode="w", zarr_format=3)
-    create_image_arrays(group, SAMPLES, RESOLUTION, shard, None)
-    for start in range(0, SAMPLES, shard):
-        images = rng.integers(0, 256, (shard, 3, RESOLUTION, RESOLUTION), dtype=np.uint8)
-        coords = {"label": np.zeros(shard, np.int16), "global_index": np.arange(start, start + shard)}
-        write_image_shard(url, start, images, coords)
+    _write_store(url, shard, rng)
     store = ImageStore(url, zarr.open_group(url, mode="r"))
     reader = store.fast_reader
     cold, warm, bare, via_zarr = [], [], [], []
@@ -108,7 +130,7 @@ def _rows_for_layout(url: str, shard: int, rng: np.random.Generator, quick: bool
             t0 = time.perf_counter()
             take_with_zarr(store.image, idx)
             via_zarr.append(time.perf_counter() - t0)
-    best = lambda times: TAKE / min(times)  # noqa: E731
+    best = lambda times: TAKE / min(times)
     size = f"{shard:,}-image shards ({shard * 3 * RESOLUTION**2 / 1e6:.0f} MB)"
     return [
         make_row(GROUP, f"random take, 100 of 8,192, {size}, index cached", best(warm), "img/s", baseline=best(bare),
@@ -119,13 +141,16 @@ def _rows_for_layout(url: str, shard: int, rng: np.random.Generator, quick: bool
     ]
 
 
-def _client_cpu_rows(url: str, shard: int, rng: np.random.Generator, quick: bool) -> list[dict]:
-    """Client CPU per random image and img/s, obstore against s3fs: the same indices, rounds interleaved."""
+def _client_cpu_rows(url: str, shard: int, rng: np.random.Generator, quick: bool, storage_options: dict | None, server: str) -> list[dict]:
+    """Client CPU per random image and img/s, obstore against s3fs: the same indices, rounds interleaved. The goal
+    is judged on the concurrent server (`storage_options` given); moto's rows are context."""
+    judged = storage_options is not None
+    on = "" if judged else ", moto"
     try:
         import obstore  # noqa: F401
     except ImportError as exc:
-        return [make_row(GROUP, "random take, client CPU per image, obstore vs s3fs", None, "", note=f"skipped: {exc}")]
-    readers = {name: shard_range_reader(url, IMAGE_VAR, use_obstore=name == "obstore") for name in ("obstore", "s3fs")}
+        return [make_row(GROUP, f"random take, client CPU per image, obstore vs s3fs{on}", None, "", note=f"skipped: {exc}")]
+    readers = {name: shard_range_reader(url, IMAGE_VAR, storage_options, use_obstore=name == "obstore") for name in ("obstore", "s3fs")}
     assert readers["obstore"].range_client == "obstore" and readers["s3fs"].range_client == "fsspec"
     for reader in readers.values():
         reader.shard_indexes(list(range(SAMPLES // shard)))
@@ -148,12 +173,12 @@ def _client_cpu_rows(url: str, shard: int, rng: np.random.Generator, quick: bool
     ms = {name: 1e3 * cpu[name] / images for name in names}
     rate = {name: images / wall[name] for name in names}
     load = os.getloadavg()[0]
-    where = f"moto on 127.0.0.1, {shard:,}-image shards, 100 random images per take, indexes cached, one connection per request (HTTP/1.0); load avg {load:.1f} on {os.cpu_count()} cores"
+    where = f"{server} on 127.0.0.1, {shard:,}-image shards, 100 random images per take, indexes cached; load avg {load:.1f} on {os.cpu_count()} cores"
     return [
-        make_row(GROUP, "random take, client CPU per image, obstore", ms["obstore"], "ms/img", baseline=ms["s3fs"], goal=f"≤ {CPU_GOAL_MS} ms",
-                 met=ms["obstore"] <= CPU_GOAL_MS, note=f"baseline: s3fs, same ranges, same run (lower is better); {where}"),
-        make_row(GROUP, "random take, img/s, obstore", rate["obstore"], "img/s", baseline=rate["s3fs"], note=f"baseline: s3fs, same rounds; {where}"),
-        make_row(GROUP, "client CPU per image, bare obstore (the floor)", ms["bare obstore"], "ms/img", baseline=ms["obstore"],
+        make_row(GROUP, f"random take, client CPU per image, obstore{on}", ms["obstore"], "ms/img", baseline=ms["s3fs"], goal=f"≤ {CPU_GOAL_MS} ms" if judged else "",
+                 met=ms["obstore"] <= CPU_GOAL_MS if judged else None, note=f"baseline: s3fs, same ranges, same run (lower is better); {where}"),
+        make_row(GROUP, f"random take, img/s, obstore{on}", rate["obstore"], "img/s", baseline=rate["s3fs"], note=f"baseline: s3fs, same rounds; {where}"),
+        make_row(GROUP, f"client CPU per image, bare obstore (the floor){on}", ms["bare obstore"], "ms/img", baseline=ms["obstore"],
                  note=f"obstore alone: one get_range_async per range of the same takes, all at once on one event loop, no imzarr code; baseline: ImageStore.take through obstore; {where}"),
     ]
 

@@ -84,10 +84,10 @@ def _wait_for_port(port: int, server: subprocess.Popen, timeout_s: float = 60.0)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if server.poll() is not None:
-            raise RuntimeError(f"moto server exited with {server.returncode}")
+            raise RuntimeError(f"local server on port {port} exited with {server.returncode}")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.5):
                 return
         except OSError:
             time.sleep(0.1)
-    raise RuntimeError(f"moto server did not listen on 127.0.0.1:{port} within {timeout_s:.0f} s")
+    raise RuntimeError(f"local server did not listen on 127.0.0.1:{port} within {timeout_s:.0f} s")
