@@ -47,7 +47,10 @@ class ImzarrAccessor:
 
     def __init__(self, ds: xr.Dataset) -> None:
         self._ds = ds
+        # The labels read, and the variable they were read from: xarray keeps one accessor per dataset object,
+        # and `ds.coords["label"] = …` changes that object in place (a new variable under the old name).
         self._sample_labels: np.ndarray | None = None
+        self._labels_from: Any = None
 
     # ------------------------------------------------------------ what the dataset is
 
@@ -62,13 +65,15 @@ class ImzarrAccessor:
         raise AccessorError(f"dataset has dims {sorted(map(str, self._ds.dims))}: not an imzarr store or compare report (no 'sample', 'label' or 'class' dim)")
 
     def labels(self) -> np.ndarray:
-        """The label of every row, int64, in memory (read once per dataset object; never the text arrays)."""
-        if self._sample_labels is None:
-            dim = self.class_dim
-            name = LABEL if dim == SAMPLE_DIM else dim
-            if name not in self._ds.variables:
-                raise AccessorError(f"dataset has no {name!r} variable to take classes from")
-            self._sample_labels = np.asarray(self._ds.variables[name].values, dtype=np.int64)
+        """The label of every row, int64, in memory (read once per label variable; never the text arrays)."""
+        dim = self.class_dim
+        name = LABEL if dim == SAMPLE_DIM else dim
+        if name not in self._ds.variables:
+            raise AccessorError(f"dataset has no {name!r} variable to take classes from")
+        variable = self._ds.variables[name]
+        if self._sample_labels is None or self._labels_from is not variable:
+            self._sample_labels = np.asarray(variable.values, dtype=np.int64)
+            self._labels_from = variable
         return self._sample_labels
 
     def class_table(self) -> dict[int, tuple[str, str]]:
@@ -228,7 +233,19 @@ class ImzarrAccessor:
         if recorded is not None and images.attrs.get("settings_fingerprint") != recorded:
             raise ProvenanceError(f"{url}: not the image store these activations were computed from (its settings fingerprint differs from the recorded one)")
         positions = np.asarray(ds.variables["source_sample"].values, dtype=np.int64)
-        return images.isel({SAMPLE_DIM: positions})
+        picked = images.isel({SAMPLE_DIM: positions})
+        # The rows' own record of their images: a dataset concatenated from stores of different image stores keeps
+        # only the first one's `source`, and its other rows would be read from the wrong store.
+        if "global_index" in ds.variables and "global_index" in picked.variables:
+            ours, theirs = ds.variables["global_index"].values, picked.variables["global_index"].values
+            wrong = np.flatnonzero(np.asarray(ours) != np.asarray(theirs))
+            if wrong.size:
+                raise ProvenanceError(
+                    f"{url}: {wrong.size} of {positions.size} rows are not this image store's (global_index {int(ours[wrong[0]])} at row "
+                    f"{int(wrong[0])}, the image store has {int(theirs[wrong[0]])} there): rows computed from another image store, "
+                    "as in a concatenation of activation stores? Take each store's images() before concatenating"
+                )
+        return picked
 
 
 # Encoding that describes the whole store's layout: a selection of its rows no longer fits it, and `to_zarr`
@@ -239,10 +256,16 @@ LAYOUT_ENCODING = ("chunks", "shards", "preferred_chunks")
 
 def rows_selected(ds: xr.Dataset) -> xr.Dataset:
     """A selection of a store's rows with each variable's encoding minus the store's chunk layout (dtype, scale
-    factor and fill value kept)."""
+    factor and fill value kept). A variable stored without a CF `_FillValue` is written without one again: xarray
+    would add NaN, and a float16 layer with both `_FillValue` and `scale_factor` then reopens as float16, whose
+    reductions accumulate in float16 (a mean of 0.0 for -0.015, nan for a sum), where the store's own layer
+    reopens as float64."""
     out = ds.copy()
     for var in out.variables.values():
-        var.encoding = {k: v for k, v in var.encoding.items() if k not in LAYOUT_ENCODING}
+        encoding = {k: v for k, v in var.encoding.items() if k not in LAYOUT_ENCODING}
+        if "dtype" in encoding and "_FillValue" not in encoding:
+            encoding["_FillValue"] = None
+        var.encoding = encoding
     return out
 
 

@@ -53,6 +53,7 @@ def images_and_acts(tmp_path_factory):
     url = write_activation_store(str(root / "acts.zarr"), labels, lambda a, b: np.ones((b - a, 4)), (4,), layer="midblock", shard=64)
     group = zarr.open_group(url, mode="r+")
     group["source_sample"][:] = positions
+    group["global_index"][:] = zarr.open_array(images, path="global_index", mode="r")[:][positions]  # as the extractor records them
     image_attrs = dict(zarr.open_group(images, mode="r").attrs)
     group.attrs["source"] = {"url": images, "schema": image_attrs["schema"], "fingerprint": image_attrs["settings_fingerprint"], "source_format": "npz"}
     with warnings.catch_warnings():
@@ -133,7 +134,12 @@ def test_where_with_text_variables(acts, drop, tmp_path):
         warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
         (got.chunk({"sample": 64}) if drop else got).to_zarr(out, zarr_format=3)  # a selection: chunks as uneven as its rows
     assert zarr.open_array(out, path="midblock", mode="r").dtype == np.float16
-    np.testing.assert_array_equal(xr.open_zarr(out).midblock.values, got.midblock.values)
+    back = xr.open_zarr(out)
+    np.testing.assert_array_equal(back.midblock.values, got.midblock.values)
+    # Reopened as the store itself opens (float64, no CF fill value added): its reductions stay right. Values near
+    # float16's largest overflow a float16 sum at once.
+    assert back.midblock.dtype == np.float64 and "_FillValue" not in zarr.open_array(out, path="midblock", mode="r").attrs
+    np.testing.assert_allclose(float(back.midblock.mean()), float(got.midblock.mean()), rtol=1e-12)
 
 
 def test_class_reductions_against_float64_numpy(acts):
@@ -247,6 +253,27 @@ def test_concatenated_stores_name_every_class(tmp_path):
     assert mean.label.values.tolist() == [TENCH, KIT_FOX]
     assert mean.class_name.values.tolist() == ["tench", "kit fox"] and mean.synset.values.tolist() == ["n01440764", "n02119789"]
     np.testing.assert_array_equal(mean.values, [[0, 0, 0], [2 / 3, 2 / 3, 2 / 3]])
+
+
+def test_labels_follow_an_in_place_change(acts):
+    """xarray keeps one accessor per dataset object, and `ds.coords["label"] = …` changes the object in place."""
+    ds = xr.open_zarr(acts)
+    assert ds.imzarr.class_count().values.tolist() == [int((LABELS == c).sum()) for c in np.unique(LABELS)]
+    ds.coords["label"] = ("sample", np.full(LABELS.size, KIT_FOX, dtype=np.int16))
+    assert ds.imzarr.class_count().label.values.tolist() == [KIT_FOX]
+    assert ds.imzarr.sel(classes="kit fox").sizes["sample"] == LABELS.size
+
+
+def test_images_of_rows_from_another_image_store_are_refused(images_and_acts, tmp_path):
+    """A concatenation keeps the first store's `source`: rows of a store computed from another image store would
+    be read at their positions in the wrong one. Their recorded global_index tells them apart."""
+    images_url, acts_url, positions = images_and_acts
+    other = xr.open_zarr(write_activation_store(str(tmp_path / "other.zarr"), np.array([TENCH] * 3), lambda a, b: np.ones((b - a, 4)), (4,), layer="midblock"))
+    other = other.assign_coords(global_index=("sample", np.array([5000, 5001, 5002])))
+    both = xr.concat([xr.open_zarr(acts_url), other], dim="sample")
+    with pytest.raises(ProvenanceError, match=r"3 of 23 rows are not this image store's \(global_index 5000 at row 20, the image store has 0 there\)"):
+        both.imzarr.images()
+    np.testing.assert_array_equal(xr.open_zarr(acts_url).imzarr.images().global_index.values, positions)
 
 
 def test_class_reductions_refuse_text_and_empty_rows(acts):
