@@ -58,9 +58,10 @@ def convert_jpeg(
     store that is already complete, on the run that made it. `options` are ConvertOptions fields, as for
     `convert_npz`."""
     from converter.sources.jpeg import open_jpeg_source
+    from converter.sources.jpeg_recipes import truncated_images_rejected
 
     (root, val_labels), checked = _located([os.fspath(root), val_labels], output, options, convert_jpeg)
-    with remote_storage_errors(root, val_labels, checked.output):  # listing the tree of an object store may fail first
+    with remote_storage_errors(root, val_labels, checked.output), truncated_images_rejected():  # listing the tree of an object store may fail first
         result = convert(open_jpeg_source(root, recipe, size, val_labels, label_from_folders, fast_draft), checked)
     if strict and result.rejected:
         raise RejectedFilesError(result)

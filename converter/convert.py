@@ -247,12 +247,13 @@ def _convert_locked(source: ImageSource, options: ConvertOptions, settings: dict
         raise
     plan = _plan_rows(source, materialized, options.shuffle_seed)
     n = plan["global_index"].size
-    rejected = [r for m in materialized.values() for r in m.rejected]
+    rejected = [r for _, m in sorted(materialized.items()) for r in m.rejected]  # in input order, however the parts finished or resumed
     if n == 0:
         _remove_scratch_if_ours(scratch, options.output)
         empty = [p.relpath for p in source.parts if p.num_rows == 0]
         held = f"; {', '.join(empty[:3])}{' …' if len(empty) > 3 else ''} hold{'s' if len(empty) == 1 else ''} no rows" if empty else ""
-        raise SourceError(", ".join(source.input_paths), f"no usable images ({len(rejected)} rejected{held})")
+        named = "; ".join(f"{path}: {reason}" for path, reason in rejected[:3]) + (f"; … {len(rejected) - 3} more" if len(rejected) > 3 else "")
+        raise SourceError(", ".join(source.input_paths), f"no usable images ({len(rejected)} rejected{': ' + named if rejected else ''}{held})")
     shard = options.shard_size
     num_shards = -(-n // shard)
     inner = effective_inner_chunk(options, source.resolution)

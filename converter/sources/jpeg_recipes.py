@@ -13,16 +13,17 @@ image's pixel grid, in fractional pixels of the reduced one, so only the decode 
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import stat
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageFile, UnidentifiedImageError
 
 from schemas.errors import ImzarrError, PathError
 from schemas.suggestions import did_you_mean
@@ -150,6 +151,22 @@ def open_rgb_draft(
             if img is not None:
                 img.close()
     return rgb, draft
+
+
+@contextlib.contextmanager
+def truncated_images_rejected() -> Iterator[None]:
+    """Pillow's `ImageFile.LOAD_TRUNCATED_IMAGES` off while a conversion decodes, as it was afterwards.
+
+    Training code often turns it on, process-wide; Pillow then fills a truncated file's missing part with grey and
+    raises nothing, and the converter would store that image instead of rejecting the file. Threads of this
+    process that decode images meanwhile see it off too; processes of their own (`--processes`, a cluster's
+    workers) keep their own setting, which is Pillow's default (off) unless they turn it on."""
+    before = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        yield
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = before
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

@@ -62,6 +62,7 @@ def scan_jpeg_tree(
         return _scan_remote_tree(os.fspath(root), val_labels, label_from_folders)
     root = _resolve_root(Path(root), want_val=val_labels is not None)
     top_images, top_ignored, folders = _scan_top(root)
+    _refuse_class_archives(root, top_ignored, folders)
     if top_images and folders:
         raise JpegTreeError(
             root,
@@ -129,6 +130,7 @@ def _scan_remote_tree(url: str, val_labels: str | os.PathLike[str] | None, label
         images, ignored = below.setdefault(parts[0], ([], []))
         (ignored if is_ignored else images).append(rel)
     ordered = sorted(folders)
+    _refuse_class_archives(root, top_ignored, ordered)
     if top_images and ordered:
         raise JpegTreeError(
             root,
@@ -151,6 +153,25 @@ def _scan_remote_tree(url: str, val_labels: str | os.PathLike[str] | None, label
         (int(entries[rel].get("size") or 0), source_files.remote_stamp(entries[rel])) for rel in tree.files
     )
     return dataclasses.replace(tree, stamps=stamps)
+
+
+_CLASS_ARCHIVE = re.compile(r"(n\d{8})\.(tar|tar\.gz|tgz|zip)$", re.IGNORECASE)
+
+
+def _refuse_class_archives(root: Path | str, top_ignored: list[str], folders: list[str]) -> None:
+    """An archive named by a WNID at the top (ILSVRC2012_img_train.tar holds one per class) with no folder of
+    that class beside it: a class not extracted yet. Converting without it would leave the whole class out, with
+    nothing but a line among the ignored files to say so."""
+    present = set(folders)
+    archives = [name for name in sorted(top_ignored) if (m := _CLASS_ARCHIVE.match(name)) and class_table().is_wnid(m.group(1)) and m.group(1) not in present]
+    if archives:
+        more = f" and {len(archives) - 1} more" if len(archives) > 1 else ""
+        first = _CLASS_ARCHIVE.match(archives[0]).group(1)  # type: ignore[union-attr]
+        raise JpegTreeError(
+            source_files.join(root, archives[0]) if isinstance(root, str) else root / archives[0],
+            f"a class archive not extracted{more}: its images would be missing from the store; extract each into "
+            f"its class folder (mkdir {first} && tar -xf {archives[0]} -C {first}) or move the archives out",
+        )
 
 
 def _resolve_remote_root(url: str, want_val: bool) -> str:

@@ -95,6 +95,29 @@ def test_strict_is_the_library_rule(odd_tree, tmp_path):
     assert convert_jpeg(odd_tree, out).already_complete
 
 
+def test_truncated_files_are_rejected_when_pillow_is_told_to_load_them(odd_tree, tmp_path, monkeypatch):
+    """Training code often sets Pillow's LOAD_TRUNCATED_IMAGES process-wide; Pillow would then fill the missing
+    half with grey and the converter store it. The run rejects the file anyway and leaves the setting as it was."""
+    from PIL import ImageFile
+
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
+    result = convert_jpeg(odd_tree, str(tmp_path / "t.zarr"))
+    assert result.num_samples == 7 and (f"{WNIDS[0]}/h_truncated.JPEG", "truncated image") in result.rejected
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is True
+
+
+def test_every_file_rejected_names_them(tmp_path):
+    root = tmp_path / "bad"
+    (root / WNIDS[0]).mkdir(parents=True)
+    (root / WNIDS[0] / "garbage.JPEG").write_bytes(b"not a picture at all")
+    (root / WNIDS[0] / "zero.JPEG").write_bytes(b"")
+    out = tmp_path / "bad.zarr"
+    assert convert_main(["jpeg", str(root), "-o", str(out)]) == 2
+    with pytest.raises(Exception, match=rf"no usable images \(2 rejected: {WNIDS[0]}/garbage\.JPEG: not an image \(cannot identify image file\); {WNIDS[0]}/zero\.JPEG: empty file\)"):
+        convert_jpeg(root, str(out))
+    assert not out.exists()
+
+
 def test_flat_val_with_devkit_labels(tmp_path):
     val = tmp_path / "val"
     val.mkdir()
@@ -135,6 +158,8 @@ def test_killed_while_reading_the_tree_then_rerun_equals_uninterrupted(tmp_path)
         (root / w).mkdir(parents=True)
     for i in range(300):
         Image.fromarray(_photo(48, 64, i)).save(root / WNIDS[i % 3] / f"{i:04d}.JPEG", quality=85)
+    for i in (0, 181, 299):  # one unreadable file in each block: the record lists them in input order however the blocks resume
+        (root / WNIDS[i % 3] / f"{i:04d}.JPEG").write_bytes(b"not a picture")
     args = ["convert", "jpeg", str(root), "--shard-size", "64", "--workers", "2", "--shuffle-seed", "1"]
     assert run_imzarr(*args, "-o", tmp_path / "ref.zarr").returncode == 0
     crashed = tmp_path / "crashed.zarr"
@@ -145,6 +170,7 @@ def test_killed_while_reading_the_tree_then_rerun_equals_uninterrupted(tmp_path)
     rerun = run_imzarr(*args, "-o", crashed)
     assert rerun.returncode == 0, rerun.stderr
     stores_identical(str(tmp_path / "ref.zarr"), str(crashed))
+    assert [path for path, _ in validate_image_store(str(crashed)).attrs["rejected"]] == [f"{WNIDS[i % 3]}/{i:04d}.JPEG" for i in (0, 181, 299)]
     assert not list(tmp_path.glob("*.scratch-*"))
 
 

@@ -138,6 +138,26 @@ def test_ignored_hidden_and_non_image_files(tmp_path):
     assert tree.ignored == (".cache/", "labels.csv", f"{TENCH}/.DS_Store", f"{TENCH}/.hidden.JPEG", f"{TENCH}/notes.txt", f"{TENCH}/sub/.thumbs/")
 
 
+def test_class_archives_not_extracted_are_refused(tmp_path):
+    """ILSVRC2012_img_train.tar holds one tar per class: a class still archived would be left out whole."""
+    touch(tmp_path / TENCH / "a.JPEG")
+    touch(tmp_path / f"{TENCH}.tar")  # extracted beside its folder: fine
+    assert scan_jpeg_tree(tmp_path).ignored == (f"{TENCH}.tar",)
+    touch(tmp_path / f"{KIT_FOX}.tar")
+    touch(tmp_path / f"{GOLDFISH}.tar")
+    with pytest.raises(JpegTreeError, match=rf"^{tmp_path / GOLDFISH}\.tar: a class archive not extracted and 1 more: its images would be missing from the store; extract each into its class folder \(mkdir {GOLDFISH} && tar -xf {GOLDFISH}\.tar -C {GOLDFISH}\)"):
+        scan_jpeg_tree(tmp_path)
+    only = tmp_path / "only"
+    touch(only / f"{KIT_FOX}.tar")
+    with pytest.raises(JpegTreeError, match="a class archive not extracted"):
+        scan_jpeg_tree(only)
+    touch(only / "ILSVRC2012_img_train.tar")  # not a class: ignored as before
+    other = tmp_path / "other"
+    touch(other / TENCH / "a.JPEG")
+    touch(other / "ILSVRC2012_img_train.tar")
+    assert scan_jpeg_tree(other).ignored == ("ILSVRC2012_img_train.tar",)
+
+
 def test_every_image_extension_is_recognised(tmp_path):
     extensions = [".jpeg", ".JPG", ".png", ".BMP", ".webp", ".gif", ".tif", ".TIFF", ".ppm"]
     for i, ext in enumerate(extensions):
