@@ -267,7 +267,7 @@ def test_labels_follow_an_in_place_change(acts):
 def test_images_of_rows_from_another_image_store_are_refused(images_and_acts, tmp_path):
     """A concatenation keeps the first store's `source`: rows of a store computed from another image store would
     be read at their positions in the wrong one. Their recorded global_index tells them apart."""
-    images_url, acts_url, positions = images_and_acts
+    _, acts_url, positions = images_and_acts
     other = xr.open_zarr(write_activation_store(str(tmp_path / "other.zarr"), np.array([TENCH] * 3), lambda a, b: np.ones((b - a, 4)), (4,), layer="midblock"))
     other = other.assign_coords(global_index=("sample", np.array([5000, 5001, 5002])))
     both = xr.concat([xr.open_zarr(acts_url), other], dim="sample")
