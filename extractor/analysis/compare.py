@@ -25,6 +25,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TextIO
 
+import dask
 import fsspec
 import numpy as np
 import torch
@@ -252,7 +253,9 @@ def compare(options: CompareOptions, log: TextIO | None = None) -> xr.Dataset:
     (schemas/store_identity.py): one rewritten meanwhile fails the comparison instead of mixing two stores."""
     started = time.monotonic()
     stores = [url for url in (options.real, options.generated) if url is not None]
-    with reader_lease(*stores):
+    # The threaded scheduler, as every writer runs locally, even where a dask.distributed Client is the default:
+    # its workers are other processes, without this one's credentials or memory:// stores.
+    with reader_lease(*stores), dask.config.set(scheduler="threads"):
         opened = [StoreIdentity.of(url, dict(zarr.open_group(url, mode="r").attrs)) for url in stores]
         settings = report_settings(options, opened)
         fingerprint = None if settings is None else settings_fingerprint(settings)
@@ -279,7 +282,8 @@ def compare(options: CompareOptions, log: TextIO | None = None) -> xr.Dataset:
     if fingerprint is not None:
         report.attrs["settings_fingerprint"] = fingerprint
     if options.output is not None:
-        write_report(report, options.output)
+        with dask.config.set(scheduler="threads"):
+            write_report(report, options.output)
     _log(log, f"done in {time.monotonic() - started:.1f} s")
     return report
 
@@ -632,8 +636,9 @@ def write_report(report: xr.Dataset, output: str) -> None:
     with warnings.catch_warnings():
         # Consolidated metadata is not in the v3 spec yet; xarray opens v3 stores without warnings only with it.
         warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
-        out.to_zarr(output, mode="w", zarr_format=3, consolidated=True)
-    record_checksums(output)  # so that `imzarr verify` can check a copied report byte for byte
+        out.to_zarr(output, mode="w", zarr_format=3, consolidated=False)
+        record_checksums(output)  # so that `imzarr verify` can check a copied report byte for byte
+        zarr.consolidate_metadata(output)  # after the record, which it then lists as the stores' metadata do
 
 
 def open_report(path: str) -> xr.Dataset:

@@ -99,6 +99,20 @@ def test_info_and_verify_describe_and_check_a_report(stores, tmp_path):
     assert [line.split(": ", 1)[1].split(":")[0] for line in verify_store_files(out).damage_lines] == ["checksum mismatch"]
 
 
+def test_runs_on_threads_beside_a_client_and_consolidates_its_checksums(stores, tmp_path):
+    """README: locally every writer runs a threaded scheduler. A dask.distributed Client made the default in the
+    notebook would otherwise get the work, on workers without this process's credentials or memory stores."""
+    from distributed import Client, get_task_stream
+
+    real_url, fake_url, *_ = stores
+    out = str(tmp_path / "report.zarr")
+    with Client(processes=False, n_workers=1, threads_per_worker=1, dashboard_address=None) as client, get_task_stream(client) as tasks:
+        compare_stores(real_url, fake_url, "feat", metrics="fd", output=out)
+    assert tasks.data == []
+    group = zarr.open_group(out, mode="r")  # consolidated metadata, as xr.open_zarr reads it
+    assert "_checksums" in group and group["_checksums"]["fd"].shape == (1,)
+
+
 def test_a_rerun_with_the_same_inputs_and_settings_does_nothing(stores, tmp_path):
     real_url, fake_url = (shutil.copytree(url, tmp_path / "in" / os.path.basename(url)) for url in stores[:2])
     for url in (real_url, fake_url):
