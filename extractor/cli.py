@@ -136,7 +136,7 @@ def _add_generate(sub) -> None:
         sub,
         "generate",
         "sample the one-step generator into an image store",
-        "DMD2 one-step sampling: image = D(σ·ε; σ, one-hot(label)), ε seeded per sample from (seed, sample index), "
+        "DMD2 one-step sampling: image = D(σ·ε; σ, one-hot(label)), ε seeded per sample from (seed, sample index) in a noise stream of its own (not extract's), "
         "converted to uint8 as DMD2 does. Writes an image store (imzarr.images/1, source_format generated) that "
         "`imzarr extract` reads like real data; with --layers, also the generator's own activations while sampling.",
         outputs=("output", "activations_out"),

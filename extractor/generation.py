@@ -1,6 +1,7 @@
 """One-step sampling of the DMD2 generator into an image store (and, optionally, its own activations).
 
-image = D(σ·ε; σ, one-hot(label)), ε seeded per sample from (seed, sample index), converted to uint8 as DMD2
+image = D(σ·ε; σ, one-hot(label)), ε seeded per sample from (seed, sample index) in generation's own noise stream
+(not the one `extract` adds with the same seed: extractor.noise.generation_noise_seed), converted to uint8 as DMD2
 does. The result is an ordinary `imzarr.images/1` store (source_format "generated") that `extract` reads like
 real data; with layers, the generator's view of its own samples goes to an activation store as it samples.
 """
@@ -19,7 +20,7 @@ from extractor.forward import ExtractionError, ForwardPlan, ForwardSettings, Pre
 from extractor.integrity import integrity_pass
 from extractor.models import LoadedModel
 from schemas.shard_writer import ShardOutput
-from extractor.noise import NOISE_RECIPE, noise_attrs
+from extractor.noise import GENERATION_NOISE_RECIPE, generation_noise_seed, noise_attrs
 from extractor.selection import resolve_classes
 from extractor.shard_forward import ShardForward
 from extractor.store_attrs import check_noise_recipe, device_name, model_attrs, model_source, refuse_labels_beyond_network, run_attrs, versions
@@ -71,7 +72,7 @@ class GenerateOptions:
         fwd = self.forward
         settings: dict[str, Any] = {"schema": IMAGE_SCHEMA, "format": "generated", "layout": LAYOUT_VERSION, "model_sha256": model_sha256,
                                     "sigma": fwd.sigma, "seed": fwd.noise_seed, "compute_dtype": fwd.compute_dtype,
-                                    "selection": self.selection(count), "shard_size": shard_size, "noise_recipe": NOISE_RECIPE}
+                                    "selection": self.selection(count), "shard_size": shard_size, "noise_recipe": GENERATION_NOISE_RECIPE}
         if store == ACTIVATION_SCHEMA:
             settings.update({"schema": ACTIVATION_SCHEMA, "layout": ACTIVATION_LAYOUT_VERSION, "layers": list(fwd.layers),
                              "pool": fwd.pool, "storage_dtype": fwd.storage_dtype})
@@ -141,7 +142,7 @@ def generate_shard(task: GenerateTask) -> dict:
     fwd = forward.settings
     n = task.labels.size
     index = np.arange(task.start, task.start + n, dtype=np.int64)
-    runner = ShardForward(forward, n, IMAGE_VAR if task.output else None)
+    runner = ShardForward(forward, n, IMAGE_VAR if task.output else None, noise_seed=generation_noise_seed(fwd.noise_seed))
     outputs: dict[str, ShardOutput] = {}
     if task.output:
         outputs["images"] = ShardOutput(task.output, task.shard, task.start, {IMAGE_VAR: runner.buffers[IMAGE_VAR]}, task.generations[0])
@@ -233,7 +234,7 @@ def _generate_stores(options: GenerateOptions, forward: PreparedForward, started
     act_settings = options.to_dict(loaded.sha256, n, shard, ACTIVATION_SCHEMA)
     for url in (options.output, options.activations_out):
         if url:
-            check_noise_recipe(url, fwd.noise_seed, run.overwrite)
+            check_noise_recipe(url, fwd.noise_seed, run.overwrite, GENERATION_NOISE_RECIPE)
     statuses = [inspect_existing(options.output, IMAGE_SCHEMA, image_settings, run.overwrite)]
     if options.activations_out:
         statuses.append(inspect_existing(options.activations_out, ACTIVATION_SCHEMA, act_settings, run.overwrite))
@@ -285,8 +286,8 @@ def _prepare_stores(
             "shuffle_seed": None, "num_samples": int(n), "rejected": [],
             "sources": [model_source(fwd, loaded)],
             "versions": versions(), "model": model_attrs(fwd, loaded), "sigma": fwd.sigma, "seed": fwd.noise_seed, "selection": selection,
-            "sampling": f"one step: D(sigma * eps; sigma{', one-hot(label)' if loaded.label_dim else ''}), eps = {NOISE_RECIPE} noise of (seed, index)",
-            "noise": noise_attrs(fwd.noise_seed),
+            "sampling": f"one step: D(sigma * eps; sigma{', one-hot(label)' if loaded.label_dim else ''}), eps = {GENERATION_NOISE_RECIPE} noise of (seed, index)",
+            "noise": noise_attrs(fwd.noise_seed, GENERATION_NOISE_RECIPE),
             "device": device_name(forward.device),
             **image_group_attrs(labels),
         },
@@ -298,7 +299,7 @@ def _prepare_stores(
     act_state = prepare_store(
         options.activations_out, ACTIVATION_SCHEMA, act_settings, num_shards,
         lambda g: create_activation_arrays(g, n, shapes, fwd.storage_dtype, shard, None, array_attrs, coordinates=act_numeric), run.overwrite,
-        initial_attrs={**run_attrs(fwd, loaded, forward.paths, forward.device), "selection": selection,
+        initial_attrs={**run_attrs(fwd, loaded, forward.paths, forward.device), "noise": noise_attrs(fwd.noise_seed, GENERATION_NOISE_RECIPE), "selection": selection,
                        "source": {"url": absolute_url(options.output), "schema": IMAGE_SCHEMA, "generated": True},
                        "input_scaling": "none: the generator's own input sigma * eps",
                        **activation_group_attrs(labels)},

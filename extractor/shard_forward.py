@@ -110,10 +110,13 @@ class ShardForward:
     `buffers[name]` ([count, *shape], storage dtype; uint8 for `output_name`, the network's D(x) as images) are
     filled in place; after each batch `on_ready(first, stop, wait)` says rows [first, stop) are final once `wait()`
     returns (None: already). `nonfinite()` gives the NaN/Inf rows per layer and of D(x) (checked before its uint8
-    conversion, which would turn NaN into black pixels), as positions offset by `start`.
+    conversion, which would turn NaN into black pixels), as positions offset by `start`. `noise_seed`: the seed
+    of the noise stream, where it is not the settings' own (generation's, extractor.noise.generation_noise_seed).
     """
 
-    def __init__(self, forward: PreparedForward, count: int, output_name: str | None, on_ready: ReadyCallback | None = None):
+    def __init__(
+        self, forward: PreparedForward, count: int, output_name: str | None, on_ready: ReadyCallback | None = None, noise_seed: int | None = None
+    ):
         fwd, device = forward.settings, forward.device
         self.forward, self.fwd, self.device, self.count = forward, fwd, device, count
         self.output_name = output_name
@@ -135,8 +138,9 @@ class ShardForward:
         self.buffers = {name: t.numpy() for name, t in self.host.items()}
         checked = [*fwd.layers, *([output_name] if output_name is not None else [])]
         self.flags = {name: torch.zeros(count, dtype=torch.bool, device=device) for name in checked}
-        self._noise_key = ("noise", fwd.noise_seed, self.image_shape, device)
-        self.noise = None if fwd.noise_seed is None else REUSE.take(self._noise_key, lambda: NoiseGenerator(fwd.noise_seed, self.image_shape, device))
+        seed = fwd.noise_seed if noise_seed is None or fwd.noise_seed is None else noise_seed
+        self._noise_key = ("noise", seed, self.image_shape, device)
+        self.noise = None if seed is None else REUSE.take(self._noise_key, lambda: NoiseGenerator(seed, self.image_shape, device))
         self.copy_stream = torch.cuda.Stream(device=device) if self.cuda else None
         self._scratch_tensors: dict[str, torch.Tensor] = {}
 

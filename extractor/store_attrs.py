@@ -28,14 +28,14 @@ class NoiseRecipeError(ImzarrError):
     """An existing store's noise was made with another recipe than this version's."""
 
 
-def check_noise_recipe(url: str, noise_seed: int | None, overwrite: bool) -> None:
+def check_noise_recipe(url: str, noise_seed: int | None, overwrite: bool, recipe: str = NOISE_RECIPE) -> None:
     """Refuse to resume or confirm a store whose noise another recipe made (its values could not be matched)."""
     if overwrite or noise_seed is None or path_state(url) != "store":
         return
     recorded = recorded_noise_recipe(dict(zarr.open_group(url, mode="r", use_consolidated=False).attrs))
-    if recorded is not None and recorded != NOISE_RECIPE:
+    if recorded is not None and recorded != recipe:
         raise NoiseRecipeError(
-            f"{url}: its noise was made with {recorded!r}, this version makes {NOISE_RECIPE!r}; "
+            f"{url}: its noise was made with {recorded!r}, this version makes {recipe!r}; "
             "it cannot be resumed or confirmed: pass --overwrite to replace it"
         )
 

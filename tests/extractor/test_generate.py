@@ -12,7 +12,7 @@ from extractor.forward import ForwardSettings, RunOptions
 from extractor.integrity import IntegrityError
 from extractor.generation import GenerateOptions, generate
 from extractor.models import ModelSpec, build_preset
-from extractor.noise import NOISE_RECIPE, per_sample_noise
+from extractor.noise import GENERATION_NOISE_RECIPE, NOISE_RECIPE, generation_noise_seed, per_sample_noise
 from schemas.api import store_info
 from schemas.activation_store import validate_activation_store
 from schemas.image_layout import LAYOUT_VERSION
@@ -42,7 +42,7 @@ def test_generation_is_reproducible_and_matches_direct_call(tmp_path):
     assert not np.array_equal(validate_image_store(str(tmp_path / "c.zarr")).image[:], a.image[:])
     # the reference: DMD2's sampling written out here
     model = build_preset("tiny-random").eval()
-    eps = per_sample_noise(0, np.arange(9), (3, 64, 64), "cpu")
+    eps = per_sample_noise(generation_noise_seed(0), np.arange(9), (3, 64, 64), "cpu")
     labels = torch.nn.functional.one_hot(torch.tensor([0, 0, 0, 278, 278, 278, 980, 980, 980]), 1000).float()
     with torch.no_grad():
         d = model(80.0 * eps, torch.full((9,), 80.0), labels)
@@ -56,7 +56,7 @@ def test_generator_activations_and_extraction_of_generated_store(tmp_path):
     acts = validate_activation_store(str(tmp_path / "ga.zarr"))
     assert acts["midblock"].shape == (9, 64, 16, 16) and dict(acts.attrs)["source"]["generated"] is True
     model = build_preset("tiny-random").eval()
-    eps = per_sample_noise(0, np.arange(9), (3, 64, 64), "cpu")
+    eps = per_sample_noise(generation_noise_seed(0), np.arange(9), (3, 64, 64), "cpu")
     got = {}
     model.get_submodule("model.dec.16x16_in0").register_forward_hook(lambda m, i, o: got.__setitem__("mid", o))
     labels = torch.nn.functional.one_hot(torch.tensor([0, 0, 0, 278, 278, 278, 980, 980, 980]), 1000).float()
@@ -93,7 +93,7 @@ def test_generated_store_with_the_old_noise_recipe_is_refused(tmp_path):
 
     gen(tmp_path / "old.zarr")
     group = zarr.open_group(str(tmp_path / "old.zarr"), mode="r+", use_consolidated=False)
-    assert group.attrs["noise"]["recipe"] == NOISE_RECIPE and NOISE_RECIPE in group.attrs["sampling"]
+    assert group.attrs["noise"]["recipe"] == GENERATION_NOISE_RECIPE and GENERATION_NOISE_RECIPE in group.attrs["sampling"]
     attrs = dict(group.attrs)
     del attrs["noise"]  # what stores made before the recipe carried: the numpy sampling line only
     attrs["sampling"] = "one step: D(sigma * eps; sigma, one-hot(label)), eps ~ numpy default_rng([seed, index])"
@@ -101,6 +101,25 @@ def test_generated_store_with_the_old_noise_recipe_is_refused(tmp_path):
     group.update_attributes(attrs)
     with pytest.raises(NoiseRecipeError, match="numpy default_rng"):
         gen(tmp_path / "old.zarr")
+    # Made before generation had a noise stream of its own: the same seed now gives other samples.
+    gen(tmp_path / "one-stream.zarr")
+    group = zarr.open_group(str(tmp_path / "one-stream.zarr"), mode="r+", use_consolidated=False)
+    group.update_attributes({"noise": {**group.attrs["noise"], "recipe": NOISE_RECIPE}})
+    with pytest.raises(NoiseRecipeError, match=r"its noise was made with 'splitmix64-box-muller/2', this version makes 'splitmix64-box-muller/2, generation stream'"):
+        gen(tmp_path / "one-stream.zarr")
+
+
+def test_extraction_noise_is_not_the_generators_input():
+    """Extraction adds ε of (seed, global_index), and a generated store's global_index is its sample index: with
+    one stream, extracting with the seed that generated (both default 0) gave the network its generating input."""
+    index = np.arange(6)
+    for seed in (0, 1, 2**64 - 1):
+        generating = per_sample_noise(generation_noise_seed(seed), index, (3, 8, 8), "cpu").flatten(1)
+        added = per_sample_noise(seed, index, (3, 8, 8), "cpu").flatten(1)
+        correlation = (generating * added).mean(1) / (generating.std(1) * added.std(1))
+        assert correlation.abs().max() < 0.5  # independent draws of 192 values: |r| ~ 0.07
+    assert generation_noise_seed(0) == 0xD808CC54DCBEC071  # mix(0x67656E6572617465): SplitMix64's output function, as torch's mix64 gives it
+    assert 0 <= generation_noise_seed(2**64 - 1) < 2**64
 
 
 def test_generated_stores_have_the_image_layout_and_describe_themselves(tmp_path):
