@@ -45,7 +45,7 @@ def add_convert_commands(sub) -> None:
         prog_name="imzarr convert",
         outputs=("output",),
     )
-    npz.add_argument("sources", nargs="+", help="shard files and/or folders holding them, paths or URLs such as s3://bucket/train/ (ordered naturally: _2 before _10)")
+    npz.add_argument("sources", nargs="+", help="shard files and/or folders holding them, paths or URLs such as s3://bucket/train/ (ordered naturally: _2 before _10, also when named one by one; folders in the order given)")
     npz.add_argument("--label-order", choices=api.LABEL_ORDERS, default=None, help="order of the labels in the files (default: downsampled for data/labels shards, sorted for arr_0/arr_1 files)")
     npz.add_argument("--allow-pickle", action="store_true", help="also read legacy extension-less pickled batches and .npz images saved as pickled object arrays (pickles can run code: only for files you trust)")
     _output_args(npz)

@@ -58,27 +58,17 @@ def natural_key(name: str) -> list:
 
 def find_shards(sources: list[str | Path]) -> list[tuple[Path | str, str]]:
     """Shard files under the given files/folders (paths or URLs), naturally ordered, with their paths relative
-    to the root given."""
+    to the root given. Folders keep the order given, each one's shards in natural order; files named one after
+    another are put in natural order too (a shell's `train_data_batch_*.npz` lists _1, _10, _2: the global index,
+    and the noise keyed by it, would otherwise depend on how the files were named)."""
     found: list[tuple[Path | str, str]] = []
+    named_run = 0  # how many files named one after another end `found`
     for given in sources:
-        if is_remote(given):
-            found += _find_remote_shards(given)
-            continue
-        src = Path(given)
-        if src.is_file():
-            found.append((src, printable_path(src.name)))
-        elif src.is_dir():
-            entries = [p for p in src.iterdir() if not p.name.startswith(".")]
-            for p in entries:
-                # A shard's name on something that is no file (a link to a disk not mounted, a folder, a FIFO) is
-                # a shard missing: refused, rather than converting the others without it.
-                if p.suffix.lower() == ".npz" and not p.is_file():
-                    what = "a link to nothing" if p.is_symlink() and not p.exists() else "a folder" if p.is_dir() else "not a regular file"
-                    raise SourceError(p, f"named like a shard but {what}: its images would be missing from the store; restore it or move it away")
-            names = sorted((p for p in entries if p.is_file()), key=lambda p: natural_key(p.name))
-            found += [(p, printable_path(p.name)) for p in names if p.suffix.lower() == ".npz" or (not p.suffix and _magic(p) in ("zip", "pickle"))]
-        else:
-            raise SourceError(src, "no such file or folder")
+        shards, named = _shards_of(given)
+        found += shards
+        named_run = named_run + 1 if named else 0
+        if named_run > 1:
+            found[-named_run:] = sorted(found[-named_run:], key=lambda item: (natural_key(item[1]), str(item[0])))
     refuse_repeated_shards(found)
     if not found:
         hint = "".join(source_files.other_format_hint(given, "npz") for given in sources[:1])
@@ -87,6 +77,27 @@ def find_shards(sources: list[str | Path]) -> list[tuple[Path | str, str]]:
     if {"train", "val"} <= kinds:
         raise SourceError(", ".join(map(str, sources)), "train and val shards found together; convert them in separate runs")
     return found
+
+
+def _shards_of(given: str | Path) -> tuple[list[tuple[Path | str, str]], bool]:
+    """The shards one given path or URL stands for, and whether it named a file."""
+    if is_remote(given):
+        shards = _find_remote_shards(given)
+        return shards, len(shards) == 1 and shards[0][0] == given
+    src = Path(given)
+    if src.is_file():
+        return [(src, printable_path(src.name))], True
+    if not src.is_dir():
+        raise SourceError(src, "no such file or folder")
+    entries = [p for p in src.iterdir() if not p.name.startswith(".")]
+    for p in entries:
+        # A shard's name on something that is no file (a link to a disk not mounted, a folder, a FIFO) is
+        # a shard missing: refused, rather than converting the others without it.
+        if p.suffix.lower() == ".npz" and not p.is_file():
+            what = "a link to nothing" if p.is_symlink() and not p.exists() else "a folder" if p.is_dir() else "not a regular file"
+            raise SourceError(p, f"named like a shard but {what}: its images would be missing from the store; restore it or move it away")
+    names = sorted((p for p in entries if p.is_file()), key=lambda p: natural_key(p.name))
+    return [(p, printable_path(p.name)) for p in names if p.suffix.lower() == ".npz" or (not p.suffix and _magic(p) in ("zip", "pickle"))], False
 
 
 def refuse_repeated_shards(found: list[tuple[Path | str, str]]) -> None:

@@ -77,6 +77,12 @@ def test_natural_shard_order(tmp_path):
     store = validate_image_store(str(out))
     assert list(store.coordinate("source_file")[::3]) == [f"train_data_batch_{i}.{'NPZ' if i == 9 else 'npz'}" for i in (1, 2, 9, 10)]
     np.testing.assert_array_equal(store.image[::3, 0, 0, 0], [1, 2, 9, 10])
+    # Named one by one, as a shell's `train_data_batch_*` lists them (_1, _10, _2, _9): the same store.
+    listed = [src / name for name in ("train_data_batch_1.npz", "train_data_batch_10.npz", "train_data_batch_2.npz", "train_data_batch_9.NPZ")]
+    assert run_convert(*listed, "-o", tmp_path / "listed.zarr") == 0
+    from tests.support.store_equality import stores_identical
+
+    stores_identical(str(out), str(tmp_path / "listed.zarr"))
 
 
 def test_empty_shards_are_not_copies_of_each_other(tmp_path):
