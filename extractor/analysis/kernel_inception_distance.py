@@ -10,7 +10,9 @@ averaged over random subsets of m real and m generated samples, with the standar
 reported beside it. Defaults are torch-fidelity's (`kid_subsets` 100, `kid_subset_size` 1000, `rng_seed` 2020),
 and subsets are drawn as torch-fidelity draws them (one `numpy.random.RandomState(seed)`; per subset first m
 real positions, then m generated ones, each `choice(n, m, replace=False)`), so the same seed gives the same
-subsets and the same value. The kernel sums are float64.
+subsets and the same value as torch-fidelity given the real features first (`kid_features_to_metric(real,
+generated)`, `input1` real). Its command line is usually given the generated samples as `input1`: then it draws
+other subsets, and its value differs by about the estimate's spread (`kid_std`). The kernel sums are float64.
 """
 
 from __future__ import annotations

@@ -182,8 +182,9 @@ def prdc(real: np.ndarray, fake: np.ndarray, k: int = 5, dtype: torch.dtype = to
     r_real = _kth_nn_sq(_sq_dists(real_t, real_sq, real_t, real_sq), k)
     r_fake = _kth_nn_sq(_sq_dists(fake_t, fake_sq, fake_t, fake_sq), k)
     cross = _sq_dists(real_t, real_sq, fake_t, fake_sq)  # (real, fake)
-    inside_real = cross <= r_real[:, None]
-    inside_fake = cross <= r_fake[None, :]
+    # Strictly inside, as in Naeem et al.'s code: a set against a copy of itself then has density 1, not 1 + 1/k.
+    inside_real = cross < r_real[:, None]
+    inside_fake = cross < r_fake[None, :]
     return PRDC(
         precision=float(inside_real.any(dim=0).double().mean()),
         recall=float(inside_fake.any(dim=1).double().mean()),
@@ -246,10 +247,10 @@ def prdc_blocked(
             for ta, tb in _blocks(rb - ra, TILE_ROWS):
                 rows = slice(ra + ta, ra + tb)
                 d = work.sq_dists(real_block[ta:tb], real_sq[ta:tb], fake_block, fake_sq)
-                inside = torch.le(d, r_real[rows, None], out=work.mask(tb - ta, fb - fa))
+                inside = torch.lt(d, r_real[rows, None], out=work.mask(tb - ta, fb - fa))
                 density_count[fa:fb] += _column_counts(inside)
                 covered[rows] |= inside.any(dim=1)
-                inside = torch.le(d, r_fake[None, fa:fb], out=inside)
+                inside = torch.lt(d, r_fake[None, fa:fb], out=inside)
                 recalled[rows] |= inside.any(dim=1)
     return PRDC(
         precision=float((density_count > 0).double().mean()),

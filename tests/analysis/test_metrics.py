@@ -149,9 +149,10 @@ def test_prdc_identical_and_disjoint_sets():
     x = rng.normal(size=(500, 5))
     same = prdc(x, x.copy(), k=5)
     assert same.precision == 1 and same.recall == 1 and same.coverage == 1
-    # Each real ball holds its centre and its k nearest others, and here every point is also a fake:
-    # Σ_j Σ_i 1[d(f_j, r_i) ≤ R_i] = N(k+1), so density is exactly (k+1)/k, not 1 (no ties in this data).
-    assert same.density == pytest.approx(6 / 5, abs=1e-12)
+    # Each real ball holds its centre and its k − 1 nearest others strictly inside (the k-th lies on its edge: the
+    # authors' code counts d < R), and every point is also a fake: Σ_j Σ_i 1[d(f_j, r_i) < R_i] = N·k, density 1
+    # as Naeem et al. state for identical sets (with ≤ it would be (k+1)/k).
+    assert same.density == pytest.approx(1.0, abs=1e-12)
     far = prdc(x, x + 1000.0, k=5)
     assert far == PRDC(0.0, 0.0, 0.0, 0.0)
     far_blocked = prdc_blocked(readers(x), 500, readers(x + 1000.0), 500, k=5, block_size=123)

@@ -11,7 +11,7 @@ How `fixtures/metrics_ref.npz` was made (the generator holds reference code, so 
   torch-fidelity 0.4.0: `pytorch_fid_fd_store` = pytorch-fid's `calculate_frechet_distance` of the
   `compute_statistics_of_path("ref_real.npz", …)` (pytorch-fid reading our file) against np.mean / np.cov of the
   fake features (what its `calculate_activation_statistics` does with activations); `pytorch_fid_fd_files` the same
-  with both of our files. `kid_*`: torch-fidelity's `kid_features_to_metric` on float64 tensors of the features
+  with both of our files. `kid_*`: torch-fidelity's `kid_features_to_metric(real, fake)` on float64 tensors of the features
   (kid_subsets 10, kid_subset_size 100, rng_seed 2020, poly kernel degree 3, coef0 1, gamma 1/D), overall and per
   class with subset size min(100, class counts). `isc_*`: torch-fidelity's `isc_features_to_metric` on the float64
   logits (10 splits, shuffle, rng_seed 2020).

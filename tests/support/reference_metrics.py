@@ -27,10 +27,10 @@ def reference_prdc(real: np.ndarray, fake: np.ndarray, k: int) -> dict[str, floa
     d_rr, d_ff, d_rf = cdist(real, real), cdist(fake, fake), cdist(real, fake)
     r_real = np.sort(d_rr, axis=1)[:, k]  # column 0 is the sample itself
     r_fake = np.sort(d_ff, axis=1)[:, k]
-    inside = d_rf <= r_real[:, None]
+    inside = d_rf < r_real[:, None]  # strictly, as the authors' code (clovaai/generative-evaluation-prdc) counts
     return {
         "precision": float(inside.any(axis=0).mean()),
-        "recall": float((d_rf <= r_fake[None, :]).any(axis=1).mean()),
+        "recall": float((d_rf < r_fake[None, :]).any(axis=1).mean()),
         "density": float(inside.sum() / (k * fake.shape[0])),
-        "coverage": float((d_rf.min(axis=1) <= r_real).mean()),
+        "coverage": float((d_rf.min(axis=1) < r_real).mean()),
     }
