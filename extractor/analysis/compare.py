@@ -288,6 +288,9 @@ def compare(options: CompareOptions, log: TextIO | None = None) -> xr.Dataset:
     return report
 
 
+# How PRDC counts ball membership (extractor/analysis/metrics.py): strictly inside, as the authors' code does.
+PRDC_BALL = "d < radius"
+
 # Options that say where things go, not what the report holds (block_size stays: the sums' rounding follows it).
 NOT_REPORT_SETTINGS = frozenset({"real", "generated", "reference", "output", "plot", "projection", "scratch_dir"})
 
@@ -311,6 +314,9 @@ def report_settings(options: CompareOptions, opened: list[StoreIdentity]) -> dic
     chosen["pool"] = options.pool or "mean"  # what None means: a report made with the default or with --pool mean is one report
     if options.plot is not None:
         chosen |= {"plot": absolute_url(options.plot), "projection": options.projection}
+    if "prdc" in options.metrics:
+        # Reports made when a distance equal to the radius counted as inside are remade, not kept as complete.
+        chosen["prdc_ball"] = PRDC_BALL
     return {"inputs": inputs, **chosen}
 
 
