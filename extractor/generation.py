@@ -14,6 +14,7 @@ from typing import Any
 
 import dask
 import numpy as np
+import zarr
 
 from extractor.activation_writer import TEXT_COORDINATES, create_activation_arrays, default_shard_size
 from extractor.forward import ExtractionError, ForwardPlan, ForwardSettings, PreparedForward, RunOptions, resolve_compute_device
@@ -35,7 +36,7 @@ from schemas.output_paths import absolute_url
 from schemas.progress_report import ProgressReport
 from schemas.remote_storage import remote_storage_errors
 from schemas.store_integrity import record_checksums, record_unit_checksums
-from schemas.store_identity import check_output_generation
+from schemas.store_identity import GENERATION_ATTR, check_output_generation
 from schemas.store_lifecycle import StoreState, finalize_store, inspect_existing, mark_done, prepare_store
 from schemas.task_runner import check_scheduler_reachable, run_stop, run_tasks, stop_if_interrupted
 
@@ -300,8 +301,16 @@ def _prepare_stores(
         options.activations_out, ACTIVATION_SCHEMA, act_settings, num_shards,
         lambda g: create_activation_arrays(g, n, shapes, fwd.storage_dtype, shard, None, array_attrs, coordinates=act_numeric), run.overwrite,
         initial_attrs={**run_attrs(fwd, loaded, forward.paths, forward.device), "noise": noise_attrs(fwd.noise_seed, GENERATION_NOISE_RECIPE), "selection": selection,
-                       "source": {"url": absolute_url(options.output), "schema": IMAGE_SCHEMA, "generated": True},
+                       "source": _image_store_source(options.output),
                        "input_scaling": "none: the generator's own input sigma * eps",
                        **activation_group_attrs(labels)},
     )
     return image_state, act_state
+
+
+def _image_store_source(url: str) -> dict[str, Any]:
+    """The image store an activation store's samples are, as `extract` records its source: with the store's
+    settings fingerprint and generation id, by which `images()` and `imzarr report` tell a store since replaced."""
+    attrs = dict(zarr.open_group(url, mode="r", use_consolidated=False).attrs)
+    return {"url": absolute_url(url), "schema": IMAGE_SCHEMA, "generated": True, "fingerprint": attrs.get("settings_fingerprint"),
+            "generation": attrs.get(GENERATION_ATTR), "source_format": attrs.get("source_format")}

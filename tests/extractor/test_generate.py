@@ -55,6 +55,17 @@ def test_generator_activations_and_extraction_of_generated_store(tmp_path):
     gen(tmp_path / "g.zarr", layers=("midblock",), acts=str(tmp_path / "ga.zarr"))
     acts = validate_activation_store(str(tmp_path / "ga.zarr"))
     assert acts["midblock"].shape == (9, 64, 16, 16) and dict(acts.attrs)["source"]["generated"] is True
+    # Its source is recorded as extract records one: a generated store replaced since is told apart.
+    images_attrs = dict(zarr.open_group(str(tmp_path / "g.zarr"), mode="r").attrs)
+    source = dict(acts.attrs)["source"]
+    assert (source["fingerprint"], source["generation"]) == (images_attrs["settings_fingerprint"], images_attrs["generation"])
+    import xarray as xr
+    from extractor.accessor import ProvenanceError
+
+    opened = xr.open_zarr(str(tmp_path / "ga.zarr"))
+    np.testing.assert_array_equal(opened.imzarr.images().image.values, validate_image_store(str(tmp_path / "g.zarr")).image[:])
+    with pytest.raises(ProvenanceError, match="settings fingerprint differs"):
+        opened.assign_attrs(source={**source, "fingerprint": "0" * 64}).imzarr.images()
     model = build_preset("tiny-random").eval()
     eps = per_sample_noise(generation_noise_seed(0), np.arange(9), (3, 64, 64), "cpu")
     got = {}
