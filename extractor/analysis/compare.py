@@ -627,7 +627,8 @@ def _provenance(real: LayerFeatures, fake: LayerFeatures) -> dict:
     same_model = out["real_model"] == out["fake_model"]
     out["model"] = out["real_model"] if same_model else f"real: {out['real_model']}; generated: {out['fake_model']}"
     out["trained"] = out["real_trained"] and out["fake_trained"]
-    out["module_path"] = out["real_module_path"]
+    same_module = out["real_module_path"] == out["fake_module_path"]
+    out["module_path"] = out["real_module_path"] if same_module else f"real: {out['real_module_path']}; generated: {out['fake_module_path']}"
     out["sigma"] = out["real_sigma"] if out["real_sigma"] == out["fake_sigma"] else f"real {out['real_sigma']}, generated {out['fake_sigma']}"
     return out
 

@@ -245,6 +245,14 @@ def test_report_states_its_provenance(stores, tmp_path):
     assert mixed["fake_model"] == "checkpoint …/dmd2/pytorch_model.bin, sha256 ffffffffffff, trained"
     assert mixed["model"].startswith("real: synthetic") and "generated: checkpoint" in mixed["model"]
     assert mixed["sigma"] == "real 80.0, generated 0.5"
+    # One layer name on two networks may be two modules: both are named, not the real side's alone.
+    group = zarr.open_group(b_url, mode="r+")
+    group.attrs["layers"] = {"feat": "model.dec.8x8_in0"}
+    group["feat"].update_attributes({"module_path": "model.dec.8x8_in0"})
+    zarr.consolidate_metadata(b_url)
+    other = compare_stores(a_url, b_url, "feat", per_class=False).attrs
+    assert other["module_path"] == "real: synthetic.feat; generated: model.dec.8x8_in0"
+    assert "real: synthetic.feat; generated: model.dec.8x8_in0" in format_report_table(compare_stores(a_url, b_url, "feat", per_class=False))
 
 
 def test_report_variables_describe_themselves(stores):
