@@ -57,7 +57,9 @@ class GenerateOptions:
 
     def __post_init__(self) -> None:
         if self.classes is not None:  # '0', 'tench' and 'n01440764' are one class, recorded as its WNID
-            object.__setattr__(self, "classes", resolve_classes(self.classes))
+            # in label order, the order its samples take: the same classes named in another order are one setting
+            table = class_table()
+            object.__setattr__(self, "classes", tuple(sorted(resolve_classes(self.classes), key=table.index_of_wnid)))
         counts = whole_numbers({"--per-class": (self.per_class, 1), "--num-samples": (self.num_samples, 1)}, ExtractionError)
         object.__setattr__(self, "per_class", counts["--per-class"])
         object.__setattr__(self, "num_samples", counts["--num-samples"])

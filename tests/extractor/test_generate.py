@@ -81,6 +81,16 @@ def test_generator_activations_and_extraction_of_generated_store(tmp_path):
     np.testing.assert_array_equal(ext["label"][:], acts["label"][:])
 
 
+def test_classes_named_in_another_order_are_the_same_generation(tmp_path):
+    """Samples are class-major in label order whatever order the classes are named in: one setting, one store."""
+    fwd = ForwardSettings(PRESET, ())
+    run = RunOptions(batch_size=8, device="cpu")
+    first = generate(GenerateOptions(str(tmp_path / "g.zarr"), fwd, per_class=1, classes=("volcano", "tench", "n02119789"), run=run))
+    again = generate(GenerateOptions(str(tmp_path / "g.zarr"), fwd, per_class=1, classes=("kit fox", "980", "n01440764"), run=run))
+    assert not first.already_complete and again.already_complete
+    assert validate_image_store(str(tmp_path / "g.zarr")).attrs["selection"]["classes"] == list(CLASSES)
+
+
 def test_unfinished_generation_resumes_to_identical(tmp_path):
     """A store left with some shards unrecorded (as a crash leaves it) is finished identically by a re-run."""
     from tests.support.store_equality import stores_identical
