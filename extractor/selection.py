@@ -143,9 +143,10 @@ def class_wnids(entries: Iterable[str], table: dict[int, tuple[str, str]], prese
     return wnids
 
 
-def present_class_wnids(entries: Iterable[str], labels: np.ndarray, synsets: np.ndarray) -> tuple[str, ...]:
+def present_class_wnids(entries: Iterable[str], labels: np.ndarray, synsets: np.ndarray, among: str = "this store") -> tuple[str, ...]:
     """WNIDs of class entries among samples with these labels and synsets (class_wnids: a store's own numbered
-    folders by folder name or label, else ImageNet-1k names too); a class without samples here is refused."""
+    folders by folder name or label, else ImageNet-1k names too); a class without samples here is refused
+    (`among`: what the samples are, for the message)."""
     known = set(synsets.tolist())
     present, first = np.unique(labels, return_index=True)
     # A store's own classes are named by folder: their WNID and name are the folder name.
@@ -155,7 +156,7 @@ def present_class_wnids(entries: Iterable[str], labels: np.ndarray, synsets: np.
     if unknown:
         named = ", ".join(f"{w} ({_class_name(w)})" for w in unknown)
         held = sorted(known - {""})
-        raise SelectionError(f"classes {named} have no samples in this store; it has {len(held)} classes, e.g. {', '.join(held[:5])}")
+        raise SelectionError(f"classes {named} have no samples in {among} ({len(held)} class{'' if len(held) == 1 else 'es'} there, e.g. {', '.join(held[:5])})")
     return wnids
 
 
@@ -212,7 +213,8 @@ def select_samples(spec: SelectionSpec, labels: np.ndarray, synsets: np.ndarray)
         chosen = checked_positions(np.asarray(spec.positions), n, "indices")
     if spec.classes:
         chosen_synsets = synsets[chosen]  # taken once: a copy of every candidate's text (1.28 M at full scale)
-        wnids = present_class_wnids(spec.classes, labels[chosen], chosen_synsets)
+        among = "this store" if chosen.size == n else f"the {chosen.size:,} samples the indices select"
+        wnids = present_class_wnids(spec.classes, labels[chosen], chosen_synsets, among)
         chosen = chosen[np.isin(chosen_synsets, np.array(wnids, dtype=object))]
     if spec.per_class is not None:
         rng = np.random.default_rng(spec.seed)
