@@ -44,7 +44,7 @@ def test_selection_by_name_equals_selection_by_wnid():
     # Recorded as WNIDs: both spellings are the same selection (and the same settings fingerprint).
     assert describe_selection(by_name, chosen) == describe_selection(by_wnid, chosen)
     # Classes missing from the samples the indices pick are said to be missing there, not in the store.
-    with pytest.raises(SelectionError, match=r"^classes n01440764 \(tench\) have no samples in the 2 samples the indices select \(1 classes there, e\.g\. n01443537\)$"):
+    with pytest.raises(SelectionError, match=r"^classes n01440764 \(tench\) have no samples in the 2 samples the indices select \(1 class there, e\.g\. n01443537\)$"):
         select_samples(SelectionSpec(positions=(1, 3), classes=("tench",)), labels, synsets)
 
 
