@@ -62,7 +62,7 @@ from schemas.store_lifecycle import (
     settings_fingerprint,
     take_writer_lock_early,
 )
-from schemas.task_runner import SchedulerSpec, check_scheduler_reachable, run_tasks, scheduler_host_port
+from schemas.task_runner import SchedulerSpec, check_scheduler_reachable, refuse_memory_urls, run_tasks, scheduler_host_port
 
 
 @dataclass(frozen=True)
@@ -208,6 +208,8 @@ def _convert(source: ImageSource, options: ConvertOptions) -> ConvertResult:
     settings = options.to_dict(source)
     if inspect_existing(options.output, IMAGE_SCHEMA, settings, options.overwrite, source.input_paths) == "complete":
         return _already_complete(options, started)
+    refuse_memory_urls(_scheduler(options, processes=False), [*source.input_paths, options.output, options.scratch_dir])
+    refuse_memory_urls(_scheduler(options, processes=options.processes), source.input_paths)  # stage 1's processes read them
     check_scheduler_reachable(_scheduler(options, processes=False))  # before the scratch folder or the store exists
     # One writer from the start: a second identical command is refused here (naming the holder) before it reads a
     # source, or, if the first finished while it started, finds the store complete just below.

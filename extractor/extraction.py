@@ -43,7 +43,7 @@ from schemas.remote_storage import remote_storage_errors
 from schemas.store_identity import StoreIdentity, check_output_generation, check_unchanged, reader_lease
 from schemas.store_integrity import record_checksums, record_unit_checksums
 from schemas.store_lifecycle import StoreExistsError, finalize_store, inspect_existing, mark_done, path_state, prepare_store
-from schemas.task_runner import check_scheduler_reachable, run_stop, run_tasks, stop_if_interrupted
+from schemas.task_runner import check_scheduler_reachable, refuse_memory_urls, run_stop, run_tasks, stop_if_interrupted
 
 
 @dataclass(frozen=True)
@@ -103,6 +103,7 @@ def extract(options: ExtractOptions) -> ExtractResult:
     # A full disk names the store (a shard's write names no file); a stalled object store names its URL.
     with output_write_errors(options.output), remote_storage_errors(options.store, options.output), reader_lease(options.store):
         resolve_compute_device(options.forward, run.device, run.compile)  # refused before anything is read
+        refuse_memory_urls(run.scheduler, [options.store, options.output])
         check_scheduler_reachable(run.scheduler)  # before a model is built or any output exists
         if not options.forward.layers:
             raise ExtractionError("no layers requested (--layers L1,L2)")

@@ -38,7 +38,7 @@ from schemas.remote_storage import remote_storage_errors
 from schemas.store_integrity import record_checksums, record_unit_checksums
 from schemas.store_identity import GENERATION_ATTR, check_output_generation
 from schemas.store_lifecycle import StoreState, finalize_store, inspect_existing, mark_done, prepare_store
-from schemas.task_runner import check_scheduler_reachable, run_stop, run_tasks, stop_if_interrupted
+from schemas.task_runner import check_scheduler_reachable, refuse_memory_urls, run_stop, run_tasks, stop_if_interrupted
 
 DEFAULT_GENERATE_SHARD = 1024
 
@@ -218,6 +218,7 @@ def _generate(options: GenerateOptions) -> GenerateResult:
     started = time.monotonic()
     run = options.run
     resolve_compute_device(options.forward, run.device, run.compile)  # refused before anything is written
+    refuse_memory_urls(run.scheduler, [options.output, options.activations_out])
     check_scheduler_reachable(run.scheduler)  # before a model is built or any output exists
     with PreparedForward(options.forward, run.device, None, run.compile, run.batch_size, check_network=check_generator) as forward:
         return _generate_stores(replace(options, forward=forward.settings), forward, started)

@@ -14,6 +14,7 @@ import threading
 import time
 from concurrent.futures import CancelledError
 from dataclasses import dataclass
+from collections.abc import Iterable
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -22,6 +23,7 @@ import dask.threaded
 
 from schemas.errors import ImzarrError, RunFailedError, RunInterruptedError
 from schemas.option_values import whole_numbers
+from schemas.output_paths import url_protocol
 from schemas.progress_report import DaskProgress, ProgressReport
 
 # Schemes of a dask.distributed scheduler address reached over the network (tcp:// when none is written).
@@ -109,6 +111,16 @@ def check_scheduler_reachable(spec: SchedulerSpec) -> None:
     with client:
         if spec.resources:
             _check_resources_offered(spec, client)
+
+
+def refuse_memory_urls(spec: SchedulerSpec, urls: Iterable[str | None]) -> None:
+    """memory:// lives in this process's memory: workers in other processes (a cluster's, or local processes)
+    would find nothing there, or write where this process never looks."""
+    if spec.address is None and not spec.processes:
+        return
+    for url in urls:
+        if url is not None and url_protocol(str(url)) == "memory":
+            raise SchedulerError(f"{url}: memory:// lives in this process's memory, which workers in other processes ({spec.describe}) cannot see; use a path or a persistent URL, or local threads")
 
 
 def _check_resources_offered(spec: SchedulerSpec, client: Any, during_run: bool = False) -> None:

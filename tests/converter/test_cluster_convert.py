@@ -23,3 +23,20 @@ def test_convert_on_a_local_cluster_of_processes_matches_the_local_run(tmp_path)
         np.testing.assert_array_equal(arr[:], b[name][:], err_msg=name)
     assert dict(a.attrs)["settings"] == dict(b.attrs)["settings"]
     assert not list(tmp_path.glob("*.scratch-*"))  # scratch tidied after both runs
+
+
+def test_memory_urls_are_refused_where_other_processes_would_use_them(tmp_path):
+    """memory:// is this process's memory: a cluster's workers, or local worker processes, find nothing there."""
+    import pytest
+
+    import converter
+    from schemas.task_runner import SchedulerError, SchedulerSpec, refuse_memory_urls
+
+    assert run_imzarr("sample", "src", "--per-shard", "10", "--train-shards", "1", "--val-size", "20", cwd=tmp_path).returncode == 0
+    # No scheduler answers this address: the refusal comes first, before anything is probed or written.
+    with pytest.raises(SchedulerError, match=r"^memory://m/img\.zarr: memory:// lives in this process's memory, which workers in other processes \(dask\.distributed at tcp://127\.0\.0\.1:9\) cannot see"):
+        converter.convert_npz(str(tmp_path / "src" / "val"), "memory://m/img.zarr", scheduler="tcp://127.0.0.1:9")
+    refuse_memory_urls(SchedulerSpec(), ["memory://m/img.zarr"])  # local threads share it
+    refuse_memory_urls(SchedulerSpec(processes=True), ["/data/img.zarr", None])
+    with pytest.raises(SchedulerError, match=r"\(2 local processes\) cannot see"):
+        refuse_memory_urls(SchedulerSpec(processes=True), ["memory://src"])
