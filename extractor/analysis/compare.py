@@ -610,7 +610,7 @@ def _side_provenance(prefix: str, side: LayerFeatures) -> dict:
     model = side.attrs.get("model") or {}
     return {
         f"{prefix}_model": describe_model(model),
-        f"{prefix}_model_sha256": short_sha(model.get("sha256")),
+        f"{prefix}_model_sha256": model.get("sha256") or "?",  # whole: a short one names a file, it does not check one
         f"{prefix}_trained": model.get("trained") is True,
         f"{prefix}_sigma": side.attrs.get("sigma"),
         f"{prefix}_module_path": side.module_path,

@@ -243,6 +243,7 @@ def test_report_states_its_provenance(stores, tmp_path):
     mixed = compare_stores(a_url, b_url, "feat", per_class=False).attrs
     assert mixed["trained"] is False and mixed["fake_trained"] is True
     assert mixed["fake_model"] == "checkpoint …/dmd2/pytorch_model.bin, sha256 ffffffffffff, trained"
+    assert mixed["fake_model_sha256"] == "f" * 64  # the whole hash, that a file can be checked against
     assert mixed["model"].startswith("real: synthetic") and "generated: checkpoint" in mixed["model"]
     assert mixed["sigma"] == "real 80.0, generated 0.5"
     # One layer name on two networks may be two modules: both are named, not the real side's alone.
