@@ -115,9 +115,15 @@ class GaussianAccumulator:
         for a in range(0, block.shape[0], self._chunk_rows):
             chunk = block[a : a + self._chunk_rows]
             mean_b = np.asarray(chunk.mean(axis=0, dtype=np.float64))
-            centre = mean_b.astype(self.product_dtype)
-            x = np.array(chunk, dtype=self.product_dtype)  # always a copy: centred in place
-            x -= centre
+            if chunk.dtype.itemsize > self.product_dtype.itemsize:
+                # Rows the product dtype cannot hold (float64 into float32 products) are centred before they
+                # are rounded: rounded first, a large mean would leave little of the spread (1e4 ± 1e-3).
+                x = (np.asarray(chunk, dtype=np.float64) - mean_b).astype(self.product_dtype)
+                centre = mean_b
+            else:
+                centre = mean_b.astype(self.product_dtype)
+                x = np.array(chunk, dtype=self.product_dtype)  # always a copy: centred in place
+                x -= centre
             n_b = x.shape[0]
             offset = mean_b - centre  # Σ(x−c)(x−c)ᵀ = M2 + n(μ−c)(μ−c)ᵀ: remove what rounding the centre added
             m2_b = (x.T @ x).astype(np.float64)

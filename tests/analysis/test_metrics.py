@@ -94,6 +94,18 @@ def test_accumulator_equals_numpy_mean_and_cov(dtype):
     np.testing.assert_allclose(acc.cov, np.cov(ref, rowvar=False), rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("offset, spread", [(1e4, 1e-3), (1e3, 1e-2), (0.0, 1.0)])
+def test_float32_products_keep_float64_rows_digits(offset, spread):
+    """float64 rows centred before they are rounded to the float32 products: statistics_from_features' path."""
+    from extractor.analysis.reference_statistics import statistics_from_features
+
+    x = np.random.default_rng(8).normal(size=(2000, 8)) * spread + offset
+    want = np.cov(x, rowvar=False)
+    got = statistics_from_features(x)
+    np.testing.assert_allclose(got.mu, x.mean(0), rtol=1e-13)
+    assert np.abs(got.sigma - want).max() <= 1e-6 * np.abs(want).max()  # README: within ~1e-6 of np.cov
+
+
 def test_accumulator_errors():
     acc = GaussianAccumulator(3)
     with pytest.raises(MetricInputError, match="no rows"):
