@@ -74,6 +74,18 @@ def stores(tmp_path_factory):
     return real_url, fake_url, real.astype(np.float16).astype(np.float64), real_labels, fake, fake_labels, root
 
 
+def test_overall_fd_of_few_samples_is_exact(tmp_path):
+    """Fewer samples than dimensions: the overall FD comes from the exact n×n form, not the rank-deficient
+    covariances (whose square root amplified the float32 products' rounding into a negative FD)."""
+    rng = np.random.default_rng(11)
+    labels = np.repeat([1, 2], 30)
+    x = rng.integers(64, 128, size=(60, 256)) / 64  # multiples of 1/64 below 4: float16 holds them and x + 0.25
+    a, b = store(tmp_path / "a.zarr", x, labels), store(tmp_path / "b.zarr", x, labels)
+    assert abs(compare_stores(a, b, "feat", metrics="fd", per_class=False).attrs["fd"]) < 1e-9
+    c = store(tmp_path / "c.zarr", x + 0.25, labels)  # the same covariance, the mean moved by 0.25 in 256 dims
+    assert compare_stores(a, c, "feat", metrics="fd", per_class=False).attrs["fd"] == pytest.approx(256 * 0.25**2, rel=1e-9)
+
+
 def test_report_records_absolute_store_paths(stores, monkeypatch):
     real_url, fake_url, *_, root = stores
     monkeypatch.chdir(root)
