@@ -584,8 +584,13 @@ def open_npz_source(sources: list[str | Path], label_order: str | None = None, a
         files.append(SourceFile(rel, source_files.file_size(path), fingerprint))
     refuse_copied_shards(parts)
     if len({p.resolution for p in parts}) > 1:
-        sizes = {p.relpath: p.resolution for p in parts}
-        raise SourceError(", ".join(map(str, sources)), f"mixed resolutions {sizes}")
+        # Named by the first file of each resolution, as found (relative names alone repeat across folders).
+        first: dict[int, str] = {}
+        for p in parts:
+            first.setdefault(p.resolution, str(p.path))
+        counts = {res: sum(q.resolution == res for q in parts) for res in first}
+        sizes = "; ".join(f"{res}×{res} ({counts[res]} file{'' if counts[res] == 1 else 's'}, e.g. {path})" for res, path in first.items())
+        raise SourceError(", ".join(map(str, sources)), f"mixed resolutions: {sizes}; convert each resolution into its own store")
     if len(kinds) > 1:
         raise SourceError(", ".join(map(str, sources)), f"mixed file kinds/label orders {sorted(kinds)}")
     (kind, order), = kinds

@@ -266,7 +266,8 @@ def _bad(tmp_path: Path, kind: str) -> tuple[list, str]:
         src = shard_folder(tmp_path)
         write_npz_shard(src / "train_data_batch_1.npz", good, np.ones(10, int))
         write_npz_shard(src / "train_data_batch_2.npz", photo_like(10, 32), np.ones(10, int))
-        return [src], "mixed resolutions"
+        res = good.shape[-1]
+        return [src], f"mixed resolutions: {res}×{res} (1 file, e.g. {src / 'train_data_batch_1.npz'}); 32×32 (1 file, e.g. {src / 'train_data_batch_2.npz'}); convert each"
     if kind == "pickle":
         src = shard_folder(tmp_path)
         write_pickle_batch(src / "train_data_batch_1", good, np.ones(10, int))
