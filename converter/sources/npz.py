@@ -76,7 +76,19 @@ def find_shards(sources: list[str | Path]) -> list[tuple[Path | str, str]]:
     kinds = {("val" if "val" in rel.lower() else "train" if "train" in rel.lower() else "other") for _, rel in found}
     if {"train", "val"} <= kinds:
         raise SourceError(", ".join(map(str, sources)), "train and val shards found together; convert them in separate runs")
-    return found
+    return _distinct_names(found)
+
+
+def _distinct_names(found: list[tuple[Path | str, str]]) -> list[tuple[Path | str, str]]:
+    """Shards of one name from several folders (s32/train_data_batch_1.npz, s64/train_data_batch_1.npz) are named
+    by their paths below the folders' common parent (URLs whole): `source_file` and `sources` would otherwise say
+    the same name for two files, and no image could be traced to its file."""
+    names = [rel for _, rel in found]
+    if len(set(names)) == len(names):
+        return found
+    local = [str(path) for path, _ in found if not is_remote(path)]
+    common = os.path.commonpath([os.path.dirname(os.path.abspath(path)) for path in local]) if local else ""
+    return [(path, str(path) if is_remote(path) else printable_path(os.path.relpath(os.path.abspath(path), common))) for path, _ in found]
 
 
 def _shards_of(given: str | Path) -> tuple[list[tuple[Path | str, str]], bool]:

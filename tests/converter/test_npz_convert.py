@@ -85,6 +85,19 @@ def test_natural_shard_order(tmp_path):
     stores_identical(str(out), str(tmp_path / "listed.zarr"))
 
 
+def test_same_named_shards_of_two_folders_are_told_apart(tmp_path):
+    """source_file and sources name each file by its path below the folders' common parent where names repeat."""
+    for folder, value in (("a", 1), ("b", 2)):
+        (tmp_path / "in" / folder).mkdir(parents=True)
+        write_npz_shard(tmp_path / "in" / folder / "train_data_batch_1.npz", np.full((3, 3, 16, 16), value, np.uint8), np.full(3, value))
+    out = tmp_path / "o.zarr"
+    assert run_convert(tmp_path / "in" / "a", tmp_path / "in" / "b", "-o", out) == 0
+    store = validate_image_store(str(out))
+    assert list(store.coordinate("source_file")) == ["a/train_data_batch_1.npz"] * 3 + ["b/train_data_batch_1.npz"] * 3
+    assert [s["path"] for s in store.attrs["sources"]] == ["a/train_data_batch_1.npz", "b/train_data_batch_1.npz"]
+    np.testing.assert_array_equal(store.image[:, 0, 0, 0], [1, 1, 1, 2, 2, 2])
+
+
 def test_empty_shards_are_not_copies_of_each_other(tmp_path):
     """Two shards with no rows hold the same (nothing): converted beside a full one, not refused as a copy."""
     src = shard_folder(tmp_path)
