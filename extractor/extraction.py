@@ -27,7 +27,7 @@ from extractor.models import LoadedModel
 from schemas.shard_writer import ShardOutput
 from extractor.selection import SelectionSpec, describe_selection, per_class_shortfall, select_samples
 from extractor.shard_forward import ShardForward, pinned_images
-from extractor.store_attrs import check_noise_recipe, extraction_attrs, refuse_unfit_labels, unlabelled_note
+from extractor.store_attrs import check_noise_recipe, extraction_attrs, record_batch_size, refuse_unfit_labels, unlabelled_note
 from schemas.activation_store import (
     ACTIVATION_LAYOUT_VERSION,
     ACTIVATION_SCHEMA,
@@ -188,6 +188,7 @@ def _extract(options: ExtractOptions, forward: PreparedForward, images: ImageSto
     if state.already_complete:  # another run finished it while this one started: nothing to do, nothing to finish
         return ExtractResult(options.output, n, True, time.monotonic() - started, loaded.trained, notes=notes)
     plan = forward.plan()  # the batch size is chosen here, once the store needs writing
+    record_batch_size(options.output, plan.batch_size)
     tasks = [
         dask.delayed(extract_shard, pure=False)(
             ShardTask(options.store, options.output, k, k * shard, {c: v[k * shard : (k + 1) * shard] for c, v in coords.items()}, plan, source, state.generation)

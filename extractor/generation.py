@@ -24,7 +24,7 @@ from schemas.shard_writer import ShardOutput
 from extractor.noise import GENERATION_NOISE_RECIPE, generation_noise_seed, noise_attrs
 from extractor.selection import resolve_classes
 from extractor.shard_forward import ShardForward
-from extractor.store_attrs import check_noise_recipe, device_name, model_attrs, model_source, refuse_labels_beyond_network, run_attrs, versions
+from extractor.store_attrs import check_noise_recipe, device_name, model_attrs, model_source, record_batch_size, refuse_labels_beyond_network, run_attrs, versions
 from schemas.activation_store import ACTIVATION_LAYOUT_VERSION, ACTIVATION_SCHEMA, DIFFUSION_KIND, activation_array_attrs, activation_group_attrs
 from schemas.classes import NUM_CLASSES, class_table
 from schemas.errors import output_write_errors
@@ -251,6 +251,9 @@ def _generate_stores(options: GenerateOptions, forward: PreparedForward, started
     act_pending = set(act_state.pending) if act_state is not None else set()
     pending = image_pending | act_pending
     plan = forward.plan()  # the batch size is chosen here, once a store needs writing
+    for state in (image_state, act_state):
+        if state is not None and not state.already_complete:
+            record_batch_size(state.url, plan.batch_size)
     tasks = [
         dask.delayed(generate_shard, pure=False)(
             GenerateTask(options.output if k in image_pending else None, options.activations_out if k in act_pending else None,

@@ -40,6 +40,16 @@ def check_noise_recipe(url: str, noise_seed: int | None, overwrite: bool, recipe
         )
 
 
+def record_batch_size(url: str, batch_size: int) -> None:
+    """Add the batch size this run computes with to the store's `batch_sizes` (once each). Not a setting: values
+    depend on it only through float rounding (CPU kernels sum in other orders), so a resume may use another, and
+    the store says which it was made with; on CUDA it is chosen from the free memory, and known only here."""
+    group = zarr.open_group(url, mode="r+", use_consolidated=False)
+    sizes = [int(size) for size in group.attrs.get("batch_sizes") or []]
+    if int(batch_size) not in sizes:
+        group.update_attributes({"batch_sizes": [*sizes, int(batch_size)]})
+
+
 def model_attrs(fwd: ForwardSettings, loaded: LoadedModel) -> dict[str, Any]:
     """How a store records the network that made its values (schemas/activation_store.py, "The network")."""
     return {

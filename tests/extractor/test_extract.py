@@ -128,6 +128,7 @@ def test_batch_size_changes_values_only_by_float_rounding(image_store, tmp_path)
         other = zarr.open_group(str(tmp_path / f"b{b}.zarr"), mode="r")
         for name in LAYERS:
             np.testing.assert_allclose(other[name][:].astype(np.float32), ref[name][:].astype(np.float32), rtol=2e-3, atol=2e-3)
+        assert other.attrs["batch_sizes"] == [b]  # what the values depend on through rounding, recorded
 
 
 def test_selection_per_class_and_classes(image_store, tmp_path):

@@ -107,6 +107,13 @@ def test_unfinished_generation_resumes_to_identical(tmp_path):
     group["image"][2:4] = 0
     gen(tmp_path / "x.zarr", shard=2)
     stores_identical(str(tmp_path / "ref.zarr"), str(tmp_path / "x.zarr"))
+    assert zarr.open_group(str(tmp_path / "x.zarr"), mode="r").attrs["batch_sizes"] == [64]
+    # Resumed with another batch size: the store says it was made with both.
+    group = zarr.open_group(str(tmp_path / "x.zarr"), mode="r+", use_consolidated=False)
+    group.attrs["complete"] = False
+    group.create_array("_progress/done", shape=(5,), chunks=(1,), dtype="int8", fill_value=0, compressors=None)
+    gen(tmp_path / "x.zarr", shard=2, batch_size=3)
+    assert zarr.open_group(str(tmp_path / "x.zarr"), mode="r").attrs["batch_sizes"] == [64, 3]
 
 
 def test_generated_store_with_the_old_noise_recipe_is_refused(tmp_path):
