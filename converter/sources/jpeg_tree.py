@@ -71,9 +71,10 @@ def scan_jpeg_tree(
         )
     if folders:
         root_key = frozenset({_dir_key(root)})
+        class_folders = {os.path.realpath(root / name): name for name in folders}
 
         def walk(name: str, files: list[str], ignored: list[str]) -> None:
-            _walk_images(root / name, name, files, ignored, root_key)
+            _walk_images(root / name, name, files, ignored, root_key, class_folders)
 
         return _scan_folders(root, folders, top_ignored, val_labels, label_from_folders, walk)
     if not top_images:
@@ -252,9 +253,15 @@ def _dir_key(path: Path) -> tuple[int, int]:
 
 
 def _walk_images(
-    folder: Path, prefix: str, images: list[str], ignored: list[str], above: frozenset[tuple[int, int]]
+    folder: Path,
+    prefix: str,
+    images: list[str],
+    ignored: list[str],
+    above: frozenset[tuple[int, int]],
+    class_folders: dict[str, str] | None = None,
 ) -> None:
-    """Append the relative paths of images below `folder`, recursively, following directory links."""
+    """Append the relative paths of images below `folder`, recursively, following directory links (refused into
+    another of `class_folders`, {real path: folder name})."""
     stack = [(folder, prefix, above | {_dir_key(folder)})]
     while stack:
         directory, rel, ancestors = stack.pop()
@@ -270,6 +277,9 @@ def _walk_images(
                 key = (info.st_dev, info.st_ino)
                 if key in ancestors:
                     ignored.append(f"{rel}/{name}/")  # a link back to a folder above: its images are listed once
+                elif class_folders and entry.is_symlink():
+                    _refuse_link_into_another_class(Path(entry.path), prefix, class_folders)
+                    stack.append((Path(entry.path), f"{rel}/{name}", ancestors | {key}))
                 else:
                     stack.append((Path(entry.path), f"{rel}/{name}", ancestors | {key}))
             elif kind == "other" or name.startswith(".") or not _is_image(name):
@@ -277,6 +287,15 @@ def _walk_images(
             else:
                 # An image name whose link cannot be followed is kept: decoding rejects it, with the reason.
                 images.append(f"{rel}/{name}")
+
+
+def _refuse_link_into_another_class(link: Path, own: str, class_folders: dict[str, str]) -> None:
+    """A folder link inside one class folder that leads into another's: its images would be stored twice, the
+    second time with this class's label."""
+    target = os.path.realpath(link)
+    for folder, name in class_folders.items():
+        if name != own and (target == folder or target.startswith(folder + os.sep)):
+            raise JpegTreeError(link, f"a link into the class folder {name}: its images would be stored a second time, labelled {own}; remove the link")
 
 
 def _scan_folders(

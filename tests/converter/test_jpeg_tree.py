@@ -196,6 +196,19 @@ def test_symlinked_class_folder_and_loop(tmp_path):
     assert tree.ignored == (f"{TENCH}/loop/",)  # listed, not walked again
 
 
+def test_a_link_into_another_class_folder_is_refused(tmp_path):
+    """Its images would be stored twice, the second time labelled with the class whose folder holds the link."""
+    touch(tmp_path / TENCH / "sub" / "t.JPEG")
+    touch(tmp_path / KIT_FOX / "f.JPEG")
+    shared = tmp_path.parent / f"{tmp_path.name}-shared"
+    touch(shared / "s.JPEG")
+    os.symlink(shared, tmp_path / KIT_FOX / "more")  # a link out of the tree: followed, as before
+    assert scan_jpeg_tree(tmp_path).files == (f"{TENCH}/sub/t.JPEG", f"{KIT_FOX}/f.JPEG", f"{KIT_FOX}/more/s.JPEG")
+    os.symlink(tmp_path / TENCH / "sub", tmp_path / KIT_FOX / "linked")
+    with pytest.raises(JpegTreeError, match=rf"^{tmp_path / KIT_FOX / 'linked'}: a link into the class folder {TENCH}: its images would be stored a second time, labelled {KIT_FOX}"):
+        scan_jpeg_tree(tmp_path)
+
+
 def test_unfollowable_links_are_listed_and_special_files_ignored(tmp_path):
     """A file link loop or a dangling link named like an image is kept (decoding rejects it, with the reason);
     a FIFO is ignored, never opened; none of them stops the scan, at the top level or below it."""
