@@ -55,6 +55,7 @@ from extractor.analysis.metrics import (
     prdc_blocked,
 )
 from extractor.analysis.provenance import describe_model, describe_sigma, short_sha
+from extractor.store_attrs import versions
 from extractor.analysis.reference_statistics import ReferenceStatistics, logits_layer, read_reference, statistics_accumulator, store_inception_score
 from schemas.compare_report import COMPARE_SCHEMA as REPORT_SCHEMA
 from schemas.compare_report import REPORT_DIM, on_label_dimension
@@ -565,6 +566,7 @@ def _base_attrs(options: CompareOptions, side: LayerFeatures) -> dict:
         "n_fake": None,
         "per_class": bool(options.per_class),
         "blocked_knn_dtype": str(BLOCKED_DTYPE).removeprefix("torch."),
+        "versions": json.dumps(versions(), sort_keys=True),
     }
     if "fd" in options.metrics and options.per_class:
         attrs["per_class_fd_note"] = PER_CLASS_FD_NOTE
@@ -620,6 +622,8 @@ def _side_provenance(prefix: str, side: LayerFeatures) -> dict:
         f"{prefix}_trained": model.get("trained") is True,
         f"{prefix}_sigma": side.attrs.get("sigma"),
         f"{prefix}_module_path": side.module_path,
+        # The noise the features were extracted with (None: no noise, a feature network): a seed names the draw.
+        f"{prefix}_noise_seed": (side.attrs.get("noise") or {}).get("seed"),
     }
 
 

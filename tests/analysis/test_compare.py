@@ -2,6 +2,7 @@
 flattening of unpooled layers, the Zarr report, the terminal table, the PNG, and clear errors."""
 
 import importlib.util
+import json
 import io
 import os
 import shutil
@@ -256,15 +257,17 @@ def test_report_states_its_provenance(stores, tmp_path):
     assert mixed["trained"] is False and mixed["fake_trained"] is True
     assert mixed["fake_model"] == "checkpoint …/dmd2/pytorch_model.bin, sha256 ffffffffffff, trained"
     assert mixed["fake_model_sha256"] == "f" * 64  # the whole hash, that a file can be checked against
+    assert "imzarr" in json.loads(mixed["versions"]) and "fake_noise_seed" not in mixed  # these stores record no noise
     assert mixed["model"].startswith("real: synthetic") and "generated: checkpoint" in mixed["model"]
     assert mixed["sigma"] == "real 80.0, generated 0.5"
     # One layer name on two networks may be two modules: both are named, not the real side's alone.
     group = zarr.open_group(b_url, mode="r+")
     group.attrs["layers"] = {"feat": "model.dec.8x8_in0"}
     group["feat"].update_attributes({"module_path": "model.dec.8x8_in0"})
+    group.attrs["noise"] = {"seed": 7, "recipe": "splitmix64-box-muller/2"}
     zarr.consolidate_metadata(b_url)
     other = compare_stores(a_url, b_url, "feat", per_class=False).attrs
-    assert other["module_path"] == "real: synthetic.feat; generated: model.dec.8x8_in0"
+    assert other["module_path"] == "real: synthetic.feat; generated: model.dec.8x8_in0" and other["fake_noise_seed"] == 7
     assert "real: synthetic.feat; generated: model.dec.8x8_in0" in format_report_table(compare_stores(a_url, b_url, "feat", per_class=False))
 
 
