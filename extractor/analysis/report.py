@@ -32,6 +32,7 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Any, TextIO
 
+import dask
 import fsspec
 import numpy as np
 import xarray as xr
@@ -393,6 +394,13 @@ def write_report_site(
     `per_class`: real and generated thumbnails shown per class, each generated one with its nearest real sample
     (default THUMBS_PER_SIDE). Returns where the site is and its size.
     """
+    # The threaded scheduler, as every writer runs locally, even where a dask.distributed Client is the default:
+    # its workers are other processes, without this one's credentials or memory:// stores.
+    with dask.config.set(scheduler="threads"):
+        return _write_site(compare, output, per_class, scratch_dir, log)
+
+
+def _write_site(compare: str | xr.Dataset, output: str, per_class: int | None, scratch_dir: str | None, log: TextIO | None) -> SiteResult:
     started = time.monotonic()
     per_class = whole_numbers({"--per-class-thumbnails": (THUMBS_PER_SIDE if per_class is None else per_class, 1)}, ReportSiteError)["--per-class-thumbnails"]
     ds, compare_url = open_compare(compare)

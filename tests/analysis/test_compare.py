@@ -121,7 +121,8 @@ def test_runs_on_threads_beside_a_client_and_consolidates_its_checksums(stores, 
     out = str(tmp_path / "report.zarr")
     with Client(processes=False, n_workers=1, threads_per_worker=1, dashboard_address=None) as client, get_task_stream(client) as tasks:
         compare_stores(real_url, fake_url, "feat", metrics="fd", output=out)
-    assert tasks.data == []
+        again = compare_stores(real_url, fake_url, "feat", metrics="fd", output=out)  # found complete: read with dask
+    assert tasks.data == [] and "fd" in again.attrs
     group = zarr.open_group(out, mode="r")  # consolidated metadata, as xr.open_zarr reads it
     assert "_checksums" in group and group["_checksums"]["fd"].shape == (1,)
 

@@ -275,6 +275,16 @@ def test_older_class_dimension_and_new_metrics_appear_without_code_changes(run, 
     assert data["values"]["label"] == list(range(NUM_CLASSES)) and len(data["means"]["label"]) == NUM_CLASSES
 
 
+def test_runs_on_threads_beside_a_client(run, tmp_path):
+    """A notebook's default dask.distributed Client does not get the site's reads (its workers lack this process's
+    credentials and memory:// stores): every writer runs locally on threads."""
+    from distributed import Client, get_task_stream
+
+    with Client(processes=False, n_workers=1, threads_per_worker=1, dashboard_address=None) as client, get_task_stream(client) as tasks:
+        write_report_site(run["compare"], str(tmp_path / "site"), per_class=1)
+    assert tasks.data == [] and (tmp_path / "site" / "index.html").exists()
+
+
 def test_missing_inputs_are_named(run, tmp_path):
     ds = xr.open_zarr(run["compare"]).load()
     with pytest.raises(ReportSiteError, match=r"nowhere/acts\.zarr: real activation store not found"):

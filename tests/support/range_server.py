@@ -54,7 +54,7 @@ class RangeServer:
     def answer(self, method: str, target: str, headers: dict[str, str]) -> bytes:
         url = urlsplit(target)
         bucket, _, key = unquote(url.path).lstrip("/").partition("/")
-        if not bucket or not (self.root / bucket).is_dir() or ".." in Path(key).parts:
+        if bucket in ("", ".", "..") or not (self.root / bucket).is_dir() or ".." in Path(key).parts:
             return _error(404, "NoSuchBucket", bucket, method)
         if method == "GET" and not key:
             query = {k: v[0] for k, v in parse_qs(url.query, keep_blank_values=True).items()}
