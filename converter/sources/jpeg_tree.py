@@ -62,7 +62,8 @@ def scan_jpeg_tree(
         return _scan_remote_tree(os.fspath(root), val_labels, label_from_folders)
     root = _resolve_root(Path(root), want_val=val_labels is not None)
     top_images, top_ignored, folders = _scan_top(root)
-    _refuse_class_archives(root, top_ignored, folders)
+    if not top_images and not label_from_folders:
+        _refuse_class_archives(root, top_ignored, folders)
     if top_images and folders:
         raise JpegTreeError(
             root,
@@ -71,7 +72,7 @@ def scan_jpeg_tree(
         )
     if folders:
         root_key = frozenset({_dir_key(root)})
-        class_folders = {os.path.realpath(root / name): name for name in folders}
+        class_folders = _class_folders(root, folders)
 
         def walk(name: str, files: list[str], ignored: list[str]) -> None:
             _walk_images(root / name, name, files, ignored, root_key, class_folders)
@@ -131,7 +132,8 @@ def _scan_remote_tree(url: str, val_labels: str | os.PathLike[str] | None, label
         images, ignored = below.setdefault(parts[0], ([], []))
         (ignored if is_ignored else images).append(rel)
     ordered = sorted(folders)
-    _refuse_class_archives(root, top_ignored, ordered)
+    if not top_images and not label_from_folders:
+        _refuse_class_archives(root, top_ignored, ordered)
     if top_images and ordered:
         raise JpegTreeError(
             root,
@@ -164,10 +166,10 @@ def _refuse_class_archives(root: Path | str, top_ignored: list[str], folders: li
     that class beside it: a class not extracted yet. Converting without it would leave the whole class out, with
     nothing but a line among the ignored files to say so."""
     present = set(folders)
-    archives = [name for name in sorted(top_ignored) if (m := _CLASS_ARCHIVE.match(name)) and class_table().is_wnid(m.group(1)) and m.group(1) not in present]
+    archives = [name for name in sorted(top_ignored) if (m := _CLASS_ARCHIVE.match(name)) and class_table().is_wnid(m.group(1).lower()) and m.group(1).lower() not in present]
     if archives:
         more = f" and {len(archives) - 1} more" if len(archives) > 1 else ""
-        first = _CLASS_ARCHIVE.match(archives[0]).group(1)  # type: ignore[union-attr]
+        first = _CLASS_ARCHIVE.match(archives[0]).group(1).lower()  # type: ignore[union-attr]
         raise JpegTreeError(
             source_files.join(root, archives[0]) if isinstance(root, str) else root / archives[0],
             f"a class archive not extracted{more}: its images would be missing from the store; extract each into "
@@ -278,24 +280,41 @@ def _walk_images(
                 if key in ancestors:
                     ignored.append(f"{rel}/{name}/")  # a link back to a folder above: its images are listed once
                 elif class_folders and entry.is_symlink():
-                    _refuse_link_into_another_class(Path(entry.path), prefix, class_folders)
+                    _refuse_link_within_the_tree(Path(entry.path), class_folders)
                     stack.append((Path(entry.path), f"{rel}/{name}", ancestors | {key}))
                 else:
                     stack.append((Path(entry.path), f"{rel}/{name}", ancestors | {key}))
             elif kind == "other" or name.startswith(".") or not _is_image(name):
                 ignored.append(f"{rel}/{name}")
             else:
+                if class_folders and entry.is_symlink() and os.path.isfile(entry.path):  # a file it leads to (not a loop, not missing)
+                    _refuse_link_within_the_tree(Path(entry.path), class_folders)
                 # An image name whose link cannot be followed is kept: decoding rejects it, with the reason.
                 images.append(f"{rel}/{name}")
 
 
-def _refuse_link_into_another_class(link: Path, own: str, class_folders: dict[str, str]) -> None:
-    """A folder link inside one class folder that leads into another's: its images would be stored twice, the
-    second time with this class's label."""
+def _class_folders(root: Path, folders: list[str]) -> dict[str, str]:
+    """{real path: folder name} of the class folders; two names for one folder (a link beside what it names) are
+    refused: its images would be stored once per name, under two labels."""
+    found: dict[str, str] = {}
+    for name in folders:
+        real = os.path.realpath(root / name)
+        if real in found:
+            raise JpegTreeError(root / name, f"is the same folder as {found[real]} (a link): its images would be stored twice, under two labels")
+        found[real] = name
+    return found
+
+
+def _refuse_link_within_the_tree(link: Path, class_folders: dict[str, str]) -> None:
+    """A link inside a class folder to something the tree holds already (a file or folder of any class folder,
+    this one's included) or to a folder that holds class folders: its images would be stored twice, the second time
+    perhaps with another label. Links out of the tree (a shared cache of files) are followed."""
     target = os.path.realpath(link)
     for folder, name in class_folders.items():
-        if name != own and (target == folder or target.startswith(folder + os.sep)):
-            raise JpegTreeError(link, f"a link into the class folder {name}: its images would be stored a second time, labelled {own}; remove the link")
+        inside = target == folder or target.startswith(folder + os.sep)
+        if inside or folder.startswith(target.rstrip(os.sep) + os.sep):
+            where = f"into the class folder {name}" if inside else f"to {target}, which holds the class folder {name}"
+            raise JpegTreeError(link, f"a link {where}: its images would be stored a second time; remove the link")
 
 
 def _scan_folders(
@@ -330,10 +349,15 @@ def _scan_folders(
     files: list[str] = []
     labels: list[int] = []
     ignored = list(top_ignored)
+    empty = []
     for name in folders:
         start = len(files)
         walk(name, files, ignored)
         labels.extend([folder_index[name]] * (len(files) - start))
+        if len(files) == start:
+            empty.append(name)
+    if not label_from_folders:  # a class folder made for an archive that was never extracted into it
+        _refuse_class_archives(root, top_ignored, [name for name in folders if name not in empty])
     if not files:
         raise JpegTreeError(root, "no image files found in its folders" + source_files.other_format_hint(root, "jpeg"))
     order = sorted(range(len(files)), key=files.__getitem__)

@@ -152,6 +152,27 @@ def test_class_archives_not_extracted_are_refused(tmp_path):
     with pytest.raises(JpegTreeError, match="a class archive not extracted"):
         scan_jpeg_tree(only)
     touch(only / "ILSVRC2012_img_train.tar")  # not a class: ignored as before
+    # Its folder made but nothing extracted into it (the refusal's own advice, when tar then fails): refused too.
+    made = tmp_path / "made"
+    touch(made / TENCH / "a.JPEG")
+    (made / GOLDFISH).mkdir()
+    touch(made / f"{GOLDFISH}.tar")
+    with pytest.raises(JpegTreeError, match=rf"^{made / GOLDFISH}\.tar: a class archive not extracted:"):
+        scan_jpeg_tree(made)
+    upper = tmp_path / "upper"
+    touch(upper / TENCH / "a.JPEG")
+    touch(upper / f"{KIT_FOX.upper()}.TAR")
+    with pytest.raises(JpegTreeError, match="a class archive not extracted"):
+        scan_jpeg_tree(upper)
+    # Not class-folder trees: a flat val folder, a tree of other classes numbered by folder.
+    flat = tmp_path / "flat"
+    touch(flat / val_name(1))
+    touch(flat / f"{KIT_FOX}.tar")
+    assert scan_jpeg_tree(flat, val_labels=write_ground_truth(tmp_path / "gt.txt", [1])).files == (val_name(1),)
+    own = tmp_path / "own"
+    touch(own / "cats" / "c.JPEG")
+    touch(own / f"{KIT_FOX}.tar")
+    assert scan_jpeg_tree(own, label_from_folders=True).files == ("cats/c.JPEG",)
     other = tmp_path / "other"
     touch(other / TENCH / "a.JPEG")
     touch(other / "ILSVRC2012_img_train.tar")
@@ -205,7 +226,21 @@ def test_a_link_into_another_class_folder_is_refused(tmp_path):
     os.symlink(shared, tmp_path / KIT_FOX / "more")  # a link out of the tree: followed, as before
     assert scan_jpeg_tree(tmp_path).files == (f"{TENCH}/sub/t.JPEG", f"{KIT_FOX}/f.JPEG", f"{KIT_FOX}/more/s.JPEG")
     os.symlink(tmp_path / TENCH / "sub", tmp_path / KIT_FOX / "linked")
-    with pytest.raises(JpegTreeError, match=rf"^{tmp_path / KIT_FOX / 'linked'}: a link into the class folder {TENCH}: its images would be stored a second time, labelled {KIT_FOX}"):
+    with pytest.raises(JpegTreeError, match=rf"^{tmp_path / KIT_FOX / 'linked'}: a link into the class folder {TENCH}: its images would be stored a second time; remove the link"):
+        scan_jpeg_tree(tmp_path)
+    os.remove(tmp_path / KIT_FOX / "linked")
+    # A file link to another class's image, a folder link to this class's own subfolder, a link to a folder that
+    # holds the class folders: each would store images twice.
+    for link, target in ((tmp_path / KIT_FOX / "stolen.JPEG", tmp_path / TENCH / "sub" / "t.JPEG"),
+                         (tmp_path / TENCH / "again", tmp_path / TENCH / "sub"),
+                         (tmp_path / TENCH / "all", tmp_path.parent)):  # (a link to the root itself is a loop: skipped, listed)
+        os.symlink(target, link)
+        with pytest.raises(JpegTreeError, match=rf"^{link}: a link (into the class folder|to {tmp_path.parent}, which holds the class folder)"):
+            scan_jpeg_tree(tmp_path)
+        os.remove(link)
+    # Two class names for one folder.
+    os.symlink(tmp_path / TENCH, tmp_path / GOLDFISH)
+    with pytest.raises(JpegTreeError, match=rf"^{tmp_path / GOLDFISH}: is the same folder as {TENCH} \(a link\)|^{tmp_path / TENCH}: is the same folder as {GOLDFISH}"):
         scan_jpeg_tree(tmp_path)
 
 
