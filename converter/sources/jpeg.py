@@ -23,7 +23,7 @@ from schemas.atomic_files import write_atomically
 from schemas.errors import printable_path
 from schemas.image_store import FOLDER_LABEL_ORDER
 from schemas.option_values import shown, whole_number
-from converter.sources.jpeg_recipes import DEFAULT_RECIPE, DRAFT_GEOMETRY, ImageDecodeError, get_recipe, load_and_resize
+from converter.sources.jpeg_recipes import DEFAULT_RECIPE, DRAFT_GEOMETRY, ImageDecodeError, get_recipe, load_and_resize, truncated_images_rejected
 from converter.sources.jpeg_tree import scan_jpeg_tree
 
 FILES_PER_BLOCK = 128  # ~0.4 s of decoding per task: coarse for Dask (~1 ms a task), fine enough to end evenly
@@ -82,7 +82,8 @@ class JpegBlock:
                     rejected.append((printable_path(rel), exc.reason))
                     yield blank.data
 
-        write_atomically(dest, rows())
+        with truncated_images_rejected():  # in this part's process, whichever it is
+            write_atomically(dest, rows())
         return MaterializedPart(RowFile(dest, 0, self.num_rows, self.resolution), kept, rejected)
 
     def _fetch(self) -> list[bytes | Exception]:

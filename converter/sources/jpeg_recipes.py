@@ -17,6 +17,7 @@ import contextlib
 import io
 import os
 import stat
+import threading
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -153,20 +154,33 @@ def open_rgb_draft(
     return rgb, draft
 
 
+_TRUNCATION_GUARD = threading.Lock()
+_truncation_users = 0
+_truncation_before = False
+
+
 @contextlib.contextmanager
 def truncated_images_rejected() -> Iterator[None]:
     """Pillow's `ImageFile.LOAD_TRUNCATED_IMAGES` off while a conversion decodes, as it was afterwards.
 
-    Training code often turns it on, process-wide; Pillow then fills a truncated file's missing part with grey and
-    raises nothing, and the converter would store that image instead of rejecting the file. Threads of this
-    process that decode images meanwhile see it off too; processes of their own (`--processes`, a cluster's
-    workers) keep their own setting, which is Pillow's default (off) unless they turn it on."""
-    before = ImageFile.LOAD_TRUNCATED_IMAGES
-    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    Training code often turns it on, process-wide (a script's top level, which spawned worker processes run again);
+    Pillow then fills a truncated file's missing part with grey and raises nothing, and the converter would store
+    that image instead of rejecting the file. Used around the whole conversion and around each part's decoding
+    (in whatever process decodes it); nested and concurrent uses in one process share one switch: the first turns
+    it off, the last puts back what was there. Threads of the process that decode images meanwhile see it off too."""
+    global _truncation_users, _truncation_before
+    with _TRUNCATION_GUARD:
+        if _truncation_users == 0:
+            _truncation_before = ImageFile.LOAD_TRUNCATED_IMAGES
+        _truncation_users += 1
+        ImageFile.LOAD_TRUNCATED_IMAGES = False
     try:
         yield
     finally:
-        ImageFile.LOAD_TRUNCATED_IMAGES = before
+        with _TRUNCATION_GUARD:
+            _truncation_users -= 1
+            if _truncation_users == 0:
+                ImageFile.LOAD_TRUNCATED_IMAGES = _truncation_before
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

@@ -106,6 +106,22 @@ def test_truncated_files_are_rejected_when_pillow_is_told_to_load_them(odd_tree,
     assert ImageFile.LOAD_TRUNCATED_IMAGES is True
 
 
+def test_truncated_files_are_rejected_in_worker_processes_that_load_them(odd_tree, tmp_path):
+    """A script that sets the flag at its top level sets it in the worker processes it spawns, too."""
+    script = tmp_path / "convert_with_flag.py"
+    script.write_text(
+        "from PIL import ImageFile\n"
+        "ImageFile.LOAD_TRUNCATED_IMAGES = True\n"
+        "if __name__ == '__main__':\n"
+        "    import sys, converter\n"
+        "    r = converter.convert_jpeg(sys.argv[1], sys.argv[2], processes=True, workers=2)\n"
+        "    print(r.num_samples, sorted(path for path, _ in r.rejected))\n"
+    )
+    done = subprocess.run([sys.executable, str(script), str(odd_tree), str(tmp_path / "p.zarr")], env=checkout_env(), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[0] == "7" and "h_truncated.JPEG" in done.stdout
+
+
 def test_every_file_rejected_names_them(tmp_path):
     root = tmp_path / "bad"
     (root / WNIDS[0]).mkdir(parents=True)
