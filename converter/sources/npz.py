@@ -59,8 +59,8 @@ def natural_key(name: str) -> list:
 def find_shards(sources: list[str | Path]) -> list[tuple[Path | str, str]]:
     """Shard files under the given files/folders (paths or URLs), naturally ordered, with their paths relative
     to the root given. Folders keep the order given, each one's shards in natural order; files named one after
-    another are put in natural order too (a shell's `train_data_batch_*.npz` lists _1, _10, _2: the global index,
-    and the noise keyed by it, would otherwise depend on how the files were named)."""
+    another are put in natural order too, folder by folder (a shell's `train_data_batch_*.npz` lists _1, _10, _2:
+    the global index, and the noise keyed by it, would otherwise depend on how the files were named)."""
     found: list[tuple[Path | str, str]] = []
     named_run = 0  # how many files named one after another end `found`
     for given in sources:
@@ -68,7 +68,7 @@ def find_shards(sources: list[str | Path]) -> list[tuple[Path | str, str]]:
         found += shards
         named_run = named_run + 1 if named else 0
         if named_run > 1:
-            found[-named_run:] = sorted(found[-named_run:], key=lambda item: (natural_key(item[1]), str(item[0])))
+            found[-named_run:] = sorted(found[-named_run:], key=_named_file_order)
     refuse_repeated_shards(found)
     if not found:
         hint = "".join(source_files.other_format_hint(given, "npz") for given in sources[:1])
@@ -77,6 +77,14 @@ def find_shards(sources: list[str | Path]) -> list[tuple[Path | str, str]]:
     if {"train", "val"} <= kinds:
         raise SourceError(", ".join(map(str, sources)), "train and val shards found together; convert them in separate runs")
     return _distinct_names(found)
+
+
+def _named_file_order(item: tuple[Path | str, str]) -> tuple[str, list]:
+    """Files named one by one: by folder (as an absolute path, however typed), then naturally by name, so that a
+    shell's `a/* b/*` lists a's shards, then b's, as naming the folders does."""
+    path = str(item[0])
+    folder = path.rsplit("/", 1)[0] if is_remote(path) else os.path.dirname(os.path.abspath(path))
+    return folder, natural_key(os.path.basename(path))
 
 
 def _distinct_names(found: list[tuple[Path | str, str]]) -> list[tuple[Path | str, str]]:

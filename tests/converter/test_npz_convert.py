@@ -96,6 +96,14 @@ def test_same_named_shards_of_two_folders_are_told_apart(tmp_path):
     assert list(store.coordinate("source_file")) == ["a/train_data_batch_1.npz"] * 3 + ["b/train_data_batch_1.npz"] * 3
     assert [s["path"] for s in store.attrs["sources"]] == ["a/train_data_batch_1.npz", "b/train_data_batch_1.npz"]
     np.testing.assert_array_equal(store.image[:, 0, 0, 0], [1, 1, 1, 2, 2, 2])
+    # Named one by one, as `in/*/*` or in any order and spelling: folder by folder, the same store.
+    for listed in ([tmp_path / "in" / "b" / "train_data_batch_1.npz", tmp_path / "in" / "a" / "train_data_batch_1.npz"],
+                   ["in/a/train_data_batch_1.npz", tmp_path / "in" / "b" / "train_data_batch_1.npz"]):
+        again = tmp_path / f"again-{len(str(listed[0]))}.zarr"
+        with pytest.MonkeyPatch.context() as patch:
+            patch.chdir(tmp_path)
+            assert run_convert(*listed, "-o", again) == 0
+        np.testing.assert_array_equal(validate_image_store(str(again)).image[:, 0, 0, 0], [1, 1, 1, 2, 2, 2])
 
 
 def test_empty_shards_are_not_copies_of_each_other(tmp_path):
