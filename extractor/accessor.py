@@ -235,13 +235,16 @@ class ImzarrAccessor:
         positions = np.asarray(ds.variables["source_sample"].values, dtype=np.int64)
         picked = images.isel({SAMPLE_DIM: positions})
         # The rows' own record of their images: a dataset concatenated from stores of different image stores keeps
-        # only the first one's `source`, and its other rows would be read from the wrong store.
-        if "global_index" in ds.variables and "global_index" in picked.variables:
-            ours, theirs = ds.variables["global_index"].values, picked.variables["global_index"].values
-            wrong = np.flatnonzero(np.asarray(ours) != np.asarray(theirs))
+        # only the first one's `source`, and its other rows would be read from the wrong store. Unshuffled stores
+        # all have global_index = position, so the label is compared too (one int per row, both in memory already).
+        for name in ("global_index", LABEL):
+            if name not in ds.variables or name not in picked.variables:
+                continue
+            ours, theirs = np.asarray(ds.variables[name].values), np.asarray(picked.variables[name].values)
+            wrong = np.flatnonzero(ours != theirs)
             if wrong.size:
                 raise ProvenanceError(
-                    f"{url}: {wrong.size} of {positions.size} rows are not this image store's (global_index {int(ours[wrong[0]])} at row "
+                    f"{url}: {wrong.size} of {positions.size} rows are not this image store's ({name} {int(ours[wrong[0]])} at row "
                     f"{int(wrong[0])}, the image store has {int(theirs[wrong[0]])} there): rows computed from another image store, "
                     "as in a concatenation of activation stores? Take each store's images() before concatenating"
                 )

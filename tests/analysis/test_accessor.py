@@ -274,6 +274,10 @@ def test_images_of_rows_from_another_image_store_are_refused(images_and_acts, tm
     with pytest.raises(ProvenanceError, match=r"3 of 23 rows are not this image store's \(global_index 5000 at row 20, the image store has 0 there\)"):
         both.imzarr.images()
     np.testing.assert_array_equal(xr.open_zarr(acts_url).imzarr.images().global_index.values, positions)
+    # Unshuffled stores share global_index = position (real and generated stores alike): the labels tell them apart.
+    generated = other.assign_coords(global_index=("sample", np.array([0, 1, 2])), label=("sample", np.array([278, 278, 278], dtype=np.int16)))
+    with pytest.raises(ProvenanceError, match=r"3 of 23 rows are not this image store's \(label 278 at row 20"):
+        xr.concat([xr.open_zarr(acts_url), generated], dim="sample").imzarr.images()
 
 
 def test_class_reductions_refuse_text_and_empty_rows(acts):
