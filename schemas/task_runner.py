@@ -115,12 +115,17 @@ def check_scheduler_reachable(spec: SchedulerSpec) -> None:
 
 def refuse_memory_urls(spec: SchedulerSpec, urls: Iterable[str | None]) -> None:
     """memory:// lives in this process's memory: workers in other processes (a cluster's, or local processes)
-    would find nothing there, or write where this process never looks."""
-    if spec.address is None and not spec.processes:
+    would find nothing there, or write where this process never looks. A cluster whose workers all run in this
+    process (`LocalCluster(processes=False)`) shares it: asked of the scheduler only when a memory:// URL is given."""
+    memory = [str(url) for url in urls if url is not None and url_protocol(str(url)) == "memory"]
+    if not memory or (spec.address is None and not spec.processes):
         return
-    for url in urls:
-        if url is not None and url_protocol(str(url)) == "memory":
-            raise SchedulerError(f"{url}: memory:// lives in this process's memory, which workers in other processes ({spec.describe}) cannot see; use a path or a persistent URL, or local threads")
+    if spec.address is not None and not spec.processes:
+        with _connect(spec, timeout=SCHEDULER_PROBE_TIMEOUT_S) as client:
+            worker_pids = set(client.run(os.getpid).values())
+        if worker_pids <= {os.getpid()}:
+            return
+    raise SchedulerError(f"{memory[0]}: memory:// lives in this process's memory, which workers in other processes ({spec.describe}) cannot see; use a path or a persistent URL, or local threads")
 
 
 def _check_resources_offered(spec: SchedulerSpec, client: Any, during_run: bool = False) -> None:

@@ -33,9 +33,12 @@ def test_memory_urls_are_refused_where_other_processes_would_use_them(tmp_path):
     from schemas.task_runner import SchedulerError, SchedulerSpec, refuse_memory_urls
 
     assert run_imzarr("sample", "src", "--per-shard", "10", "--train-shards", "1", "--val-size", "20", cwd=tmp_path).returncode == 0
-    # No scheduler answers this address: the refusal comes first, before anything is probed or written.
-    with pytest.raises(SchedulerError, match=r"^memory://m/img\.zarr: memory:// lives in this process's memory, which workers in other processes \(dask\.distributed at tcp://127\.0\.0\.1:9\) cannot see"):
-        converter.convert_npz(str(tmp_path / "src" / "val"), "memory://m/img.zarr", scheduler="tcp://127.0.0.1:9")
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        with pytest.raises(SchedulerError, match=rf"^memory://m/img\.zarr: memory:// lives in this process's memory, which workers in other processes \(dask\.distributed at {cluster.scheduler_address}\) cannot see"):
+            converter.convert_npz(str(tmp_path / "src" / "val"), "memory://m/img.zarr", scheduler=cluster.scheduler_address)
+    # Workers that are threads of this process share its memory.
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, protocol="tcp", dashboard_address=None) as cluster:
+        assert converter.convert_npz(str(tmp_path / "src" / "val"), "memory://m/threads.zarr", scheduler=cluster.scheduler_address).num_samples == 20
     refuse_memory_urls(SchedulerSpec(), ["memory://m/img.zarr"])  # local threads share it
     refuse_memory_urls(SchedulerSpec(processes=True), ["/data/img.zarr", None])
     with pytest.raises(SchedulerError, match=r"\(2 local processes\) cannot see"):
