@@ -279,11 +279,10 @@ def _walk_images(
                 key = (info.st_dev, info.st_ino)
                 if key in ancestors:
                     ignored.append(f"{rel}/{name}/")  # a link back to a folder above: its images are listed once
-                elif class_folders and entry.is_symlink():
+                    continue
+                if class_folders and entry.is_symlink():
                     _refuse_link_within_the_tree(Path(entry.path), class_folders)
-                    stack.append((Path(entry.path), f"{rel}/{name}", ancestors | {key}))
-                else:
-                    stack.append((Path(entry.path), f"{rel}/{name}", ancestors | {key}))
+                stack.append((Path(entry.path), f"{rel}/{name}", ancestors | {key}))
             elif kind == "other" or name.startswith(".") or not _is_image(name):
                 ignored.append(f"{rel}/{name}")
             else:
